@@ -1,0 +1,19 @@
+"""sharq: FP4 activation quantization with activation sparsity (SharQ, arXiv 2606.26587) for LLM inference."""
+
+__version__ = "0.1.0"
+
+from .functional import sharq_decompose, simulate_linear
+from .quant import QTensor, dequantize, fake_quantize, quantize
+from .recipes import Recipe, get_recipe, list_recipes
+
+__all__ = [
+    "QTensor",
+    "Recipe",
+    "dequantize",
+    "fake_quantize",
+    "get_recipe",
+    "list_recipes",
+    "quantize",
+    "sharq_decompose",
+    "simulate_linear",
+]

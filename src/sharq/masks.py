@@ -1,0 +1,138 @@
+"""Input-adaptive N:M masks along the last dimension (SPEC §4), and compress/expand of the kept values.
+
+All patterns are one mechanism: split K into chunks of ``m`` units of ``group`` adjacent elements, score each unit
+by its largest |x|, keep the ``n`` best units; ties go to the lower unit index. pair-4:8 is (n=2, m=4, group=2),
+2:4 is (n=2, m=4, group=1). The chunk's largest element is always kept. NaN scores rank highest, so a NaN is kept
+(and stays visible downstream) and every chunk still keeps exactly ``n`` units.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    n: int
+    m: int
+    group: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 < self.n <= self.m) or self.group < 1:
+            raise ValueError(f"invalid mask {self.n}:{self.m} with group {self.group}")
+
+    @property
+    def chunk(self) -> int:
+        """Elements per chunk (the K granularity of the mask)."""
+        return self.m * self.group
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.n / self.m
+
+    @property
+    def index_bits_per_element(self) -> float:
+        """Metadata cost: one ceil(log2 m)-bit unit index per kept unit."""
+        return self.n * math.ceil(math.log2(self.m)) / self.chunk if self.m > 1 else 0.0
+
+    def __str__(self) -> str:
+        if self.group == 2:
+            return f"pair-{self.n * 2}:{self.m * 2}"
+        return f"{self.n}:{self.m}" if self.group == 1 else f"{self.n}:{self.m}x{self.group}"
+
+
+def parse_mask(spec: str | MaskSpec) -> MaskSpec:
+    """'pair-4:8' -> pairs, 2 of 4 kept; '2:4' / 'N:M' -> scalar; 'N:MxG' -> units of G elements."""
+    if isinstance(spec, MaskSpec):
+        return spec
+    if m := re.fullmatch(r"pair-(\d+):(\d+)", spec):
+        n, total = int(m[1]), int(m[2])
+        if n % 2 or total % 2:
+            raise ValueError(f"pair mask {spec!r} needs even N and M")
+        return MaskSpec(n // 2, total // 2, 2)
+    if m := re.fullmatch(r"(\d+):(\d+)(?:x(\d+))?", spec):
+        return MaskSpec(int(m[1]), int(m[2]), int(m[3] or 1))
+    raise ValueError(f"unknown mask {spec!r}; expected 'pair-4:8', '2:4' or 'N:M'")
+
+
+def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad = -x.shape[-1] % multiple
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def unit_keep(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Boolean [..., ceil(K/chunk), m]: which units of each chunk are kept (K zero-padded to the chunk)."""
+    xp = _pad_to(x, spec.chunk)
+    units = xp.reshape(*xp.shape[:-1], -1, spec.m, spec.group)
+    score = units.abs().amax(-1).float().nan_to_num(nan=float("inf"))  # [..., C, m]
+    si, sj = score.unsqueeze(-1), score.unsqueeze(-2)  # si: unit i, sj: unit j
+    lower = torch.ones(spec.m, spec.m, dtype=torch.bool, device=x.device).tril(-1)  # [i, j]: j < i
+    rank = ((sj > si) | ((sj == si) & lower)).sum(-1)
+    return rank < spec.n
+
+
+def keep_to_mask(keep: torch.Tensor, spec: MaskSpec, k: int) -> torch.Tensor:
+    """Unit keep flags [..., C, m] -> element mask [..., k]."""
+    return keep.repeat_interleave(spec.group, dim=-1).reshape(*keep.shape[:-2], -1)[..., :k]
+
+
+def keep_to_indices(keep: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Unit keep flags [..., C, m] -> the kept unit indices [..., C, n] in increasing order (uint8)."""
+    order = torch.arange(spec.m, device=keep.device).expand_as(keep)
+    # Kept units first, in increasing index order: sort key = index, +m for dropped units.
+    return torch.sort(torch.where(keep, order, order + spec.m), dim=-1).values[..., : spec.n].to(torch.uint8)
+
+
+def n_of_m_mask(x: torch.Tensor, n: int, m: int, group: int = 1) -> torch.Tensor:
+    """Boolean mask of x's shape keeping the n best of every m units of `group` elements along the last dim."""
+    spec = MaskSpec(n, m, group)
+    return keep_to_mask(unit_keep(x, spec), spec, x.shape[-1])
+
+
+def pair_4of8(x: torch.Tensor) -> torch.Tensor:
+    """SharQ-NVFP4's mask: keep the 2 best of 4 adjacent pairs in every 8 elements."""
+    return n_of_m_mask(x, 2, 4, group=2)
+
+
+def two_of_four(x: torch.Tensor) -> torch.Tensor:
+    """Hopper's 2:4 pattern: keep the 2 largest |x| of every 4."""
+    return n_of_m_mask(x, 2, 4)
+
+
+def compress(x: torch.Tensor, spec: str | MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep only the selected units: (values [..., C*n*group], unit indices uint8 [..., C, n] in increasing order).
+
+    K is zero-padded to the chunk; `expand` with the original K cuts it back."""
+    spec = parse_mask(spec)
+    keep = unit_keep(x, spec)  # [..., C, m]
+    idx = keep_to_indices(keep, spec).long()
+    units = _pad_to(x, spec.chunk).reshape(*keep.shape, spec.group)
+    values = torch.gather(units, -2, idx.unsqueeze(-1).expand(*idx.shape, spec.group))
+    return values.reshape(*x.shape[:-1], -1), idx.to(torch.uint8)
+
+
+def expand(values: torch.Tensor, indices: torch.Tensor, spec: str | MaskSpec, k: int) -> torch.Tensor:
+    """Inverse of `compress`: scatter the kept values back to a dense [..., k] tensor with zeros elsewhere."""
+    spec = parse_mask(spec)
+    lead, chunks = indices.shape[:-2], indices.shape[-2]
+    units = values.reshape(*lead, chunks, spec.n, spec.group)
+    dense = torch.zeros(*lead, chunks, spec.m, spec.group, dtype=values.dtype, device=values.device)
+    dense.scatter_(-2, indices.long().unsqueeze(-1).expand_as(units), units)
+    return dense.reshape(*lead, -1)[..., :k]
+
+
+def pack_indices(indices: torch.Tensor) -> torch.Tensor:
+    """2-bit unit indices (m <= 4) [..., C, n] -> bytes, four indices per byte, the first in the lowest bits."""
+    flat = indices.reshape(*indices.shape[:-2], -1)
+    flat = _pad_to(flat, 4)
+    q = flat.reshape(*flat.shape[:-1], -1, 4).to(torch.uint8)
+    return q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
+
+
+def unpack_indices(packed: torch.Tensor, chunks: int, n: int) -> torch.Tensor:
+    q = torch.stack([(packed >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).flatten(-2)
+    return q[..., : chunks * n].reshape(*packed.shape[:-1], chunks, n)

@@ -1,0 +1,224 @@
+"""Block quantizers (SPEC §2–§3): tensor -> packed QTensor -> dequantized tensor.
+
+Layout: a tensor [..., K] is viewed as [M, K] (M = product of the leading dims), K is zero-padded to a multiple of
+the block and cut back on dequantize. Codes are packed two per byte (even element in the low nibble), block
+scales are stored as their 8-bit codes, the tensor scale (NVFP4's per-tensor or per-token fp32 scale; fp8's per-row
+scale) as fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import formats as F
+
+NVFP4_TENSOR_DIVISOR = 448.0 * 6.0  # 2688: largest UE4M3 scale times largest E2M1 element
+TENSOR_SCALE_FLOOR = 1e-9
+FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class FormatInfo:
+    """What a format stores, so storage costs follow from the format, not from a table per recipe."""
+
+    default_block: int | None  # None: one scale per row (fp8)
+    element_bits: int
+    scale_bits_per_block: int
+    tensor_scale: bool  # NVFP4's fp32 per-tensor (or per-token) scale
+
+
+FORMATS: dict[str, FormatInfo] = {
+    "nvfp4": FormatInfo(16, 4, 8, True),
+    "mxfp4": FormatInfo(32, 4, 8, False),
+    "hif4": FormatInfo(64, 4, 32, False),  # E6M2 + 8 + 16 micro-exponent bits per 64
+    "fp8": FormatInfo(None, 8, 0, False),  # per-row fp32 scale, amortized over the row
+}
+
+
+def format_info(fmt: str) -> FormatInfo:
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}") from None
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized tensor: packed codes, block scale codes and the fp32 tensor scale, enough to dequantize."""
+
+    codes: torch.Tensor  # uint8 [M, Kp/2] (4-bit formats, packed) or [M, K] (fp8 codes)
+    scales: torch.Tensor  # uint8 [M, Kp/B] block scale codes (UE4M3, E8M0 or E6M2); empty for fp8
+    fmt: str
+    block_size: int | None
+    shape: tuple[int, ...]  # the original shape [..., K]
+    tensor_scale: torch.Tensor | None = None  # fp32 scalar or [M, 1]
+    micro: torch.Tensor | None = None  # HiF4: uint8 [M, Kp/64, 3] = E1_8 bits, E1_16 bits (little endian)
+    mask: str | None = None  # sparse payloads: the N:M pattern the codes obey
+    indices: torch.Tensor | None = None  # sparse payloads: packed 2-bit unit indices (masks.pack_indices)
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    def block_scales(self, block_size: int | None = None) -> torch.Tensor:
+        """Decoded fp32 block scales [M, Kp/block_size]. A finer view of the same scales (e.g. the 16-element
+        dense view of a 32-element weight payload) repeats each scale."""
+        decode = {"nvfp4": F.decode_ue4m3, "mxfp4": F.decode_e8m0, "hif4": F.decode_e6m2}[self.fmt]
+        s = decode(self.scales)
+        if block_size is None or block_size == self.block_size:
+            return s
+        if self.block_size % block_size:
+            raise ValueError(f"cannot view {self.block_size}-element scales with block {block_size}")
+        return s.repeat_interleave(self.block_size // block_size, dim=-1)
+
+
+# --- per-tensor scale ------------------------------------------------------------------------------------------
+def finite_amax(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """max |x| over finite values (SPEC §8), as fp32 [1, 1] or [M, 1]; 0 where there is none."""
+    a = torch.where(torch.isfinite(x2d), x2d.abs().float(), torch.zeros((), device=x2d.device))
+    if per_row:
+        return a.amax(-1, keepdim=True) if a.shape[-1] else torch.zeros(a.shape[0], 1, device=a.device)
+    return a.amax().reshape(1, 1) if a.numel() else torch.zeros(1, 1, device=a.device)
+
+
+def nvfp4_tensor_scale(x2d: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """s = max(amax / 2688, 1e-9) over the whole tensor (paper) or per row (batch-invariant)."""
+    return torch.clamp_min(finite_amax(x2d, per_row) / NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR)
+
+
+def apply_tensor_scale(x2d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Xs = bf16(X / s), returned as fp32 (exact)."""
+    return (x2d.float() / s).to(torch.bfloat16).float()
+
+
+# --- block quantizers on [M, nb, B] fp32 views -----------------------------------------------------------------
+def _blocks_nvfp4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    scale_codes = F.encode_ue4m3(v.abs().amax(-1) / F.E2M1_MAX)
+    inv = 1.0 / F.decode_ue4m3(scale_codes)
+    return F.encode_e2m1((v * inv.unsqueeze(-1)).clamp(-F.E2M1_MAX, F.E2M1_MAX)), scale_codes, None
+
+
+def _blocks_mxfp4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    amax = v.abs().amax(-1)
+    exponent = torch.where(amax > 0, F.floor_log2(amax) - 2, torch.full_like(amax, -127, dtype=torch.int32))
+    scale_codes = F.encode_e8m0_exponent(exponent, torch.isfinite(amax))
+    inv = 1.0 / F.decode_e8m0(scale_codes)
+    return F.encode_e2m1((v * inv.unsqueeze(-1)).clamp(-F.E2M1_MAX, F.E2M1_MAX)), scale_codes, None
+
+
+def _hif4_shifts(e1_8: torch.Tensor, e1_16: torch.Tensor) -> torch.Tensor:
+    """Per-element exponent shift E1_8 + E1_16 for a [M, nb] grid of 64-element units -> [M, nb, 64]."""
+    shift = e1_8.repeat_interleave(2, dim=-1).to(torch.int32) + e1_16.to(torch.int32)  # per 4 elements
+    return shift.repeat_interleave(4, dim=-1)
+
+
+def _blocks_hif4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = v.abs()
+    v16 = a.reshape(*a.shape[:-1], 16, 4).amax(-1)
+    v8 = v16.reshape(*a.shape[:-1], 8, 2).amax(-1)
+    scale_codes = F.encode_e6m2(v8.amax(-1) / 7.0)
+    s = F.decode_e6m2(scale_codes).unsqueeze(-1)
+    e1_8 = (v8 / s) >= 4
+    e1_16 = (v16 / s / torch.exp2(e1_8.repeat_interleave(2, dim=-1).float())) >= 2
+    codes = F.encode_s1p2(v / s / torch.exp2(_hif4_shifts(e1_8, e1_16).float()))
+    weights8 = 1 << torch.arange(8, device=v.device, dtype=torch.int32)
+    bits8 = (e1_8.to(torch.int32) * weights8).sum(-1)
+    bits16 = (e1_16.reshape(*e1_16.shape[:-1], 2, 8).to(torch.int32) * weights8).sum(-1)
+    micro = torch.cat([bits8.unsqueeze(-1), bits16], dim=-1).to(torch.uint8)
+    return codes, scale_codes, micro
+
+
+_BLOCK_QUANTIZERS = {"nvfp4": _blocks_nvfp4, "mxfp4": _blocks_mxfp4, "hif4": _blocks_hif4}
+_ELEMENT_DECODERS = {"nvfp4": F.decode_e2m1, "mxfp4": F.decode_e2m1, "hif4": F.decode_s1p2}
+
+
+def _resolve_block(fmt: str, block_size: int | None) -> int | None:
+    info = format_info(fmt)
+    if info.default_block is None:
+        if block_size is not None:
+            raise ValueError(f"{fmt} uses one scale per row; block_size must be None")
+        return None
+    b = info.default_block if block_size is None else int(block_size)
+    if fmt == "hif4" and b != 64:
+        raise ValueError("hif4 units are 64 elements; block_size must be 64")
+    if b <= 0 or b % 2:
+        raise ValueError(f"block_size must be a positive even number, got {block_size}")
+    return b
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 0:
+        raise ValueError("cannot quantize a 0-d tensor: expected [..., K]")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+    return x.reshape(-1, x.shape[-1])
+
+
+def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) -> QTensor:
+    """Block-quantize an already tensor-scaled [M, K] tensor (no tensor scale of its own).
+
+    fp8 is the exception that carries its per-row scale in `tensor_scale` (its only scale)."""
+    b = _resolve_block(fmt, block_size)
+    x = x2d.float()
+    m, k = x.shape
+    if b is None:  # fp8: per-row dynamic scale, E4M3 elements
+        amax = x.abs().amax(-1, keepdim=True) if k else torch.zeros(m, 1, device=x.device)
+        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        s = torch.where(torch.isfinite(amax), s, torch.full_like(amax, float("nan")))
+        codes = (x * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+        return QTensor(codes, torch.empty(m, 0, dtype=torch.uint8, device=x.device), fmt, None, (m, k), s)
+    pad = -k % b
+    v = torch.nn.functional.pad(x, (0, pad)).reshape(m, -1, b)
+    codes, scale_codes, micro = _BLOCK_QUANTIZERS[fmt](v)
+    return QTensor(F.pack_nibbles(codes.reshape(m, -1)), scale_codes, fmt, b, (m, k), micro=micro)
+
+
+def dequantize_blocks(q: QTensor) -> torch.Tensor:
+    """Codes times block scales, [M, K] fp32, without the tensor scale. For NVFP4/MXFP4/HiF4 every value is
+    exactly representable in bf16."""
+    m, k = q.rows, q.shape[-1]
+    if q.block_size is None:
+        return q.codes.view(torch.float8_e4m3fn).float()
+    elements = _ELEMENT_DECODERS[q.fmt](F.unpack_nibbles(q.codes)).reshape(m, -1, q.block_size)
+    scale = q.block_scales().unsqueeze(-1)
+    if q.fmt == "hif4":
+        bits8 = q.micro[..., 0:1].to(torch.int32)
+        bits16 = q.micro[..., 1:2].to(torch.int32) | (q.micro[..., 2:3].to(torch.int32) << 8)
+        bit = torch.arange(16, device=q.codes.device, dtype=torch.int32)
+        e1_8 = (bits8 >> bit[:8]) & 1
+        e1_16 = (bits16 >> bit) & 1
+        scale = scale * torch.exp2(_hif4_shifts(e1_8, e1_16).float())
+    return (elements * scale).reshape(m, -1)[:, :k]
+
+
+# --- public API ------------------------------------------------------------------------------------------------
+def quantize(
+    x: torch.Tensor, fmt: str, block_size: int | None = None, scale_granularity: str = "tensor"
+) -> QTensor:
+    """Quantize x [..., K] along K. NVFP4 first divides by its fp32 tensor scale (one per tensor, or one per row
+    with scale_granularity="token") and rounds to bf16, as SPEC §3 says."""
+    x2d = _as_2d(x)
+    if scale_granularity not in ("tensor", "token"):
+        raise ValueError(f"scale_granularity must be 'tensor' or 'token', got {scale_granularity!r}")
+    if format_info(fmt).tensor_scale:
+        s = nvfp4_tensor_scale(x2d, per_row=scale_granularity == "token")
+        q = quantize_blocks(apply_tensor_scale(x2d, s), fmt, block_size)
+        q = replace(q, tensor_scale=s)
+    else:
+        q = quantize_blocks(x2d, fmt, block_size)
+    return replace(q, shape=tuple(x.shape))
+
+
+def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Back to a tensor of the original shape: codes × block scales × tensor scale."""
+    v = dequantize_blocks(q)
+    if q.tensor_scale is not None:
+        v = v * q.tensor_scale
+    return v.reshape(q.shape).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, fmt: str, block_size: int | None = None) -> torch.Tensor:
+    """Quantize and dequantize in one step; the result has x's shape and dtype."""
+    return dequantize(quantize(x, fmt, block_size), dtype=x.dtype)

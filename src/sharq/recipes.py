@@ -1,0 +1,226 @@
+"""Recipes as data (SPEC §5–§6, DESIGN "one mechanism, many recipes").
+
+Every activation recipe is a residual cascade: R₀ = Xs; for each stage, Qᵢ = quantize(maskᵢ(Rᵢ₋₁)),
+Rᵢ = Rᵢ₋₁ − deq(Qᵢ); the activation is Σ deq(Qᵢ). nvfp4 is one dense stage, sharq is [pair-4:8 NVFP4/32,
+dense NVFP4/16], dense-dense two dense stages, sparse-only one sparse stage. Weights are prepared once into one
+payload that every stage shares, so a layer's output is α · (Σ deq(Qᵢ)) · Ŵᵀ with a single GEMM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from . import masks
+from .quant import (
+    QTensor,
+    apply_tensor_scale,
+    dequantize_blocks,
+    format_info,
+    nvfp4_tensor_scale,
+    quantize_blocks,
+)
+
+SCALE_GRANULARITIES = ("tensor", "token")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the activation cascade: an optional N:M mask, then block quantization."""
+
+    fmt: str
+    block_size: int | None = None
+    mask: str | None = None  # e.g. "pair-4:8", "2:4"; None = dense
+
+    def __post_init__(self) -> None:
+        format_info(self.fmt)
+        if self.mask is not None:
+            masks.parse_mask(self.mask)
+
+    @property
+    def block(self) -> int | None:
+        return format_info(self.fmt).default_block if self.block_size is None else self.block_size
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage per element of the dense layout: kept elements, mask indices and block scales."""
+        info = format_info(self.fmt)
+        scale_bits = info.scale_bits_per_block / self.block if self.block else 0.0
+        if self.mask is None:
+            return info.element_bits + scale_bits
+        spec = masks.parse_mask(self.mask)
+        return spec.kept_fraction * info.element_bits + spec.index_bits_per_element + scale_bits
+
+
+@dataclass(frozen=True)
+class QWeight:
+    """A weight prepared once: the exact dequantized payload (bf16, without the tensor scale), the packed payload
+    it came from, and the output scale it still needs (scalar s_w or fp8's per-channel [N])."""
+
+    values: torch.Tensor  # bf16 [N, K], exact
+    scale: torch.Tensor  # fp32 [] or [N]
+    packed: QTensor | None
+
+
+@dataclass(frozen=True)
+class QActivation:
+    """An activation prepared per call: the packed stage payloads, their dequantized sum (fp32, without the tensor
+    scale) and the output scale s_x ([1, 1] or one per row)."""
+
+    parts: tuple[QTensor, ...]
+    values: torch.Tensor  # fp32 [M, K]
+    scale: torch.Tensor  # fp32 [1, 1] or [M, 1]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A quantization recipe: the weight format and the activation cascade. Options are fields, so
+    ``get_recipe("sharq", scale_granularity="token")`` is a recipe, not a code path."""
+
+    name: str
+    weight_fmt: str  # "bf16" or a format of quant.FORMATS
+    weight_block: int | None
+    stages: tuple[Stage, ...]  # empty: bf16 activations
+    scale_granularity: str = "tensor"  # NVFP4 activation scale: per call (paper) or per token (batch-invariant)
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.scale_granularity not in SCALE_GRANULARITIES:
+            raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}")
+        if self.weight_fmt != "bf16":
+            format_info(self.weight_fmt)
+
+    # --- costs ---
+    @property
+    def activation_bits(self) -> float:
+        """Activation storage in bits per element, scales and mask metadata included (fp32 tensor scales,
+        amortized over the tensor, are not counted)."""
+        return sum(s.bits_per_element for s in self.stages) if self.stages else 16.0
+
+    @property
+    def weight_bits(self) -> float:
+        if self.weight_fmt == "bf16":
+            return 16.0
+        return Stage(self.weight_fmt, self.weight_block).bits_per_element
+
+    @property
+    def uses_tensor_scale(self) -> bool:
+        return bool(self.stages) and format_info(self.stages[0].fmt).tensor_scale
+
+    # --- weights, once ---
+    def prepare_weight(self, weight: torch.Tensor) -> QWeight:
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        if self.weight_fmt == "bf16":
+            return QWeight(weight.to(torch.bfloat16), torch.ones((), device=weight.device), None)
+        w = weight.float()
+        scale = torch.ones((), device=w.device)
+        if format_info(self.weight_fmt).tensor_scale:
+            scale = nvfp4_tensor_scale(w).reshape(())
+            w = apply_tensor_scale(w, scale)
+        packed = quantize_blocks(w, self.weight_fmt, self.weight_block)
+        if packed.block_size is None:  # fp8: the per-channel scale moves to the output
+            scale = packed.tensor_scale.reshape(-1)
+        return QWeight(dequantize_blocks(packed).to(torch.bfloat16), scale, packed)
+
+    # --- activations, per call ---
+    def prepare_activation(self, x2d: torch.Tensor) -> QActivation:
+        """Run the cascade on x [M, K]. Xs is the bf16-rounded scaled input (SPEC §3); later stages see the fp32
+        residual of the earlier ones."""
+        if x2d.dim() != 2:
+            raise ValueError(f"activation must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+        scale = torch.ones(1, 1, device=x2d.device)
+        if not self.stages:
+            return QActivation((), x2d.to(torch.bfloat16).float(), scale)
+        if self.uses_tensor_scale:
+            scale = nvfp4_tensor_scale(x2d, per_row=self.scale_granularity == "token")
+            r = apply_tensor_scale(x2d, scale)
+        else:
+            r = x2d.to(torch.bfloat16).float()
+        parts, total = [], None
+        for stage in self.stages:
+            q = quantize_stage(r, stage)
+            d = dequantize_blocks(q)
+            if q.block_size is None:  # fp8's per-row scale is its block scale
+                d = d * q.tensor_scale
+            parts.append(q)
+            total = d if total is None else total + d
+            r = r - d
+        return QActivation(tuple(parts), total, scale)
+
+    def with_options(self, **options) -> Recipe:
+        unknown = set(options) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown option(s) for recipe {self.name!r}: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **options)
+
+
+def quantize_stage(r: torch.Tensor, stage: Stage) -> QTensor:
+    """Mask (if any) then block-quantize on the dense layout; a sparse payload records its pattern and indices."""
+    if stage.mask is None:
+        return quantize_blocks(r, stage.fmt, stage.block_size)
+    spec = masks.parse_mask(stage.mask)
+    keep = masks.unit_keep(r, spec)
+    sparse = torch.where(masks.keep_to_mask(keep, spec, r.shape[-1]), r, torch.zeros_like(r))
+    q = quantize_blocks(sparse, stage.fmt, stage.block_size)
+    indices = masks.pack_indices(masks.keep_to_indices(keep, spec)) if spec.m <= 4 else None
+    return dataclasses.replace(q, mask=str(spec), indices=indices)
+
+
+def _nvfp4(mask: str | None = None, block: int = 16) -> Stage:
+    return Stage("nvfp4", block, mask)
+
+
+_RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("bf16", "bf16", None, (), description="no quantization (reference)"),
+        Recipe("fp8", "fp8", None, (Stage("fp8"),), description="E4M3, per-channel weights, per-token activations"),
+        Recipe("nvfp4", "nvfp4", 16, (_nvfp4(),), description="NVFP4 W4A4, B=16"),
+        Recipe("mxfp4", "mxfp4", 32, (Stage("mxfp4", 32),), description="MXFP4 W4A4, B=32"),
+        Recipe("hif4", "hif4", 64, (Stage("hif4", 64),), description="HiF4 W4A4, 64-element units"),
+        Recipe(
+            "sharq",
+            "nvfp4",
+            32,
+            (_nvfp4("pair-4:8", 32), _nvfp4()),
+            description="pair-4:8 sparse NVFP4 backbone + dense NVFP4 residual, shared W32 weights",
+        ),
+        Recipe(
+            "sharq-hif4",
+            "hif4",
+            64,
+            (Stage("hif4", 64, "2:4"), Stage("hif4", 64)),
+            description="2:4 sparse HiF4 backbone + dense HiF4 residual",
+        ),
+        Recipe(
+            "sharq-mxfp4",
+            "mxfp4",
+            32,
+            (Stage("mxfp4", 32, "pair-4:8"), Stage("mxfp4", 32)),
+            description="pair-4:8 sparse MXFP4 backbone + dense MXFP4 residual",
+        ),
+        Recipe("sparse-only", "nvfp4", 32, (_nvfp4("pair-4:8", 32),), description="ablation: SharQ without residual"),
+        Recipe("dense-dense", "nvfp4", 32, (_nvfp4(), _nvfp4()), description="ablation: two dense NVFP4 stages"),
+    )
+}
+_ALIASES = {"sharq-nvfp4": "sharq"}
+
+
+def list_recipes() -> list[str]:
+    return list(_RECIPES)
+
+
+def get_recipe(name: str | Recipe, **options) -> Recipe:
+    """A registered recipe by name (``sharq-nvfp4`` is ``sharq``), with options such as
+    ``scale_granularity="token"`` applied. A Recipe passes through (options still apply)."""
+    if isinstance(name, Recipe):
+        recipe = name
+    else:
+        key = _ALIASES.get(name, name)
+        if key not in _RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(list_recipes())}")
+        recipe = _RECIPES[key]
+    return recipe.with_options(**options) if options else recipe
