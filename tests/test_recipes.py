@@ -19,7 +19,7 @@ f32 = np.float32
 
 def test_registry_has_every_recipe_of_the_spec():
     expected = {"bf16", "fp8", "nvfp4", "mxfp4", "hif4", "sharq", "sharq-hif4", "sharq-mxfp4", "sparse-only",
-                "dense-dense"}
+                "dense-dense", "outlier-channels"}
     assert set(sharq.list_recipes()) == expected
     assert sharq.get_recipe("sharq-nvfp4") is sharq.get_recipe("sharq")
 
@@ -203,3 +203,27 @@ def test_error_ordering_on_outlier_activations(rng):
     e2 = {r: err(r, w_grid, exact_grid) for r in ("dense-dense", "sharq", "nvfp4", "sparse-only")}
     assert e2["dense-dense"] < e2["sharq"] < e2["nvfp4"] < e2["sparse-only"], e2
     assert e2["sharq"] < e2["nvfp4"] / 3, e2
+
+
+def test_outlier_channels_keeps_calibrated_channels_in_bf16(rng):
+    m, k, n = 16, 256, 24
+    x = outlier_activations(rng, m, k)
+    w = torch.randn(n, k, generator=rng)
+    stats = x.abs().mean(0)
+    recipe = sharq.get_recipe("outlier-channels")
+    assert recipe.activation_bits == pytest.approx(0.99 * (0.5 * 4 + 1.0 + 0.5) + 0.01 * 16)
+    channels = recipe.select_channels(stats)
+    assert channels.tolist() == sorted(stats.topk(3).indices.tolist())  # round(1% of 256) = 3
+    with pytest.raises(ValueError, match="calibrated"):
+        sharq.simulate_linear(x, w, recipe=recipe)
+    y = sharq.simulate_linear(x, w, recipe=recipe, channel_stats=stats)
+    # reference: the kept columns exactly in bf16, the rest through 2:4 + NVFP4 with its own tensor scale
+    rest_x, rest_w = x.clone(), w.clone()
+    rest_x[:, channels], rest_w[:, channels] = 0, 0
+    plain = sharq.get_recipe("nvfp4", stages=(Stage("nvfp4", 16, "2:4"),))
+    expected = sharq.simulate_linear(rest_x, rest_w, recipe=plain) + (
+        x[:, channels].to(torch.bfloat16).float() @ w[:, channels].to(torch.bfloat16).float().T)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    # keeping the outlier channels out of the FP4 path beats plain 2:4 + NVFP4 on outlier-rich input
+    exact = x @ w.T
+    assert (y - exact).norm() < (sharq.simulate_linear(x, w, recipe=plain) - exact).norm()

@@ -22,18 +22,26 @@ def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | No
     """α · (Σ deq(Qᵢ)) · Ŵᵀ + bias with fp32 accumulation, α = s_x · s_w; returns fp32 [M, N]."""
     alpha = act.scale * qweight.scale  # [1,1] or [M,1], times [] or [N]
     y = (act.values @ qweight.values.float().T) * alpha
+    if act.dense is not None:  # outlier channels, in bf16
+        y = y + act.dense @ qweight.dense.float().T
     return y if bias is None else y + bias.float()
 
 
 def simulate_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, recipe: str | Recipe = "sharq"
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    recipe: str | Recipe = "sharq",
+    channel_stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Y = x·Wᵀ + b with weights and activations quantized by `recipe` (SPEC §5). x [..., K], weight [N, K];
-    the output has x's leading shape and dtype."""
+    the output has x's leading shape and dtype. Calibrated recipes (outlier-channels) need `channel_stats`, a
+    per-input-channel statistic [K] such as sharq.calibrate records."""
     _check_inputs(x, weight, bias)
     r = get_recipe(recipe)
-    act = r.prepare_activation(x.reshape(-1, x.shape[-1]))
-    y = quantized_matmul(act, r.prepare_weight(weight), bias)
+    channels = r.select_channels(channel_stats) if channel_stats is not None else None
+    act = r.prepare_activation(x.reshape(-1, x.shape[-1]), channels)
+    y = quantized_matmul(act, r.prepare_weight(weight, channels), bias)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 

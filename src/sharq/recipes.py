@@ -62,6 +62,8 @@ class QWeight:
     values: torch.Tensor  # bf16 [N, K], exact
     scale: torch.Tensor  # fp32 [] or [N]
     packed: QTensor | None
+    channels: torch.Tensor | None = None  # outlier-channels: input channels kept in bf16 (int64 [c])
+    dense: torch.Tensor | None = None  # outlier-channels: those columns of W, bf16 [N, c]
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class QActivation:
     parts: tuple[QTensor, ...]
     values: torch.Tensor  # fp32 [M, K]
     scale: torch.Tensor  # fp32 [1, 1] or [M, 1]
+    dense: torch.Tensor | None = None  # outlier-channels: the kept input channels, bf16-rounded, fp32 [M, c]
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,14 @@ class Recipe:
     weight_block: int | None
     stages: tuple[Stage, ...]  # empty: bf16 activations
     scale_granularity: str = "tensor"  # NVFP4 activation scale: per call (paper) or per token (batch-invariant)
+    outlier_fraction: float = 0.0  # input channels kept in bf16, chosen by calibration (outlier-channels)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if self.scale_granularity not in SCALE_GRANULARITIES:
             raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}")
+        if not 0.0 <= self.outlier_fraction < 1.0:
+            raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
         if self.weight_fmt != "bf16":
             format_info(self.weight_fmt)
 
@@ -97,25 +103,54 @@ class Recipe:
     def activation_bits(self) -> float:
         """Activation storage in bits per element, scales and mask metadata included (fp32 tensor scales,
         amortized over the tensor, are not counted)."""
-        return sum(s.bits_per_element for s in self.stages) if self.stages else 16.0
+        bits = sum(s.bits_per_element for s in self.stages) if self.stages else 16.0
+        return (1 - self.outlier_fraction) * bits + self.outlier_fraction * 16.0
 
     @property
     def weight_bits(self) -> float:
         if self.weight_fmt == "bf16":
             return 16.0
-        return Stage(self.weight_fmt, self.weight_block).bits_per_element
+        bits = Stage(self.weight_fmt, self.weight_block).bits_per_element
+        return (1 - self.outlier_fraction) * bits + self.outlier_fraction * 16.0
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.outlier_fraction > 0
+
+    def select_channels(self, channel_stats: torch.Tensor) -> torch.Tensor:
+        """The input channels to keep in bf16: the largest `outlier_fraction` (at least one) by calibration
+        statistic (mean |x| per channel), in increasing channel order."""
+        k = max(1, round(self.outlier_fraction * channel_stats.numel()))
+        return torch.topk(channel_stats.float(), k).indices.sort().values
+
+    def _check_channels(self, channels: torch.Tensor | None) -> None:
+        if self.needs_calibration and channels is None:
+            raise ValueError(f"recipe {self.name!r} is calibrated: pass the outlier channels (Recipe.select_channels "
+                             "of sharq.calibrate's statistics)")
+        if channels is not None and not self.needs_calibration:
+            raise ValueError(f"recipe {self.name!r} keeps no outlier channels (outlier_fraction=0)")
+
+    @staticmethod
+    def _split_channels(t: torch.Tensor, channels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(t with the channels zeroed, the channels' columns) — or (t, None) without channels."""
+        if channels is None:
+            return t, None
+        rest = t.clone()
+        rest[:, channels] = 0
+        return rest, t[:, channels]
 
     @property
     def uses_tensor_scale(self) -> bool:
         return bool(self.stages) and format_info(self.stages[0].fmt).tensor_scale
 
     # --- weights, once ---
-    def prepare_weight(self, weight: torch.Tensor) -> QWeight:
+    def prepare_weight(self, weight: torch.Tensor, channels: torch.Tensor | None = None) -> QWeight:
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+        self._check_channels(channels)
         if self.weight_fmt == "bf16":
             return QWeight(weight.to(torch.bfloat16), torch.ones((), device=weight.device), None)
-        w = weight.float()
+        w, dense = self._split_channels(weight.float(), channels)
         scale = torch.ones((), device=w.device)
         if format_info(self.weight_fmt).tensor_scale:
             scale = nvfp4_tensor_scale(w).reshape(())
@@ -123,14 +158,21 @@ class Recipe:
         packed = quantize_blocks(w, self.weight_fmt, self.weight_block)
         if packed.block_size is None:  # fp8: the per-channel scale moves to the output
             scale = packed.tensor_scale.reshape(-1)
-        return QWeight(dequantize_blocks(packed).to(torch.bfloat16), scale, packed)
+        values = dequantize_blocks(packed).to(torch.bfloat16)
+        if dense is None:
+            return QWeight(values, scale, packed)
+        return QWeight(values, scale, packed, channels, dense.to(torch.bfloat16))
 
     # --- activations, per call ---
-    def prepare_activation(self, x2d: torch.Tensor) -> QActivation:
+    def prepare_activation(self, x2d: torch.Tensor, channels: torch.Tensor | None = None) -> QActivation:
         """Run the cascade on x [M, K]. Xs is the bf16-rounded scaled input (SPEC §3); later stages see the fp32
-        residual of the earlier ones."""
+        residual of the earlier ones. Outlier channels (calibrated recipes) bypass the cascade in bf16."""
         if x2d.dim() != 2:
             raise ValueError(f"activation must be 2-D [M, K], got shape {tuple(x2d.shape)}")
+        self._check_channels(channels)
+        x2d, dense = self._split_channels(x2d, channels)
+        if dense is not None:
+            dense = dense.to(torch.bfloat16).float()
         scale = torch.ones(1, 1, device=x2d.device)
         if not self.stages:
             return QActivation((), x2d.to(torch.bfloat16).float(), scale)
@@ -148,7 +190,7 @@ class Recipe:
             parts.append(q)
             total = d if total is None else total + d
             r = r - d
-        return QActivation(tuple(parts), total, scale)
+        return QActivation(tuple(parts), total, scale, dense)
 
     def with_options(self, **options) -> Recipe:
         unknown = set(options) - {f.name for f in dataclasses.fields(self)}
@@ -204,6 +246,14 @@ _RECIPES: dict[str, Recipe] = {
         ),
         Recipe("sparse-only", "nvfp4", 32, (_nvfp4("pair-4:8", 32),), description="ablation: SharQ without residual"),
         Recipe("dense-dense", "nvfp4", 32, (_nvfp4(), _nvfp4()), description="ablation: two dense NVFP4 stages"),
+        Recipe(
+            "outlier-channels",
+            "nvfp4",
+            16,
+            (_nvfp4("2:4"),),
+            outlier_fraction=0.01,
+            description="calibrated top-1% input channels in bf16, the rest 2:4 + NVFP4, no residual",
+        ),
     )
 }
 _ALIASES = {"sharq-nvfp4": "sharq"}
