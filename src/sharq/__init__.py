@@ -3,17 +3,22 @@
 __version__ = "0.1.0"
 
 from .functional import sharq_decompose, simulate_linear
+from .models import calibrate, quantize_model
+from .nn import SharQLinear
 from .quant import QTensor, dequantize, fake_quantize, quantize
 from .recipes import Recipe, get_recipe, list_recipes
 
 __all__ = [
     "QTensor",
     "Recipe",
+    "SharQLinear",
+    "calibrate",
     "dequantize",
     "fake_quantize",
     "get_recipe",
     "list_recipes",
     "quantize",
+    "quantize_model",
     "sharq_decompose",
     "simulate_linear",
 ]

@@ -1,0 +1,161 @@
+"""Quantize the decoder linears of a Hugging Face causal LM (SPEC §7), and calibrate the recipes that need it.
+
+What is quantized: q, k, v, o, gate, up, down of every decoder layer, and every expert of a fused MoE block.
+What is not: embeddings, lm_head, norms, attention math, the MoE router. Families are described by data (which
+module names to take and which of them read the same input), so a new family costs a line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .nn import SharedActivation, SharQExperts, SharQLinear
+from .recipes import Recipe, get_recipe
+
+
+@dataclass(frozen=True)
+class Family:
+    """Which modules of a decoder layer to quantize, and which groups share their input."""
+
+    linears: tuple[str, ...] = (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    )
+    shared_inputs: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
+    )
+    experts: str | None = None  # module name of a fused experts block inside the layer
+
+
+DENSE = Family()
+MOE = Family(experts="mlp.experts")  # dense layers of a MoE model (if any) still match the linears
+
+FAMILIES: dict[str, Family] = {
+    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE, "qwen3": DENSE, "gemma3_text": DENSE, "gemma2": DENSE,
+    "gemma": DENSE, "qwen3_moe": MOE, "mixtral": MOE,
+}
+
+_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def _family(model: nn.Module, target_modules: Sequence[str] | None) -> Family:
+    if target_modules is not None:
+        return Family(linears=tuple(target_modules), shared_inputs=())
+    model_type = _model_type(model)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"sharq does not know the architecture {type(model).__name__} (model_type {model_type!r}); known: "
+            f"{', '.join(sorted(FAMILIES))}. Pass target_modules=[...] (names inside a decoder layer, e.g. "
+            "'self_attn.q_proj') to quantize it anyway.")
+    return FAMILIES[model_type]
+
+
+def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> dict[str, nn.Linear]:
+    """The decoder-layer linears that quantize_model replaces, by full module name."""
+    family = _family(model, target_modules)
+    found = {}
+    for name, module in model.named_modules():
+        m = _LAYER.match(name)
+        if m and m[2] in family.linears and isinstance(module, nn.Linear):
+            found[name] = module
+    return found
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: str | Recipe = "sharq",
+    *,
+    backend: str = "reference",
+    target_modules: Sequence[str] | None = None,
+    calibration: dict[str, torch.Tensor] | None = None,
+    share_inputs: bool = True,
+    **options,
+) -> nn.Module:
+    """Replace the decoder linears of `model` (in place) with SharQLinear modules running `recipe`; returns it.
+
+    `options` go to the recipe (e.g. scale_granularity="token"). Calibrated recipes (outlier-channels) need
+    `calibration`, the statistics of sharq.calibrate. `target_modules` overrides the family's module names for
+    architectures sharq does not know. With share_inputs, q/k/v (and gate/up) prepare their common input once."""
+    r = get_recipe(recipe, **options)
+    family = _family(model, target_modules)
+    linears = target_linears(model, target_modules)
+    if r.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"recipe {r.name!r} is calibrated: pass calibration=sharq.calibrate(model, texts, ...)")
+        missing = sorted(set(linears) - set(calibration))
+        if missing:
+            raise ValueError(f"calibration has no statistics for {len(missing)} layer(s), e.g. {missing[0]}")
+    experts = [(n, m) for n, m in model.named_modules()
+               if family.experts and (g := _LAYER.match(n)) and g[2] == family.experts]
+    if not linears and not experts:
+        raise ValueError(f"no module of {type(model).__name__} matches {list(family.linears)}")
+
+    groups: dict[str, tuple[SharedActivation, int]] = {}
+    if share_inputs:
+        for group in family.shared_inputs:
+            for prefix in {n[: -len(group[0])] for n in linears if n.endswith(group[0])}:
+                members = [prefix + s for s in group if prefix + s in linears]
+                shared = SharedActivation(len(members))
+                groups.update({name: (shared, i) for i, name in enumerate(members)})
+
+    for name, linear in linears.items():
+        shared, member = groups.get(name, (None, 0))
+        stats = calibration[name] if r.needs_calibration else None
+        _set_module(model, name, SharQLinear.from_linear(linear, r, backend, stats, shared, member))
+    for name, block in experts:
+        _set_module(model, name, SharQExperts(block, r, backend))
+    return model
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    texts: Iterable[str],
+    tokenizer,
+    *,
+    seqlen: int = 512,
+    max_tokens: int = 16384,
+    target_modules: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Mean |x| per input channel of every targeted linear, over up to `max_tokens` tokens of `texts` run in
+    windows of `seqlen`. Calibrate the unquantized model."""
+    from tqdm.auto import tqdm
+
+    linears = target_linears(model, target_modules)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def record(_module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.abs().sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0][:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError("calibration text is empty")
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, ids.numel(), seqlen), desc="calibrate", disable=not progress, unit="window"):
+            model(ids[start: start + seqlen].unsqueeze(0).to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (sums[name] / counts[name]).cpu() for name in linears if name in sums}

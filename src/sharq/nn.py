@@ -1,0 +1,165 @@
+"""Modules that run quantized layers inside a model: SharQLinear (one nn.Linear) and SharQExperts (a fused MoE
+experts block). Weights are prepared once; the activation is prepared per call by a backend."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .functional import quantized_matmul
+from .recipes import QActivation, QWeight, Recipe, get_recipe
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a layer runs: `prepare` turns x [M, K] into a prepared activation, `matmul` multiplies it with the
+    prepared weight. Backends plug in here (the GPU kernels register "triton") without touching the models."""
+
+    prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
+    matmul: Callable[[QActivation, QWeight, torch.Tensor | None], torch.Tensor]
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend(lambda x, recipe, channels: recipe.prepare_activation(x, channels), quantized_matmul),
+}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
+
+
+class SharedActivation:
+    """Lets the layers that read the same input (q/k/v, gate/up) prepare it once.
+
+    The first member to see a tensor prepares it; the others reuse it while it is the same, unmodified tensor
+    object. The entry is dropped once every member has used it, so no activation outlives its layer."""
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._key: tuple[torch.Tensor, int] | None = None
+        self._act: QActivation | None = None
+        self._served: set[int] = set()
+
+    def get(self, member: int, x: torch.Tensor, prepare: Callable[[], QActivation]) -> QActivation:
+        key = self._key
+        if key is None or key[0] is not x or key[1] != x._version or member in self._served:
+            self._key, self._act, self._served = (x, x._version), prepare(), set()
+        act = self._act
+        self._served.add(member)
+        if len(self._served) == self.members:
+            self._key, self._act, self._served = None, None, set()
+        return act
+
+
+class SharQLinear(nn.Module):
+    """A drop-in nn.Linear whose weight is quantized once and whose input is quantized on every call.
+
+    Buffers hold the exact dequantized weight payload (bf16) and its output scale, so `.to(device)` moves them."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        recipe: Recipe,
+        qweight: QWeight,
+        bias: torch.Tensor | None = None,
+        backend: str = "reference",
+        shared: SharedActivation | None = None,
+        member: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.recipe = recipe
+        self.backend = backend
+        get_backend(backend)
+        self.shared, self.member = shared, member
+        self.register_buffer("weight_values", qweight.values)
+        self.register_buffer("weight_scale", qweight.scale)
+        self.register_buffer("channels", qweight.channels)
+        self.register_buffer("dense_weight", qweight.dense)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.packed = qweight.packed  # the packed payload (codes + scales), kept for checkpoints and kernels
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        recipe: str | Recipe = "sharq",
+        backend: str = "reference",
+        channel_stats: torch.Tensor | None = None,
+        shared: SharedActivation | None = None,
+        member: int = 0,
+        **options,
+    ) -> SharQLinear:
+        r = get_recipe(recipe, **options)
+        channels = r.select_channels(channel_stats) if r.needs_calibration and channel_stats is not None else None
+        with torch.no_grad():
+            qweight = r.prepare_weight(linear.weight.detach(), channels)
+        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, member)
+
+    @property
+    def qweight(self) -> QWeight:
+        return QWeight(self.weight_values, self.weight_scale, self.packed, self.channels, self.dense_weight)
+
+    def prepare(self, x2d: torch.Tensor) -> QActivation:
+        return get_backend(self.backend).prepare(x2d, self.recipe, self.channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        x2d = x.reshape(-1, self.in_features)
+        if self.shared is None:
+            act = self.prepare(x2d)
+        else:
+            act = self.shared.get(self.member, x, lambda: self.prepare(x2d))
+        y = get_backend(self.backend).matmul(act, self.qweight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}, "
+                f"backend={self.backend}, bias={self.bias is not None}")
+
+
+class SharQExperts(nn.Module):
+    """A fused MoE experts block (transformers' 3-D `gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] layout,
+    as in Qwen3-MoE and Mixtral) with every expert's two linears quantized. Same forward contract as the block it
+    replaces: (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
+
+    def __init__(self, experts: nn.Module, recipe: str | Recipe = "sharq", backend: str = "reference", **options):
+        super().__init__()
+        r = get_recipe(recipe, **options)
+        if r.needs_calibration:
+            raise ValueError(f"recipe {r.name!r} needs per-linear calibration, which fused MoE experts do not have")
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.act_fn = experts.act_fn
+        self.gate_up = nn.ModuleList()
+        self.down = nn.ModuleList()
+        for e in range(self.num_experts):
+            gate_up = _linear_from(experts.gate_up_proj[e], getattr(experts, "gate_up_proj_bias", None), e)
+            down = _linear_from(experts.down_proj[e], getattr(experts, "down_proj_bias", None), e)
+            self.gate_up.append(SharQLinear.from_linear(gate_up, r, backend))
+            self.down.append(SharQLinear.from_linear(down, r, backend))
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        for e in top_k_index.unique().tolist():
+            token, slot = torch.where(top_k_index == e)
+            gate, up = self.gate_up[e](hidden_states[token]).chunk(2, dim=-1)
+            y = self.down[e](self.act_fn(gate) * up) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None, expert: int) -> nn.Linear:
+    """A throw-away nn.Linear view of one expert's weight, so experts go through the same preparation."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias[expert].detach(), requires_grad=False)
+    return linear

@@ -1,0 +1,171 @@
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import sharq  # noqa: E402
+from sharq import nn as snn  # noqa: E402
+from sharq.models import target_linears  # noqa: E402
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny(model_type: str) -> nn.Module:
+    cfg = {
+        "llama": lambda: transformers.LlamaConfig(**SMALL),
+        "mistral": lambda: transformers.MistralConfig(**SMALL),
+        "qwen2": lambda: transformers.Qwen2Config(**{**SMALL, "hidden_size": 72, "intermediate_size": 80}),
+        "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
+        "gemma3_text": lambda: transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=16),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2,
+                                                         moe_intermediate_size=32, head_dim=16),
+        "mixtral": lambda: transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2),
+    }[model_type]()
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "qwen3_moe", "mixtral"]
+
+
+def _record_layer_io(model):
+    """Inputs and outputs of every SharQLinear in one forward pass."""
+    seen, handles = [], []
+    for module in model.modules():
+        if isinstance(module, snn.SharQLinear):
+            handles.append(module.register_forward_hook(lambda m, i, o: seen.append((m, i[0], o))))
+    return seen, handles
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_quantize_model_matches_simulate_linear_layer_by_layer(model_type, rng):
+    model = tiny(model_type)
+    originals = {n: (m.weight.detach().clone(), m.bias) for n, m in target_linears(model).items()}
+    expected = {n for n in originals}
+    experts = [n for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    lm_head = model.lm_head.weight.detach().clone()
+    sharq.quantize_model(model, "sharq")
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[n], snn.SharQLinear) for n in expected)
+    assert all(isinstance(modules[n], snn.SharQExperts) for n in experts)
+    assert len(expected) + len(experts) > 0 and (model_type.endswith(("moe", "mixtral")) == bool(experts))
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, lm_head)
+    assert not any(isinstance(m, snn.SharQLinear) for n, m in model.named_modules()
+                   if "router" in n or n.endswith("mlp.gate") or "embed" in n)
+
+    ids = torch.randint(0, 96, (2, 12), generator=rng)
+    seen, handles = _record_layer_io(model)
+    with torch.no_grad():
+        logits = model(ids).logits
+    for h in handles:
+        h.remove()
+    assert torch.isfinite(logits).all()
+    by_module = {id(m): n for n, m in model.named_modules()}
+    for module, x, y in seen:
+        name = by_module[id(module)]
+        if name not in originals:  # an expert's linear: test_moe_experts_match_an_unfused_reference covers it
+            continue
+        w, b = originals[name]
+        assert torch.equal(y, sharq.simulate_linear(x, w, b, recipe="sharq")), name
+    assert len(seen) >= len(expected)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_moe_experts_match_an_unfused_reference(model_type, rng):
+    model = tiny(model_type)
+    block = next(m for n, m in model.named_modules() if n.endswith("mlp.experts"))
+    gate_up, down = block.gate_up_proj.detach().clone(), block.down_proj.detach().clone()
+    q = snn.SharQExperts(block, "sharq")
+    h = torch.randn(10, 64, generator=rng)
+    idx = torch.stack([torch.randperm(4, generator=rng)[:2] for _ in range(10)])
+    wts = torch.rand(10, 2, generator=rng)
+    out = q(h, idx, wts)
+    ref = torch.zeros_like(h)
+    for t in range(10):
+        for slot in range(2):
+            e = idx[t, slot].item()
+            tokens = (idx == e).any(-1).nonzero().flatten()  # the tokens routed to e form its activation
+            g, u = sharq.simulate_linear(h[tokens], gate_up[e]).chunk(2, dim=-1)
+            y = sharq.simulate_linear(block.act_fn(g) * u, down[e])
+            ref[t] += y[(tokens == t).nonzero().item()] * wts[t, slot]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "qwen3_moe"])
+def test_generate_works_on_a_quantized_model(model_type):
+    model = sharq.quantize_model(tiny(model_type), "sharq")
+    out = model.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+def test_bf16_recipe_stays_close_to_the_model(rng):
+    model = tiny("llama")
+    ids = torch.randint(0, 96, (1, 16), generator=rng)
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = sharq.quantize_model(model, "bf16")(ids).logits
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.02)
+
+
+def test_shared_inputs_prepare_once_per_group(monkeypatch):
+    model = tiny("llama")
+    calls = []
+    reference = snn.BACKENDS["reference"]
+    counting = snn.Backend(lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c), reference.matmul)
+    monkeypatch.setitem(snn.BACKENDS, "counting", counting)
+    sharq.quantize_model(model, "sharq", backend="counting")
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4]]))
+    assert len(calls) == 2 * 4  # per layer: q/k/v once, o, gate/up once, down
+    calls.clear()
+    sharq.quantize_model(tiny("llama"), "sharq", backend="counting", share_inputs=False)(torch.tensor([[1, 2]]))
+    assert len(calls) == 2 * 7
+
+
+def test_unknown_architecture_and_override():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for b in self.layers:
+                x = b.fc(x)
+            return x
+
+    with pytest.raises(ValueError, match="Weird"):
+        sharq.quantize_model(Weird(), "sharq")
+    model = sharq.quantize_model(Weird(), "nvfp4", target_modules=["fc"])
+    assert all(isinstance(b.fc, snn.SharQLinear) for b in model.layers)
+    assert model(torch.randn(3, 32)).shape == (3, 32)
+
+
+class _Tokens:
+    """A tokenizer stand-in: one token per byte."""
+
+    def __call__(self, text, return_tensors="pt"):
+        class Out:
+            input_ids = torch.tensor([[b % 96 for b in text.encode()]])
+        return Out()
+
+
+def test_calibrate_and_outlier_channels(rng):
+    model = tiny("llama")
+    stats = sharq.calibrate(model, ["some calibration text", "and another one"], _Tokens(), seqlen=16,
+                            progress=False)
+    assert set(stats) == set(target_linears(model))
+    assert all(s.shape == (m.in_features,) and (s >= 0).all() for s, m in
+               zip(stats.values(), target_linears(model).values()))
+    with pytest.raises(ValueError, match="calibrat"):
+        sharq.quantize_model(tiny("llama"), "outlier-channels")
+    sharq.quantize_model(model, "outlier-channels", calibration=stats)
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.channels.numel() == 1 and layer.dense_weight.shape == (64, 1)
+    assert torch.isfinite(model(torch.randint(0, 96, (1, 8), generator=rng)).logits).all()
