@@ -64,33 +64,28 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
-def unit_keep(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    """Boolean [..., ceil(K/chunk), m]: which units of each chunk are kept (K zero-padded to the chunk)."""
+def kept_units(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """The kept unit indices of every chunk, [..., ceil(K/chunk), n] int64 in increasing order (K zero-padded)."""
     xp = _pad_to(x, spec.chunk)
     units = xp.reshape(*xp.shape[:-1], -1, spec.m, spec.group)
-    score = units.abs().amax(-1).float().nan_to_num(nan=float("inf"))  # [..., C, m]
-    si, sj = score.unsqueeze(-1), score.unsqueeze(-2)  # si: unit i, sj: unit j
-    lower = torch.ones(spec.m, spec.m, dtype=torch.bool, device=x.device).tril(-1)  # [i, j]: j < i
-    rank = ((sj > si) | ((sj == si) & lower)).sum(-1)
-    return rank < spec.n
+    score = units.abs().amax(-1).float().nan_to_num(nan=float("inf"))  # [..., C, m], all >= 0
+    # Unique keys: non-negative floats order like their int32 bit patterns; the low digits break ties towards
+    # the lower unit index.
+    key = score.view(torch.int32).long() * spec.m + torch.arange(spec.m - 1, -1, -1, device=x.device)
+    return key.topk(spec.n, dim=-1).indices.sort(dim=-1).values
 
 
-def keep_to_mask(keep: torch.Tensor, spec: MaskSpec, k: int) -> torch.Tensor:
-    """Unit keep flags [..., C, m] -> element mask [..., k]."""
+def units_to_mask(units: torch.Tensor, spec: MaskSpec, k: int) -> torch.Tensor:
+    """Kept unit indices [..., C, n] -> boolean element mask [..., k]."""
+    keep = torch.zeros(*units.shape[:-1], spec.m, dtype=torch.bool, device=units.device)
+    keep.scatter_(-1, units, True)
     return keep.repeat_interleave(spec.group, dim=-1).reshape(*keep.shape[:-2], -1)[..., :k]
-
-
-def keep_to_indices(keep: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
-    """Unit keep flags [..., C, m] -> the kept unit indices [..., C, n] in increasing order (uint8)."""
-    order = torch.arange(spec.m, device=keep.device).expand_as(keep)
-    # Kept units first, in increasing index order: sort key = index, +m for dropped units.
-    return torch.sort(torch.where(keep, order, order + spec.m), dim=-1).values[..., : spec.n].to(torch.uint8)
 
 
 def n_of_m_mask(x: torch.Tensor, n: int, m: int, group: int = 1) -> torch.Tensor:
     """Boolean mask of x's shape keeping the n best of every m units of `group` elements along the last dim."""
     spec = MaskSpec(n, m, group)
-    return keep_to_mask(unit_keep(x, spec), spec, x.shape[-1])
+    return units_to_mask(kept_units(x, spec), spec, x.shape[-1])
 
 
 def pair_4of8(x: torch.Tensor) -> torch.Tensor:
@@ -108,9 +103,8 @@ def compress(x: torch.Tensor, spec: str | MaskSpec) -> tuple[torch.Tensor, torch
 
     K is zero-padded to the chunk; `expand` with the original K cuts it back."""
     spec = parse_mask(spec)
-    keep = unit_keep(x, spec)  # [..., C, m]
-    idx = keep_to_indices(keep, spec).long()
-    units = _pad_to(x, spec.chunk).reshape(*keep.shape, spec.group)
+    idx = kept_units(x, spec)
+    units = _pad_to(x, spec.chunk).reshape(*idx.shape[:-1], spec.m, spec.group)
     values = torch.gather(units, -2, idx.unsqueeze(-1).expand(*idx.shape, spec.group))
     return values.reshape(*x.shape[:-1], -1), idx.to(torch.uint8)
 

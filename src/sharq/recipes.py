@@ -204,10 +204,10 @@ def quantize_stage(r: torch.Tensor, stage: Stage) -> QTensor:
     if stage.mask is None:
         return quantize_blocks(r, stage.fmt, stage.block_size)
     spec = masks.parse_mask(stage.mask)
-    keep = masks.unit_keep(r, spec)
-    sparse = torch.where(masks.keep_to_mask(keep, spec, r.shape[-1]), r, torch.zeros_like(r))
+    units = masks.kept_units(r, spec)
+    sparse = torch.where(masks.units_to_mask(units, spec, r.shape[-1]), r, torch.zeros_like(r))
     q = quantize_blocks(sparse, stage.fmt, stage.block_size)
-    indices = masks.pack_indices(masks.keep_to_indices(keep, spec)) if spec.m <= 4 else None
+    indices = masks.pack_indices(units) if spec.m <= 4 else None
     return dataclasses.replace(q, mask=str(spec), indices=indices)
 
 

