@@ -10,14 +10,9 @@ import time
 import torch
 
 from . import __version__
+from ._format import format_table
 from .functional import simulate_linear
 from .recipes import get_recipe, list_recipes
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def outlier_layer(seed: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +45,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int_or_all(value: str) -> int | None:
+    if value == "all":
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens or 'all', got {value}")
+    return n
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from .eval.run import EvalConfig, evaluate, format_results
+    from .eval.zeroshot import PAPER_TASKS
+
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+
+    tasks = PAPER_TASKS if args.tasks == ("paper",) else args.tasks
+    options = {} if args.scale_granularity is None else {"scale_granularity": args.scale_granularity}
+    cfg = EvalConfig(model=args.model, recipes=args.recipes, text=args.text, seqlen=args.seqlen,
+                     max_tokens=0 if args.no_ppl else args.max_tokens, tasks=tasks, limit=args.limit,
+                     device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
+                     calib_text=args.calib_text, calib_tokens=args.calib_tokens, options=options,
+                     progress=not args.quiet)
+    res = evaluate(cfg)
+    print(format_results(res))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharq", description=__doc__)
     p.add_argument("--version", action="version", version=f"sharq {__version__}")
@@ -61,15 +99,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=1024)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of recipes on a real model",
+                       description="Evaluate recipes on a model: perplexity on real text (non-overlapping windows) "
+                                   "and, with --tasks, zero-shot accuracy through lm-evaluation-harness.")
+    e.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file "
+                   "(default: the embedded SmolLM2-135M)")
+    e.add_argument("--recipes", type=_csv, default=("bf16", "nvfp4", "sharq"),
+                   help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq)")
+    e.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
+    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window in tokens (default 2048, as the paper)")
+    e.add_argument("--max-tokens", type=_positive_int_or_all, default=8192,
+                   help="perplexity token budget, or 'all' (default 8192)")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
+    e.add_argument("--tasks", type=_csv, default=(),
+                   help="zero-shot tasks: piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada,boolq, or "
+                        "'paper' for the paper's 5-task average")
+    e.add_argument("--limit", type=int, default=None, help="samples per task (default: all)")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    e.add_argument("--backend", default="reference", help="SharQLinear backend (default: reference)")
+    e.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward pass")
+    e.add_argument("--scale-granularity", choices=["tensor", "token"], default=None,
+                   help="NVFP4 activation scale: per call (paper, default) or per token (batch-invariant)")
+    e.add_argument("--calib-text", default="lambada", help="calibration text for outlier-channels")
+    e.add_argument("--calib-tokens", type=int, default=8192)
+    e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "seqlen", 2) < 2:
+        parser.error(f"--seqlen must be at least 2, got {args.seqlen}")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sharq: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or isinstance(e, MemoryError):
+            message = f"out of memory ({e.__class__.__name__}): lower --batch-size, --seqlen or --max-tokens"
+        else:
+            message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        print(f"sharq: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -6,6 +6,7 @@ for the local copy, so numbers are comparable with lm-eval runs that download th
 
 from __future__ import annotations
 
+import logging
 import re
 
 from .data import read_rows
@@ -94,6 +95,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise RuntimeError(f"--tasks needs lm-evaluation-harness: {LM_EVAL_HINT}") from None
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it reports every custom task at INFO/WARNING
     configs = [task_config(t) for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),

