@@ -90,3 +90,17 @@ def test_eval_zero_shot_task(tmp_path, capsys):
         assert set(row["tasks"]) == {"piqa", "winogrande"}
         assert row["tasks"]["piqa"]["n"] == 4 and 0 <= row["tasks"]["piqa"]["acc_norm"] <= 1
         assert 0 <= row["task_avg"] <= 1
+
+
+def test_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
+    import torch
+
+    import sharq.eval.run as run
+
+    def boom(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB\nlong details")
+
+    monkeypatch.setattr(run, "evaluate", boom)
+    assert main(["eval", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sharq: error: out of memory") and err.count("\n") == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import QTensor
+from .quant import QTensor, as_rows
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 
@@ -40,7 +40,7 @@ def simulate_linear(
     _check_inputs(x, weight, bias)
     r = get_recipe(recipe)
     channels = r.select_channels(channel_stats) if channel_stats is not None else None
-    act = r.prepare_activation(x.reshape(-1, x.shape[-1]), channels)
+    act = r.prepare_activation(as_rows(x), channels)
     y = quantized_matmul(act, r.prepare_weight(weight, channels), bias)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
@@ -52,6 +52,6 @@ def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QT
     r = get_recipe(recipe)
     if len(r.stages) != 2 or r.stages[0].mask is None:
         raise ValueError(f"recipe {r.name!r} is not a sparse + residual recipe")
-    act = r.prepare_activation(x.reshape(-1, x.shape[-1]))
+    act = r.prepare_activation(as_rows(x))
     sparse, residual = act.parts
     return sparse, residual, act.scale

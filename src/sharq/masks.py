@@ -67,7 +67,7 @@ def _pad_to(x: torch.Tensor, multiple: int) -> torch.Tensor:
 def kept_units(x: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     """The kept unit indices of every chunk, [..., ceil(K/chunk), n] int64 in increasing order (K zero-padded)."""
     xp = _pad_to(x, spec.chunk)
-    units = xp.reshape(*xp.shape[:-1], -1, spec.m, spec.group)
+    units = xp.unflatten(-1, (xp.shape[-1] // spec.chunk, spec.m, spec.group))
     score = units.abs().amax(-1).float().nan_to_num(nan=float("inf"))  # [..., C, m], all >= 0
     # Unique keys: non-negative floats order like their int32 bit patterns; the low digits break ties towards
     # the lower unit index.
@@ -79,7 +79,7 @@ def units_to_mask(units: torch.Tensor, spec: MaskSpec, k: int) -> torch.Tensor:
     """Kept unit indices [..., C, n] -> boolean element mask [..., k]."""
     keep = torch.zeros(*units.shape[:-1], spec.m, dtype=torch.bool, device=units.device)
     keep.scatter_(-1, units, True)
-    return keep.repeat_interleave(spec.group, dim=-1).reshape(*keep.shape[:-2], -1)[..., :k]
+    return keep.repeat_interleave(spec.group, dim=-1).flatten(-2)[..., :k]
 
 
 def n_of_m_mask(x: torch.Tensor, n: int, m: int, group: int = 1) -> torch.Tensor:
@@ -106,7 +106,7 @@ def compress(x: torch.Tensor, spec: str | MaskSpec) -> tuple[torch.Tensor, torch
     idx = kept_units(x, spec)
     units = _pad_to(x, spec.chunk).reshape(*idx.shape[:-1], spec.m, spec.group)
     values = torch.gather(units, -2, idx.unsqueeze(-1).expand(*idx.shape, spec.group))
-    return values.reshape(*x.shape[:-1], -1), idx.to(torch.uint8)
+    return values.flatten(-3), idx.to(torch.uint8)
 
 
 def expand(values: torch.Tensor, indices: torch.Tensor, spec: str | MaskSpec, k: int) -> torch.Tensor:
@@ -116,14 +116,14 @@ def expand(values: torch.Tensor, indices: torch.Tensor, spec: str | MaskSpec, k:
     units = values.reshape(*lead, chunks, spec.n, spec.group)
     dense = torch.zeros(*lead, chunks, spec.m, spec.group, dtype=values.dtype, device=values.device)
     dense.scatter_(-2, indices.long().unsqueeze(-1).expand_as(units), units)
-    return dense.reshape(*lead, -1)[..., :k]
+    return dense.flatten(-3)[..., :k]
 
 
 def pack_indices(indices: torch.Tensor) -> torch.Tensor:
     """2-bit unit indices (m <= 4) [..., C, n] -> bytes, four indices per byte, the first in the lowest bits."""
-    flat = indices.reshape(*indices.shape[:-2], -1)
+    flat = indices.flatten(-2)
     flat = _pad_to(flat, 4)
-    q = flat.reshape(*flat.shape[:-1], -1, 4).to(torch.uint8)
+    q = flat.unflatten(-1, (flat.shape[-1] // 4, 4)).to(torch.uint8)
     return q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .nn import SharedActivation, SharQExperts, SharQLinear
+from .quant import as_rows
 from .recipes import Recipe, get_recipe
 
 
@@ -142,7 +143,7 @@ def calibrate(
 
     def hook(name):
         def record(_module, inputs):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            x = as_rows(inputs[0].detach()).float()
             sums[name] = sums.get(name, 0) + x.abs().sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record

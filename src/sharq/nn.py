@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .functional import quantized_matmul
+from .quant import as_rows
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 
@@ -113,7 +114,7 @@ class SharQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        x2d = x.reshape(-1, self.in_features)
+        x2d = as_rows(x)
         if self.shared is None:
             act = self.prepare(x2d)
         else:

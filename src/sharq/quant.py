@@ -8,6 +8,7 @@ scale) as fp32.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -148,12 +149,13 @@ def _resolve_block(fmt: str, block_size: int | None) -> int | None:
     return b
 
 
-def _as_2d(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., K] -> [M, K] (M = product of the leading dims; 1-D input is one row; empty tensors stay empty)."""
     if x.dim() == 0:
-        raise ValueError("cannot quantize a 0-d tensor: expected [..., K]")
+        raise ValueError("expected a tensor [..., K], got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) -> QTensor:
@@ -170,9 +172,9 @@ def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) 
         codes = (x * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         return QTensor(codes, torch.empty(m, 0, dtype=torch.uint8, device=x.device), fmt, None, (m, k), s)
     pad = -k % b
-    v = torch.nn.functional.pad(x, (0, pad)).reshape(m, -1, b)
+    v = torch.nn.functional.pad(x, (0, pad)).reshape(m, (k + pad) // b, b)
     codes, scale_codes, micro = _BLOCK_QUANTIZERS[fmt](v)
-    return QTensor(F.pack_nibbles(codes.reshape(m, -1)), scale_codes, fmt, b, (m, k), micro=micro)
+    return QTensor(F.pack_nibbles(codes.flatten(-2)), scale_codes, fmt, b, (m, k), micro=micro)
 
 
 def dequantize_blocks(q: QTensor) -> torch.Tensor:
@@ -181,7 +183,7 @@ def dequantize_blocks(q: QTensor) -> torch.Tensor:
     m, k = q.rows, q.shape[-1]
     if q.block_size is None:
         return q.codes.view(torch.float8_e4m3fn).float()
-    elements = _ELEMENT_DECODERS[q.fmt](F.unpack_nibbles(q.codes)).reshape(m, -1, q.block_size)
+    elements = _ELEMENT_DECODERS[q.fmt](F.unpack_nibbles(q.codes)).reshape(m, q.scales.shape[-1], q.block_size)
     scale = q.block_scales().unsqueeze(-1)
     if q.fmt == "hif4":
         bits8 = q.micro[..., 0:1].to(torch.int32)
@@ -190,7 +192,7 @@ def dequantize_blocks(q: QTensor) -> torch.Tensor:
         e1_8 = (bits8 >> bit[:8]) & 1
         e1_16 = (bits16 >> bit) & 1
         scale = scale * torch.exp2(_hif4_shifts(e1_8, e1_16).float())
-    return (elements * scale).reshape(m, -1)[:, :k]
+    return (elements * scale).flatten(-2)[:, :k]
 
 
 # --- public API ------------------------------------------------------------------------------------------------
@@ -199,7 +201,7 @@ def quantize(
 ) -> QTensor:
     """Quantize x [..., K] along K. NVFP4 first divides by its fp32 tensor scale (one per tensor, or one per row
     with scale_granularity="token") and rounds to bf16, as SPEC §3 says."""
-    x2d = _as_2d(x)
+    x2d = as_rows(x)
     if scale_granularity not in ("tensor", "token"):
         raise ValueError(f"scale_granularity must be 'tensor' or 'token', got {scale_granularity!r}")
     if format_info(fmt).tensor_scale:
