@@ -79,3 +79,22 @@ def test_parse_mask_errors():
             masks.parse_mask(bad)
     assert str(masks.parse_mask("pair-4:8")) == "pair-4:8"
     assert masks.parse_mask("pair-4:8").index_bits_per_element == 0.5
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(0, 3), st.integers(0, 50)),
+                    elements=st.one_of(st.floats(width=32, allow_nan=True, allow_infinity=True), tie_heavy)),
+       name=st.sampled_from(["pair-4:8", "2:4", "3:8"]))
+def test_fuzz_masks_keep_exactly_n_and_keep_non_finite(x, name):
+    spec = masks.parse_mask(name)
+    t = torch.from_numpy(x)
+    units = masks.kept_units(t, spec)
+    assert units.shape == (x.shape[0], -(-x.shape[1] // spec.chunk), spec.n)
+    assert (units[..., 1:] > units[..., :-1]).all()  # n distinct units, increasing
+    mask = masks.n_of_m_mask(t, spec.n, spec.m, spec.group)
+    assert mask.shape == t.shape
+    # a NaN or an infinity is always kept, unless its chunk holds more of them than it keeps units
+    chunk_bad = torch.nn.functional.pad(~torch.isfinite(t), (0, -x.shape[1] % spec.chunk))
+    per_chunk = chunk_bad.unflatten(-1, (chunk_bad.shape[-1] // spec.chunk, spec.chunk)).sum(-1)
+    few = (per_chunk <= spec.n).repeat_interleave(spec.chunk, -1)[:, : x.shape[1]]
+    assert mask[~torch.isfinite(t) & few].all()

@@ -139,3 +139,50 @@ def test_nvfp4_with_a_subnormal_block_scale_is_not_idempotent():
     y = dequantize_blocks(q)
     assert q.scales[0, 0].item() == 2 and y[0, 0].item() == 4 * 2 * 2.0**-9
     assert dequantize_blocks(quantize_blocks(y, "nvfp4"))[0, 0].item() != y[0, 0].item()
+
+
+# --- fuzzing: shapes, dtypes and value distributions, non-finite values included ---------------------------------
+def _distribution(draw_kind, base: np.ndarray) -> np.ndarray:
+    if draw_kind == "outliers":
+        base = base.copy()
+        base[..., ::7] *= 300.0
+    elif draw_kind == "ties":
+        base = np.round(base * 4) / 4  # many exact E2M1/S1P2 ties after scaling
+    elif draw_kind == "tiny":
+        base = base * np.float32(1e-38)
+    return base.astype(np.float32)
+
+
+@st.composite
+def fuzz_inputs(draw):
+    m, k = draw(st.integers(0, 3)), draw(st.integers(0, 150))
+    base = draw(hnp.arrays(np.float32, (m, k), elements=st.floats(-8, 8, width=32)))
+    x = _distribution(draw(st.sampled_from(["plain", "outliers", "ties", "tiny"])), base)
+    if m * k and draw(st.booleans()):
+        for _ in range(draw(st.integers(1, 3))):
+            x[draw(st.integers(0, m - 1)), draw(st.integers(0, k - 1))] = draw(
+                st.sampled_from([np.nan, np.inf, -np.inf]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    return torch.from_numpy(x).to(dtype)
+
+
+@settings(max_examples=150, deadline=None)
+@given(x=fuzz_inputs(), fmt=st.sampled_from(["nvfp4", "mxfp4", "hif4", "fp8"]))
+def test_fuzz_quantize_non_finite_blocks_become_nan_and_nothing_else_changes(x, fmt):
+    q = sharq.quantize(x, fmt)
+    y = sharq.dequantize(q)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    rows = x.reshape(-1, x.shape[-1]).float() if x.numel() else x.float().reshape(0, x.shape[-1])
+    bad = ~torch.isfinite(rows)
+    block = q.block_size or max(1, x.shape[-1])  # fp8: the row is the block
+    nb = -(-x.shape[-1] // block) if x.shape[-1] else 0
+    padded = torch.nn.functional.pad(bad, (0, nb * block - x.shape[-1]))
+    bad_blocks = padded.reshape(rows.shape[0], nb, block).any(-1).repeat_interleave(block, -1)[:, : x.shape[-1]]
+    y2 = y.reshape(rows.shape)
+    assert torch.isnan(y2[bad_blocks]).all()
+    assert torch.isfinite(y2[~bad_blocks]).all()
+    clean = sharq.dequantize(sharq.quantize(torch.where(torch.isfinite(x), x, torch.zeros_like(x)), fmt))
+    assert torch.equal(y2[~bad_blocks], clean.reshape(rows.shape)[~bad_blocks])
+    if bad.any():
+        with pytest.raises(ValueError, match="non-finite"):
+            sharq.quantize(x, fmt, strict=True)

@@ -18,6 +18,13 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
+def check_finite(t: torch.Tensor, where: str, what: str = "input") -> None:
+    """strict mode: raise, naming the layer and the count, instead of letting NaN/Inf flow on (SPEC §8)."""
+    bad = t.numel() - int(torch.isfinite(t).sum())
+    if bad:
+        raise ValueError(f"{where}: {what} has {bad} non-finite value(s) (NaN/Inf) out of {t.numel()}")
+
+
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """α · (Σ deq(Qᵢ)) · Ŵᵀ + bias with fp32 accumulation, α = s_x · s_w; returns fp32 [M, N]."""
     alpha = act.scale * qweight.scale  # [1,1] or [M,1], times [] or [N]
@@ -33,11 +40,18 @@ def simulate_linear(
     bias: torch.Tensor | None = None,
     recipe: str | Recipe = "sharq",
     channel_stats: torch.Tensor | None = None,
+    strict: bool = False,
 ) -> torch.Tensor:
     """Y = x·Wᵀ + b with weights and activations quantized by `recipe` (SPEC §5). x [..., K], weight [N, K];
     the output has x's leading shape and dtype. Calibrated recipes (outlier-channels) need `channel_stats`, a
-    per-input-channel statistic [K] such as sharq.calibrate records."""
+    per-input-channel statistic [K] such as sharq.calibrate records.
+
+    Non-finite values make the rows (tokens) and columns (output channels) they touch NaN, and change nothing
+    else; with strict=True they raise a ValueError instead."""
     _check_inputs(x, weight, bias)
+    if strict:
+        check_finite(x, "simulate_linear")
+        check_finite(weight, "simulate_linear", "weight")
     r = get_recipe(recipe)
     channels = r.select_channels(channel_stats) if channel_stats is not None else None
     act = r.prepare_activation(as_rows(x), channels)

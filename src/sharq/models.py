@@ -84,13 +84,16 @@ def quantize_model(
     target_modules: Sequence[str] | None = None,
     calibration: dict[str, torch.Tensor] | None = None,
     share_inputs: bool = True,
+    strict: bool = False,
     **options,
 ) -> nn.Module:
     """Replace the decoder linears of `model` (in place) with SharQLinear modules running `recipe`; returns it.
 
     `options` go to the recipe (e.g. scale_granularity="token"). Calibrated recipes (outlier-channels) need
     `calibration`, the statistics of sharq.calibrate. `target_modules` overrides the family's module names for
-    architectures sharq does not know. With share_inputs, q/k/v (and gate/up) prepare their common input once."""
+    architectures sharq does not know. With share_inputs, q/k/v (and gate/up) prepare their common input once.
+    strict=True raises a ValueError naming the layer when a weight or an input holds NaN/Inf (SPEC §8); the
+    default lets them through as NaN so the problem stays visible."""
     r = get_recipe(recipe, **options)
     family = _family(model, target_modules)
     linears = target_linears(model, target_modules)
@@ -116,9 +119,9 @@ def quantize_model(
     for name, linear in linears.items():
         shared, member = groups.get(name, (None, 0))
         stats = calibration[name] if r.needs_calibration else None
-        _set_module(model, name, SharQLinear.from_linear(linear, r, backend, stats, shared, member))
+        _set_module(model, name, SharQLinear.from_linear(linear, r, backend, stats, shared, member, strict, name))
     for name, block in experts:
-        _set_module(model, name, SharQExperts(block, r, backend))
+        _set_module(model, name, SharQExperts(block, r, backend, strict, name))
     return model
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .functional import quantized_matmul
+from .functional import check_finite, quantized_matmul
 from .quant import as_rows
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
@@ -73,9 +73,12 @@ class SharQLinear(nn.Module):
         backend: str = "reference",
         shared: SharedActivation | None = None,
         member: int = 0,
+        strict: bool = False,
+        name: str = "",
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.strict, self.name = strict, name or "SharQLinear"
         self.recipe = recipe
         self.backend = backend
         get_backend(backend)
@@ -96,13 +99,20 @@ class SharQLinear(nn.Module):
         channel_stats: torch.Tensor | None = None,
         shared: SharedActivation | None = None,
         member: int = 0,
+        strict: bool = False,
+        name: str = "",
         **options,
     ) -> SharQLinear:
+        """Prepare `linear`'s weight once. With strict=True, a non-finite weight (now) or input (per call) raises a
+        ValueError naming the layer; without it, NaN/Inf flow on as NaN (SPEC §8)."""
         r = get_recipe(recipe, **options)
+        if strict:
+            check_finite(linear.weight, name or "SharQLinear", "weight")
         channels = r.select_channels(channel_stats) if r.needs_calibration and channel_stats is not None else None
         with torch.no_grad():
             qweight = r.prepare_weight(linear.weight.detach(), channels)
-        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, member)
+        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, member, strict,
+                   name)
 
     @property
     def qweight(self) -> QWeight:
@@ -113,7 +123,11 @@ class SharQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
+            raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        if x.device != self.weight_values.device:
+            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.weight_values.device}")
+        if self.strict:
+            check_finite(x, self.name)
         x2d = as_rows(x)
         if self.shared is None:
             act = self.prepare(x2d)
@@ -132,7 +146,8 @@ class SharQExperts(nn.Module):
     as in Qwen3-MoE and Mixtral) with every expert's two linears quantized. Same forward contract as the block it
     replaces: (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
 
-    def __init__(self, experts: nn.Module, recipe: str | Recipe = "sharq", backend: str = "reference", **options):
+    def __init__(self, experts: nn.Module, recipe: str | Recipe = "sharq", backend: str = "reference",
+                 strict: bool = False, name: str = "experts", **options):
         super().__init__()
         r = get_recipe(recipe, **options)
         if r.needs_calibration:
@@ -144,8 +159,8 @@ class SharQExperts(nn.Module):
         for e in range(self.num_experts):
             gate_up = _linear_from(experts.gate_up_proj[e], getattr(experts, "gate_up_proj_bias", None), e)
             down = _linear_from(experts.down_proj[e], getattr(experts, "down_proj_bias", None), e)
-            self.gate_up.append(SharQLinear.from_linear(gate_up, r, backend))
-            self.down.append(SharQLinear.from_linear(down, r, backend))
+            self.gate_up.append(SharQLinear.from_linear(gate_up, r, backend, strict=strict, name=f"{name}.{e}.gate_up"))
+            self.down.append(SharQLinear.from_linear(down, r, backend, strict=strict, name=f"{name}.{e}.down"))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)

@@ -167,7 +167,8 @@ def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) 
     m, k = x.shape
     if b is None:  # fp8: per-row dynamic scale, E4M3 elements
         amax = x.abs().amax(-1, keepdim=True) if k else torch.zeros(m, 1, device=x.device)
-        s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        # the smallest normal fp32 floor keeps 1/s finite for subnormal rows
+        s = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
         s = torch.where(torch.isfinite(amax), s, torch.full_like(amax, float("nan")))
         codes = (x * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         return QTensor(codes, torch.empty(m, 0, dtype=torch.uint8, device=x.device), fmt, None, (m, k), s)
@@ -197,11 +198,17 @@ def dequantize_blocks(q: QTensor) -> torch.Tensor:
 
 # --- public API ------------------------------------------------------------------------------------------------
 def quantize(
-    x: torch.Tensor, fmt: str, block_size: int | None = None, scale_granularity: str = "tensor"
+    x: torch.Tensor, fmt: str, block_size: int | None = None, scale_granularity: str = "tensor", strict: bool = False
 ) -> QTensor:
     """Quantize x [..., K] along K. NVFP4 first divides by its fp32 tensor scale (one per tensor, or one per row
-    with scale_granularity="token") and rounds to bf16, as SPEC §3 says."""
+    with scale_granularity="token") and rounds to bf16, as SPEC §3 says.
+
+    A block holding NaN/Inf gets the NaN scale code and dequantizes to NaN; tensor scales are taken over finite
+    values, so other blocks are unaffected. strict=True raises a ValueError instead."""
     x2d = as_rows(x)
+    if strict and not bool(torch.isfinite(x2d).all()):
+        bad = x2d.numel() - int(torch.isfinite(x2d).sum())
+        raise ValueError(f"quantize: input has {bad} non-finite value(s) (NaN/Inf) out of {x2d.numel()}")
     if scale_granularity not in ("tensor", "token"):
         raise ValueError(f"scale_granularity must be 'tensor' or 'token', got {scale_granularity!r}")
     if format_info(fmt).tensor_scale:

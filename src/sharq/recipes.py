@@ -120,7 +120,7 @@ class Recipe:
     def select_channels(self, channel_stats: torch.Tensor) -> torch.Tensor:
         """The input channels to keep in bf16: the largest `outlier_fraction` (at least one) by calibration
         statistic (mean |x| per channel), in increasing channel order."""
-        k = max(1, round(self.outlier_fraction * channel_stats.numel()))
+        k = min(max(1, round(self.outlier_fraction * channel_stats.numel())), channel_stats.numel())
         return torch.topk(channel_stats.float(), k).indices.sort().values
 
     def _check_channels(self, channels: torch.Tensor | None) -> None:
