@@ -54,6 +54,13 @@ def _positive_int_or_all(value: str) -> int | None:
     return n
 
 
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
@@ -77,6 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = EvalConfig(model=args.model, recipes=args.recipes, text=args.text, seqlen=args.seqlen,
                      max_tokens=0 if args.no_ppl else args.max_tokens, tasks=tasks, limit=args.limit,
                      device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
+                     task_batch_size=args.task_batch_size,
                      calib_text=args.calib_text, calib_tokens=args.calib_tokens, options=options,
                      progress=not args.quiet)
     res = evaluate(cfg)
@@ -115,16 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", type=_csv, default=(),
                    help="zero-shot tasks: piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada,boolq, or "
                         "'paper' for the paper's 5-task average")
-    e.add_argument("--limit", type=int, default=None, help="samples per task (default: all)")
+    e.add_argument("--limit", type=_positive_int, default=None, help="samples per task (default: all)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     e.add_argument("--backend", default="reference", help="SharQLinear backend (default: reference)")
-    e.add_argument("--batch-size", type=int, default=1, help="perplexity windows per forward pass")
+    e.add_argument("--batch-size", type=_positive_int, default=1, help="perplexity windows per forward pass")
+    e.add_argument("--task-batch-size", type=_positive_int, default=8,
+                   help="zero-shot requests per forward pass (a per-tensor activation scale couples the requests "
+                        "of a batch, as in the paper's setup)")
     e.add_argument("--scale-granularity", choices=["tensor", "token"], default=None,
                    help="NVFP4 activation scale: per call (paper, default) or per token (batch-invariant)")
     e.add_argument("--calib-text", default="lambada", help="calibration text for outlier-channels")
-    e.add_argument("--calib-tokens", type=int, default=8192)
+    e.add_argument("--calib-tokens", type=_positive_int, default=8192)
     e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)

@@ -46,7 +46,8 @@ class EvalConfig:
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
     backend: str = "reference"
-    batch_size: int = 1
+    batch_size: int = 1  # perplexity windows per forward pass
+    task_batch_size: int = 8  # lm-eval requests per forward pass
     calib_text: str = "lambada"
     calib_tokens: int = 8192
     options: dict = field(default_factory=dict)  # recipe options, e.g. scale_granularity
@@ -107,7 +108,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             p = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
             row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
         if cfg.tasks:
-            row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit)
+            row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size)
             row.task_avg = sum(task_score(m) for m in row.tasks.values()) / len(row.tasks)
         rows.append(row)
         del model
@@ -132,6 +133,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "ppl_tokens": 0 if ppl_windows is None else ppl_windows.numel(),
         "tasks": list(cfg.tasks),
         "limit": cfg.limit,
+        "task_batch_size": cfg.task_batch_size,
         "paper_task_average": set(cfg.tasks) == set(PAPER_TASKS),
         "options": cfg.options,
         "load_seconds": round(load_s, 2),
