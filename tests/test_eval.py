@@ -104,3 +104,21 @@ def test_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
     assert main(["eval", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sharq: error: out of memory") and err.count("\n") == 1
+
+
+def test_merge_results_recomputes_gaps():
+    from sharq.eval.run import merge_results
+
+    def run(recipe, ppl, avg):
+        return {"model_class": "M", "dtype": "float32", "device": "cpu", "backend": "reference", "text": "t",
+                "seqlen": 8, "windows": 1, "tasks": ["piqa"], "limit": 4, "options": {},
+                "results": [{"recipe": recipe, "ppl": ppl, "task_avg": avg, "ppl_gap_recovered": None,
+                             "task_gap_recovered": None}]}
+
+    merged = merge_results([run("bf16", 10.0, 0.6), run("nvfp4", 20.0, 0.5), run("sharq", 15.0, 0.58)])
+    sharq_row = merged["results"][2]
+    assert sharq_row["ppl_gap_recovered"] == 0.5 and abs(sharq_row["task_gap_recovered"] - 0.8) < 1e-9
+    other = run("sharq", 1.0, 0.5)
+    other["seqlen"] = 16
+    with pytest.raises(ValueError, match="seqlen"):
+        merge_results([run("bf16", 10.0, 0.6), other])

@@ -113,15 +113,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         rows.append(row)
         del model
 
-    by_name = {r.recipe: r for r in rows}
-    ref, low = by_name.get("bf16"), by_name.get("nvfp4")
-    for r in rows:
-        if ref and low:
-            r.ppl_gap_recovered = gap_recovered(r.ppl, low.ppl, ref.ppl)
-            if r.task_avg is not None:
-                r.task_gap_recovered = gap_recovered(-r.task_avg, -low.task_avg, -ref.task_avg)
-
-    return {
+    return add_gaps({
         "model": str(path),
         "model_class": type(base).__name__,
         "dtype": str(dtype).removeprefix("torch."),
@@ -140,7 +132,30 @@ def evaluate(cfg: EvalConfig) -> dict:
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "results": [asdict(r) for r in rows],
-    }
+    })
+
+
+def add_gaps(res: dict) -> dict:
+    """Fill in each row's gap recovered (needs a bf16 and an nvfp4 row)."""
+    rows = res["results"]
+    by_name = {r["recipe"]: r for r in rows}
+    ref, low = by_name.get("bf16"), by_name.get("nvfp4")
+    for r in rows:
+        if ref and low:
+            r["ppl_gap_recovered"] = gap_recovered(r["ppl"], low["ppl"], ref["ppl"])
+            if r["task_avg"] is not None:
+                r["task_gap_recovered"] = gap_recovered(-r["task_avg"], -low["task_avg"], -ref["task_avg"])
+    return res
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """One result from several runs of the same setup (e.g. one recipe per run), gaps recomputed."""
+    keys = ("model_class", "dtype", "device", "backend", "text", "seqlen", "windows", "tasks", "limit", "options")
+    for run in runs[1:]:
+        diff = [k for k in keys if run.get(k) != runs[0].get(k)]
+        if diff:
+            raise ValueError(f"cannot merge runs that differ in {', '.join(diff)}")
+    return add_gaps({**runs[0], "results": [row for run in runs for row in run["results"]]})
 
 
 def format_results(res: dict) -> str:
