@@ -35,9 +35,15 @@ def test_windows_cut_and_bos():
 
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--recipes", "bf16,nope"], "unknown recipe 'nope'"),
+    (["eval", "--recipes", ","], "no recipe to evaluate"),
     (["eval", "--model", "/no/such/model"], "does not exist"),
+    (["eval", "--model", "/"], "without config.json"),
+    (["eval", "--text", "/no/such/text.txt"], "neither a named corpus"),
     (["eval", "--device", "cuda"], "no CUDA device"),
+    (["eval", "--device", "tpu"], "unknown device 'tpu'"),
+    (["eval", "--backend", "warp-drive"], "unknown backend 'warp-drive'"),
     (["eval", "--tasks", "piqa,nope", "--no-ppl"], "unknown task 'nope'"),
+    (["eval", "--json", "/no/such/dir/out.json"], "cannot write"),
 ])
 def test_eval_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert main(argv) == 2
@@ -45,10 +51,19 @@ def test_eval_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_seqlen_below_two_is_rejected(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--seqlen", "1"], "argument --seqlen: must be at least 2"),
+    (["eval", "--limit", "0"], "argument --limit: must be a positive integer"),
+    (["eval", "--max-tokens", "-5"], "argument --max-tokens"),
+    (["eval", "--batch-size", "0"], "argument --batch-size"),
+    (["eval", "--dtype", "float8"], "argument --dtype: invalid choice"),
+    (["launch"], "invalid choice: 'launch'"),
+])
+def test_malformed_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["eval", "--seqlen", "1"])
-    assert e.value.code == 2 and "--seqlen must be at least 2" in capsys.readouterr().err
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -122,3 +137,15 @@ def test_merge_results_recomputes_gaps():
     other["seqlen"] = 16
     with pytest.raises(ValueError, match="seqlen"):
         merge_results([run("bf16", 10.0, 0.6), other])
+
+
+def test_tasks_without_lm_eval_is_a_one_line_error(monkeypatch, capsys):
+    import importlib.util
+
+    import sharq.eval.zeroshot as zs
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(zs.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    assert main(["eval", "--tasks", "piqa", "--no-ppl"]) == 2
+    err = capsys.readouterr().err
+    assert "needs lm-evaluation-harness" in err and err.count("\n") == 1

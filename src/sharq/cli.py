@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -61,13 +62,30 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _seqlen(value: str) -> int:
+    n = int(value)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (one token predicts the next), got {value}")
+    return n
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _writable(path: str | None) -> None:
+    """Fail now, not after the evaluation, if the results cannot be written."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise FileNotFoundError(f"cannot write {path}: {parent} is not a writable directory")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
-    import os
+
+    _writable(args.json)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -96,10 +114,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (and exit code 2), not a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sharq", description=__doc__)
+    p = _Parser(prog="sharq", description=__doc__)
     p.add_argument("--version", action="version", version=f"sharq {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="error of every recipe on an outlier-rich random layer")
     d.add_argument("--recipes", default=",".join(list_recipes()))
     d.add_argument("--tokens", type=int, default=256)
@@ -116,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipes", type=_csv, default=("bf16", "nvfp4", "sharq"),
                    help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq)")
     e.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
-    e.add_argument("--seqlen", type=int, default=2048, help="perplexity window in tokens (default 2048, as the paper)")
+    e.add_argument("--seqlen", type=_seqlen, default=2048, help="perplexity window in tokens (default 2048, as the paper)")
     e.add_argument("--max-tokens", type=_positive_int_or_all, default=8192,
                    help="perplexity token budget, or 'all' (default 8192)")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
@@ -143,10 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "seqlen", 2) < 2:
-        parser.error(f"--seqlen must be at least 2, got {args.seqlen}")
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:

@@ -16,7 +16,8 @@ from ..models import calibrate, quantize_model
 from ..recipes import get_recipe
 from .data import load_text
 from .perplexity import perplexity, tokenize, windows
-from .zeroshot import PAPER_TASKS, evaluate_tasks
+from ..nn import get_backend
+from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,36 +69,46 @@ def gap_recovered(value: float, low: float, high: float) -> float | None:
 
 
 def check_device(device: str) -> torch.device:
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device on this machine")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} was asked for, but torch sees no CUDA device on this machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}; expected cpu, cuda or cuda:N")
     return d
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every recipe of `cfg` and return a JSON-ready dict: the setup and one row per recipe."""
+    # Everything that can be wrong with the arguments fails here, before minutes are spent loading a model.
     device = check_device(cfg.device)
-    recipes = [get_recipe(r, **cfg.options) for r in cfg.recipes]  # unknown names fail before the model loads
+    if not cfg.recipes:
+        raise ValueError("no recipe to evaluate: give --recipes, e.g. bf16,nvfp4,sharq")
+    recipes = [get_recipe(r, **cfg.options) for r in cfg.recipes]
+    get_backend(cfg.backend)
     dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if cfg.tasks:
-        from .zeroshot import task_config
+        check_tasks(cfg.tasks)
+    text = load_text(cfg.text) if cfg.max_tokens != 0 else None
+    calib_text = load_text(cfg.calib_text)[0] if any(r.needs_calibration for r in recipes) else None
 
-        for t in cfg.tasks:
-            task_config(t)
     t0 = time.perf_counter()
     base, tokenizer, path = load_model(cfg.model, dtype, device)
     load_s = time.perf_counter() - t0
 
     ppl_windows = None
-    if cfg.max_tokens != 0:
-        text, text_label = load_text(cfg.text)
+    if text is not None:
         bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
-        ppl_windows = windows(tokenize(text, tokenizer), cfg.seqlen, cfg.max_tokens, bos)
+        ppl_windows = windows(tokenize(text[0], tokenizer), cfg.seqlen, cfg.max_tokens, bos)
 
     calibration = None
-    if any(r.needs_calibration for r in recipes):
-        calib, _ = load_text(cfg.calib_text)
-        calibration = calibrate(base, [calib], tokenizer, seqlen=min(cfg.seqlen, 512), max_tokens=cfg.calib_tokens,
+    if calib_text is not None:
+        calibration = calibrate(base, [calib_text], tokenizer, seqlen=min(cfg.seqlen, 512), max_tokens=cfg.calib_tokens,
                                 progress=cfg.progress)
 
     rows = []
@@ -119,7 +130,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "backend": cfg.backend,
-        "text": text_label if ppl_windows is not None else None,
+        "text": text[1] if text is not None else None,
         "seqlen": cfg.seqlen,
         "windows": 0 if ppl_windows is None else len(ppl_windows),
         "ppl_tokens": 0 if ppl_windows is None else ppl_windows.numel(),

@@ -6,6 +6,7 @@ for the local copy, so numbers are comparable with lm-eval runs that download th
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 
@@ -13,7 +14,7 @@ from .data import read_rows
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "boolq")
 PAPER_TASKS = ("arc_challenge", "hellaswag", "lambada", "piqa", "winogrande")  # the paper's 5-task average
-LM_EVAL_HINT = "pip install 'lm-eval>=0.4.8'"
+LM_EVAL_HINT = "pip install 'sharq[tasks]' (lm-eval and datasets)"
 
 _ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
 _ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
@@ -72,10 +73,18 @@ _ROWS = {
 }
 
 
+def check_tasks(tasks) -> None:
+    """Known task names and an importable lm-eval, checked before any model is loaded."""
+    unknown = [t for t in tasks if t not in _CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)} (or 'paper')")
+    if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("datasets") is None:
+        raise RuntimeError(f"--tasks needs lm-evaluation-harness: {LM_EVAL_HINT}")
+
+
 def task_config(task: str) -> dict:
     """An lm-eval task config (a dict) for one of TASKS, reading the local data."""
-    if task not in _CONFIGS:
-        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    check_tasks([task])
     import datasets
 
     def load(**_):
