@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .checkpoint import load, save
 from .functional import sharq_decompose, simulate_linear
 from .models import calibrate, quantize_model
 from .nn import SharQLinear
@@ -17,8 +18,10 @@ __all__ = [
     "fake_quantize",
     "get_recipe",
     "list_recipes",
+    "load",
     "quantize",
     "quantize_model",
+    "save",
     "sharq_decompose",
     "simulate_linear",
 ]

@@ -116,6 +116,12 @@ def quantize_model(
                 shared = SharedActivation(len(members))
                 groups.update({name: (shared, i) for i, name in enumerate(members)})
 
+    model.sharq_quantization = {
+        "recipe": r.to_dict(),
+        "target_modules": list(target_modules) if target_modules is not None else None,
+        "share_inputs": share_inputs,
+        "modules": sorted(linears) + [n for n, _ in experts],
+    }
     for name, linear in linears.items():
         shared, member = groups.get(name, (None, 0))
         stats = calibration[name] if r.needs_calibration else None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .functional import check_finite, quantized_matmul
-from .quant import as_rows
+from .quant import QTensor, as_rows, dequantize_blocks
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 
@@ -61,7 +61,10 @@ class SharedActivation:
 class SharQLinear(nn.Module):
     """A drop-in nn.Linear whose weight is quantized once and whose input is quantized on every call.
 
-    Buffers hold the exact dequantized weight payload (bf16) and its output scale, so `.to(device)` moves them."""
+    The state (what a checkpoint stores, docs/FORMAT.md) is the packed payload: `weight_codes`, `weight_scales`
+    (and HiF4's `weight_micro`), the output scale `weight_scale`, the bias and, for outlier-channels,
+    `channels` and `dense_weight`. `weight_values`, the exact bf16 dequantization the reference GEMM uses, is
+    derived from it (and rebuilt whenever a state dict is loaded). bf16 recipes store `weight_values` itself."""
 
     def __init__(
         self,
@@ -83,12 +86,16 @@ class SharQLinear(nn.Module):
         self.backend = backend
         get_backend(backend)
         self.shared, self.member = shared, member
-        self.register_buffer("weight_values", qweight.values)
+        packed = qweight.packed
+        self.register_buffer("weight_values", qweight.values, persistent=packed is None)
+        self.register_buffer("weight_codes", None if packed is None else packed.codes)
+        self.register_buffer("weight_scales", None if packed is None else packed.scales)
+        self.register_buffer("weight_micro", None if packed is None else packed.micro)
         self.register_buffer("weight_scale", qweight.scale)
         self.register_buffer("channels", qweight.channels)
         self.register_buffer("dense_weight", qweight.dense)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.packed = qweight.packed  # the packed payload (codes + scales), kept for checkpoints and kernels
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_values())
 
     @classmethod
     def from_linear(
@@ -113,6 +120,21 @@ class SharQLinear(nn.Module):
             qweight = r.prepare_weight(linear.weight.detach(), channels)
         return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, member, strict,
                    name)
+
+    @property
+    def packed(self) -> QTensor | None:
+        """The packed weight payload as a QTensor (None for bf16 weights)."""
+        if self.weight_codes is None:
+            return None
+        r = self.recipe
+        return QTensor(self.weight_codes, self.weight_scales, r.weight_fmt, r.weight_block,
+                       (self.out_features, self.in_features), micro=self.weight_micro)
+
+    @torch.no_grad()
+    def refresh_values(self) -> None:
+        """Rebuild the dequantized weight from the packed payload (after loading a state dict)."""
+        if self.packed is not None:
+            self.weight_values = dequantize_blocks(self.packed).to(torch.bfloat16)
 
     @property
     def qweight(self) -> QWeight:

@@ -192,6 +192,20 @@ class Recipe:
             r = r - d
         return QActivation(tuple(parts), total, scale, dense)
 
+    def to_dict(self) -> dict:
+        """Every field, JSON-ready (the checkpoint's quantization_config stores it)."""
+        d = dataclasses.asdict(self)
+        d["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Recipe:
+        try:
+            fields = {**d, "stages": tuple(Stage(**s) for s in d["stages"])}
+            return cls(**fields)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a sharq recipe description: {e}") from None
+
     def with_options(self, **options) -> Recipe:
         unknown = set(options) - {f.name for f in dataclasses.fields(self)}
         if unknown:
