@@ -149,3 +149,43 @@ def test_tasks_without_lm_eval_is_a_one_line_error(monkeypatch, capsys):
     assert main(["eval", "--tasks", "piqa", "--no-ppl"]) == 2
     err = capsys.readouterr().err
     assert "needs lm-evaluation-harness" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@needs_model
+def test_quantize_then_generate_from_the_checkpoint(tmp_path, capsys):
+    import torch
+
+    import sharq
+    from sharq.hf import load_model
+
+    out = tmp_path / "ckpt"
+    assert main(["quantize", "--recipe", "sharq", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "3", "What is the capital of France?"]) == 0
+    captured = capsys.readouterr()
+    assert "[sharq: 3 tokens" in captured.err
+    # the checkpoint is the model quantized in memory, bit for bit
+    model, tok, _ = load_model(None)
+    sharq.quantize_model(model, "sharq")
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(sharq.load(out)(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow
+@needs_model
+def test_lm_eval_adapter_runs_an_lm_eval_task():
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    import sharq
+    from sharq.eval import as_lm_eval
+    from sharq.eval.zeroshot import task_config
+    from sharq.hf import load_model
+
+    model, tok, _ = load_model(None)
+    sharq.quantize_model(model, "sharq")
+    out = lm_eval.simple_evaluate(model=as_lm_eval(model, tok), tasks=[task_config("piqa")], limit=3,
+                                  task_manager=TaskManager(include_defaults=False), bootstrap_iters=0)
+    assert 0 <= out["results"]["sharq_piqa"]["acc,none"] <= 1

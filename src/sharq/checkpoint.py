@@ -58,6 +58,18 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     return out
 
 
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a sharq checkpoint (a config.json with quant_method "sharq")."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        q = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(q, dict) and q.get("quant_method") == "sharq"
+
+
 def read_quantization_config(directory: str | Path) -> tuple[dict, dict]:
     """(config dict, its quantization_config), validated."""
     path = Path(directory) / "config.json"

@@ -73,6 +73,87 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Load a model, quantize it with one recipe (calibrating if the recipe needs it) and save a checkpoint."""
+    _offline()
+    _quiet_transformers()
+    from .checkpoint import save
+    from .eval.data import load_text
+    from .eval.run import DTYPES, check_device
+    from .hf import load_model
+    from .models import calibrate, quantize_model
+
+    recipe = get_recipe(args.recipe, **_recipe_options(args))
+    device = check_device(args.device)
+    calib = load_text(args.calib_text)[0] if recipe.needs_calibration else None
+    model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], device)
+    calibration = calibrate(model, [calib], tokenizer, max_tokens=args.calib_tokens) if calib else None
+    quantize_model(model, recipe, calibration=calibration, strict=args.strict)
+    out = save(model, args.out, tokenizer)
+    print(f"quantized {path} with {recipe.name} (activations {recipe.activation_bits:g} bits, weights "
+          f"{recipe.weight_bits:g} bits) -> {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from a prompt with a quantized model, streaming the tokens, then print tokens/s."""
+    _offline()
+    _quiet_transformers()
+    from transformers import AutoTokenizer, TextStreamer
+
+    from .checkpoint import is_checkpoint, load
+    from .eval.run import DTYPES, check_device
+    from .hf import load_model
+    from .models import quantize_model
+
+    device = check_device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.model and is_checkpoint(args.model):
+        model, tokenizer = load(args.model, dtype, device), AutoTokenizer.from_pretrained(args.model)
+        name = model.sharq_quantization["recipe"]["name"]
+    else:
+        recipe = get_recipe(args.recipe, **_recipe_options(args))
+        if recipe.needs_calibration:
+            raise ValueError(f"recipe {recipe.name!r} needs calibration: make a checkpoint with `sharq quantize` first")
+        model, tokenizer, _ = load_model(args.model, dtype, device)
+        quantize_model(model, recipe)
+        name = recipe.name
+    if getattr(tokenizer, "chat_template", None) and not args.raw:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = args.prompt
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
+    ids = ids.to(device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = args.temperature > 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
+                             temperature=args.temperature if sample else None, top_p=None, top_k=None,
+                             streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - t0
+    new = out.shape[-1] - ids["input_ids"].shape[-1]
+    print(f"\n[{name}: {new} tokens in {seconds:.1f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _recipe_options(args: argparse.Namespace) -> dict:
+    return {} if args.scale_granularity is None else {"scale_granularity": args.scale_granularity}
+
+
 def _writable(path: str | None) -> None:
     """Fail now, not after the evaluation, if the results cannot be written."""
     if path is None:
@@ -86,19 +167,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     _writable(args.json)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    _offline()
     from .eval.run import EvalConfig, evaluate, format_results
     from .eval.zeroshot import PAPER_TASKS
 
     if args.quiet:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
+        _quiet_transformers()
 
     tasks = PAPER_TASKS if args.tasks == ("paper",) else args.tasks
-    options = {} if args.scale_granularity is None else {"scale_granularity": args.scale_granularity}
+    options = _recipe_options(args)
     cfg = EvalConfig(model=args.model, recipes=args.recipes, text=args.text, seqlen=args.seqlen,
                      max_tokens=0 if args.no_ppl else args.max_tokens, tasks=tasks, limit=args.limit,
                      device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
@@ -164,6 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_eval)
+
+    model_help = "a Hugging Face model directory or a .gguf file (default: the embedded SmolLM2-135M)"
+    q = sub.add_parser("quantize", help="quantize a model with one recipe and save a checkpoint (docs/FORMAT.md)")
+    q.add_argument("--model", default=None, help=model_help)
+    q.add_argument("--recipe", default="sharq", help=f"one of: {', '.join(list_recipes())}")
+    q.add_argument("--out", required=True, help="the checkpoint directory to write")
+    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the unquantized tensors (default float32)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
+    q.add_argument("--calib-text", default="lambada", help="calibration text (outlier-channels only)")
+    q.add_argument("--calib-tokens", type=_positive_int, default=8192)
+    q.add_argument("--strict", action="store_true", help="refuse non-finite weights or activations")
+    q.set_defaults(func=cmd_quantize)
+
+    g = sub.add_parser("generate", help="generate text with a quantized model, streaming tokens")
+    g.add_argument("prompt")
+    g.add_argument("--model", default=None, help=model_help + ", or a sharq checkpoint directory")
+    g.add_argument("--recipe", default="sharq", help="recipe to apply (ignored for a sharq checkpoint)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
+    g.set_defaults(func=cmd_generate)
     return p
 
 

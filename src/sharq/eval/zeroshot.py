@@ -96,17 +96,26 @@ def task_config(task: str) -> dict:
     return config | _CONFIGS[task]()
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
-    """{task: {"acc": ..., "acc_norm": ... (where defined), "n": samples}} for a (quantized) model object."""
+def as_lm_eval(model, tokenizer, batch_size: int = 8):
+    """A (sharq-quantized) transformers model as an lm-evaluation-harness model, for any lm-eval task:
+    ``lm_eval.simple_evaluate(model=sharq.eval.as_lm_eval(model, tok), tasks=["hellaswag"])``."""
     try:
-        import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
-        raise RuntimeError(f"--tasks needs lm-evaluation-harness: {LM_EVAL_HINT}") from None
+        raise RuntimeError(f"lm-eval is not installed: {LM_EVAL_HINT}") from None
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    """{task: {"acc": ..., "acc_norm": ... (where defined), "n": samples}} for a (quantized) model object, on the
+    bundled offline task data."""
+    check_tasks(tasks)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it reports every custom task at INFO/WARNING
     configs = [task_config(t) for t in tasks]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = as_lm_eval(model, tokenizer, batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
                                   limit=limit, bootstrap_iters=0, log_samples=False)
     results = {}
