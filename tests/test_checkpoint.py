@@ -74,7 +74,7 @@ def _rewrite_tensors(d, change):
     change(tensors)
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
     cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"]["weights_sha256"] = checkpoint._sha256(d / "model.safetensors")
+    cfg["quantization_config"]["weights_sha256"] = checkpoint.file_sha256(d / "model.safetensors")
     (d / "config.json").write_text(json.dumps(cfg))
 
 
@@ -146,3 +146,39 @@ def test_truncated_weights_without_a_hash_are_refused(saved, tmp_path):
 def test_save_needs_a_sharq_model(tmp_path):
     with pytest.raises(ValueError, match="not quantized by sharq"):
         sharq.save(tiny("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("model_type,recipe", [("llama", "sharq"), ("qwen3_moe", "sharq"), ("llama", "outlier-channels"),
+                                               ("gemma3_text", "hif4")])
+def test_transformers_from_pretrained_loads_a_sharq_checkpoint(model_type, recipe, tmp_path, rng):
+    model = _quantized(model_type, recipe)
+    ids = torch.randint(0, 96, (1, 9), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+    sharq.save(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
+    layers = [m for m in loaded.modules() if isinstance(m, sharq.SharQLinear)]
+    assert layers and all(m.weight_scale.dtype == torch.float32 for m in layers)
+    assert all(m.weight_codes is None or m.weight_codes.dtype == torch.uint8 for m in layers)
+
+
+def test_from_pretrained_in_bf16_keeps_the_payload_exact(tmp_path, rng):
+    model = _quantized("llama", "mxfp4")
+    sharq.save(model, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for name, m in loaded.named_modules():
+        if isinstance(m, sharq.SharQLinear):
+            original = model.get_submodule(name)
+            assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_codes, original.weight_codes)
+            assert torch.equal(m.weight_values, original.weight_values)
+
+
+def test_from_pretrained_refuses_a_corrupt_checkpoint(saved, tmp_path):
+    d = _copy(saved, tmp_path / "c")
+    blob = bytearray((d / "model.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="sha256"):
+        transformers.AutoModelForCausalLM.from_pretrained(d)

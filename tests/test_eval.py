@@ -189,3 +189,19 @@ def test_lm_eval_adapter_runs_an_lm_eval_task():
     out = lm_eval.simple_evaluate(model=as_lm_eval(model, tok), tasks=[task_config("piqa")], limit=3,
                                   task_manager=TaskManager(include_defaults=False), bootstrap_iters=0)
     assert 0 <= out["results"]["sharq_piqa"]["acc,none"] <= 1
+
+
+@pytest.mark.slow
+@needs_model
+def test_report_writes_markdown_json_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "rep"
+    assert main(["report", "--tokens", "64", "--recipes", "nvfp4,sharq", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Where SharQ helps most" in md and "29.down_proj" in md.split("## Every layer")[1]
+    rows = json.loads((out / "report.json").read_text())
+    assert len(rows) == 30 * 7
+    for row in rows:
+        assert 0 < row["rel_error"]["sharq"] < 1 and 0 < row["sparse_energy_share"] < 1.1  # rounding can add energy
+    for png in ("error_per_layer.png", "outliers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,12 +2,19 @@
 
 __version__ = "0.1.0"
 
+import importlib.util
+
 from .checkpoint import load, save
 from .functional import sharq_decompose, simulate_linear
 from .models import calibrate, quantize_model
 from .nn import SharQLinear
 from .quant import QTensor, dequantize, fake_quantize, quantize
 from .recipes import Recipe, get_recipe, list_recipes
+
+if importlib.util.find_spec("transformers") is not None:  # from_pretrained(DIR) then loads sharq checkpoints
+    from .integrations import register as _register
+
+    _register()
 
 __all__ = [
     "QTensor",

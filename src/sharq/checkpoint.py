@@ -49,7 +49,7 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
     save_file(_unique_state(model), str(out / WEIGHTS), metadata={"format": "pt", "quant_method": "sharq",
                                                                    "format_version": str(FORMAT_VERSION)})
     config = model.config.to_dict()
-    config["quantization_config"] = {**qcfg, "weights_sha256": _sha256(out / WEIGHTS)}
+    config["quantization_config"] = {**qcfg, "weights_sha256": file_sha256(out / WEIGHTS)}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
@@ -91,7 +91,7 @@ def read_quantization_config(directory: str | Path) -> tuple[dict, dict]:
     return config, q
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -106,7 +106,7 @@ def _read_tensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} are missing")
-    if sha256 is not None and _sha256(path) != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise ValueError(f"{path} does not match the sha256 recorded in config.json: the file is corrupt or was "
                          "changed after saving")
     try:

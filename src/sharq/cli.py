@@ -150,6 +150,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Per-layer diagnostics on real text: error and SQNR per recipe, outlier statistics, plots."""
+    _offline()
+    _quiet_transformers()
+    from .eval.data import load_text
+    from .eval.report import write_report
+    from .eval.run import check_device
+    from .hf import load_model
+
+    for r in args.recipes:
+        if get_recipe(r).needs_calibration:
+            raise ValueError(f"sharq report does not calibrate: leave {r!r} out of --recipes")
+    device = check_device(args.device)
+    text, label = load_text(args.text)
+    model, tokenizer, path = load_model(args.model, torch.float32, device)
+    out = write_report(model, tokenizer, text, list(args.recipes), args.tokens, args.out,
+                       setup=f"model {path}; text {label}")
+    print(f"wrote {out / 'report.md'}, {out / 'error_per_layer.png'}, {out / 'outliers.png'}")
+    return 0
+
+
 def _recipe_options(args: argparse.Namespace) -> dict:
     return {} if args.scale_granularity is None else {"scale_granularity": args.scale_granularity}
 
@@ -267,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
     g.set_defaults(func=cmd_generate)
+
+    r = sub.add_parser("report", help="per-layer error, SQNR and outlier statistics on real text, with plots")
+    r.add_argument("--model", default=None, help=model_help)
+    r.add_argument("--recipes", type=_csv, default=("nvfp4", "sharq", "dense-dense", "sparse-only"))
+    r.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
+    r.add_argument("--tokens", type=_positive_int, default=512, help="tokens of text to run (one forward pass)")
+    r.add_argument("--out", default="sharq-report", help="output directory (default: sharq-report)")
+    r.add_argument("--device", default="cpu")
+    r.set_defaults(func=cmd_report)
     return p
 
 

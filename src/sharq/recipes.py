@@ -149,9 +149,9 @@ class Recipe:
             raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
         self._check_channels(channels)
         if self.weight_fmt == "bf16":
-            return QWeight(weight.to(torch.bfloat16), torch.ones((), device=weight.device), None)
+            return QWeight(weight.to(torch.bfloat16), torch.ones((), dtype=torch.float32, device=weight.device), None)
         w, dense = self._split_channels(weight.float(), channels)
-        scale = torch.ones((), device=w.device)
+        scale = torch.ones((), dtype=torch.float32, device=w.device)
         if format_info(self.weight_fmt).tensor_scale:
             scale = nvfp4_tensor_scale(w).reshape(())
             w = apply_tensor_scale(w, scale)
@@ -173,7 +173,7 @@ class Recipe:
         x2d, dense = self._split_channels(x2d, channels)
         if dense is not None:
             dense = dense.to(torch.bfloat16).float()
-        scale = torch.ones(1, 1, device=x2d.device)
+        scale = torch.ones(1, 1, dtype=torch.float32, device=x2d.device)
         if not self.stages:
             return QActivation((), x2d.to(torch.bfloat16).float(), scale)
         if self.uses_tensor_scale:
