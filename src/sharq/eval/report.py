@@ -23,7 +23,7 @@ class LayerStats:
     in_features: int
     channel_max_over_median: float  # max over channels of max|x|, divided by the median channel's max|x|
     kurtosis: float  # of all input values (3 for a Gaussian)
-    sparse_energy_share: float  # ||deq(Q(S))||² / ||Xs||² of the SharQ backbone
+    sparse_energy_share: float  # ||deq(Q(S))||² / ||Xs||²: the backbone's share (rounding can push it past 1)
     rel_error: dict[str, float] = field(default_factory=dict)  # recipe -> ||y_q - y|| / ||y||
 
     def sqnr_db(self, recipe: str) -> float:
