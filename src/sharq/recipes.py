@@ -229,6 +229,13 @@ def _nvfp4(mask: str | None = None, block: int = 16) -> Stage:
     return Stage("nvfp4", block, mask)
 
 
+def _backbone_plus_residual(name: str, fmt: str, mask: str, block: int, residual_block: int, note: str = "") -> Recipe:
+    """A SharQ flavour: a sparse backbone and a dense residual in one format, weights in that format at `block`."""
+    label = {"hif4": "HiF4"}.get(fmt, fmt.upper())
+    description = f"{mask} sparse {label} backbone + dense {label} residual" + (f", {note}" if note else "")
+    return Recipe(name, fmt, block, (Stage(fmt, block, mask), Stage(fmt, residual_block)), description=description)
+
+
 _RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
@@ -237,27 +244,9 @@ _RECIPES: dict[str, Recipe] = {
         Recipe("nvfp4", "nvfp4", 16, (_nvfp4(),), description="NVFP4 W4A4, B=16"),
         Recipe("mxfp4", "mxfp4", 32, (Stage("mxfp4", 32),), description="MXFP4 W4A4, B=32"),
         Recipe("hif4", "hif4", 64, (Stage("hif4", 64),), description="HiF4 W4A4, 64-element units"),
-        Recipe(
-            "sharq",
-            "nvfp4",
-            32,
-            (_nvfp4("pair-4:8", 32), _nvfp4()),
-            description="pair-4:8 sparse NVFP4 backbone + dense NVFP4 residual, shared W32 weights",
-        ),
-        Recipe(
-            "sharq-hif4",
-            "hif4",
-            64,
-            (Stage("hif4", 64, "2:4"), Stage("hif4", 64)),
-            description="2:4 sparse HiF4 backbone + dense HiF4 residual",
-        ),
-        Recipe(
-            "sharq-mxfp4",
-            "mxfp4",
-            32,
-            (Stage("mxfp4", 32, "pair-4:8"), Stage("mxfp4", 32)),
-            description="pair-4:8 sparse MXFP4 backbone + dense MXFP4 residual",
-        ),
+        _backbone_plus_residual("sharq", "nvfp4", "pair-4:8", 32, 16, "shared W32 weights"),
+        _backbone_plus_residual("sharq-hif4", "hif4", "2:4", 64, 64),
+        _backbone_plus_residual("sharq-mxfp4", "mxfp4", "pair-4:8", 32, 32),
         Recipe("sparse-only", "nvfp4", 32, (_nvfp4("pair-4:8", 32),), description="ablation: SharQ without residual"),
         Recipe("dense-dense", "nvfp4", 32, (_nvfp4(), _nvfp4()), description="ablation: two dense NVFP4 stages"),
         Recipe(
