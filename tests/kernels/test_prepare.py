@@ -1,0 +1,62 @@
+"""The fused Triton preparation kernel against the reference cascade, bit for bit. On a machine without CUDA it
+runs under the Triton interpreter (TRITON_INTERPRET=1, small shapes)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+import sharq  # noqa: E402
+from sharq.kernels.prepare import prepare_dequantized, supports  # noqa: E402
+
+from ..conftest import outlier_activations  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_RECIPES = ["nvfp4", "mxfp4", "sharq", "sharq-mxfp4", "sparse-only", "dense-dense"]
+
+
+def test_supported_recipes():
+    assert all(supports(sharq.get_recipe(r)) for r in KERNEL_RECIPES)
+    assert not any(supports(sharq.get_recipe(r)) for r in ("bf16", "fp8", "hif4", "sharq-hif4", "outlier-channels"))
+
+
+@pytest.mark.parametrize("name", KERNEL_RECIPES)
+@pytest.mark.parametrize("m,k", [(5, 96), (3, 32 * 7), (1, 8192), (4, 50)])
+def test_kernel_matches_reference_bit_for_bit(name, m, k, rng):
+    x = (outlier_activations(rng, m, k) * torch.exp2(torch.randint(-8, 8, (m, 1), generator=rng))).to(DEVICE)
+    recipe = sharq.get_recipe(name)
+    values, scale = prepare_dequantized(x, recipe)
+    ref = recipe.prepare_activation(x)
+    assert torch.equal(scale, ref.scale)
+    assert torch.equal(values, ref.values)
+
+
+@pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4", "nvfp4"])
+def test_kernel_non_finite_blocks_token_scale_and_ties(name, rng):
+    x = torch.randint(-3, 4, (6, 64), generator=rng).float() * 0.5  # tie-heavy
+    x[1, 3], x[4, 40], x[5, 63] = float("nan"), float("inf"), float("-inf")
+    x = x.to(DEVICE)
+    for granularity in ("tensor", "token"):
+        recipe = sharq.get_recipe(name, scale_granularity=granularity)
+        values, scale = prepare_dequantized(x, recipe)
+        ref = recipe.prepare_activation(x)
+        assert torch.equal(scale, ref.scale)
+        assert torch.equal(values.isnan(), ref.values.isnan())
+        ok = ~ref.values.isnan()
+        assert torch.equal(values[ok], ref.values[ok])
+
+
+def test_kernel_bf16_output_and_edge_shapes(rng):
+    recipe = sharq.get_recipe("sharq")
+    x = outlier_activations(rng, 3, 64).to(DEVICE)
+    values, _ = prepare_dequantized(x, recipe, out_dtype=torch.bfloat16)
+    assert values.dtype == torch.bfloat16
+    assert torch.equal(values, recipe.prepare_activation(x).values.to(torch.bfloat16))
+    empty, _ = prepare_dequantized(torch.empty(0, 64, device=DEVICE), recipe)
+    assert empty.shape == (0, 64)
+    with pytest.raises(ValueError, match="does not implement"):
+        prepare_dequantized(x, sharq.get_recipe("hif4"))
