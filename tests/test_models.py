@@ -5,6 +5,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 import sharq  # noqa: E402
+from sharq import functional  # noqa: E402
 from sharq import nn as snn  # noqa: E402
 from sharq.models import target_linears  # noqa: E402
 
@@ -112,9 +113,10 @@ def test_bf16_recipe_stays_close_to_the_model(rng):
 def test_shared_inputs_prepare_once_per_group(monkeypatch):
     model = tiny("llama")
     calls = []
-    reference = snn.BACKENDS["reference"]
-    counting = snn.Backend(lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c), reference.matmul)
-    monkeypatch.setitem(snn.BACKENDS, "counting", counting)
+    reference = functional.BACKENDS["reference"]
+    counting = functional.Backend(lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c),
+                                  reference.matmul)
+    monkeypatch.setitem(functional.BACKENDS, "counting", counting)
     sharq.quantize_model(model, "sharq", backend="counting")
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3, 4]]))

@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    e.add_argument("--backend", default="reference", help="SharQLinear backend (default: reference)")
+    e.add_argument("--backend", default="auto",
+                   help="SharQLinear backend: reference (pure torch), triton (fused kernel) or auto (default: "
+                        "triton on CUDA, reference elsewhere)")
     e.add_argument("--batch-size", type=_positive_int, default=1, help="perplexity windows per forward pass")
     e.add_argument("--task-batch-size", type=_positive_int, default=8,
                    help="zero-shot requests per forward pass (a per-tensor activation scale couples the requests "

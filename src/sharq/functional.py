@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from .quant import QTensor, as_rows
 from .recipes import QActivation, QWeight, Recipe, get_recipe
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a quantized layer runs: `prepare` turns x [M, K] into a prepared activation, `matmul` multiplies it with
+    the prepared weight. "reference" is pure torch on any device; "triton" runs the fused kernel where the recipe
+    allows (and the reference preparation elsewhere)."""
+
+    prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
+    matmul: Callable[[QActivation, QWeight, torch.Tensor | None], torch.Tensor]
+
+
+def _prepare_reference(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
+    return recipe.prepare_activation(x2d, channels)
+
+
+def _prepare_triton(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
+    from .kernels.prepare import prepare_dequantized, supports
+
+    if channels is not None or not supports(recipe):
+        return recipe.prepare_activation(x2d, channels)
+    values, scale = prepare_dequantized(x2d, recipe, out_dtype=torch.bfloat16)
+    return QActivation((), values, scale)
+
+
+BACKENDS: dict[str, Backend] = {}  # filled below; more can be registered
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -26,9 +62,13 @@ def check_finite(t: torch.Tensor, where: str, what: str = "input") -> None:
 
 
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """α · (Σ deq(Qᵢ)) · Ŵᵀ + bias with fp32 accumulation, α = s_x · s_w; returns fp32 [M, N]."""
+    """α · (Σ deq(Qᵢ)) · Ŵᵀ + bias, α = s_x · s_w; returns fp32 [M, N]. fp32 activation values (the reference):
+    an fp32 GEMM. bf16 values (the fused kernel's output): a bf16 GEMM, fp32 accumulation, on the exact bf16 Ŵ."""
     alpha = act.scale * qweight.scale  # [1,1] or [M,1], times [] or [N]
-    y = (act.values @ qweight.values.float().T) * alpha
+    if act.values.dtype == torch.bfloat16:
+        y = torch.matmul(act.values, qweight.values.T).float() * alpha
+    else:
+        y = (act.values @ qweight.values.float().T) * alpha
     if act.dense is not None:  # outlier channels, in bf16
         y = y + act.dense @ qweight.dense.float().T
     return y if bias is None else y + bias.float()
@@ -41,21 +81,22 @@ def simulate_linear(
     recipe: str | Recipe = "sharq",
     channel_stats: torch.Tensor | None = None,
     strict: bool = False,
+    backend: str = "reference",
 ) -> torch.Tensor:
     """Y = x·Wᵀ + b with weights and activations quantized by `recipe` (SPEC §5). x [..., K], weight [N, K];
     the output has x's leading shape and dtype. Calibrated recipes (outlier-channels) need `channel_stats`, a
     per-input-channel statistic [K] such as sharq.calibrate records.
 
     Non-finite values make the rows (tokens) and columns (output channels) they touch NaN, and change nothing
-    else; with strict=True they raise a ValueError instead."""
+    else; with strict=True they raise a ValueError instead. backend="triton" runs the fused GPU kernel."""
     _check_inputs(x, weight, bias)
     if strict:
         check_finite(x, "simulate_linear")
         check_finite(weight, "simulate_linear", "weight")
     r = get_recipe(recipe)
     channels = r.select_channels(channel_stats) if channel_stats is not None else None
-    act = r.prepare_activation(as_rows(x), channels)
-    y = quantized_matmul(act, r.prepare_weight(weight, channels), bias)
+    b = get_backend(backend)
+    y = b.matmul(b.prepare(as_rows(x), r, channels), r.prepare_weight(weight, channels), bias)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
@@ -69,3 +110,6 @@ def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QT
     act = r.prepare_activation(as_rows(x))
     sparse, residual = act.parts
     return sparse, residual, act.scale
+
+
+BACKENDS.update(reference=Backend(_prepare_reference, quantized_matmul), triton=Backend(_prepare_triton, quantized_matmul))

@@ -4,35 +4,13 @@ experts block). Weights are prepared once; the activation is prepared per call b
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .functional import check_finite, quantized_matmul
+from .functional import check_finite, get_backend
 from .quant import QTensor, as_rows, dequantize_blocks
 from .recipes import QActivation, QWeight, Recipe, get_recipe
-
-
-@dataclass(frozen=True)
-class Backend:
-    """How a layer runs: `prepare` turns x [M, K] into a prepared activation, `matmul` multiplies it with the
-    prepared weight. Backends plug in here (the GPU kernels register "triton") without touching the models."""
-
-    prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
-    matmul: Callable[[QActivation, QWeight, torch.Tensor | None], torch.Tensor]
-
-
-BACKENDS: dict[str, Backend] = {
-    "reference": Backend(lambda x, recipe, channels: recipe.prepare_activation(x, channels), quantized_matmul),
-}
-
-
-def get_backend(name: str) -> Backend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
 
 
 class SharedActivation:

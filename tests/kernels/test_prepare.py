@@ -60,3 +60,22 @@ def test_kernel_bf16_output_and_edge_shapes(rng):
     assert empty.shape == (0, 64)
     with pytest.raises(ValueError, match="does not implement"):
         prepare_dequantized(x, sharq.get_recipe("hif4"))
+
+
+@pytest.mark.parametrize("name", ["sharq", "nvfp4", "dense-dense", "hif4", "fp8"])
+def test_triton_backend_matches_reference_within_bf16_rounding(name, rng):
+    """Kernel recipes: the activation is the reference sum rounded once to bf16, so the layer output differs from
+    the reference by at most what that rounding explains; other recipes fall back to the reference preparation."""
+    x = outlier_activations(rng, 7, 96).to(DEVICE)
+    w = torch.randn(24, 96, generator=rng).to(DEVICE)
+    b = torch.randn(24, generator=rng).to(DEVICE)
+    ref = sharq.simulate_linear(x, w, b, recipe=name)
+    got = sharq.simulate_linear(x, w, b, recipe=name, backend="triton")
+    recipe = sharq.get_recipe(name)
+    act = recipe.prepare_activation(x)
+    qw = recipe.prepare_weight(w)
+    # bound: |Σ_k (x̂_k − bf16(x̂_k)) ŵ_k| ≤ 2⁻⁹ Σ_k |x̂_k ŵ_k|, times α, plus the bf16 GEMM's own rounding
+    bound = (act.values.abs() @ qw.values.float().abs().T) * (act.scale * qw.scale).abs() * 2.0**-8
+    assert ((got - ref).abs() <= bound + 1e-6).all()
+    if not supports(recipe):
+        assert torch.equal(got, ref)

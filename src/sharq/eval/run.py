@@ -16,7 +16,7 @@ from ..models import calibrate, quantize_model
 from ..recipes import get_recipe
 from .data import load_text
 from .perplexity import perplexity, tokenize, windows
-from ..nn import get_backend
+from ..functional import get_backend
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,7 +46,7 @@ class EvalConfig:
     limit: int | None = None
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
-    backend: str = "reference"
+    backend: str = "auto"  # triton on CUDA, reference elsewhere
     batch_size: int = 1  # perplexity windows per forward pass
     task_batch_size: int = 8  # lm-eval requests per forward pass
     calib_text: str = "lambada"
@@ -90,7 +90,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.recipes:
         raise ValueError("no recipe to evaluate: give --recipes, e.g. bf16,nvfp4,sharq")
     recipes = [get_recipe(r, **cfg.options) for r in cfg.recipes]
-    get_backend(cfg.backend)
+    backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
+    get_backend(backend)
     dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if cfg.tasks:
         check_tasks(cfg.tasks)
@@ -113,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     rows = []
     for recipe in recipes:
-        model = quantize_model(copy.deepcopy(base), recipe, backend=cfg.backend, calibration=calibration)
+        model = quantize_model(copy.deepcopy(base), recipe, backend=backend, calibration=calibration)
         row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits)
         if ppl_windows is not None:
             p = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
@@ -129,7 +130,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "model_class": type(base).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
-        "backend": cfg.backend,
+        "backend": backend,
         "text": text[1] if text is not None else None,
         "seqlen": cfg.seqlen,
         "windows": 0 if ppl_windows is None else len(ppl_windows),
