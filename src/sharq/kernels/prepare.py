@@ -19,6 +19,8 @@ path. Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -223,6 +225,9 @@ def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtyp
     recipe.prepare_activation(x2d).values / .scale, from one fused pass (plus the amax pass for s_x)."""
     if not supports(recipe):
         raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
+    if x2d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the triton backend runs on CUDA tensors (got {x2d.device}); use backend='reference' "
+                         "(or TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)")
     m, k = x2d.shape
     per_row = recipe.scale_granularity == "token"
     tensor_scale = recipe.uses_tensor_scale
