@@ -79,3 +79,27 @@ def test_triton_backend_matches_reference_within_bf16_rounding(name, rng):
     assert ((got - ref).abs() <= bound + 1e-6).all()
     if not supports(recipe):
         assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("name", KERNEL_RECIPES + ["pair2:4-nvfp4"])
+@pytest.mark.parametrize("m,k", [(5, 96), (3, 32 * 7 + 4), (2, 52)])
+def test_packed_mode_equals_the_reference_payloads(name, m, k, rng):
+    from sharq.kernels.prepare import prepare_packed
+    from sharq.recipes import Stage
+
+    if name == "pair2:4-nvfp4":  # a 2:4 backbone with an NVFP4 residual: the kernel's 2:4 index packing
+        recipe = sharq.get_recipe("sharq", stages=(Stage("nvfp4", 32, "2:4"), Stage("nvfp4", 16)))
+    else:
+        recipe = sharq.get_recipe(name)
+    x = (outlier_activations(rng, m, k) * torch.exp2(torch.randint(-8, 8, (m, 1), generator=rng))).to(DEVICE)
+    x[0, 1] = -0.0
+    got, ref = prepare_packed(x, recipe), recipe.prepare_activation(x)
+    assert torch.equal(got.values, ref.values) and torch.equal(got.scale, ref.scale)
+    assert len(got.parts) == len(ref.parts)
+    for g, r in zip(got.parts, ref.parts):
+        assert (g.fmt, g.block_size, g.shape, g.mask) == (r.fmt, r.block_size, r.shape, r.mask)
+        assert torch.equal(g.scales, r.scales)
+        assert torch.equal(g.codes, r.codes)
+        assert (g.indices is None) == (r.indices is None)
+        if r.indices is not None:
+            assert torch.equal(g.indices, r.indices)
