@@ -53,7 +53,7 @@ def test_eval_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--seqlen", "1"], "argument --seqlen: must be at least 2"),
-    (["eval", "--limit", "0"], "argument --limit: must be a positive integer"),
+    (["eval", "--limit", "0"], "argument --limit: must be at least 1"),
     (["eval", "--max-tokens", "-5"], "argument --max-tokens"),
     (["eval", "--batch-size", "0"], "argument --batch-size"),
     (["eval", "--dtype", "float8"], "argument --dtype: invalid choice"),

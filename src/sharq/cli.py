@@ -46,27 +46,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int_or_all(value: str) -> int | None:
-    if value == "all":
-        return None
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of tokens or 'all', got {value}")
-    return n
+def _int_at_least(minimum: int, why: str = "", allow_all: bool = False):
+    """An argparse type: an integer >= minimum (or 'all' -> None where allowed), with a one-line error."""
+
+    def parse(value: str) -> int | None:
+        if allow_all and value == "all":
+            return None
+        n = int(value)
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{why}, got {value}")
+        return n
+
+    parse.__name__ = "integer"  # how argparse names the type in "invalid integer value: 'x'"
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return n
-
-
-def _seqlen(value: str) -> int:
-    n = int(value)
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (one token predicts the next), got {value}")
-    return n
+_positive_int = _int_at_least(1)
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -239,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipes", type=_csv, default=("bf16", "nvfp4", "sharq"),
                    help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq)")
     e.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
-    e.add_argument("--seqlen", type=_seqlen, default=2048, help="perplexity window in tokens (default 2048, as the paper)")
-    e.add_argument("--max-tokens", type=_positive_int_or_all, default=8192,
+    e.add_argument("--seqlen", type=_int_at_least(2, " (one token predicts the next)"), default=2048, help="perplexity window in tokens (default 2048, as the paper)")
+    e.add_argument("--max-tokens", type=_int_at_least(1, allow_all=True), default=8192,
                    help="perplexity token budget, or 'all' (default 8192)")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
     e.add_argument("--tasks", type=_csv, default=(),
