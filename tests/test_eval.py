@@ -205,3 +205,9 @@ def test_report_writes_markdown_json_and_plots(tmp_path):
         assert 0 < row["rel_error"]["sharq"] < 1 and 0 < row["sparse_energy_share"] < 1.1  # rounding can add energy
     for png in ("error_per_layer.png", "outliers.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_refuses_a_quantized_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "sharq"}}')
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    assert "is a sharq checkpoint" in capsys.readouterr().err

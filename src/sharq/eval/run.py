@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .._format import format_table
+from ..checkpoint import is_checkpoint
 from ..hf import load_model
 from ..models import calibrate, quantize_model
 from ..recipes import get_recipe
@@ -95,6 +96,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if cfg.tasks:
         check_tasks(cfg.tasks)
+    if cfg.model and is_checkpoint(cfg.model):
+        raise ValueError(f"{cfg.model} is a sharq checkpoint, already quantized: sharq eval compares recipes on the "
+                         "unquantized model (give that as --model); run a checkpoint with sharq generate or sharq.load")
     text = load_text(cfg.text) if cfg.max_tokens != 0 else None
     calib_text = load_text(cfg.calib_text)[0] if any(r.needs_calibration for r in recipes) else None
 
