@@ -211,3 +211,21 @@ def test_eval_refuses_a_quantized_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "sharq"}}')
     assert main(["eval", "--model", str(tmp_path)]) == 2
     assert "is a sharq checkpoint" in capsys.readouterr().err
+
+
+def test_bos_is_read_from_what_the_tokenizer_does():
+    from sharq.eval.perplexity import bos_token
+
+    class Tok:
+        bos_token_id = 2
+        add_bos_token = False  # as transformers 5 reports for Gemma, whose post-processor adds BOS anyway
+
+        def __init__(self, adds):
+            self.adds = adds
+
+        def __call__(self, text):
+            class Out:
+                input_ids = ([2] if self.adds else []) + [7]
+            return Out()
+
+    assert bos_token(Tok(True)) == 2 and bos_token(Tok(False)) is None

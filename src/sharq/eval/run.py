@@ -16,7 +16,7 @@ from ..hf import load_model
 from ..models import calibrate, quantize_model
 from ..recipes import get_recipe
 from .data import load_text
-from .perplexity import perplexity, tokenize, windows
+from .perplexity import bos_token, perplexity, tokenize, windows
 from ..functional import get_backend
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
@@ -108,8 +108,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     ppl_windows = None
     if text is not None:
-        bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
-        ppl_windows = windows(tokenize(text[0], tokenizer), cfg.seqlen, cfg.max_tokens, bos)
+        ppl_windows = windows(tokenize(text[0], tokenizer), cfg.seqlen, cfg.max_tokens, bos_token(tokenizer))
 
     calibration = None
     if calib_text is not None:
