@@ -70,8 +70,8 @@ def is_checkpoint(path: str | Path) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == "sharq"
 
 
-def read_quantization_config(directory: str | Path) -> tuple[dict, dict]:
-    """(config dict, its quantization_config), validated."""
+def read_quantization_config(directory: str | Path) -> dict:
+    """The checkpoint's quantization_config, validated."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a sharq checkpoint")
@@ -88,7 +88,21 @@ def read_quantization_config(directory: str | Path) -> tuple[dict, dict]:
     for key in ("recipe", "modules"):
         if key not in q:
             raise ValueError(f"{path}: quantization_config lacks {key!r}")
-    return config, q
+    return q
+
+
+def quantize_like(model: nn.Module, q: dict, backend: str = "reference") -> nn.Module:
+    """Give a freshly built (unquantized) model the structure a checkpoint's quantization_config describes, with
+    placeholder payloads for the checkpoint's tensors to fill. Used by `load` and by the transformers integration."""
+    recipe = Recipe.from_dict(q["recipe"])
+    calibration = None
+    if recipe.needs_calibration:  # only the channel count matters for the structure; the payload brings the rest
+        calibration = {n: torch.zeros(m.in_features) for n, m in target_linears(model, q.get("target_modules")).items()}
+    quantize_model(model, recipe, backend=backend, target_modules=q.get("target_modules"), calibration=calibration,
+                   share_inputs=q.get("share_inputs", True))
+    if sorted(model.sharq_quantization["modules"]) != sorted(q["modules"]):
+        raise ValueError("the checkpoint's quantized modules do not match the model its config builds")
+    return model
 
 
 def file_sha256(path: Path) -> str:
@@ -122,20 +136,13 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
-    config_dict, q = read_quantization_config(directory)
-    recipe = Recipe.from_dict(q["recipe"])
+    q = read_quantization_config(directory)
+    Recipe.from_dict(q["recipe"])  # a bad recipe fails before the weights are read
     tensors = _read_tensors(directory / WEIGHTS, q.get("weights_sha256"))
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    calibration = None
-    if recipe.needs_calibration:  # only the channel count matters for the structure; the payload brings the rest
-        calibration = {n: torch.zeros(m.in_features) for n, m in target_linears(model, q.get("target_modules")).items()}
-    quantize_model(model, recipe, backend=backend, target_modules=q.get("target_modules"),
-                   calibration=calibration, share_inputs=q.get("share_inputs", True))
-    if sorted(model.sharq_quantization["modules"]) != sorted(q["modules"]):
-        raise ValueError(f"{directory}: the checkpoint's quantized modules do not match the model its config builds")
+    model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend)
     expected = model.state_dict()
     tied = {n for n in expected if n not in tensors and n in _tied_names(model)}
     missing = sorted(set(expected) - set(tensors) - tied)

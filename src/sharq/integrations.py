@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import FORMAT_VERSION, file_sha256
-from .models import quantize_model, target_linears
+from .checkpoint import FORMAT_VERSION, file_sha256, quantize_like
 from .nn import SharQLinear
-from .recipes import Recipe
 
 
 class SharQConfig(QuantizationConfigMixin):
@@ -48,15 +45,7 @@ class SharQHfQuantizer(HfQuantizer):
         if q.weights_sha256 is not None and len(files) == 1 and file_sha256(Path(files[0])) != q.weights_sha256:
             raise ValueError(f"{files[0]} does not match the sha256 recorded in config.json: the file is corrupt or "
                              "was changed after saving")
-        recipe = Recipe.from_dict(q.recipe)
-        calibration = None
-        if recipe.needs_calibration:  # only the channel count shapes the modules; the payload brings the rest
-            calibration = {n: torch.zeros(m.in_features) for n, m in target_linears(model, q.target_modules).items()}
-        quantize_model(model, recipe, target_modules=q.target_modules, calibration=calibration,
-                       share_inputs=q.share_inputs)
-        if sorted(model.sharq_quantization["modules"]) != sorted(q.modules):
-            raise ValueError("the checkpoint's quantized modules do not match the model its config builds")
-        return model
+        return quantize_like(model, q.to_dict())
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for m in model.modules():  # transformers fills buffers directly: rebuild what derives from the payload
