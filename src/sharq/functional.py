@@ -14,11 +14,11 @@ from .recipes import QActivation, QWeight, Recipe, get_recipe
 @dataclass(frozen=True)
 class Backend:
     """How a quantized layer runs: `prepare` turns x [M, K] into a prepared activation, `matmul` multiplies it with
-    the prepared weight. "reference" is pure torch on any device; "triton" runs the fused kernel where the recipe
+    the prepared weight (adding the bias, returning the given dtype). "reference" is pure torch on any device; "triton" runs the fused kernel where the recipe
     allows (and the reference preparation elsewhere)."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
-    matmul: Callable[[QActivation, QWeight, torch.Tensor | None], torch.Tensor]
+    matmul: Callable[[QActivation, QWeight, torch.Tensor | None, torch.dtype], torch.Tensor]
 
 
 def _prepare_reference(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
@@ -62,16 +62,30 @@ def check_finite(t: torch.Tensor, where: str, what: str = "input") -> None:
 
 
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """α · (Σ deq(Qᵢ)) · Ŵᵀ + bias, α = s_x · s_w; returns fp32 [M, N]. fp32 activation values (the reference):
-    an fp32 GEMM. bf16 values (the fused kernel's output): a bf16 GEMM, fp32 accumulation, on the exact bf16 Ŵ."""
-    alpha = act.scale * qweight.scale  # [1,1] or [M,1], times [] or [N]
-    if act.values.dtype == torch.bfloat16:
-        y = torch.matmul(act.values, qweight.values.T).float() * alpha
-    else:
-        y = (act.values @ qweight.values.float().T) * alpha
+    """The reference product α · (Σ deq(Qᵢ)) · Ŵᵀ + bias, α = s_x · s_w, as one fp32 GEMM; returns fp32 [M, N]."""
+    y = (act.values.float() @ qweight.values.float().T) * (act.scale * qweight.scale)  # [1,1] or [M,1] × [] or [N]
     if act.dense is not None:  # outlier channels, in bf16
         y = y + act.dense @ qweight.dense.float().T
     return y if bias is None else y + bias.float()
+
+
+def _matmul_reference(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
+                      ) -> torch.Tensor:
+    return quantized_matmul(act, qweight, bias).to(out_dtype)
+
+
+def _matmul_bf16(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """The fused kernel's bf16 activation times the exact bf16 Ŵ: one cuBLAS GEMM (fp32 accumulation, output in
+    out_dtype), then α and the bias in one pass over the output, in place."""
+    if act.values.dtype != torch.bfloat16:  # a recipe the kernel does not implement: the reference preparation
+        return _matmul_reference(act, qweight, bias, out_dtype)
+    if out_dtype == torch.float32 and act.values.is_cuda:
+        y = torch.mm(act.values, qweight.values.T, out_dtype=torch.float32)
+    else:
+        y = (act.values @ qweight.values.T).to(out_dtype)
+    alpha = act.scale * qweight.scale
+    return y.mul_(alpha) if bias is None else torch.addcmul(bias, y, alpha, out=y)
 
 
 def simulate_linear(
@@ -96,8 +110,8 @@ def simulate_linear(
     r = get_recipe(recipe)
     channels = r.select_channels(channel_stats) if channel_stats is not None else None
     b = get_backend(backend)
-    y = b.matmul(b.prepare(as_rows(x), r, channels), r.prepare_weight(weight, channels), bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+    y = b.matmul(b.prepare(as_rows(x), r, channels), r.prepare_weight(weight, channels), bias, x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QTensor, QTensor, torch.Tensor]:
@@ -112,4 +126,4 @@ def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QT
     return sparse, residual, act.scale
 
 
-BACKENDS.update(reference=Backend(_prepare_reference, quantized_matmul), triton=Backend(_prepare_triton, quantized_matmul))
+BACKENDS.update(reference=Backend(_prepare_reference, _matmul_reference), triton=Backend(_prepare_triton, _matmul_bf16))

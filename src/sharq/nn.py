@@ -133,8 +133,8 @@ class SharQLinear(nn.Module):
             act = self.prepare(x2d)
         else:
             act = self.shared.get(self.member, x, lambda: self.prepare(x2d))
-        y = get_backend(self.backend).matmul(act, self.qweight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = get_backend(self.backend).matmul(act, self.qweight, self.bias, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, recipe={self.recipe.name}, "

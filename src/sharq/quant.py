@@ -84,9 +84,15 @@ def finite_amax(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
     return a.amax().reshape(1, 1) if a.numel() else torch.zeros(1, 1, device=a.device)
 
 
+def _divide(t: torch.Tensor, c: float) -> torch.Tensor:
+    """t / c, correctly rounded on every device. CUDA torch turns a division by a Python number into a
+    multiplication by its rounded reciprocal, which can differ in the last bit; SPEC §3 divides."""
+    return t / torch.full((), c, dtype=t.dtype, device=t.device)
+
+
 def nvfp4_tensor_scale(x2d: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """s = max(amax / 2688, 1e-9) over the whole tensor (paper) or per row (batch-invariant)."""
-    return torch.clamp_min(finite_amax(x2d, per_row) / NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR)
+    return torch.clamp_min(_divide(finite_amax(x2d, per_row), NVFP4_TENSOR_DIVISOR), TENSOR_SCALE_FLOOR)
 
 
 def apply_tensor_scale(x2d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,7 @@ def apply_tensor_scale(x2d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 # --- block quantizers on [M, nb, B] fp32 views -----------------------------------------------------------------
 def _blocks_nvfp4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-    scale_codes = F.encode_ue4m3(v.abs().amax(-1) / F.E2M1_MAX)
+    scale_codes = F.encode_ue4m3(_divide(v.abs().amax(-1), F.E2M1_MAX))
     inv = 1.0 / F.decode_ue4m3(scale_codes)
     return F.encode_e2m1((v * inv.unsqueeze(-1)).clamp(-F.E2M1_MAX, F.E2M1_MAX)), scale_codes, None
 
@@ -119,7 +125,7 @@ def _blocks_hif4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     a = v.abs()
     v16 = a.reshape(*a.shape[:-1], 16, 4).amax(-1)
     v8 = v16.reshape(*a.shape[:-1], 8, 2).amax(-1)
-    scale_codes = F.encode_e6m2(v8.amax(-1) / 7.0)
+    scale_codes = F.encode_e6m2(_divide(v8.amax(-1), 7.0))
     s = F.decode_e6m2(scale_codes).unsqueeze(-1)
     e1_8 = (v8 / s) >= 4
     e1_16 = (v16 / s / torch.exp2(e1_8.repeat_interleave(2, dim=-1).float())) >= 2
@@ -168,7 +174,8 @@ def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) 
     if b is None:  # fp8: per-row dynamic scale, E4M3 elements
         amax = x.abs().amax(-1, keepdim=True) if k else torch.zeros(m, 1, device=x.device)
         # the smallest normal fp32 floor keeps 1/s finite for subnormal rows
-        s = torch.where(amax > 0, (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(amax))
+        s = _divide(amax, FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        s = torch.where(amax > 0, s, torch.ones_like(amax))
         s = torch.where(torch.isfinite(amax), s, torch.full_like(amax, float("nan")))
         codes = (x * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
         return QTensor(codes, torch.empty(m, 0, dtype=torch.uint8, device=x.device), fmt, None, (m, k), s)

@@ -10,8 +10,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 import sharq  # noqa: E402
-from sharq.kernels.prepare import prepare_dequantized, supports  # noqa: E402
+from sharq.kernels.prepare import _divide_by_scale, prepare_dequantized, supports  # noqa: E402
 
 from ..conftest import outlier_activations  # noqa: E402
 
@@ -103,3 +105,45 @@ def test_packed_mode_equals_the_reference_payloads(name, m, k, rng):
         assert (g.indices is None) == (r.indices is None)
         if r.indices is not None:
             assert torch.equal(g.indices, r.indices)
+
+
+@triton.jit
+def _divide_kernel(x_ptr, s_ptr, out_ptr, BLOCK: tl.constexpr):
+    s = tl.load(s_ptr + tl.program_id(0))
+    cols = tl.arange(0, BLOCK)[None, :]
+    x = tl.load(x_ptr + cols)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + cols, _divide_by_scale(x, s))
+
+
+def test_tensor_scale_division_is_correctly_rounded(rng):
+    """The kernel's X / s_x (FMA-refined reciprocal, div_rn near underflow) against IEEE division, for every
+    finite bf16 x (a sample under the interpreter) and tensor scales over their whole range."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = bits[torch.isfinite(bits)].float()
+    n_scales = 256 if DEVICE == "cuda" else 6
+    if DEVICE != "cuda":
+        x = x[torch.randperm(len(x), generator=rng)[:4096]]
+    amax = torch.rand(n_scales, generator=rng) * torch.exp2(torch.randint(-60, 128, (n_scales,), generator=rng).float())
+    s = torch.clamp_min(amax / torch.tensor(2688.0), 1e-9)
+    s = s[torch.isfinite(s)]
+    x, s = x.to(DEVICE), s.to(DEVICE)
+    out = torch.empty(len(s), len(x), device=DEVICE)
+    _divide_kernel[(len(s),)](x, s, out, BLOCK=len(x))
+    expected = x[None, :] / s[:, None]
+    assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_kernel_tensor_scale_over_the_whole_bf16_range(granularity, rng):
+    """Magnitudes from bf16 subnormals to 1e38 in one tensor: tiles near underflow take the div_rn path, the others
+    the fast one, and both agree with the reference bit for bit."""
+    m, k = 6, 512
+    x = torch.randn(m, k, generator=rng)
+    wide = torch.exp2(torch.randint(-133, 127, (m, k // 2), generator=rng).float())
+    x[:, k // 2:] *= wide  # the first tiles stay moderate (fast path), the last ones span the range
+    x = x.to(torch.bfloat16).to(DEVICE)
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    values, scale = prepare_dequantized(x, recipe)
+    ref = recipe.prepare_activation(x)
+    assert torch.equal(scale, ref.scale)
+    assert torch.equal(values, ref.values)

@@ -1,17 +1,23 @@
 """Fused Triton activation preparation: X -> deq(Q₁) + deq(Q₂) in one pass over X (SPEC §5, DESIGN kernels/), and,
 in packed mode, the stage payloads themselves (codes, scale codes, 2-bit mask indices; docs/FORMAT.md).
 
-One program handles BLOCK_M rows × (2·SUPER) halves of 16 columns. Every element is held as one of 8 register
-tensors x_j (j = its position in its 8-element chunk), each shaped [BLOCK_M, halves, 2 chunks], so the masks are
-elementwise comparisons between the x_j, and the 16- and 32-element block maxima are small reductions.
+Two kernels per call. `_amax_kernel` reads X once for the finite amax the tensor scale needs (one value, or one per
+row). `_prepare_kernel` then reads X once more and writes its outputs once: a program loads BLOCK_M rows × 16·H
+columns contiguously and splits the tile in registers into 8 tensors x_j (j = the element's place in its
+8-element chunk), each [BLOCK_M, H halves of 16, 2 chunks]. The masks are elementwise comparisons between the x_j
+and the 16- and 32-element block maxima small reductions.
 
-Bit-exactness with the torch reference (quant.py, masks.py) rests on four choices:
-- divisions use `div_rn` (IEEE, correctly rounded), as torch does;
-- bf16 rounding is done on the bits (round to nearest even), not by a cast whose rounding differs between the
-  interpreter and the GPU;
-- UE4M3 and E2M1 rounding use the add-and-subtract trick: for 0 <= v < c/2^23·2^22, fp32 (v + c) − c rounds v
-  to a multiple of c/2^23 with round-to-nearest-even, which is the rounding both formats specify;
-- NaN/Inf are tracked as an explicit per-block flag (Triton's max may drop NaN), which sets the block scale to NaN.
+Bit-exactness with the torch reference (quant.py, masks.py) rests on these choices:
+- X / s_x is correctly rounded: a product by RN(1/s_x) and two remainder corrections by fused multiply-add, which
+  give the correctly rounded quotient whenever nothing underflows (Markstein's theorem); a tile holding a value that
+  could underflow (|x| < 2⁻¹⁰⁰·max(1, s_x)) takes `div_rn` instead. Other divisions use `div_rn`;
+- bf16 rounding is the GPU's round-to-nearest-even conversion; the interpreter's conversion does not round that
+  way, so under TRITON_INTERPRET=1 it is done on the bits;
+- UE4M3 and E2M1 rounding use the add-and-subtract trick: for 0 <= v < 2^(e+22), fp32 (v + 2^(e+23)) − 2^(e+23)
+  rounds v to a multiple of 2^e with round-to-nearest-even, which is the rounding both formats specify;
+- a block's maximum is taken on the bits of |x| as integers, where NaN > Inf > every finite value, so a block
+  holding NaN/Inf is seen from its maximum alone and gets the NaN scale (SPEC §8). The pair masks always keep the
+  largest element, so the sparse stage's block maxima are X's.
 
 Supported cascades: one or two stages of NVFP4 or MXFP4, the first optionally masked (pair-4:8 or 2:4), blocks
 of 16 or 32 — that is nvfp4, mxfp4, sharq, sharq-mxfp4, sparse-only and dense-dense. HiF4 stays on the reference
@@ -27,11 +33,14 @@ import triton
 import triton.language as tl
 
 from .. import masks
-from ..quant import QTensor, nvfp4_tensor_scale
+from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
+_DIVISOR = tl.constexpr(NVFP4_TENSOR_DIVISOR)
+_FLOOR = tl.constexpr(TENSOR_SCALE_FLOOR)
+_INF_BITS = tl.constexpr(0x7F800000)
 
 
 def supports(recipe: Recipe) -> bool:
@@ -47,9 +56,37 @@ def supports(recipe: Recipe) -> bool:
     )
 
 
+# --- elementwise pieces ----------------------------------------------------------------------------------------
 @triton.jit
 def _div(a, b):
     return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _divide_by_scale(x, s):
+    """x / s correctly rounded, s > 0 finite: q = RN(x·RN(1/s)) refined twice by q + RN(x − q·s)·RN(1/s); the
+    sign is x's (the refinement turns −0 into +0)."""
+    r = _div(1.0, s)
+    q = x * r
+    q = tl.fma(tl.fma(-q, s, x), r, q)
+    q = tl.fma(tl.fma(-q, s, x), r, q)
+    q = (q.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
+    # below 2^-100·max(1, s) the remainder or the quotient can underflow and the theorem no longer holds
+    small = (x != 0) & (tl.abs(x) < 7.888609052210118e-31 * tl.maximum(s, 1.0))
+    if tl.max(tl.max(small.to(tl.int32), axis=1), axis=0) > 0:
+        q = _div(x, s)
+    return q
+
+
+@triton.jit
+def _bf16(v, NATIVE: tl.constexpr):
+    """Round fp32 to the nearest bf16 value, ties to even, returned as fp32. NaN stays NaN."""
+    if NATIVE:
+        return v.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+    else:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
 
 
 @triton.jit
@@ -60,22 +97,22 @@ def _round_to_quantum(v, quantum_exp):
 
 
 @triton.jit
-def _bf16_rne(v):
-    """Round fp32 to the nearest bf16 value, ties to even, returned as fp32 (the integer rounding of the top 16
-    bits; the interpreter's own bf16 cast truncates). NaN stays NaN."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
+def _e2m1_magnitude(a):
+    """RNE of a in [0, 6] onto {0, .5, 1, 1.5, 2, 3, 4, 6}: quantum 1/2 below 2, 1 below 4, 2 above."""
+    c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
+    return (a + c) - c
 
 
 @triton.jit
-def _e2m1(v):
-    """RNE onto the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6}, v already clamped to [-6, 6]. The sign bit is copied,
-    so -0 stays -0 (code 8), as the reference decodes it."""
-    a = tl.abs(v)
-    qexp = tl.where(a < 2.0, -1, tl.where(a < 4.0, 0, 1))
-    r = _round_to_quantum(a, qexp)
-    return tl.where((v.to(tl.int32, bitcast=True) >> 31) != 0, -r, r)
+def _abs_bits(v):
+    """|v| as int32 bits: ordered like |v|, with NaN above Inf above every finite value."""
+    return v.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _score(v):
+    """The mask score |v| as bits, NaN ranked with Inf (as the reference ranks it): above every finite value."""
+    return tl.minimum(_abs_bits(v), _INF_BITS)
 
 
 @triton.jit
@@ -88,9 +125,11 @@ def _floor_log2(a):
 
 
 @triton.jit
-def _block_scale(amax, bad, FMT: tl.constexpr):
-    """The dequantized block scale: UE4M3 of clamp(amax/6) (NVFP4) or E8M0 2^(floor(log2 amax) − 2) (MXFP4);
-    NaN where the block holds a non-finite value."""
+def _block_scale(amax_bits, FMT: tl.constexpr):
+    """The dequantized block scale from the block's |x| maximum (as bits): UE4M3 of clamp(amax/6) (NVFP4) or
+    E8M0 2^(floor(log2 amax) − 2) (MXFP4); NaN where the block holds a non-finite value."""
+    bad = amax_bits >= _INF_BITS
+    amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
     if FMT == 0:
         s = tl.minimum(tl.maximum(_div(amax, 6.0), 0.001953125), 448.0)
         s = _round_to_quantum(s, tl.maximum(_floor_log2(s) - 3, -9))
@@ -98,68 +137,51 @@ def _block_scale(amax, bad, FMT: tl.constexpr):
         e = tl.where(amax > 0, _floor_log2(tl.where(amax > 0, amax, 1.0)) - 2, -127)
         e = tl.minimum(tl.maximum(e, -127), 127)
         s = tl.where(e > -127, ((e + 127) << 23).to(tl.float32, bitcast=True), 5.877471754111438e-39)
-    return tl.where(bad > 0, float("nan"), s)
+    return tl.where(bad, float("nan"), s)
 
 
 @triton.jit
-def _rank_keep(s0, s1, s2, s3):
-    """Keep the 2 best of 4 scores, ties to the lower index (s_j ahead of s_i when s_j > s_i, or equal and j < i)."""
-    r0 = (s1 > s0).to(tl.int32) + (s2 > s0).to(tl.int32) + (s3 > s0).to(tl.int32)
-    r1 = (s0 >= s1).to(tl.int32) + (s2 > s1).to(tl.int32) + (s3 > s1).to(tl.int32)
-    r2 = (s0 >= s2).to(tl.int32) + (s1 >= s2).to(tl.int32) + (s3 > s2).to(tl.int32)
-    r3 = (s0 >= s3).to(tl.int32) + (s1 >= s3).to(tl.int32) + (s2 >= s3).to(tl.int32)
-    return r0 < 2, r1 < 2, r2 < 2, r3 < 2
+def _keep_two(s0, s1, s2, s3):
+    """Which 2 of 4 scores are kept: the larger, ties to the lower index. Unit i is dropped when two others are
+    ahead of it; g_ij says whether j (> i) is ahead of i."""
+    g01, g02, g03 = s1 > s0, s2 > s0, s3 > s0
+    g12, g13, g23 = s2 > s1, s3 > s1, s3 > s2
+    n01, n02, n03, n12, n13, n23 = s1 <= s0, s2 <= s0, s3 <= s0, s2 <= s1, s3 <= s1, s3 <= s2
+    k0 = ~((g01 & g02) | (g01 & g03) | (g02 & g03))
+    k1 = ~((n01 & g12) | (n01 & g13) | (g12 & g13))
+    k2 = ~((n02 & n12) | (n02 & g23) | (n12 & g23))
+    k3 = ~((n03 & n13) | (n03 & n23) | (n13 & n23))
+    return k0, k1, k2, k3
 
 
 @triton.jit
-def _score(v):
-    a = tl.abs(v)
-    return tl.where(a == a, a, float("inf"))  # NaN ranks highest: it is kept and stays visible
+def _half_amax(a0, a1, a2, a3, a4, a5, a6, a7, BLOCK: tl.constexpr, BM: tl.constexpr, H: tl.constexpr):
+    """Block maxima of 8 |x|-bits tensors [BM, H, 2], one per 16-element half [BM, H] (a 32-block's maximum is
+    given to both its halves)."""
+    a = tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7)))
+    a = tl.max(a, axis=2)
+    if BLOCK == 32:
+        a = tl.reshape(tl.broadcast_to(tl.max(tl.reshape(a, (BM, H // 2, 2)), axis=2)[:, :, None], (BM, H // 2, 2)),
+                       (BM, H))
+    return a
 
 
 @triton.jit
-def _nonfinite(v):
-    return ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
+def _dequantize(v, s):
+    """E2M1 rounding of v = x/s (saturating at ±6, sign kept, −0 included), times s."""
+    r = _e2m1_magnitude(tl.minimum(tl.abs(v), 6.0))
+    signed = (r.to(tl.int32, bitcast=True) | (v.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32,
+                                                                                                bitcast=True)
+    return signed * s
 
 
 @triton.jit
-def _quantize8(x0, x1, x2, x3, x4, x5, x6, x7, BLOCK: tl.constexpr, FMT: tl.constexpr,
-               BM: tl.constexpr, H: tl.constexpr):
-    """Block-quantize the 8 position tensors ([BM, H, 2] each) with blocks of 16 (one half) or 32 (two halves);
-    returns the 8 dequantized tensors."""
-    amax = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                      tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
-    bad = tl.maximum(tl.maximum(tl.maximum(_nonfinite(x0), _nonfinite(x1)), tl.maximum(_nonfinite(x2), _nonfinite(x3))),
-                     tl.maximum(tl.maximum(_nonfinite(x4), _nonfinite(x5)), tl.maximum(_nonfinite(x6), _nonfinite(x7))))
-    amax = tl.max(tl.where(bad > 0, 0.0, amax), axis=2)  # [BM, H]: per 16-element half
-    bad = tl.max(bad, axis=2)
-    if BLOCK == 32:  # pairs of halves share one scale
-        amax = tl.reshape(tl.broadcast_to(tl.max(tl.reshape(amax, (BM, H // 2, 2)), axis=2)[:, :, None],
-                                          (BM, H // 2, 2)), (BM, H))
-        bad = tl.reshape(tl.broadcast_to(tl.max(tl.reshape(bad, (BM, H // 2, 2)), axis=2)[:, :, None],
-                                         (BM, H // 2, 2)), (BM, H))
-    s = _block_scale(amax, bad, FMT)[:, :, None]
-    inv = _div(1.0, s)
-    v0 = tl.minimum(tl.maximum(x0 * inv, -6.0), 6.0)
-    v1 = tl.minimum(tl.maximum(x1 * inv, -6.0), 6.0)
-    v2 = tl.minimum(tl.maximum(x2 * inv, -6.0), 6.0)
-    v3 = tl.minimum(tl.maximum(x3 * inv, -6.0), 6.0)
-    v4 = tl.minimum(tl.maximum(x4 * inv, -6.0), 6.0)
-    v5 = tl.minimum(tl.maximum(x5 * inv, -6.0), 6.0)
-    v6 = tl.minimum(tl.maximum(x6 * inv, -6.0), 6.0)
-    v7 = tl.minimum(tl.maximum(x7 * inv, -6.0), 6.0)
-    # a NaN scale poisons the whole block, code 0 included (0 * NaN is NaN)
-    return (_e2m1(v0) * s, _e2m1(v1) * s, _e2m1(v2) * s, _e2m1(v3) * s, _e2m1(v4) * s, _e2m1(v5) * s,
-            _e2m1(v6) * s, _e2m1(v7) * s, v0, v1, v2, v3, v4, v5, v6, v7, s)
-
-
-@triton.jit
-def _code(v):
-    """E2M1 code (sign << 3 | magnitude index) of a clamped scaled value, as the reference encodes it (NaN -> 0)."""
-    r = tl.abs(_e2m1(v))
+def _code(v, s):
+    """E2M1 code (sign << 3 | magnitude index) of v = x/s, as the reference encodes it (0 in a NaN block)."""
+    r = _e2m1_magnitude(tl.minimum(tl.abs(v), 6.0))
     idx = tl.where(r < 2.0, r * 2.0, tl.where(r < 4.0, r + 2.0, r * 0.5 + 4.0)).to(tl.int32)
     sign = (v.to(tl.int32, bitcast=True) >> 31) & 1
-    return tl.where(v == v, idx | (sign << 3), 0)
+    return tl.where(s == s, idx | (sign << 3), 0)
 
 
 @triton.jit
@@ -175,157 +197,222 @@ def _scale_code(s, FMT: tl.constexpr):
         return tl.where(s == s, _floor_log2(tl.where(s == s, s, 1.0)) + 127, 0xFF)
 
 
+# --- tile layout: [BM, 16·H] <-> 8 tensors [BM, H, 2] ------------------------------------------------------------
 @triton.jit
-def _store_payload(codes_ptr, scales_ptr, rows, row_ok, rmask, base, halves, Kp, v0, v1, v2, v3, v4, v5, v6, v7, s,
-                   BLOCK: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr):
-    """Store one stage's packed codes (two per byte, even element low) and its block scale codes."""
-    crow = codes_ptr + rows[:, None, None].to(tl.int64) * (Kp // 2)
-    byte = base // 2
-    tl.store(crow + byte + 0, (_code(v0) | (_code(v1) << 4)).to(tl.uint8), mask=row_ok & (base + 0 < Kp))
-    tl.store(crow + byte + 1, (_code(v2) | (_code(v3) << 4)).to(tl.uint8), mask=row_ok & (base + 2 < Kp))
-    tl.store(crow + byte + 2, (_code(v4) | (_code(v5) << 4)).to(tl.uint8), mask=row_ok & (base + 4 < Kp))
-    tl.store(crow + byte + 3, (_code(v6) | (_code(v7) << 4)).to(tl.uint8), mask=row_ok & (base + 6 < Kp))
-    sc = tl.max(tl.broadcast_to(_scale_code(s, FMT), (BM, H, 2)), axis=2)  # [BM, H]: one per half
-    srow = scales_ptr + rows[:, None].to(tl.int64) * (Kp // BLOCK)
-    h = halves[None, :]
-    if BLOCK == 32:
-        tl.store(srow + h // 2, sc.to(tl.uint8), mask=rmask & (h % 2 == 0) & (h * 16 < Kp))
+def _split8(t, BM: tl.constexpr, H: tl.constexpr):
+    """Columns 16h + 8c + j of t go to x_j[:, h, c]; j = 4a + 2b + e splits as the last three axes."""
+    c0, c1 = tl.split(tl.reshape(t, (BM, H, 2, 2, 2, 2)))  # e
+    c00, c01 = tl.split(c0)  # b
+    c10, c11 = tl.split(c1)
+    x0, x4 = tl.split(c00)  # a
+    x2, x6 = tl.split(c01)
+    x1, x5 = tl.split(c10)
+    x3, x7 = tl.split(c11)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _join8(x0, x1, x2, x3, x4, x5, x6, x7, BM: tl.constexpr, H: tl.constexpr):
+    """The inverse of _split8: [BM, 16·H]."""
+    even = tl.join(tl.join(x0, x4), tl.join(x2, x6))
+    odd = tl.join(tl.join(x1, x5), tl.join(x3, x7))
+    return tl.reshape(tl.join(even, odd), (BM, 16 * H))
+
+
+@triton.jit
+def _join4(b0, b1, b2, b3, BM: tl.constexpr, H: tl.constexpr):
+    """Four per-chunk bytes [BM, H, 2] -> [BM, 8·H], byte i of chunk c at column 4c + i."""
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BM, 8 * H))
+
+
+# --- one quantized stage -----------------------------------------------------------------------------------------
+@triton.jit
+def _stage(x0, x1, x2, x3, x4, x5, x6, x7, amax, codes_ptr, scales_ptr, rows, pid_k, M, Kp,
+           BLOCK: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr):
+    """Block-quantize the tile (block maxima `amax` [BM, H], as bits), store its packed payload if asked, and
+    return the 8 dequantized tensors."""
+    s = _block_scale(amax, FMT)[:, :, None]
+    inv = _div(1.0, s)
+    v0, v1, v2, v3, v4, v5, v6, v7 = x0 * inv, x1 * inv, x2 * inv, x3 * inv, x4 * inv, x5 * inv, x6 * inv, x7 * inv
+    if PACKED:
+        b = _join4(_code(v0, s) | (_code(v1, s) << 4), _code(v2, s) | (_code(v3, s) << 4),
+                   _code(v4, s) | (_code(v5, s) << 4), _code(v6, s) | (_code(v7, s) << 4), BM, H)
+        byte = pid_k * 8 * H + tl.arange(0, 8 * H)
+        tl.store(codes_ptr + rows[:, None].to(tl.int64) * (Kp // 2) + byte[None, :], b.to(tl.uint8),
+                 mask=(rows < M)[:, None] & (byte < Kp // 2)[None, :])
+        sc = _scale_code(tl.reshape(s, (BM, H)), FMT)
+        per_row = Kp // BLOCK
+        if BLOCK == 32:
+            sc = tl.max(tl.reshape(sc, (BM, H // 2, 2)), axis=2)
+            blk = pid_k * (H // 2) + tl.arange(0, H // 2)
+        else:
+            blk = pid_k * H + tl.arange(0, H)
+        tl.store(scales_ptr + rows[:, None].to(tl.int64) * per_row + blk[None, :], sc.to(tl.uint8),
+                 mask=(rows < M)[:, None] & (blk < per_row)[None, :])
+    return (_dequantize(v0, s), _dequantize(v1, s), _dequantize(v2, s), _dequantize(v3, s), _dequantize(v4, s),
+            _dequantize(v5, s), _dequantize(v6, s), _dequantize(v7, s))
+
+
+@triton.jit
+def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """The finite max |x| as int32 bits: per row (one program per BM rows), or over the tensor (programs stride
+    over the tiles, then one atomic max each into a zeroed word)."""
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
+    nk = tl.cdiv(K, BK)
+    if PER_ROW:
+        start, stop, step = pid * nk, pid * nk + nk, 1
     else:
-        tl.store(srow + h, sc.to(tl.uint8), mask=rmask & (h * 16 < Kp))
+        start, stop, step = pid, tl.cdiv(M, BM) * nk, nprog
+    acc = tl.zeros((BM, BK), dtype=tl.int32)
+    for t in range(start, stop, step):
+        rows = (t // nk) * BM + tl.arange(0, BM)
+        cols = (t % nk) * BK + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :],
+                    mask=(rows < M)[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+        a = _abs_bits(x)
+        acc = tl.maximum(acc, tl.where(a < _INF_BITS, a, 0))
+    if PER_ROW:
+        rows = pid * BM + tl.arange(0, BM)
+        tl.store(amax_ptr + rows, tl.max(acc, axis=1), mask=rows < M)
+    else:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 @triton.jit
-def _prepare_kernel(x_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride_om,
-                    codes1_ptr, scales1_ptr, idx_ptr, codes2_ptr, scales2_ptr, Kp1, Kp2, idx_bytes, chunks,
-                    PER_ROW: tl.constexpr, TENSOR_SCALE: tl.constexpr,
+def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride_om,
+                    codes1_ptr, scales1_ptr, idx_ptr, codes2_ptr, scales2_ptr, Kp1, Kp2, idx_bytes,
+                    PER_ROW: tl.constexpr, TENSOR_SCALE: tl.constexpr, ROUND_INPUT: tl.constexpr,
                     MASK1: tl.constexpr, BLOCK1: tl.constexpr, TWO_STAGES: tl.constexpr, BLOCK2: tl.constexpr,
-                    FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr):
+                    FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr,
+                    NATIVE: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
-    halves = pid_k * H + tl.arange(0, H)
-    chunks = tl.arange(0, 2)
-    base = halves[None, :, None] * 16 + chunks[None, None, :] * 8  # [1, H, 2]: first column of each chunk
-    row_ok = (rows < M)[:, None, None]
-    xrow = x_ptr + rows[:, None, None].to(tl.int64) * stride_xm
+    cols = pid_k * 16 * H + tl.arange(0, 16 * H)
+    inside = (rows < M)[:, None] & (cols < K)[None, :]
+    # columns past K read 0 (the reference's zero padding)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    # Xs = bf16(X / s_x), s_x = max(amax / 2688, 1e-9) (SPEC §3); or bf16(X) without a tensor scale
     if TENSOR_SCALE:
         if PER_ROW:
-            sx = tl.load(scale_ptr + rows, mask=rows < M, other=1.0)[:, None, None]
+            amax = tl.load(amax_ptr + rows, mask=rows < M, other=0).to(tl.float32, bitcast=True)
+            s = tl.maximum(_div(amax, _DIVISOR), _FLOOR)
+            if pid_k == 0:
+                tl.store(scale_ptr + rows, s, mask=rows < M)
+            x = _divide_by_scale(x, s[:, None])
         else:
-            sx = tl.load(scale_ptr)
-    # load the 8 positions; columns past K read 0 (the reference's zero padding)
-    x0 = tl.load(xrow + base + 0, mask=row_ok & (base + 0 < K), other=0.0).to(tl.float32)
-    x1 = tl.load(xrow + base + 1, mask=row_ok & (base + 1 < K), other=0.0).to(tl.float32)
-    x2 = tl.load(xrow + base + 2, mask=row_ok & (base + 2 < K), other=0.0).to(tl.float32)
-    x3 = tl.load(xrow + base + 3, mask=row_ok & (base + 3 < K), other=0.0).to(tl.float32)
-    x4 = tl.load(xrow + base + 4, mask=row_ok & (base + 4 < K), other=0.0).to(tl.float32)
-    x5 = tl.load(xrow + base + 5, mask=row_ok & (base + 5 < K), other=0.0).to(tl.float32)
-    x6 = tl.load(xrow + base + 6, mask=row_ok & (base + 6 < K), other=0.0).to(tl.float32)
-    x7 = tl.load(xrow + base + 7, mask=row_ok & (base + 7 < K), other=0.0).to(tl.float32)
-    # Xs = bf16(X / s_x), or bf16(X) without a tensor scale
-    if TENSOR_SCALE:
-        x0, x1, x2, x3 = _div(x0, sx), _div(x1, sx), _div(x2, sx), _div(x3, sx)
-        x4, x5, x6, x7 = _div(x4, sx), _div(x5, sx), _div(x6, sx), _div(x7, sx)
-    x0, x1, x2, x3 = _bf16_rne(x0), _bf16_rne(x1), _bf16_rne(x2), _bf16_rne(x3)
-    x4, x5, x6, x7 = _bf16_rne(x4), _bf16_rne(x5), _bf16_rne(x6), _bf16_rne(x7)
+            s = tl.maximum(_div(tl.load(amax_ptr).to(tl.float32, bitcast=True), _DIVISOR), _FLOOR)
+            if (pid_m == 0) & (pid_k == 0):
+                tl.store(scale_ptr, s)
+            x = _divide_by_scale(x, s)
+    if ROUND_INPUT:
+        x = _bf16(x, NATIVE)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BM, H)
 
     # stage 1: optional mask, then block quantization
+    a0, a1, a2, a3 = _score(x0), _score(x1), _score(x2), _score(x3)
+    a4, a5, a6, a7 = _score(x4), _score(x5), _score(x6), _score(x7)
     s0, s1, s2, s3, s4, s5, s6, s7 = x0, x1, x2, x3, x4, x5, x6, x7
-    if MASK1 == 1:  # pair-4:8: score the 4 pairs of each chunk by their larger |x|
-        k0, k1, k2, k3 = _rank_keep(tl.maximum(_score(x0), _score(x1)), tl.maximum(_score(x2), _score(x3)),
-                                    tl.maximum(_score(x4), _score(x5)), tl.maximum(_score(x6), _score(x7)))
+    if MASK1 == 1:  # pair-4:8: score the 4 pairs of each chunk by their larger |x| (NaN ranks as Inf, so it is kept)
+        k0, k1, k2, k3 = _keep_two(tl.maximum(a0, a1), tl.maximum(a2, a3), tl.maximum(a4, a5), tl.maximum(a6, a7))
         s0, s1 = tl.where(k0, x0, 0.0), tl.where(k0, x1, 0.0)
         s2, s3 = tl.where(k1, x2, 0.0), tl.where(k1, x3, 0.0)
         s4, s5 = tl.where(k2, x4, 0.0), tl.where(k2, x5, 0.0)
         s6, s7 = tl.where(k3, x6, 0.0), tl.where(k3, x7, 0.0)
     if MASK1 == 2:  # 2:4 on each half of the chunk
-        k0, k1, k2, k3 = _rank_keep(_score(x0), _score(x1), _score(x2), _score(x3))
-        k4, k5, k6, k7 = _rank_keep(_score(x4), _score(x5), _score(x6), _score(x7))
+        k0, k1, k2, k3 = _keep_two(a0, a1, a2, a3)
+        k4, k5, k6, k7 = _keep_two(a4, a5, a6, a7)
         s0, s1, s2, s3 = tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0)
         s4, s5, s6, s7 = tl.where(k4, x4, 0.0), tl.where(k5, x5, 0.0), tl.where(k6, x6, 0.0), tl.where(k7, x7, 0.0)
-    d0, d1, d2, d3, d4, d5, d6, d7, v0, v1, v2, v3, v4, v5, v6, v7, sc = _quantize8(
-        s0, s1, s2, s3, s4, s5, s6, s7, BLOCK1, FMT, BM, H)
-    rmask = (rows < M)[:, None]
-    if PACKED:
-        _store_payload(codes1_ptr, scales1_ptr, rows, row_ok, rmask, base, halves, Kp1, v0, v1, v2, v3, v4, v5,
-                       v6, v7, sc, BLOCK1, FMT, BM, H)
-        chunk = halves[None, :, None] * 2 + chunks[None, None, :]  # the 8-element chunk's index
+    amax1 = _half_amax(a0, a1, a2, a3, a4, a5, a6, a7, BLOCK1, BM, H)  # the masks keep each block's maximum
+    d0, d1, d2, d3, d4, d5, d6, d7 = _stage(s0, s1, s2, s3, s4, s5, s6, s7, amax1, codes1_ptr, scales1_ptr, rows,
+                                            pid_k, M, Kp1, BLOCK1, FMT, BM, H, PACKED)
+    if PACKED and MASK1 != 0:
+        chunk = pid_k * 2 * H + tl.arange(0, 2 * H)  # the 8-element chunks of this tile
         if MASK1 == 1:  # the two kept pair indices of each chunk, 2 bits each; two chunks per byte
-            first = tl.where(k0, 0, tl.where(k1, 1, 2))
-            second = tl.where(k3, 3, tl.where(k2, 2, 1))
-            nib = tl.where(chunk * 8 < K, first | (second << 2), 0)
-            byte = tl.sum(nib << (chunks[None, None, :] * 4), axis=2)
-            irow = idx_ptr + rows[:, None].to(tl.int64) * idx_bytes
-            tl.store(irow + halves[None, :], byte.to(tl.uint8), mask=rmask & (halves[None, :] < idx_bytes))
-        if MASK1 == 2:  # 2:4: each 8-element chunk is two 4-element chunks, 4 indices = one byte
-            fa = tl.where(k0, 0, tl.where(k1, 1, 2))
-            sa = tl.where(k3, 3, tl.where(k2, 2, 1))
-            fb = tl.where(k4, 0, tl.where(k5, 1, 2))
-            sb = tl.where(k7, 3, tl.where(k6, 2, 1))
-            byte = (fa | (sa << 2)) | tl.where(chunk * 8 + 4 < K, (fb << 4) | (sb << 6), 0)
-            irow = idx_ptr + rows[:, None, None].to(tl.int64) * idx_bytes
-            tl.store(irow + chunk, byte.to(tl.uint8), mask=row_ok & (chunk < idx_bytes))
+            nib = tl.where(k0, 0, tl.where(k1, 1, 2)) | (tl.where(k3, 3, tl.where(k2, 2, 1)) << 2)
+            nib = tl.where((tl.reshape(chunk, (H, 2)) * 8 < K)[None, :, :], nib, 0)
+            byte = tl.sum(nib << (tl.arange(0, 2) * 4)[None, None, :], axis=2)
+            col = pid_k * H + tl.arange(0, H)
+        else:  # 2:4: each chunk is two 4-element groups, 4 indices = one byte
+            lo = tl.where(k0, 0, tl.where(k1, 1, 2)) | (tl.where(k3, 3, tl.where(k2, 2, 1)) << 2)
+            hi = tl.where(k4, 0, tl.where(k5, 1, 2)) | (tl.where(k7, 3, tl.where(k6, 2, 1)) << 2)
+            hi = tl.where((tl.reshape(chunk, (H, 2)) * 8 + 4 < K)[None, :, :], hi, 0)
+            byte = tl.reshape(lo | (hi << 4), (BM, 2 * H))
+            col = chunk
+        tl.store(idx_ptr + rows[:, None].to(tl.int64) * idx_bytes + col[None, :], byte.to(tl.uint8),
+                 mask=(rows < M)[:, None] & (col < idx_bytes)[None, :])
 
     # stage 2: the fp32 residual, dense
     if TWO_STAGES:
-        e0, e1, e2, e3, e4, e5, e6, e7, v0, v1, v2, v3, v4, v5, v6, v7, sc = _quantize8(
-            x0 - d0, x1 - d1, x2 - d2, x3 - d3, x4 - d4, x5 - d5, x6 - d6, x7 - d7, BLOCK2, FMT, BM, H)
-        if PACKED:
-            _store_payload(codes2_ptr, scales2_ptr, rows, row_ok, rmask, base, halves, Kp2, v0, v1, v2, v3, v4,
-                           v5, v6, v7, sc, BLOCK2, FMT, BM, H)
+        r0, r1, r2, r3, r4, r5, r6, r7 = x0 - d0, x1 - d1, x2 - d2, x3 - d3, x4 - d4, x5 - d5, x6 - d6, x7 - d7
+        amax2 = _half_amax(_abs_bits(r0), _abs_bits(r1), _abs_bits(r2), _abs_bits(r3), _abs_bits(r4),
+                           _abs_bits(r5), _abs_bits(r6), _abs_bits(r7), BLOCK2, BM, H)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _stage(r0, r1, r2, r3, r4, r5, r6, r7, amax2, codes2_ptr, scales2_ptr,
+                                                rows, pid_k, M, Kp2, BLOCK2, FMT, BM, H, PACKED)
         d0, d1, d2, d3, d4, d5, d6, d7 = d0 + e0, d1 + e1, d2 + e2, d3 + e3, d4 + e4, d5 + e5, d6 + e6, d7 + e7
 
-    orow = out_ptr + rows[:, None, None].to(tl.int64) * stride_om
+    out = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H)
     ty = out_ptr.dtype.element_ty
-    if ty == tl.bfloat16:  # round here, so the cast below is exact everywhere
-        d0, d1, d2, d3 = _bf16_rne(d0), _bf16_rne(d1), _bf16_rne(d2), _bf16_rne(d3)
-        d4, d5, d6, d7 = _bf16_rne(d4), _bf16_rne(d5), _bf16_rne(d6), _bf16_rne(d7)
-    tl.store(orow + base + 0, d0.to(ty), mask=row_ok & (base + 0 < K))
-    tl.store(orow + base + 1, d1.to(ty), mask=row_ok & (base + 1 < K))
-    tl.store(orow + base + 2, d2.to(ty), mask=row_ok & (base + 2 < K))
-    tl.store(orow + base + 3, d3.to(ty), mask=row_ok & (base + 3 < K))
-    tl.store(orow + base + 4, d4.to(ty), mask=row_ok & (base + 4 < K))
-    tl.store(orow + base + 5, d5.to(ty), mask=row_ok & (base + 5 < K))
-    tl.store(orow + base + 6, d6.to(ty), mask=row_ok & (base + 6 < K))
-    tl.store(orow + base + 7, d7.to(ty), mask=row_ok & (base + 7 < K))
+    if ty == tl.bfloat16:
+        out = _bf16(out, NATIVE)  # exact from here on, whatever the cast below does
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out.to(ty), mask=inside)
 
 
-def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool, block_m: int = 16,
-            halves: int = 4):
+# --- launch ------------------------------------------------------------------------------------------------------
+_TILE = dict(BM=16, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
+
+
+def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
+            tile: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     if not supports(recipe):
         raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
-    if x2d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if x2d.device.type != "cuda" and not interpret:
         raise ValueError(f"the triton backend runs on CUDA tensors (got {x2d.device}); use backend='reference' "
                          "(or TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)")
+    if x2d.numel() == 0:  # nothing to launch; the reference handles empty shapes
+        act = recipe.prepare_activation(x2d)
+        return act.values.to(out_dtype), act.scale, act.parts
+    tile = tile or _TILE
+    bm, h, warps = tile["BM"], tile["H"], tile["num_warps"]
     m, k = x2d.shape
-    per_row = recipe.scale_granularity == "token"
-    if recipe.uses_tensor_scale:
-        scale = nvfp4_tensor_scale(x2d, per_row=per_row)
-    else:
-        scale = torch.ones(1, 1, dtype=torch.float32, device=x2d.device)
+    x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    dev = x.device
+    per_row = recipe.scale_granularity == "token" and recipe.uses_tensor_scale
     stages = recipe.stages
     two = len(stages) == 2
-    dev = x2d.device
     kp = [-(-k // st.block) * st.block for st in stages]
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
+    scale = torch.ones(m if per_row else 1, 1, dtype=torch.float32, device=dev)
+    amax = scale  # unused without a tensor scale
+    if recipe.uses_tensor_scale:
+        amax_bk = 512
+        if per_row:
+            amax = torch.empty(m, dtype=torch.int32, device=dev)
+            grid = (triton.cdiv(m, 8),)
+        else:
+            amax = torch.zeros(1, dtype=torch.int32, device=dev)
+            sms = 4 if interpret else torch.cuda.get_device_properties(dev).multi_processor_count
+            grid = (min(triton.cdiv(m, 8) * triton.cdiv(k, amax_bk), 4 * sms),)
+        _amax_kernel[grid](x, amax, m, k, x.stride(0), PER_ROW=per_row, BM=8, BK=amax_bk, num_warps=4)
     payload = []
     for st, kpad in zip(stages, kp):
         codes = torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev) if packed else out
         scales = torch.empty(m, kpad // st.block, dtype=torch.uint8, device=dev) if packed else out
         payload.append((codes, scales))
     spec = masks.parse_mask(stages[0].mask) if stages[0].mask else None
-    chunks = -(-k // spec.chunk) if spec else 0
-    idx_bytes = -(-chunks * (spec.n if spec else 0) // 4)
+    idx_bytes = -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0
     indices = torch.empty(m, idx_bytes, dtype=torch.uint8, device=dev) if packed and spec else out
-    if m and k:
-        x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-        grid = (triton.cdiv(m, block_m), triton.cdiv(k, 16 * halves))
-        codes2, scales2 = payload[1] if two else payload[0]
-        _prepare_kernel[grid](
-            x, scale.reshape(-1).contiguous(), out, m, k, x.stride(0), out.stride(0),
-            payload[0][0], payload[0][1], indices, codes2, scales2, kp[0], kp[-1], idx_bytes, chunks,
-            PER_ROW=per_row, TENSOR_SCALE=recipe.uses_tensor_scale, MASK1=_MASK[stages[0].mask],
-            BLOCK1=stages[0].block, TWO_STAGES=two, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt], BM=block_m,
-            H=halves, PACKED=packed)
+    codes2, scales2 = payload[-1]
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, 16 * h))
+    _prepare_kernel[grid](
+        x, amax, scale, out, m, k, x.stride(0), out.stride(0),
+        payload[0][0], payload[0][1], indices, codes2, scales2, kp[0], kp[-1], idx_bytes,
+        PER_ROW=per_row, TENSOR_SCALE=recipe.uses_tensor_scale,
+        ROUND_INPUT=recipe.uses_tensor_scale or x.dtype != torch.bfloat16, MASK1=_MASK[stages[0].mask],
+        BLOCK1=stages[0].block, TWO_STAGES=two, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt], BM=bm, H=h,
+        PACKED=packed, NATIVE=not interpret, num_warps=warps)
     parts = ()
     if packed:
         parts = tuple(
