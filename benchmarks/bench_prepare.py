@@ -1,11 +1,17 @@
-"""Check and time the fused prepare kernel on a CUDA GPU, in one run (the GPU issue's benchmark).
+"""Check and time the fused prepare kernel and the triton SharQ layer on a CUDA GPU, in one run (docs/PERF.md).
 
-    python benchmarks/bench_prepare.py [--quick] [--json results.json]
+    python benchmarks/bench_prepare.py [--quick] [--sweep] [--json results.json]
 
-Checks first (kernel vs reference, bit for bit, every kernel recipe), then times with CUDA events (medians):
-a device copy of X (the bandwidth ceiling), BF16 F.linear, the kernel alone, the SharQ-sim linear (kernel + BF16
-GEMM on the shared Ŵ) and the reference backend on the GPU. Achieved GB/s counts the bytes the kernel must move:
-X read once (bf16) and the bf16 sum written once.
+1. Checks, bit for bit: the kernel (dequantized and packed modes) against the reference on the GPU for every kernel
+   recipe, and the GPU reference against the CPU reference.
+2. Ceilings, measured here: copy bandwidth (a 1 GiB device copy) and the BF16 matrix rate (an 8192³ GEMM).
+3. The grid (Llama-3.1-8B shapes, K ∈ {4096, 14336}, N ∈ {4096, 6144, 14336, 28672}, M ∈ {1, 16, 256, 2048,
+   8192}), CUDA events, medians: a device copy of X, BF16 F.linear, the kernel alone (both modes), the SharQ layer
+   (kernel + one BF16 GEMM + the α pass) and the reference backend on the GPU.
+Bytes the kernel must move: X read twice (the amax pass and the main pass) and its outputs written once (the bf16
+sum, or the packed payload). Floors: those bytes over the copy bandwidth; a layer's, its GEMM flops over the matrix
+rate plus its kernel's bytes over the bandwidth.
+--sweep times the kernel's tile shapes first (how the default in sharq/kernels/prepare.py was chosen).
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import torch.nn.functional as F
 
 import sharq
 from sharq._format import format_table
-from sharq.kernels.prepare import prepare_dequantized
+from sharq.functional import get_backend
+from sharq.kernels import prepare as kp
 
 KERNEL_RECIPES = ["nvfp4", "mxfp4", "sharq", "sharq-mxfp4", "sparse-only", "dense-dense"]
 
 
 def outlier_x(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    """bf16 activations with a few large channels, as LLM inputs have."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g)
     ch = torch.randperm(k, device="cuda", generator=g)[: k // 64]
@@ -49,70 +57,129 @@ def median_ms(fn, reps: int = 20) -> float:
 def check() -> list[list[str]]:
     rows = []
     for name in KERNEL_RECIPES:
-        for m, k in ((7, 4096), (33, 14336), (1, 8192), (5, 96 + 32)):
-            recipe = sharq.get_recipe(name)
+        recipe = sharq.get_recipe(name)
+        for m, k in ((7, 4096), (33, 14336), (1, 8192), (5, 96 + 32), (300, 4096)):
             x = outlier_x(m, k, seed=m + k)
-            values, scale = prepare_dequantized(x, recipe)
             ref = recipe.prepare_activation(x)
-            exact = torch.equal(values, ref.values) and torch.equal(scale, ref.scale)
-            rows.append([name, f"{m}x{k}", "bit-exact" if exact else "MISMATCH"])
+            values, scale = kp.prepare_dequantized(x, recipe)
+            packed = kp.prepare_packed(x, recipe)
+            same = torch.equal(values, ref.values) and torch.equal(scale, ref.scale)
+            same_packed = torch.equal(packed.values, ref.values) and all(
+                torch.equal(g.codes, r.codes) and torch.equal(g.scales, r.scales)
+                and (r.indices is None or torch.equal(g.indices, r.indices)) for g, r in zip(packed.parts, ref.parts))
+            cpu = recipe.prepare_activation(x.cpu())
+            same_cpu = torch.equal(cpu.values, ref.values.cpu()) and torch.equal(cpu.scale, ref.scale.cpu())
+            rows.append([name, f"{m}x{k}", "bit-exact" if same else "MISMATCH",
+                         "bit-exact" if same_packed else "MISMATCH", "bit-exact" if same_cpu else "MISMATCH"])
     return rows
 
 
-def bench(quick: bool) -> list[dict]:
+def ceilings() -> dict:
+    big = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()  # 1 GiB
+    copy_ms = median_ms(lambda: big.clone(), 10)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = median_ms(lambda: a @ a, 10)
+    return dict(copy_gbps=2 * 2 * (1 << 29) / copy_ms / 1e6, bf16_tflops=2 * 8192**3 / mm_ms / 1e9)
+
+
+def packed_bytes(m: int, k: int, recipe) -> int:
+    """The packed payload's bytes: codes (½ byte), scale codes (1 per block), 2-bit indices, fp32 sum."""
+    out = 0
+    for i, st in enumerate(recipe.stages):
+        out += m * (k // 2 + k // st.block)
+        if i == 0 and st.mask:
+            out += m * k // 32
+    return out + 4 * m * k
+
+
+def sweep(recipe) -> list[list[str]]:
+    rows = []
+    for m, k in ((2048, 4096), (8192, 14336)):
+        x = outlier_x(m, k)
+        for bm in (8, 16, 32):
+            for h in (4, 8, 16):
+                for warps in (4, 8):
+                    tile = dict(BM=bm, H=h, num_warps=warps)
+                    try:
+                        ms = median_ms(lambda: kp._launch(x, recipe, torch.bfloat16, False, tile))
+                    except Exception as e:  # a tile the compiler refuses (registers, shared memory)
+                        rows.append([f"{m}x{k}", str(bm), str(h), str(warps), f"failed: {type(e).__name__}"])
+                        continue
+                    rows.append([f"{m}x{k}", str(bm), str(h), str(warps), f"{3 * 2 * m * k / ms / 1e6:.0f}"])
+    return rows
+
+
+def bench(quick: bool, ceil: dict) -> list[dict]:
     ks = (4096, 14336)
     ns = (4096,) if quick else (4096, 6144, 14336, 28672)
     ms = (2048, 8192) if quick else (1, 16, 256, 2048, 8192)
     recipe = sharq.get_recipe("sharq")
+    triton_backend, reference_backend = get_backend("triton"), get_backend("reference")
+    bw = ceil["copy_gbps"] * 1e6  # bytes per ms
+    rate = ceil["bf16_tflops"] * 1e9  # flops per ms
     out = []
     for k in ks:
         for m in ms:
             x = outlier_x(m, k)
             copy_ms = median_ms(lambda: x.clone())
-            kern_ms = median_ms(lambda: prepare_dequantized(x, recipe, out_dtype=torch.bfloat16))
-            moved = 2 * x.numel() * 2  # read X (bf16) once, write the bf16 sum once
+            kern_ms = median_ms(lambda: kp.prepare_dequantized(x, recipe, out_dtype=torch.bfloat16))
+            packed_ms = median_ms(lambda: kp.prepare_packed(x, recipe))
+            moved = 3 * 2 * m * k  # X read twice (bf16), the bf16 sum written once
+            moved_packed = 2 * 2 * m * k + packed_bytes(m, k, recipe)
             for n in ns:
                 w = torch.randn(n, k, device="cuda") / k**0.5
                 wb = w.to(torch.bfloat16)
-                linear_ms = median_ms(lambda: F.linear(x, wb))
-                sim_ms = median_ms(lambda: sharq.simulate_linear(x, w, recipe=recipe, backend="triton"))
                 qw = recipe.prepare_weight(w)
-                sim_layer_ms = median_ms(lambda: sharq.functional.quantized_matmul(
-                    sharq.functional.get_backend("triton").prepare(x, recipe, None), qw))
-                ref_ms = median_ms(lambda: sharq.functional.quantized_matmul(recipe.prepare_activation(x), qw), 3) \
-                    if m <= 2048 else float("nan")
-                out.append(dict(k=k, n=n, m=m, copy_ms=copy_ms, kernel_ms=kern_ms,
-                                kernel_gbps=moved / kern_ms / 1e6, copy_gbps=moved / copy_ms / 1e6,
-                                bf16_linear_ms=linear_ms, sharq_layer_ms=sim_layer_ms, simulate_linear_ms=sim_ms,
-                                reference_ms=ref_ms, layer_over_bf16=sim_layer_ms / linear_ms,
-                                reference_over_layer=ref_ms / sim_layer_ms))
+                linear_ms = median_ms(lambda: F.linear(x, wb))
+                layer_ms = median_ms(lambda: triton_backend.matmul(
+                    triton_backend.prepare(x, recipe, None), qw, None, torch.bfloat16))
+                ref_ms = median_ms(lambda: reference_backend.matmul(
+                    reference_backend.prepare(x, recipe, None), qw, None, torch.bfloat16), 3)
+                flops = 2 * m * n * k
+                out.append(dict(
+                    k=k, n=n, m=m, copy_ms=copy_ms, copy_gbps=2 * 2 * m * k / copy_ms / 1e6,
+                    kernel_ms=kern_ms, kernel_gbps=moved / kern_ms / 1e6, kernel_floor_ms=moved / bw,
+                    packed_ms=packed_ms, packed_gbps=moved_packed / packed_ms / 1e6,
+                    packed_floor_ms=moved_packed / bw, bf16_linear_ms=linear_ms, bf16_floor_ms=max(
+                        flops / rate, 2 * (m * k + n * k + m * n) / bw),
+                    layer_ms=layer_ms, layer_floor_ms=flops / rate + moved / bw, reference_ms=ref_ms,
+                    layer_over_bf16=layer_ms / linear_ms, reference_over_layer=ref_ms / layer_ms))
     return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="a reduced grid (N=4096, M in {2048, 8192})")
+    p.add_argument("--sweep", action="store_true", help="time the kernel's tile shapes first")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_prepare needs a CUDA GPU", file=sys.stderr)
         return 2
-    print(torch.cuda.get_device_name(), torch.__version__)
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", kp.triton.__version__)
     checks = check()
-    print(format_table(["recipe", "shape", "kernel vs reference"], checks))
-    rows = bench(args.quick)
+    print(format_table(["recipe", "shape", "dequantized", "packed", "GPU ref = CPU ref"], checks))
+    ceil = ceilings()
+    print(f"copy bandwidth {ceil['copy_gbps']:.0f} GB/s (1 GiB clone), bf16 GEMM {ceil['bf16_tflops']:.0f} TFLOP/s "
+          "(8192³)")
+    tiles = sweep(sharq.get_recipe("sharq")) if args.sweep else []
+    if tiles:
+        print(format_table(["M x K", "BM", "H", "warps", "kernel GB/s"], tiles))
+    rows = bench(args.quick, ceil)
     print(format_table(
-        ["K", "N", "M", "copy GB/s", "kernel GB/s", "kernel/copy", "bf16 linear ms", "sharq layer ms",
-         "layer/bf16", "reference ms", "ref/layer"],
+        ["K", "N", "M", "copy GB/s", "kernel GB/s", "kernel/copy", "kernel ms", "floor", "packed GB/s",
+         "bf16 ms", "layer ms", "layer floor", "layer/bf16", "ref ms", "ref/layer"],
         [[str(r["k"]), str(r["n"]), str(r["m"]), f"{r['copy_gbps']:.0f}", f"{r['kernel_gbps']:.0f}",
-          f"{r['kernel_gbps'] / r['copy_gbps']:.2f}", f"{r['bf16_linear_ms']:.3f}", f"{r['sharq_layer_ms']:.3f}",
-          f"{r['layer_over_bf16']:.2f}", f"{r['reference_ms']:.2f}", f"{r['reference_over_layer']:.1f}"]
-         for r in rows]))
+          f"{r['kernel_gbps'] / r['copy_gbps']:.2f}", f"{r['kernel_ms']:.4f}", f"{r['kernel_floor_ms']:.4f}",
+          f"{r['packed_gbps']:.0f}", f"{r['bf16_linear_ms']:.4f}", f"{r['layer_ms']:.4f}",
+          f"{r['layer_floor_ms']:.4f}", f"{r['layer_over_bf16']:.2f}", f"{r['reference_ms']:.2f}",
+          f"{r['reference_over_layer']:.1f}"] for r in rows]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "checks": checks,
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": kp.triton.__version__, "ceilings": ceil, "checks": checks, "tiles": tiles,
                        "rows": rows}, f, indent=1)
-    return 0 if all(c[2] == "bit-exact" for c in checks) else 1
+    return 0 if all(c == "bit-exact" for row in checks for c in row[2:]) else 1
 
 
 if __name__ == "__main__":

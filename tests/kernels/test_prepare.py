@@ -108,11 +108,11 @@ def test_packed_mode_equals_the_reference_payloads(name, m, k, rng):
 
 
 @triton.jit
-def _divide_kernel(x_ptr, s_ptr, out_ptr, BLOCK: tl.constexpr):
+def _divide_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
     s = tl.load(s_ptr + tl.program_id(0))
-    cols = tl.arange(0, BLOCK)[None, :]
-    x = tl.load(x_ptr + cols)
-    tl.store(out_ptr + tl.program_id(0) * BLOCK + cols, _divide_by_scale(x, s))
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
+    x = tl.load(x_ptr + cols, mask=cols < n, other=1.0)
+    tl.store(out_ptr + tl.program_id(0) * n + cols, _divide_by_scale(x, s), mask=cols < n)
 
 
 def test_tensor_scale_division_is_correctly_rounded(rng):
@@ -128,7 +128,7 @@ def test_tensor_scale_division_is_correctly_rounded(rng):
     s = s[torch.isfinite(s)]
     x, s = x.to(DEVICE), s.to(DEVICE)
     out = torch.empty(len(s), len(x), device=DEVICE)
-    _divide_kernel[(len(s),)](x, s, out, BLOCK=len(x))
+    _divide_kernel[(len(s), triton.cdiv(len(x), 1024))](x, s, out, len(x), BLOCK=1024)
     expected = x[None, :] / s[:, None]
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
 
