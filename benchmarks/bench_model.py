@@ -33,12 +33,30 @@ def median_ms(fn, reps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def time_forward(model: torch.nn.Module, batch: int, seq: int, reps: int) -> tuple[float, bool]:
-    """(median ms of one no-grad forward over [batch, seq] random tokens, whether the logits are finite)."""
+def time_forward(model: torch.nn.Module, batch: int, seq: int, reps: int, graph: bool
+                 ) -> tuple[float, float | None, bool]:
+    """(median ms of one no-grad forward over [batch, seq] random tokens, the same replayed from a CUDA graph
+    (None if not asked or if capture fails), whether the logits are finite)."""
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda",
                            generator=torch.Generator(device="cuda").manual_seed(0))
-    forward = torch.no_grad()(lambda: model(tokens).logits)
-    return median_ms(forward, reps), bool(torch.isfinite(forward()).all())
+    forward = torch.no_grad()(lambda: model(tokens, use_cache=False).logits)
+    eager = median_ms(forward, reps)
+    finite = bool(torch.isfinite(forward()).all())
+    replay = None
+    if graph:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                forward()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                forward()
+            replay = median_ms(g.replay, reps)
+        except Exception as e:  # report, don't fail: eager timing stands
+            print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+    return eager, replay, finite
 
 
 def llama_8b_shaped(layers: int) -> torch.nn.Module:
@@ -62,6 +80,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="a real model (GGUF or directory) instead of the random 8B shape")
     p.add_argument("--recipes", default="sharq,nvfp4")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--graph", action="store_true", help="also time the forward replayed from a CUDA graph")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -86,18 +105,20 @@ def main() -> int:
         model = build()
         if recipe != "bf16":
             sharq.quantize_model(model, recipe, backend=backend)
-        ms, finite = time_forward(model, args.batch, args.seq, 1 if backend == "reference" else args.reps)
-        rows.append(dict(recipe=recipe, backend=backend, ms=ms, finite=finite))
+        ms, graph_ms, finite = time_forward(model, args.batch, args.seq, 1 if backend == "reference" else args.reps,
+                                            args.graph and backend != "reference")
+        rows.append(dict(recipe=recipe, backend=backend, ms=ms, graph_ms=graph_ms, finite=finite))
         model = None
         torch.cuda.empty_cache()
-    bf16_ms = rows[0]["ms"]
-    tokens_n = args.batch * args.seq
+    bf16, tokens_n = rows[0], args.batch * args.seq
     print(f"{name}; forward over {args.batch} x {args.seq} tokens; {torch.cuda.get_device_name()}")
-    print(f"{'recipe':<8} {'backend':<10} {'ms':>9} {'tok/s':>9} {'x bf16':>7}")
+    print(f"{'recipe':<8} {'backend':<10} {'ms':>9} {'tok/s':>9} {'x bf16':>7} {'graph ms':>9} {'x bf16':>7}")
     for r in rows:
-        r["over_bf16"] = r["ms"] / bf16_ms
+        r["over_bf16"] = r["ms"] / bf16["ms"]
+        graphed = r["graph_ms"] is not None and bf16["graph_ms"] is not None
+        r["graph_over_bf16"] = r["graph_ms"] / bf16["graph_ms"] if graphed else None
         print(f"{r['recipe']:<8} {r['backend']:<10} {r['ms']:9.2f} {tokens_n / r['ms'] * 1e3:9.0f} "
-              f"{r['over_bf16']:7.2f}")
+              f"{r['over_bf16']:7.2f} " + (f"{r['graph_ms']:9.2f} {r['graph_over_bf16']:7.2f}" if graphed else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, batch=args.batch, seq=args.seq, device=torch.cuda.get_device_name(),

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import sharq  # noqa: E402
-from sharq.kernels.prepare import _divide_by_scale, prepare_dequantized, supports  # noqa: E402
+from sharq.kernels.prepare import _div, prepare_dequantized, supports  # noqa: E402
 
 from ..conftest import outlier_activations  # noqa: E402
 
@@ -112,12 +112,12 @@ def _divide_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
     s = tl.load(s_ptr + tl.program_id(0))
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
     x = tl.load(x_ptr + cols, mask=cols < n, other=1.0)
-    tl.store(out_ptr + tl.program_id(0) * n + cols, _divide_by_scale(x, s), mask=cols < n)
+    tl.store(out_ptr + tl.program_id(0) * n + cols, _div(x, s), mask=cols < n)
 
 
 def test_tensor_scale_division_is_correctly_rounded(rng):
-    """The kernel's X / s_x (FMA-refined reciprocal, div_rn near underflow) against IEEE division, for every
-    finite bf16 x (a sample under the interpreter) and tensor scales over their whole range."""
+    """The kernel's X / s_x against IEEE division (torch's, with a tensor divisor), for every finite bf16 x
+    (subnormals included; a sample under the interpreter) and tensor scales over their whole range."""
     bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     x = bits[torch.isfinite(bits)].float()
     n_scales = 256 if DEVICE == "cuda" else 6
@@ -133,16 +133,18 @@ def test_tensor_scale_division_is_correctly_rounded(rng):
     assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
 
 
+@pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4"])
 @pytest.mark.parametrize("granularity", ["tensor", "token"])
-def test_kernel_tensor_scale_over_the_whole_bf16_range(granularity, rng):
-    """Magnitudes from bf16 subnormals to 1e38 in one tensor: tiles near underflow take the div_rn path, the others
-    the fast one, and both agree with the reference bit for bit."""
+def test_kernel_over_the_whole_bf16_range(name, granularity, rng):
+    """Magnitudes from bf16 subnormals to 1e38 in one tensor (subnormal quotients, MXFP4's subnormal block
+    scale 2^-127) agree with the reference bit for bit."""
     m, k = 6, 512
     x = torch.randn(m, k, generator=rng)
     wide = torch.exp2(torch.randint(-133, 127, (m, k // 2), generator=rng).float())
     x[:, k // 2:] *= wide  # the first tiles stay moderate (fast path), the last ones span the range
     x = x.to(torch.bfloat16).to(DEVICE)
-    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    x[1, :16] = x[1, :16].abs().clamp_max(1e-38) * 1e-2  # a block of subnormals
+    recipe = sharq.get_recipe(name, scale_granularity=granularity)
     values, scale = prepare_dequantized(x, recipe)
     ref = recipe.prepare_activation(x)
     assert torch.equal(scale, ref.scale)

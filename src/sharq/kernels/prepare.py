@@ -8,9 +8,8 @@ columns contiguously and splits the tile in registers into 8 tensors x_j (j = th
 and the 16- and 32-element block maxima small reductions.
 
 Bit-exactness with the torch reference (quant.py, masks.py) rests on these choices:
-- X / s_x is correctly rounded: a product by RN(1/s_x) and two remainder corrections by fused multiply-add, which
-  give the correctly rounded quotient whenever nothing underflows (Markstein's theorem); a tile holding a value that
-  could underflow (|x| < 2⁻¹⁰⁰·max(1, s_x)) takes `div_rn` instead. Other divisions use `div_rn`;
+- divisions are IEEE (PTX div.rn.f32, subnormals kept), as torch's are — on CUDA too, since the reference divides
+  by tensors, not Python numbers (quant._divide);
 - bf16 rounding is the GPU's round-to-nearest-even conversion; the interpreter's conversion does not round that
   way, so under TRITON_INTERPRET=1 it is done on the bits;
 - UE4M3 and E2M1 rounding use the add-and-subtract trick: for 0 <= v < 2^(e+22), fp32 (v + 2^(e+23)) − 2^(e+23)
@@ -26,6 +25,7 @@ path. Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,6 +41,8 @@ _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
 _DIVISOR = tl.constexpr(NVFP4_TENSOR_DIVISOR)
 _FLOOR = tl.constexpr(TENSOR_SCALE_FLOOR)
 _INF_BITS = tl.constexpr(0x7F800000)
+# compiled for a GPU, or run by Triton's interpreter (which, like @triton.jit, reads TRITON_INTERPRET at import)
+_NATIVE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def supports(recipe: Recipe) -> bool:
@@ -59,29 +61,19 @@ def supports(recipe: Recipe) -> bool:
 # --- elementwise pieces ----------------------------------------------------------------------------------------
 @triton.jit
 def _div(a, b):
-    return tl.math.div_rn(a, b)
+    """a / b, IEEE (correctly rounded, subnormals kept). On the GPU this is PTX div.rn.f32 itself: Triton's
+    libdevice is built flushing subnormals to zero, so tl.math.div_rn would lose them."""
+    if _NATIVE:
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, tl.broadcast_to(b, a.shape)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.math.div_rn(a, b)
 
 
 @triton.jit
-def _divide_by_scale(x, s):
-    """x / s correctly rounded, s > 0 finite: q = RN(x·RN(1/s)) refined twice by q + RN(x − q·s)·RN(1/s); the
-    sign is x's (the refinement turns −0 into +0)."""
-    r = _div(1.0, s)
-    q = x * r
-    q = tl.fma(tl.fma(-q, s, x), r, q)
-    q = tl.fma(tl.fma(-q, s, x), r, q)
-    q = (q.to(tl.int32, bitcast=True) | (x.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
-    # below 2^-100·max(1, s) the remainder or the quotient can underflow and the theorem no longer holds
-    small = (x != 0) & (tl.abs(x) < 7.888609052210118e-31 * tl.maximum(s, 1.0))
-    if tl.max(tl.max(small.to(tl.int32), axis=1), axis=0) > 0:
-        q = _div(x, s)
-    return q
-
-
-@triton.jit
-def _bf16(v, NATIVE: tl.constexpr):
+def _bf16(v):
     """Round fp32 to the nearest bf16 value, ties to even, returned as fp32. NaN stays NaN."""
-    if NATIVE:
+    if _NATIVE:
         return v.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
     else:
         bits = v.to(tl.uint32, bitcast=True)
@@ -283,8 +275,7 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
                     codes1_ptr, scales1_ptr, idx_ptr, codes2_ptr, scales2_ptr, Kp1, Kp2, idx_bytes,
                     PER_ROW: tl.constexpr, TENSOR_SCALE: tl.constexpr, ROUND_INPUT: tl.constexpr,
                     MASK1: tl.constexpr, BLOCK1: tl.constexpr, TWO_STAGES: tl.constexpr, BLOCK2: tl.constexpr,
-                    FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr,
-                    NATIVE: tl.constexpr):
+                    FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * 16 * H + tl.arange(0, 16 * H)
@@ -299,14 +290,14 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
             s = tl.maximum(_div(amax, _DIVISOR), _FLOOR)
             if pid_k == 0:
                 tl.store(scale_ptr + rows, s, mask=rows < M)
-            x = _divide_by_scale(x, s[:, None])
+            x = _div(x, s[:, None])
         else:
             s = tl.maximum(_div(tl.load(amax_ptr).to(tl.float32, bitcast=True), _DIVISOR), _FLOOR)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(scale_ptr, s)
-            x = _divide_by_scale(x, s)
+            x = _div(x, s)
     if ROUND_INPUT:
-        x = _bf16(x, NATIVE)
+        x = _bf16(x)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BM, H)
 
     # stage 1: optional mask, then block quantization
@@ -355,12 +346,17 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     out = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H)
     ty = out_ptr.dtype.element_ty
     if ty == tl.bfloat16:
-        out = _bf16(out, NATIVE)  # exact from here on, whatever the cast below does
+        out = _bf16(out)  # exact from here on, whatever the cast below does
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out.to(ty), mask=inside)
 
 
 # --- launch ------------------------------------------------------------------------------------------------------
 _TILE = dict(BM=16, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
@@ -393,7 +389,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
             grid = (triton.cdiv(m, 8),)
         else:
             amax = torch.zeros(1, dtype=torch.int32, device=dev)
-            sms = 4 if interpret else torch.cuda.get_device_properties(dev).multi_processor_count
+            sms = 4 if interpret else _multiprocessors(dev)
             grid = (min(triton.cdiv(m, 8) * triton.cdiv(k, amax_bk), 4 * sms),)
         _amax_kernel[grid](x, amax, m, k, x.stride(0), PER_ROW=per_row, BM=8, BK=amax_bk, num_warps=4)
     payload = []
@@ -412,7 +408,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
         PER_ROW=per_row, TENSOR_SCALE=recipe.uses_tensor_scale,
         ROUND_INPUT=recipe.uses_tensor_scale or x.dtype != torch.bfloat16, MASK1=_MASK[stages[0].mask],
         BLOCK1=stages[0].block, TWO_STAGES=two, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt], BM=bm, H=h,
-        PACKED=packed, NATIVE=not interpret, num_warps=warps)
+        PACKED=packed, num_warps=warps)
     parts = ()
     if packed:
         parts = tuple(
