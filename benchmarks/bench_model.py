@@ -17,6 +17,7 @@ import sys
 import torch
 
 import sharq
+from sharq.eval.perplexity import GraphedForward
 
 
 def median_ms(fn, reps: int) -> float:
@@ -43,19 +44,10 @@ def time_forward(model: torch.nn.Module, batch: int, seq: int, reps: int, graph:
     eager = median_ms(forward, reps)
     finite = bool(torch.isfinite(forward()).all())
     replay = None
-    if graph:
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                forward()
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                forward()
-            replay = median_ms(g.replay, reps)
-        except Exception as e:  # report, don't fail: eager timing stands
-            print(f"CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}")
+    if graph:  # the CUDA-graph replay `sharq eval` uses for perplexity on CUDA
+        graphed = GraphedForward(model)
+        replay = median_ms(lambda: graphed(tokens), reps)
+        replay = None if graphed.eager else replay
     return eager, replay, finite
 
 

@@ -229,3 +229,25 @@ def test_bos_is_read_from_what_the_tokenizer_does():
             return Out()
 
     assert bos_token(Tok(True)) == 2 and bos_token(Tok(False)) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_graphed_forward_replays_the_eager_forward(family):
+    """On CUDA, perplexity replays a CUDA graph: its logits equal the eager forward's for each new input (the
+    input buffer is refilled), with the triton backend's kernels inside the graph. Skips without CUDA."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import sharq
+    from sharq.eval.perplexity import GraphedForward
+
+    from .test_models import tiny
+
+    model = sharq.quantize_model(tiny(family).cuda(), "sharq", backend="triton")
+    graphed = GraphedForward(model)
+    for seed in range(3):
+        ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed)).cuda()
+        with torch.no_grad():
+            expected = model(ids, use_cache=False).logits
+        assert torch.equal(graphed(ids), expected)
+    assert not graphed.eager and len(graphed.graphs) == 1

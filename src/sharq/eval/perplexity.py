@@ -54,18 +54,60 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int 
     return w
 
 
+class GraphedForward:
+    """model(ids).logits, replayed from one CUDA graph per input shape: a quantized layer launches several kernels,
+    and in eager mode the host's launch cost, not the GPU, sets the pace (benchmarks/bench_model.py). Windows of a
+    perplexity run share one shape, so one capture serves them all. The logits returned are the graph's own
+    buffer, overwritten by the next call. If capture fails (an operation the graph cannot hold), the model runs
+    eagerly from then on."""
+
+    def __init__(self, model):
+        self.model, self.graphs, self.eager = model, {}, False
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.eager:
+            return self.model(ids, use_cache=False).logits
+        if ids.shape not in self.graphs:
+            try:
+                self.graphs[ids.shape] = self._capture(ids)
+            except Exception as e:  # noqa: BLE001 - any capture failure: fall back, visibly
+                print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); running eagerly")
+                self.eager = True
+                return self.model(ids, use_cache=False).logits
+        graph, static_ids, logits = self.graphs[ids.shape]
+        static_ids.copy_(ids)
+        graph.replay()
+        return logits
+
+    def _capture(self, ids: torch.Tensor):
+        static_ids = ids.clone()
+        side = torch.cuda.Stream(ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):  # warm up (kernel compilation, lazy buffers) outside the capture
+            self.model(static_ids, use_cache=False)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model(static_ids, use_cache=False).logits
+        return graph, static_ids, logits
+
+
 @torch.no_grad()
-def perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "ppl"
-               ) -> Perplexity:
-    """exp(mean NLL of every predicted token) over windows [n, seqlen]."""
+def perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool = True, desc: str = "ppl",
+               cuda_graphs: bool = True) -> Perplexity:
+    """exp(mean NLL of every predicted token) over windows [n, seqlen]. On CUDA the forward is replayed from a
+    CUDA graph (GraphedForward) unless cuda_graphs=False."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    forward = GraphedForward(model) if cuda_graphs and device.type == "cuda" else (
+        lambda ids: model(ids, use_cache=False).logits)
     nll, count = 0.0, 0
     start = time.perf_counter()
     for i in tqdm(range(0, len(batches), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
         ids = batches[i: i + batch_size].to(device)
-        logits = model(ids).logits[:, :-1].float()
+        logits = forward(ids)[:, :-1].float()
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
         count += ids[:, 1:].numel()
     if device.type == "cuda":

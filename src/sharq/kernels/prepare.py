@@ -61,11 +61,13 @@ def supports(recipe: Recipe) -> bool:
 # --- elementwise pieces ----------------------------------------------------------------------------------------
 @triton.jit
 def _div(a, b):
-    """a / b, IEEE (correctly rounded, subnormals kept). On the GPU this is PTX div.rn.f32 itself: Triton's
-    libdevice is built flushing subnormals to zero, so tl.math.div_rn would lose them."""
+    """a / b for tensors, IEEE (correctly rounded, subnormals kept). On the GPU this is PTX div.rn.f32 itself:
+    Triton links libdevice flushing subnormals to zero, so tl.math.div_rn would lose them. (Divisions whose
+    quotient is clamped above the subnormal range, like amax / 6, use tl.math.div_rn.)"""
     if _NATIVE:
-        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, tl.broadcast_to(b, a.shape)],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        a, b = tl.broadcast(a, b)
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
     else:
         return tl.math.div_rn(a, b)
 
@@ -90,8 +92,9 @@ def _round_to_quantum(v, quantum_exp):
 
 @triton.jit
 def _e2m1_magnitude(a):
-    """RNE of a in [0, 6] onto {0, .5, 1, 1.5, 2, 3, 4, 6}: quantum 1/2 below 2, 1 below 4, 2 above."""
-    c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
+    """RNE of a in [0, 6] onto {0, .5, 1, 1.5, 2, 3, 4, 6}: to a multiple of 2^(max(e, 0) − 1), 2^e <= a < 2^(e+1),
+    by adding and subtracting 2^(max(e, 0) + 22), built from a's exponent bits."""
+    c = (tl.maximum(a.to(tl.int32, bitcast=True) & 0x7F800000, 0x3F800000) + (22 << 23)).to(tl.float32, bitcast=True)
     return (a + c) - c
 
 
@@ -123,7 +126,7 @@ def _block_scale(amax_bits, FMT: tl.constexpr):
     bad = amax_bits >= _INF_BITS
     amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
     if FMT == 0:
-        s = tl.minimum(tl.maximum(_div(amax, 6.0), 0.001953125), 448.0)
+        s = tl.minimum(tl.maximum(tl.math.div_rn(amax, 6.0), 0.001953125), 448.0)
         s = _round_to_quantum(s, tl.maximum(_floor_log2(s) - 3, -9))
     else:
         e = tl.where(amax > 0, _floor_log2(tl.where(amax > 0, amax, 1.0)) - 2, -127)
@@ -181,8 +184,8 @@ def _scale_code(s, FMT: tl.constexpr):
     """The 8-bit code of a block scale value: UE4M3 (NaN 0x7F) or E8M0 (NaN 0xFF)."""
     if FMT == 0:
         e = _floor_log2(tl.where(s == s, s, 1.0))
-        normal = ((e + 7) << 3) | ((s * _div(1.0, ((e + 127) << 23).to(tl.float32, bitcast=True)) - 1.0) * 8.0
-                                    ).to(tl.int32)
+        unit = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e, normal here (s >= 2^-9)
+        normal = ((e + 7) << 3) | ((s * tl.math.div_rn(1.0, unit) - 1.0) * 8.0).to(tl.int32)
         code = tl.where(s >= 0.015625, normal, (s * 512.0).to(tl.int32))
         return tl.where(s == s, code, 0x7F)
     else:
@@ -224,7 +227,7 @@ def _stage(x0, x1, x2, x3, x4, x5, x6, x7, amax, codes_ptr, scales_ptr, rows, pi
     """Block-quantize the tile (block maxima `amax` [BM, H], as bits), store its packed payload if asked, and
     return the 8 dequantized tensors."""
     s = _block_scale(amax, FMT)[:, :, None]
-    inv = _div(1.0, s)
+    inv = _div(tl.zeros_like(s) + 1.0, s)  # MXFP4's 2^-127 scale is subnormal
     v0, v1, v2, v3, v4, v5, v6, v7 = x0 * inv, x1 * inv, x2 * inv, x3 * inv, x4 * inv, x5 * inv, x6 * inv, x7 * inv
     if PACKED:
         b = _join4(_code(v0, s) | (_code(v1, s) << 4), _code(v2, s) | (_code(v3, s) << 4),
@@ -287,16 +290,16 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     if TENSOR_SCALE:
         if PER_ROW:
             amax = tl.load(amax_ptr + rows, mask=rows < M, other=0).to(tl.float32, bitcast=True)
-            s = tl.maximum(_div(amax, _DIVISOR), _FLOOR)
+            s = tl.maximum(tl.math.div_rn(amax, _DIVISOR), _FLOOR)
             if pid_k == 0:
                 tl.store(scale_ptr + rows, s, mask=rows < M)
-            x = _div(x, s[:, None])
+            x = _bf16(_div(x, s[:, None]))
         else:
-            s = tl.maximum(_div(tl.load(amax_ptr).to(tl.float32, bitcast=True), _DIVISOR), _FLOOR)
+            s = tl.maximum(tl.math.div_rn(tl.load(amax_ptr).to(tl.float32, bitcast=True), _DIVISOR), _FLOOR)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(scale_ptr, s)
-            x = _div(x, s)
-    if ROUND_INPUT:
+            x = _bf16(_div(x, s))
+    elif ROUND_INPUT:
         x = _bf16(x)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BM, H)
 
@@ -346,12 +349,15 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     out = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H)
     ty = out_ptr.dtype.element_ty
     if ty == tl.bfloat16:
-        out = _bf16(out)  # exact from here on, whatever the cast below does
+        if _NATIVE:
+            out = out.to(tl.bfloat16, fp_downcast_rounding="rtne")
+        else:
+            out = _bf16(out).to(tl.bfloat16)  # rounded on the bits: the interpreter's cast then is exact
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out.to(ty), mask=inside)
 
 
 # --- launch ------------------------------------------------------------------------------------------------------
-_TILE = dict(BM=16, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
+_TILE = dict(BM=8, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
 
 
 @functools.lru_cache
@@ -380,8 +386,10 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     two = len(stages) == 2
     kp = [-(-k // st.block) * st.block for st in stages]
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
-    scale = torch.ones(m if per_row else 1, 1, dtype=torch.float32, device=dev)
-    amax = scale  # unused without a tensor scale
+    if recipe.uses_tensor_scale:  # s_x, written by the kernel
+        scale = torch.empty(m if per_row else 1, 1, dtype=torch.float32, device=dev)
+    else:
+        scale = amax = torch.ones(1, 1, dtype=torch.float32, device=dev)  # (amax unused)
     if recipe.uses_tensor_scale:
         amax_bk = 512
         if per_row:
@@ -390,7 +398,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
         else:
             amax = torch.zeros(1, dtype=torch.int32, device=dev)
             sms = 4 if interpret else _multiprocessors(dev)
-            grid = (min(triton.cdiv(m, 8) * triton.cdiv(k, amax_bk), 4 * sms),)
+            grid = (min(triton.cdiv(m, 8) * triton.cdiv(k, amax_bk), 16 * sms),)
         _amax_kernel[grid](x, amax, m, k, x.stride(0), PER_ROW=per_row, BM=8, BK=amax_bk, num_warps=4)
     payload = []
     for st, kpad in zip(stages, kp):
@@ -406,7 +414,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
         x, amax, scale, out, m, k, x.stride(0), out.stride(0),
         payload[0][0], payload[0][1], indices, codes2, scales2, kp[0], kp[-1], idx_bytes,
         PER_ROW=per_row, TENSOR_SCALE=recipe.uses_tensor_scale,
-        ROUND_INPUT=recipe.uses_tensor_scale or x.dtype != torch.bfloat16, MASK1=_MASK[stages[0].mask],
+        ROUND_INPUT=x.dtype != torch.bfloat16, MASK1=_MASK[stages[0].mask],
         BLOCK1=stages[0].block, TWO_STAGES=two, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt], BM=bm, H=h,
         PACKED=packed, num_warps=warps)
     parts = ()
