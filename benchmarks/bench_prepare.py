@@ -154,6 +154,7 @@ def bench(quick: bool, ceil: dict) -> list[dict]:
             kern = lambda: kp.prepare_dequantized(x, recipe, out_dtype=torch.bfloat16)  # noqa: E731
             kern_ms, kern_eager_ms, kern_cpu_us = graph_ms(kern), median_ms(kern), cpu_us(kern)
             packed_ms = graph_ms(lambda: kp.prepare_packed(x, recipe))
+            values, scale = kp.prepare_dequantized(x, recipe, out_dtype=torch.bfloat16)
             moved = 3 * 2 * m * k  # X read twice (bf16), the bf16 sum written once
             moved_packed = 2 * 2 * m * k + packed_bytes(m, k, recipe)
             for n in ns:
@@ -164,6 +165,8 @@ def bench(quick: bool, ceil: dict) -> list[dict]:
                 layer = lambda: triton_backend.matmul(  # noqa: E731
                     triton_backend.prepare(x, recipe, None), qw, None, torch.bfloat16)
                 linear_ms, linear_eager_ms = graph_ms(linear), median_ms(linear)
+                y, alpha = values @ qw.values.T, scale * qw.scale
+                gemm_ms, alpha_ms = graph_ms(lambda: values @ qw.values.T), graph_ms(lambda: y.mul_(alpha))
                 layer_ms, layer_eager_ms = graph_ms(layer), median_ms(layer)
                 ref_ms = median_ms(lambda: reference_backend.matmul(
                     reference_backend.prepare(x, recipe, None), qw, None, torch.bfloat16), 3)
@@ -175,18 +178,48 @@ def bench(quick: bool, ceil: dict) -> list[dict]:
                     packed_ms=packed_ms, packed_gbps=moved_packed / packed_ms / 1e6,
                     packed_floor_ms=moved_packed / bw, bf16_linear_ms=linear_ms, bf16_linear_eager_ms=linear_eager_ms,
                     bf16_floor_ms=max(flops / rate, 2 * (m * k + n * k + m * n) / bw),
-                    layer_ms=layer_ms, layer_eager_ms=layer_eager_ms, layer_floor_ms=flops / rate + moved / bw,
+                    gemm_ms=gemm_ms, alpha_ms=alpha_ms, layer_ms=layer_ms, layer_eager_ms=layer_eager_ms, layer_floor_ms=flops / rate + moved / bw,
                     reference_ms=ref_ms, layer_over_bf16=layer_ms / linear_ms,
                     layer_over_bf16_eager=layer_eager_ms / linear_eager_ms, reference_over_layer=ref_ms / layer_ms))
     return out
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---:|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def report(rows: list[dict]) -> str:
+    """The kernel table (one row per X shape) and the layer table, as markdown (docs/PERF.md)."""
+    kernel_rows = {(r["k"], r["m"]): r for r in rows}.values()
+    kernel = markdown_table(
+        ["K", "M", "copy GB/s", "kernel ms", "floor ms", "kernel GB/s", "of copy", "eager ms", "host µs",
+         "packed ms", "packed GB/s"],
+        [[str(r["k"]), str(r["m"]), f"{r['copy_gbps']:.0f}", f"{r['kernel_ms']:.4f}", f"{r['kernel_floor_ms']:.4f}",
+          f"{r['kernel_gbps']:.0f}", f"{r['kernel_gbps'] / r['copy_gbps']:.2f}", f"{r['kernel_eager_ms']:.4f}",
+          f"{r['kernel_cpu_us']:.0f}", f"{r['packed_ms']:.4f}", f"{r['packed_gbps']:.0f}"] for r in kernel_rows])
+    layer = markdown_table(
+        ["K", "N", "M", "bf16 ms", "GEMM ms", "α ms", "kernel ms", "layer ms", "floor ms", "layer/bf16",
+         "eager layer/bf16", "ref ms", "ref/layer"],
+        [[str(r["k"]), str(r["n"]), str(r["m"]), f"{r['bf16_linear_ms']:.4f}", f"{r['gemm_ms']:.4f}",
+          f"{r['alpha_ms']:.4f}", f"{r['kernel_ms']:.4f}", f"{r['layer_ms']:.4f}", f"{r['layer_floor_ms']:.4f}",
+          f"{r['layer_over_bf16']:.2f}", f"{r['layer_over_bf16_eager']:.2f}", f"{r['reference_ms']:.2f}",
+          f"{r['reference_over_layer']:.1f}"] for r in rows])
+    return ("GPU times are CUDA-graph replays (no host launch cost); 'eager' = plain calls, host cost included.\n\n"
+            + kernel + "\n\n" + layer)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="a reduced grid (N=4096, M in {2048, 8192})")
     p.add_argument("--sweep", action="store_true", help="time the kernel's tile shapes first")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
+    if args.report:
+        with open(args.report) as f:
+            print(report(json.load(f)["rows"]))
+        return 0
     if not torch.cuda.is_available():
         print("bench_prepare needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -200,17 +233,7 @@ def main() -> int:
     if tiles:
         print(format_table(["M x K", "BM", "H", "warps", "kernel GB/s"], tiles))
     rows = bench(args.quick, ceil)
-    print("GPU times from CUDA-graph replays (no launch cost); 'eager' columns are plain calls, launch cost included")
-    print(format_table(
-        ["K", "N", "M", "copy GB/s", "kernel GB/s", "kernel/copy", "kernel ms", "floor", "eager ms", "host us",
-         "packed GB/s", "bf16 ms", "layer ms", "layer floor", "layer/bf16", "eager layer/bf16", "ref ms",
-         "ref/layer"],
-        [[str(r["k"]), str(r["n"]), str(r["m"]), f"{r['copy_gbps']:.0f}", f"{r['kernel_gbps']:.0f}",
-          f"{r['kernel_gbps'] / r['copy_gbps']:.2f}", f"{r['kernel_ms']:.4f}", f"{r['kernel_floor_ms']:.4f}",
-          f"{r['kernel_eager_ms']:.4f}", f"{r['kernel_cpu_us']:.0f}", f"{r['packed_gbps']:.0f}",
-          f"{r['bf16_linear_ms']:.4f}", f"{r['layer_ms']:.4f}", f"{r['layer_floor_ms']:.4f}",
-          f"{r['layer_over_bf16']:.2f}", f"{r['layer_over_bf16_eager']:.2f}", f"{r['reference_ms']:.2f}",
-          f"{r['reference_over_layer']:.1f}"] for r in rows]))
+    print(report(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -233,8 +233,10 @@ def test_bos_is_read_from_what_the_tokenizer_does():
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_graphed_forward_replays_the_eager_forward(family):
-    """On CUDA, perplexity replays a CUDA graph: its logits equal the eager forward's for each new input (the
-    input buffer is refilled), with the triton backend's kernels inside the graph. Skips without CUDA."""
+    """On CUDA, perplexity replays a CUDA graph: each new input is copied into the graph's buffer and its logits
+    follow the eager forward's, with the triton backend's kernels inside the graph. cuBLAS may pick another GEMM
+    algorithm under capture, and an FP4 rounding decision can flip with the last bit of its input, so the check
+    is closeness, plus that each output belongs to its own input. Skips without CUDA."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -245,9 +247,15 @@ def test_graphed_forward_replays_the_eager_forward(family):
 
     model = sharq.quantize_model(tiny(family).cuda(), "sharq", backend="triton")
     graphed = GraphedForward(model)
+    previous = None
     for seed in range(3):
         ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed)).cuda()
         with torch.no_grad():
             expected = model(ids, use_cache=False).logits
-        assert torch.equal(graphed(ids), expected)
+        got = graphed(ids).clone()
+        error = (got - expected).abs().max()
+        assert error <= 0.02 * expected.abs().max()
+        if previous is not None:
+            assert error < (got - previous).abs().max()
+        previous = expected
     assert not graphed.eager and len(graphed.graphs) == 1
