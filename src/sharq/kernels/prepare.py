@@ -105,12 +105,6 @@ def _abs_bits(v):
 
 
 @triton.jit
-def _score(a):
-    """The mask score from |v| bits: NaN ranked with Inf (as the reference ranks it), above every finite value."""
-    return tl.minimum(a, _INF_BITS)
-
-
-@triton.jit
 def _floor_log2(a):
     """floor(log2 a) for positive finite fp32 a, subnormals included (they are scaled by 2^64 first)."""
     tiny = a < 1.1754943508222875e-38
@@ -307,16 +301,16 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     a0, a1, a2, a3 = _abs_bits(x0), _abs_bits(x1), _abs_bits(x2), _abs_bits(x3)
     a4, a5, a6, a7 = _abs_bits(x4), _abs_bits(x5), _abs_bits(x6), _abs_bits(x7)
     s0, s1, s2, s3, s4, s5, s6, s7 = x0, x1, x2, x3, x4, x5, x6, x7
-    if MASK1 == 1:  # pair-4:8: score the 4 pairs of each chunk by their larger |x| (NaN ranks as Inf, so it is kept)
-        k0, k1, k2, k3 = _keep_two(_score(tl.maximum(a0, a1)), _score(tl.maximum(a2, a3)),
-                                   _score(tl.maximum(a4, a5)), _score(tl.maximum(a6, a7)))
+    # mask scores are |x| bits, where NaN > Inf > every finite value: the reference's order (NaN is kept, visible)
+    if MASK1 == 1:  # pair-4:8: score the 4 pairs of each chunk by their larger |x|
+        k0, k1, k2, k3 = _keep_two(tl.maximum(a0, a1), tl.maximum(a2, a3), tl.maximum(a4, a5), tl.maximum(a6, a7))
         s0, s1 = tl.where(k0, x0, 0.0), tl.where(k0, x1, 0.0)
         s2, s3 = tl.where(k1, x2, 0.0), tl.where(k1, x3, 0.0)
         s4, s5 = tl.where(k2, x4, 0.0), tl.where(k2, x5, 0.0)
         s6, s7 = tl.where(k3, x6, 0.0), tl.where(k3, x7, 0.0)
     if MASK1 == 2:  # 2:4 on each half of the chunk
-        k0, k1, k2, k3 = _keep_two(_score(a0), _score(a1), _score(a2), _score(a3))
-        k4, k5, k6, k7 = _keep_two(_score(a4), _score(a5), _score(a6), _score(a7))
+        k0, k1, k2, k3 = _keep_two(a0, a1, a2, a3)
+        k4, k5, k6, k7 = _keep_two(a4, a5, a6, a7)
         s0, s1, s2, s3 = tl.where(k0, x0, 0.0), tl.where(k1, x1, 0.0), tl.where(k2, x2, 0.0), tl.where(k3, x3, 0.0)
         s4, s5, s6, s7 = tl.where(k4, x4, 0.0), tl.where(k5, x5, 0.0), tl.where(k6, x6, 0.0), tl.where(k7, x7, 0.0)
     amax1 = _half_amax(a0, a1, a2, a3, a4, a5, a6, a7, BLOCK1, BM, H)  # the masks keep each block's maximum
