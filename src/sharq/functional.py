@@ -77,15 +77,16 @@ def _matmul_reference(act: QActivation, qweight: QWeight, bias: torch.Tensor | N
 def _matmul_bf16(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
                  ) -> torch.Tensor:
     """The fused kernel's bf16 activation times the exact bf16 Ŵ: one cuBLAS GEMM (fp32 accumulation, output in
-    out_dtype), then α and the bias in one pass over the output, in place."""
+    out_dtype), then α and the bias in one Triton pass over the output, in place."""
     if act.values.dtype != torch.bfloat16:  # a recipe the kernel does not implement: the reference preparation
         return _matmul_reference(act, qweight, bias, out_dtype)
+    from .kernels.epilogue import scale_and_bias_
+
     if out_dtype == torch.float32 and act.values.is_cuda:
         y = torch.mm(act.values, qweight.values.T, out_dtype=torch.float32)
     else:
         y = (act.values @ qweight.values.T).to(out_dtype)
-    alpha = act.scale * qweight.scale
-    return y.mul_(alpha) if bias is None else torch.addcmul(bias, y, alpha, out=y)
+    return scale_and_bias_(y, act.scale, qweight.scale, bias)
 
 
 def simulate_linear(

@@ -13,7 +13,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import sharq  # noqa: E402
-from sharq.kernels.prepare import _div, prepare_dequantized, supports  # noqa: E402
+from sharq.kernels.common import div_ieee  # noqa: E402
+from sharq.kernels.prepare import prepare_dequantized, supports  # noqa: E402
 
 from ..conftest import outlier_activations  # noqa: E402
 
@@ -115,7 +116,7 @@ def _divide_kernel(x_ptr, s_ptr, out_ptr, n, BLOCK: tl.constexpr):
     s = tl.load(s_ptr + tl.program_id(0))
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[None, :]
     x = tl.load(x_ptr + cols, mask=cols < n, other=1.0)
-    tl.store(out_ptr + tl.program_id(0) * n + cols, _div(x, s), mask=cols < n)
+    tl.store(out_ptr + tl.program_id(0) * n + cols, div_ieee(x, s), mask=cols < n)
 
 
 def test_tensor_scale_division_is_correctly_rounded(rng):

@@ -35,14 +35,13 @@ import triton.language as tl
 from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
+from .common import NATIVE, div_ieee, round_bf16
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
 _DIVISOR = tl.constexpr(NVFP4_TENSOR_DIVISOR)
 _FLOOR = tl.constexpr(TENSOR_SCALE_FLOOR)
 _INF_BITS = tl.constexpr(0x7F800000)
-# compiled for a GPU, or run by Triton's interpreter (which, like @triton.jit, reads TRITON_INTERPRET at import)
-_NATIVE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def supports(recipe: Recipe) -> bool:
@@ -59,30 +58,6 @@ def supports(recipe: Recipe) -> bool:
 
 
 # --- elementwise pieces ----------------------------------------------------------------------------------------
-@triton.jit
-def _div(a, b):
-    """a / b for tensors, IEEE (correctly rounded, subnormals kept). On the GPU this is PTX div.rn.f32 itself:
-    Triton links libdevice flushing subnormals to zero, so tl.math.div_rn would lose them. (Divisions whose
-    quotient is clamped above the subnormal range, like amax / 6, use tl.math.div_rn.)"""
-    if _NATIVE:
-        a, b = tl.broadcast(a, b)
-        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.math.div_rn(a, b)
-
-
-@triton.jit
-def _bf16(v):
-    """Round fp32 to the nearest bf16 value, ties to even, returned as fp32. NaN stays NaN."""
-    if _NATIVE:
-        return v.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
-    else:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
-
-
 @triton.jit
 def _round_to_quantum(v, quantum_exp):
     """Round v >= 0 to a multiple of 2^quantum_exp (RNE): (v + c) − c with c = 2^(quantum_exp + 23)."""
@@ -221,7 +196,7 @@ def _stage(x0, x1, x2, x3, x4, x5, x6, x7, amax, codes_ptr, scales_ptr, rows, pi
     """Block-quantize the tile (block maxima `amax` [BM, H], as bits), store its packed payload if asked, and
     return the 8 dequantized tensors."""
     s = _block_scale(amax, FMT)[:, :, None]
-    inv = _div(tl.zeros_like(s) + 1.0, s)  # MXFP4's 2^-127 scale is subnormal
+    inv = div_ieee(tl.zeros_like(s) + 1.0, s)  # MXFP4's 2^-127 scale is subnormal
     v0, v1, v2, v3, v4, v5, v6, v7 = x0 * inv, x1 * inv, x2 * inv, x3 * inv, x4 * inv, x5 * inv, x6 * inv, x7 * inv
     if PACKED:
         b = _join4(_code(v0, s) | (_code(v1, s) << 4), _code(v2, s) | (_code(v3, s) << 4),
@@ -287,14 +262,14 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
             s = tl.maximum(tl.math.div_rn(amax, _DIVISOR), _FLOOR)
             if pid_k == 0:
                 tl.store(scale_ptr + rows, s, mask=rows < M)
-            x = _bf16(_div(x, s[:, None]))
+            x = round_bf16(div_ieee(x, s[:, None]))
         else:
             s = tl.maximum(tl.math.div_rn(tl.load(amax_ptr).to(tl.float32, bitcast=True), _DIVISOR), _FLOOR)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(scale_ptr, s)
-            x = _bf16(_div(x, s))
+            x = round_bf16(div_ieee(x, s))
     elif ROUND_INPUT:
-        x = _bf16(x)
+        x = round_bf16(x)
     x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x, BM, H)
 
     # stage 1: optional mask, then block quantization
@@ -344,10 +319,10 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     out = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H)
     ty = out_ptr.dtype.element_ty
     if ty == tl.bfloat16:
-        if _NATIVE:
+        if NATIVE:
             out = out.to(tl.bfloat16, fp_downcast_rounding="rtne")
         else:
-            out = _bf16(out).to(tl.bfloat16)  # rounded on the bits: the interpreter's cast then is exact
+            out = round_bf16(out).to(tl.bfloat16)  # rounded on the bits: the interpreter's cast then is exact
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out.to(ty), mask=inside)
 
 

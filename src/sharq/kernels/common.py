@@ -1,0 +1,35 @@
+"""Jit helpers the kernels share: exact division and bf16 rounding, identical on the GPU and in the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# compiled for a GPU, or run by Triton's interpreter (which, like @triton.jit, reads TRITON_INTERPRET at import)
+NATIVE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def div_ieee(a, b):
+    """a / b for tensors, IEEE (correctly rounded, subnormals kept). On the GPU this is PTX div.rn.f32 itself:
+    Triton links libdevice flushing subnormals to zero, so tl.math.div_rn would lose them. (Divisions whose
+    quotient is clamped above the subnormal range, like amax / 6, use tl.math.div_rn.)"""
+    if NATIVE:
+        a, b = tl.broadcast(a, b)
+        return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def round_bf16(v):
+    """Round fp32 to the nearest bf16 value, ties to even, returned as fp32. NaN stays NaN."""
+    if NATIVE:
+        return v.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+    else:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)

@@ -1,0 +1,61 @@
+"""The SharQ layer's epilogue in one pass over the GEMM output: y ← y·α + bias in place, α = s_x·s_w.
+
+cuBLAS (through torch) takes α only as a host number, and a torch elementwise op with the broadcast device
+α runs far below bandwidth (its operands are not all contiguous, so it does not vectorize): on the H200 it cost
+up to a third of the layer. α is s_x (one value or one per row) times s_w (one value or one per output column);
+y·α + bias is one fused multiply-add in fp32, rounded once to y's dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import NATIVE, round_bf16
+
+
+@triton.jit
+def _epilogue_kernel(y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_ym, SX_PER_ROW: tl.constexpr,
+                     SW_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
+    y = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    sx = tl.load(sx_ptr + rows, mask=rows < M, other=1.0)[:, None] if SX_PER_ROW else tl.load(sx_ptr)
+    sw = tl.load(sw_ptr + cols, mask=cols < N, other=1.0)[None, :] if SW_PER_COL else tl.load(sw_ptr)
+    alpha = sx * sw
+    if HAS_BIAS:
+        y = tl.fma(y, alpha, tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :])
+    else:
+        y = y * alpha
+    ty = y_ptr.dtype.element_ty
+    if ty == tl.bfloat16:
+        if NATIVE:
+            out = y.to(tl.bfloat16, fp_downcast_rounding="rtne")
+        else:
+            out = round_bf16(y).to(tl.bfloat16)  # rounded on the bits: the interpreter's cast then is exact
+    else:
+        out = y.to(ty)
+    tl.store(ptrs, out, mask=inside)
+
+
+def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """y [M, N] (bf16 or fp32, rows contiguous) ← y·(s_x·s_w) + bias, in place; returns y. s_x is [1, 1] or
+    [M, 1], s_w [] / [1] or [N], bias [N] or None."""
+    if y.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"scale_and_bias_ runs on CUDA tensors (got {y.device})")
+    m, n = y.shape
+    if y.stride(-1) != 1:
+        raise ValueError("scale_and_bias_ needs rows with unit stride")
+    if m and n:
+        sx, sw = sx.reshape(-1).float().contiguous(), sw.reshape(-1).float().contiguous()
+        grid = (triton.cdiv(m, 32), triton.cdiv(n, 256))
+        _epilogue_kernel[grid](y, sx, sw, bias if bias is not None else sx, m, n, y.stride(0),
+                               SX_PER_ROW=sx.numel() > 1, SW_PER_COL=sw.numel() > 1, HAS_BIAS=bias is not None,
+                               BM=32, BN=256, num_warps=4)
+    return y
