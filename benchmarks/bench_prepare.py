@@ -7,7 +7,7 @@
 2. Ceilings, measured here: copy bandwidth (a 1 GiB device copy) and the BF16 matrix rate (an 8192³ GEMM).
 3. The grid (Llama-3.1-8B shapes, K ∈ {4096, 14336}, N ∈ {4096, 6144, 14336, 28672}, M ∈ {1, 16, 256, 2048,
    8192}), CUDA events, medians: a device copy of X, BF16 F.linear, the kernel alone (both modes), the SharQ layer
-   (kernel + one BF16 GEMM + the α pass) and the reference backend on the GPU. GPU times come from CUDA-graph
+   (kernel + one BF16 GEMM + the α epilogue, each also timed alone) and the reference backend on the GPU. GPU times come from CUDA-graph
    replays, which leave out the host's launch cost; the eager times (plain calls) and the host time per call are
    reported beside them.
 Bytes the kernel must move: X read twice (the amax pass and the main pass) and its outputs written once (the bf16
@@ -30,6 +30,7 @@ import sharq
 from sharq._format import format_table
 from sharq.functional import get_backend
 from sharq.kernels import prepare as kp
+from sharq.kernels.epilogue import scale_and_bias_
 
 KERNEL_RECIPES = ["nvfp4", "mxfp4", "sharq", "sharq-mxfp4", "sparse-only", "dense-dense"]
 
@@ -165,8 +166,9 @@ def bench(quick: bool, ceil: dict) -> list[dict]:
                 layer = lambda: triton_backend.matmul(  # noqa: E731
                     triton_backend.prepare(x, recipe, None), qw, None, torch.bfloat16)
                 linear_ms, linear_eager_ms = graph_ms(linear), median_ms(linear)
-                y, alpha = values @ qw.values.T, scale * qw.scale
-                gemm_ms, alpha_ms = graph_ms(lambda: values @ qw.values.T), graph_ms(lambda: y.mul_(alpha))
+                y = values @ qw.values.T
+                gemm_ms = graph_ms(lambda: values @ qw.values.T)
+                alpha_ms = graph_ms(lambda: scale_and_bias_(y, scale, qw.scale))
                 layer_ms, layer_eager_ms = graph_ms(layer), median_ms(layer)
                 ref_ms = median_ms(lambda: reference_backend.matmul(
                     reference_backend.prepare(x, recipe, None), qw, None, torch.bfloat16), 3)

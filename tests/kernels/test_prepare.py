@@ -1,20 +1,17 @@
 """The fused Triton preparation kernel against the reference cascade, bit for bit. On a machine without CUDA it
 runs under the Triton interpreter (TRITON_INTERPRET=1, small shapes)."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
 
 import sharq  # noqa: E402
 from sharq.kernels.common import div_ieee  # noqa: E402
-from sharq.kernels.prepare import prepare_dequantized, supports  # noqa: E402
+from sharq.kernels.prepare import _FMT, _block_scale, prepare_dequantized, supports  # noqa: E402
+from sharq.quant import quantize_blocks  # noqa: E402
 
 from ..conftest import outlier_activations  # noqa: E402
 
@@ -153,3 +150,36 @@ def test_kernel_over_the_whole_bf16_range(name, granularity, rng):
     ref = recipe.prepare_activation(x)
     assert torch.equal(scale, ref.scale)
     assert torch.equal(values, ref.values)
+
+
+@triton.jit
+def _block_scale_kernel(amax_ptr, s_ptr, inv_ptr, n, FMT: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s, inv = _block_scale(tl.load(amax_ptr + i, mask=i < n, other=0), FMT)
+    tl.store(s_ptr + i, s, mask=i < n)
+    tl.store(inv_ptr + i, inv, mask=i < n)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_block_scale_and_its_reciprocal_for_every_bf16_maximum(fmt, rng):
+    """The kernel's block scale (amax/6 without a division, for NVFP4) and the reciprocal it multiplies by
+    (hardware approximation + Newton on the GPU) against the reference quantizer, for every non-negative bf16
+    block maximum, 2^16 random fp32 ones (the residual's), maxima next to rounding midpoints, and Inf/NaN."""
+    bf16 = (torch.arange(0, 0x7F81, dtype=torch.int32) << 16)
+    fp32 = torch.randint(0, 0x7F800000, (1 << 16,), generator=rng, dtype=torch.int32)
+    # maxima within 8 fp32 steps of 6× a UE4M3 rounding midpoint, where an inexact amax / 6 would round wrongly
+    mids = torch.tensor([(16 + 2 * j + 1) / 16 * 2.0**e for e in range(-6, 9) for j in range(8)]
+                        + [(j + 0.5) / 512 for j in range(1, 8)])
+    near = ((6 * mids).view(torch.int32)[:, None] + torch.arange(-8, 9, dtype=torch.int32)).flatten()
+    bits = torch.cat([bf16, fp32, near, torch.tensor([0x7FC00000], dtype=torch.int32)])
+    amax = bits.view(torch.float32)
+    blocks = torch.zeros(len(amax), 32)
+    blocks[:, 0] = amax
+    ref = quantize_blocks(blocks, fmt, 32).block_scales()[:, 0]
+    s, inv = torch.empty(len(bits), device=DEVICE), torch.empty(len(bits), device=DEVICE)
+    _block_scale_kernel[(triton.cdiv(len(bits), 1024),)](bits.to(DEVICE), s, inv, len(bits),
+                                                         FMT=_FMT[fmt], BLOCK=1024)
+    assert torch.equal(s.cpu().isnan(), ref.isnan())
+    ok = ~ref.isnan()
+    assert torch.equal(s.cpu()[ok], ref[ok])
+    assert torch.equal(inv.cpu()[ok], 1.0 / ref[ok])

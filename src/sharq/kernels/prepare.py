@@ -89,19 +89,40 @@ def _floor_log2(a):
 
 
 @triton.jit
+def _reciprocal_ue4m3(s):
+    """RN(1/s) for a UE4M3 scale s >= 2^-9: the hardware's approximate reciprocal (within 1 ulp) and one Newton
+    step, whose error (~2^-46 relative) is far below the 0.033 ulp by which 1/m, for each of the 8 significands m
+    of UE4M3, misses an fp32 rounding midpoint — so the result is the correctly rounded reciprocal."""
+    if NATIVE:
+        y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [s], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        return tl.fma(y, tl.fma(-s, y, 1.0), y)
+    else:
+        return tl.math.div_rn(tl.zeros_like(s) + 1.0, s)
+
+
+@triton.jit
 def _block_scale(amax_bits, FMT: tl.constexpr):
-    """The dequantized block scale from the block's |x| maximum (as bits): UE4M3 of clamp(amax/6) (NVFP4) or
-    E8M0 2^(floor(log2 amax) − 2) (MXFP4); NaN where the block holds a non-finite value."""
+    """(s, 1/s): the dequantized block scale from the block's |x| maximum (as bits) — UE4M3 of clamp(amax/6)
+    (NVFP4) or E8M0 2^(floor(log2 amax) − 2) (MXFP4) — and its correctly rounded reciprocal, which the reference
+    multiplies by; s is NaN where the block holds a non-finite value."""
     bad = amax_bits >= _INF_BITS
     amax = tl.where(bad, 0, amax_bits).to(tl.float32, bitcast=True)
     if FMT == 0:
-        s = tl.minimum(tl.maximum(tl.math.div_rn(amax, 6.0), 0.001953125), 448.0)
-        s = _round_to_quantum(s, tl.maximum(_floor_log2(s) - 3, -9))
+        # amax / 6 correctly rounded: RN(amax·RN(1/6)) refined twice (Markstein); a quotient small enough for the
+        # refinement to underflow is far below the 2^-9 clamp
+        q = amax * 0.1666666716337204
+        q = tl.fma(tl.fma(-q, 6.0, amax), 0.1666666716337204, q)
+        q = tl.fma(tl.fma(-q, 6.0, amax), 0.1666666716337204, q)
+        s = tl.minimum(tl.maximum(q, 0.001953125), 448.0)
+        s = _round_to_quantum(s, tl.maximum((s.to(tl.int32, bitcast=True) >> 23) - 130, -9))  # 3 mantissa bits
+        inv = _reciprocal_ue4m3(s)
     else:
         e = tl.where(amax > 0, _floor_log2(tl.where(amax > 0, amax, 1.0)) - 2, -127)
         e = tl.minimum(tl.maximum(e, -127), 127)
         s = tl.where(e > -127, ((e + 127) << 23).to(tl.float32, bitcast=True), 5.877471754111438e-39)
-    return tl.where(bad, float("nan"), s)
+        inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, normal: e <= 125 for a finite amax
+    return tl.where(bad, float("nan"), s), inv
 
 
 @triton.jit
@@ -195,8 +216,8 @@ def _stage(x0, x1, x2, x3, x4, x5, x6, x7, amax, codes_ptr, scales_ptr, rows, pi
            BLOCK: tl.constexpr, FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr):
     """Block-quantize the tile (block maxima `amax` [BM, H], as bits), store its packed payload if asked, and
     return the 8 dequantized tensors."""
-    s = _block_scale(amax, FMT)[:, :, None]
-    inv = div_ieee(tl.zeros_like(s) + 1.0, s)  # MXFP4's 2^-127 scale is subnormal
+    s, inv = _block_scale(amax, FMT)
+    s, inv = s[:, :, None], inv[:, :, None]
     v0, v1, v2, v3, v4, v5, v6, v7 = x0 * inv, x1 * inv, x2 * inv, x3 * inv, x4 * inv, x5 * inv, x6 * inv, x7 * inv
     if PACKED:
         b = _join4(_code(v0, s) | (_code(v1, s) << 4), _code(v2, s) | (_code(v3, s) << 4),
