@@ -1,6 +1,7 @@
-"""Every kernel variant compiles for Hopper (sm_90) on this CPU machine: the GPU build (inline PTX, native bf16
-conversions) is not what the interpreter runs, so this is where CI sees its compile errors. Runs in a fresh process
-without TRITON_INTERPRET, with Triton's bundled ptxas."""
+"""The kernels as built for a GPU, checked on this CPU machine in fresh processes without TRITON_INTERPRET: every
+variant compiles for Hopper (sm_90) with Triton's bundled ptxas — the GPU build (inline PTX, native bf16
+conversions) is not what the interpreter runs, so this is where CI sees its compile errors — and CPU tensors get a
+clear error."""
 
 import os
 import subprocess
@@ -47,3 +48,25 @@ def test_kernels_compile_for_hopper():
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("Triton's ptxas is not available here")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_cpu_tensors_outside_the_interpreter_get_a_clear_error():
+    """Without CUDA and without the interpreter, the kernels refuse CPU tensors with a message that says what to
+    use instead (not a Triton driver error)."""
+    script = r"""
+import torch, sharq
+from sharq.kernels.epilogue import scale_and_bias_
+from sharq.kernels.prepare import prepare_dequantized
+for call in (lambda: prepare_dequantized(torch.randn(2, 32), sharq.get_recipe("sharq")),
+             lambda: scale_and_bias_(torch.randn(2, 8), torch.ones(1, 1), torch.ones(()))):
+    try:
+        call()
+    except ValueError as e:
+        print("ValueError:", e)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("ValueError:")]
+    assert len(lines) == 2, done.stdout + done.stderr[-2000:]
+    assert "backend='reference'" in lines[0] and "CUDA" in lines[1]
