@@ -18,20 +18,7 @@ import torch
 
 import sharq
 from sharq.eval.perplexity import GraphedForward
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
 
 def time_forward(model: torch.nn.Module, batch: int, seq: int, reps: int, graph: bool

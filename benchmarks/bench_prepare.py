@@ -31,6 +31,7 @@ from sharq._format import format_table
 from sharq.functional import get_backend
 from sharq.kernels import prepare as kp
 from sharq.kernels.epilogue import scale_and_bias_
+from timing import median_ms  # benchmarks/timing.py, beside this script
 
 KERNEL_RECIPES = ["nvfp4", "mxfp4", "sharq", "sharq-mxfp4", "sparse-only", "dense-dense"]
 
@@ -42,20 +43,6 @@ def outlier_x(m: int, k: int, seed: int = 0) -> torch.Tensor:
     ch = torch.randperm(k, device="cuda", generator=g)[: k // 64]
     x[:, ch] *= 10 + 50 * torch.rand(len(ch), device="cuda", generator=g)
     return x.to(torch.bfloat16)
-
-
-def median_ms(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def graph_ms(fn, reps: int = 20, calls: int = 10) -> float:

@@ -142,8 +142,8 @@ def test_kernel_over_the_whole_bf16_range(name, granularity, rng):
     m, k = 6, 512
     x = torch.randn(m, k, generator=rng)
     wide = torch.exp2(torch.randint(-133, 127, (m, k // 2), generator=rng).float())
-    x[:, k // 2:] *= wide  # the first tiles stay moderate (fast path), the last ones span the range
-    x = x.to(torch.bfloat16).to(DEVICE)
+    x[:, k // 2:] *= wide  # the first tiles stay moderate, the last ones span the range
+    x = x.clamp(-3e38, 3e38).to(torch.bfloat16).to(DEVICE)  # finite: non-finite input has its own test
     x[1, :16] = x[1, :16].abs().clamp_max(1e-38) * 1e-2  # a block of subnormals
     recipe = sharq.get_recipe(name, scale_granularity=granularity)
     values, scale = prepare_dequantized(x, recipe)

@@ -33,3 +33,15 @@ def round_bf16(v):
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return tl.where(v == v, bits.to(tl.float32, bitcast=True), v)
+
+
+@triton.jit
+def cast_rne(v, ty: tl.constexpr):
+    """fp32 v in dtype ty, rounded to nearest even on both builds (for bf16 the interpreter's own cast would not)."""
+    if ty == tl.bfloat16:
+        if NATIVE:
+            return v.to(tl.bfloat16, fp_downcast_rounding="rtne")
+        else:
+            return round_bf16(v).to(tl.bfloat16)  # rounded on the bits: the cast is then exact
+    else:
+        return v.to(ty)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NATIVE, round_bf16
+from .common import cast_rne
 
 
 @triton.jit
@@ -32,15 +32,7 @@ def _epilogue_kernel(y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_ym, SX_PER_RO
         y = tl.fma(y, alpha, tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :])
     else:
         y = y * alpha
-    ty = y_ptr.dtype.element_ty
-    if ty == tl.bfloat16:
-        if NATIVE:
-            out = y.to(tl.bfloat16, fp_downcast_rounding="rtne")
-        else:
-            out = round_bf16(y).to(tl.bfloat16)  # rounded on the bits: the interpreter's cast then is exact
-    else:
-        out = y.to(ty)
-    tl.store(ptrs, out, mask=inside)
+    tl.store(ptrs, cast_rne(y, y_ptr.dtype.element_ty), mask=inside)
 
 
 def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None

@@ -35,7 +35,7 @@ import triton.language as tl
 from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
-from .common import NATIVE, div_ieee, round_bf16
+from .common import NATIVE, cast_rne, div_ieee, round_bf16
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -337,14 +337,8 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
                                                 rows, pid_k, M, Kp2, BLOCK2, FMT, BM, H, PACKED)
         d0, d1, d2, d3, d4, d5, d6, d7 = d0 + e0, d1 + e1, d2 + e2, d3 + e3, d4 + e4, d5 + e5, d6 + e6, d7 + e7
 
-    out = _join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H)
-    ty = out_ptr.dtype.element_ty
-    if ty == tl.bfloat16:
-        if NATIVE:
-            out = out.to(tl.bfloat16, fp_downcast_rounding="rtne")
-        else:
-            out = round_bf16(out).to(tl.bfloat16)  # rounded on the bits: the interpreter's cast then is exact
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out.to(ty), mask=inside)
+    out = cast_rne(_join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H), out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out, mask=inside)
 
 
 # --- launch ------------------------------------------------------------------------------------------------------
