@@ -5,15 +5,19 @@ Two kernels per call. `_amax_kernel` reads X once for the finite amax the tensor
 row). `_prepare_kernel` then reads X once more and writes its outputs once: a program loads BLOCK_M rows × 16·H
 columns contiguously and splits the tile in registers into 8 tensors x_j (j = the element's place in its
 8-element chunk), each [BLOCK_M, H halves of 16, 2 chunks]. The masks are elementwise comparisons between the x_j
-and the 16- and 32-element block maxima small reductions.
+and the 16- and 32-element block maxima small reductions. Tiles are 8 × 128 (docs/PERF.md: the kernel is bound by
+instruction issue, about 53 instructions per element on the H200, so every operation below is counted).
 
 Bit-exactness with the torch reference (quant.py, masks.py) rests on these choices:
-- divisions are IEEE (PTX div.rn.f32, subnormals kept), as torch's are — on CUDA too, since the reference divides
-  by tensors, not Python numbers (quant._divide);
+- X / s_x is IEEE (PTX div.rn.f32, subnormals kept), as torch's division is — on CUDA too, since the reference
+  divides by tensors, not Python numbers (quant._divide). The block scales need no division: amax / 6 is a
+  product with RN(1/6) refined twice (exact by Markstein's theorem), and 1/s for UE4M3 is the hardware
+  reciprocal plus one Newton step (exact for all 8 significands; see _reciprocal_ue4m3);
 - bf16 rounding is the GPU's round-to-nearest-even conversion; the interpreter's conversion does not round that
   way, so under TRITON_INTERPRET=1 it is done on the bits;
 - UE4M3 and E2M1 rounding use the add-and-subtract trick: for 0 <= v < 2^(e+22), fp32 (v + 2^(e+23)) − 2^(e+23)
-  rounds v to a multiple of 2^e with round-to-nearest-even, which is the rounding both formats specify;
+  rounds v to a multiple of 2^e with round-to-nearest-even, which is the rounding both formats specify; the
+  constant is built from v's exponent bits;
 - a block's maximum is taken on the bits of |x| as integers, where NaN > Inf > every finite value, so a block
   holding NaN/Inf is seen from its maximum alone and gets the NaN scale (SPEC §8). The pair masks always keep the
   largest element, so the sparse stage's block maxima are X's.
