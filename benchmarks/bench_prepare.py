@@ -7,9 +7,9 @@
 2. Ceilings, measured here: copy bandwidth (a 1 GiB device copy) and the BF16 matrix rate (an 8192³ GEMM).
 3. The grid (Llama-3.1-8B shapes, K ∈ {4096, 14336}, N ∈ {4096, 6144, 14336, 28672}, M ∈ {1, 16, 256, 2048,
    8192}), CUDA events, medians: a device copy of X, BF16 F.linear, the kernel alone (both modes), the SharQ layer
-   (kernel + one BF16 GEMM + the α epilogue, each also timed alone) and the reference backend on the GPU. GPU times come from CUDA-graph
-   replays, which leave out the host's launch cost; the eager times (plain calls) and the host time per call are
-   reported beside them.
+   (kernel + one BF16 GEMM + the α epilogue, each also timed alone) and the reference backend on the GPU.
+   GPU times come from CUDA-graph replays, which leave out the host's launch cost; the eager times (plain calls)
+   and the host time per call are reported beside them.
 Bytes the kernel must move: X read twice (the amax pass and the main pass) and its outputs written once (the bf16
 sum, or the packed payload). Floors: those bytes over the copy bandwidth; a layer's, its GEMM flops over the matrix
 rate plus its kernel's bytes over the bandwidth.
@@ -167,7 +167,8 @@ def bench(quick: bool, ceil: dict) -> list[dict]:
                     packed_ms=packed_ms, packed_gbps=moved_packed / packed_ms / 1e6,
                     packed_floor_ms=moved_packed / bw, bf16_linear_ms=linear_ms, bf16_linear_eager_ms=linear_eager_ms,
                     bf16_floor_ms=max(flops / rate, 2 * (m * k + n * k + m * n) / bw),
-                    gemm_ms=gemm_ms, alpha_ms=alpha_ms, layer_ms=layer_ms, layer_eager_ms=layer_eager_ms, layer_floor_ms=flops / rate + moved / bw,
+                    gemm_ms=gemm_ms, alpha_ms=alpha_ms, layer_ms=layer_ms, layer_eager_ms=layer_eager_ms,
+                    layer_floor_ms=flops / rate + moved / bw,
                     reference_ms=ref_ms, layer_over_bf16=layer_ms / linear_ms,
                     layer_over_bf16_eager=layer_eager_ms / linear_eager_ms, reference_over_layer=ref_ms / layer_ms))
     return out

@@ -14,8 +14,8 @@ from .recipes import QActivation, QWeight, Recipe, get_recipe
 @dataclass(frozen=True)
 class Backend:
     """How a quantized layer runs: `prepare` turns x [M, K] into a prepared activation, `matmul` multiplies it with
-    the prepared weight (adding the bias, returning the given dtype). "reference" is pure torch on any device; "triton" runs the fused kernel where the recipe
-    allows (and the reference preparation elsewhere)."""
+    the prepared weight, adds the bias and returns the given dtype. "reference" is pure torch on any device;
+    "triton" runs the fused kernels where the recipe allows (and the reference preparation elsewhere)."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
     matmul: Callable[[QActivation, QWeight, torch.Tensor | None, torch.dtype], torch.Tensor]
@@ -62,7 +62,8 @@ def check_finite(t: torch.Tensor, where: str, what: str = "input") -> None:
 
 
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference product α · (Σ deq(Qᵢ)) · Ŵᵀ + bias, α = s_x · s_w, as one fp32 GEMM; returns fp32 [M, N]."""
+    """The reference product α · (Σ deq(Qᵢ)) · Ŵᵀ + bias, α = s_x · s_w, as one fp32 GEMM; returns fp32
+    [M, N]."""
     y = (act.values.float() @ qweight.values.float().T) * (act.scale * qweight.scale)  # [1,1] or [M,1] × [] or [N]
     if act.dense is not None:  # outlier channels, in bf16
         y = y + act.dense @ qweight.dense.float().T

@@ -74,7 +74,8 @@ def test_triton_backend_matches_reference_within_bf16_rounding(name, rng):
     recipe = sharq.get_recipe(name)
     act = recipe.prepare_activation(x)
     qw = recipe.prepare_weight(w)
-    # bound: |Σ_k (x̂_k − bf16(x̂_k)) ŵ_k| ≤ 2⁻⁹ Σ_k |x̂_k ŵ_k|, times α, plus the bf16 GEMM's own rounding
+    # bound: |Σ_k (x̂_k − bf16(x̂_k)) ŵ_k| ≤ 2⁻⁹ Σ_k |x̂_k ŵ_k|, times α, plus the bf16 GEMM's own
+    # rounding
     bound = (act.values.abs() @ qw.values.float().abs().T) * (act.scale * qw.scale).abs() * 2.0**-8
     assert ((got - ref).abs() <= bound + 1e-6).all()
     if not supports(recipe):

@@ -147,7 +147,8 @@ def _keep_two(s0, s1, s2, s3):
 def _half_amax(a0, a1, a2, a3, a4, a5, a6, a7, BLOCK: tl.constexpr, BM: tl.constexpr, H: tl.constexpr):
     """Block maxima of 8 |x|-bits tensors [BM, H, 2], one per 16-element half [BM, H] (a 32-block's maximum is
     given to both its halves)."""
-    a = tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7)))
+    a = tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)),
+                   tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7)))
     a = tl.max(a, axis=2)
     if BLOCK == 32:
         a = tl.reshape(tl.broadcast_to(tl.max(tl.reshape(a, (BM, H // 2, 2)), axis=2)[:, :, None], (BM, H // 2, 2)),
