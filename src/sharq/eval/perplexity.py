@@ -58,23 +58,26 @@ class GraphedForward:
     """model(ids).logits, replayed from one CUDA graph per input shape: a quantized layer launches several kernels,
     and in eager mode the host's launch cost, not the GPU, sets the pace (benchmarks/bench_model.py). Windows of a
     perplexity run share one shape, so one capture serves them all. The logits returned are the graph's own
-    buffer, overwritten by the next call. If capture fails (an operation the graph cannot hold), the model runs
-    eagerly from then on."""
+    buffer, overwritten by the next call. With use_graphs=False, or once a capture fails (an operation the graph
+    cannot hold), the model runs eagerly."""
 
-    def __init__(self, model):
-        self.model, self.graphs, self.eager = model, {}, False
+    def __init__(self, model, use_graphs: bool = True):
+        self.model, self.graphs, self.eager = model, {}, not use_graphs
+
+    def _eager(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).logits
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.eager:
-            return self.model(ids, use_cache=False).logits
+            return self._eager(ids)
         if ids.shape not in self.graphs:
             try:
                 self.graphs[ids.shape] = self._capture(ids)
             except Exception as e:  # noqa: BLE001 - any capture failure: fall back, visibly
                 print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); running eagerly")
                 self.eager = True
-                return self.model(ids, use_cache=False).logits
+                return self._eager(ids)
         graph, static_ids, logits = self.graphs[ids.shape]
         static_ids.copy_(ids)
         graph.replay()
@@ -85,11 +88,11 @@ class GraphedForward:
         side = torch.cuda.Stream(ids.device)
         side.wait_stream(torch.cuda.current_stream(ids.device))
         with torch.cuda.stream(side):  # warm up (kernel compilation, lazy buffers) outside the capture
-            self.model(static_ids, use_cache=False)
+            self._eager(static_ids)
         torch.cuda.current_stream(ids.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.model(static_ids, use_cache=False).logits
+            logits = self._eager(static_ids)
         return graph, static_ids, logits
 
 
@@ -101,8 +104,7 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    forward = GraphedForward(model) if cuda_graphs and device.type == "cuda" else (
-        lambda ids: model(ids, use_cache=False).logits)
+    forward = GraphedForward(model, use_graphs=cuda_graphs and device.type == "cuda")
     nll, count = 0.0, 0
     start = time.perf_counter()
     for i in tqdm(range(0, len(batches), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):

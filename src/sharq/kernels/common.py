@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 # compiled for a GPU, or run by Triton's interpreter (which, like @triton.jit, reads TRITON_INTERPRET at import)
-NATIVE = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+NATIVE = tl.constexpr(not INTERPRETED)
+
+
+def require_cuda(t: torch.Tensor, what: str, hint: str) -> None:
+    """The kernels take CUDA tensors, or CPU tensors under the interpreter; anything else is a clear error."""
+    if t.device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"{what} runs on CUDA tensors (got {t.device}); {hint}")
 
 
 @triton.jit

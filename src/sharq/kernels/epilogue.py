@@ -8,13 +8,11 @@ y·α + bias is one fused multiply-add in fp32, rounded once to y's dtype.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .common import cast_rne
+from .common import cast_rne, require_cuda
 
 
 @triton.jit
@@ -39,8 +37,7 @@ def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: t
                     ) -> torch.Tensor:
     """y [M, N] (bf16 or fp32, rows contiguous) ← y·(s_x·s_w) + bias, in place; returns y. s_x is [1, 1] or
     [M, 1], s_w [] / [1] or [N], bias [N] or None."""
-    if y.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"scale_and_bias_ runs on CUDA tensors (got {y.device})")
+    require_cuda(y, "scale_and_bias_", "it is the triton backend's epilogue")
     m, n = y.shape
     if y.stride(-1) != 1:
         raise ValueError("scale_and_bias_ needs rows with unit stride")

@@ -30,7 +30,6 @@ path. Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -39,7 +38,7 @@ import triton.language as tl
 from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
-from .common import NATIVE, cast_rne, div_ieee, round_bf16
+from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -144,6 +143,12 @@ def _keep_two(s0, s1, s2, s3):
 
 
 @triton.jit
+def _kept_nibble(k0, k1, k2, k3):
+    """The 2 kept indices of 4 units (exactly two of k0..k3 set), increasing, 2 bits each: first | second << 2."""
+    return tl.where(k0, 0, tl.where(k1, 1, 2)) | (tl.where(k3, 3, tl.where(k2, 2, 1)) << 2)
+
+
+@triton.jit
 def _half_amax(a0, a1, a2, a3, a4, a5, a6, a7, BLOCK: tl.constexpr, BM: tl.constexpr, H: tl.constexpr):
     """Block maxima of 8 |x|-bits tensors [BM, H, 2], one per 16-element half [BM, H] (a 32-block's maximum is
     given to both its halves)."""
@@ -179,8 +184,8 @@ def _scale_code(s, FMT: tl.constexpr):
     """The 8-bit code of a block scale value: UE4M3 (NaN 0x7F) or E8M0 (NaN 0xFF)."""
     if FMT == 0:
         e = _floor_log2(tl.where(s == s, s, 1.0))
-        unit = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e, normal here (s >= 2^-9)
-        normal = ((e + 7) << 3) | ((s * tl.math.div_rn(1.0, unit) - 1.0) * 8.0).to(tl.int32)
+        inv_unit = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e, exact (s >= 2^-9)
+        normal = ((e + 7) << 3) | ((s * inv_unit - 1.0) * 8.0).to(tl.int32)
         code = tl.where(s >= 0.015625, normal, (s * 512.0).to(tl.int32))
         return tl.where(s == s, code, 0x7F)
     else:
@@ -320,15 +325,12 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     if PACKED and MASK1 != 0:
         chunk = pid_k * 2 * H + tl.arange(0, 2 * H)  # the 8-element chunks of this tile
         if MASK1 == 1:  # the two kept pair indices of each chunk, 2 bits each; two chunks per byte
-            nib = tl.where(k0, 0, tl.where(k1, 1, 2)) | (tl.where(k3, 3, tl.where(k2, 2, 1)) << 2)
-            nib = tl.where((tl.reshape(chunk, (H, 2)) * 8 < K)[None, :, :], nib, 0)
+            nib = tl.where((tl.reshape(chunk, (H, 2)) * 8 < K)[None, :, :], _kept_nibble(k0, k1, k2, k3), 0)
             byte = tl.sum(nib << (tl.arange(0, 2) * 4)[None, None, :], axis=2)
             col = pid_k * H + tl.arange(0, H)
         else:  # 2:4: each chunk is two 4-element groups, 4 indices = one byte
-            lo = tl.where(k0, 0, tl.where(k1, 1, 2)) | (tl.where(k3, 3, tl.where(k2, 2, 1)) << 2)
-            hi = tl.where(k4, 0, tl.where(k5, 1, 2)) | (tl.where(k7, 3, tl.where(k6, 2, 1)) << 2)
-            hi = tl.where((tl.reshape(chunk, (H, 2)) * 8 + 4 < K)[None, :, :], hi, 0)
-            byte = tl.reshape(lo | (hi << 4), (BM, 2 * H))
+            hi = tl.where((tl.reshape(chunk, (H, 2)) * 8 + 4 < K)[None, :, :], _kept_nibble(k4, k5, k6, k7), 0)
+            byte = tl.reshape(_kept_nibble(k0, k1, k2, k3) | (hi << 4), (BM, 2 * H))
             col = chunk
         tl.store(idx_ptr + rows[:, None].to(tl.int64) * idx_bytes + col[None, :], byte.to(tl.uint8),
                  mask=(rows < M)[:, None] & (col < idx_bytes)[None, :])
@@ -359,10 +361,8 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
             tile: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     if not supports(recipe):
         raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if x2d.device.type != "cuda" and not interpret:
-        raise ValueError(f"the triton backend runs on CUDA tensors (got {x2d.device}); use backend='reference' "
-                         "(or TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)")
+    require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
+                 "Triton's interpreter)")
     if x2d.numel() == 0:  # nothing to launch; the reference handles empty shapes
         act = recipe.prepare_activation(x2d)
         return act.values.to(out_dtype), act.scale, act.parts
@@ -376,20 +376,19 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     two = len(stages) == 2
     kp = [-(-k // st.block) * st.block for st in stages]
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
-    if recipe.uses_tensor_scale:  # s_x, written by the kernel
+    if recipe.uses_tensor_scale:  # the amax pass; s_x itself is written by the main kernel
         scale = torch.empty(m if per_row else 1, 1, dtype=torch.float32, device=dev)
-    else:
-        scale = amax = torch.ones(1, 1, dtype=torch.float32, device=dev)  # (amax unused)
-    if recipe.uses_tensor_scale:
-        amax_bk = 512
+        amax_bm, amax_bk = 8, 512
         if per_row:
             amax = torch.empty(m, dtype=torch.int32, device=dev)
-            grid = (triton.cdiv(m, 8),)
+            grid = (triton.cdiv(m, amax_bm),)
         else:
             amax = torch.zeros(1, dtype=torch.int32, device=dev)
-            sms = 4 if interpret else _multiprocessors(dev)
-            grid = (min(triton.cdiv(m, 8) * triton.cdiv(k, amax_bk), 16 * sms),)
-        _amax_kernel[grid](x, amax, m, k, x.stride(0), PER_ROW=per_row, BM=8, BK=amax_bk, num_warps=4)
+            sms = 4 if INTERPRETED else _multiprocessors(dev)
+            grid = (min(triton.cdiv(m, amax_bm) * triton.cdiv(k, amax_bk), 16 * sms),)
+        _amax_kernel[grid](x, amax, m, k, x.stride(0), PER_ROW=per_row, BM=amax_bm, BK=amax_bk, num_warps=4)
+    else:
+        scale = amax = torch.ones(1, 1, dtype=torch.float32, device=dev)  # amax: a placeholder the kernel skips
     payload = []
     for st, kpad in zip(stages, kp):
         codes = torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev) if packed else out
