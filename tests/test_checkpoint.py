@@ -1,4 +1,5 @@
-"""Checkpoints: bit-identical in a fresh process, and a loader that refuses anything that is not what was saved."""
+"""Checkpoints: bit-identical in a fresh process, and two loaders (sharq.load, transformers' from_pretrained) that
+refuse anything that is not what was saved."""
 
 import json
 import subprocess
@@ -50,12 +51,13 @@ def test_checkpoint_round_trip_is_bit_identical_in_a_fresh_process(model_type, r
                     str(tmp_path / "out.pt")], check=True)
     assert torch.equal(torch.load(tmp_path / "out.pt"), want)
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
-    assert cfg["quant_method"] == "sharq" and cfg["format_version"] == 1 and cfg["recipe"]["name"] == recipe
+    assert cfg["quant_method"] == "sharq" and cfg["format_version"] == 2 and cfg["recipe"]["name"] == recipe
+    assert len(cfg["checkpoint_sha256"]) == 64
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
+    d = tmp_path_factory.mktemp("ckpt") / "c"
     sharq.save(_quantized("llama", "sharq"), d)
     return d
 
@@ -67,47 +69,137 @@ def _copy(src, dst):
     return dst
 
 
-def _rewrite_tensors(d, change):
-    from safetensors.torch import load_file, save_file
+def _config(d):
+    return json.loads((d / "config.json").read_text())
 
-    tensors = load_file(str(d / "model.safetensors"))
-    change(tensors)
-    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"]["weights_sha256"] = checkpoint.file_sha256(d / "model.safetensors")
+
+def _write_config(d, cfg, redigest=False):
+    if redigest:  # a consistent forgery: only the structural checks can catch it
+        q = cfg["quantization_config"]
+        q["checkpoint_sha256"] = checkpoint.checkpoint_digest(q, _tensors(d))
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _tensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+def _rewrite_tensors(d, change):
+    from safetensors.torch import save_file
+
+    tensors = _tensors(d)
+    change(tensors)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _write_config(d, _config(d), redigest=True)
+
+
+def _from_pretrained(d, **kw):
+    return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
+
+
+LOADERS = {"sharq.load": sharq.load, "from_pretrained": _from_pretrained}
 CODES = "model.layers.0.mlp.down_proj.weight_codes"
+SCALE = "model.layers.0.mlp.down_proj.weight_scale"
 
 
+@pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("damage,message", [
     (lambda t: t.pop(CODES), "1 missing"),
     (lambda t: t.update(extra=torch.zeros(3)), "1 unexpected"),
     (lambda t: t.update({CODES: t[CODES].to(torch.int16)}), "is torch.int16"),
     (lambda t: t.update({CODES: t[CODES][:, :-1].contiguous()}), "expected torch.uint8"),
+    (lambda t: t.update({SCALE: t[SCALE].to(torch.bfloat16)}), "weight_scale is torch.bfloat16"),  # never cast
 ])
-def test_loader_rejects_tensors_that_do_not_fit(saved, tmp_path, damage, message):
+def test_loaders_reject_tensors_that_do_not_fit(saved, tmp_path, loader, damage, message):
+    """Even with a matching digest (a consistent forgery), both loaders check every tensor's name, dtype and shape
+    before loading: transformers alone would warn and randomly initialize a missing tensor, or cast a payload."""
     d = _copy(saved, tmp_path / "c")
     _rewrite_tensors(d, damage)
-    with pytest.raises(ValueError, match=message):
-        sharq.load(d)
+    with pytest.raises(checkpoint.IntegrityError, match=message):
+        LOADERS[loader](d)
 
 
-def test_loader_rejects_bad_configs(saved, tmp_path):
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("edit", [
+    lambda q: q["recipe"]["stages"][1].update(block_size=32),  # the residual's block size
+    lambda q: q["recipe"]["stages"][0].update(mask="2:4"),
+    lambda q: q["recipe"].update(stages=q["recipe"]["stages"][:1]),  # drop the residual stage
+    lambda q: q["recipe"].update(scale_granularity="token"),
+    lambda q: q.update(share_inputs=False),
+])
+def test_the_digest_covers_the_quantization_config(saved, tmp_path, loader, edit):
+    """Editing the recipe in config.json would load a different model: the digest covers it."""
     d = _copy(saved, tmp_path / "c")
-    cfg = json.loads((d / "config.json").read_text())
+    cfg = _config(d)
+    edit(cfg["quantization_config"])
+    _write_config(d, cfg)
+    with pytest.raises(checkpoint.IntegrityError, match="do not match the checkpoint_sha256"):
+        LOADERS[loader](d)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("edit", [lambda q: q.pop("checkpoint_sha256"), lambda q: q.update(checkpoint_sha256=None)])
+def test_a_missing_digest_is_an_error_unless_verify_is_off(saved, tmp_path, rng, loader, edit):
+    d = _copy(saved, tmp_path / "c")
+    cfg = _config(d)
+    edit(cfg["quantization_config"])
+    _write_config(d, cfg)
+    with pytest.raises(checkpoint.IntegrityError, match="records no checkpoint_sha256.*verify=False"):
+        LOADERS[loader](d)
+    ids = torch.randint(0, 96, (1, 6), generator=rng)
+    with torch.no_grad():
+        assert torch.equal(sharq.load(d, verify=False)(ids).logits, sharq.load(saved)(ids).logits)
+
+
+def test_a_format_1_checkpoint_needs_verify_off(saved, tmp_path):
+    """sharq 0.1's hash covered the weights file only: such a checkpoint loads with verify=False, not silently."""
+    d = _copy(saved, tmp_path / "c")
+    cfg = _config(d)
+    q = cfg["quantization_config"]
+    q.pop("checkpoint_sha256")
+    q.update(format_version=1, weights_sha256="0" * 64)
+    _write_config(d, cfg)
+    with pytest.raises(checkpoint.IntegrityError, match="format 1"):
+        sharq.load(d)
+    sharq.load(d, verify=False)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_loaders_reject_bad_configs_before_building_anything(saved, tmp_path, monkeypatch, loader):
+    d = _copy(saved, tmp_path / "c")
+    cfg = _config(d)
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was built from an invalid config")
+
+    monkeypatch.setattr(checkpoint, "quantize_like", no_model)
     for change, message in [
         (lambda c: c["quantization_config"].update(format_version=99), "format version 99"),
-        (lambda c: c["quantization_config"].update(quant_method="gptq"), "no sharq quantization_config"),
         (lambda c: c["quantization_config"].pop("recipe"), "lacks 'recipe'"),
         (lambda c: c["quantization_config"]["recipe"].update(stages=[{"fmt": "int3"}]), "unknown format"),
+        (lambda c: c["quantization_config"]["recipe"]["stages"][0].update(block_size=1 << 30), "block_size must be"),
+        (lambda c: c["quantization_config"]["recipe"].update(weight_block=-32), "block_size must be"),
+        (lambda c: c["quantization_config"]["recipe"].update(weight_block="32"), "block_size must be an int"),
+        (lambda c: c["quantization_config"]["recipe"].update(outlier_fraction=7), "outlier_fraction"),
+        (lambda c: c["quantization_config"].update(modules="model.layers.0"), "modules must be a list"),
+        (lambda c: c["quantization_config"].update(share_inputs="yes"), "share_inputs"),
     ]:
         broken = json.loads(json.dumps(cfg))
         change(broken)
-        (d / "config.json").write_text(json.dumps(broken))
+        _write_config(d, broken)
         with pytest.raises(ValueError, match=message):
-            sharq.load(d)
+            LOADERS[loader](d)
+
+
+def test_load_rejects_unreadable_configs(saved, tmp_path):
+    d = _copy(saved, tmp_path / "c")
+    cfg = _config(d)
+    cfg["quantization_config"].update(quant_method="gptq")
+    _write_config(d, cfg)
+    with pytest.raises(ValueError, match="no sharq quantization_config"):
+        sharq.load(d)
     (d / "config.json").write_text("{ not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         sharq.load(d)
@@ -116,9 +208,18 @@ def test_loader_rejects_bad_configs(saved, tmp_path):
         sharq.load(d)
 
 
+@pytest.fixture(scope="module")
+def saved_logits(saved):
+    ids = torch.arange(1, 12).reshape(1, 11)
+    with torch.no_grad():
+        return ids, sharq.load(saved)(ids).logits
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_fuzz_truncated_or_flipped_weights_never_load(saved, tmp_path_factory, data):
+def test_fuzz_a_damaged_checkpoint_never_loads_as_another_model(saved, saved_logits, tmp_path_factory, data):
+    """Truncate the weights anywhere or flip any byte: loading raises, or (a flip in the header's padding or
+    metadata, which the digest does not need to cover) gives the saved model's logits bit for bit."""
     d = _copy(saved, tmp_path_factory.mktemp("fuzz") / "c")
     path = d / "model.safetensors"
     blob = bytearray(path.read_bytes())
@@ -128,24 +229,77 @@ def test_fuzz_truncated_or_flipped_weights_never_load(saved, tmp_path_factory, d
         i = data.draw(st.integers(0, len(blob) - 1), label="offset")
         blob[i] ^= data.draw(st.integers(1, 255), label="xor")
     path.write_bytes(bytes(blob))
-    with pytest.raises(ValueError):
-        sharq.load(d)
-
-
-def test_truncated_weights_without_a_hash_are_refused(saved, tmp_path):
-    d = _copy(saved, tmp_path / "c")
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["quantization_config"].pop("weights_sha256")
-    (d / "config.json").write_text(json.dumps(cfg))
-    blob = (d / "model.safetensors").read_bytes()
-    (d / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        sharq.load(d)
+    ids, want = saved_logits
+    for loader in LOADERS.values():
+        try:
+            model = loader(d)
+        except ValueError:
+            continue
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, want)
 
 
 def test_save_needs_a_sharq_model(tmp_path):
     with pytest.raises(ValueError, match="not quantized by sharq"):
         sharq.save(tiny("llama"), tmp_path)
+
+
+def test_save_never_overwrites_by_accident_and_is_atomic(saved, tmp_path, monkeypatch, rng):
+    model = _quantized("llama", "nvfp4")
+    d = _copy(saved, tmp_path / "c")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    with pytest.raises(FileExistsError, match="not empty: pass overwrite=True"):
+        sharq.save(model, d)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="is a file"):
+        sharq.save(model, tmp_path / "file")
+
+    class Interrupted(Exception):
+        pass
+
+    class Tokenizer:  # fails half way through the save, after the weights are written
+        def save_pretrained(self, _):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        sharq.save(model, d, Tokenizer(), overwrite=True)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the previous checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file"]  # and no temporary directory is left
+    sharq.save(model, d, overwrite=True)
+    ids = torch.randint(0, 96, (1, 5), generator=rng)
+    with torch.no_grad():
+        assert torch.equal(sharq.load(d)(ids).logits, model(ids).logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file"]
+
+
+@pytest.mark.parametrize("source", ["sharq.load", "from_pretrained", "quantize_model"])
+def test_save_pretrained_writes_a_sharq_checkpoint(saved, tmp_path, rng, source):
+    """model.save_pretrained(DIR) of any sharq model writes the quantization_config and its digest (it used to
+    write neither, and from_pretrained then built a plain model with random weights)."""
+    model = {"sharq.load": lambda: sharq.load(saved), "from_pretrained": lambda: _from_pretrained(saved),
+             "quantize_model": lambda: _quantized("qwen3_moe", "sharq")}[source]()
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+    model.save_pretrained(tmp_path / "again")
+    q = _config(tmp_path / "again")["quantization_config"]
+    assert q["quant_method"] == "sharq" and len(q["checkpoint_sha256"]) == 64
+    for loader in LOADERS.values():
+        with torch.no_grad():
+            assert torch.equal(loader(tmp_path / "again")(ids).logits, want)
+
+
+def test_a_model_cast_to_bf16_saves_and_loads_exactly(tmp_path, rng):
+    """model.to(bf16) keeps the fp32 weight_scale (a bf16 one changed every output and load refused it); the
+    checkpoint then loads in bf16 bit-identical, and in fp32 with its bf16 norms and embeddings cast up."""
+    model = _quantized("llama", "sharq").to(torch.bfloat16)
+    ids = torch.randint(0, 96, (1, 9), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+    sharq.save(model, tmp_path / "c")
+    with torch.no_grad():
+        assert torch.equal(sharq.load(tmp_path / "c", dtype=torch.bfloat16)(ids).logits, want)
+        assert torch.isfinite(sharq.load(tmp_path / "c")(ids).logits).all()
 
 
 @pytest.mark.parametrize("model_type,recipe", [("llama", "sharq"), ("qwen3_moe", "sharq"), ("llama", "outlier-channels"),
@@ -155,8 +309,8 @@ def test_transformers_from_pretrained_loads_a_sharq_checkpoint(model_type, recip
     ids = torch.randint(0, 96, (1, 9), generator=rng)
     with torch.no_grad():
         want = model(ids).logits
-    sharq.save(model, tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    sharq.save(model, tmp_path / "c")
+    loaded = _from_pretrained(tmp_path / "c")
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, want)
     layers = [m for m in loaded.modules() if isinstance(m, sharq.SharQLinear)]
@@ -166,19 +320,10 @@ def test_transformers_from_pretrained_loads_a_sharq_checkpoint(model_type, recip
 
 def test_from_pretrained_in_bf16_keeps_the_payload_exact(tmp_path, rng):
     model = _quantized("llama", "mxfp4")
-    sharq.save(model, tmp_path)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    sharq.save(model, tmp_path / "c")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.bfloat16)
     for name, m in loaded.named_modules():
         if isinstance(m, sharq.SharQLinear):
             original = model.get_submodule(name)
             assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_codes, original.weight_codes)
             assert torch.equal(m.weight_values, original.weight_values)
-
-
-def test_from_pretrained_refuses_a_corrupt_checkpoint(saved, tmp_path):
-    d = _copy(saved, tmp_path / "c")
-    blob = bytearray((d / "model.safetensors").read_bytes())
-    blob[-1] ^= 0xFF
-    (d / "model.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match="sha256"):
-        transformers.AutoModelForCausalLM.from_pretrained(d)

@@ -112,3 +112,78 @@ def test_token_scale_is_batch_invariant_and_tensor_scale_is_not(rng):
     torch.testing.assert_close(alone, inside, rtol=1e-6, atol=1e-6)  # up to the GEMM's accumulation order
     # the paper's per-tensor scale is batch-dependent: loud neighbours change this row's result
     assert (sharq.simulate_linear(row, w) - sharq.simulate_linear(batch, w)[5:6]).abs().max() > 1e-3
+
+
+# Recipes whose first step rounds X itself to bf16 (no tensor scale in front): a finite value beyond bf16's range
+# becomes ±Inf there, so it behaves as a non-finite input (SPEC §8).
+ROUNDS_X_ITSELF = {"bf16", "fp8", "mxfp4", "hif4", "sharq-mxfp4", "sharq-hif4"}
+
+
+@pytest.mark.parametrize("name", sharq.list_recipes())
+def test_finite_inputs_beyond_bf16_follow_the_overflow_rule(name, rng):
+    k, n = 64, 8
+    w = torch.randn(n, k, generator=rng) * 1e-3
+    x = torch.randn(4, k, generator=rng)
+    x[1, 9] = 3.4e38  # finite in fp32, above bf16's largest value (3.3895e38)
+    y = _run(x, w, name)
+    if name in ROUNDS_X_ITSELF:
+        clean = x.clone()
+        clean[1, 9] = 0.0
+        assert (torch.isnan(y[1]) if name != "bf16" else ~torch.isfinite(y[1])).all()
+        rest = [0, 2, 3]
+        assert torch.equal(y[rest], _run(clean, w, name)[rest])
+        with pytest.raises(ValueError, match="output has 8 non-finite value.*overflows"):
+            _run(x, w, name, strict=True)
+    else:  # the tensor scale brings X/s_x into range: the result is finite, the huge value times its column
+        assert torch.isfinite(y).all()
+        stats = torch.arange(k, dtype=torch.float32) if name == "outlier-channels" else None
+        recipe = sharq.get_recipe(name)
+        channels = recipe.select_channels(stats) if stats is not None else None
+        w_eff = recipe.prepare_weight(w, channels).effective()
+        torch.testing.assert_close(y[1], 3.4e38 * w_eff[:, 9], rtol=1e-3, atol=0)
+        _run(x, w, name, strict=True)
+
+
+def test_strict_catches_a_result_that_overflows(rng):
+    w = torch.full((4, 32), 1e3)
+    x = torch.full((2, 32), 1e37)
+    assert torch.isinf(sharq.simulate_linear(x, w, recipe="nvfp4")).all()  # IEEE: beyond fp32 is ±Inf
+    with pytest.raises(ValueError, match="output has 8 non-finite"):
+        sharq.simulate_linear(x, w, recipe="nvfp4", strict=True)
+
+
+def test_fp8_keeps_large_finite_results_finite(rng):
+    """fp8's per-row scale multiplies the output, not the GEMM operands, so |x| up to 1e37 (a finite result)
+    stays finite."""
+    x = torch.randn(5, 64, generator=rng) * 1e37
+    w = torch.randn(8, 64, generator=rng) / 8
+    y = sharq.simulate_linear(x, w, recipe="fp8")
+    exact = (x.double() @ w.double().T)
+    assert torch.isfinite(y).all()
+    assert ((y.double() - exact).norm() / exact.norm()) < 0.05
+
+
+def test_non_finite_outlier_channel_makes_its_row_nan(rng):
+    x = outlier_activations(rng, 4, 96)
+    w = torch.randn(6, 96, generator=rng)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        xb = x.clone()
+        xb[2, 95] = bad  # channel 95 has the largest statistic: kept in bf16
+        y = _run(xb, w, "outlier-channels")
+        assert torch.isnan(y[2]).all() and torch.equal(y[[0, 1, 3]], _run(x, w, "outlier-channels")[[0, 1, 3]])
+
+
+@pytest.mark.parametrize("name", ["sharq", "fp8", "outlier-channels"])
+def test_gradients_are_those_of_the_unquantized_linear(name, rng):
+    """simulate_linear's backward is the straight-through estimator: exactly the gradients of x·Wᵀ + b."""
+    x = outlier_activations(rng, 6, 48).requires_grad_()
+    w = torch.randn(10, 48, generator=rng).requires_grad_()
+    b = torch.randn(10, generator=rng).requires_grad_()
+    dy = torch.randn(6, 10, generator=rng)
+    _run(x, w, name, bias=b).backward(dy)
+    got = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    torch.nn.functional.linear(x, w, b).backward(dy)
+    for g, t in zip(got, (x, w, b)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-6, atol=1e-6)

@@ -126,6 +126,89 @@ def test_shared_inputs_prepare_once_per_group(monkeypatch):
     assert len(calls) == 2 * 7
 
 
+def _isolated_outputs_match(model, run):
+    """Run `run()` (a forward of the model); every SharQLinear's output must equal the layer run alone on a copy of
+    its input, outside any block call (so with no sharing at all)."""
+    seen, handles = _record_layer_io(model)
+    run()
+    for h in handles:
+        h.remove()
+    assert seen
+    for layer, x, y in seen:
+        with torch.no_grad():
+            assert torch.equal(y, layer(x.clone())), layer.name
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_shared_preparation_equals_isolated_layers(mode, rng):
+    """q/k/v (gate/up) share one preparation per block call, under torch.inference_mode() too (inference tensors
+    have no version counter), and each shared output is the layer's own."""
+    model = sharq.quantize_model(tiny("llama"), "sharq")
+    ids = torch.randint(0, 96, (2, 9), generator=rng)
+    context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[mode]
+
+    def run():
+        with context():
+            model(ids)
+
+    _isolated_outputs_match(model, run)
+
+
+def test_writes_that_bypass_the_version_counter_are_never_missed(rng):
+    """Outside a call of its block a layer never reuses an activation, so writes that autograd cannot see (.data,
+    a numpy view, swapping .data) between two member calls change what the next member computes."""
+    model = sharq.quantize_model(tiny("llama"), "sharq")
+    attn = model.model.layers[0].self_attn
+
+    def alone(layer, x):
+        fresh = snn.SharQLinear(layer.in_features, layer.out_features, layer.recipe, layer.qweight, layer.bias)
+        return fresh(x.clone())
+
+    with torch.no_grad():
+        for write in (lambda x: x.data.mul_(3), lambda x: x.numpy().__setitem__((0, 0), 40.0),
+                      lambda x: setattr(x, "data", torch.randn(x.shape, generator=rng))):
+            x = torch.randn(4, 64, generator=rng)
+            attn.q_proj(x)
+            write(x)
+            assert torch.equal(attn.k_proj(x), alone(attn.k_proj, x))
+            assert torch.equal(attn.v_proj(x), alone(attn.v_proj, x))
+
+
+def test_calibrated_layers_keep_their_own_outlier_channels(rng):
+    """outlier-channels: q, k and v have their own calibrated channels, so they do not share a preparation."""
+    model = tiny("llama")
+    stats = {n: torch.rand(m.in_features, generator=rng) for n, m in target_linears(model).items()}
+    sharq.quantize_model(model, "outlier-channels", calibration=stats)
+    attn = model.model.layers[0].self_attn
+    assert not torch.equal(attn.q_proj.channels, attn.k_proj.channels)
+    ids = torch.randint(0, 96, (1, 8), generator=rng)
+
+    def run():
+        with torch.no_grad():
+            model(ids)
+
+    _isolated_outputs_match(model, run)
+
+
+def test_a_deep_copy_shares_within_its_own_blocks(monkeypatch, rng):
+    """Copies (sharq eval quantizes deep copies) keep sharing, each within its own blocks."""
+    import copy
+
+    calls = []
+    reference = functional.BACKENDS["reference"]
+    counting = functional.Backend(lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c),
+                                  reference.matmul)
+    monkeypatch.setitem(functional.BACKENDS, "counting", counting)
+    model = sharq.quantize_model(tiny("llama"), "sharq", backend="counting")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 96, (1, 5), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+        calls.clear()
+        assert torch.equal(twin(ids).logits, want)
+    assert len(calls) == 2 * 4
+
+
 def test_unknown_architecture_and_override():
     class Block(nn.Module):
         def __init__(self):
@@ -171,3 +254,23 @@ def test_calibrate_and_outlier_channels(rng):
     layer = model.model.layers[0].mlp.down_proj
     assert layer.channels.numel() == 1 and layer.dense_weight.shape == (64, 1)
     assert torch.isfinite(model(torch.randint(0, 96, (1, 8), generator=rng)).logits).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_model_gives_the_eager_logits(dtype, rng):
+    """torch.compile(model) takes a quantized model whole (fullgraph). sharq's layers are custom ops, exact under
+    compile; the model's own ops are inductor's: with emulate_precision_casts (README) a bf16 model's logits are
+    the eager ones bit for bit (without it inductor skips the bf16 roundings of norms and attention and the
+    logits moved by 0.04), and in fp32 they differ only by inductor's fusion (~1e-7, as for the unquantized
+    model)."""
+    model = sharq.quantize_model(tiny("llama").to(dtype), "sharq")
+    ids = torch.randint(0, 96, (2, 24), generator=rng)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
+        want = model(ids).logits
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

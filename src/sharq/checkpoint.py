@@ -1,63 +1,115 @@
 """Quantized checkpoints: a Hugging Face-style directory with the packed payloads in safetensors (docs/FORMAT.md).
 
     config.json         the model's config plus a `quantization_config` block (quant_method "sharq", the format
-                        version, the whole recipe, which modules are quantized)
+                        version, the whole recipe, which modules are quantized, and `checkpoint_sha256`)
     model.safetensors   every tensor of the quantized model's state: packed codes, scale codes and scales of the
                         quantized linears, and the unquantized tensors (embeddings, norms, lm_head), no pickle
     tokenizer files     when a tokenizer is given
 
-`load` rebuilds the model from its config, gives it the same structure with `quantize_model`, checks every tensor's
-name, dtype and shape against it, and loads the payloads: the outputs are bit-identical to the saved model's.
+`checkpoint_sha256` covers everything that changes the computed function: the quantization config and every
+tensor's name, dtype, shape and bytes. Every reader (`load` here, and `from_pretrained` through the transformers
+integration) checks it, then checks each tensor's name, dtype and shape against the structure the config builds,
+before any payload reaches the model: a checkpoint loads bit-identical to what was saved, or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .models import quantize_model, target_linears
+from .nn import SharQLinear
 from .recipes import Recipe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the hash covered only model.safetensors (sharq 0.1)
+READS = (1, 2)
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DIGEST = "checkpoint_sha256"
+# The keys of quantization_config that define the model (the digest covers exactly these).
+DEFINING_KEYS = ("quant_method", "format_version", "recipe", "target_modules", "share_inputs", "modules")
+
+
+class IntegrityError(ValueError):
+    """A checkpoint that is not what was saved: a digest mismatch, a missing digest, or tensors that do not fit."""
 
 
 def quantization_config(model: nn.Module) -> dict:
+    """The quantization_config block of a model sharq quantized (without its digest)."""
     q = getattr(model, "sharq_quantization", None)
     if q is None:
         raise ValueError("this model was not quantized by sharq.quantize_model: nothing to save as a sharq checkpoint")
     return {"quant_method": "sharq", "format_version": FORMAT_VERSION, **q}
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the defining keys of the quantization config and of every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(b"sharq checkpoint\n")
+    h.update(json.dumps({k: qcfg.get(k) for k in DEFINING_KEYS}, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"\n{name}\n{str(t.dtype).removeprefix('torch.')}\n{list(tensors[name].shape)}\n".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors (e.g. lm_head = embed_tokens) stored once, under their first name."""
-    tied = _tied_names(model)
+    tied = tied_names(model)
     return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if n not in tied}
 
 
-def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
-    """Write a sharq checkpoint of a model quantized with sharq.quantize_model."""
-    from safetensors.torch import save_file
+def payload_names(model: nn.Module) -> set[str]:
+    """State-dict names whose dtype is part of the format (SharQLinear.PAYLOAD): never cast on load."""
+    return {f"{prefix}.{b}" for prefix, m in model.named_modules() if isinstance(m, SharQLinear)
+            for b in SharQLinear.PAYLOAD}
 
-    qcfg = quantization_config(model)
+
+# --- writing -------------------------------------------------------------------------------------------------------
+def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a sharq checkpoint of a model quantized with sharq.quantize_model.
+
+    Atomic: everything is written into a new directory beside `directory`, which then takes its place, so an
+    interrupted save leaves any previous checkpoint intact. An existing file, or a non-empty directory without
+    overwrite=True, is a FileExistsError."""
+    quantization_config(model)
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(_unique_state(model), str(out / WEIGHTS), metadata={"format": "pt", "quant_method": "sharq",
-                                                                   "format_version": str(FORMAT_VERSION)})
-    config = model.config.to_dict()
-    config["quantization_config"] = {**qcfg, "weights_sha256": file_sha256(out / WEIGHTS)}
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a checkpoint directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)  # the transformers integration makes this a sharq checkpoint (digest included)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` to `target`; an existing `target` is moved aside first and deleted only once `new` is in place."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / target.name)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
 def is_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a directory holding a sharq checkpoint (a config.json with quant_method "sharq")."""
     config = Path(path) / "config.json"
@@ -71,7 +123,7 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def read_quantization_config(directory: str | Path) -> dict:
-    """The checkpoint's quantization_config, validated."""
+    """The checkpoint's quantization_config, validated (validate_quantization_config)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a sharq checkpoint")
@@ -79,19 +131,127 @@ def read_quantization_config(directory: str | Path) -> dict:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    q = config.get("quantization_config")
+    q = config.get("quantization_config") if isinstance(config, dict) else None
     if not isinstance(q, dict) or q.get("quant_method") != "sharq":
         raise ValueError(f"{path} has no sharq quantization_config (quant_method 'sharq')")
-    if q.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: sharq checkpoint format version {q.get('format_version')!r} is not supported by "
-                         f"this sharq (reads version {FORMAT_VERSION}); upgrade sharq")
-    for key in ("recipe", "modules"):
-        if key not in q:
-            raise ValueError(f"{path}: quantization_config lacks {key!r}")
+    validate_quantization_config(q, str(path))
     return q
 
 
-def quantize_like(model: nn.Module, q: dict, backend: str = "reference") -> nn.Module:
+def validate_quantization_config(q: Mapping, where: str) -> Recipe:
+    """Check every value of a quantization_config (types, the recipe's formats and block sizes) before anything
+    is allocated; returns its recipe."""
+    if q.get("format_version") not in READS:
+        raise ValueError(f"{where}: sharq checkpoint format version {q.get('format_version')!r} is not supported by "
+                         f"this sharq (reads versions {', '.join(map(str, READS))}); upgrade sharq")
+    for key in ("recipe", "modules"):
+        if q.get(key) is None:
+            raise ValueError(f"{where}: quantization_config lacks {key!r}")
+    if not isinstance(q["recipe"], dict):
+        raise ValueError(f"{where}: quantization_config's recipe must be an object, got {q['recipe']!r}")
+    for key in ("modules", "target_modules"):
+        value = q.get(key)
+        if not (value is None and key == "target_modules") and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{where}: quantization_config's {key} must be a list of module names, got {value!r}")
+    if not isinstance(q.get("share_inputs", True), bool):
+        raise ValueError(f"{where}: quantization_config's share_inputs must be true or false")
+    try:
+        return Recipe.from_dict(q["recipe"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def verify_digest(q: Mapping, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """The digest recorded in the config must match the config and the tensors."""
+    recorded = q.get(DIGEST)
+    if recorded is None:
+        hint = (" (format 1, sharq 0.1: its hash covered only the weights file; re-save it with sharq.save)"
+                if q.get("format_version") == 1 else "")
+        raise IntegrityError(f"{where} records no {DIGEST}{hint}: nothing proves it is the model that was saved. "
+                             "Load it anyway with sharq.load(..., verify=False)")
+    if checkpoint_digest(q, tensors) != recorded:
+        raise IntegrityError(f"{where}: the tensors and quantization_config do not match the {DIGEST} recorded in "
+                             "config.json: the checkpoint is corrupt or was changed after saving")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
+    index = directory / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
+        return [directory / s for s in shards]
+    return [directory / WEIGHTS]
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a checkpoint's safetensors files, read one at a time on access (the headers up front), so
+    hashing a checkpoint never holds a second copy of it. A truncated or corrupt file is a ValueError, a missing
+    one a FileNotFoundError."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self._file: dict[str, Path] = {}
+        self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # name -> (dtype, shape), from the headers
+        for path in files:
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint weights {path} are missing")
+            try:
+                with safe_open(str(path), "pt") as f:
+                    for name in f.keys():
+                        if name in self._file:
+                            raise IntegrityError(f"{path} repeats tensor {name} of {self._file[name]}")
+                        header = f.get_slice(name)
+                        dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
+                        if dtype is None:
+                            raise IntegrityError(f"{path}: tensor {name} has an unsupported dtype {header.get_dtype()}")
+                        self._file[name], self.info[name] = path, (dtype, tuple(header.get_shape()))
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._file)
+
+    def __len__(self) -> int:
+        return len(self._file)
+
+
+def check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, tuple[torch.dtype, tuple]],
+                  payload: set[str], tied: set[str], where: str) -> None:
+    """Names, dtypes and shapes of a checkpoint's tensors (`found`: name -> (dtype, shape)) against the model its
+    config builds. Payload tensors keep their exact dtype; the unquantized floating tensors (embeddings, norms,
+    biases) may come in another floating dtype and are cast to the model's, as transformers does."""
+    missing = sorted(set(expected) - set(found) - tied)
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise IntegrityError(f"{where}: checkpoint tensors do not match the model: {len(missing)} missing (e.g. "
+                             f"{missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for name, (dtype, shape) in found.items():
+        want = expected[name]
+        castable = name not in payload and dtype.is_floating_point and want.dtype.is_floating_point
+        if tuple(shape) != tuple(want.shape) or (dtype != want.dtype and not castable):
+            raise IntegrityError(f"{where}: tensor {name} is {dtype} {tuple(shape)}, expected {want.dtype} "
+                                 f"{tuple(want.shape)}")
+
+
+def quantize_like(model: nn.Module, q: Mapping, backend: str = "reference") -> nn.Module:
     """Give a freshly built (unquantized) model the structure a checkpoint's quantization_config describes, with
     placeholder payloads for the checkpoint's tensors to fill. Used by `load` and by the transformers integration."""
     recipe = Recipe.from_dict(q["recipe"])
@@ -101,67 +261,34 @@ def quantize_like(model: nn.Module, q: dict, backend: str = "reference") -> nn.M
     quantize_model(model, recipe, backend=backend, target_modules=q.get("target_modules"), calibration=calibration,
                    share_inputs=q.get("share_inputs", True))
     if sorted(model.sharq_quantization["modules"]) != sorted(q["modules"]):
-        raise ValueError("the checkpoint's quantized modules do not match the model its config builds")
+        raise IntegrityError("the checkpoint's quantized modules do not match the model its config builds")
     return model
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_tensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file whose hash matches the config's (a flipped byte is an error, not a model)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint weights {path} are missing")
-    if sha256 is not None and file_sha256(path) != sha256:
-        raise ValueError(f"{path} does not match the sha256 recorded in config.json: the file is corrupt or was "
-                         "changed after saving")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
-
-
 def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         backend: str = "reference") -> nn.Module:
-    """A model saved by `save`, with outputs bit-identical to the saved model's. Any mismatch between the files
-    and the structure their config describes (missing, unexpected, mis-typed or mis-shaped tensors) is an error."""
+         backend: str = "reference", *, verify: bool = True) -> nn.Module:
+    """A model saved by `save` (or by save_pretrained of a sharq model), with outputs bit-identical to the saved
+    model's. The digest is checked first (verify=False skips it, for checkpoints that record none), then every
+    tensor's name, dtype and shape against the structure the config describes: any mismatch is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     q = read_quantization_config(directory)
-    Recipe.from_dict(q["recipe"])  # a bad recipe fails before the weights are read
-    tensors = _read_tensors(directory / WEIGHTS, q.get("weights_sha256"))
+    tensors = CheckpointTensors(weight_files(directory))
+    if verify:
+        verify_digest(q, tensors, str(directory))
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend)
-    expected = model.state_dict()
-    tied = {n for n in expected if n not in tensors and n in _tied_names(model)}
-    missing = sorted(set(expected) - set(tensors) - tied)
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{directory}: checkpoint tensors do not match the model: "
-                         f"{len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:2]})")
-    for name, t in tensors.items():
-        want = expected[name]
-        if t.dtype != want.dtype or t.shape != want.shape:
-            raise ValueError(f"{directory}: tensor {name} is {t.dtype} {tuple(t.shape)}, expected {want.dtype} "
-                             f"{tuple(want.shape)}")
-    model.load_state_dict(tensors, strict=False)
-    model.sharq_quantization = {k: v for k, v in q.items() if k not in ("quant_method", "format_version")}
+    expected, payload = model.state_dict(), payload_names(model)
+    check_tensors(expected, tensors.info, payload, tied_names(model), str(directory))
+    model.load_state_dict({n: t if n in payload else t.to(expected[n].dtype) for n, t in tensors.items()},
+                          strict=False)
     return model.to(device).eval()
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: nn.Module) -> set[str]:
     """State-dict names that share storage with an earlier name (saved once)."""
     seen, tied = set(), set()
     for name, t in model.state_dict().items():

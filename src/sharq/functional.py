@@ -1,7 +1,12 @@
-"""The reference forward of one quantized linear layer (pure torch, any device)."""
+"""The forward of one quantized linear layer: backends, the custom ops torch.compile sees, the straight-through
+gradient, and `simulate_linear`."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +49,19 @@ def get_backend(name: str) -> Backend:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
 
 
+def check_backend(name: str, device: torch.device | str) -> None:
+    """Raise a ValueError saying what is missing when backend `name` cannot run on `device` (checked before any
+    model work): "triton" needs the triton package and a CUDA device, or Triton's interpreter (TRITON_INTERPRET=1)."""
+    get_backend(name)
+    if name == "reference":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError(f"backend {name!r} needs Triton: pip install 'sharq[gpu]' (or use backend='reference')")
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend {name!r} runs on CUDA devices, not {device} (use backend='reference', or "
+                         "TRITON_INTERPRET=1 to run its kernels in Triton's interpreter)")
+
+
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     if x.dim() == 0 or x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"x [..., K] and weight [N, K] disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
@@ -59,6 +77,15 @@ def check_finite(t: torch.Tensor, where: str, what: str = "input") -> None:
     bad = t.numel() - int(torch.isfinite(t).sum())
     if bad:
         raise ValueError(f"{where}: {what} has {bad} non-finite value(s) (NaN/Inf) out of {t.numel()}")
+
+
+def check_output_finite(y: torch.Tensor, where: str) -> None:
+    """strict mode, after the layer: with finite inputs, a non-finite output means the result overflowed (the
+    output dtype's range, or bf16's for recipes that round the input to bf16 unscaled; SPEC §8)."""
+    bad = y.numel() - int(torch.isfinite(y).sum())
+    if bad:
+        raise ValueError(f"{where}: output has {bad} non-finite value(s) out of {y.numel()} although input and "
+                         f"weight are finite: the result overflows {y.dtype} (or the input overflows bf16)")
 
 
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,6 +117,106 @@ def _matmul_bf16(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, 
     return scale_and_bias_(y, act.scale, qweight.scale, bias)
 
 
+# --- custom ops: what torch.compile sees ---------------------------------------------------------------------------
+# The numerics depend on exact fp32 and bf16 roundings that inductor would fuse away (SPEC §3: bf16(X / s)). Under
+# torch.compile a layer is two opaque ops, so compiled and eager runs compute the same bits; in eager mode the same
+# functions are called directly, without the dispatcher's cost.
+@functools.lru_cache(maxsize=256)
+def _recipe(recipe_json: str) -> Recipe:
+    return Recipe.from_dict(json.loads(recipe_json))
+
+
+@torch.library.custom_op("sharq::prepare", mutates_args=())
+def _prepare_op(x2d: torch.Tensor, recipe: str, backend: str, channels: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act = get_backend(backend).prepare(x2d, _recipe(recipe), channels)
+    dense = act.dense if act.dense is not None else act.values.new_empty(x2d.shape[0], 0)
+    return act.values, act.scale, dense
+
+
+@_prepare_op.register_fake
+def _(x2d, recipe, backend, channels):
+    r = _recipe(recipe)
+    from_kernel = backend == "triton" and channels is None and x2d.is_cuda and _kernel_supports(r)
+    values = x2d.new_empty(x2d.shape, dtype=torch.bfloat16 if from_kernel else torch.float32)
+    per_row = (r.uses_tensor_scale and r.scale_granularity == "token") or any(s.block is None for s in r.stages)
+    scale = x2d.new_empty((x2d.shape[0] if per_row else 1, 1), dtype=torch.float32)
+    dense = x2d.new_empty((x2d.shape[0], 0 if channels is None else channels.numel()), dtype=torch.float32)
+    return values, scale, dense
+
+
+def _kernel_supports(recipe: Recipe) -> bool:
+    from .kernels.prepare import supports
+
+    return supports(recipe)
+
+
+@torch.library.custom_op("sharq::matmul", mutates_args=())
+def _matmul_op(values: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor, weight_values: torch.Tensor,
+               weight_scale: torch.Tensor, dense_weight: torch.Tensor | None, bias: torch.Tensor | None, backend: str,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    act = QActivation((), values, scale, dense if dense_weight is not None else None)
+    return get_backend(backend).matmul(act, QWeight(weight_values, weight_scale, None, None, dense_weight), bias,
+                                       out_dtype)
+
+
+@_matmul_op.register_fake
+def _(values, scale, dense, weight_values, weight_scale, dense_weight, bias, backend, out_dtype):
+    return values.new_empty((values.shape[0], weight_values.shape[0]), dtype=out_dtype)
+
+
+def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Tensor | None = None) -> QActivation:
+    """The activation of x [M, K] as `backend` prepares it for `recipe`."""
+    if torch.compiler.is_compiling():
+        values, scale, dense = torch.ops.sharq.prepare(x2d, recipe.key, backend, channels)
+        return QActivation((), values, scale, dense if channels is not None else None)
+    return get_backend(backend).prepare(x2d, recipe, channels)
+
+
+def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str
+           ) -> torch.Tensor:
+    """α · act · Ŵᵀ + bias [M, N] in out_dtype, as `backend` computes it."""
+    if torch.compiler.is_compiling():
+        dense = act.dense if act.dense is not None else act.values.new_empty(act.values.shape[0], 0)
+        return torch.ops.sharq.matmul(act.values, act.scale, dense, qweight.values, qweight.scale, qweight.dense,
+                                      bias, backend, out_dtype)
+    return get_backend(backend).matmul(act, qweight, bias, out_dtype)
+
+
+# --- gradients -----------------------------------------------------------------------------------------------------
+class _StraightThrough(torch.autograd.Function):
+    """The quantized output y in the forward; in the backward, the gradients of x·Wᵀ + b (a straight-through
+    estimator: the quantizers count as the identity). W is a tensor or a function that makes it on demand."""
+
+    @staticmethod
+    def forward(ctx, y, x, weight, weight_fn, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.weight_fn, ctx.bias_dtype = weight_fn, None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        w = weight if ctx.weight_fn is None else ctx.weight_fn()
+        dx = (dy.float() @ w.float()).to(x.dtype) if ctx.needs_input_grad[1] else None
+        dw = (dy.float().T @ x.float()).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        db = dy.float().sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
+        return None, dx, dw, None, db
+
+
+def straight_through(y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor | Callable[[], torch.Tensor],
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (computed without autograd) carrying the straight-through gradient of x·Wᵀ + b to whichever of x, weight
+    and bias require one. `weight` may be a function returning W (a layer's dequantized weight, made only when a
+    backward runs). Without any gradient to carry, y itself."""
+    params = (x2d, weight if isinstance(weight, torch.Tensor) else None, bias)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in params):
+        return y
+    if isinstance(weight, torch.Tensor):
+        return _StraightThrough.apply(y, x2d, weight, None, bias)
+    return _StraightThrough.apply(y, x2d, None, weight, bias)
+
+
 def simulate_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -104,15 +231,21 @@ def simulate_linear(
     per-input-channel statistic [K] such as sharq.calibrate records.
 
     Non-finite values make the rows (tokens) and columns (output channels) they touch NaN, and change nothing
-    else; with strict=True they raise a ValueError instead. backend="triton" runs the fused GPU kernel."""
+    else; with strict=True they raise a ValueError instead, as does a result that overflows. backend="triton" runs
+    the fused GPU kernel. Gradients (to x, weight and bias) are the straight-through ones of x·Wᵀ + b."""
     _check_inputs(x, weight, bias)
     if strict:
         check_finite(x, "simulate_linear")
         check_finite(weight, "simulate_linear", "weight")
     r = get_recipe(recipe)
-    channels = r.select_channels(channel_stats) if channel_stats is not None else None
-    b = get_backend(backend)
-    y = b.matmul(b.prepare(as_rows(x), r, channels), r.prepare_weight(weight, channels), bias, x.dtype)
+    x2d = as_rows(x)
+    with torch.no_grad():
+        channels = r.select_channels(channel_stats) if channel_stats is not None else None
+        act = prepare(x2d, r, backend, channels)
+        y = matmul(act, r.prepare_weight(weight.detach(), channels), bias, x.dtype, backend)
+    y = straight_through(y, x2d, weight, bias)
+    if strict:
+        check_output_finite(y, "simulate_linear")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -1,67 +1,105 @@
-"""transformers integration: `AutoModelForCausalLM.from_pretrained(DIR)` loads a sharq checkpoint after
-`import sharq` (registered under quant_method "sharq" with transformers' quantizer hooks).
+"""transformers integration (registered under quant_method "sharq" with transformers' quantizer hooks, at
+`import sharq`):
 
-transformers builds the model on the meta device, calls our hook to swap in SharQLinear modules (their packed
-buffers are placeholders then), loads every tensor of model.safetensors into them by name (uint8 payloads keep
-their dtype), and calls our second hook, which rebuilds the derived bf16 weights. Quantizing a dense model on the
-fly through from_pretrained is not supported: use sharq.quantize_model.
+- `AutoModelForCausalLM.from_pretrained(DIR)` loads a sharq checkpoint, as strictly as `sharq.load`: before any
+  weight is read into the model, the checkpoint's digest is checked and every tensor's name, dtype and shape is
+  compared with the structure its quantization_config builds (transformers itself would only warn about a missing
+  tensor, leave it randomly initialized, and cast a mis-typed one).
+- every model sharq quantizes carries the quantizer, so `model.save_pretrained(DIR)` (and `push_to_hub`) write a
+  sharq checkpoint, digest included. `sharq.save` is the same writer, plus an atomic replace and the tokenizer.
+
+Quantizing a dense model on the fly through from_pretrained is not supported: use sharq.quantize_model.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import FORMAT_VERSION, file_sha256, quantize_like
+from . import models
+from .checkpoint import (
+    DEFINING_KEYS,
+    DIGEST,
+    FORMAT_VERSION,
+    CheckpointTensors,
+    check_tensors,
+    checkpoint_digest,
+    payload_names,
+    quantization_config,
+    quantize_like,
+    tied_names,
+    unique_state,
+    validate_quantization_config,
+    verify_digest,
+)
 from .nn import SharQLinear
 
 
 class SharQConfig(QuantizationConfigMixin):
-    """The `quantization_config` block of a sharq checkpoint (docs/FORMAT.md)."""
+    """The `quantization_config` block of a sharq checkpoint (docs/FORMAT.md). Its values are validated here, before
+    transformers allocates the model."""
 
-    def __init__(self, recipe: dict, modules: list[str], target_modules=None, share_inputs: bool = True,
-                 format_version: int = FORMAT_VERSION, weights_sha256: str | None = None, **kwargs):
-        if format_version != FORMAT_VERSION:
-            raise ValueError(f"sharq checkpoint format version {format_version!r} is not supported by this sharq "
-                             f"(reads version {FORMAT_VERSION})")
+    def __init__(self, recipe: dict | None = None, modules: list[str] | None = None, target_modules=None,
+                 share_inputs: bool = True, format_version: int = FORMAT_VERSION, checkpoint_sha256: str | None = None,
+                 **kwargs):
         self.quant_method = "sharq"
         self.format_version = format_version
         self.recipe = recipe
         self.modules = modules
         self.target_modules = target_modules
         self.share_inputs = share_inputs
-        self.weights_sha256 = weights_sha256
+        self.checkpoint_sha256 = checkpoint_sha256
+        validate_quantization_config(self.to_dict(), "sharq quantization_config")
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in (*DEFINING_KEYS, DIGEST)}
 
 
 class SharQHfQuantizer(HfQuantizer):
     requires_calibration = True  # pre-quantized checkpoints only
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        q = self.quantization_config
-        files = kwargs.get("checkpoint_files") or []
-        if q.weights_sha256 is not None and len(files) == 1 and file_sha256(Path(files[0])) != q.weights_sha256:
-            raise ValueError(f"{files[0]} does not match the sha256 recorded in config.json: the file is corrupt or "
-                             "was changed after saving")
-        return quantize_like(model, q.to_dict())
+        q = self.quantization_config.to_dict()
+        files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
+        where = str(files[0].parent) if files else "the checkpoint"
+        tensors = CheckpointTensors(files)
+        verify_digest(q, tensors, where)
+        quantize_like(model, q)
+        check_tensors(model.state_dict(), tensors.info, payload_names(model), tied_names(model), where)
+        return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         for m in model.modules():  # transformers fills buffers directly: rebuild what derives from the payload
             if isinstance(m, SharQLinear):
                 m.refresh_values()
-        q = self.quantization_config
-        model.sharq_quantization = {"recipe": q.recipe, "target_modules": q.target_modules,
-                                    "share_inputs": q.share_inputs, "modules": q.modules}
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        """What save_pretrained writes: the state with tied tensors once, and the digest, recorded in the config
+        before transformers writes config.json."""
+        state = unique_state(model)
+        self.quantization_config.checkpoint_sha256 = checkpoint_digest(quantization_config(model), state)
+        return state, {"quant_method": "sharq"}
+
     def is_serializable(self):
-        return False  # one writer: sharq.save (it records the weights' hash)
+        return True
 
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def attach(model: nn.Module) -> None:
+    """Give a model sharq just quantized the quantizer and config transformers consults when saving."""
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        return
+    config = SharQConfig(**{k: v for k, v in quantization_config(model).items() if k != "quant_method"})
+    model.config.quantization_config = config
+    model.hf_quantizer = SharQHfQuantizer(config, pre_quantized=True)
 
 
 def register() -> None:
@@ -69,3 +107,5 @@ def register() -> None:
     if "sharq" not in AUTO_QUANTIZER_MAPPING:
         register_quantization_config("sharq")(SharQConfig)
         register_quantizer("sharq")(SharQHfQuantizer)
+    if attach not in models.QUANTIZED_HOOKS:
+        models.QUANTIZED_HOOKS.append(attach)

@@ -8,7 +8,7 @@ module names to take and which of them read the same input), so a new family cos
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +43,10 @@ FAMILIES: dict[str, Family] = {
 
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 
+# Called with every model quantize_model returns. The transformers integration, which sits above this module,
+# registers the hook that gives the model its `hf_quantizer`, so that save_pretrained writes a sharq checkpoint.
+QUANTIZED_HOOKS: list[Callable[[nn.Module], None]] = []
+
 
 def _model_type(model: nn.Module) -> str:
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
@@ -69,6 +73,17 @@ def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None
         if m and m[2] in family.linears and isinstance(module, nn.Linear):
             found[name] = module
     return found
+
+
+def _common_parent(names: Sequence[str]) -> str:
+    """The innermost module holding every one of `names` (e.g. 'model.layers.0.self_attn' for q/k/v)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -108,13 +123,16 @@ def quantize_model(
     if not linears and not experts:
         raise ValueError(f"no module of {type(model).__name__} matches {list(family.linears)}")
 
-    groups: dict[str, tuple[SharedActivation, int]] = {}
-    if share_inputs:
+    groups: dict[str, SharedActivation] = {}
+    if share_inputs and not r.needs_calibration:  # calibrated layers keep their own outlier channels: no sharing
         for group in family.shared_inputs:
             for prefix in {n[: -len(group[0])] for n in linears if n.endswith(group[0])}:
                 members = [prefix + s for s in group if prefix + s in linears]
+                block = model.get_submodule(_common_parent(members))
                 shared = SharedActivation(len(members))
-                groups.update({name: (shared, i) for i, name in enumerate(members)})
+                block.register_forward_pre_hook(shared.open)
+                block.register_forward_hook(shared.close, always_call=True)
+                groups.update(dict.fromkeys(members, shared))
 
     model.sharq_quantization = {
         "recipe": r.to_dict(),
@@ -123,11 +141,12 @@ def quantize_model(
         "modules": sorted(linears) + [n for n, _ in experts],
     }
     for name, linear in linears.items():
-        shared, member = groups.get(name, (None, 0))
         stats = calibration[name] if r.needs_calibration else None
-        _set_module(model, name, SharQLinear.from_linear(linear, r, backend, stats, shared, member, strict, name))
+        _set_module(model, name, SharQLinear.from_linear(linear, r, backend, stats, groups.get(name), strict, name))
     for name, block in experts:
         _set_module(model, name, SharQExperts(block, r, backend, strict, name))
+    for hook in QUANTIZED_HOOKS:
+        hook(model)
     return model
 
 

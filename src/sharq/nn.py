@@ -8,31 +8,53 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .functional import check_finite, get_backend
+from .functional import check_finite, check_output_finite, get_backend, matmul, prepare, straight_through
 from .quant import QTensor, as_rows, dequantize_blocks
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 
 class SharedActivation:
-    """Lets the layers that read the same input (q/k/v, gate/up) prepare it once.
+    """Lets the layers of one block that read the same input (q/k/v in attention, gate/up in the MLP) prepare it
+    once per call of the block.
 
-    The first member to see a tensor prepares it; the others reuse it while it is the same, unmodified tensor
-    object. The entry is dropped once every member has used it, so no activation outlives its layer."""
+    quantize_model hooks `open` and `close` around the block's forward. In between, a member given the very tensor
+    an earlier member prepared (same object, unchanged version) reuses that activation. Outside a block call (a
+    layer run on its own) and under torch.compile (which deduplicates the pure prepare op itself), every layer
+    prepares its own input. Nothing outlives the block call, so a later write to the tensor, even one that
+    bypasses autograd's version counter, can never be missed."""
 
     def __init__(self, members: int) -> None:
         self.members = members
-        self._key: tuple[torch.Tensor, int] | None = None
-        self._act: QActivation | None = None
-        self._served: set[int] = set()
+        self._open = False
+        self._clear()
 
-    def get(self, member: int, x: torch.Tensor, prepare: Callable[[], QActivation]) -> QActivation:
-        key = self._key
-        if key is None or key[0] is not x or key[1] != x._version or member in self._served:
-            self._key, self._act, self._served = (x, x._version), prepare(), set()
+    def _clear(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._version: int | None = None
+        self._act: QActivation | None = None
+        self._served = 0
+
+    def open(self, _block: nn.Module, _args) -> None:
+        """The block's forward pre-hook."""
+        self._open = True
+        self._clear()
+
+    def close(self, _block: nn.Module, _args, _output) -> None:
+        """The block's forward hook (always called, also when the forward raises)."""
+        self._open = False
+        self._clear()
+
+    def get(self, x: torch.Tensor, prepare: Callable[[], QActivation]) -> QActivation:
+        if not self._open or torch.compiler.is_compiling():
+            return prepare()
+        version = None if torch.is_inference(x) else x._version  # inference tensors have no version counter
+        if self._x is not x or self._version != version:
+            self._clear()
+            self._x, self._version, self._act = x, version, prepare()
+        self._served += 1
         act = self._act
-        self._served.add(member)
-        if len(self._served) == self.members:
-            self._key, self._act, self._served = None, None, set()
+        if self._served == self.members:  # every member has it: release the memory now
+            self._x, self._act = None, None
         return act
 
 
@@ -42,7 +64,14 @@ class SharQLinear(nn.Module):
     The state (what a checkpoint stores, docs/FORMAT.md) is the packed payload: `weight_codes`, `weight_scales`
     (and HiF4's `weight_micro`), the output scale `weight_scale`, the bias and, for outlier-channels,
     `channels` and `dense_weight`. `weight_values`, the exact bf16 dequantization the reference GEMM uses, is
-    derived from it (and rebuilt whenever a state dict is loaded). bf16 recipes store `weight_values` itself."""
+    derived from it (and rebuilt whenever a state dict is loaded). bf16 recipes store `weight_values` itself.
+
+    The payload's dtypes are part of the format (PAYLOAD): `model.to(torch.bfloat16)` moves them but never casts
+    them (a bf16 `weight_scale` would change every output); the bias follows the model's dtype. A backward pass
+    gives the input the straight-through gradient of x·Ŵ_effᵀ (QWeight.effective); the weights are frozen."""
+
+    PAYLOAD = ("weight_values", "weight_codes", "weight_scales", "weight_micro", "weight_scale", "channels",
+               "dense_weight")
 
     def __init__(
         self,
@@ -53,7 +82,6 @@ class SharQLinear(nn.Module):
         bias: torch.Tensor | None = None,
         backend: str = "reference",
         shared: SharedActivation | None = None,
-        member: int = 0,
         strict: bool = False,
         name: str = "",
     ) -> None:
@@ -61,9 +89,10 @@ class SharQLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.strict, self.name = strict, name or "SharQLinear"
         self.recipe = recipe
+        recipe.key  # noqa: B018 - computed now, not while torch.compile traces the forward
         self.backend = backend
         get_backend(backend)
-        self.shared, self.member = shared, member
+        self.shared = shared
         packed = qweight.packed
         self.register_buffer("weight_values", qweight.values, persistent=packed is None)
         self.register_buffer("weight_codes", None if packed is None else packed.codes)
@@ -83,7 +112,6 @@ class SharQLinear(nn.Module):
         backend: str = "reference",
         channel_stats: torch.Tensor | None = None,
         shared: SharedActivation | None = None,
-        member: int = 0,
         strict: bool = False,
         name: str = "",
         **options,
@@ -96,8 +124,7 @@ class SharQLinear(nn.Module):
         channels = r.select_channels(channel_stats) if r.needs_calibration and channel_stats is not None else None
         with torch.no_grad():
             qweight = r.prepare_weight(linear.weight.detach(), channels)
-        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, member, strict,
-                   name)
+        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, strict, name)
 
     @property
     def packed(self) -> QTensor | None:
@@ -118,22 +145,35 @@ class SharQLinear(nn.Module):
     def qweight(self) -> QWeight:
         return QWeight(self.weight_values, self.weight_scale, self.packed, self.channels, self.dense_weight)
 
+    def _apply(self, fn, recurse=True):
+        """nn.Module._apply, except that a dtype cast leaves the payload's dtypes alone (it still moves devices)."""
+        before = {n: t for n, t in self._buffers.items() if n in self.PAYLOAD and t is not None}
+        super()._apply(fn, recurse)
+        for name, t in before.items():
+            if self._buffers[name].dtype != t.dtype:
+                self._buffers[name] = t.to(self._buffers[name].device)
+        return self
+
     def prepare(self, x2d: torch.Tensor) -> QActivation:
-        return get_backend(self.backend).prepare(x2d, self.recipe, self.channels)
+        return prepare(x2d, self.recipe, self.backend, self.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         if x.device != self.weight_values.device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.weight_values.device}")
         if self.strict:
             check_finite(x, self.name)
         x2d = as_rows(x)
-        if self.shared is None:
-            act = self.prepare(x2d)
-        else:
-            act = self.shared.get(self.member, x, lambda: self.prepare(x2d))
-        y = get_backend(self.backend).matmul(act, self.qweight, self.bias, x.dtype)
+        with torch.no_grad():
+            if self.shared is None:
+                act = self.prepare(x2d)
+            else:
+                act = self.shared.get(x, lambda: self.prepare(x2d))
+            y = matmul(act, self.qweight, self.bias, x.dtype, self.backend)
+        y = straight_through(y, x2d, lambda: self.qweight.effective())
+        if self.strict:
+            check_output_finite(y, self.name)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -9,6 +9,7 @@ scale) as fp32.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 
 import torch
@@ -141,34 +142,44 @@ _BLOCK_QUANTIZERS = {"nvfp4": _blocks_nvfp4, "mxfp4": _blocks_mxfp4, "hif4": _bl
 _ELEMENT_DECODERS = {"nvfp4": F.decode_e2m1, "mxfp4": F.decode_e2m1, "hif4": F.decode_s1p2}
 
 
-def _resolve_block(fmt: str, block_size: int | None) -> int | None:
+MAX_BLOCK = 1024  # larger blocks are no longer block scaling; the bound also caps what padding can allocate
+
+
+def resolve_block(fmt: str, block_size: int | None) -> int | None:
+    """The block size `fmt` quantizes with (its default for None), validated: a positive even int up to MAX_BLOCK,
+    64 for HiF4, None for fp8 (one scale per row)."""
     info = format_info(fmt)
     if info.default_block is None:
         if block_size is not None:
             raise ValueError(f"{fmt} uses one scale per row; block_size must be None")
         return None
-    b = info.default_block if block_size is None else int(block_size)
-    if fmt == "hif4" and b != 64:
+    if block_size is None:
+        return info.default_block
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral):
+        raise ValueError(f"block_size must be an int, got {block_size!r}")
+    block_size = int(block_size)
+    if fmt == "hif4" and block_size != 64:
         raise ValueError("hif4 units are 64 elements; block_size must be 64")
-    if b <= 0 or b % 2:
-        raise ValueError(f"block_size must be a positive even number, got {block_size}")
-    return b
+    if not 0 < block_size <= MAX_BLOCK or block_size % 2:
+        raise ValueError(f"block_size must be an even number from 2 to {MAX_BLOCK}, got {block_size}")
+    return block_size
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., K] -> [M, K] (M = product of the leading dims; 1-D input is one row; empty tensors stay empty)."""
+    """[..., K] -> contiguous [M, K] (M = product of the leading dims; 1-D input is one row; empty tensors stay
+    empty). Contiguous, so a strided input takes the same GEMM path, and gives the same bits, as its copy."""
     if x.dim() == 0:
         raise ValueError("expected a tensor [..., K], got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
 def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) -> QTensor:
     """Block-quantize an already tensor-scaled [M, K] tensor (no tensor scale of its own).
 
     fp8 is the exception that carries its per-row scale in `tensor_scale` (its only scale)."""
-    b = _resolve_block(fmt, block_size)
+    b = resolve_block(fmt, block_size)
     x = x2d.float()
     m, k = x.shape
     if b is None:  # fp8: per-row dynamic scale, E4M3 elements

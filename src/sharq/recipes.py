@@ -9,6 +9,8 @@ payload that every stage shares, so a layer's output is α · (Σ deq(Qᵢ)) · 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +23,7 @@ from .quant import (
     format_info,
     nvfp4_tensor_scale,
     quantize_blocks,
+    resolve_block,
 )
 
 SCALE_GRANULARITIES = ("tensor", "token")
@@ -35,7 +38,9 @@ class Stage:
     mask: str | None = None  # e.g. "pair-4:8", "2:4"; None = dense
 
     def __post_init__(self) -> None:
-        format_info(self.fmt)
+        if not isinstance(self.fmt, str) or not (self.mask is None or isinstance(self.mask, str)):
+            raise ValueError(f"a stage's fmt and mask are strings, got fmt={self.fmt!r}, mask={self.mask!r}")
+        resolve_block(self.fmt, self.block_size)  # also checks the format
         if self.mask is not None:
             masks.parse_mask(self.mask)
 
@@ -65,11 +70,21 @@ class QWeight:
     channels: torch.Tensor | None = None  # outlier-channels: input channels kept in bf16 (int64 [c])
     dense: torch.Tensor | None = None  # outlier-channels: those columns of W, bf16 [N, c]
 
+    def effective(self) -> torch.Tensor:
+        """The weight the layer multiplies by, fp32 [N, K]: Ŵ times its output scale, the bf16 outlier columns in
+        place (what the straight-through gradient of a quantized layer uses)."""
+        scale = self.scale.reshape(-1, 1) if self.scale.dim() else self.scale
+        w = self.values.float() * scale
+        if self.channels is not None:
+            w[:, self.channels] = self.dense.float()
+        return w
+
 
 @dataclass(frozen=True)
 class QActivation:
-    """An activation prepared per call: the packed stage payloads, their dequantized sum (fp32, without the tensor
-    scale) and the output scale s_x ([1, 1] or one per row)."""
+    """An activation prepared per call: the packed stage payloads, their dequantized sum (fp32, without the
+    activation scale) and the output scale s_x ([1, 1] or one per row): NVFP4's tensor scale, fp8's row scale, or
+    1. Keeping s_x out of the values keeps the GEMM's operands small: the product is scaled once, at the end."""
 
     parts: tuple[QTensor, ...]
     values: torch.Tensor  # fp32 [M, K]
@@ -91,12 +106,25 @@ class Recipe:
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
+        """Every field is checked here, so a recipe read from a file fails before anything is allocated."""
+        if not isinstance(self.name, str) or not isinstance(self.description, str):
+            raise ValueError(f"a recipe's name and description are strings, got {self.name!r}, {self.description!r}")
+        if not isinstance(self.stages, tuple) or not all(isinstance(s, Stage) for s in self.stages):
+            raise ValueError(f"recipe {self.name!r}: stages must be a tuple of Stage, got {self.stages!r}")
+        if any(s.block is None for s in self.stages) and len(self.stages) > 1:
+            raise ValueError(f"recipe {self.name!r}: a stage with one scale per row (fp8) must be the only stage")
         if self.scale_granularity not in SCALE_GRANULARITIES:
             raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}")
-        if not 0.0 <= self.outlier_fraction < 1.0:
-            raise ValueError(f"outlier_fraction must be in [0, 1), got {self.outlier_fraction}")
-        if self.weight_fmt != "bf16":
-            format_info(self.weight_fmt)
+        if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
+                or not 0.0 <= self.outlier_fraction < 1.0:
+            raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
+        if self.weight_fmt == "bf16":
+            if self.weight_block is not None:
+                raise ValueError(f"recipe {self.name!r}: bf16 weights have no block size, got {self.weight_block!r}")
+        elif not isinstance(self.weight_fmt, str):
+            raise ValueError(f"recipe {self.name!r}: weight_fmt must be a string, got {self.weight_fmt!r}")
+        else:
+            resolve_block(self.weight_fmt, self.weight_block)
 
     # --- costs ---
     @property
@@ -171,8 +199,9 @@ class Recipe:
             raise ValueError(f"activation must be 2-D [M, K], got shape {tuple(x2d.shape)}")
         self._check_channels(channels)
         x2d, dense = self._split_channels(x2d, channels)
-        if dense is not None:
+        if dense is not None:  # bf16, where a non-finite value is NaN, as in the quantized channels (SPEC §8)
             dense = dense.to(torch.bfloat16).float()
+            dense = torch.where(torch.isfinite(dense), dense, torch.full((), float("nan"), device=dense.device))
         scale = torch.ones(1, 1, dtype=torch.float32, device=x2d.device)
         if not self.stages:
             return QActivation((), x2d.to(torch.bfloat16).float(), scale)
@@ -185,12 +214,17 @@ class Recipe:
         for stage in self.stages:
             q = quantize_stage(r, stage)
             d = dequantize_blocks(q)
-            if q.block_size is None:  # fp8's per-row scale is its block scale
-                d = d * q.tensor_scale
+            if q.block_size is None:  # fp8 (always the only stage): its per-row scale is the activation scale
+                scale = q.tensor_scale
             parts.append(q)
             total = d if total is None else total + d
             r = r - d
         return QActivation(tuple(parts), total, scale, dense)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """The recipe as canonical JSON: the string argument of the custom ops (computed once per recipe)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     def to_dict(self) -> dict:
         """Every field, JSON-ready (the checkpoint's quantization_config stores it)."""
