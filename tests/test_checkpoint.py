@@ -253,6 +253,11 @@ def test_save_never_overwrites_by_accident_and_is_atomic(saved, tmp_path, monkey
     (tmp_path / "file").write_text("x")
     with pytest.raises(FileExistsError, match="is a file"):
         sharq.save(model, tmp_path / "file")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a sharq checkpoint"):
+        sharq.save(model, tmp_path / "home", overwrite=True)  # overwrite replaces checkpoints only
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
 
     class Interrupted(Exception):
         pass
@@ -264,12 +269,21 @@ def test_save_never_overwrites_by_accident_and_is_atomic(saved, tmp_path, monkey
     with pytest.raises(Interrupted):
         sharq.save(model, d, Tokenizer(), overwrite=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the previous checkpoint is intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file"]  # and no temporary directory is left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file", "home"]  # and no temporary directory left
     sharq.save(model, d, overwrite=True)
     ids = torch.randint(0, 96, (1, 5), generator=rng)
     with torch.no_grad():
         assert torch.equal(sharq.load(d)(ids).logits, model(ids).logits)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file", "home"]
+    assert (d.stat().st_mode & 0o777) == 0o777 & ~_umask()  # a checkpoint, not a private temporary directory
+
+
+def _umask():
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.mark.parametrize("source", ["sharq.load", "from_pretrained", "quantize_model"])
@@ -291,14 +305,18 @@ def test_save_pretrained_writes_a_sharq_checkpoint(saved, tmp_path, rng, source)
 
 def test_a_model_cast_to_bf16_saves_and_loads_exactly(tmp_path, rng):
     """model.to(bf16) keeps the fp32 weight_scale (a bf16 one changed every output and load refused it); the
-    checkpoint then loads in bf16 bit-identical, and in fp32 with its bf16 norms and embeddings cast up."""
+    checkpoint loads in bf16 with every tensor bit-identical, and in fp32 with its bf16 norms and embeddings cast
+    up. (Logits are not compared: transformers keeps RoPE's inv_freq in fp32 when it builds a bf16 model, while
+    .to(bf16) casts it.)"""
     model = _quantized("llama", "sharq").to(torch.bfloat16)
+    assert model.model.layers[0].mlp.up_proj.weight_scale.dtype == torch.float32
+    sharq.save(model, tmp_path / "c")
+    loaded = sharq.load(tmp_path / "c", dtype=torch.bfloat16)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) and got[n].dtype == want[n].dtype
+                                         for n in want)
     ids = torch.randint(0, 96, (1, 9), generator=rng)
     with torch.no_grad():
-        want = model(ids).logits
-    sharq.save(model, tmp_path / "c")
-    with torch.no_grad():
-        assert torch.equal(sharq.load(tmp_path / "c", dtype=torch.bfloat16)(ids).logits, want)
         assert torch.isfinite(sharq.load(tmp_path / "c")(ids).logits).all()
 
 
@@ -327,3 +345,25 @@ def test_from_pretrained_in_bf16_keeps_the_payload_exact(tmp_path, rng):
             original = model.get_submodule(name)
             assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_codes, original.weight_codes)
             assert torch.equal(m.weight_values, original.weight_values)
+
+
+def test_checkpoint_digest_is_what_format_md_says(saved):
+    """Recompute checkpoint_sha256 from the raw file as docs/FORMAT.md defines it (own safetensors parser)."""
+    import hashlib
+    import struct
+
+    blob = (saved / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + n])
+    header.pop("__metadata__", None)
+    names = {"F32": "float32", "BF16": "bfloat16", "U8": "uint8", "I64": "int64", "F16": "float16"}
+    q = _config(saved)["quantization_config"]
+    keys = ("quant_method", "format_version", "recipe", "target_modules", "share_inputs", "modules")
+    h = hashlib.sha256(b"sharq checkpoint\n")
+    h.update(json.dumps({k: q[k] for k in keys}, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(header):
+        info = header[name]
+        start, end = info["data_offsets"]
+        h.update(f"\n{name}\n{names[info['dtype']]}\n{info['shape']}\n".encode())
+        h.update(blob[8 + n + start: 8 + n + end])
+    assert h.hexdigest() == q["checkpoint_sha256"]

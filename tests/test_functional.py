@@ -140,7 +140,7 @@ def test_finite_inputs_beyond_bf16_follow_the_overflow_rule(name, rng):
         recipe = sharq.get_recipe(name)
         channels = recipe.select_channels(stats) if stats is not None else None
         w_eff = recipe.prepare_weight(w, channels).effective()
-        torch.testing.assert_close(y[1], 3.4e38 * w_eff[:, 9], rtol=1e-3, atol=0)
+        torch.testing.assert_close(y[1], 3.4e38 * w_eff[:, 9], rtol=1e-3, atol=0.1)  # atol: a bf16 channel's share
         _run(x, w, name, strict=True)
 
 

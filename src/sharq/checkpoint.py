@@ -78,16 +78,23 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
     """Write a sharq checkpoint of a model quantized with sharq.quantize_model.
 
     Atomic: everything is written into a new directory beside `directory`, which then takes its place, so an
-    interrupted save leaves any previous checkpoint intact. An existing file, or a non-empty directory without
-    overwrite=True, is a FileExistsError."""
+    interrupted save leaves any previous checkpoint intact. An existing file, a non-empty directory without
+    overwrite=True, or a non-empty directory that is not a sharq checkpoint (overwrite only replaces those) is a
+    FileExistsError."""
     quantization_config(model)
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a checkpoint directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+        if not is_checkpoint(out):
+            raise FileExistsError(f"{out} is not a sharq checkpoint: overwrite=True replaces only those")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a checkpoint directory, not mkdtemp's private 0700
     try:
         model.save_pretrained(tmp)  # the transformers integration makes this a sharq checkpoint (digest included)
         if tokenizer is not None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from . import __version__
 from ._format import format_table
 from .functional import simulate_linear
-from .recipes import get_recipe, list_recipes
+from .recipes import Recipe, get_recipe, list_recipes
 
 
 def outlier_layer(seed: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,18 +28,18 @@ def outlier_layer(seed: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    recipes = _uncalibrated_recipes(args.recipes, "demo")
     x, w = outlier_layer(args.seed, args.tokens, args.k, args.n)
     exact = x.float() @ w.T
     rows = []
-    for name in args.recipes.split(","):
-        recipe = get_recipe(name)
+    for recipe in recipes:
         t0 = time.perf_counter()
         y = simulate_linear(x, w, recipe=recipe).float()
         ms = (time.perf_counter() - t0) * 1e3
         err = ((y - exact).norm() / exact.norm()).item()
         act = recipe.prepare_activation(x)
         act_err = ((act.values * act.scale - x.float()).norm() / x.float().norm()).item()
-        rows.append([name, f"{err:.4f}", f"{-20 * math.log10(err):.1f}", f"{act_err:.4f}",
+        rows.append([recipe.name, f"{err:.4f}", f"{-20 * math.log10(err):.1f}", f"{act_err:.4f}",
                      f"{recipe.activation_bits:g}", f"{recipe.weight_bits:g}", f"{ms:.0f}"])
     print(f"random layer: X [{args.tokens}, {args.k}] (1/64 outlier channels, 10-60x), W [{args.n}, {args.k}], "
           f"seed {args.seed}; error vs the unquantized layer")
@@ -46,22 +48,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_at_least(minimum: int, why: str = "", allow_all: bool = False):
-    """An argparse type: an integer >= minimum (or 'all' -> None where allowed), with a one-line error."""
+def _at_least(minimum: int | float, why: str = "", allow_all: bool = False, kind: type = int):
+    """An argparse type: a finite `kind` (int or float) >= minimum (or 'all' -> None where allowed), with a one-line
+    error: a zero, negative or NaN size would otherwise run and print NaN or nothing."""
 
-    def parse(value: str) -> int | None:
+    def parse(value: str) -> int | float | None:
         if allow_all and value == "all":
             return None
-        n = int(value)
-        if n < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}{why}, got {value}")
+        n = kind(value)
+        if not math.isfinite(n) or n < minimum:
+            raise argparse.ArgumentTypeError(f"must be {'' if kind is int else 'finite and '}at least {minimum}{why}, "
+                                             f"got {value}")
         return n
 
-    parse.__name__ = "integer"  # how argparse names the type in "invalid integer value: 'x'"
+    parse.__name__ = {int: "integer", float: "number"}[kind]  # argparse's name in "invalid integer value: 'x'"
     return parse
 
 
-_positive_int = _int_at_least(1)
+_positive_int = _at_least(1)
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -80,8 +84,63 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _uncalibrated_recipes(names: tuple[str, ...], command: str) -> list[Recipe]:
+    """The --recipes of a command that does not calibrate (demo, report): an empty list or a calibrated recipe
+    is an error now, not an empty report or a failure after the model work."""
+    if not names:
+        raise ValueError("no recipe given: give --recipes, e.g. nvfp4,sharq")
+    recipes = [get_recipe(name) for name in names]
+    for recipe in recipes:
+        if recipe.needs_calibration:
+            raise ValueError(f"sharq {command} does not calibrate: leave {recipe.name!r} out of --recipes")
+    return recipes
+
+
+def _unquantized_model(spec: str | None, command: str) -> Path:
+    """The path of --model, refused now if it is missing, not a model, or a sharq checkpoint (already quantized)."""
+    from .checkpoint import is_checkpoint
+    from .hf import resolve_model
+
+    path = resolve_model(spec)
+    if is_checkpoint(path):
+        raise ValueError(f"{spec} is a sharq checkpoint, already quantized: sharq {command} needs the unquantized "
+                         "model")
+    return path
+
+
+def _check_output(value: str, flag: str, model: Path, makes_parents: bool) -> Path:
+    """Refuse an output path that is empty, overlaps the model (the same path, inside it or holding it: writing
+    would destroy the model) or has no writable directory to go in, before any model work. Returns it resolved."""
+    if not value:
+        raise ValueError(f"{flag} is empty: give a path")
+    out, source = Path(value).expanduser().resolve(), model.resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise ValueError(f"{flag} {value} overlaps the model {model}: give a path outside it")
+    parent = next(p for p in out.parents if p.exists()) if makes_parents else out.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {value}: {parent} is not a writable directory")
+    return out
+
+
+def _check_out_dir(args: argparse.Namespace, model: Path, replaces_checkpoint: bool = False) -> None:
+    """--out of quantize and report: a directory, created with its parents; a non-empty one needs --overwrite, and
+    quantize replaces only a sharq checkpoint that way (never, say, a home directory)."""
+    from .checkpoint import is_checkpoint
+
+    out = _check_output(args.out, "--out", model, makes_parents=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {args.out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.overwrite:
+            raise ValueError(f"--out {args.out} is a non-empty directory: give --overwrite to write over it")
+        if replaces_checkpoint and not is_checkpoint(out):
+            raise ValueError(f"--out {args.out} is a non-empty directory but not a sharq checkpoint: --overwrite "
+                             "replaces only those")
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Load a model, quantize it with one recipe (calibrating if the recipe needs it) and save a checkpoint."""
+    _check_out_dir(args, _unquantized_model(args.model, "quantize"), replaces_checkpoint=True)
     _offline()
     _quiet_transformers()
     from .checkpoint import save
@@ -96,7 +155,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], device)
     calibration = calibrate(model, [calib], tokenizer, max_tokens=args.calib_tokens) if calib else None
     quantize_model(model, recipe, calibration=calibration, strict=args.strict)
-    out = save(model, args.out, tokenizer)
+    out = save(model, args.out, tokenizer, overwrite=args.overwrite)
     print(f"quantized {path} with {recipe.name} (activations {recipe.activation_bits:g} bits, weights "
           f"{recipe.weight_bits:g} bits) -> {out}")
     return 0
@@ -104,6 +163,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate from a prompt with a quantized model, streaming the tokens, then print tokens/s."""
+    if not args.prompt:
+        raise ValueError("the prompt is empty: give the text to continue")
     _offline()
     _quiet_transformers()
     from transformers import AutoTokenizer, TextStreamer
@@ -147,6 +208,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Per-layer diagnostics on real text: error and SQNR per recipe, outlier statistics, plots."""
+    _check_out_dir(args, _unquantized_model(args.model, "report"))
+    _uncalibrated_recipes(args.recipes, "report")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise RuntimeError("sharq report draws its plots with matplotlib: pip install 'sharq[plot]'")
     _offline()
     _quiet_transformers()
     from .eval.data import load_text
@@ -154,9 +219,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .eval.run import check_device
     from .hf import load_model
 
-    for r in args.recipes:
-        if get_recipe(r).needs_calibration:
-            raise ValueError(f"sharq report does not calibrate: leave {r!r} out of --recipes")
     device = check_device(args.device)
     text, label = load_text(args.text)
     model, tokenizer, path = load_model(args.model, torch.float32, device)
@@ -170,19 +232,25 @@ def _recipe_options(args: argparse.Namespace) -> dict:
     return {} if args.scale_granularity is None else {"scale_granularity": args.scale_granularity}
 
 
-def _writable(path: str | None) -> None:
-    """Fail now, not after the evaluation, if the results cannot be written."""
-    if path is None:
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise FileNotFoundError(f"cannot write {path}: {parent} is not a writable directory")
+def _check_eval_arguments(args: argparse.Namespace) -> None:
+    """What evaluate() cannot judge alone, refused before the evaluation rather than after it: results that
+    cannot be written (an existing --json file is overwritten), nothing to evaluate, a budget below one window."""
+    if args.json is not None:
+        from .hf import resolve_model
+
+        if _check_output(args.json, "--json", resolve_model(args.model), makes_parents=False).is_dir():
+            raise ValueError(f"--json {args.json} is a directory: give a file path")
+    if args.no_ppl and not args.tasks:
+        raise ValueError("nothing to evaluate: --no-ppl skips perplexity, so give --tasks")
+    if not args.no_ppl and args.max_tokens is not None and args.max_tokens < args.seqlen - 1:
+        raise ValueError(f"--max-tokens {args.max_tokens} cannot fill one window of --seqlen {args.seqlen}: raise "
+                         "--max-tokens or lower --seqlen")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    _writable(args.json)
+    _check_eval_arguments(args)
     _offline()
     from .eval.run import EvalConfig, evaluate, format_results
     from .eval.zeroshot import PAPER_TASKS
@@ -219,10 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sharq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="error of every recipe on an outlier-rich random layer")
-    d.add_argument("--recipes", default=",".join(list_recipes()))
-    d.add_argument("--tokens", type=int, default=256)
-    d.add_argument("--k", type=int, default=2048)
-    d.add_argument("--n", type=int, default=1024)
+    d.add_argument("--recipes", type=_csv,
+                   default=tuple(r for r in list_recipes() if not get_recipe(r).needs_calibration),
+                   help="comma-separated (default: every recipe that needs no calibration)")
+    d.add_argument("--tokens", type=_positive_int, default=256, help="rows of X")
+    d.add_argument("--k", type=_positive_int, default=2048, help="input channels")
+    d.add_argument("--n", type=_positive_int, default=1024, help="output channels")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
@@ -234,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recipes", type=_csv, default=("bf16", "nvfp4", "sharq"),
                    help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq)")
     e.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
-    e.add_argument("--seqlen", type=_int_at_least(2, " (one token predicts the next)"), default=2048, help="perplexity window in tokens (default 2048, as the paper)")
-    e.add_argument("--max-tokens", type=_int_at_least(1, allow_all=True), default=8192,
+    e.add_argument("--seqlen", type=_at_least(2, " (one token predicts the next)"), default=2048,
+                   help="perplexity window in tokens (default 2048, as the paper)")
+    e.add_argument("--max-tokens", type=_at_least(1, allow_all=True), default=8192,
                    help="perplexity token budget, or 'all' (default 8192)")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
     e.add_argument("--tasks", type=_csv, default=(),
@@ -265,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None, help=model_help)
     q.add_argument("--recipe", default="sharq", help=f"one of: {', '.join(list_recipes())}")
     q.add_argument("--out", required=True, help="the checkpoint directory to write")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it is a sharq checkpoint already")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the unquantized tensors (default float32)")
     q.add_argument("--device", default="cpu")
@@ -279,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help=model_help + ", or a sharq checkpoint directory")
     g.add_argument("--recipe", default="sharq", help="recipe to apply (ignored for a sharq checkpoint)")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--temperature", type=_at_least(0.0, kind=float), default=0.0, help="0 = greedy (default)")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     g.add_argument("--device", default="cpu")
@@ -290,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help=model_help)
     r.add_argument("--recipes", type=_csv, default=("nvfp4", "sharq", "dense-dense", "sparse-only"))
     r.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
-    r.add_argument("--tokens", type=_positive_int, default=512, help="tokens of text to run (one forward pass)")
+    r.add_argument("--tokens", type=_at_least(2), default=512, help="tokens of text to run (one forward pass)")
     r.add_argument("--out", default="sharq-report", help="output directory (default: sharq-report)")
+    r.add_argument("--overwrite", action="store_true", help="write into --out if it is a non-empty directory")
     r.add_argument("--device", default="cpu")
     r.set_defaults(func=cmd_report)
     return p
@@ -301,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as e:
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:  # OSError: a full disk, an unreadable model
         if isinstance(e, torch.OutOfMemoryError) or isinstance(e, MemoryError):
             message = f"out of memory ({e.__class__.__name__}): lower --batch-size, --seqlen or --max-tokens"
         else:

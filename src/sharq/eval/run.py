@@ -12,12 +12,12 @@ import torch
 
 from .._format import format_table
 from ..checkpoint import is_checkpoint
-from ..hf import load_model
+from ..hf import load_model, resolve_model
 from ..models import calibrate, quantize_model
 from ..recipes import get_recipe
 from .data import load_text
 from .perplexity import bos_token, perplexity, tokenize, windows
-from ..functional import get_backend
+from ..functional import check_backend
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -92,10 +92,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ValueError("no recipe to evaluate: give --recipes, e.g. bf16,nvfp4,sharq")
     recipes = [get_recipe(r, **cfg.options) for r in cfg.recipes]
     backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
-    get_backend(backend)
+    check_backend(backend, device)
     dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if cfg.tasks:
         check_tasks(cfg.tasks)
+    resolve_model(cfg.model)  # a path that is no model fails now, before the text is read
     if cfg.model and is_checkpoint(cfg.model):
         raise ValueError(f"{cfg.model} is a sharq checkpoint, already quantized: sharq eval compares recipes on the "
                          "unquantized model (give that as --model); run a checkpoint with sharq generate or sharq.load")
