@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -114,8 +116,8 @@ def test_shared_inputs_prepare_once_per_group(monkeypatch):
     model = tiny("llama")
     calls = []
     reference = functional.BACKENDS["reference"]
-    counting = functional.Backend(lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c),
-                                  reference.matmul)
+    counting = dataclasses.replace(reference,
+                                   prepare=lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c))
     monkeypatch.setitem(functional.BACKENDS, "counting", counting)
     sharq.quantize_model(model, "sharq", backend="counting")
     with torch.no_grad():
@@ -196,8 +198,8 @@ def test_a_deep_copy_shares_within_its_own_blocks(monkeypatch, rng):
 
     calls = []
     reference = functional.BACKENDS["reference"]
-    counting = functional.Backend(lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c),
-                                  reference.matmul)
+    counting = dataclasses.replace(reference,
+                                   prepare=lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c))
     monkeypatch.setitem(functional.BACKENDS, "counting", counting)
     model = sharq.quantize_model(tiny("llama"), "sharq", backend="counting")
     twin = copy.deepcopy(model)

@@ -6,6 +6,7 @@ import importlib.util
 
 from .checkpoint import load, save
 from .functional import sharq_decompose, simulate_linear
+from .generate import generate
 from .models import calibrate, quantize_model
 from .nn import SharQLinear
 from .quant import QTensor, dequantize, fake_quantize, quantize
@@ -23,6 +24,7 @@ __all__ = [
     "calibrate",
     "dequantize",
     "fake_quantize",
+    "generate",
     "get_recipe",
     "list_recipes",
     "load",

@@ -258,7 +258,7 @@ def check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, tupl
                                  f"{tuple(want.shape)}")
 
 
-def quantize_like(model: nn.Module, q: Mapping, backend: str = "reference") -> nn.Module:
+def quantize_like(model: nn.Module, q: Mapping, backend: str = "auto") -> nn.Module:
     """Give a freshly built (unquantized) model the structure a checkpoint's quantization_config describes, with
     placeholder payloads for the checkpoint's tensors to fill. Used by `load` and by the transformers integration."""
     recipe = Recipe.from_dict(q["recipe"])
@@ -273,7 +273,7 @@ def quantize_like(model: nn.Module, q: Mapping, backend: str = "reference") -> n
 
 
 def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         backend: str = "reference", *, verify: bool = True) -> nn.Module:
+         backend: str = "auto", *, verify: bool = True) -> nn.Module:
     """A model saved by `save` (or by save_pretrained of a sharq model), with outputs bit-identical to the saved
     model's. The digest is checked first (verify=False skips it, for checkpoints that record none), then every
     tensor's name, dtype and shape against the structure the config describes: any mismatch is an error."""

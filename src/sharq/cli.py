@@ -162,7 +162,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate from a prompt with a quantized model, streaming the tokens, then print tokens/s."""
+    """Generate from a prompt with a quantized model through sharq.generate (a static KV cache; each decode step
+    replayed from one CUDA graph on CUDA), streaming the tokens, then print tokens/s and the weights' memory."""
     if not args.prompt:
         raise ValueError("the prompt is empty: give the text to continue")
     _offline()
@@ -171,8 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .checkpoint import is_checkpoint, load
     from .eval.run import DTYPES, check_device
+    from .generate import generate
     from .hf import load_model
-    from .models import quantize_model
+    from .models import quantize_model, weight_bytes
 
     device = check_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -194,15 +196,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not getattr(tokenizer, "chat_template", None))
     ids = ids.to(device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sample = args.temperature > 0
+    eos = model.generation_config.eos_token_id  # as model.generate stops; the tokenizer's where the model has none
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=sample,
-                             temperature=args.temperature if sample else None, top_p=None, top_k=None,
-                             streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    out = generate(model, ids["input_ids"], args.max_new_tokens, temperature=args.temperature,
+                   eos_token_id=tokenizer.eos_token_id if eos is None else eos, streamer=streamer).cpu()
     seconds = time.perf_counter() - t0
     new = out.shape[-1] - ids["input_ids"].shape[-1]
-    print(f"\n[{name}: {new} tokens in {seconds:.1f} s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+    size = weight_bytes(model)
+    memory = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    print(f"\n[{name}: {new} tokens in {seconds:.1f} s, {new / seconds:.1f} tokens/s, weights {memory}]",
+          file=sys.stderr)
     return 0
 
 
@@ -346,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--strict", action="store_true", help="refuse non-finite weights or activations")
     q.set_defaults(func=cmd_quantize)
 
-    g = sub.add_parser("generate", help="generate text with a quantized model, streaming tokens")
+    g = sub.add_parser("generate", help="generate text with a quantized model, streaming tokens (each step replayed "
+                       "from a CUDA graph on CUDA)")
     g.add_argument("prompt")
     g.add_argument("--model", default=None, help=model_help + ", or a sharq checkpoint directory")
     g.add_argument("--recipe", default="sharq", help="recipe to apply (ignored for a sharq checkpoint)")

@@ -18,12 +18,22 @@ from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 @dataclass(frozen=True)
 class Backend:
-    """How a quantized layer runs: `prepare` turns x [M, K] into a prepared activation, `matmul` multiplies it with
-    the prepared weight, adds the bias and returns the given dtype. "reference" is pure torch on any device;
-    "triton" runs the fused kernels where the recipe allows (and the reference preparation elsewhere)."""
+    """How a quantized layer runs. `prepare` turns x [M, K] into a prepared activation; `matmul` multiplies it with
+    the prepared weight, adds the bias and returns the given dtype; `supports` says which recipes it runs;
+    `keeps_values` whether a layer must hold the exact bf16 Ŵ for it (simulation) or only the packed payload.
+
+    - "reference": pure torch on any device, every recipe;
+    - "triton": the fused activation kernel where the recipe allows (the reference preparation elsewhere), then
+      one cuBLAS GEMM on the bf16 Ŵ: an exact simulator, as large as the bf16 model;
+    - "packed": real 4-bit inference. The weight lives only as its packed payload (4.25–4.5 bits per weight) and
+      kernels/gemm.py decodes it in registers: for recipes whose weights are NVFP4 or MXFP4 in blocks of 16/32 and
+      whose activation cascade the fused kernel implements.
+    "auto" (resolve_backend) picks packed, else triton, on CUDA, and reference elsewhere."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
     matmul: Callable[[QActivation, QWeight, torch.Tensor | None, torch.dtype], torch.Tensor]
+    supports: Callable[[Recipe], bool]
+    keeps_values: bool
 
 
 def _prepare_reference(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
@@ -39,6 +49,13 @@ def _prepare_triton(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | 
     return QActivation((), values, scale)
 
 
+def _packed_supports(recipe: Recipe) -> bool:
+    from .kernels.gemm import supports as gemm_supports
+    from .kernels.prepare import supports as prepare_supports
+
+    return gemm_supports(recipe.weight_fmt, recipe.weight_block) and prepare_supports(recipe)
+
+
 BACKENDS: dict[str, Backend] = {}  # filled below; more can be registered
 
 
@@ -46,12 +63,28 @@ def get_backend(name: str) -> Backend:
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}") from None
+        raise ValueError(f"unknown backend {name!r}; available: auto, {', '.join(BACKENDS)}") from None
+
+
+def resolve_backend(name: str, recipe: Recipe, device: torch.device | str) -> str:
+    """The backend a layer of `recipe` on `device` runs: `name` itself (checked to support the recipe), or for
+    "auto" packed, else triton, on CUDA with Triton installed, and reference elsewhere."""
+    if name != "auto":
+        if not get_backend(name).supports(recipe):
+            raise ValueError(f"backend {name!r} does not run recipe {recipe.name!r} (weights {recipe.weight_fmt}"
+                             f"/{recipe.weight_block}); use backend='auto'")
+        return name
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return next(n for n in ("packed", "triton") if BACKENDS[n].supports(recipe))
+    return "reference"
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
     """Raise a ValueError saying what is missing when backend `name` cannot run on `device` (checked before any
-    model work): "triton" needs the triton package and a CUDA device, or Triton's interpreter (TRITON_INTERPRET=1)."""
+    model work): "triton" and "packed" need the triton package and a CUDA device, or Triton's interpreter
+    (TRITON_INTERPRET=1)."""
+    if name == "auto":
+        return
     get_backend(name)
     if name == "reference":
         return
@@ -86,6 +119,16 @@ def check_output_finite(y: torch.Tensor, where: str) -> None:
     if bad:
         raise ValueError(f"{where}: output has {bad} non-finite value(s) out of {y.numel()} although input and "
                          f"weight are finite: the result overflows {y.dtype} (or the input overflows bf16)")
+
+
+def _matmul_packed(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """The kernel's bf16 activation times the packed Ŵ, decoded in registers (kernels/gemm.py)."""
+    from .kernels.gemm import packed_matmul
+
+    p = qweight.packed
+    return packed_matmul(act.values, p.codes, p.scales, p.fmt, p.block_size, act.scale, qweight.scale, bias,
+                         out_dtype)
 
 
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,17 +195,23 @@ def _kernel_supports(recipe: Recipe) -> bool:
 
 
 @torch.library.custom_op("sharq::matmul", mutates_args=())
-def _matmul_op(values: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor, weight_values: torch.Tensor,
-               weight_scale: torch.Tensor, dense_weight: torch.Tensor | None, bias: torch.Tensor | None, backend: str,
+def _matmul_op(values: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor, weight_values: torch.Tensor | None,
+               weight_codes: torch.Tensor | None, weight_scales: torch.Tensor | None, weight_scale: torch.Tensor,
+               dense_weight: torch.Tensor | None, bias: torch.Tensor | None, recipe: str, backend: str, n: int,
                out_dtype: torch.dtype) -> torch.Tensor:
+    r = _recipe(recipe)
+    packed = None
+    if weight_codes is not None:
+        packed = QTensor(weight_codes, weight_scales, r.weight_fmt, r.weight_block, (n, values.shape[1]))
     act = QActivation((), values, scale, dense if dense_weight is not None else None)
-    return get_backend(backend).matmul(act, QWeight(weight_values, weight_scale, None, None, dense_weight), bias,
+    return get_backend(backend).matmul(act, QWeight(weight_values, weight_scale, packed, None, dense_weight), bias,
                                        out_dtype)
 
 
 @_matmul_op.register_fake
-def _(values, scale, dense, weight_values, weight_scale, dense_weight, bias, backend, out_dtype):
-    return values.new_empty((values.shape[0], weight_values.shape[0]), dtype=out_dtype)
+def _(values, scale, dense, weight_values, weight_codes, weight_scales, weight_scale, dense_weight, bias, recipe,
+      backend, n, out_dtype):
+    return values.new_empty((values.shape[0], n), dtype=out_dtype)
 
 
 def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Tensor | None = None) -> QActivation:
@@ -173,13 +222,15 @@ def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Ten
     return get_backend(backend).prepare(x2d, recipe, channels)
 
 
-def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str
-           ) -> torch.Tensor:
+def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype, recipe: Recipe,
+           backend: str) -> torch.Tensor:
     """α · act · Ŵᵀ + bias [M, N] in out_dtype, as `backend` computes it."""
     if torch.compiler.is_compiling():
         dense = act.dense if act.dense is not None else act.values.new_empty(act.values.shape[0], 0)
-        return torch.ops.sharq.matmul(act.values, act.scale, dense, qweight.values, qweight.scale, qweight.dense,
-                                      bias, backend, out_dtype)
+        p = qweight.packed
+        return torch.ops.sharq.matmul(act.values, act.scale, dense, qweight.values, None if p is None else p.codes,
+                                      None if p is None else p.scales, qweight.scale, qweight.dense, bias, recipe.key,
+                                      backend, qweight.out_features, out_dtype)
     return get_backend(backend).matmul(act, qweight, bias, out_dtype)
 
 
@@ -242,7 +293,7 @@ def simulate_linear(
     with torch.no_grad():
         channels = r.select_channels(channel_stats) if channel_stats is not None else None
         act = prepare(x2d, r, backend, channels)
-        y = matmul(act, r.prepare_weight(weight.detach(), channels), bias, x.dtype, backend)
+        y = matmul(act, r.prepare_weight(weight.detach(), channels), bias, x.dtype, r, backend)
     y = straight_through(y, x2d, weight, bias)
     if strict:
         check_output_finite(y, "simulate_linear")
@@ -261,4 +312,8 @@ def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QT
     return sparse, residual, act.scale
 
 
-BACKENDS.update(reference=Backend(_prepare_reference, _matmul_reference), triton=Backend(_prepare_triton, _matmul_bf16))
+BACKENDS.update(
+    reference=Backend(_prepare_reference, _matmul_reference, lambda r: True, keeps_values=True),
+    triton=Backend(_prepare_triton, _matmul_bf16, lambda r: True, keeps_values=True),
+    packed=Backend(_prepare_triton, _matmul_packed, _packed_supports, keeps_values=False),
+)

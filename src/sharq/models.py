@@ -95,11 +95,12 @@ def quantize_model(
     model: nn.Module,
     recipe: str | Recipe = "sharq",
     *,
-    backend: str = "reference",
+    backend: str = "auto",
     target_modules: Sequence[str] | None = None,
     calibration: dict[str, torch.Tensor] | None = None,
     share_inputs: bool = True,
     strict: bool = False,
+    device: str | torch.device | None = None,
     **options,
 ) -> nn.Module:
     """Replace the decoder linears of `model` (in place) with SharQLinear modules running `recipe`; returns it.
@@ -108,7 +109,13 @@ def quantize_model(
     `calibration`, the statistics of sharq.calibrate. `target_modules` overrides the family's module names for
     architectures sharq does not know. With share_inputs, q/k/v (and gate/up) prepare their common input once.
     strict=True raises a ValueError naming the layer when a weight or an input holds NaN/Inf (SPEC §8); the
-    default lets them through as NaN so the problem stays visible."""
+    default lets them through as NaN so the problem stays visible. `backend="auto"` runs packed 4-bit kernels on
+    CUDA where the recipe allows (functional.Backend).
+
+    With `device`, the model moves there one decoder layer at a time and each layer is quantized on arrival, so the
+    device never holds more than the quantized layers plus one layer in its original dtype: a model whose bf16
+    weights do not fit the GPU can be quantized onto it. Parameters on the meta device are allocated there and
+    initialized as transformers initializes a new model (random weights: benchmarks of shapes that do not fit)."""
     r = get_recipe(recipe, **options)
     family = _family(model, target_modules)
     linears = target_linears(model, target_modules)
@@ -140,14 +147,58 @@ def quantize_model(
         "share_inputs": share_inputs,
         "modules": sorted(linears) + [n for n, _ in experts],
     }
-    for name, linear in linears.items():
-        stats = calibration[name] if r.needs_calibration else None
-        _set_module(model, name, SharQLinear.from_linear(linear, r, backend, stats, groups.get(name), strict, name))
-    for name, block in experts:
-        _set_module(model, name, SharQExperts(block, r, backend, strict, name))
+    def quantize(name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear):
+            stats = calibration[name] if r.needs_calibration else None
+            return SharQLinear.from_linear(module, r, backend, stats, groups.get(name), strict, name)
+        return SharQExperts(module, r, backend, strict, name)
+
+    targets = {**linears, **dict(experts)}
+    if device is None:
+        for name, module in targets.items():
+            _set_module(model, name, quantize(name, module))
+    else:
+        device = torch.device(device)
+        by_layer: dict[str, list[str]] = {}
+        for name in targets:  # "model.layers.3.mlp.up_proj" belongs to "model.layers.3"
+            by_layer.setdefault(name[: _LAYER.match(name).end(1)], []).append(name)
+        for layer_name, names in by_layer.items():
+            _materialize(model, model.get_submodule(layer_name), device)
+            for name in names:
+                _set_module(model, name, quantize(name, targets[name]))
+        _materialize(model, model, device)
     for hook in QUANTIZED_HOOKS:
         hook(model)
     return model
+
+
+def _materialize(model: nn.Module, module: nn.Module, device: torch.device) -> None:
+    """`module` on `device`: moved, or, for tensors on the meta device, allocated there and initialized by the
+    model's own initializer (transformers' `_init_weights`), module by module."""
+    for m in module.modules():
+        if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+            init = getattr(model, "_init_weights", None)
+            if init is None:
+                raise ValueError(f"{type(m).__name__} is on the meta device and {type(model).__name__} has no "
+                                 "_init_weights to fill it")
+            m.to_empty(device=device, recurse=False)
+            with torch.no_grad():
+                init(m)
+    module.to(device)
+    if module is model and hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state (what a checkpoint stores and the model must hold: packed payloads, unquantized
+    tensors), each storage counted once. Caches a backend derives from the payload (a bf16 Ŵ) are not counted."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 @torch.no_grad()

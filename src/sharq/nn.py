@@ -8,7 +8,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .functional import check_finite, check_output_finite, get_backend, matmul, prepare, straight_through
+from .functional import (
+    check_finite,
+    check_output_finite,
+    get_backend,
+    matmul,
+    prepare,
+    resolve_backend,
+    straight_through,
+)
 from .quant import QTensor, as_rows, dequantize_blocks
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
@@ -63,8 +71,12 @@ class SharQLinear(nn.Module):
 
     The state (what a checkpoint stores, docs/FORMAT.md) is the packed payload: `weight_codes`, `weight_scales`
     (and HiF4's `weight_micro`), the output scale `weight_scale`, the bias and, for outlier-channels,
-    `channels` and `dense_weight`. `weight_values`, the exact bf16 dequantization the reference GEMM uses, is
-    derived from it (and rebuilt whenever a state dict is loaded). bf16 recipes store `weight_values` itself.
+    `channels` and `dense_weight`. `weight_values`, the exact bf16 dequantization the simulating backends
+    multiply, is derived from it, and held only while the layer's backend needs it: the packed backend reads the
+    payload itself, so a layer on it holds 4.25–4.5 bits per weight. bf16 recipes store `weight_values` itself.
+
+    `backend="auto"` is resolved for the device the layer is on, again whenever it moves (functional.Backend):
+    packed (or triton) on CUDA, reference elsewhere; `model.cuda()` after quantizing on the CPU drops the bf16 Ŵ.
 
     The payload's dtypes are part of the format (PAYLOAD): `model.to(torch.bfloat16)` moves them but never casts
     them (a bf16 `weight_scale` would change every output); the bias follows the model's dtype. A backward pass
@@ -80,7 +92,7 @@ class SharQLinear(nn.Module):
         recipe: Recipe,
         qweight: QWeight,
         bias: torch.Tensor | None = None,
-        backend: str = "reference",
+        backend: str = "auto",
         shared: SharedActivation | None = None,
         strict: bool = False,
         name: str = "",
@@ -90,8 +102,7 @@ class SharQLinear(nn.Module):
         self.strict, self.name = strict, name or "SharQLinear"
         self.recipe = recipe
         recipe.key  # noqa: B018 - computed now, not while torch.compile traces the forward
-        self.backend = backend
-        get_backend(backend)
+        self.backend_choice = backend  # "auto" or a backend name; `backend` is what runs on the current device
         self.shared = shared
         packed = qweight.packed
         self.register_buffer("weight_values", qweight.values, persistent=packed is None)
@@ -103,13 +114,14 @@ class SharQLinear(nn.Module):
         self.register_buffer("dense_weight", qweight.dense)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_values())
+        self._configure()
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
         recipe: str | Recipe = "sharq",
-        backend: str = "reference",
+        backend: str = "auto",
         channel_stats: torch.Tensor | None = None,
         shared: SharedActivation | None = None,
         strict: bool = False,
@@ -136,10 +148,27 @@ class SharQLinear(nn.Module):
                        (self.out_features, self.in_features), micro=self.weight_micro)
 
     @torch.no_grad()
-    def refresh_values(self) -> None:
-        """Rebuild the dequantized weight from the packed payload (after loading a state dict)."""
-        if self.packed is not None:
+    def _configure(self) -> None:
+        """Resolve the backend for the layer's device, and hold the bf16 Ŵ exactly when that backend needs it."""
+        self.backend = resolve_backend(self.backend_choice, self.recipe, self.weight_scale.device)
+        if self.packed is None:  # bf16 weights: Ŵ is the state itself
+            return
+        if not get_backend(self.backend).keeps_values:
+            self.weight_values = None
+        elif self.weight_values is None:
             self.weight_values = dequantize_blocks(self.packed).to(torch.bfloat16)
+
+    @torch.no_grad()
+    def refresh_values(self) -> None:
+        """Derive what the payload determines again (after loading a state dict)."""
+        if self.packed is not None:
+            self.weight_values = None
+        self._configure()
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the layer's state holds (the packed payload, scales, bias; a derived bf16 Ŵ is not state)."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
 
     @property
     def qweight(self) -> QWeight:
@@ -152,6 +181,7 @@ class SharQLinear(nn.Module):
         for name, t in before.items():
             if self._buffers[name].dtype != t.dtype:
                 self._buffers[name] = t.to(self._buffers[name].device)
+        self._configure()
         return self
 
     def prepare(self, x2d: torch.Tensor) -> QActivation:
@@ -160,8 +190,8 @@ class SharQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        if x.device != self.weight_values.device:
-            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.weight_values.device}")
+        if x.device != self.weight_scale.device:
+            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.weight_scale.device}")
         if self.strict:
             check_finite(x, self.name)
         x2d = as_rows(x)
@@ -170,7 +200,7 @@ class SharQLinear(nn.Module):
                 act = self.prepare(x2d)
             else:
                 act = self.shared.get(x, lambda: self.prepare(x2d))
-            y = matmul(act, self.qweight, self.bias, x.dtype, self.backend)
+            y = matmul(act, self.qweight, self.bias, x.dtype, self.recipe, self.backend)
         y = straight_through(y, x2d, lambda: self.qweight.effective())
         if self.strict:
             check_output_finite(y, self.name)
@@ -186,7 +216,7 @@ class SharQExperts(nn.Module):
     as in Qwen3-MoE and Mixtral) with every expert's two linears quantized. Same forward contract as the block it
     replaces: (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]."""
 
-    def __init__(self, experts: nn.Module, recipe: str | Recipe = "sharq", backend: str = "reference",
+    def __init__(self, experts: nn.Module, recipe: str | Recipe = "sharq", backend: str = "auto",
                  strict: bool = False, name: str = "experts", **options):
         super().__init__()
         r = get_recipe(recipe, **options)

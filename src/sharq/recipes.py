@@ -61,20 +61,26 @@ class Stage:
 
 @dataclass(frozen=True)
 class QWeight:
-    """A weight prepared once: the exact dequantized payload (bf16, without the tensor scale), the packed payload
-    it came from, and the output scale it still needs (scalar s_w or fp8's per-channel [N])."""
+    """A weight prepared once: the exact dequantized payload (bf16, without the tensor scale; None where a backend
+    reads the packed payload itself), the packed payload it came from, and the output scale it still needs
+    (scalar s_w or fp8's per-channel [N])."""
 
-    values: torch.Tensor  # bf16 [N, K], exact
+    values: torch.Tensor | None  # bf16 [N, K], exact
     scale: torch.Tensor  # fp32 [] or [N]
     packed: QTensor | None
     channels: torch.Tensor | None = None  # outlier-channels: input channels kept in bf16 (int64 [c])
     dense: torch.Tensor | None = None  # outlier-channels: those columns of W, bf16 [N, c]
 
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0] if self.values is not None else self.packed.shape[0]
+
     def effective(self) -> torch.Tensor:
         """The weight the layer multiplies by, fp32 [N, K]: Ŵ times its output scale, the bf16 outlier columns in
         place (what the straight-through gradient of a quantized layer uses)."""
         scale = self.scale.reshape(-1, 1) if self.scale.dim() else self.scale
-        w = self.values.float() * scale
+        values = self.values if self.values is not None else dequantize_blocks(self.packed)
+        w = values.float() * scale
         if self.channels is not None:
             w[:, self.channels] = self.dense.float()
         return w

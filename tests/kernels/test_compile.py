@@ -16,7 +16,7 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sharq.kernels import epilogue, prepare
+from sharq.kernels import epilogue, gemm, prepare
 
 def build(fn, args, const):
     sig = dict(args, **{k: "constexpr" for k in const})
@@ -34,10 +34,20 @@ for mask, packed, per_row, fmt in itertools.product((0, 1, 2), (False, True), (F
         TWO_STAGES=True, BLOCK2=16 if fmt == 0 else 32, FMT=fmt, BM=8, H=8, PACKED=packed))
 build(prepare._amax_kernel, [("x_ptr", "*bf16"), ("amax_ptr", "*i32"), ("M", "i32"), ("K", "i32"),
                              ("stride_xm", "i32")], dict(PER_ROW=False, BM=8, BK=512))
-for ty, per_row, bias in itertools.product(("*bf16", "*fp32"), (False, True), (False, True)):
-    build(epilogue._epilogue_kernel, [("y_ptr", ty), ("sx_ptr", "*fp32"), ("sw_ptr", "*fp32"),
-                                      ("bias_ptr", "*bf16"), ("M", "i32"), ("N", "i32"), ("stride_ym", "i32")],
-          dict(SX_PER_ROW=per_row, SW_PER_COL=False, HAS_BIAS=bias, BM=32, BN=256))
+for ty, per_row, bias, splits in itertools.product(("*bf16", "*fp32"), (False, True), (False, True), (1, 4)):
+    build(epilogue._epilogue_kernel, [("src_ptr", "*fp32" if splits > 1 else ty), ("y_ptr", ty), ("sx_ptr", "*fp32"),
+                                      ("sw_ptr", "*fp32"), ("bias_ptr", "*bf16"), ("M", "i32"), ("N", "i32"),
+                                      ("stride_split", "i32"), ("stride_sm", "i32"), ("stride_ym", "i32")],
+          dict(SPLITS=splits, SX_PER_ROW=per_row, SW_PER_COL=False, HAS_BIAS=bias, BM=32, BN=256))
+gemm_args = [("a_ptr", "*bf16"), ("codes_ptr", "*u8"), ("scales_ptr", "*u8"), ("y_ptr", "*bf16"), ("sx_ptr", "*fp32"),
+             ("sw_ptr", "*fp32"), ("bias_ptr", "*bf16"), ("M", "i32"), ("N", "i32"), ("K", "i32"), ("Kp", "i32"),
+             ("stride_am", "i32"), ("stride_split", "i32"), ("stride_ym", "i32"), ("k_per_split", "i32")]
+for fmt, block, split, bm in itertools.product((0, 1), (16, 32), (False, True), (16, 64)):
+    args = [(n, "*fp32" if n == "y_ptr" and split else t) for n, t in gemm_args]
+    build(gemm._packed_mm_kernel, args, dict(BLOCK=block, FMT=fmt, SPLIT=split, SX_PER_ROW=bm == 16,
+                                             HAS_BIAS=True, BN=128, BM=bm, BK=128))
+build(gemm._dequantize_kernel, [("codes_ptr", "*u8"), ("scales_ptr", "*u8"), ("w_ptr", "*bf16"), ("N", "i32"),
+                                ("K", "i32"), ("Kp", "i32")], dict(BLOCK=32, FMT=0, BN=32, BK=256))
 print("compiled")
 """
 

@@ -45,11 +45,14 @@ def round_bf16(v):
 
 @triton.jit
 def cast_rne(v, ty: tl.constexpr):
-    """fp32 v in dtype ty, rounded to nearest even on both builds (for bf16 the interpreter's own cast would not)."""
+    """fp32 v in dtype ty, rounded to nearest even on both builds, subnormals kept (for bf16 the interpreter's own
+    cast would neither round so nor keep them)."""
     if ty == tl.bfloat16:
         if NATIVE:
             return v.to(tl.bfloat16, fp_downcast_rounding="rtne")
-        else:
-            return round_bf16(v).to(tl.bfloat16)  # rounded on the bits: the cast is then exact
+        else:  # rounded on the bits, and the top half taken as bf16 bits (the interpreter's cast flushes subnormals)
+            bits = tl.where(v == v, round_bf16(v), float("nan")).to(tl.uint32, bitcast=True)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(ty)
+

@@ -1,9 +1,10 @@
-"""The SharQ layer's epilogue in one pass over the GEMM output: y ← y·α + bias in place, α = s_x·s_w.
+"""The SharQ layer's epilogue in one pass over the GEMM output: y = (Σ_s partial_s)·α + bias, α = s_x·s_w.
 
 cuBLAS (through torch) takes α only as a host number, and a torch elementwise op with the broadcast device
 α runs far below bandwidth (its operands are not all contiguous, so it does not vectorize): on the H200 it cost
-up to a third of the layer. α is s_x (one value or one per row) times s_w (one value or one per output column);
-y·α + bias is one fused multiply-add in fp32, rounded once to y's dtype.
+up to a third of a layer. α is s_x (one value or one per row) times s_w (one value or one per output column);
+y·α + bias is one fused multiply-add in fp32, rounded once to the output's dtype. The same pass sums the fp32
+partial products of a split-K GEMM (kernels/gemm.py) before scaling them.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ from .common import cast_rne, require_cuda
 
 
 @triton.jit
-def _epilogue_kernel(y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_ym, SX_PER_ROW: tl.constexpr,
-                     SW_PER_COL: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _epilogue_kernel(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_split, stride_sm, stride_ym,
+                     SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, SW_PER_COL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     inside = (rows < M)[:, None] & (cols < N)[None, :]
-    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
-    y = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+    src = src_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :]
+    y = tl.load(src, mask=inside, other=0.0).to(tl.float32)
+    for s in range(1, SPLITS):  # split-K partials, summed in split order
+        y += tl.load(src + s * stride_split, mask=inside, other=0.0)
     sx = tl.load(sx_ptr + rows, mask=rows < M, other=1.0)[:, None] if SX_PER_ROW else tl.load(sx_ptr)
     sw = tl.load(sw_ptr + cols, mask=cols < N, other=1.0)[None, :] if SW_PER_COL else tl.load(sw_ptr)
     alpha = sx * sw
@@ -30,7 +34,23 @@ def _epilogue_kernel(y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_ym, SX_PER_RO
         y = tl.fma(y, alpha, tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :])
     else:
         y = y * alpha
+    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
     tl.store(ptrs, cast_rne(y, y_ptr.dtype.element_ty), mask=inside)
+
+
+def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+            splits: int) -> torch.Tensor:
+    m, n = y.shape
+    if y.stride(-1) != 1 or src.stride(-1) != 1:
+        raise ValueError("the epilogue needs rows with unit stride")
+    if m and n:
+        sx, sw = sx.reshape(-1).float().contiguous(), sw.reshape(-1).float().contiguous()
+        grid = (triton.cdiv(m, 32), triton.cdiv(n, 256))
+        _epilogue_kernel[grid](src, y, sx, sw, bias if bias is not None else sx, m, n,
+                               src.stride(0) if splits > 1 else 0, src.stride(-2), y.stride(0), SPLITS=splits,
+                               SX_PER_ROW=sx.numel() > 1, SW_PER_COL=sw.numel() > 1, HAS_BIAS=bias is not None,
+                               BM=32, BN=256, num_warps=4)
+    return y
 
 
 def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None
@@ -38,13 +58,12 @@ def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: t
     """y [M, N] (bf16 or fp32, rows contiguous) ← y·(s_x·s_w) + bias, in place; returns y. s_x is [1, 1] or
     [M, 1], s_w [] / [1] or [N], bias [N] or None."""
     require_cuda(y, "scale_and_bias_", "it is the triton backend's epilogue")
-    m, n = y.shape
-    if y.stride(-1) != 1:
-        raise ValueError("scale_and_bias_ needs rows with unit stride")
-    if m and n:
-        sx, sw = sx.reshape(-1).float().contiguous(), sw.reshape(-1).float().contiguous()
-        grid = (triton.cdiv(m, 32), triton.cdiv(n, 256))
-        _epilogue_kernel[grid](y, sx, sw, bias if bias is not None else sx, m, n, y.stride(0),
-                               SX_PER_ROW=sx.numel() > 1, SW_PER_COL=sw.numel() > 1, HAS_BIAS=bias is not None,
-                               BM=32, BN=256, num_warps=4)
-    return y
+    return _launch(y, y, sx, sw, bias, 1)
+
+
+def reduce_scale_and_bias(partials: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """(Σ_s partials[s])·(s_x·s_w) + bias in out_dtype, partials fp32 [S, M, N] (a split-K GEMM's)."""
+    require_cuda(partials, "reduce_scale_and_bias", "it is the packed backend's epilogue")
+    y = torch.empty(partials.shape[1:], dtype=out_dtype, device=partials.device)
+    return _launch(partials, y, sx, sw, bias, partials.shape[0])

@@ -1,0 +1,191 @@
+"""Time token-by-token decoding (sharq.generate's path) on a CUDA GPU: BF16 against the same model quantized by sharq.
+
+    python benchmarks/bench_decode.py [--layers 32] [--prompt 512] [--new-tokens 128] [--batches 1,8]
+        [--recipes nvfp4,sharq] [--backend packed] [--compile] [--json out.json]
+    python benchmarks/bench_decode.py --tiny --new-tokens 4 --prompt 16      # CPU smoke test (reference backend)
+
+The model is Llama-3.1-8B-shaped (bench_model.llama_8b_shaped: random weights, bf16; only the time matters),
+built afresh for each variant: bf16, then each recipe quantized with --backend. For each variant and batch of
+random prompts: the prefill, and the decode step (DecodeSession.step + the greedy argmax) replayed from its CUDA
+graph and eager, as CUDA-event medians of --reps runs; with --compile also the graph path with the decode forward
+compiled by torch.compile before the capture. Peak memory is that of one sharq.generate call; weights are
+sharq.models.weight_bytes. The check column: the graph path's first 8 greedy tokens equal the eager path's (same
+cache size, so the same kernels; a difference means the replay is wrong). "x bf16" is bf16's graph ms/token over
+the variant's, from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import sharq
+from bench_model import llama_8b_shaped  # benchmarks/, beside this script
+from bench_prepare import markdown_table
+from sharq.generate import DecodeSession
+from sharq.models import weight_bytes
+
+CHECKED_TOKENS = 8
+
+
+class Clock:
+    """Milliseconds between marks: CUDA events on a GPU (the GPU's timeline, host stalls included, which is what
+    an eager decode step is made of), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def ms(self, start, end) -> float:
+        if not self.cuda:
+            return (end - start) * 1e3
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A 2-layer Llama in bf16 on the CPU, for the smoke test."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=1024, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model.eval()
+
+
+@torch.no_grad()
+def time_decode(model, ids: torch.Tensor, steps: int, max_len: int, reps: int, cuda_graph: bool,
+                compile: bool = False) -> tuple[float, float, torch.Tensor]:
+    """(median ms of the prefill, median ms of one decode step, the greedy tokens [batch, steps]) over `reps` runs
+    of a prefill and steps - 1 decode steps in one DecodeSession of max_len tokens, after a warm-up run of one
+    step (the capture, and the compilation with compile)."""
+    session = DecodeSession(model, ids.shape[0], max_len, cuda_graph=cuda_graph, compile=compile)
+    session.step(session.prefill(ids).argmax(-1))
+    clock, prefills, per_step = Clock(ids.device), [], []
+    for _ in range(reps):
+        start = clock.mark()
+        logits = session.prefill(ids)
+        prefilled = clock.mark()
+        tokens = [logits.argmax(-1)]
+        for _ in range(steps - 1):
+            tokens.append(session.step(tokens[-1]).argmax(-1))
+        end = clock.mark()
+        prefills.append(clock.ms(start, prefilled))
+        per_step.append(clock.ms(prefilled, end) / (steps - 1))
+    return statistics.median(prefills), statistics.median(per_step), torch.stack(tokens, 1)
+
+
+def measure(model, variant: str, batch: int, args: argparse.Namespace) -> dict:
+    """One table row: prefill, decode (graph, eager, compiled), peak memory and the graph = eager check."""
+    device, cuda = model.device, model.device.type == "cuda"
+    ids = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
+                        generator=torch.Generator().manual_seed(batch)).to(device)
+    max_len = args.prompt + args.new_tokens
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sharq.generate(model, ids, args.new_tokens)
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    prefill_ms, graph_ms, tokens = time_decode(model, ids, args.new_tokens, max_len, args.reps, cuda_graph=cuda)
+    _, eager_ms, eager_tokens = time_decode(model, ids, min(args.eager_tokens, args.new_tokens), max_len, args.reps,
+                                            cuda_graph=False)
+    n = min(CHECKED_TOKENS, eager_tokens.shape[1])
+    compiled_ms = None
+    if args.compile:
+        try:
+            compiled_ms = time_decode(model, ids, args.new_tokens, max_len, args.reps, cuda_graph=cuda,
+                                      compile=True)[1]
+        except Exception as e:  # noqa: BLE001 - one variant failing to compile is a result, not the end of the run
+            print(f"note: torch.compile failed for {variant}, batch {batch}: {type(e).__name__}: "
+                  f"{(str(e).splitlines() or [''])[0][:160]}")
+        finally:
+            torch._dynamo.reset()  # drop the compiled code, and with it the references to this model
+    return dict(variant=variant, batch=batch, prefill_ms=prefill_ms, graph_ms=graph_ms, eager_ms=eager_ms,
+                compiled_ms=compiled_ms, peak_bytes=peak, graph_equals_eager=torch.equal(tokens[:, :n],
+                                                                                          eager_tokens[:, :n]))
+
+
+def table(rows: list[dict]) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    def gb(v: int | None) -> str:
+        return "-" if v is None else f"{v / 1e9:.3g}"
+
+    def tokens_per_s(r: dict, key: str) -> str:
+        return f"{r['batch'] * 1e3 / r[key]:.0f}"
+
+    return markdown_table(
+        ["variant", "batch", "prefill ms", "graph ms/tok", "graph tok/s", "eager ms/tok", "eager tok/s",
+         "compiled ms/tok", "speedup vs bf16", "peak GB", "weights GB", f"graph = eager ({CHECKED_TOKENS} tok)"],
+        [[r["variant"], str(r["batch"]), ms(r["prefill_ms"]), ms(r["graph_ms"]), tokens_per_s(r, "graph_ms"),
+          ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]), f"{r['over_bf16']:.2f}",
+          gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (random)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed on the graph path")
+    p.add_argument("--eager-tokens", type=int, default=16, help="decode steps timed eagerly (slower: fewer)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--recipes", default="nvfp4,sharq")
+    p.add_argument("--backend", default=None, help="quantized layers' backend (default: packed; reference with --tiny)")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="also time the graph path with a torch.compile'd forward")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer small model on the CPU: a smoke test")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.new_tokens < 2 or args.eager_tokens < 2 or args.prompt < 1 or args.reps < 1:
+        p.error("--new-tokens and --eager-tokens must be at least 2, --prompt and --reps at least 1")
+    if not args.tiny and not torch.cuda.is_available():
+        print("bench_decode needs a CUDA GPU (or --tiny, a CPU smoke test)", file=sys.stderr)
+        return 2
+    backend = args.backend or ("reference" if args.tiny else "packed")
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for variant in ["bf16", *args.recipes.split(",")]:
+        torch.manual_seed(0)
+        model = tiny_llama() if args.tiny else llama_8b_shaped(args.layers)
+        if variant != "bf16":
+            sharq.quantize_model(model, variant, backend=backend)
+        size = weight_bytes(model)
+        rows += [dict(measure(model, variant, batch, args), weight_bytes=size) for batch in batches]
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    bf16 = {r["batch"]: r["graph_ms"] for r in rows if r["variant"] == "bf16"}
+    for r in rows:
+        r["over_bf16"] = bf16[r["batch"]] / r["graph_ms"]
+    name = "tiny Llama (2 layers, hidden 256), CPU" if args.tiny else (
+        f"Llama-3.1-8B-shaped, {args.layers} layers, random bf16 weights, {torch.cuda.get_device_name()}")
+    print(f"{name}; prompt {args.prompt}, {args.new_tokens} new tokens "
+          f"({min(args.eager_tokens, args.new_tokens)} eager); quantized "
+          f"backend {backend}; torch {torch.__version__}" + ("; no CUDA graph on a CPU: graph = eager" if args.tiny
+                                                             else ""))
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=name, prompt=args.prompt, new_tokens=args.new_tokens, eager_tokens=args.eager_tokens,
+                           backend=backend, torch=torch.__version__, rows=rows), f, indent=1)
+    return 0 if all(r["graph_equals_eager"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

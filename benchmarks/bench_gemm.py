@@ -1,0 +1,243 @@
+"""Check and time the packed 4-bit weight GEMM on a CUDA GPU against BF16 and FP8 cuBLAS, in one run (docs/PERF.md).
+
+    python benchmarks/bench_gemm.py [--ms 1,4,16,64,256,2048,8192] [--sweep] [--json results.json]
+
+1. Checks: packed_matmul against the exact product on the dequantized Ŵ (float64) within the fp32-accumulation
+   bound, for both weight formats, at small and large M; every scale and element code decodes as quant.py does.
+2. Ceilings, measured here: copy bandwidth (a 1 GiB device copy) and the BF16 matrix rate (an 8192³ GEMM).
+3. The grid: Llama-3.1-8B linear shapes (K, N) ∈ {(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)} ×
+   M: BF16 cuBLAS (F.linear), FP8 `torch._scaled_mm` (per-tensor scales, M ≥ 16), the nvfp4 and sharq packed GEMMs
+   alone (on the bf16 activation the prepare kernel writes) and their whole layers (prepare + GEMM). GPU times
+   are CUDA-graph replays of several calls, each on its own copy of the weights (together several times the L2,
+   so every call streams its weight from memory, as in a model). Bytes for M ≤ 16: the weight (packed payload or
+   bf16), X and Y; achieved GB/s against the copy bandwidth. FLOPs for M ≥ 2048: 2·M·N·K, against the matrix rate.
+--sweep first times the packed kernel's launch shapes at M ∈ {1, 16} (how gemm.choose_tile was chosen).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import sharq
+from sharq._format import format_table
+from sharq.functional import get_backend
+from sharq.kernels import gemm
+from sharq.quant import QTensor, dequantize_blocks
+from timing import median_ms  # benchmarks/timing.py, beside this script
+
+SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+L2_MULTIPLE = 4  # weight copies per timed graph: together at least this many times the L2
+
+
+def outlier_x(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    ch = torch.randperm(k, device="cuda", generator=g)[: k // 64]
+    x[:, ch] *= 10 + 50 * torch.rand(len(ch), device="cuda", generator=g)
+    return x.to(torch.bfloat16)
+
+
+def graph_ms(fns: list, reps: int = 20) -> float:
+    """GPU time per call: the calls fns[0](), fns[1](), ... captured in one CUDA graph, replayed; ms per call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return median_ms(graph.replay, reps) / len(fns)
+
+
+def copies(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, -(-L2_MULTIPLE * l2 // max(nbytes, 1)))
+
+
+def ceilings() -> dict:
+    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
+    copy_ms = median_ms(lambda: x.clone(), 10)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = median_ms(lambda: a @ b, 10)
+    return {"copy_GBps": 2 * x.numel() * 2 / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def payload(recipe: str, n: int, k: int, seed: int = 1):
+    """(packed QTensor, s_w, recipe) of a random [n, k] weight quantized by `recipe`, on the GPU."""
+    r = sharq.get_recipe(recipe)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qw = r.prepare_weight(torch.randn(n, k, device="cuda", generator=g) / k**0.5)
+    return qw.packed, qw.scale, r
+
+
+def check(m: int, k: int, n: int, recipe: str) -> float:
+    """Max error of packed_matmul over its fp32-accumulation bound (pass: <= 1)."""
+    p, sw, r = payload(recipe, n, k)
+    a = outlier_x(m, k, seed=m)
+    sx = torch.rand(1, 1, device="cuda") + 0.5
+    bias = torch.randn(n, device="cuda")
+    y = gemm.packed_matmul(a, p.codes, p.scales, r.weight_fmt, r.weight_block, sx, sw, bias, torch.float32)
+    w = dequantize_blocks(p).double()
+    alpha = (sx * sw).double()
+    exact = alpha * (a.double() @ w.T) + bias.double()
+    bound = k * 2.0**-23 * alpha * (a.double().abs() @ w.abs().T) + 2.0**-24 * exact.abs() + 1e-30
+    return float(((y.double() - exact).abs() / bound).max())
+
+
+def check_codes() -> bool:
+    codes = torch.arange(16, dtype=torch.uint8).repeat_interleave(2).reshape(1, 32)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).repeat(256, 1).cuda()
+    scales = torch.arange(256, dtype=torch.uint8).reshape(256, 1).cuda()
+    ok = True
+    for fmt in ("nvfp4", "mxfp4"):
+        got = gemm.dequantize_packed(packed, scales, fmt, 32, 32)
+        want = dequantize_blocks(QTensor(packed, scales, fmt, 32, (256, 32))).to(torch.bfloat16)
+        ok &= bool(torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()))
+    return ok
+
+
+def time_shape(k: int, n: int, m: int, caps: dict) -> dict:
+    """Every variant at one (K, N, M); ms from graph replays over rotating weight copies."""
+    x = outlier_x(m, k)
+    row: dict = {"K": k, "N": n, "M": m}
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+    row["bf16_ms"] = graph_ms([lambda w=w: F.linear(x, w) for w in ws])
+    if m >= 16:  # _scaled_mm needs every dimension a multiple of 16
+        w8 = [w.to(torch.float8_e4m3fn) for w in ws[: copies(w.numel())]]
+        x8, one = x.to(torch.float8_e4m3fn), torch.ones((), device="cuda")
+        row["fp8_ms"] = graph_ms([lambda w=w: torch._scaled_mm(x8, w.T, one, one, out_dtype=torch.bfloat16)
+                                  for w in w8])
+    del ws, w
+    for recipe in ("nvfp4", "sharq"):
+        p, sw, r = payload(recipe, n, k)
+        nbytes = p.codes.numel() + p.scales.numel()
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(nbytes))]
+        prepare = get_backend("packed").prepare
+        act = prepare(x, r, None)
+
+        def gemm_only(c, s, act=act, r=r, sw=sw):
+            return gemm.packed_matmul(act.values, c, s, r.weight_fmt, r.weight_block, act.scale, sw, None,
+                                      torch.bfloat16)
+
+        def layer(c, s, r=r, sw=sw):
+            a = prepare(x, r, None)
+            return gemm.packed_matmul(a.values, c, s, r.weight_fmt, r.weight_block, a.scale, sw, None, torch.bfloat16)
+
+        row[f"{recipe}_gemm_ms"] = graph_ms([lambda c=c, s=s: gemm_only(c, s) for c, s in ps])
+        row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
+        row[f"{recipe}_weight_bytes"] = nbytes + 4
+        del ps
+    torch.cuda.empty_cache()
+    for key in [key for key in row if key.endswith("_ms")]:
+        row[key.replace("_ms", "_x_bf16")] = row["bf16_ms"] / row[key]  # speed relative to BF16 cuBLAS
+    if m <= 16:
+        io = (m * k + m * n) * 2
+        row["bf16_GBps"] = (n * k * 2 + io) / row["bf16_ms"] / 1e6
+        for recipe in ("nvfp4", "sharq"):
+            row[f"{recipe}_gemm_GBps"] = (row[f"{recipe}_weight_bytes"] + io) / row[f"{recipe}_gemm_ms"] / 1e6
+            row[f"{recipe}_gemm_of_copy"] = row[f"{recipe}_gemm_GBps"] / caps["copy_GBps"]
+        row["bf16_of_copy"] = row["bf16_GBps"] / caps["copy_GBps"]
+    if m >= 2048:
+        flops = 2 * m * n * k
+        for key in ("bf16", "sharq_gemm", "sharq_layer", "nvfp4_layer"):
+            row[f"{key}_TFLOPs"] = flops / row[f"{key}_ms"] / 1e9
+        row["bf16_of_peak"] = row["bf16_TFLOPs"] / caps["bf16_TFLOPs"]
+    return row
+
+
+def sweep() -> list[dict]:
+    """The packed kernel's launch shapes on every shape at M ∈ {1, 16} (sharq weights): rows per tile and splits
+    with 4 warps and 3 stages, then warps and stages for the best of those; GPU ms each."""
+    rows = []
+    for (k, n), m in itertools.product(SHAPES, (1, 16)):
+        p, sw, r = payload("sharq", n, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel()))]
+        a = outlier_x(m, k)
+        one = torch.ones(1, 1, device="cuda")
+
+        def time(t: gemm.Tile) -> float | None:
+            try:
+                return graph_ms([lambda c=c, s=s: gemm.packed_matmul(a, c, s, "nvfp4", 32, one, sw, None,
+                                                                    torch.bfloat16, tile=t) for c, s in ps], reps=10)
+            except Exception as e:  # noqa: BLE001 - a shape that does not compile (shared memory) is skipped
+                print(f"  {t}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
+                return None
+
+        auto = gemm.choose_tile(m, n, k, a.device)
+        tiles = [gemm.Tile(bn, auto.bm, 128, splits)
+                 for bn, splits in itertools.product((64, 128, 256), (1, 2, 4, 8, 16)) if k // splits >= 256]
+        results = {t: ms for t in dict.fromkeys(tiles + [auto]) if (ms := time(t)) is not None}
+        best = min(results, key=results.get)
+        for warps, stages in itertools.product((4, 8), (1, 2, 3)):
+            t = gemm.Tile(best.bn, best.bm, best.bk, best.splits, warps, stages)
+            if t not in results and (ms := time(t)) is not None:
+                results[t] = ms
+        best = min(results, key=results.get)
+        rows.append({"K": k, "N": n, "M": m, "best": str(best), "best_ms": results[best],
+                     "auto": str(auto), "auto_ms": results.get(auto),
+                     "all": {str(t): ms for t, ms in sorted(results.items(), key=lambda kv: kv[1])[:12]}})
+        print(f"K={k} N={n} M={m}: best {best} {results[best]:.4f} ms; auto {auto} {results.get(auto)}")
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="1,4,16,64,256,2048,8192")
+    p.add_argument("--sweep", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gemm needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out["checks"] = {f"{recipe} M={m} K={k} N={n}": check(m, k, n, recipe)
+                     for recipe in ("sharq", "nvfp4", "mxfp4") for m, k, n in ((1, 4096, 4096), (16, 14336, 1024),
+                                                                               (7, 4160, 336), (2048, 4096, 4096))}
+    out["codes_exact"] = check_codes()
+    print("checks (error / fp32-accumulation bound, pass <= 1):",
+          json.dumps({key: round(v, 3) for key, v in out["checks"].items()}), "codes exact:", out["codes_exact"])
+    out["ceilings"] = caps = ceilings()
+    print(f"ceilings: copy {caps['copy_GBps']:.0f} GB/s, bf16 GEMM {caps['bf16_TFLOPs']:.0f} TFLOP/s")
+    if args.sweep:
+        out["sweep"] = sweep()
+    out["rows"] = rows = [time_shape(k, n, m, caps) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    print(render(out))
+    ok = out["codes_exact"] and all(v <= 1 for v in out["checks"].values())
+    return 0 if ok else 1
+
+
+def render(out: dict) -> str:
+    f = lambda v, fmt=".4f": "" if v is None else format(v, fmt)  # noqa: E731
+    headers = ["K", "N", "M", "bf16 ms", "fp8 ms", "nvfp4 GEMM ms", "sharq GEMM ms", "sharq layer ms",
+               "GEMM × bf16", "layer × bf16", "GB/s (of copy)", "TFLOP/s (of bf16)"]
+    rows = []
+    for r in out["rows"]:
+        bw = f"{r['sharq_gemm_GBps']:.0f} ({r['sharq_gemm_of_copy']:.2f})" if "sharq_gemm_GBps" in r else ""
+        fl = f"{r['sharq_layer_TFLOPs']:.0f} ({r['sharq_layer_TFLOPs'] / r['bf16_TFLOPs']:.2f})" \
+            if "sharq_layer_TFLOPs" in r else ""
+        rows.append([str(r["K"]), str(r["N"]), str(r["M"]), f(r["bf16_ms"]), f(r.get("fp8_ms")),
+                     f(r["nvfp4_gemm_ms"]), f(r["sharq_gemm_ms"]), f(r["sharq_layer_ms"]),
+                     f(r["sharq_gemm_x_bf16"], ".2f"), f(r["sharq_layer_x_bf16"], ".2f"), bw, fl])
+    caps = out["ceilings"]
+    return (f"{out['device']}, torch {out['torch']}; copy {caps['copy_GBps']:.0f} GB/s, BF16 "
+            f"{caps['bf16_TFLOPs']:.0f} TFLOP/s; CUDA-graph ms per call, weights streamed from memory\n"
+            + format_table(headers, rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Packed 4-bit weight GEMM: y = α · (A · Ŵᵀ) + bias with Ŵ read from its packed payload (docs/FORMAT.md: E2M1
+codes two per byte, one UE4M3 or E8M0 scale code per block of 16 or 32) and decoded in registers.
+
+Hopper has no FP4 matrix instructions, but at small M a layer is bound by the bytes of its weight, and the packed
+payload is 4.25–4.5 bits per weight instead of bf16's 16. Each code times its block scale is exact in bf16
+(E2M1 has 2 significant bits, UE4M3 4, E8M0 1), so the bf16 MMA sees exactly the reference's Ŵ and the product
+is the reference's up to fp32 accumulation order.
+
+- `packed_matmul` at small M (decode): `_packed_mm_kernel`, "swap AB": a program computes a [BN, BM] tile of yᵀ as
+  Ŵ-tile · Aᵀ-tile, so the weight rows fill the MMA's large side and the few tokens its small one. Where the
+  output has too few tiles to keep every multiprocessor streaming, K is split over programs that write fp32
+  partials, summed with α and the bias by the epilogue kernel; otherwise α and the bias are applied in-kernel.
+- at large M (prefill) the weight is decoded once into a bf16 scratch buffer reused by every layer
+  (`_dequantize_kernel`), then multiplied by cuBLAS: the decode is a small extra next to the GEMM there.
+Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRETED, NATIVE, cast_rne, require_cuda
+from .epilogue import reduce_scale_and_bias, scale_and_bias_
+
+_FMT = {"nvfp4": 0, "mxfp4": 1}
+SMALL_M = 64  # up to here the packed kernels; above, decode to scratch + cuBLAS (docs/PERF.md: the crossover)
+
+
+def supports(fmt: str, block: int | None) -> bool:
+    """Whether packed_matmul reads weights of this format and block size."""
+    return fmt in _FMT and block in (16, 32)
+
+
+# --- decoding ------------------------------------------------------------------------------------------------------
+@triton.jit
+def _e2m1_value(code):
+    """The E2M1 value of 4-bit codes (int32 0..15, sign << 3 | magnitude index) as fp32, exactly: magnitudes
+    0, 0.5 and, for index i >= 2, 2^((i >> 1) - 1) · (1 + (i & 1) / 2), built from the bits."""
+    mag = code & 7
+    normal = (((mag >> 1) + 126) << 23) | ((mag & 1) << 22)
+    bits = tl.where(mag >= 2, normal, tl.where(mag == 1, 0x3F000000, 0))
+    return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_value(code, FMT: tl.constexpr):
+    """Block scale codes (int32) as fp32: UE4M3, the bits of float8_e4m3fn (NaN 0x7F, subnormals m·2^-9; the sign
+    bit, never set in a payload sharq writes, decodes as e4m3fn's), or E8M0 (2^(code-127), NaN 0xFF)."""
+    if FMT == 0:
+        e = (code >> 3) & 15
+        normal = ((e + 120) << 23) | ((code & 7) << 20)
+        s = tl.where(e > 0, normal.to(tl.float32, bitcast=True), (code & 7).to(tl.float32) * 0.001953125)
+        s = tl.where(code >= 0x80, -s, s)
+        return tl.where((code & 0x7F) == 0x7F, float("nan"), s)
+    else:
+        bits = tl.where(code > 0, code << 23, 0x00400000)  # code 0 is 2^-127, an fp32 subnormal
+        return tl.where(code == 0xFF, float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _weight_tile(codes_ptr, scales_ptr, rn, k0, N, Kp, BLOCK: tl.constexpr, FMT: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr):
+    """Ŵ[rn, k0 : k0 + BK] in bf16, [BN, BK], decoded from the packed payload (columns past Kp read as 0)."""
+    byte = k0 // 2 + tl.arange(0, BK // 2)
+    rows = rn[:, None].to(tl.int64)
+    c = tl.load(codes_ptr + rows * (Kp // 2) + byte[None, :], mask=(rn < N)[:, None] & (byte < Kp // 2)[None, :],
+                other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(c & 15, c >> 4), (BN, BK))  # element 2i is the low nibble
+    blk = k0 // BLOCK + tl.arange(0, BK // BLOCK)
+    sc = tl.load(scales_ptr + rows * (Kp // BLOCK) + blk[None, :],
+                 mask=(rn < N)[:, None] & (blk < Kp // BLOCK)[None, :], other=0).to(tl.int32)
+    w = tl.reshape(_e2m1_value(codes), (BN, BK // BLOCK, BLOCK)) * _scale_value(sc, FMT)[:, :, None]
+    return cast_rne(tl.reshape(w, (BN, BK)), tl.bfloat16)  # exact: at most 6 significant bits
+
+
+# --- small M: the packed GEMM --------------------------------------------------------------------------------------
+# Bytes b3 b2 b1 b0 of $2 spread to 16-bit lanes (prmt), each nibble's magnitude bits shifted to fp16 bits 9-11 and
+# its sign to bit 15 (shift by m and s: 9 and 12 for the low nibble, 5 and 8 for the high one), two fp16 per output.
+_E2M1_FP16_ASM = """{{ .reg .b32 t<2>, m<2>, s<2>;
+prmt.b32 t0, $2, 0, 0x5140; prmt.b32 t1, $2, 0, 0x7362;
+shl.b32 m0, t0, {m}; shl.b32 s0, t0, {s}; shl.b32 m1, t1, {m}; shl.b32 s1, t1, {s};
+and.b32 m0, m0, 0x0E000E00; and.b32 s0, s0, 0x80008000; or.b32 $0, m0, s0;
+and.b32 m1, m1, 0x0E000E00; and.b32 s1, s1, 0x80008000; or.b32 $1, m1, s1; }}"""
+_E2M1_FP16_LOW = tl.constexpr(_E2M1_FP16_ASM.format(m=9, s=12))
+_E2M1_FP16_HIGH = tl.constexpr(_E2M1_FP16_ASM.format(m=5, s=8))
+
+
+@triton.jit
+def _e2m1_fp16(c, HIGH: tl.constexpr):
+    """The low (or HIGH) nibbles of code bytes c [.., n] as fp16 E2M1 values times 2^-14: the nibble's sign, two
+    exponent bits and mantissa bit placed straight into fp16's sign, low exponent bits and top mantissa bit (for
+    exponent 0 that is an fp16 subnormal, which is again the value times 2^-14). Bit placement only: on the GPU four
+    bytes per 32-bit register in a few integer instructions (byte permute, shifts, masks)."""
+    if NATIVE:
+        if HIGH:
+            return tl.inline_asm_elementwise(_E2M1_FP16_HIGH, "=r,=r,r", [c], dtype=tl.float16, is_pure=True,
+                                             pack=4)
+        else:
+            return tl.inline_asm_elementwise(_E2M1_FP16_LOW, "=r,=r,r", [c], dtype=tl.float16, is_pure=True,
+                                             pack=4)
+    else:
+        x = c.to(tl.int32)
+        if HIGH:
+            x = x >> 4
+        return (((x & 7) << 9) | ((x & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a·b, fp32 accumulation; bf16 tiles multiplied as their exact fp32 values in the interpreter, which
+    (Triton 3.9) multiplies bf16 tiles as raw integers."""
+    if NATIVE:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+
+@triton.jit
+def _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, kc, k_end, M, N, K, Kp, stride_am, BLOCK: tl.constexpr):
+    """The loads of one 32-element chunk at kc for _nvfp4_chunk: codes [BN, 16] bytes, scale codes ([BN, 1] per
+    32-block or [BN, 16] per element for 16-blocks), and the even and odd activation elements [16, BM]."""
+    byte = kc // 2 + tl.arange(0, 16)
+    rows = rn[:, None].to(tl.int64)
+    c = tl.load(codes_ptr + rows * (Kp // 2) + byte[None, :],
+                mask=(rn < N)[:, None] & (byte < tl.minimum(Kp, k_end) // 2)[None, :], other=0)
+    if BLOCK == 32:
+        blk = kc // 32 + tl.arange(0, 1)
+    else:
+        blk = kc // 16 + tl.arange(0, 16) // 8
+    s = tl.load(scales_ptr + rows * (Kp // BLOCK) + blk[None, :],
+                mask=(rn < N)[:, None] & (blk < tl.minimum(Kp, k_end) // BLOCK)[None, :], other=0)
+    even = kc + 2 * tl.arange(0, 16)
+    a_rows = a_ptr + rm[None, :].to(tl.int64) * stride_am
+    a_even = tl.load(a_rows + even[:, None], mask=(rm < M)[None, :] & (even < K)[:, None], other=0.0)
+    a_odd = tl.load(a_rows + even[:, None] + 1, mask=(rm < M)[None, :] & (even + 1 < K)[:, None], other=0.0)
+    return c, s, a_even, a_odd
+
+
+@triton.jit
+def _nvfp4_chunk(c, s, a_even, a_odd, acc, BLOCK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr):
+    """acc + Ŵ-chunk · A-chunkᵀ for NVFP4 weights, in fp16: the even and the odd elements (low and high nibbles) as
+    two K = 16 products, so no nibble is ever moved. The activation of an NVFP4 recipe is a multiple of 2^-10 of at
+    most 8 significant bits below 2^13, exact in fp16; the codes are exact times 2^-14. With 32-element blocks the
+    scale multiplies the chunk's product; with 16-element blocks, each element."""
+    w_even, w_odd = _e2m1_fp16(c, False), _e2m1_fp16(c, True)
+    f = _scale_value(s.to(tl.int32), 0) * 16384.0
+    if BLOCK == 32:
+        part = _dot(w_odd, a_odd.to(tl.float16), _dot(w_even, a_even.to(tl.float16),
+                                                      tl.zeros((BN, BM), dtype=tl.float32)))
+        return acc + part * f
+    else:
+        w_even = (w_even.to(tl.float32) * f).to(tl.float16)  # exact: |Ŵ| <= 2688 with at most 6 significant bits
+        w_odd = (w_odd.to(tl.float32) * f).to(tl.float16)
+        return _dot(w_odd, a_odd.to(tl.float16), _dot(w_even, a_even.to(tl.float16), acc))
+
+
+@triton.jit
+def _finish(acc, y_ptr, sx_ptr, sw_ptr, bias_ptr, rn, rm, pid_k, M, N, stride_split, stride_ym, SPLIT: tl.constexpr,
+            SX_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store yᵀ tile acc [BN, BM]: α·acc + bias in y's dtype, or (SPLIT) the fp32 partial in y[pid_k]."""
+    inside = (rn < N)[:, None] & (rm < M)[None, :]
+    ptrs = rm[None, :].to(tl.int64) * stride_ym + rn[:, None]
+    if SPLIT:
+        tl.store(y_ptr + pid_k * stride_split + ptrs, acc, mask=inside)
+    else:
+        sx = tl.load(sx_ptr + rm, mask=rm < M, other=1.0)[None, :] if SX_PER_ROW else tl.load(sx_ptr)
+        alpha = sx * tl.load(sw_ptr)
+        if HAS_BIAS:
+            y = tl.fma(acc, alpha, tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None])
+        else:
+            y = acc * alpha
+        tl.store(y_ptr + ptrs, cast_rne(y, y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _packed_mm_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, Kp, stride_am,
+                      stride_split, stride_ym, k_per_split, BLOCK: tl.constexpr, FMT: tl.constexpr,
+                      SPLIT: tl.constexpr, SX_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr):
+    """yᵀ[rn, rm] = Ŵ[rn, :] · A[rm, :]ᵀ over this program's K range; then α·y + bias into y (SPLIT false), or the
+    fp32 partial into y[pid_k] (SPLIT true; the epilogue kernel finishes)."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BM + tl.arange(0, BM)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, Kp)
+    if FMT == 0:
+        # NVFP4: steps of four 32-element chunks, whose loads are issued one step ahead (a memory-bound kernel
+        # needs many loads in flight; each product waits on shared memory, so nothing else would overlap them)
+        c0, s0, e0, o0 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k_start, k_end, M, N, K, Kp, stride_am,
+                                     BLOCK)
+        c1, s1, e1, o1 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k_start + 32, k_end, M, N, K, Kp,
+                                     stride_am, BLOCK)
+        c2, s2, e2, o2 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k_start + 64, k_end, M, N, K, Kp,
+                                     stride_am, BLOCK)
+        c3, s3, e3, o3 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k_start + 96, k_end, M, N, K, Kp,
+                                     stride_am, BLOCK)
+        for k0 in range(k_start, k_end, 128):
+            n0, t0, f0, g0 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k0 + 128, k_end, M, N, K, Kp,
+                                         stride_am, BLOCK)
+            n1, t1, f1, g1 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k0 + 160, k_end, M, N, K, Kp,
+                                         stride_am, BLOCK)
+            n2, t2, f2, g2 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k0 + 192, k_end, M, N, K, Kp,
+                                         stride_am, BLOCK)
+            n3, t3, f3, g3 = _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, k0 + 224, k_end, M, N, K, Kp,
+                                         stride_am, BLOCK)
+            acc = _nvfp4_chunk(c0, s0, e0, o0, acc, BLOCK, BN, BM)
+            acc = _nvfp4_chunk(c1, s1, e1, o1, acc, BLOCK, BN, BM)
+            acc = _nvfp4_chunk(c2, s2, e2, o2, acc, BLOCK, BN, BM)
+            acc = _nvfp4_chunk(c3, s3, e3, o3, acc, BLOCK, BN, BM)
+            c0, s0, e0, o0, c1, s1, e1, o1 = n0, t0, f0, g0, n1, t1, f1, g1
+            c2, s2, e2, o2, c3, s3, e3, o3 = n2, t2, f2, g2, n3, t3, f3, g3
+    else:
+        for k0 in range(k_start, k_end, BK):
+            rk = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + rm[None, :].to(tl.int64) * stride_am + rk[:, None],
+                        mask=(rm < M)[None, :] & (rk < K)[:, None], other=0.0)  # Aᵀ tile [BK, BM]
+            acc = _dot(_weight_tile(codes_ptr, scales_ptr, rn, k0, N, Kp, BLOCK, FMT, BN, BK), a, acc)
+    _finish(acc, y_ptr, sx_ptr, sw_ptr, bias_ptr, rn, rm, pid_k, M, N, stride_split, stride_ym, SPLIT, SX_PER_ROW,
+            HAS_BIAS)
+
+
+# --- large M: decode to scratch ------------------------------------------------------------------------------------
+@triton.jit
+def _dequantize_kernel(codes_ptr, scales_ptr, w_ptr, N, K, Kp, BLOCK: tl.constexpr, FMT: tl.constexpr,
+                       BN: tl.constexpr, BK: tl.constexpr):
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    w = _weight_tile(codes_ptr, scales_ptr, rn, k0, N, Kp, BLOCK, FMT, BN, BK)
+    rk = k0 + tl.arange(0, BK)
+    tl.store(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], w, mask=(rn < N)[:, None] & (rk < K)[None, :])
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return 4 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_scratch: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """A bf16 [n, k] view of one buffer per device, grown to the largest layer and reused by every layer."""
+    buf = _scratch.get(device)
+    if buf is None or buf.numel() < n * k:
+        _scratch.pop(device, None)
+        buf = _scratch[device] = torch.empty(n * k, dtype=torch.bfloat16, device=device)
+    return buf[: n * k].view(n, k)
+
+
+def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ [N, k] in bf16 from a packed payload (codes [N, Kp/2], scales [N, Kp/block])."""
+    require_cuda(codes, "dequantize_packed", "use quant.dequantize_blocks on the CPU")
+    n = codes.shape[0]
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device) if out is None else out
+    if n and k:
+        bn, bk = 32, 256
+        _dequantize_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](codes, scales, w, n, k, codes.shape[1] * 2,
+                                                                      BLOCK=block, FMT=_FMT[fmt], BN=bn, BK=bk,
+                                                                      num_warps=4)
+    return w
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A launch of the small-M kernel: weight rows × tokens × K per step (NVFP4 weights step by 128), K splits,
+    warps and pipeline stages."""
+
+    bn: int = 128
+    bm: int = 16
+    bk: int = 128
+    splits: int = 1
+    warps: int = 4
+    stages: int = 3
+
+
+def choose_tile(m: int, n: int, kp: int, device: torch.device) -> Tile:
+    """128 weight rows by the tokens rounded up to 16..64; K split until there are about two tiles per
+    multiprocessor (so every one streams weights), each split at least two steps long. (From
+    benchmarks/bench_gemm.py --sweep on the H200.)"""
+    bm = min(64, max(16, triton.next_power_of_2(m)))
+    bn, bk = 128, 128
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    splits = 1
+    while tiles * splits * 2 <= 2 * _multiprocessors(device) and kp // (splits * 2) >= 2 * bk:
+        splits *= 2
+    return Tile(bn, bm, bk, splits)
+
+
+def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
+                  sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                  tile: Tile | None = None) -> torch.Tensor:
+    """α · (a · Ŵᵀ) + bias [M, N] in out_dtype; a bf16 [M, K], Ŵ the packed payload (codes [N, Kp/2], scales
+    [N, Kp/block], format nvfp4 or mxfp4), α = s_x ([1, 1] or [M, 1]) · s_w ([] or [1]). A `tile` runs the
+    packed kernel with that launch shape at any M (benchmarks, tests)."""
+    require_cuda(a, "packed_matmul", "use backend='reference' on the CPU")
+    if a.dtype != torch.bfloat16 or a.dim() != 2 or a.stride(-1) != 1:
+        raise ValueError(f"packed_matmul takes a contiguous bf16 [M, K] activation, got {a.dtype} {tuple(a.shape)}")
+    if not supports(fmt, block):
+        raise ValueError(f"packed_matmul reads nvfp4/mxfp4 weights in blocks of 16 or 32, not {fmt}/{block}")
+    (m, k), n, kp = a.shape, codes.shape[0], codes.shape[1] * 2
+    if kp < k or kp % block or scales.shape != (n, kp // block):
+        raise ValueError(f"packed weight codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not fit K={k}")
+    sx, sw = sx.reshape(-1).float().contiguous(), sw.reshape(-1).float().contiguous()
+    if sw.numel() != 1:
+        raise ValueError("packed_matmul takes one weight scale s_w per layer")
+    if m == 0 or n == 0:
+        return torch.zeros(m, n, dtype=out_dtype, device=a.device) + (0 if bias is None else bias.to(out_dtype))
+    if m > SMALL_M and tile is None:
+        w = dequantize_packed(codes, scales, fmt, block, k, out=_scratch_weight(n, k, a.device))
+        if out_dtype == torch.float32:
+            y = torch.mm(a, w.T, out_dtype=torch.float32) if not INTERPRETED else (a.float() @ w.float().T)
+        else:
+            y = (a @ w.T).to(out_dtype)
+        return scale_and_bias_(y, sx, sw, bias)
+    t = tile or choose_tile(m, n, kp, a.device)
+    if fmt == "nvfp4" and t.bk != 128:
+        raise ValueError("the packed kernel steps through NVFP4 weights 128 elements at a time: Tile(bk=128)")
+    k_per_split = triton.cdiv(triton.cdiv(kp, t.splits), t.bk) * t.bk
+    grid = (triton.cdiv(n, t.bn), t.splits, triton.cdiv(m, t.bm))
+    split = t.splits > 1
+    y = torch.empty((t.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
+                    device=a.device)
+    _packed_mm_kernel[grid](a, codes, scales, y, sx, sw, bias if bias is not None else sx, m, n, k, kp, a.stride(0),
+                            m * n, n, k_per_split, BLOCK=block, FMT=_FMT[fmt], SPLIT=split,
+                            SX_PER_ROW=sx.numel() > 1, HAS_BIAS=bias is not None, BN=t.bn, BM=t.bm, BK=t.bk,
+                            num_warps=t.warps, num_stages=t.stages)
+    return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y

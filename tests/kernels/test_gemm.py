@@ -1,0 +1,154 @@
+"""The packed 4-bit weight GEMM against the reference product on the exact dequantized weight (quant.py), within
+the bound of fp32 accumulation: for every output, |y − y_exact| ≤ K·2⁻²³·|α|·Σ_k |a_k||ŵ_k| plus the rounding of
+the output dtype (for bf16 at large M also the cuBLAS output's, before α and the bias). Runs under the Triton
+interpreter without CUDA (small shapes)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import sharq  # noqa: E402
+from sharq.kernels import gemm  # noqa: E402
+from sharq.quant import QTensor, dequantize_blocks  # noqa: E402
+
+from ..conftest import outlier_activations  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _payload(rng, n, k, recipe):
+    r = sharq.get_recipe(recipe)
+    w = torch.randn(n, k, generator=rng) * torch.rand(n, 1, generator=rng) * 3
+    qw = r.prepare_weight(w)
+    return qw.packed, qw.scale, r
+
+
+def _check(y, a, packed, sx, sw, bias, out_dtype):
+    w = dequantize_blocks(packed).double().cpu()  # the exact Ŵ [N, K]
+    alpha = (sx.double() * sw.double()).reshape(-1, 1) if sx.numel() > 1 else sx.double() * sw.double()
+    product = alpha * (a.double() @ w.T)
+    exact = product + (0 if bias is None else bias.double())
+    bound = a.shape[1] * 2.0**-23 * alpha.abs() * (a.double().abs() @ w.abs().T) + 1e-30
+    if out_dtype == torch.bfloat16:  # the output's rounding, and (large M) the cuBLAS output's before α and bias
+        bound = bound + 2.0**-8 * (exact.abs() + product.abs())
+    else:
+        bound = bound + 2.0**-24 * exact.abs()
+    assert y.dtype == out_dtype and y.shape == exact.shape
+    err = (y.double().cpu() - exact).abs()
+    assert bool((err <= bound).all()), f"max excess {(err / bound).max().item():.3g}"
+
+
+@pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("m,k,n", [(1, 224, 70), (3, 100, 33), (16, 96, 64), (17, 96, 64), (70, 160, 40)])
+def test_packed_matmul_is_the_exact_product_up_to_accumulation(recipe, m, k, n, rng):
+    packed, sw, r = _payload(rng, n, k, recipe)
+    a = outlier_activations(rng, m, k).to(torch.bfloat16)
+    per_row = bool(torch.randint(0, 2, (), generator=rng))
+    sx = torch.rand(m if per_row else 1, 1, generator=rng) + 0.01
+    bias = torch.randn(n, generator=rng).to(torch.bfloat16) if m % 2 else None
+    for out_dtype in (torch.bfloat16, torch.float32):
+        y = gemm.packed_matmul(a.to(DEVICE), packed.codes.to(DEVICE), packed.scales.to(DEVICE), r.weight_fmt,
+                               r.weight_block, sx.to(DEVICE), sw.to(DEVICE),
+                               None if bias is None else bias.to(DEVICE), out_dtype)
+        _check(y, a, packed, sx, sw, bias, out_dtype)
+
+
+@pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("tile", [gemm.Tile(64, 16, 128, 1), gemm.Tile(64, 16, 128, 3), gemm.Tile(32, 32, 128, 2)])
+def test_tiles_and_split_k_agree(recipe, tile, rng):
+    m, k, n = 2, 32 * 13, 66
+    packed, sw, r = _payload(rng, n, k, recipe)
+    a = outlier_activations(rng, m, k).to(torch.bfloat16)
+    sx = torch.rand(m, 1, generator=rng) + 0.5
+    bias = torch.randn(n, generator=rng)
+    y = gemm.packed_matmul(a.to(DEVICE), packed.codes.to(DEVICE), packed.scales.to(DEVICE), r.weight_fmt,
+                           r.weight_block, sx.to(DEVICE), sw.to(DEVICE), bias.to(DEVICE), torch.float32, tile=tile)
+    _check(y, a, packed, sx, sw, bias, torch.float32)
+
+
+def test_dequantize_packed_is_exact(rng):
+    for recipe in ("sharq", "nvfp4", "mxfp4"):
+        packed, _, r = _payload(rng, 37, 200, recipe)
+        w = gemm.dequantize_packed(packed.codes.to(DEVICE), packed.scales.to(DEVICE), r.weight_fmt, r.weight_block,
+                                   200)
+        assert torch.equal(w.cpu(), dequantize_blocks(packed).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("fmt,block", [("nvfp4", 32), ("nvfp4", 16), ("mxfp4", 32)])
+def test_every_scale_and_element_code_decodes_exactly(fmt, block):
+    """All 256 scale codes × all 16 element codes in both nibbles (NaN codes included), against quant.py: the
+    dequantizing kernel, and the GEMM itself (times an identity, which returns Ŵᵀ exactly)."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    byte = (codes.repeat_interleave(16) | (codes.repeat(16) << 4)).reshape(1, 256)  # every (low, high) pair
+    packed_codes = byte[:, : 16].repeat(256, 1)  # 32 elements per row
+    packed_codes[:, :16] = byte[0, torch.randperm(256)[:16]]
+    scales = torch.arange(256, dtype=torch.uint8).reshape(256, 1).repeat(1, 32 // block)
+    want = dequantize_blocks(QTensor(packed_codes, scales, fmt, block, (256, 32)))
+    got = gemm.dequantize_packed(packed_codes.to(DEVICE), scales.to(DEVICE), fmt, block, 32).cpu()
+    assert torch.equal(got.float().isnan(), want.isnan()) and torch.equal(got.float().nan_to_num(), want.nan_to_num())
+    eye = torch.eye(32, dtype=torch.bfloat16, device=DEVICE)
+    one = torch.ones(1, 1, device=DEVICE)
+    y = gemm.packed_matmul(eye, packed_codes.to(DEVICE), scales.to(DEVICE), fmt, block, one, one, None,
+                           torch.float32).cpu().T
+    # E8M0 rows whose values overflow (0·Inf is NaN in any product) or are fp32-subnormal (the MMA may flush
+    # them: |ŵ| < 2^-126, MXFP4 only) are left out; NVFP4's values are all normal
+    rows = slice(None) if fmt == "nvfp4" else slice(3, 250)
+    assert torch.equal(y[rows].isnan(), want[rows].isnan())
+    assert torch.equal(y[rows].nan_to_num(), want[rows].nan_to_num())
+
+
+def test_a_nan_block_scale_poisons_its_output_channel_only(rng):
+    m, k, n = 3, 64, 20
+    packed, sw, r = _payload(rng, n, k, "sharq")
+    scales = packed.scales.clone()
+    scales[5, 1] = 0x7F  # UE4M3 NaN
+    a = outlier_activations(rng, m, k).to(torch.bfloat16)
+    y = gemm.packed_matmul(a.to(DEVICE), packed.codes.to(DEVICE), scales.to(DEVICE), "nvfp4", 32,
+                           torch.ones(1, 1, device=DEVICE), sw.to(DEVICE), None, torch.float32).cpu()
+    assert torch.isnan(y[:, 5]).all() and torch.isfinite(y[:, [i for i in range(n) if i != 5]]).all()
+
+
+def test_bad_arguments_are_clear_errors(rng):
+    packed, sw, _ = _payload(rng, 8, 64, "sharq")
+    a = torch.randn(2, 64).to(torch.bfloat16).to(DEVICE)
+    args = (packed.codes.to(DEVICE), packed.scales.to(DEVICE))
+    one = torch.ones(1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="bf16"):
+        gemm.packed_matmul(a.float(), *args, "nvfp4", 32, one, sw.to(DEVICE), None, torch.float32)
+    with pytest.raises(ValueError, match="nvfp4/mxfp4"):
+        gemm.packed_matmul(a, *args, "hif4", 64, one, sw.to(DEVICE), None, torch.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        gemm.packed_matmul(torch.randn(2, 96).to(torch.bfloat16).to(DEVICE), *args, "nvfp4", 32, one,
+                           sw.to(DEVICE), None, torch.float32)
+
+
+# --- the packed backend -------------------------------------------------------------------------------------------
+def test_auto_resolves_packed_then_triton_on_cuda_and_reference_elsewhere():
+    from sharq.functional import resolve_backend
+
+    for name, want in [("sharq", "packed"), ("nvfp4", "packed"), ("sharq-mxfp4", "packed"), ("dense-dense", "packed"),
+                       ("hif4", "triton"), ("fp8", "triton"), ("bf16", "triton"), ("outlier-channels", "triton")]:
+        assert resolve_backend("auto", sharq.get_recipe(name), "cuda") == want, name
+        assert resolve_backend("auto", sharq.get_recipe(name), "cpu") == "reference"
+    with pytest.raises(ValueError, match="backend 'packed' does not run recipe 'hif4'"):
+        resolve_backend("packed", sharq.get_recipe("hif4"), "cuda")
+
+
+@pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "sharq-mxfp4"])
+def test_packed_layer_holds_only_the_payload_and_matches_the_simulator(recipe, rng):
+    """A SharQLinear on the packed backend keeps no bf16 Ŵ (state: 4.25–4.5 bits per weight plus scales) and
+    computes the product of the kernel's bf16 activation and the exact Ŵ within the accumulation bound, so the
+    reference backend's output within the bf16 rounding of the activation."""
+    linear = torch.nn.Linear(160, 48)
+    layer = sharq.SharQLinear.from_linear(linear, recipe, backend="packed").to(DEVICE)
+    reference = sharq.SharQLinear.from_linear(linear, recipe, backend="reference")
+    assert layer.weight_values is None and reference.weight_values is not None
+    r = sharq.get_recipe(recipe)
+    assert layer.weight_bytes == 48 * 160 * r.weight_bits / 8 + 4 + 48 * 4  # payload, fp32 s_w, fp32 bias
+    x = outlier_activations(rng, 5, 160).to(torch.bfloat16)
+    y = layer(x.to(DEVICE)).cpu()
+    act = r.prepare_activation(x.float())  # the kernel writes its fp32 sum rounded once to bf16 (docs/PERF.md)
+    _check(y, act.values.to(torch.bfloat16), layer.packed, act.scale, layer.weight_scale.cpu(),
+           linear.bias.detach().to(torch.bfloat16), torch.bfloat16)
+    torch.testing.assert_close(y.float(), reference(x).float(), rtol=0.02, atol=0.02)
