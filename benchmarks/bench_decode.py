@@ -3,6 +3,7 @@
     python benchmarks/bench_decode.py [--layers 32] [--prompt 512] [--new-tokens 128] [--batches 1,8]
         [--recipes nvfp4,sharq] [--backend packed] [--compile] [--json out.json]
     python benchmarks/bench_decode.py --tiny --new-tokens 4 --prompt 16      # CPU smoke test (reference backend)
+    python benchmarks/bench_decode.py --shape 70b --batches 1 --recipes sharq  # 70B-shaped, quantized onto one GPU
 
 The model is Llama-3.1-8B-shaped (bench_model.llama_8b_shaped: random weights, bf16; only the time matters),
 built afresh for each variant: bf16, then each recipe quantized with --backend. For each variant and batch of
@@ -53,6 +54,19 @@ class Clock:
             return (end - start) * 1e3
         end.synchronize()
         return start.elapsed_time(end)
+
+
+def llama_70b_on_meta(layers: int) -> torch.nn.Module:
+    """A Llama-3.1-70B-shaped model (hidden 8192, MLP 28672, 64 heads, 8 KV heads) on the meta device: no memory
+    until quantize_model(device="cuda") materializes it one decoder layer at a time (141 GB in bf16: it does not
+    fit one H200, quantized it does)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                         num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
 def tiny_llama() -> torch.nn.Module:
@@ -133,13 +147,16 @@ def table(rows: list[dict]) -> str:
         ["variant", "batch", "prefill ms", "graph ms/tok", "graph tok/s", "eager ms/tok", "eager tok/s",
          "compiled ms/tok", "speedup vs bf16", "peak GB", "weights GB", f"graph = eager ({CHECKED_TOKENS} tok)"],
         [[r["variant"], str(r["batch"]), ms(r["prefill_ms"]), ms(r["graph_ms"]), tokens_per_s(r, "graph_ms"),
-          ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]), f"{r['over_bf16']:.2f}",
+          ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]),
+          "-" if r["over_bf16"] is None else f"{r['over_bf16']:.2f}",
           gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--shape", choices=["8b", "70b"], default="8b",
+                   help="Llama-3.1-8B or -70B shaped (70b: quantized variants only, built layer by layer on the GPU)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32 for 8b, 80 for 70b)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens (random)")
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed on the graph path")
     p.add_argument("--eager-tokens", type=int, default=16, help="decode steps timed eagerly (slower: fewer)")
@@ -159,11 +176,18 @@ def main() -> int:
     backend = args.backend or ("reference" if args.tiny else "packed")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
-    for variant in ["bf16", *args.recipes.split(",")]:
+    layers = args.layers or (80 if args.shape == "70b" else 32)
+    variants = args.recipes.split(",") if args.shape == "70b" and not args.tiny else ["bf16", *args.recipes.split(",")]
+    for variant in variants:
         torch.manual_seed(0)
-        model = tiny_llama() if args.tiny else llama_8b_shaped(args.layers)
+        if args.tiny:
+            model = tiny_llama()
+        elif args.shape == "70b":
+            model = llama_70b_on_meta(layers)
+        else:
+            model = llama_8b_shaped(layers)
         if variant != "bf16":
-            sharq.quantize_model(model, variant, backend=backend)
+            sharq.quantize_model(model, variant, backend=backend, device="cpu" if args.tiny else "cuda")
         size = weight_bytes(model)
         rows += [dict(measure(model, variant, batch, args), weight_bytes=size) for batch in batches]
         del model
@@ -172,9 +196,9 @@ def main() -> int:
             torch.cuda.empty_cache()
     bf16 = {r["batch"]: r["graph_ms"] for r in rows if r["variant"] == "bf16"}
     for r in rows:
-        r["over_bf16"] = bf16[r["batch"]] / r["graph_ms"]
+        r["over_bf16"] = bf16[r["batch"]] / r["graph_ms"] if r["batch"] in bf16 else None
     name = "tiny Llama (2 layers, hidden 256), CPU" if args.tiny else (
-        f"Llama-3.1-8B-shaped, {args.layers} layers, random bf16 weights, {torch.cuda.get_device_name()}")
+        f"Llama-3.1-{args.shape.upper()}-shaped, {layers} layers, random bf16 weights, {torch.cuda.get_device_name()}")
     print(f"{name}; prompt {args.prompt}, {args.new_tokens} new tokens "
           f"({min(args.eager_tokens, args.new_tokens)} eager); quantized "
           f"backend {backend}; torch {torch.__version__}" + ("; no CUDA graph on a CPU: graph = eager" if args.tiny

@@ -276,3 +276,53 @@ def test_compiled_model_gives_the_eager_logits(dtype, rng):
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_quantize_onto_a_device_layer_by_layer(rng):
+    """quantize_model(device=) moves and quantizes one decoder layer at a time; a model built on the meta device
+    is materialized there with transformers' own initializer (how a 70B shape runs on one GPU). Here the target is
+    the CPU, so what is checked is the result: every tensor real, the same structure as quantizing in place."""
+    cfg = transformers.LlamaConfig(**SMALL)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(cfg)
+    sharq.quantize_model(meta, "sharq", device="cpu")
+    assert not any(t.is_meta for t in [*meta.parameters(), *meta.buffers()])
+    assert torch.equal(meta.model.rotary_emb.inv_freq, tiny("llama").model.rotary_emb.inv_freq)
+    assert meta.sharq_quantization["modules"] == sharq.quantize_model(tiny("llama"), "sharq").sharq_quantization[
+        "modules"]
+    with torch.no_grad():
+        assert torch.isfinite(meta(torch.randint(0, 96, (1, 8), generator=rng)).logits).all()
+    # from a CPU model: the same layers as quantize_model in place, bit for bit
+    a, b = sharq.quantize_model(tiny("llama"), "sharq", device="cpu"), sharq.quantize_model(tiny("llama"), "sharq")
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_weight_bytes_count_the_state_once(rng):
+    model = tiny("llama")
+    dense = sharq.models.weight_bytes(model)
+    assert dense == sum(p.numel() * p.element_size() for p in model.parameters())
+    sharq.quantize_model(model, "sharq")
+    linears = sum(m.weight_bytes for m in model.modules() if isinstance(m, snn.SharQLinear))
+    others = sum(p.numel() * p.element_size() for n, p in model.named_parameters())  # norms, embeddings, lm_head
+    assert sharq.models.weight_bytes(model) == linears + others
+
+
+def test_quantizing_onto_a_gpu_holds_at_most_one_layer_unquantized():
+    """On CUDA (skips elsewhere): a model built on the meta device, quantized onto the GPU, peaks at the final
+    state plus one decoder layer in bf16 (and the transient fp32 copy of its largest weight), not the bf16 model."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg = transformers.LlamaConfig(**{**SMALL, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
+                                      "num_attention_heads": 8, "num_key_value_heads": 8})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    layer_bytes = sum(p.numel() * 2 for p in model.model.layers[0].parameters())
+    dense_bytes = sum(p.numel() * 2 for p in model.parameters())
+    torch.cuda.reset_peak_memory_stats()
+    sharq.quantize_model(model, "sharq", device="cuda")
+    final = torch.cuda.memory_allocated()
+    peak = torch.cuda.max_memory_allocated()
+    assert peak <= final + layer_bytes + 4 * 4096 * 1024 * 2, (peak, final, layer_bytes)
+    assert peak < dense_bytes

@@ -152,9 +152,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe, **_recipe_options(args))
     device = check_device(args.device)
     calib = load_text(args.calib_text)[0] if recipe.needs_calibration else None
-    model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], device)
+    # calibration runs the whole model on the device; otherwise the model moves there one layer at a time as it is
+    # quantized, so a model whose weights do not fit the device still quantizes on it
+    model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], device if calib else "cpu")
     calibration = calibrate(model, [calib], tokenizer, max_tokens=args.calib_tokens) if calib else None
-    quantize_model(model, recipe, calibration=calibration, strict=args.strict)
+    quantize_model(model, recipe, calibration=calibration, strict=args.strict, device=device)
     out = save(model, args.out, tokenizer, overwrite=args.overwrite)
     print(f"quantized {path} with {recipe.name} (activations {recipe.activation_bits:g} bits, weights "
           f"{recipe.weight_bits:g} bits) -> {out}")
@@ -320,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     e.add_argument("--backend", default="auto",
-                   help="SharQLinear backend: reference (pure torch), triton (fused kernel) or auto (default: "
+                   help="SharQLinear backend: reference (pure torch), triton (fused kernel, exact bf16 Ŵ), packed "
+                        "(4-bit weights in memory) or auto (default: "
                         "triton on CUDA, reference elsewhere)")
     e.add_argument("--batch-size", type=_positive_int, default=1, help="perplexity windows per forward pass")
     e.add_argument("--task-batch-size", type=_positive_int, default=8,

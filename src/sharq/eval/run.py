@@ -13,7 +13,7 @@ import torch
 from .._format import format_table
 from ..checkpoint import is_checkpoint
 from ..hf import load_model, resolve_model
-from ..models import calibrate, quantize_model
+from ..models import calibrate, quantize_model, weight_bytes
 from ..recipes import get_recipe
 from .data import load_text
 from .perplexity import bos_token, perplexity, tokenize, windows
@@ -28,6 +28,7 @@ class RecipeResult:
     recipe: str
     activation_bits: float
     weight_bits: float
+    weight_bytes: int = 0  # the quantized model's state (sharq.models.weight_bytes)
     ppl: float | None = None
     tokens_per_s: float | None = None
     tasks: dict[str, dict] = field(default_factory=dict)
@@ -119,7 +120,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     rows = []
     for recipe in recipes:
         model = quantize_model(copy.deepcopy(base), recipe, backend=backend, calibration=calibration)
-        row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits)
+        row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits, weight_bytes(model))
         if ppl_windows is not None:
             p = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
             row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
@@ -181,7 +182,7 @@ def format_results(res: dict) -> str:
     if res["windows"]:
         headers += ["PPL", "Δ vs bf16", "gap rec."]
     headers += [t for t in tasks] + (["avg", "avg gap rec."] if tasks else [])
-    headers += ["act bits", "w bits"] + (["tok/s"] if res["windows"] else [])
+    headers += ["act bits", "w bits", "weights MB"] + (["tok/s"] if res["windows"] else [])
     ref = next((r for r in res["results"] if r["recipe"] == "bf16"), None)
     pct = lambda v: "" if v is None else f"{100 * v:.0f}%"
     rows = []
@@ -193,7 +194,7 @@ def format_results(res: dict) -> str:
         row += [f"{100 * task_score(r['tasks'][t]):.1f}" for t in tasks]
         if tasks:
             row += [f"{100 * r['task_avg']:.2f}", pct(r["task_gap_recovered"])]
-        row += [f"{r['activation_bits']:g}", f"{r['weight_bits']:g}"]
+        row += [f"{r['activation_bits']:g}", f"{r['weight_bits']:g}", f"{r.get('weight_bytes', 0) / 1e6:.0f}"]
         if res["windows"]:
             row.append(f"{r['tokens_per_s']:.0f}")
         rows.append(row)
