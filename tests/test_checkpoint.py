@@ -102,11 +102,13 @@ def _from_pretrained(d, **kw):
 LOADERS = {"sharq.load": sharq.load, "from_pretrained": _from_pretrained}
 CODES = "model.layers.0.mlp.down_proj.weight_codes"
 SCALE = "model.layers.0.mlp.down_proj.weight_scale"
+UP_CODES = "model.layers.1.mlp.up_proj.weight_codes"
 
 
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("damage,message", [
     (lambda t: t.pop(CODES), "1 missing"),
+    (lambda t: t.pop(UP_CODES), "1 missing"),  # the shape of gate_proj's codes: on the meta device too
     (lambda t: t.update(extra=torch.zeros(3)), "1 unexpected"),
     (lambda t: t.update({CODES: t[CODES].to(torch.int16)}), "is torch.int16"),
     (lambda t: t.update({CODES: t[CODES][:, :-1].contiguous()}), "expected torch.uint8"),

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -50,8 +51,10 @@ def workspace(tmp_path, monkeypatch) -> dict[str, str]:
     def load(*args, **kwargs):
         raise ModelLoaded
 
-    for module in (sharq.hf, sharq.eval.run):
-        monkeypatch.setattr(module, "load_model", load)
+    for module, names in ((sharq.hf, ("load_pretrained",)), (sharq.interop, ("load_model", "load")),
+                          (sharq.eval.run, ("load_model", "load"))):
+        for name in names:
+            monkeypatch.setattr(module, name, load)
     monkeypatch.setenv("SHARQ_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return {"tmp": str(work), **{p.stem: str(p) for p in work.iterdir()}}
@@ -113,7 +116,7 @@ MODEL = ["--model", "{model}"]
     (["quantize", *MODEL, "--out", "{notes}/ckpt"], "cannot write"),
     pytest.param(["quantize", *MODEL, "--out", "{ro}/ckpt"], "cannot write", marks=not_as_root),
     (["quantize", "--model", "{notes}", "--out", "{empty}"], "is neither a directory nor a .gguf file"),
-    (["quantize", "--model", "{checkpoint}", "--out", "{empty}"], "is a sharq checkpoint, already quantized"),
+    (["quantize", "--model", "{checkpoint}", "--out", "{empty}"], "is a quantized checkpoint, already quantized"),
     (["quantize", *MODEL, "--out", "{empty}", "--recipe", "nope"], "unknown recipe 'nope'"),
     (["quantize", *MODEL, "--out", "{empty}", "--calib-tokens", "0"], "argument --calib-tokens: must be at least 1"),
     # generate
@@ -129,7 +132,7 @@ MODEL = ["--model", "{model}"]
     (["report", *MODEL, "--out", "{model}", "--overwrite"], "overlaps the model"),
     (["report", *MODEL, "--out", "{notes}/rep"], "cannot write"),
     pytest.param(["report", *MODEL, "--out", "{ro}/rep"], "cannot write", marks=not_as_root),
-    (["report", "--model", "{checkpoint}", "--out", "{empty}"], "is a sharq checkpoint"),
+    (["report", "--model", "{checkpoint}", "--out", "{empty}"], "is a quantized checkpoint"),
     (["report", *MODEL, "--out", "{empty}", "--tokens", "1"], "argument --tokens: must be at least 2"),
     (["report", *MODEL, "--out", "{empty}", "--recipes", ","], "no recipe given"),
     (["report", *MODEL, "--out", "{empty}", "--recipes", "sharq,outlier-channels"], "sharq report does not calibrate"),
@@ -154,6 +157,24 @@ def test_bad_arguments_fail_up_front_in_one_line(argv, message, workspace, capsy
 def test_good_output_paths_pass_the_checks(argv, workspace):
     with pytest.raises(ModelLoaded):
         main([a.format(**workspace) for a in argv])
+
+
+def test_eval_defaults_are_the_library_defaults(workspace, monkeypatch):
+    """`sharq eval` with no argument runs EvalConfig() as it is: bf16, nvfp4 and sharq on the embedded model, 8,192
+    Wikipedia tokens in windows of 2,048. Running it takes ~2½ minutes; test_eval runs each step on a smaller budget,
+    and the checkpoint variant of the default recipe list is test_eval.py's."""
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg)
+        raise ModelLoaded
+
+    monkeypatch.setattr(sharq.eval.run, "evaluate", stop)
+    with pytest.raises(ModelLoaded):
+        main(["eval"])
+    assert seen == [sharq.eval.run.EvalConfig()]
+    recipes = sharq.eval.run.recipes_for(seen[0], Path(workspace["model"]))
+    assert [r.name for r in recipes] == ["bf16", "nvfp4", "sharq"]
 
 
 def test_report_without_matplotlib_fails_before_loading(workspace, monkeypatch, capsys):

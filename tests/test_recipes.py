@@ -1,3 +1,5 @@
+import json
+
 import ml_dtypes as md
 import numpy as np
 import pytest
@@ -225,3 +227,25 @@ def test_outlier_channels_keeps_calibrated_channels_in_bf16(rng):
     # keeping the outlier channels out of the FP4 path beats plain 2:4 + NVFP4 on outlier-rich input
     exact = x @ w.T
     assert (y - exact).norm() < (sharq.simulate_linear(x, w, recipe=plain) - exact).norm()
+
+
+def test_tool_variants_are_recipes_of_data():
+    """nvfp4-torchao and nvfp4-compressed-tensors (SPEC §3.1) are recipes by name, not in the SPEC §6 list unless
+    asked; a recipe using them round-trips through to_dict/from_dict, and what the format cannot do is rejected."""
+    assert "nvfp4-torchao" not in sharq.list_recipes()
+    assert sharq.list_recipes(compat=True)[-2:] == ["nvfp4-torchao", "nvfp4-compressed-tensors"]
+    for name in ("nvfp4-torchao", "nvfp4-compressed-tensors"):
+        r = sharq.get_recipe(name)
+        assert r.weight_fmt == name and r.stages == (Stage(name, 16),) and r.uses_tensor_scale
+        assert r.activation_bits == r.weight_bits == 4.5
+        assert sharq.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    mixed = sharq.get_recipe("sharq", weight_fmt="nvfp4-compressed-tensors")  # tool weights, SharQ activations
+    assert sharq.Recipe.from_dict(mixed.to_dict()) == mixed and mixed.weight_bits == 4.25
+    with pytest.raises(ValueError, match="unknown format 'nvfp4-tensorrt'"):
+        sharq.get_recipe("nvfp4", weight_fmt="nvfp4-tensorrt")
+    with pytest.raises(ValueError, match="unknown format"):
+        sharq.Recipe.from_dict({**sharq.get_recipe("nvfp4-torchao").to_dict(), "stages": [{"fmt": "nvfp4-x"}]})
+    with pytest.raises(ValueError, match="only stage"):
+        sharq.get_recipe("sharq", stages=(Stage("nvfp4-torchao", 32, "pair-4:8"), Stage("nvfp4-torchao", 16)))
+    with pytest.raises(ValueError, match="only stage"):
+        sharq.get_recipe("dense-dense", stages=(Stage("nvfp4"), Stage("nvfp4-compressed-tensors")))

@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 
 import importlib.util
 
-from .checkpoint import load, save
+from .checkpoint import save
 from .functional import sharq_decompose, simulate_linear
 from .generate import generate
+from .interop import export, load, load_model
 from .models import calibrate, quantize_model
 from .nn import SharQLinear
 from .quant import QTensor, dequantize, fake_quantize, quantize
@@ -23,11 +24,13 @@ __all__ = [
     "SharQLinear",
     "calibrate",
     "dequantize",
+    "export",
     "fake_quantize",
     "generate",
     "get_recipe",
     "list_recipes",
     "load",
+    "load_model",
     "quantize",
     "quantize_model",
     "save",

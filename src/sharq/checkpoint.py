@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .models import quantize_model, target_linears
+from .hf import transformers_progress
+from .models import materialize, quantize_model, target_linears
 from .nn import SharQLinear
 from .recipes import Recipe
 
@@ -74,8 +75,9 @@ def payload_names(model: nn.Module) -> set[str]:
 
 
 # --- writing -------------------------------------------------------------------------------------------------------
-def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
-    """Write a sharq checkpoint of a model quantized with sharq.quantize_model.
+def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: bool = False,
+         progress: bool = False) -> Path:
+    """Write a sharq checkpoint of a model quantized with sharq.quantize_model (progress=True: transformers' bar).
 
     Atomic: everything is written into a new directory beside `directory`, which then takes its place, so an
     interrupted save leaves any previous checkpoint intact. An existing file, a non-empty directory without
@@ -96,7 +98,8 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # a checkpoint directory, not mkdtemp's private 0700
     try:
-        model.save_pretrained(tmp)  # the transformers integration makes this a sharq checkpoint (digest included)
+        with transformers_progress(progress):
+            model.save_pretrained(tmp)  # the transformers integration makes this a sharq checkpoint, with its digest
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace_dir(tmp, out)
@@ -202,36 +205,35 @@ _SAFETENSORS_DTYPES = {
 
 
 class CheckpointTensors(Mapping[str, torch.Tensor]):
-    """The tensors of a checkpoint's safetensors files, read one at a time on access (the headers up front), so
-    hashing a checkpoint never holds a second copy of it. A truncated or corrupt file is a ValueError, a missing
-    one a FileNotFoundError."""
+    """The tensors of a checkpoint's safetensors files, read one at a time on access (the headers up front, each
+    file opened once), so hashing a checkpoint never holds a second copy of it. A tensor read is a view of the
+    file's memory map, which a later write to the file would change: copy what is kept. A truncated or corrupt file
+    is a ValueError, a missing one a FileNotFoundError."""
 
     def __init__(self, files: list[Path]) -> None:
         from safetensors import SafetensorError, safe_open
 
         self._file: dict[str, Path] = {}
+        self._open: dict[Path, safe_open] = {}
         self.info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}  # name -> (dtype, shape), from the headers
         for path in files:
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint weights {path} are missing")
             try:
-                with safe_open(str(path), "pt") as f:
-                    for name in f.keys():
-                        if name in self._file:
-                            raise IntegrityError(f"{path} repeats tensor {name} of {self._file[name]}")
-                        header = f.get_slice(name)
-                        dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
-                        if dtype is None:
-                            raise IntegrityError(f"{path}: tensor {name} has an unsupported dtype {header.get_dtype()}")
-                        self._file[name], self.info[name] = path, (dtype, tuple(header.get_shape()))
+                f = self._open[path] = safe_open(str(path), "pt")
+                for name in f.keys():
+                    if name in self._file:
+                        raise IntegrityError(f"{path} repeats tensor {name} of {self._file[name]}")
+                    header = f.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
+                    if dtype is None:
+                        raise IntegrityError(f"{path}: tensor {name} has an unsupported dtype {header.get_dtype()}")
+                    self._file[name], self.info[name] = path, (dtype, tuple(header.get_shape()))
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self._file[name]), "pt") as f:
-            return f.get_tensor(name)
+        return self._open[self._file[name]].get_tensor(name)
 
     def __iter__(self):
         return iter(self._file)
@@ -273,34 +275,69 @@ def quantize_like(model: nn.Module, q: Mapping, backend: str = "auto") -> nn.Mod
 
 
 def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         backend: str = "auto", *, verify: bool = True) -> nn.Module:
+         backend: str = "auto", *, verify: bool = True, progress: bool = False) -> nn.Module:
     """A model saved by `save` (or by save_pretrained of a sharq model), with outputs bit-identical to the saved
     model's. The digest is checked first (verify=False skips it, for checkpoints that record none), then every
-    tensor's name, dtype and shape against the structure the config describes: any mismatch is an error."""
+    tensor's name, dtype and shape against the structure the config describes: any mismatch is an error.
+
+    The model is built on the meta device and takes the checkpoint's tensors as they are read, so nothing is
+    initialized or quantized only to be overwritten; what a checkpoint does not hold is made afterwards
+    (finish_loading). progress=True shows the three steps (read and verify, build, fill) on stderr."""
+    from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     q = read_quantization_config(directory)
     tensors = CheckpointTensors(weight_files(directory))
-    if verify:
-        verify_digest(q, tensors, str(directory))
-    config = AutoConfig.from_pretrained(directory)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend)
-    expected, payload = model.state_dict(), payload_names(model)
-    check_tensors(expected, tensors.info, payload, tied_names(model), str(directory))
-    model.load_state_dict({n: t if n in payload else t.to(expected[n].dtype) for n, t in tensors.items()},
-                          strict=False)
+    with tqdm(total=3, desc=f"load {directory.name}", unit="step", disable=not progress) as bar:
+        bar.set_postfix_str("read")
+        # read once, into the model's own memory (a tensor read is a view of the file): the digest covers what loads
+        state = {name: t.clone() for name, t in tensors.items()}
+        if verify:
+            verify_digest(q, state, str(directory))
+        bar.update()
+        bar.set_postfix_str("build")
+        config = AutoConfig.from_pretrained(directory)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend)
+        expected, payload = model.state_dict(), payload_names(model)
+        check_tensors(expected, tensors.info, payload, tied_on_load(model), str(directory))
+        bar.update()
+        bar.set_postfix_str("fill")
+        model.load_state_dict({n: t if n in payload else t.to(expected[n].dtype) for n, t in state.items()},
+                              strict=False, assign=True)
+        finish_loading(model, str(directory))
+        bar.update()
     return model.to(device).eval()
 
 
+def finish_loading(model: nn.Module, where: str) -> None:
+    """Complete a model built on the meta device once it holds a checkpoint's tensors (load_state_dict with
+    assign=True): tie its weights, refuse a state tensor still unloaded (it would be initialized at random), then
+    make on the CPU what no checkpoint holds: non-persistent buffers such as RoPE's inv_freq (SharQLinear's bf16 Ŵ
+    comes from its load hook)."""
+    model.tie_weights()
+    unloaded = [n for n, t in model.state_dict().items() if t.is_meta]
+    if unloaded:
+        raise IntegrityError(f"{where}: {len(unloaded)} tensor(s) of the model were not loaded, e.g. {unloaded[0]}")
+    materialize(model, model, torch.device("cpu"))
+
+
 def tied_names(model: nn.Module) -> set[str]:
-    """State-dict names that share storage with an earlier name (saved once)."""
+    """State-dict names that share storage with an earlier name (saved once). Meta tensors have no storage address
+    (every one reads 0), so there sharing is being the same tensor, as tied parameters are."""
     seen, tied = set(), set()
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         if t.numel() and key in seen:
             tied.add(name)
         seen.add(key)
     return tied
+
+
+def tied_on_load(model: nn.Module) -> set[str]:
+    """The names a checkpoint may lack because the model ties them after loading: tied_names, and those transformers
+    declares tied (`all_tied_weights_keys`), which from_pretrained ties only once the weights are in."""
+    return tied_names(model) | set(getattr(model, "all_tied_weights_keys", None) or ())

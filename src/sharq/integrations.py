@@ -31,7 +31,7 @@ from .checkpoint import (
     payload_names,
     quantization_config,
     quantize_like,
-    tied_names,
+    tied_on_load,
     unique_state,
     validate_quantization_config,
     verify_digest,
@@ -69,7 +69,7 @@ class SharQHfQuantizer(HfQuantizer):
         tensors = CheckpointTensors(files)
         verify_digest(q, tensors, where)
         quantize_like(model, q)
-        check_tensors(model.state_dict(), tensors.info, payload_names(model), tied_names(model), where)
+        check_tensors(model.state_dict(), tensors.info, payload_names(model), tied_on_load(model), where)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

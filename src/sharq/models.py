@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +47,19 @@ _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
 # Called with every model quantize_model returns. The transformers integration, which sits above this module,
 # registers the hook that gives the model its `hf_quantizer`, so that save_pretrained writes a sharq checkpoint.
 QUANTIZED_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+T = TypeVar("T")
+
+
+def with_progress(items: Iterable[T], enabled: bool, **bar) -> Iterable[T]:
+    """`items`, under a tqdm bar on stderr when `enabled` (tqdm comes with the eval extra: quantizing needs only
+    torch, so it is imported only for a bar). `bar` goes to tqdm (desc, total, unit)."""
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, **bar)
 
 
 def _model_type(model: nn.Module) -> str:
@@ -101,6 +115,7 @@ def quantize_model(
     share_inputs: bool = True,
     strict: bool = False,
     device: str | torch.device | None = None,
+    progress: bool = False,
     **options,
 ) -> nn.Module:
     """Replace the decoder linears of `model` (in place) with SharQLinear modules running `recipe`; returns it.
@@ -115,7 +130,12 @@ def quantize_model(
     With `device`, the model moves there one decoder layer at a time and each layer is quantized on arrival, so the
     device never holds more than the quantized layers plus one layer in its original dtype: a model whose bf16
     weights do not fit the GPU can be quantized onto it. Parameters on the meta device are allocated there and
-    initialized as transformers initializes a new model (random weights: benchmarks of shapes that do not fit)."""
+    initialized as transformers initializes a new model (random weights: benchmarks of shapes that do not fit).
+    progress=True shows a bar per quantized module (or decoder layer, with `device`) on stderr."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "compressed-tensors":
+        raise ValueError("this model was loaded from a compressed-tensors checkpoint: quantizing its decompressed "
+                         "weights again would change them; use sharq.load(directory, recipe=...), which keeps them")
     r = get_recipe(recipe, **options)
     family = _family(model, target_modules)
     linears = target_linears(model, target_modules)
@@ -154,36 +174,50 @@ def quantize_model(
         return SharQExperts(module, r, backend, strict, name)
 
     targets = {**linears, **dict(experts)}
+    desc = f"quantize {r.name}"
     if device is None:
-        for name, module in targets.items():
+        for name, module in with_progress(targets.items(), progress, desc=desc, total=len(targets), unit="module"):
             _set_module(model, name, quantize(name, module))
     else:
         device = torch.device(device)
         by_layer: dict[str, list[str]] = {}
         for name in targets:  # "model.layers.3.mlp.up_proj" belongs to "model.layers.3"
             by_layer.setdefault(name[: _LAYER.match(name).end(1)], []).append(name)
-        for layer_name, names in by_layer.items():
-            _materialize(model, model.get_submodule(layer_name), device)
+        layers = with_progress(by_layer.items(), progress, desc=desc, total=len(by_layer), unit="layer")
+        for layer_name, names in layers:
+            materialize(model, model.get_submodule(layer_name), device)
             for name in names:
                 _set_module(model, name, quantize(name, targets[name]))
-        _materialize(model, model, device)
+        materialize(model, model, device)
     for hook in QUANTIZED_HOOKS:
         hook(model)
     return model
 
 
-def _materialize(model: nn.Module, module: nn.Module, device: torch.device) -> None:
-    """`module` on `device`: moved, or, for tensors on the meta device, allocated there and initialized by the
-    model's own initializer (transformers' `_init_weights`), module by module."""
+def materialize(model: nn.Module, module: nn.Module, device: torch.device) -> None:
+    """`module` on `device`: moved, and each tensor still on the meta device allocated there and filled by the
+    model's own initializer (transformers' `_init_weights`), module by module. A module's other tensors are kept:
+    they are flagged as initialized, which transformers' initializers respect (as in its from_pretrained), so a
+    module that holds loaded weights beside a meta buffer (Gemma-3's scaled embedding) gets only the buffer made."""
     for m in module.modules():
-        if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
-            init = getattr(model, "_init_weights", None)
-            if init is None:
-                raise ValueError(f"{type(m).__name__} is on the meta device and {type(model).__name__} has no "
-                                 "_init_weights to fill it")
-            m.to_empty(device=device, recurse=False)
-            with torch.no_grad():
-                init(m)
+        meta = [(store, n) for store in (m._parameters, m._buffers) for n, t in store.items()
+                if t is not None and t.is_meta]
+        if not meta:
+            continue
+        init = getattr(model, "_init_weights", None)
+        if init is None:
+            raise ValueError(f"{type(m).__name__} is on the meta device and {type(model).__name__} has no "
+                             "_init_weights to fill it")
+        from transformers.initialization import guard_torch_init_functions
+
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
+            if not t.is_meta:
+                t._is_hf_initialized = True
+        for store, n in meta:
+            t = torch.empty_like(store[n], device=device)
+            store[n] = nn.Parameter(t, requires_grad=store[n].requires_grad) if store is m._parameters else t
+        with torch.no_grad(), guard_torch_init_functions():
+            init(m)
     module.to(device)
     if module is model and hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -4,12 +4,17 @@ Layout: a tensor [..., K] is viewed as [M, K] (M = product of the leading dims),
 the block and cut back on dequantize. Codes are packed two per byte (even element in the low nibble), block
 scales are stored as their 8-bit codes, the tensor scale (NVFP4's per-tensor or per-token fp32 scale; fp8's per-row
 scale) as fp32.
+
+Formats are one registry (FORMATS): an entry says what a format stores and how it quantizes. NVFP4 has three
+entries that share the payload and differ in their numerics (SPEC §3.1): `nvfp4` (the SharQ paper's, SPEC §3),
+`nvfp4-torchao` and `nvfp4-compressed-tensors` (bit for bit what those tools compute).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,67 +27,34 @@ FP8_MAX = 448.0
 
 
 @dataclass(frozen=True)
-class FormatInfo:
-    """What a format stores, so storage costs follow from the format, not from a table per recipe."""
+class NVFP4Numerics:
+    """Where NVFP4 implementations round differently on the same input (SPEC §3, §3.1). They share the payload
+    (E2M1 codes, UE4M3 block scales, one fp32 tensor scale); these choices decide its bits."""
 
-    default_block: int | None  # None: one scale per row (fp8)
-    element_bits: int
-    scale_bits_per_block: int
-    tensor_scale: bool  # NVFP4's fp32 per-tensor (or per-token) scale
+    prescale_bf16: bool  # blocks see bf16(X / s) (SharQ); else X, the tensor scale folded into each block scale
+    global_scale: bool  # store g = 2688 / amax, scale = g·(amax/6), elements x / (scale / g) (compressed-tensors);
+    #                     else s = amax / 2688, scale = (amax/6) / s, elements x · ((1/s) / scale) (torchao, SharQ)
+    block_scale_floor: float  # clamp before UE4M3 rounding: 2⁻⁹ (SharQ), 2⁻⁶ (torchao), 0 (compressed-tensors)
+    zero_block_scale: float | None = None  # what replaces a block scale that rounded to 0 (compressed-tensors: 0.125)
+    tensor_scale_floor: float = TENSOR_SCALE_FLOOR  # s >= this; with global_scale, g = 2688 / max(amax, tiny)
+    input_dtype_scales: bool = False  # amax/6 and g computed in the input's dtype (compressed-tensors), not fp32
+    signed_zero: bool = True  # an element exactly −0 after scaling gets code 0b1000; compressed-tensors writes 0
 
-
-FORMATS: dict[str, FormatInfo] = {
-    "nvfp4": FormatInfo(16, 4, 8, True),
-    "mxfp4": FormatInfo(32, 4, 8, False),
-    "hif4": FormatInfo(64, 4, 32, False),  # E6M2 + 8 + 16 micro-exponent bits per 64
-    "fp8": FormatInfo(None, 8, 0, False),  # per-row fp32 scale, amortized over the row
-}
-
-
-def format_info(fmt: str) -> FormatInfo:
-    try:
-        return FORMATS[fmt]
-    except KeyError:
-        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}") from None
+    def scale_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        return input_dtype if self.input_dtype_scales else torch.float32
 
 
-@dataclass(frozen=True)
-class QTensor:
-    """A quantized tensor: packed codes, block scale codes and the fp32 tensor scale, enough to dequantize."""
-
-    codes: torch.Tensor  # uint8 [M, Kp/2] (4-bit formats, packed) or [M, K] (fp8 codes)
-    scales: torch.Tensor  # uint8 [M, Kp/B] block scale codes (UE4M3, E8M0 or E6M2); empty for fp8
-    fmt: str
-    block_size: int | None
-    shape: tuple[int, ...]  # the original shape [..., K]
-    tensor_scale: torch.Tensor | None = None  # fp32 scalar or [M, 1]
-    micro: torch.Tensor | None = None  # HiF4: uint8 [M, Kp/64, 3] = E1_8 bits, E1_16 bits (little endian)
-    mask: str | None = None  # sparse payloads: the N:M pattern the codes obey
-    indices: torch.Tensor | None = None  # sparse payloads: packed 2-bit unit indices (masks.pack_indices)
-
-    @property
-    def rows(self) -> int:
-        return self.codes.shape[0]
-
-    def block_scales(self, block_size: int | None = None) -> torch.Tensor:
-        """Decoded fp32 block scales [M, Kp/block_size]. A finer view of the same scales (e.g. the 16-element
-        dense view of a 32-element weight payload) repeats each scale."""
-        decode = {"nvfp4": F.decode_ue4m3, "mxfp4": F.decode_e8m0, "hif4": F.decode_e6m2}[self.fmt]
-        s = decode(self.scales)
-        if block_size is None or block_size == self.block_size:
-            return s
-        if self.block_size % block_size:
-            raise ValueError(f"cannot view {self.block_size}-element scales with block {block_size}")
-        return s.repeat_interleave(self.block_size // block_size, dim=-1)
-
-
-# --- per-tensor scale ------------------------------------------------------------------------------------------
-def finite_amax(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """max |x| over finite values (SPEC §8), as fp32 [1, 1] or [M, 1]; 0 where there is none."""
-    a = torch.where(torch.isfinite(x2d), x2d.abs().float(), torch.zeros((), device=x2d.device))
-    if per_row:
-        return a.amax(-1, keepdim=True) if a.shape[-1] else torch.zeros(a.shape[0], 1, device=a.device)
-    return a.amax().reshape(1, 1) if a.numel() else torch.zeros(1, 1, device=a.device)
+# SPEC §3: the SharQ paper's numerics.
+SPEC_NUMERICS = NVFP4Numerics(prescale_bf16=True, global_scale=False, block_scale_floor=F.UE4M3_MIN)
+# torchao prototype/mx_formats/nvfp4_tensor.py (nvfp4_quantize, per_tensor_amax_to_scale). torchao has no floor on
+# s (an all-zero tensor gives 0/0 = NaN); 2⁻¹²⁰ keeps (1/s)/2⁻⁶ <= 2¹²⁶, finite, and is below every s it computes
+# for amax >= 2·10⁻³³.
+TORCHAO_NUMERICS = NVFP4Numerics(prescale_bf16=False, global_scale=False, block_scale_floor=2.0**-6,
+                                 tensor_scale_floor=2.0**-120)
+# compressed-tensors quantization/utils/helpers.py (generate_gparam, calculate_qparams) and lifecycle/forward.py
+# (quantize), which llm-compressor uses to write NVFP4 checkpoints.
+COMPRESSED_TENSORS_NUMERICS = NVFP4Numerics(prescale_bf16=False, global_scale=True, block_scale_floor=0.0,
+                                            zero_block_scale=0.125, input_dtype_scales=True, signed_zero=False)
 
 
 def _divide(t: torch.Tensor, c: float) -> torch.Tensor:
@@ -91,21 +63,27 @@ def _divide(t: torch.Tensor, c: float) -> torch.Tensor:
     return t / torch.full((), c, dtype=t.dtype, device=t.device)
 
 
-def nvfp4_tensor_scale(x2d: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """s = max(amax / 2688, 1e-9) over the whole tensor (paper) or per row (batch-invariant)."""
-    return torch.clamp_min(_divide(finite_amax(x2d, per_row), NVFP4_TENSOR_DIVISOR), TENSOR_SCALE_FLOOR)
-
-
-def apply_tensor_scale(x2d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Xs = bf16(X / s), returned as fp32 (exact)."""
-    return (x2d.float() / s).to(torch.bfloat16).float()
-
-
 # --- block quantizers on [M, nb, B] fp32 views -----------------------------------------------------------------
-def _blocks_nvfp4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-    scale_codes = F.encode_ue4m3(_divide(v.abs().amax(-1), F.E2M1_MAX))
-    inv = 1.0 / F.decode_ue4m3(scale_codes)
-    return F.encode_e2m1((v * inv.unsqueeze(-1)).clamp(-F.E2M1_MAX, F.E2M1_MAX)), scale_codes, None
+def _blocks_nvfp4(v: torch.Tensor, numerics: NVFP4Numerics, t: torch.Tensor | None, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """NVFP4 blocks with the tensor scale t ([1, 1] or [M, 1]; None: none) folded in as `numerics` orders it.
+    Without t the reciprocal order is SPEC §2's: scale = amax/6, elements v · (1/scale). `dtype` is the input's."""
+    a6 = _divide(v.abs().amax(-1).to(numerics.scale_dtype(dtype)), F.E2M1_MAX)
+    one = torch.ones((), device=v.device)
+    t = one if t is None else t
+    scale = t * a6 if numerics.global_scale else a6 / t
+    codes = F.encode_ue4m3(scale, numerics.block_scale_floor)
+    if numerics.zero_block_scale is not None:
+        codes = torch.where(codes == 0, F.encode_ue4m3(one * numerics.zero_block_scale), codes)
+    s = F.decode_ue4m3(codes)
+    if numerics.global_scale:
+        x = v / (s / t).unsqueeze(-1)
+    else:
+        x = v * ((1.0 / t) / s).unsqueeze(-1)
+    elements = F.encode_e2m1(x.clamp(-F.E2M1_MAX, F.E2M1_MAX))
+    if not numerics.signed_zero:  # compressed-tensors: value · torch.sign(value), and sign(−0) is +0
+        elements = torch.where(x == 0, torch.zeros_like(elements), elements)
+    return elements, codes, None
 
 
 def _blocks_mxfp4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
@@ -138,8 +116,129 @@ def _blocks_hif4(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return codes, scale_codes, micro
 
 
-_BLOCK_QUANTIZERS = {"nvfp4": _blocks_nvfp4, "mxfp4": _blocks_mxfp4, "hif4": _blocks_hif4}
-_ELEMENT_DECODERS = {"nvfp4": F.decode_e2m1, "mxfp4": F.decode_e2m1, "hif4": F.decode_s1p2}
+# --- the format registry -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FormatInfo:
+    """One format: what it stores (so storage costs follow from the format, not from a table per recipe), how its
+    blocks are quantized and decoded, and for NVFP4 the numerics of its tensor scale. quant, recipes and the
+    kernels read this entry; an NVFP4 variant is one more entry with other `numerics`."""
+
+    default_block: int | None  # None: one scale per row (fp8)
+    element_bits: int
+    scale_bits_per_block: int
+    quantize: Callable[[torch.Tensor], tuple] | None = None  # [M, nb, B] -> codes, scale codes, micro (not NVFP4)
+    decode_elements: Callable[[torch.Tensor], torch.Tensor] | None = None
+    decode_scales: Callable[[torch.Tensor], torch.Tensor] | None = None
+    numerics: NVFP4Numerics | None = None  # NVFP4: the tensor scale and its arithmetic (_blocks_nvfp4)
+
+    @property
+    def tensor_scale(self) -> bool:
+        """NVFP4's fp32 per-tensor (or per-token) scale."""
+        return self.numerics is not None
+
+    @property
+    def folds_tensor_scale(self) -> bool:
+        """The blocks see X itself and take the tensor scale into their arithmetic (the NVFP4 tools), instead of
+        the pre-divided bf16(X / s) of SPEC §3."""
+        return self.numerics is not None and not self.numerics.prescale_bf16
+
+
+NVFP4 = FormatInfo(16, 4, 8, None, F.decode_e2m1, F.decode_ue4m3, SPEC_NUMERICS)
+FORMATS: dict[str, FormatInfo] = {
+    "nvfp4": NVFP4,
+    "nvfp4-torchao": replace(NVFP4, numerics=TORCHAO_NUMERICS),
+    "nvfp4-compressed-tensors": replace(NVFP4, numerics=COMPRESSED_TENSORS_NUMERICS),
+    "mxfp4": FormatInfo(32, 4, 8, _blocks_mxfp4, F.decode_e2m1, F.decode_e8m0),
+    "hif4": FormatInfo(64, 4, 32, _blocks_hif4, F.decode_s1p2, F.decode_e6m2),  # E6M2 + 8 + 16 micro bits per 64
+    "fp8": FormatInfo(None, 8, 0),  # per-row fp32 scale, amortized over the row
+}
+
+
+def format_info(fmt: str) -> FormatInfo:
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}") from None
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A quantized tensor: packed codes, block scale codes and the fp32 tensor scale, enough to dequantize."""
+
+    codes: torch.Tensor  # uint8 [M, Kp/2] (4-bit formats, packed) or [M, K] (fp8 codes)
+    scales: torch.Tensor  # uint8 [M, Kp/B] block scale codes (UE4M3, E8M0 or E6M2); empty for fp8
+    fmt: str
+    block_size: int | None
+    shape: tuple[int, ...]  # the original shape [..., K]
+    tensor_scale: torch.Tensor | None = None  # fp32 scalar or [M, 1]
+    micro: torch.Tensor | None = None  # HiF4: uint8 [M, Kp/64, 3] = E1_8 bits, E1_16 bits (little endian)
+    mask: str | None = None  # sparse payloads: the N:M pattern the codes obey
+    indices: torch.Tensor | None = None  # sparse payloads: packed 2-bit unit indices (masks.pack_indices)
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    def block_scales(self, block_size: int | None = None) -> torch.Tensor:
+        """Decoded fp32 block scales [M, Kp/block_size]. A finer view of the same scales (e.g. the 16-element
+        dense view of a 32-element weight payload) repeats each scale."""
+        s = format_info(self.fmt).decode_scales(self.scales)
+        if block_size is None or block_size == self.block_size:
+            return s
+        if self.block_size % block_size:
+            raise ValueError(f"cannot view {self.block_size}-element scales with block {block_size}")
+        return s.repeat_interleave(self.block_size // block_size, dim=-1)
+
+
+# --- per-tensor scale ------------------------------------------------------------------------------------------
+def finite_amax(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """max |x| over finite values (SPEC §8), as fp32 [1, 1] or [M, 1]; 0 where there is none."""
+    a = torch.where(torch.isfinite(x2d), x2d.abs().float(), torch.zeros((), device=x2d.device))
+    if per_row:
+        return a.amax(-1, keepdim=True) if a.shape[-1] else torch.zeros(a.shape[0], 1, device=a.device)
+    return a.amax().reshape(1, 1) if a.numel() else torch.zeros(1, 1, device=a.device)
+
+
+def _numerics(fmt: str) -> NVFP4Numerics:
+    numerics = format_info(fmt).numerics
+    if numerics is None:
+        raise ValueError(f"{fmt} has no tensor scale")
+    return numerics
+
+
+def nvfp4_tensor_scale(x2d: torch.Tensor, per_row: bool = False, fmt: str = "nvfp4") -> torch.Tensor:
+    """The tensor scale `fmt` stores, over the whole tensor (paper) or per row (batch-invariant), from finite
+    values: s = max(amax / 2688, floor) (SPEC §3; torchao), or compressed-tensors' g = 2688 / amax (SPEC §3.1)."""
+    numerics = _numerics(fmt)
+    amax = finite_amax(x2d, per_row)
+    if numerics.global_scale:
+        return _global_scale(amax.to(numerics.scale_dtype(x2d.dtype)))
+    return torch.clamp_min(_divide(amax, NVFP4_TENSOR_DIVISOR), numerics.tensor_scale_floor)
+
+
+def _global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' generate_gparam step for step: 2688 / max(amax, tiny) in amax's dtype (torch computes
+    `c / t` as t.reciprocal() * c, two roundings), 1 where that is not finite; returned as fp32."""
+    g = NVFP4_TENSOR_DIVISOR / amax.clamp(min=torch.finfo(amax.dtype).tiny)
+    return torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0).float()
+
+
+def output_scale(t: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The factor a product of `fmt` payloads is multiplied by: the stored s, or 1/g for a global scale."""
+    return torch.reciprocal(t) if _numerics(fmt).global_scale else t
+
+
+def apply_tensor_scale(x2d: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Xs = bf16(X / s), returned as fp32 (exact)."""
+    return (x2d.float() / s).to(torch.bfloat16).float()
+
+
+def tensor_scaled_input(x2d: torch.Tensor, t: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the blocks of `fmt` see, and the tensor scale left for their arithmetic: (bf16(X / s), None) in SPEC
+    §3; (X, t) for the formats that fold t into each block scale (SPEC §3.1)."""
+    if format_info(fmt).folds_tensor_scale:
+        return x2d, t
+    return apply_tensor_scale(x2d, t), None
 
 
 MAX_BLOCK = 1024  # larger blocks are no longer block scaling; the bound also caps what padding can allocate
@@ -175,11 +274,16 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
-def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) -> QTensor:
-    """Block-quantize an already tensor-scaled [M, K] tensor (no tensor scale of its own).
-
-    fp8 is the exception that carries its per-row scale in `tensor_scale` (its only scale)."""
+def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None,
+                    tensor_scale: torch.Tensor | None = None) -> QTensor:
+    """Block-quantize [M, K]. SPEC §3's NVFP4 takes x2d already tensor-scaled (apply_tensor_scale); the NVFP4
+    formats that fold the tensor scale into their block arithmetic take it here, and x2d in its own dtype
+    (tensor_scaled_input gives both). The result has no tensor scale of its own, except fp8, whose per-row scale
+    (its only scale) is in `tensor_scale`."""
     b = resolve_block(fmt, block_size)
+    info = format_info(fmt)
+    if tensor_scale is not None and not info.folds_tensor_scale:
+        raise ValueError(f"{fmt} blocks take no tensor scale (SPEC §3: divide first, apply_tensor_scale)")
     x = x2d.float()
     m, k = x.shape
     if b is None:  # fp8: per-row dynamic scale, E4M3 elements
@@ -192,19 +296,27 @@ def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None) 
         return QTensor(codes, torch.empty(m, 0, dtype=torch.uint8, device=x.device), fmt, None, (m, k), s)
     pad = -k % b
     v = torch.nn.functional.pad(x, (0, pad)).reshape(m, (k + pad) // b, b)
-    codes, scale_codes, micro = _BLOCK_QUANTIZERS[fmt](v)
+    if info.numerics is not None:
+        codes, scale_codes, micro = _blocks_nvfp4(v, info.numerics, tensor_scale, x2d.dtype)
+    else:
+        codes, scale_codes, micro = info.quantize(v)
     return QTensor(F.pack_nibbles(codes.flatten(-2)), scale_codes, fmt, b, (m, k), micro=micro)
 
 
-def dequantize_blocks(q: QTensor) -> torch.Tensor:
-    """Codes times block scales, [M, K] fp32, without the tensor scale. For NVFP4/MXFP4/HiF4 every value is
-    exactly representable in bf16."""
+def dequantize_blocks(q: QTensor, tensor_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Codes times block scales, [M, K] fp32. Without a tensor scale every NVFP4/MXFP4/HiF4 value is exactly
+    representable in bf16. A tensor scale (the stored s or g) is folded into each block scale first, the order
+    of the formats that fold it (SPEC §3.1)."""
     m, k = q.rows, q.shape[-1]
     if q.block_size is None:
         return q.codes.view(torch.float8_e4m3fn).float()
-    elements = _ELEMENT_DECODERS[q.fmt](F.unpack_nibbles(q.codes)).reshape(m, q.scales.shape[-1], q.block_size)
-    scale = q.block_scales().unsqueeze(-1)
-    if q.fmt == "hif4":
+    info = format_info(q.fmt)
+    elements = info.decode_elements(F.unpack_nibbles(q.codes)).reshape(m, q.scales.shape[-1], q.block_size)
+    scale = q.block_scales()
+    if tensor_scale is not None:
+        scale = scale / tensor_scale if _numerics(q.fmt).global_scale else tensor_scale * scale
+    scale = scale.unsqueeze(-1)
+    if q.micro is not None:  # HiF4 micro-exponents
         bits8 = q.micro[..., 0:1].to(torch.int32)
         bits16 = q.micro[..., 1:2].to(torch.int32) | (q.micro[..., 2:3].to(torch.int32) << 8)
         bit = torch.arange(16, device=q.codes.device, dtype=torch.int32)
@@ -219,7 +331,8 @@ def quantize(
     x: torch.Tensor, fmt: str, block_size: int | None = None, scale_granularity: str = "tensor", strict: bool = False
 ) -> QTensor:
     """Quantize x [..., K] along K. NVFP4 first divides by its fp32 tensor scale (one per tensor, or one per row
-    with scale_granularity="token") and rounds to bf16, as SPEC §3 says.
+    with scale_granularity="token") and rounds to bf16, as SPEC §3 says; its variants nvfp4-torchao and
+    nvfp4-compressed-tensors fold the tensor scale into the block scales instead, as those tools do (SPEC §3.1).
 
     A block holding NaN/Inf gets the NaN scale code and dequantizes to NaN; tensor scales are taken over finite
     values, so other blocks are unaffected. strict=True raises a ValueError instead."""
@@ -230,19 +343,23 @@ def quantize(
     if scale_granularity not in ("tensor", "token"):
         raise ValueError(f"scale_granularity must be 'tensor' or 'token', got {scale_granularity!r}")
     if format_info(fmt).tensor_scale:
-        s = nvfp4_tensor_scale(x2d, per_row=scale_granularity == "token")
-        q = quantize_blocks(apply_tensor_scale(x2d, s), fmt, block_size)
-        q = replace(q, tensor_scale=s)
+        t = nvfp4_tensor_scale(x2d, scale_granularity == "token", fmt)
+        v, folded = tensor_scaled_input(x2d, t, fmt)
+        q = replace(quantize_blocks(v, fmt, block_size, folded), tensor_scale=t)
     else:
         q = quantize_blocks(x2d, fmt, block_size)
     return replace(q, shape=tuple(x.shape))
 
 
 def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Back to a tensor of the original shape: codes × block scales × tensor scale."""
-    v = dequantize_blocks(q)
-    if q.tensor_scale is not None:
-        v = v * q.tensor_scale
+    """Back to a tensor of the original shape: codes × block scales × tensor scale, in the format's order (SPEC
+    §3 scales the product; the formats that fold the tensor scale scale each block scale first, SPEC §3.1)."""
+    if q.tensor_scale is not None and format_info(q.fmt).folds_tensor_scale:
+        v = dequantize_blocks(q, q.tensor_scale)
+    else:
+        v = dequantize_blocks(q)
+        if q.tensor_scale is not None:
+            v = v * q.tensor_scale
     return v.reshape(q.shape).to(dtype)
 
 

@@ -18,12 +18,13 @@ import torch
 from . import masks
 from .quant import (
     QTensor,
-    apply_tensor_scale,
     dequantize_blocks,
     format_info,
     nvfp4_tensor_scale,
+    output_scale,
     quantize_blocks,
     resolve_block,
+    tensor_scaled_input,
 )
 
 SCALE_GRANULARITIES = ("tensor", "token")
@@ -119,6 +120,10 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: stages must be a tuple of Stage, got {self.stages!r}")
         if any(s.block is None for s in self.stages) and len(self.stages) > 1:
             raise ValueError(f"recipe {self.name!r}: a stage with one scale per row (fp8) must be the only stage")
+        folding = [s.fmt for s in self.stages if format_info(s.fmt).folds_tensor_scale]
+        if folding and len(self.stages) > 1:
+            raise ValueError(f"recipe {self.name!r}: {folding[0]} folds the tensor scale into its block scales, as "
+                             "its tool does, and defines no residual cascade (SPEC §3.1): it must be the only stage")
         if self.scale_granularity not in SCALE_GRANULARITIES:
             raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}")
         if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
@@ -184,12 +189,13 @@ class Recipe:
         self._check_channels(channels)
         if self.weight_fmt == "bf16":
             return QWeight(weight.to(torch.bfloat16), torch.ones((), dtype=torch.float32, device=weight.device), None)
-        w, dense = self._split_channels(weight.float(), channels)
-        scale = torch.ones((), dtype=torch.float32, device=w.device)
+        w, dense = self._split_channels(weight, channels)
+        scale, folded = torch.ones((), dtype=torch.float32, device=w.device), None
         if format_info(self.weight_fmt).tensor_scale:
-            scale = nvfp4_tensor_scale(w).reshape(())
-            w = apply_tensor_scale(w, scale)
-        packed = quantize_blocks(w, self.weight_fmt, self.weight_block)
+            t = nvfp4_tensor_scale(w, fmt=self.weight_fmt)
+            scale = output_scale(t, self.weight_fmt).reshape(())
+            w, folded = tensor_scaled_input(w, t, self.weight_fmt)
+        packed = quantize_blocks(w, self.weight_fmt, self.weight_block, folded)
         if packed.block_size is None:  # fp8: the per-channel scale moves to the output
             scale = packed.tensor_scale.reshape(-1)
         values = dequantize_blocks(packed).to(torch.bfloat16)
@@ -200,7 +206,8 @@ class Recipe:
     # --- activations, per call ---
     def prepare_activation(self, x2d: torch.Tensor, channels: torch.Tensor | None = None) -> QActivation:
         """Run the cascade on x [M, K]. Xs is the bf16-rounded scaled input (SPEC §3); later stages see the fp32
-        residual of the earlier ones. Outlier channels (calibrated recipes) bypass the cascade in bf16."""
+        residual of the earlier ones. A format that folds the tensor scale into its blocks (SPEC §3.1, the only
+        stage) sees X itself. Outlier channels (calibrated recipes) bypass the cascade in bf16."""
         if x2d.dim() != 2:
             raise ValueError(f"activation must be 2-D [M, K], got shape {tuple(x2d.shape)}")
         self._check_channels(channels)
@@ -211,14 +218,17 @@ class Recipe:
         scale = torch.ones(1, 1, dtype=torch.float32, device=x2d.device)
         if not self.stages:
             return QActivation((), x2d.to(torch.bfloat16).float(), scale)
+        folded = None
         if self.uses_tensor_scale:
-            scale = nvfp4_tensor_scale(x2d, per_row=self.scale_granularity == "token")
-            r = apply_tensor_scale(x2d, scale)
+            fmt = self.stages[0].fmt
+            t = nvfp4_tensor_scale(x2d, self.scale_granularity == "token", fmt)
+            scale = output_scale(t, fmt)
+            r, folded = tensor_scaled_input(x2d, t, fmt)
         else:
             r = x2d.to(torch.bfloat16).float()
         parts, total = [], None
         for stage in self.stages:
-            q = quantize_stage(r, stage)
+            q = quantize_stage(r, stage, folded)
             d = dequantize_blocks(q)
             if q.block_size is None:  # fp8 (always the only stage): its per-row scale is the activation scale
                 scale = q.tensor_scale
@@ -253,14 +263,15 @@ class Recipe:
         return dataclasses.replace(self, **options)
 
 
-def quantize_stage(r: torch.Tensor, stage: Stage) -> QTensor:
-    """Mask (if any) then block-quantize on the dense layout; a sparse payload records its pattern and indices."""
+def quantize_stage(r: torch.Tensor, stage: Stage, tensor_scale: torch.Tensor | None = None) -> QTensor:
+    """Mask (if any) then block-quantize on the dense layout; a sparse payload records its pattern and indices.
+    `tensor_scale` goes to the formats that fold it into their blocks (quant.tensor_scaled_input)."""
     if stage.mask is None:
-        return quantize_blocks(r, stage.fmt, stage.block_size)
+        return quantize_blocks(r, stage.fmt, stage.block_size, tensor_scale)
     spec = masks.parse_mask(stage.mask)
     units = masks.kept_units(r, spec)
     sparse = torch.where(masks.units_to_mask(units, spec, r.shape[-1]), r, torch.zeros_like(r))
-    q = quantize_blocks(sparse, stage.fmt, stage.block_size)
+    q = quantize_blocks(sparse, stage.fmt, stage.block_size, tensor_scale)
     indices = masks.pack_indices(units) if spec.m <= 4 else None
     return dataclasses.replace(q, mask=str(spec), indices=indices)
 
@@ -299,21 +310,28 @@ _RECIPES: dict[str, Recipe] = {
         ),
     )
 }
+# NVFP4 W4A4 exactly as another tool quantizes it (SPEC §3.1): to compare with checkpoints those tools write. Not
+# part of the paper's comparison (SPEC §6), so list_recipes() names them only when asked.
+_COMPAT_RECIPES: dict[str, Recipe] = {
+    fmt: Recipe(fmt, fmt, 16, (Stage(fmt, 16),), description=f"NVFP4 W4A4, B=16, bit for bit as {tool} computes it")
+    for fmt, tool in (("nvfp4-torchao", "torchao"), ("nvfp4-compressed-tensors", "compressed-tensors"))
+}
 _ALIASES = {"sharq-nvfp4": "sharq"}
 
 
-def list_recipes() -> list[str]:
-    return list(_RECIPES)
+def list_recipes(compat: bool = False) -> list[str]:
+    """The recipes of SPEC §6; with compat=True also those that reproduce another tool's NVFP4 (SPEC §3.1)."""
+    return list(_RECIPES) + (list(_COMPAT_RECIPES) if compat else [])
 
 
 def get_recipe(name: str | Recipe, **options) -> Recipe:
-    """A registered recipe by name (``sharq-nvfp4`` is ``sharq``), with options such as
+    """A registered recipe by name (``sharq-nvfp4`` is ``sharq``; ``nvfp4-torchao`` and
+    ``nvfp4-compressed-tensors`` reproduce those tools, SPEC §3.1), with options such as
     ``scale_granularity="token"`` applied. A Recipe passes through (options still apply)."""
     if isinstance(name, Recipe):
         recipe = name
     else:
-        key = _ALIASES.get(name, name)
-        if key not in _RECIPES:
-            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(list_recipes())}")
-        recipe = _RECIPES[key]
+        recipe = _RECIPES.get(_ALIASES.get(name, name)) or _COMPAT_RECIPES.get(name)
+        if recipe is None:
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(list_recipes(compat=True))}")
     return recipe.with_options(**options) if options else recipe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,8 @@ class GraphedForward:
             try:
                 self.graphs[ids.shape] = self._capture(ids)
             except Exception as e:  # noqa: BLE001 - any capture failure: fall back, visibly
-                print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); running eagerly")
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:120]}); running eagerly",
+                              stacklevel=2)
                 self.eager = True
                 return self._eager(ids)
         graph, static_ids, logits = self.graphs[ids.shape]

@@ -12,7 +12,7 @@ import torch
 
 from .._format import format_table
 from ..functional import simulate_linear
-from ..models import target_linears
+from ..models import target_linears, with_progress
 from ..quant import dequantize_blocks
 from ..recipes import get_recipe
 
@@ -148,8 +148,10 @@ def plots(stats: list[LayerStats], inputs_max: dict[str, torch.Tensor], recipes:
     plt.close(fig)
 
 
-def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, out: str | Path, setup: str) -> Path:
-    """Run the diagnostics on the first `tokens` tokens of `text` and write report.md, report.json and the PNGs."""
+def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, out: str | Path, setup: str,
+                 progress: bool = False) -> Path:
+    """Run the diagnostics on the first `tokens` tokens of `text` and write report.md, report.json and the PNGs
+    (progress=True: a bar per layer on stderr; each runs every recipe)."""
     from .perplexity import tokenize
 
     ids = tokenize(text, tokenizer)[:tokens].unsqueeze(0)
@@ -159,7 +161,9 @@ def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, o
     out.mkdir(parents=True, exist_ok=True)
     inputs = capture_inputs(model, ids)
     linears = target_linears(model)
-    stats = [layer_stats(n, inputs[n], linears[n], recipes) for n in linears if n in inputs]
+    names = [n for n in linears if n in inputs]
+    stats = [layer_stats(n, inputs[n], linears[n], recipes)
+             for n in with_progress(names, progress, desc="report", unit="layer")]
     inputs_max = {n: x.abs().amax(0) for n, x in inputs.items()}
     plots(stats, inputs_max, recipes, out)
     setup = f"{setup}; {ids.shape[1]} tokens; recipes {', '.join(recipes)}"

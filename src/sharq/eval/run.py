@@ -7,20 +7,23 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .._format import format_table
-from ..checkpoint import is_checkpoint
-from ..hf import load_model, resolve_model
+from ..checkpoint import is_checkpoint, read_quantization_config
+from ..functional import check_backend
+from ..hf import load_tokenizer, model_source, resolve_model
+from ..interop import compressed_tensors_recipe, is_compressed_tensors, load, load_model
 from ..models import calibrate, quantize_model, weight_bytes
-from ..recipes import get_recipe
+from ..recipes import Recipe, get_recipe
 from .data import load_text
 from .perplexity import bos_token, perplexity, tokenize, windows
-from ..functional import check_backend
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_RECIPES = ("bf16", "nvfp4", "sharq")
 
 
 @dataclass
@@ -39,8 +42,10 @@ class RecipeResult:
 
 @dataclass
 class EvalConfig:
+    """What `evaluate` runs. `model` may be a sharq checkpoint: it is evaluated as saved, one row (see recipes_for)."""
+
     model: str | None = None
-    recipes: tuple[str, ...] = ("bf16", "nvfp4", "sharq")
+    recipes: tuple[str, ...] | None = None  # default: DEFAULT_RECIPES; for a sharq checkpoint, its own recipe
     text: str = "wikipedia"
     seqlen: int = 2048
     max_tokens: int | None = 8192
@@ -85,27 +90,52 @@ def check_device(device: str) -> torch.device:
     return d
 
 
+def recipes_for(cfg: EvalConfig, path: Path) -> list[Recipe]:
+    """The recipes `evaluate` runs on the model at `path`: cfg.recipes (default DEFAULT_RECIPES) with cfg.options.
+
+    A sharq checkpoint is evaluated as saved, one row of its own recipe: its weights are already quantized, so no
+    other recipe can be applied to it, and options must leave its recipe as it is. Naming that recipe (with the
+    same options) is allowed; anything else is an error, not a silent row of something else."""
+    if is_compressed_tensors(path):  # fixed 4-bit weights: any recipe with NVFP4 weights runs on top of them
+        return [compressed_tensors_recipe(path, r, **cfg.options) for r in (cfg.recipes or ("nvfp4", "sharq"))]
+    if not is_checkpoint(path):
+        names = DEFAULT_RECIPES if cfg.recipes is None else cfg.recipes
+        if not names:
+            raise ValueError("no recipe to evaluate: give --recipes, e.g. bf16,nvfp4,sharq")
+        return [get_recipe(r, **cfg.options) for r in names]
+    saved = Recipe.from_dict(read_quantization_config(path)["recipe"])
+    if cfg.recipes is not None or cfg.options:
+        asked = [get_recipe(r, **cfg.options) for r in ((saved.name,) if cfg.recipes is None else cfg.recipes)]
+        if asked != [saved]:
+            raise ValueError(f"{path} is a sharq checkpoint, already quantized with {saved.name!r}: it is evaluated "
+                             f"as saved, one row, so the only recipe it runs is its own (with its own options); to "
+                             "compare recipes, evaluate the unquantized model")
+    return [saved]
+
+
 def evaluate(cfg: EvalConfig) -> dict:
-    """Run every recipe of `cfg` and return a JSON-ready dict: the setup and one row per recipe."""
+    """Run every recipe of `cfg` and return a JSON-ready dict: the setup and one row per recipe. A sharq checkpoint
+    as `cfg.model` gives one row: the checkpoint as saved (recipes_for)."""
     # Everything that can be wrong with the arguments fails here, before minutes are spent loading a model.
     device = check_device(cfg.device)
-    if not cfg.recipes:
-        raise ValueError("no recipe to evaluate: give --recipes, e.g. bf16,nvfp4,sharq")
-    recipes = [get_recipe(r, **cfg.options) for r in cfg.recipes]
+    path = resolve_model(cfg.model)  # a path that is no model fails now, before the text is read
+    quantized = is_checkpoint(path)
+    imported = is_compressed_tensors(path)  # one model per recipe, each built from the checkpoint's payload
+    recipes = recipes_for(cfg, path)
     backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
     check_backend(backend, device)
     dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     if cfg.tasks:
         check_tasks(cfg.tasks)
-    resolve_model(cfg.model)  # a path that is no model fails now, before the text is read
-    if cfg.model and is_checkpoint(cfg.model):
-        raise ValueError(f"{cfg.model} is a sharq checkpoint, already quantized: sharq eval compares recipes on the "
-                         "unquantized model (give that as --model); run a checkpoint with sharq generate or sharq.load")
     text = load_text(cfg.text) if cfg.max_tokens != 0 else None
-    calib_text = load_text(cfg.calib_text)[0] if any(r.needs_calibration for r in recipes) else None
+    needs_calibration = not quantized and not imported and any(r.needs_calibration for r in recipes)
+    calib_text = load_text(cfg.calib_text)[0] if needs_calibration else None
 
     t0 = time.perf_counter()
-    base, tokenizer, path = load_model(cfg.model, dtype, device)
+    if imported:
+        base, tokenizer = None, load_tokenizer(model_source(cfg.model))
+    else:
+        base, tokenizer = load_model(cfg.model, dtype, device, backend=backend, progress=cfg.progress)
     load_s = time.perf_counter() - t0
 
     ppl_windows = None
@@ -119,7 +149,13 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     rows = []
     for recipe in recipes:
-        model = quantize_model(copy.deepcopy(base), recipe, backend=backend, calibration=calibration)
+        if imported:
+            model = load(path, dtype, device, backend, recipe=recipe)
+        elif quantized:
+            model = base
+        else:
+            model = quantize_model(copy.deepcopy(base), recipe, backend=backend, calibration=calibration)
+        model_class = type(model).__name__
         row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits, weight_bytes(model))
         if ppl_windows is not None:
             p = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
@@ -132,7 +168,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     return add_gaps({
         "model": str(path),
-        "model_class": type(base).__name__,
+        "checkpoint": "sharq" if quantized else "compressed-tensors" if imported else None,
+        "model_class": model_class,
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "backend": backend,
@@ -198,7 +235,8 @@ def format_results(res: dict) -> str:
         if res["windows"]:
             row.append(f"{r['tokens_per_s']:.0f}")
         rows.append(row)
-    lines = [f"model {res['model']} ({res['model_class']}, {res['dtype']}, {res['device']}, backend {res['backend']})"]
+    lines = [f"model {res['model']} ({res['model_class']}, {res['dtype']}, {res['device']}, backend {res['backend']})"
+             + (": a sharq checkpoint, evaluated as saved" if res.get("checkpoint") else "")]
     if res["windows"]:
         lines.append(f"perplexity: {res['text']}, {res['windows']} windows x {res['seqlen']} tokens "
                      f"= {res['ppl_tokens']} tokens")

@@ -32,7 +32,9 @@ SMALL_M = 64  # up to here the packed kernels; above, decode to scratch + cuBLAS
 
 
 def supports(fmt: str, block: int | None) -> bool:
-    """Whether packed_matmul reads weights of this format and block size."""
+    """Whether packed_matmul reads weights of this format and block size. The NVFP4 tool variants (SPEC §3.1)
+    have the same payload layout but are not read here: packed_matmul picks its decoder by format name, and the
+    packed backend also needs the fused activation kernel, which implements SPEC §3 only."""
     return fmt in _FMT and block in (16, 32)
 
 

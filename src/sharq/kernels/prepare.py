@@ -48,7 +48,9 @@ _INF_BITS = tl.constexpr(0x7F800000)
 
 
 def supports(recipe: Recipe) -> bool:
-    """Whether the fused kernel implements this recipe's activation cascade."""
+    """Whether the fused kernel implements this recipe's activation cascade. Formats match by name: the kernel is
+    SPEC §3's NVFP4 and MXFP4, so the NVFP4 tool variants (nvfp4-torchao, nvfp4-compressed-tensors: no bf16(X/s),
+    other scale floors and product orders, SPEC §3.1) run on the reference path."""
     stages = recipe.stages
     return (
         0 < len(stages) <= 2

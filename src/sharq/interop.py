@@ -1,0 +1,504 @@
+"""Interoperability: one loader for every model sharq reads, and compressed-tensors, the checkpoint format
+llm-compressor writes and vLLM serves (docs/FORMAT.md, "compressed-tensors").
+
+- `load` reads a quantized checkpoint, sharq's own (bit-identical to what was saved) or compressed-tensors NVFP4;
+  `load_model` any model argument with its tokenizer (also the unquantized ones hf.load_pretrained reads).
+
+- `export_compressed_tensors` writes a model sharq quantized with NVFP4 weights as an "nvfp4-pack-quantized"
+  Hugging Face directory. transformers (with compressed-tensors installed) and vLLM load it and run its 4-bit
+  weights with their own activations (bf16, or NVFP4 when `input_amax` is given), never SharQ's sparse + residual
+  activations; sharq reads it back bit-identical.
+- `load_compressed_tensors` builds a sharq model from any NVFP4 compressed-tensors checkpoint (llm-compressor's,
+  or an export), keeping its codes and block scales exactly, and runs any sharq recipe with NVFP4 weights on top.
+
+Neither needs the compressed-tensors package: the format is JSON plus safetensors, read and written here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .checkpoint import (
+    WEIGHTS,
+    CheckpointTensors,
+    IntegrityError,
+    _replace_dir,
+    check_tensors,
+    payload_names,
+    tied_names,
+    unique_state,
+    weight_files,
+)
+from .hf import load_pretrained, load_tokenizer, model_source
+from .models import _LAYER, FAMILIES, materialize, quantize_model, target_linears
+from .nn import SharQExperts, SharQLinear
+from .quant import NVFP4_TENSOR_DIVISOR, as_rows, finite_amax
+from .recipes import Recipe, get_recipe
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT = "nvfp4-pack-quantized"
+GROUP = 16  # NVFP4's group size in compressed-tensors and in vLLM's kernels
+SHARQ_KEY = "sharq"  # the part of quantization_config that only sharq reads (compressed-tensors ignores it)
+_FP4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": GROUP,
+        "scale_dtype": "torch.float8_e4m3fn"}
+WEIGHT_ARGS = {**_FP4, "dynamic": False}
+INPUT_ARGS = {**_FP4, "dynamic": "local"}  # 16-element scales per call, the per-tensor scale calibrated
+_SCALE_SIGN = 0x80
+# a quantized layer's tensors in the checkpoint (the input scale belongs to its activation scheme, which sharq's
+# recipe replaces)
+_COMPRESSED = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
+
+
+# --- loading anything ----------------------------------------------------------------------------------------------
+def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         backend: str = "auto", *, recipe: str | Recipe | None = None, verify: bool = True, progress: bool = False,
+         **options) -> nn.Module:
+    """A quantized model from a sharq checkpoint (bit-identical to what was saved; it runs the recipe it was saved
+    with, and verify=False skips its digest: checkpoint.load) or from a compressed-tensors NVFP4 checkpoint (its
+    4-bit weights kept exactly, any sharq recipe with NVFP4 weights on top: load_compressed_tensors)."""
+    if is_compressed_tensors(directory):
+        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, **options)
+    if recipe is not None or options:
+        raise ValueError(f"{directory} is a sharq checkpoint: it runs the recipe it was saved with (no recipe or "
+                         "options to give)")
+    return checkpoint.load(directory, dtype, device, backend, verify=verify, progress=progress)
+
+
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    """Whether `path` holds a checkpoint `load` reads (sharq's, or compressed-tensors NVFP4)."""
+    return checkpoint.is_checkpoint(path) or is_compressed_tensors(path)
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+               backend: str = "auto", progress: bool = False):
+    """(model, tokenizer) for any model argument: the embedded default model (None), a Hugging Face directory, a
+    .gguf file, a sharq checkpoint or a compressed-tensors NVFP4 checkpoint (the quantized ones through `load`, the
+    recipe they hold). The model is in eval mode on `device`."""
+    source = model_source(spec)
+    if not is_quantized_checkpoint(source):
+        return load_pretrained(spec, dtype, device, progress=progress)
+    tokenizer = load_tokenizer(source)
+    return load(source, dtype, device, backend, progress=progress), tokenizer
+
+
+# --- export --------------------------------------------------------------------------------------------------------
+def export(model: nn.Module, directory: str | Path, format: str = "compressed-tensors", tokenizer=None,
+           **options) -> Path:
+    """Write a sharq-quantized model in another library's checkpoint format (`sharq.export`); `options` go to the
+    format's writer. One format so far: "compressed-tensors" (export_compressed_tensors)."""
+    writers = {"compressed-tensors": export_compressed_tensors}
+    if format not in writers:
+        raise ValueError(f"unknown export format {format!r}; known: {', '.join(writers)}")
+    return writers[format](model, directory, tokenizer, **options)
+
+
+def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None, *,
+                              input_amax: Mapping[str, float] | None = None, overwrite: bool = False) -> Path:
+    """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint.
+
+    Weights only by default: the format's NVFP4 activation scheme needs a static per-tensor input scale, which
+    sharq computes per call and so does not have. Pass `input_amax` (every quantized layer's calibrated input max,
+    from `measure_input_amax(model, batches)`) to declare NVFP4 activations too. Atomic like sharq.save: a non-empty
+    `directory` is refused unless overwrite=True, and then replaced only if it holds a compressed-tensors
+    checkpoint."""
+    recipe = _exportable_recipe(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
+    if input_amax is not None and set(input_amax) != set(layers):
+        missing = sorted(set(layers) - set(input_amax))
+        raise ValueError(f"input_amax must give every quantized layer's input max; missing {len(missing)} "
+                         f"(e.g. {missing[:2]}), unknown {sorted(set(input_amax) - set(layers))[:2]}")
+
+    def write(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, exact_scales = _tensors(model, recipe, input_amax)
+        config = copy.deepcopy(model.config)
+        config.architectures = [type(model).__name__]
+        config.quantization_config = _export_config(
+            model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    out = write_atomically(Path(directory), write, overwrite=overwrite, replaceable=is_compressed_tensors,
+                           kind="compressed-tensors checkpoint")
+    _warn_unshared_global_scales(layers)
+    return out
+
+
+def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None
+             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The export's tensors (the unquantized ones as the model holds them, each quantized layer's in the format's
+    names), and the s_w of the layers whose global scale does not give it back exactly."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
+    payload = payload_names(model)
+    tensors = {n: t for n, t in unique_state(model).items() if n not in payload}
+    exact_scales: dict[str, float] = {}
+    for name, layer in layers.items():
+        packed, scales, g, exact = _to_compressed_tensors(name, layer, recipe.weight_block)
+        tensors |= {f"{name}.weight_packed": packed, f"{name}.weight_scale": scales,
+                    f"{name}.weight_global_scale": g}
+        if not exact:
+            exact_scales[name] = layer.weight_scale.item()
+        if input_amax is not None:
+            tensors[f"{name}.input_global_scale"] = _input_global_scale(name, input_amax[name])
+    return tensors, exact_scales
+
+
+def _exportable_recipe(model: nn.Module) -> Recipe:
+    q = getattr(model, "sharq_quantization", None)
+    if q is None:
+        raise ValueError("this model was not quantized by sharq.quantize_model: nothing to export")
+    r = Recipe.from_dict(q["recipe"])
+    if r.weight_fmt != "nvfp4" or r.needs_calibration or r.weight_block % GROUP:
+        extra = ", bf16 outlier channels" if r.needs_calibration else ""
+        raise ValueError(f"recipe {r.name!r} (weights {r.weight_fmt}, block {r.weight_block}{extra}) cannot be "
+                         "written as compressed-tensors NVFP4, which holds NVFP4 weights in 16-element groups and "
+                         "nothing else: export a model quantized with sharq, nvfp4, sparse-only or dense-dense")
+    if any(isinstance(m, SharQExperts) for m in model.modules()):
+        raise ValueError("exporting fused MoE experts to compressed-tensors is not supported yet")
+    return r
+
+
+def global_scale(s_w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """compressed-tensors' weight_global_scale g for sharq's s_w, and whether fl(1/g) == s_w exactly.
+
+    compressed-tensors divides by g where sharq multiplies by s_w. g = fl(1/s_w) is the only candidate: for 17 % of
+    fp32 values (measured over a whole binade) no fp32 g has fl(1/g) == s_w, and the neighbours of fl(1/s_w)
+    never do better; the export records those s_w in the config so sharq reads them back exactly."""
+    s_w = s_w.detach().float().cpu().reshape(())
+    one = torch.ones((), dtype=torch.float32)
+    g = one / s_w
+    return g.reshape(1), bool(one / g == s_w)
+
+
+def _to_compressed_tensors(name: str, layer: SharQLinear, block: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(weight_packed, weight_scale, weight_global_scale, exact) of one layer: the same nibbles (both put the even
+    element in the low nibble), each block scale repeated for every 16-element group of its block, K unpadded."""
+    k = layer.in_features
+    if k % GROUP:
+        raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP}, which compressed-tensors' NVFP4 "
+                         "needs")
+    if not (torch.isfinite(layer.weight_scale) & (layer.weight_scale > 0)).all():
+        raise ValueError(f"{name}: weight_scale {layer.weight_scale.item()} is not a positive finite number")
+    packed = layer.weight_codes[:, : k // 2].cpu().contiguous()
+    scales = layer.weight_scales.repeat_interleave(block // GROUP, dim=1)[:, : k // GROUP]
+    g, exact = global_scale(layer.weight_scale)
+    return packed, scales.cpu().contiguous().view(torch.float8_e4m3fn), g, exact
+
+
+def _input_global_scale(name: str, amax: float) -> torch.Tensor:
+    """compressed-tensors' static input_global_scale: 448·6 / amax, fp32, as llm-compressor computes it."""
+    amax = torch.tensor(amax, dtype=torch.float32)
+    if not (torch.isfinite(amax) and amax > 0):
+        raise ValueError(f"input_amax[{name!r}] is {amax.item()}: an input scale needs a positive finite max")
+    return (torch.full((), NVFP4_TENSOR_DIVISOR, dtype=torch.float32) / amax).reshape(1)
+
+
+def _warn_unshared_global_scales(layers: Mapping[str, SharQLinear]) -> None:
+    """vLLM fuses q/k/v and gate/up into one layer and runs it with the largest global scale of its parts, which
+    mis-scales the others; llm-compressor shares one global scale per fused group, sharq does not (yet). The
+    groups are those that share their prepared input (share_inputs), the same q/k/v and gate/up."""
+    groups: dict[int, list[float]] = {}
+    for layer in layers.values():
+        if layer.shared is not None:
+            groups.setdefault(id(layer.shared), []).append(global_scale(layer.weight_scale)[0].item())
+    ratios = [max(g) / min(g) for g in groups.values()]
+    unshared = [r for r in ratios if r != 1.0]
+    if unshared:
+        warnings.warn(f"{len(unshared)} of {len(ratios)} groups of layers that vLLM fuses (q/k/v, gate/up) have "
+                      f"different weight global scales (ratio up to {max(unshared):.4g}): vLLM runs a fused layer "
+                      "with the largest one, which scales the other parts' weights wrongly. transformers, "
+                      "compressed-tensors and sharq read every layer's own scale.", UserWarning, stacklevel=3)
+
+
+def _export_config(model: nn.Module, with_inputs: bool, sharq: dict) -> dict:
+    """One config group: every nn.Linear is a target, and those sharq left unquantized (lm_head) are ignored."""
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    scheme = {"targets": ["Linear"], "weights": WEIGHT_ARGS, "input_activations": INPUT_ARGS if with_inputs else None,
+              "output_activations": None, "format": FORMAT}
+    return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": "compressed",
+            "config_groups": {"group_0": scheme}, "ignore": ignore, "kv_cache_scheme": None, SHARQ_KEY: sharq}
+
+
+@torch.no_grad()
+def measure_input_amax(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """max |x| over the finite inputs of every quantized layer while `model` runs on `batches` of token ids: the
+    calibration a compressed-tensors NVFP4 activation scheme needs (its per-tensor input scale is static)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
+    amax = dict.fromkeys(layers, 0.0)
+
+    def hook(name: str):
+        def record(_module, args) -> None:
+            amax[name] = max(amax[name], finite_amax(as_rows(args[0]), per_row=False).item())
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    device = next(model.parameters()).device
+    try:
+        for ids in batches:
+            model(ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return amax
+
+
+def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool,
+                     replaceable: Callable[[Path], bool], kind: str) -> Path:
+    """Run `write` on a new directory beside `out`, which then takes its place, so an interrupted write leaves any
+    previous directory intact. A file, or a non-empty directory without overwrite=True or that `replaceable`
+    refuses, is a FileExistsError."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a {kind} directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+        if not replaceable(out):
+            raise FileExistsError(f"{out} is not a {kind}: overwrite=True replaces only those")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a checkpoint directory, not mkdtemp's private 0700
+    try:
+        write(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --- import --------------------------------------------------------------------------------------------------------
+def is_compressed_tensors(path: str | Path) -> bool:
+    """Whether `path` is a directory whose config.json has quant_method "compressed-tensors" (what sharq.load and
+    `sharq eval --model` dispatch on)."""
+    try:
+        return _quantization_config(Path(path) / "config.json").get("quant_method") == QUANT_METHOD
+    except (OSError, ValueError):
+        return False
+
+
+def _quantization_config(path: Path) -> dict:
+    """config.json's quantization_config ({} when there is none)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    q = config.get("quantization_config") if isinstance(config, dict) else None
+    return q if isinstance(q, dict) else {}
+
+
+def read_compressed_tensors_config(directory: str | Path) -> dict:
+    """The quantization_config of a compressed-tensors NVFP4 checkpoint, checked: every config group must store
+    NVFP4 weights (4-bit float, symmetric, tensor_group, 16-element groups, static); nothing sharq cannot run
+    (sparsity, transforms, KV-cache or output quantization) may be present. Anything else is a ValueError saying
+    what the checkpoint holds."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json: not a Hugging Face checkpoint directory")
+    q = _quantization_config(path)
+    if q.get("quant_method") != QUANT_METHOD:
+        hint = ": it is a sharq checkpoint, load it with sharq.load" if q.get("quant_method") == "sharq" else ""
+        raise ValueError(f"{path} is not a compressed-tensors checkpoint (quantization_config.quant_method is "
+                         f"{q.get('quant_method')!r}){hint}")
+    for key in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+        if q.get(key):
+            raise ValueError(f"{path}: the checkpoint has a {key}, which sharq cannot run")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{path}: quantization_config has no config_groups")
+    for group, scheme in groups.items():
+        scheme = scheme if isinstance(scheme, dict) else {}
+        fmt, w = scheme.get("format") or q.get("format"), scheme.get("weights") or {}
+        if fmt != FORMAT or any(w.get(k) != v for k, v in _FP4.items() if k != "scale_dtype") or w.get("dynamic"):
+            raise ValueError(f"{path}: config group {group!r} stores {_describe(fmt, w)}; sharq imports "
+                             f"compressed-tensors NVFP4 only (format {FORMAT!r}: 4-bit float weights, symmetric, "
+                             f"strategy tensor_group, group_size {GROUP}, static)")
+        if scheme.get("output_activations"):
+            raise ValueError(f"{path}: config group {group!r} quantizes output activations, which sharq cannot run")
+    return q
+
+
+def _describe(fmt: str | None, w: Mapping) -> str:
+    if not w:
+        return f"format {fmt!r} without weight quantization"
+    symmetric = "" if w.get("symmetric", True) else ", asymmetric"
+    dynamic = ", dynamic" if w.get("dynamic") else ""
+    return (f"format {fmt!r} weights: {w.get('num_bits')}-bit {w.get('type')}, strategy {w.get('strategy')}, "
+            f"group_size {w.get('group_size')}{symmetric}{dynamic}")
+
+
+def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None = None, *,
+                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                            backend: str = "auto", **options) -> nn.Module:
+    """A sharq model from a compressed-tensors NVFP4 checkpoint, holding its 4-bit weights exactly: the codes and
+    block scales as stored, s_w = fl(1/weight_global_scale) (or the exact s_w a sharq export recorded).
+
+    `recipe` (with `options`) is any sharq recipe with NVFP4 weights; its weight_block becomes 16, the checkpoint's
+    group size, unless `options` sets one (a block of 32 or more needs equal scales within it). None: the recipe a
+    sharq export recorded, else "sharq". The checkpoint's activation scheme (input_global_scale) is not used: the
+    recipe quantizes activations. The model is built on the meta device (nothing is initialized randomly) and is
+    a normal sharq model: sharq.save writes it as a sharq checkpoint."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    directory = Path(directory)
+    q = read_compressed_tensors_config(directory)
+    meta = _sharq_metadata(q.get(SHARQ_KEY), directory)
+    r = _import_recipe(recipe, meta, options)
+    tensors = CheckpointTensors(weight_files(directory))
+    quantized = sorted(n.removesuffix(".weight_packed") for n in tensors.info if n.endswith(".weight_packed"))
+    config = AutoConfig.from_pretrained(directory)
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    target_modules = meta["target_modules"] if meta else _target_modules(model, quantized)
+    share_inputs = meta["share_inputs"] if meta else True
+    quantize_model(model, r, backend=backend, target_modules=target_modules, share_inputs=share_inputs)
+    _check_modules(model.sharq_quantization["modules"], quantized, directory)
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
+    exact = meta["weight_scale"] if meta else {}
+    state = {}
+    for name in tensors:
+        prefix, _, local = name.rpartition(".")
+        if prefix not in layers or local not in _COMPRESSED:
+            t = tensors[name]
+            state[name] = t.to(dtype) if t.is_floating_point() else t
+    for name, layer in layers.items():
+        state |= {f"{name}.{k}": v for k, v in
+                  _from_compressed_tensors(name, layer, tensors, r.weight_block, exact.get(name)).items()}
+    check_tensors(model.state_dict(), {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, payload_names(model),
+                  tied_names(model), str(directory))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    unloaded = [n for n, t in model.state_dict().items() if t.is_meta]
+    if unloaded:
+        raise IntegrityError(f"{directory}: {len(unloaded)} tensor(s) of the model were not loaded, e.g. {unloaded[0]}")
+    materialize(model, model, torch.device("cpu"))  # what no checkpoint holds: RoPE's inv_freq, the bf16 Ŵ
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.to(device).eval()
+
+
+def compressed_tensors_recipe(directory: str | Path, recipe: str | Recipe | None = None, **options) -> Recipe:
+    """The recipe load_compressed_tensors(directory, recipe, **options) runs, checked from the config alone (so
+    `sharq eval` refuses a recipe before any tensor is read)."""
+    q = read_compressed_tensors_config(directory)
+    return _import_recipe(recipe, _sharq_metadata(q.get(SHARQ_KEY), Path(directory)), options)
+
+
+def _sharq_metadata(meta, directory: Path) -> dict | None:
+    """The sharq key of an export, checked (None for checkpoints sharq did not write)."""
+    if meta is None:
+        return None
+    where = f"{directory}: quantization_config.{SHARQ_KEY}"
+    if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), dict):
+        raise ValueError(f"{where} must be an object with the recipe, got {meta!r}")
+    targets, scales = meta.get("target_modules"), meta.get("weight_scale", {})
+    if not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise ValueError(f"{where}.target_modules must be a list of names or null, got {targets!r}")
+    if not isinstance(meta.get("share_inputs", True), bool):
+        raise ValueError(f"{where}.share_inputs must be true or false")
+    if not isinstance(scales, dict) or not all(isinstance(v, float) for v in scales.values()):
+        raise ValueError(f"{where}.weight_scale must map layer names to numbers, got {scales!r}")
+    try:
+        Recipe.from_dict(meta["recipe"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return {"recipe": meta["recipe"], "target_modules": targets, "share_inputs": meta.get("share_inputs", True),
+            "weight_scale": scales}
+
+
+def _import_recipe(recipe: str | Recipe | None, meta: dict | None, options: dict) -> Recipe:
+    if recipe is None and meta is not None:
+        r = get_recipe(Recipe.from_dict(meta["recipe"]), **options)
+    else:
+        r = get_recipe("sharq" if recipe is None else recipe, **options)
+        if r.weight_fmt == "nvfp4" and "weight_block" not in options:
+            r = r.with_options(weight_block=GROUP)
+    if r.weight_fmt != "nvfp4" or r.needs_calibration or r.weight_block % GROUP:
+        raise ValueError(f"recipe {r.name!r} (weights {r.weight_fmt}, block {r.weight_block}"
+                         f"{', calibrated outlier channels' if r.needs_calibration else ''}) cannot run on a "
+                         "compressed-tensors NVFP4 checkpoint: choose a recipe with NVFP4 weights and a block that "
+                         "is a multiple of 16 (sharq, nvfp4, sparse-only, dense-dense)")
+    return r
+
+
+def _target_modules(model: nn.Module, quantized: list[str]) -> list[str] | None:
+    """quantize_model's target_modules for the checkpoint's quantized linears: None where they are the family's
+    default (q/k/v and gate/up then share their prepared input), else their names inside a decoder layer."""
+    if model.config.model_type in FAMILIES and sorted(target_linears(model)) == quantized:
+        return None
+    return sorted({m[2] for n in quantized if (m := _LAYER.match(n))})
+
+
+def _check_modules(built: list[str], quantized: list[str], directory: Path) -> None:
+    missing, extra = sorted(set(quantized) - set(built)), sorted(set(built) - set(quantized))
+    if missing or extra:
+        raise ValueError(f"{directory}: the checkpoint's quantized linears do not match a sharq structure (sharq "
+                         "quantizes the same linears of every decoder layer, and no MoE experts or other modules): "
+                         f"{len(missing)} quantized in the checkpoint but not in sharq's structure (e.g. "
+                         f"{missing[:2]}), {len(extra)} in sharq's structure but not quantized in the checkpoint (e.g. "
+                         f"{extra[:2]})")
+
+
+def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: CheckpointTensors, block: int,
+                             exact_scale: float | None) -> dict[str, torch.Tensor]:
+    """sharq's payload of one layer (weight_codes, weight_scales, weight_scale) from the checkpoint's, unchanged
+    but for K's zero padding to the block and one scale per block of 16·f elements instead of f equal ones."""
+    n, k = layer.out_features, layer.in_features
+    if k % GROUP:
+        raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP}")
+    want = {"weight_packed": (torch.uint8, (n, k // 2)), "weight_scale": (torch.float8_e4m3fn, (n, k // GROUP)),
+            "weight_global_scale": (torch.float32, None)}
+    for local, (dtype, shape) in want.items():
+        key = f"{name}.{local}"
+        if key not in tensors:
+            raise IntegrityError(f"{name}: the checkpoint has weight_packed but no {local}")
+        found, found_shape = tensors.info[key]
+        if found != dtype or found_shape not in ([shape] if shape else [(), (1,)]):
+            raise IntegrityError(f"{key} is {found} {found_shape}, expected {dtype} {shape or (1,)}")
+    scales = tensors[f"{name}.weight_scale"].view(torch.uint8)
+    if (scales & _SCALE_SIGN).any():
+        raise ValueError(f"{name}.weight_scale holds negative scales; NVFP4 block scales are unsigned")
+    g = tensors[f"{name}.weight_global_scale"].reshape(())
+    if not (torch.isfinite(g) and g > 0):
+        raise ValueError(f"{name}.weight_global_scale is {g.item()}: it must be a positive finite number")
+    s_w = torch.ones((), dtype=torch.float32) / g
+    if exact_scale is not None:
+        s_w = torch.tensor(exact_scale, dtype=torch.float32)
+        if not torch.equal(global_scale(s_w)[0].reshape(()), g):
+            raise ValueError(f"{name}: the s_w the sharq export recorded does not belong to its weight_global_scale: "
+                             "the checkpoint was changed after export")
+    kp = -(-k // block) * block
+    codes = torch.nn.functional.pad(tensors[f"{name}.weight_packed"], (0, (kp - k) // 2))
+    return {"weight_codes": codes, "weight_scales": _coarsen(name, scales, block // GROUP), "weight_scale": s_w}
+
+
+def _coarsen(name: str, scales: torch.Tensor, f: int) -> torch.Tensor:
+    """One scale per f consecutive 16-element scales, which must be equal (the last block may be partial: its
+    padding has no scale of its own)."""
+    n, m = scales.shape
+    blocks = -(-m // f)
+    grouped = torch.cat([scales, scales[:, -1:].expand(n, blocks * f - m)], dim=1).reshape(n, blocks, f)
+    if not (grouped == grouped[..., :1]).all():
+        raise ValueError(f"{name}: its 16-element scales differ within a {16 * f}-element block, so a recipe with "
+                         f"weight_block {16 * f} cannot hold them; load it with weight_block=16")
+    return grouped[..., 0].contiguous()
+
