@@ -428,3 +428,38 @@ def test_import_refuses_bad_directories_recipes_and_structures(ct_made, tmp_path
     partial = _compressed_tensors_checkpoint(tmp_path / "partial", ignore=("lm_head", "model.layers.0.mlp.down_proj"))
     with pytest.raises(ValueError, match="do not match a sharq structure"):
         interop.load_compressed_tensors(partial)
+
+
+def test_sharq_eval_runs_recipes_on_a_compressed_tensors_checkpoint(ct_made, tmp_path, capsys):
+    """`sharq eval --model` on a checkpoint compressed-tensors made: one row per recipe with NVFP4 weights, each on
+    the checkpoint's exact 4-bit weights; a recipe with other weights is a one-line error."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from sharq.cli import main
+
+    d = shutil.copytree(ct_made, tmp_path / "ct")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(d)
+    rng = random.Random(0)
+    (tmp_path / "text.txt").write_text(" ".join(f"w{rng.randrange(1, 96)}" for _ in range(400)))
+    common = ["eval", "--model", str(d), "--text", str(tmp_path / "text.txt"), "--seqlen", "16", "--max-tokens",
+              "256", "--quiet"]
+    assert main([*common, "--recipes", "sharq,nvfp4,dense-dense", "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["recipe"] for r in rows] == ["sharq", "nvfp4", "dense-dense"]
+    assert all(1.0 < r["ppl"] < float("inf") for r in rows)
+    capsys.readouterr()
+    assert main([*common, "--recipes", "mxfp4"]) == 2
+    err = capsys.readouterr().err
+    assert "mxfp4" in err and err.count("\n") == 1
+
+
+def test_quantize_model_refuses_a_decompressed_compressed_tensors_model(ct_made):
+    """transformers decompresses a compressed-tensors checkpoint to dense weights; quantizing those again would
+    change the 4-bit weights, so quantize_model points to sharq.load instead."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(ct_made, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"compressed-tensors checkpoint: quantizing .* sharq.load\(directory"):
+        sharq.quantize_model(model, "sharq")
