@@ -125,6 +125,13 @@ MODEL = ["--model", "{model}"]
     (["generate", *MODEL, "--temperature", "nan", "hi"], "argument --temperature: must be finite"),
     (["generate", *MODEL, "--temperature", "inf", "hi"], "argument --temperature: must be finite"),
     (["generate", *MODEL, "--max-new-tokens", "0", "hi"], "argument --max-new-tokens: must be at least 1"),
+    # export: --out, the recipe
+    (["export", *MODEL, "--out", "{notes}"], "is a file, not a directory"),
+    (["export", *MODEL, "--out", "{model}"], "overlaps the model"),
+    (["export", *MODEL, "--out", "{full}"], "is a non-empty directory: give --overwrite"),
+    (["export", *MODEL, "--out", ""], "--out is empty"),
+    (["export", *MODEL, "--out", "{empty}", "--recipe", "hif4"], "recipe 'hif4' has hif4 weights"),
+    (["export", *MODEL, "--out", "{empty}", "--format", "gguf"], "argument --format: invalid choice"),
     # report: --out, the model, its numbers and recipes
     (["report", *MODEL, "--out", "{notes}"], "is a file, not a directory"),
     (["report", *MODEL, "--out", "{full}"], "is a non-empty directory: give --overwrite"),
