@@ -212,7 +212,7 @@ def main() -> int:
     print(f"ceilings: copy {caps['copy_GBps']:.0f} GB/s, bf16 GEMM {caps['bf16_TFLOPs']:.0f} TFLOP/s")
     if args.sweep:
         out["sweep"] = sweep()
-    out["rows"] = rows = [time_shape(k, n, m, caps) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
+    out["rows"] = [time_shape(k, n, m, caps) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import sharq
-from sharq.nn import SharedActivation, SharQLinear
+from sharq.nn import SharQLinear
 
 from .conftest import outlier_activations
 

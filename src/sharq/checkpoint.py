@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -84,24 +84,36 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
     overwrite=True, or a non-empty directory that is not a sharq checkpoint (overwrite only replaces those) is a
     FileExistsError."""
     quantization_config(model)
-    out = Path(directory)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file, not a checkpoint directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
-        if not is_checkpoint(out):
-            raise FileExistsError(f"{out} is not a sharq checkpoint: overwrite=True replaces only those")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # a checkpoint directory, not mkdtemp's private 0700
-    try:
+
+    def write(tmp: Path) -> None:
         with transformers_progress(progress):
             model.save_pretrained(tmp)  # the transformers integration makes this a sharq checkpoint, with its digest
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+
+    return write_atomically(Path(directory), write, overwrite=overwrite, replaceable=is_checkpoint,
+                            kind="sharq checkpoint")
+
+
+def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool,
+                     replaceable: Callable[[Path], bool], kind: str) -> Path:
+    """Run `write` on a new directory beside `out`, which then takes its place, so an interrupted write leaves any
+    previous directory intact. A file, or a non-empty directory without overwrite=True or that `replaceable`
+    refuses, is a FileExistsError."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a {kind} directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
+        if not replaceable(out):
+            raise FileExistsError(f"{out} is not a {kind}: overwrite=True replaces only those")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a directory to share, not mkdtemp's private 0700
+    try:
+        write(tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -33,7 +30,7 @@ from .checkpoint import (
     WEIGHTS,
     CheckpointTensors,
     IntegrityError,
-    _replace_dir,
+    write_atomically,
     check_tensors,
     payload_names,
     tied_names,
@@ -257,31 +254,6 @@ def measure_input_amax(model: nn.Module, batches: Iterable[torch.Tensor]) -> dic
         for h in handles:
             h.remove()
     return amax
-
-
-def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool,
-                     replaceable: Callable[[Path], bool], kind: str) -> Path:
-    """Run `write` on a new directory beside `out`, which then takes its place, so an interrupted write leaves any
-    previous directory intact. A file, or a non-empty directory without overwrite=True or that `replaceable`
-    refuses, is a FileExistsError."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file, not a {kind} directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty: pass overwrite=True to replace it")
-        if not replaceable(out):
-            raise FileExistsError(f"{out} is not a {kind}: overwrite=True replaces only those")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # a checkpoint directory, not mkdtemp's private 0700
-    try:
-        write(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 # --- import --------------------------------------------------------------------------------------------------------
