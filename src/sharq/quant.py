@@ -24,6 +24,14 @@ from . import formats as F
 NVFP4_TENSOR_DIVISOR = 448.0 * 6.0  # 2688: largest UE4M3 scale times largest E2M1 element
 TENSOR_SCALE_FLOOR = 1e-9
 FP8_MAX = 448.0
+# How an NVFP4 block scale is chosen (SPEC §11.1): "max" maps the block's max to 6 (SPEC §2); "four_over_six"
+# also tries mapping it to 4; "search" also tries the UE4M3 neighbours of the "max" scale. Both keep the candidate
+# with the least squared error of the block, the "max" scale on a tie.
+SCALE_RULES = ("max", "four_over_six", "search")
+# How a weight's NVFP4 tensor scale is chosen (SPEC §11.2): amax / 2688 (SPEC §3), or the multiple of it in
+# TENSOR_SCALE_MULTIPLES with the least squared weight error.
+TENSOR_SCALE_RULES = ("amax", "search")
+TENSOR_SCALE_MULTIPLES = tuple(1 + j / 8 for j in range(8))  # one UE4M3 binade in the steps of its mantissa
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,14 @@ class NVFP4Numerics:
     tensor_scale_floor: float = TENSOR_SCALE_FLOOR  # s >= this; with global_scale, g = 2688 / max(amax, tiny)
     input_dtype_scales: bool = False  # amax/6 and g computed in the input's dtype (compressed-tensors), not fp32
     signed_zero: bool = True  # an element exactly −0 after scaling gets code 0b1000; compressed-tensors writes 0
+    scale_rule: str = "max"  # how a block scale is chosen (SCALE_RULES); only SPEC §3's numerics take another
+
+    def __post_init__(self) -> None:
+        if self.scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {self.scale_rule!r}")
+        if self.scale_rule != "max" and (not self.prescale_bf16 or self.global_scale):
+            raise ValueError(f"scale_rule {self.scale_rule!r} is defined on SPEC §3's numerics (blocks of bf16(X/s)); "
+                             "the tool variants of SPEC §3.1 reproduce a tool and take only 'max'")
 
     def scale_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         return input_dtype if self.input_dtype_scales else torch.float32
@@ -64,17 +80,59 @@ def _divide(t: torch.Tensor, c: float) -> torch.Tensor:
 
 
 # --- block quantizers on [M, nb, B] fp32 views -----------------------------------------------------------------
+def block_squared_error(v: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
+    """Σ (deq − v)² of each block [M, nb, B] quantized with the given UE4M3 scale codes [M, nb] (SPEC §2's element
+    rounding), in fp32, summed pairwise in a fixed order (zero-padded to a power of two, then halves added), so
+    every device and the reference compute the same bits and choose the same candidate."""
+    s = F.decode_ue4m3(scale_codes).unsqueeze(-1)
+    q = F.decode_e2m1(F.encode_e2m1((v * (1.0 / s)).clamp(-F.E2M1_MAX, F.E2M1_MAX)))
+    e = (q * s - v).square()
+    e = torch.nn.functional.pad(e, (0, (1 << (e.shape[-1] - 1).bit_length()) - e.shape[-1]))
+    while e.shape[-1] > 1:
+        e = e[..., : e.shape[-1] // 2] + e[..., e.shape[-1] // 2:]
+    return e[..., 0]
+
+
+def _scale_candidates(amax: torch.Tensor, codes: torch.Tensor, rule: str, floor: float) -> list[torch.Tensor]:
+    """The UE4M3 scale codes `rule` chooses from, the "max" rule's codes first (SPEC §11.1)."""
+    if rule == "four_over_six":
+        return [codes, F.encode_ue4m3(amax * 0.25, floor)]  # amax/4: the block's max maps to 4
+    if rule == "search":  # one UE4M3 step down and up (codes are monotone), within [floor, 448], NaN kept
+        low, high = F.encode_ue4m3(torch.full((), floor)).item(), F.encode_ue4m3(torch.full((), F.UE4M3_MAX)).item()
+        finite = codes != F.UE4M3_NAN
+        return [codes, torch.where(finite & (codes > low), codes - 1, codes),
+                torch.where(finite & (codes < high), codes + 1, codes)]
+    return [codes]
+
+
+def _least_error_scale(v: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    """Per block, the candidate scale code with the least squared error; the earlier candidate on a tie (so a
+    NaN block, whose errors are NaN, keeps the first)."""
+    best = candidates[0]
+    if len(candidates) == 1:
+        return best
+    best_err = block_squared_error(v, best)
+    for c in candidates[1:]:
+        err = block_squared_error(v, c)
+        better = err < best_err
+        best, best_err = torch.where(better, c, best), torch.where(better, err, best_err)
+    return best
+
+
 def _blocks_nvfp4(v: torch.Tensor, numerics: NVFP4Numerics, t: torch.Tensor | None, dtype: torch.dtype
                   ) -> tuple[torch.Tensor, torch.Tensor, None]:
     """NVFP4 blocks with the tensor scale t ([1, 1] or [M, 1]; None: none) folded in as `numerics` orders it.
-    Without t the reciprocal order is SPEC §2's: scale = amax/6, elements v · (1/scale). `dtype` is the input's."""
-    a6 = _divide(v.abs().amax(-1).to(numerics.scale_dtype(dtype)), F.E2M1_MAX)
+    Without t the reciprocal order is SPEC §2's: scale = amax/6, elements v · (1/scale). `dtype` is the input's.
+    A scale rule other than "max" (SPEC §11.1; t is None there) then picks among candidate scales."""
+    amax = v.abs().amax(-1).to(numerics.scale_dtype(dtype))
+    a6 = _divide(amax, F.E2M1_MAX)
     one = torch.ones((), device=v.device)
     t = one if t is None else t
     scale = t * a6 if numerics.global_scale else a6 / t
     codes = F.encode_ue4m3(scale, numerics.block_scale_floor)
     if numerics.zero_block_scale is not None:
         codes = torch.where(codes == 0, F.encode_ue4m3(one * numerics.zero_block_scale), codes)
+    codes = _least_error_scale(v, _scale_candidates(amax, codes, numerics.scale_rule, numerics.block_scale_floor))
     s = F.decode_ue4m3(codes)
     if numerics.global_scale:
         x = v / (s / t).unsqueeze(-1)
@@ -274,13 +332,26 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
+def check_scale_rule(fmt: str, rule: str) -> None:
+    """A block scale rule other than "max" is defined for SPEC §3's NVFP4 (SPEC §11.1); raise for anything else."""
+    if rule not in SCALE_RULES:
+        raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {rule!r}")
+    numerics = format_info(fmt).numerics
+    if rule != "max" and numerics is None:
+        raise ValueError(f"scale_rule {rule!r} chooses among UE4M3 block scales: it needs an NVFP4 format, not {fmt}")
+    if numerics is not None:
+        replace(numerics, scale_rule=rule)  # NVFP4Numerics checks that the numerics take the rule
+
+
 def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None,
-                    tensor_scale: torch.Tensor | None = None) -> QTensor:
+                    tensor_scale: torch.Tensor | None = None, scale_rule: str = "max") -> QTensor:
     """Block-quantize [M, K]. SPEC §3's NVFP4 takes x2d already tensor-scaled (apply_tensor_scale); the NVFP4
     formats that fold the tensor scale into their block arithmetic take it here, and x2d in its own dtype
     (tensor_scaled_input gives both). The result has no tensor scale of its own, except fp8, whose per-row scale
-    (its only scale) is in `tensor_scale`."""
+    (its only scale) is in `tensor_scale`. `scale_rule` chooses NVFP4's block scales (SPEC §11.1); the payload
+    is the format's either way."""
     b = resolve_block(fmt, block_size)
+    check_scale_rule(fmt, scale_rule)
     info = format_info(fmt)
     if tensor_scale is not None and not info.folds_tensor_scale:
         raise ValueError(f"{fmt} blocks take no tensor scale (SPEC §3: divide first, apply_tensor_scale)")
@@ -297,7 +368,8 @@ def quantize_blocks(x2d: torch.Tensor, fmt: str, block_size: int | None = None,
     pad = -k % b
     v = torch.nn.functional.pad(x, (0, pad)).reshape(m, (k + pad) // b, b)
     if info.numerics is not None:
-        codes, scale_codes, micro = _blocks_nvfp4(v, info.numerics, tensor_scale, x2d.dtype)
+        numerics = info.numerics if scale_rule == "max" else replace(info.numerics, scale_rule=scale_rule)
+        codes, scale_codes, micro = _blocks_nvfp4(v, numerics, tensor_scale, x2d.dtype)
     else:
         codes, scale_codes, micro = info.quantize(v)
     return QTensor(F.pack_nibbles(codes.flatten(-2)), scale_codes, fmt, b, (m, k), micro=micro)
@@ -327,12 +399,34 @@ def dequantize_blocks(q: QTensor, tensor_scale: torch.Tensor | None = None) -> t
 
 
 # --- public API ------------------------------------------------------------------------------------------------
+def search_tensor_scale(x2d: torch.Tensor, fmt: str = "nvfp4", block_size: int | None = None,
+                        scale_rule: str = "max") -> torch.Tensor:
+    """The tensor scale s = c · max(amax/2688, floor), c in TENSOR_SCALE_MULTIPLES, whose quantization has the least
+    squared error Σ (s · deq(Q(bf16(X/s))) − X)² (SPEC §11.2; the first c on a tie, so never worse than c = 1).
+    For weights, quantized once: len(TENSOR_SCALE_MULTIPLES) quantizations. Returns fp32 [1, 1]."""
+    if format_info(fmt).folds_tensor_scale or not format_info(fmt).tensor_scale:
+        raise ValueError(f"the tensor scale search is defined on SPEC §3's NVFP4, not {fmt}")
+    s0 = nvfp4_tensor_scale(x2d, fmt=fmt)
+    x = x2d.float()
+    best, best_err = s0, None
+    for c in TENSOR_SCALE_MULTIPLES:
+        s = s0 * c
+        q = quantize_blocks(apply_tensor_scale(x2d, s), fmt, block_size, scale_rule=scale_rule)
+        d = (dequantize_blocks(q) * s - x).double()
+        err = (d * d).sum()
+        if best_err is None or bool(err < best_err):
+            best, best_err = s, err
+    return best
+
+
 def quantize(
-    x: torch.Tensor, fmt: str, block_size: int | None = None, scale_granularity: str = "tensor", strict: bool = False
+    x: torch.Tensor, fmt: str, block_size: int | None = None, scale_granularity: str = "tensor", strict: bool = False,
+    scale_rule: str = "max",
 ) -> QTensor:
     """Quantize x [..., K] along K. NVFP4 first divides by its fp32 tensor scale (one per tensor, or one per row
     with scale_granularity="token") and rounds to bf16, as SPEC §3 says; its variants nvfp4-torchao and
     nvfp4-compressed-tensors fold the tensor scale into the block scales instead, as those tools do (SPEC §3.1).
+    `scale_rule` chooses NVFP4's block scales ("max", SPEC §2; "four_over_six" or "search", SPEC §11.1).
 
     A block holding NaN/Inf gets the NaN scale code and dequantizes to NaN; tensor scales are taken over finite
     values, so other blocks are unaffected. strict=True raises a ValueError instead."""
@@ -345,9 +439,9 @@ def quantize(
     if format_info(fmt).tensor_scale:
         t = nvfp4_tensor_scale(x2d, scale_granularity == "token", fmt)
         v, folded = tensor_scaled_input(x2d, t, fmt)
-        q = replace(quantize_blocks(v, fmt, block_size, folded), tensor_scale=t)
+        q = replace(quantize_blocks(v, fmt, block_size, folded, scale_rule), tensor_scale=t)
     else:
-        q = quantize_blocks(x2d, fmt, block_size)
+        q = quantize_blocks(x2d, fmt, block_size, scale_rule=scale_rule)
     return replace(q, shape=tuple(x.shape))
 
 

@@ -17,26 +17,43 @@ import torch
 
 from . import masks
 from .quant import (
+    TENSOR_SCALE_RULES,
     QTensor,
+    check_scale_rule,
     dequantize_blocks,
     format_info,
     nvfp4_tensor_scale,
     output_scale,
     quantize_blocks,
     resolve_block,
+    search_tensor_scale,
     tensor_scaled_input,
 )
 
 SCALE_GRANULARITIES = ("tensor", "token")
 
 
+def _option(default):
+    """A field beyond the paper's recipe (SPEC §11): left out of to_dict at its default, so a recipe without
+    options serialises exactly as before (older sharq reads it, checkpoint configs stay the same)."""
+    return field(default=default, metadata={"option": True})
+
+
+def _as_dict(obj) -> dict:
+    """A dataclass's fields, JSON-ready, without the options that are at their default."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+            if not (f.metadata.get("option") and getattr(obj, f.name) == f.default)}
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One step of the activation cascade: an optional N:M mask, then block quantization."""
+    """One step of the activation cascade: an optional N:M mask, then block quantization with a block scale
+    rule ("max", SPEC §2; "four_over_six" or "search", SPEC §11.1)."""
 
     fmt: str
     block_size: int | None = None
-    mask: str | None = None  # e.g. "pair-4:8", "2:4"; None = dense
+    mask: str | None = None  # e.g. "pair-4:8", "2:4", "pair-l2-4:8"; None = dense
+    scale_rule: str = _option("max")
 
     def __post_init__(self) -> None:
         if not isinstance(self.fmt, str) or not (self.mask is None or isinstance(self.mask, str)):
@@ -44,6 +61,7 @@ class Stage:
         resolve_block(self.fmt, self.block_size)  # also checks the format
         if self.mask is not None:
             masks.parse_mask(self.mask)
+        check_scale_rule(self.fmt, self.scale_rule)
 
     @property
     def block(self) -> int | None:
@@ -111,6 +129,8 @@ class Recipe:
     scale_granularity: str = "tensor"  # NVFP4 activation scale: per call (paper) or per token (batch-invariant)
     outlier_fraction: float = 0.0  # input channels kept in bf16, chosen by calibration (outlier-channels)
     description: str = field(default="", compare=False)
+    weight_scale_rule: str = _option("max")  # the weight payload's block scales (SPEC §11.1)
+    weight_tensor_scale_rule: str = _option("amax")  # s_w: amax/2688 (SPEC §3) or "search" (SPEC §11.2)
 
     def __post_init__(self) -> None:
         """Every field is checked here, so a recipe read from a file fails before anything is allocated."""
@@ -129,13 +149,25 @@ class Recipe:
         if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
                 or not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
+        if self.weight_tensor_scale_rule not in TENSOR_SCALE_RULES:
+            raise ValueError(f"weight_tensor_scale_rule must be one of {TENSOR_SCALE_RULES}, got "
+                             f"{self.weight_tensor_scale_rule!r}")
         if self.weight_fmt == "bf16":
             if self.weight_block is not None:
                 raise ValueError(f"recipe {self.name!r}: bf16 weights have no block size, got {self.weight_block!r}")
+            if (self.weight_scale_rule, self.weight_tensor_scale_rule) != ("max", "amax"):
+                raise ValueError(f"recipe {self.name!r}: bf16 weights have no scales to choose (weight_scale_rule "
+                                 f"{self.weight_scale_rule!r}, weight_tensor_scale_rule "
+                                 f"{self.weight_tensor_scale_rule!r})")
         elif not isinstance(self.weight_fmt, str):
             raise ValueError(f"recipe {self.name!r}: weight_fmt must be a string, got {self.weight_fmt!r}")
         else:
             resolve_block(self.weight_fmt, self.weight_block)
+            check_scale_rule(self.weight_fmt, self.weight_scale_rule)
+            info = format_info(self.weight_fmt)
+            if self.weight_tensor_scale_rule != "amax" and (not info.tensor_scale or info.folds_tensor_scale):
+                raise ValueError(f"recipe {self.name!r}: the weight tensor scale search is defined on SPEC §3's "
+                                 f"NVFP4, not {self.weight_fmt}")
 
     # --- costs ---
     @property
@@ -192,10 +224,13 @@ class Recipe:
         w, dense = self._split_channels(weight, channels)
         scale, folded = torch.ones((), dtype=torch.float32, device=w.device), None
         if format_info(self.weight_fmt).tensor_scale:
-            t = nvfp4_tensor_scale(w, fmt=self.weight_fmt)
+            if self.weight_tensor_scale_rule == "search":
+                t = search_tensor_scale(w, self.weight_fmt, self.weight_block, self.weight_scale_rule)
+            else:
+                t = nvfp4_tensor_scale(w, fmt=self.weight_fmt)
             scale = output_scale(t, self.weight_fmt).reshape(())
             w, folded = tensor_scaled_input(w, t, self.weight_fmt)
-        packed = quantize_blocks(w, self.weight_fmt, self.weight_block, folded)
+        packed = quantize_blocks(w, self.weight_fmt, self.weight_block, folded, self.weight_scale_rule)
         if packed.block_size is None:  # fp8: the per-channel scale moves to the output
             scale = packed.tensor_scale.reshape(-1)
         values = dequantize_blocks(packed).to(torch.bfloat16)
@@ -244,8 +279,8 @@ class Recipe:
 
     def to_dict(self) -> dict:
         """Every field, JSON-ready (the checkpoint's quantization_config stores it)."""
-        d = dataclasses.asdict(self)
-        d["stages"] = [dataclasses.asdict(s) for s in self.stages]
+        d = _as_dict(self)
+        d["stages"] = [_as_dict(s) for s in self.stages]
         return d
 
     @classmethod
@@ -267,11 +302,11 @@ def quantize_stage(r: torch.Tensor, stage: Stage, tensor_scale: torch.Tensor | N
     """Mask (if any) then block-quantize on the dense layout; a sparse payload records its pattern and indices.
     `tensor_scale` goes to the formats that fold it into their blocks (quant.tensor_scaled_input)."""
     if stage.mask is None:
-        return quantize_blocks(r, stage.fmt, stage.block_size, tensor_scale)
+        return quantize_blocks(r, stage.fmt, stage.block_size, tensor_scale, stage.scale_rule)
     spec = masks.parse_mask(stage.mask)
     units = masks.kept_units(r, spec)
     sparse = torch.where(masks.units_to_mask(units, spec, r.shape[-1]), r, torch.zeros_like(r))
-    q = quantize_blocks(sparse, stage.fmt, stage.block_size, tensor_scale)
+    q = quantize_blocks(sparse, stage.fmt, stage.block_size, tensor_scale, stage.scale_rule)
     indices = masks.pack_indices(units) if spec.m <= 4 else None
     return dataclasses.replace(q, mask=str(spec), indices=indices)
 

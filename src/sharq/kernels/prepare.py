@@ -50,12 +50,15 @@ _INF_BITS = tl.constexpr(0x7F800000)
 def supports(recipe: Recipe) -> bool:
     """Whether the fused kernel implements this recipe's activation cascade. Formats match by name: the kernel is
     SPEC §3's NVFP4 and MXFP4, so the NVFP4 tool variants (nvfp4-torchao, nvfp4-compressed-tensors: no bf16(X/s),
-    other scale floors and product orders, SPEC §3.1) run on the reference path."""
+    other scale floors and product orders, SPEC §3.1) run on the reference path, and so do the options of SPEC
+    §11 on activations: block scale rules other than "max" here, masks by name (pair-l2-4:8 is not in _MASK). The
+    weight options (weight_scale_rule, weight_tensor_scale_rule) are not checked: they change only the values of
+    the NVFP4 payload and s_w, which the kernels read as they are."""
     stages = recipe.stages
     return (
         0 < len(stages) <= 2
         and recipe.outlier_fraction == 0
-        and all(s.fmt in _FMT and s.block in (16, 32) for s in stages)
+        and all(s.fmt in _FMT and s.block in (16, 32) and s.scale_rule == "max" for s in stages)
         and stages[0].mask in _MASK
         and all(s.mask is None for s in stages[1:])
         and len({s.fmt for s in stages}) == 1
