@@ -2,6 +2,8 @@
 per row (so a crash loses one row, not the screen), then one table from the JSON files.
 
     python benchmarks/screen_accuracy.py run --text wikipedia --max-tokens 8192 bf16 nvfp4 sharq sharq+w-search
+    python benchmarks/screen_accuracy.py run --model gemma-3-270m.gguf --text lambada --max-tokens 65536 \
+        --prefix gemma3_270m_lambada64k_cpu bf16 nvfp4 sharq sharq-plus sharq-plus/w-only   # another model
     python benchmarks/screen_accuracy.py table docs/results/smollm2_screen8k_cpu_*.json     # markdown rows
     python benchmarks/screen_accuracy.py weights      # relative weight error of each weight option, no model run
 
@@ -108,13 +110,15 @@ def lookup(name: str, table: dict[str, Recipe]) -> Recipe:
     return table.get(name) or get_recipe(name)
 
 
-def run(names: list[str], text: str, max_tokens: int, prefix: str, seqlen: int = 2048) -> None:
+def run(names: list[str], text: str, max_tokens: int, prefix: str, seqlen: int = 2048,
+        model: str | None = None) -> None:
     table = candidates()
     for name in names:
         recipe = lookup(name, table)
         out = RESULTS / f"{prefix}_{_slug(name)}.json"
         t0 = time.perf_counter()
-        res = evaluate(EvalConfig(recipes=(recipe,), text=text, seqlen=seqlen, max_tokens=max_tokens, progress=False))
+        res = evaluate(EvalConfig(model=model, recipes=(recipe,), text=text, seqlen=seqlen, max_tokens=max_tokens,
+                                  progress=False))
         res["recipe_defs"] = {recipe.name: recipe.to_dict()}
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)
         out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
@@ -183,7 +187,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("names", nargs="+")
     r.add_argument("--text", default="wikipedia")
     r.add_argument("--max-tokens", type=int, default=8192)
-    r.add_argument("--prefix", default=None, help="JSON name prefix (default smollm2_screen8k[_TEXT]_cpu)")
+    r.add_argument("--prefix", default=None, help="JSON name prefix (default smollm2_screen8k[_TEXT]_cpu; give "
+                   "one per model and corpus)")
+    r.add_argument("--model", default=None, help="as sharq eval --model (default: the embedded SmolLM2-135M)")
     t = sub.add_parser("table")
     t.add_argument("paths", nargs="+")
     sub.add_parser("list")
@@ -191,7 +197,10 @@ def main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     if a.cmd == "run":
         tag = "" if a.text == "wikipedia" else f"_{a.text}"
-        run(a.names, a.text, a.max_tokens, a.prefix or f"smollm2_screen{a.max_tokens // 1024}k{tag}_cpu")
+        if a.model is not None and a.prefix is None:
+            p.error("--model needs --prefix (the default prefix names SmolLM2)")
+        run(a.names, a.text, a.max_tokens, a.prefix or f"smollm2_screen{a.max_tokens // 1024}k{tag}_cpu",
+            model=a.model)
     elif a.cmd == "table":
         print(table(a.paths))
     elif a.cmd == "weights":

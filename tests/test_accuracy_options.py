@@ -319,9 +319,12 @@ def test_options_cost_no_bits():
 
 def test_registered_recipes_serialise_as_before():
     """Options at their default are left out of to_dict: every registered recipe has exactly the keys it had
-    before the options existed (checkpoint configs and digests unchanged, older sharq reads them)."""
+    before the options existed (checkpoint configs and digests unchanged, older sharq reads them); sharq-plus, which
+    is made of options, has theirs too."""
     for name in sharq.list_recipes(compat=True):
         d = sharq.get_recipe(name).to_dict()
+        if name == "sharq-plus":
+            assert d.pop("weight_scale_rule") == "four_over_six"
         assert set(d) == {"name", "weight_fmt", "weight_block", "stages", "scale_granularity", "outlier_fraction",
                           "description"}
         assert all(set(s) == {"fmt", "block_size", "mask"} for s in d["stages"])
@@ -390,3 +393,74 @@ def test_fused_kernels_refuse_activation_options_and_take_weight_options():
                       base.with_options(weight_block=16)]
     for r in weight_options:
         assert supports(r) and _packed_supports(r)
+
+
+# --- sharq-plus: the options the screen chose, as a named recipe (SPEC §11.5) ------------------------------------------
+def test_sharq_plus_is_sharqs_activations_with_w16_four_over_six_weights():
+    plus, paper = sharq.get_recipe("sharq-plus"), sharq.get_recipe("sharq")
+    assert (plus.weight_fmt, plus.weight_block, plus.weight_scale_rule, plus.weight_tensor_scale_rule) == \
+        ("nvfp4", 16, "four_over_six", "amax")
+    assert plus.stages == paper.stages == (Stage("nvfp4", 32, "pair-4:8"), Stage("nvfp4", 16))
+    assert (plus.scale_granularity, plus.outlier_fraction, plus.needs_calibration) == ("tensor", 0.0, False)
+    assert (plus.activation_bits, plus.weight_bits) == (7.25, 4.5)
+    assert "four" not in paper.description and "amax/4" in plus.description and plus.description
+    # the paper's sharq is untouched: W32, §2's max rule, and plus differs from it in exactly the two weight fields
+    assert (paper.weight_block, paper.weight_scale_rule, paper.weight_tensor_scale_rule) == (32, "max", "amax")
+    assert paper.with_options(name="sharq-plus", weight_block=16, weight_scale_rule="four_over_six") == plus
+    assert "sharq-plus" in sharq.list_recipes()
+
+
+def test_sharq_plus_round_trips_through_to_dict():
+    plus = sharq.get_recipe("sharq-plus")
+    d = json.loads(json.dumps(plus.to_dict()))
+    assert d["weight_block"] == 16 and d["weight_scale_rule"] == "four_over_six"
+    assert "weight_tensor_scale_rule" not in d and all("scale_rule" not in s for s in d["stages"])  # at defaults
+    back = Recipe.from_dict(d)
+    assert back == plus and back.description == plus.description and back.key == plus.key
+
+
+def test_sharq_plus_weight_payload_is_four_over_six_at_block_16(rng):
+    """The weight payload is quantize_blocks(bf16(W/s_w), nvfp4, 16, four_over_six) (and SPEC §11.1's reference),
+    with §3's s_w; per block its squared error is at most that of sharq with W16 weights (the max rule), and below
+    it overall."""
+    w = torch.randn(12, 160, generator=rng) * torch.rand(12, 1, generator=rng) * 3
+    w[3, 17] = 9.0  # an outlier weight
+    plus = sharq.get_recipe("sharq-plus").prepare_weight(w)
+    w16 = sharq.get_recipe("sharq", weight_block=16).prepare_weight(w)
+    s = f32(ref.tensor_scale(w.numpy()))
+    assert plus.scale.item() == w16.scale.item() == s
+    ws = torch.from_numpy(scaled(w.numpy(), s))
+    q = quantize_blocks(ws, "nvfp4", 16, scale_rule="four_over_six")
+    assert plus.packed.fmt == "nvfp4" and plus.packed.block_size == 16
+    assert torch.equal(plus.packed.codes, q.codes) and torch.equal(plus.packed.scales, q.scales)
+    assert torch.equal(plus.values, dequantize_blocks(q).to(torch.bfloat16))
+    codes, scales, deq, _ = rule_blocks(ws.numpy(), 16, "four_over_six")
+    np.testing.assert_array_equal(_codes(plus.packed), codes)
+    np.testing.assert_array_equal(plus.packed.scales.numpy(), scales)
+    np.testing.assert_array_equal(plus.values.float().numpy(), deq)
+
+    def block_errors(qw):
+        return (qw.values.double() - ws.double()).square().reshape(12, -1, 16).sum(-1)
+
+    e_plus, e_max = block_errors(plus), block_errors(w16)
+    assert (e_plus <= e_max * (1 + 1e-5) + 1e-30).all()
+    assert e_plus.sum() < e_max.sum()
+
+
+def test_sharq_plus_activations_are_sharqs(rng):
+    x = outlier_activations(rng, 6, 128)
+    a, b = sharq.get_recipe("sharq-plus").prepare_activation(x), sharq.get_recipe("sharq").prepare_activation(x)
+    assert torch.equal(a.values, b.values) and torch.equal(a.scale, b.scale)
+    assert all(torch.equal(p.codes, q.codes) and torch.equal(p.scales, q.scales) for p, q in zip(a.parts, b.parts))
+
+
+def test_sharq_plus_runs_on_the_fused_kernels():
+    """Its activations are SPEC §5's (the fused prepare kernel); its weights are an NVFP4 W16 payload, which the
+    packed GEMM reads as it is."""
+    pytest.importorskip("triton")
+    from sharq.functional import _packed_supports
+    from sharq.kernels.gemm import supports as gemm_supports
+    from sharq.kernels.prepare import supports
+
+    plus = sharq.get_recipe("sharq-plus")
+    assert supports(plus) and gemm_supports("nvfp4", 16) and _packed_supports(plus)

@@ -19,7 +19,7 @@ from sharq import checkpoint  # noqa: E402
 from .test_models import tiny  # noqa: E402
 
 CASES = [("llama", "sharq"), ("qwen3_moe", "sharq"), ("gemma3_text", "hif4"), ("qwen2", "fp8"), ("llama", "bf16"),
-         ("mistral", "sharq-hif4"), ("llama", "outlier-channels")]
+         ("mistral", "sharq-hif4"), ("llama", "outlier-channels"), ("llama", "sharq-plus")]
 
 
 def _quantized(model_type, recipe):
@@ -53,6 +53,25 @@ def test_checkpoint_round_trip_is_bit_identical_in_a_fresh_process(model_type, r
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "sharq" and cfg["format_version"] == 2 and cfg["recipe"]["name"] == recipe
     assert len(cfg["checkpoint_sha256"]) == 64
+
+
+def test_sharq_plus_checkpoint_keeps_its_options(tmp_path):
+    """sharq-plus is made of options (W16, the four_over_six weight scale rule): the checkpoint's recipe carries
+    them, and every layer loads with that recipe and its W16 payload, bit for bit."""
+    model = _quantized("llama", "sharq-plus")
+    sharq.save(model, tmp_path / "ckpt")
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert sharq.Recipe.from_dict(cfg["recipe"]) == sharq.get_recipe("sharq-plus")
+    assert cfg["recipe"]["weight_scale_rule"] == "four_over_six" and cfg["recipe"]["weight_block"] == 16
+    loaded = sharq.load(tmp_path / "ckpt")
+    want = {n: m for n, m in model.named_modules() if isinstance(m, sharq.SharQLinear)}
+    got = {n: m for n, m in loaded.named_modules() if isinstance(m, sharq.SharQLinear)}
+    assert want.keys() == got.keys() and want
+    for name, layer in got.items():
+        assert layer.recipe == sharq.get_recipe("sharq-plus")
+        a, b = want[name].qweight.packed, layer.qweight.packed
+        assert b.block_size == 16 and torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+        assert torch.equal(want[name].qweight.scale, layer.qweight.scale)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ f32 = np.float32
 
 def test_registry_has_every_recipe_of_the_spec():
     expected = {"bf16", "fp8", "nvfp4", "mxfp4", "hif4", "sharq", "sharq-hif4", "sharq-mxfp4", "sparse-only",
-                "dense-dense", "outlier-channels"}
+                "dense-dense", "outlier-channels", "sharq-plus"}
     assert set(sharq.list_recipes()) == expected
     assert sharq.get_recipe("sharq-nvfp4") is sharq.get_recipe("sharq")
 
@@ -29,7 +29,7 @@ def test_registry_has_every_recipe_of_the_spec():
 @pytest.mark.parametrize("name,act_bits,weight_bits", [
     ("bf16", 16, 16), ("fp8", 8, 8), ("nvfp4", 4.5, 4.5), ("mxfp4", 4.25, 4.25), ("hif4", 4.5, 4.5),
     ("sharq", 7.25, 4.25), ("sparse-only", 2.75, 4.25), ("dense-dense", 9.0, 4.25), ("sharq-mxfp4", 7.0, 4.25),
-    ("sharq-hif4", 8.0, 4.5),
+    ("sharq-hif4", 8.0, 4.5), ("sharq-plus", 7.25, 4.5),
 ])
 def test_storage_bits(name, act_bits, weight_bits):
     r = sharq.get_recipe(name)
