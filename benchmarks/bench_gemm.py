@@ -11,7 +11,7 @@
    are CUDA-graph replays of several calls, each on its own copy of the weights (together several times the L2,
    so every call streams its weight from memory, as in a model). Bytes for M ≤ 16: the weight (packed payload or
    bf16), X and Y; achieved GB/s against the copy bandwidth. FLOPs for M ≥ 2048: 2·M·N·K, against the matrix rate.
---sweep first times the packed kernel's launch shapes at M ∈ {1, 16} (how gemm.choose_tile was chosen).
+--sweep first times the small-M kernels' launch shapes at M ∈ {1, 2, 4, 16} (how gemm.choose_tile was chosen).
 """
 
 from __future__ import annotations
@@ -156,11 +156,12 @@ def time_shape(k: int, n: int, m: int, caps: dict) -> dict:
     return row
 
 
-def sweep() -> list[dict]:
-    """The packed kernel's launch shapes on every shape at M ∈ {1, 16} (sharq weights): rows per tile and splits
-    with 4 warps and 3 stages, then warps and stages for the best of those; GPU ms each."""
+def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
+    """The small-M launch shapes on every shape (sharq weights), GPU ms each: the MMA kernel's rows per tile and
+    splits (4 warps, 3 stages) and, for M <= 4, the CUDA-core kernel's rows, K step and splits (4 warps, 1 stage);
+    then warps and stages for the best of each kernel. How gemm.choose_tile and gemm.GEMV_M were chosen."""
     rows = []
-    for (k, n), m in itertools.product(SHAPES, (1, 16)):
+    for (k, n), m in itertools.product(SHAPES, ms):
         p, sw, r = payload("sharq", n, k)
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel()))]
         a = outlier_x(m, k)
@@ -175,19 +176,33 @@ def sweep() -> list[dict]:
                 return None
 
         auto = gemm.choose_tile(m, n, k, a.device)
-        tiles = [gemm.Tile(bn, auto.bm, 128, splits)
-                 for bn, splits in itertools.product((64, 128, 256), (1, 2, 4, 8, 16)) if k // splits >= 256]
-        results = {t: ms for t in dict.fromkeys(tiles + [auto]) if (ms := time(t)) is not None}
-        best = min(results, key=results.get)
-        for warps, stages in itertools.product((4, 8), (1, 2, 3)):
-            t = gemm.Tile(best.bn, best.bm, best.bk, best.splits, warps, stages)
-            if t not in results and (ms := time(t)) is not None:
-                results[t] = ms
-        best = min(results, key=results.get)
-        rows.append({"K": k, "N": n, "M": m, "best": str(best), "best_ms": results[best],
-                     "auto": str(auto), "auto_ms": results.get(auto),
-                     "all": {str(t): ms for t, ms in sorted(results.items(), key=lambda kv: kv[1])[:12]}})
-        print(f"K={k} N={n} M={m}: best {best} {results[best]:.4f} ms; auto {auto} {results.get(auto)}")
+        results: dict = {}
+        families = {"mma": [gemm.Tile(bn, max(16, auto.bm), 128, splits)
+                            for bn, splits in itertools.product((64, 128, 256), (1, 2, 4, 8, 16))
+                            if k // splits >= 256]}
+        if m <= 4:
+            families["gemv"] = [gemm.Tile(bn, 1, bk, splits, 4, 1, "gemv")
+                                for bn, bk, splits in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8, 16))
+                                if k // splits >= 2 * bk and bn * bk <= 128 * 256]
+        best = {}
+        for family, tiles in families.items():
+            mine = {t: ms for t in dict.fromkeys(tiles) if (ms := time(t)) is not None}
+            top = min(mine, key=mine.get)
+            for warps, stages in itertools.product((2, 4, 8) if family == "gemv" else (4, 8), (1, 2, 3)):
+                t = gemm.Tile(top.bn, top.bm, top.bk, top.splits, warps, stages, top.kernel)
+                if t not in mine and (ms := time(t)) is not None:
+                    mine[t] = ms
+            best[family] = min(mine, key=mine.get)
+            results.update(mine)
+        if auto not in results and (ms := time(auto)) is not None:
+            results[auto] = ms
+        row = {"K": k, "N": n, "M": m, "auto": str(auto), "auto_ms": results.get(auto),
+               "all": {str(t): ms for t, ms in sorted(results.items(), key=lambda kv: kv[1])[:16]}}
+        for family, t in best.items():
+            row[f"best_{family}"], row[f"best_{family}_ms"] = str(t), results[t]
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: " + "; ".join(f"best {f} {t} {results[t]:.4f} ms" for f, t in best.items())
+              + f"; auto {auto} {results.get(auto)}", flush=True)
     return rows
 
 
@@ -195,6 +210,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,4,16,64,256,2048,8192")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -203,7 +219,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     out["checks"] = {f"{recipe} M={m} K={k} N={n}": check(m, k, n, recipe)
-                     for recipe in ("sharq", "nvfp4", "mxfp4") for m, k, n in ((1, 4096, 4096), (16, 14336, 1024),
+                     for recipe in ("sharq", "nvfp4", "mxfp4") for m, k, n in ((1, 4096, 4096), (1, 14336, 1000), (16, 14336, 1024),
                                                                                (7, 4160, 336), (2048, 4096, 4096))}
     out["codes_exact"] = check_codes()
     print("checks (error / fp32-accumulation bound, pass <= 1):",
@@ -212,6 +228,11 @@ def main() -> int:
     print(f"ceilings: copy {caps['copy_GBps']:.0f} GB/s, bf16 GEMM {caps['bf16_TFLOPs']:.0f} TFLOP/s")
     if args.sweep:
         out["sweep"] = sweep()
+        if args.sweep_only:
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(out, f, indent=1)
+            return 0
     out["rows"] = [time_shape(k, n, m, caps) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
     if args.json:
         with open(args.json, "w") as f:

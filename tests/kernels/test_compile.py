@@ -28,10 +28,12 @@ args = [("x_ptr", "*bf16"), ("amax_ptr", "*i32"), ("scale_ptr", "*fp32"), ("out_
         ("K", "i32"), ("stride_xm", "i32"), ("stride_om", "i32"), ("codes1_ptr", "*u8"), ("scales1_ptr", "*u8"),
         ("idx_ptr", "*u8"), ("codes2_ptr", "*u8"), ("scales2_ptr", "*u8"), ("Kp1", "i32"), ("Kp2", "i32"),
         ("idx_bytes", "i32")]
-for mask, packed, per_row, fmt in itertools.product((0, 1, 2), (False, True), (False, True), (0, 1)):
+for mask, packed, per_row, fmt, self_amax in itertools.product((0, 1, 2), (False, True), (False, True), (0, 1),
+                                                              (False, True)):
     build(prepare._prepare_kernel, args, dict(
         PER_ROW=per_row, TENSOR_SCALE=fmt == 0, ROUND_INPUT=fmt == 1, MASK1=mask, BLOCK1=32 if mask == 2 else 16,
-        TWO_STAGES=True, BLOCK2=16 if fmt == 0 else 32, FMT=fmt, BM=8, H=8, PACKED=packed))
+        TWO_STAGES=True, BLOCK2=16 if fmt == 0 else 32, FMT=fmt, BM=8, H=8, PACKED=packed,
+        SELF_AMAX=self_amax and fmt == 0, AMAX_BK=2048))
 build(prepare._amax_kernel, [("x_ptr", "*bf16"), ("amax_ptr", "*i32"), ("M", "i32"), ("K", "i32"),
                              ("stride_xm", "i32")], dict(PER_ROW=False, BM=8, BK=512))
 for ty, per_row, bias, splits in itertools.product(("*bf16", "*fp32"), (False, True), (False, True), (1, 4)):
@@ -46,6 +48,10 @@ for fmt, block, split, bm in itertools.product((0, 1), (16, 32), (False, True), 
     args = [(n, "*fp32" if n == "y_ptr" and split else t) for n, t in gemm_args]
     build(gemm._packed_mm_kernel, args, dict(BLOCK=block, FMT=fmt, SPLIT=split, SX_PER_ROW=bm == 16,
                                              HAS_BIAS=True, BN=128, BM=bm, BK=128))
+for fmt, block, split in itertools.product((0, 1), (16, 32), (False, True)):
+    args = [(n, "*fp32" if n == "y_ptr" and split else t) for n, t in gemm_args]
+    build(gemm._packed_gemv_kernel, args, dict(BLOCK=block, FMT=fmt, SPLIT=split, SX_PER_ROW=split,
+                                               HAS_BIAS=True, BN=32, BK=256))
 build(gemm._dequantize_kernel, [("codes_ptr", "*u8"), ("scales_ptr", "*u8"), ("w_ptr", "*bf16"), ("N", "i32"),
                                 ("K", "i32"), ("Kp", "i32")], dict(BLOCK=32, FMT=0, BN=32, BK=256))
 print("compiled")

@@ -55,7 +55,8 @@ def test_packed_matmul_is_the_exact_product_up_to_accumulation(recipe, m, k, n, 
 
 
 @pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])
-@pytest.mark.parametrize("tile", [gemm.Tile(64, 16, 128, 1), gemm.Tile(64, 16, 128, 3), gemm.Tile(32, 32, 128, 2)])
+@pytest.mark.parametrize("tile", [gemm.Tile(64, 16, 128, 1), gemm.Tile(64, 16, 128, 3), gemm.Tile(32, 32, 128, 2),
+                                  gemm.Tile(32, 1, 256, 1, kernel="gemv"), gemm.Tile(16, 1, 64, 3, kernel="gemv")])
 def test_tiles_and_split_k_agree(recipe, tile, rng):
     m, k, n = 2, 32 * 13, 66
     packed, sw, r = _payload(rng, n, k, recipe)
@@ -76,7 +77,8 @@ def test_dequantize_packed_is_exact(rng):
 
 
 @pytest.mark.parametrize("fmt,block", [("nvfp4", 32), ("nvfp4", 16), ("mxfp4", 32)])
-def test_every_scale_and_element_code_decodes_exactly(fmt, block):
+@pytest.mark.parametrize("tile", [None, gemm.Tile(64, 1, 32, 1, kernel="gemv")])
+def test_every_scale_and_element_code_decodes_exactly(fmt, block, tile):
     """All 256 scale codes × all 16 element codes in both nibbles (NaN codes included), against quant.py: the
     dequantizing kernel, and the GEMM itself (times an identity, which returns Ŵᵀ exactly)."""
     codes = torch.arange(16, dtype=torch.uint8)
@@ -90,7 +92,7 @@ def test_every_scale_and_element_code_decodes_exactly(fmt, block):
     eye = torch.eye(32, dtype=torch.bfloat16, device=DEVICE)
     one = torch.ones(1, 1, device=DEVICE)
     y = gemm.packed_matmul(eye, packed_codes.to(DEVICE), scales.to(DEVICE), fmt, block, one, one, None,
-                           torch.float32).cpu().T
+                           torch.float32, tile=tile).cpu().T
     # E8M0 rows whose values overflow (0·Inf is NaN in any product) or are fp32-subnormal (the MMA may flush
     # them: |ŵ| < 2^-126, MXFP4 only) are left out; NVFP4's values are all normal
     rows = slice(None) if fmt == "nvfp4" else slice(3, 250)

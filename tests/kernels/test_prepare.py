@@ -35,6 +35,26 @@ def test_kernel_matches_reference_bit_for_bit(name, m, k, rng):
     assert torch.equal(values, ref.values)
 
 
+@pytest.mark.parametrize("self_amax", [True, False])
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+@pytest.mark.parametrize("m,k", [(1, 3000), (9, 200)])
+def test_one_launch_amax_equals_the_amax_pass(self_amax, granularity, m, k, rng):
+    """Small calls find the tensor scale's amax inside the main kernel (one launch); both ways give the
+    reference's payloads, with non-finite values (which the amax skips) and rows past M in the last row tile."""
+    from sharq.kernels.prepare import _launch
+
+    x = (outlier_activations(rng, m, k) * torch.exp2(torch.randint(-8, 8, (m, 1), generator=rng)))
+    x[0, 7], x[-1, 1] = float("inf"), float("nan")
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    values, scale, parts = _launch(x.to(DEVICE), recipe, torch.float32, packed=True, self_amax=self_amax)
+    ref = recipe.prepare_activation(x)
+    assert torch.equal(scale.cpu(), ref.scale)
+    assert torch.equal(values.isnan().cpu(), ref.values.isnan())
+    assert torch.equal(values.cpu().nan_to_num(), ref.values.nan_to_num())
+    for g, r in zip(parts, ref.parts):
+        assert torch.equal(g.codes.cpu(), r.codes) and torch.equal(g.scales.cpu(), r.scales)
+
+
 @pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4", "nvfp4"])
 def test_kernel_non_finite_blocks_token_scale_and_ties(name, rng):
     x = torch.randint(-3, 4, (6, 64), generator=rng).float() * 0.5  # tie-heavy

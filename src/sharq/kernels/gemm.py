@@ -10,6 +10,8 @@ is the reference's up to fp32 accumulation order.
   Ŵ-tile · Aᵀ-tile, so the weight rows fill the MMA's large side and the few tokens its small one. Where the
   output has too few tiles to keep every multiprocessor streaming, K is split over programs that write fp32
   partials, summed with α and the bias by the epilogue kernel; otherwise α and the bias are applied in-kernel.
+- at M <= GEMV_M (batch-1 decode) `_packed_gemv_kernel`: the same payload decoded into fused multiply-adds on the
+  CUDA cores, one program row per token, K split the same way (about 2× the MMA kernel there, docs/PERF.md).
 - at large M (prefill) the weight is decoded once into a bf16 scratch buffer reused by every layer
   (`_dequantize_kernel`), then multiplied by cuBLAS: the decode is a small extra next to the GEMM there.
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
@@ -228,6 +230,48 @@ def _packed_mm_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bias_
             HAS_BIAS)
 
 
+# --- M = 1: the packed GEMV on CUDA cores ------------------------------------------------------------------------
+@triton.jit
+def _packed_gemv_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, Kp, stride_am,
+                        stride_split, stride_ym, k_per_split, BLOCK: tl.constexpr, FMT: tl.constexpr,
+                        SPLIT: tl.constexpr, SX_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):
+    """y[m, rn] = Ŵ[rn, :] · A[m, :] for one token m (program axis 2) over this program's K range, with fused
+    multiply-adds instead of the tensor cores: at one token an MMA wastes 15 of its 16 rows and its operand
+    staging, while here each code costs its decode, one conversion and one FMA. Codes are decoded to fp16 times
+    2^-14 (bit placement, _e2m1_fp16), multiplied by the activation in fp32 (exact: 2 × 8 significant bits), summed
+    over each scale block in fp32 and scaled once per block."""
+    pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BN + tl.arange(0, BN)
+    # rows and K ranges are whole blocks: telling the compiler lets it load a block's codes as one vector
+    row_bytes = tl.multiple_of(Kp // 2, BLOCK // 2)
+    codes_rows = codes_ptr + rn[:, None].to(tl.int64) * row_bytes
+    scales_rows = scales_ptr + rn[:, None].to(tl.int64) * (Kp // BLOCK)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, Kp)
+    end_bytes = tl.multiple_of(k_end // 2, BLOCK // 2)
+    a_row = a_ptr + m.to(tl.int64) * stride_am
+    acc = tl.zeros((BN, BK // BLOCK), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        byte = tl.multiple_of(k0 // 2, BLOCK // 2) + tl.arange(0, BK // 2)
+        c = tl.load(codes_rows + byte[None, :], mask=(rn < N)[:, None] & (byte < end_bytes)[None, :], other=0)
+        blk = k0 // BLOCK + tl.arange(0, BK // BLOCK)
+        s = tl.load(scales_rows + blk[None, :], mask=(rn < N)[:, None] & (blk < k_end // BLOCK)[None, :],
+                    other=0).to(tl.int32)
+        rk = k0 + tl.arange(0, BK)  # the activation: one row, shared by the BN weight rows
+        a_even, a_odd = tl.split(tl.reshape(tl.load(a_row + rk, mask=rk < K, other=0.0).to(tl.float32),
+                                            (BK // 2, 2)))
+        # the even and the odd elements summed apart: each sum is then one chain of fused multiply-adds
+        part = tl.sum(tl.reshape(_e2m1_fp16(c, False).to(tl.float32) * a_even[None, :], (BN, BK // BLOCK, BLOCK // 2)),
+                      axis=2)
+        part += tl.sum(tl.reshape(_e2m1_fp16(c, True).to(tl.float32) * a_odd[None, :], (BN, BK // BLOCK, BLOCK // 2)),
+                       axis=2)
+        acc += (part * 16384.0) * _scale_value(s, FMT)  # 2^14 first: E8M0 scales times 2^14 could overflow fp32
+    y = tl.reshape(tl.sum(acc, axis=1), (BN, 1))
+    _finish(y, y_ptr, sx_ptr, sw_ptr, bias_ptr, rn, m + tl.arange(0, 1), pid_k, M, N, stride_split, stride_ym,
+            SPLIT, SX_PER_ROW, HAS_BIAS)
+
+
 # --- large M: decode to scratch ------------------------------------------------------------------------------------
 @triton.jit
 def _dequantize_kernel(codes_ptr, scales_ptr, w_ptr, N, K, Kp, BLOCK: tl.constexpr, FMT: tl.constexpr,
@@ -272,8 +316,9 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block
 
 @dataclass(frozen=True)
 class Tile:
-    """A launch of the small-M kernel: weight rows × tokens × K per step (NVFP4 weights step by 128), K splits,
-    warps and pipeline stages."""
+    """A launch of a small-M kernel: weight rows × tokens × K per step (NVFP4 weights step by 128 in the MMA
+    kernel), K splits, warps, pipeline stages, and which kernel: "mma" (tensor cores, any M) or "gemv" (CUDA
+    cores, one program row per token)."""
 
     bn: int = 128
     bm: int = 16
@@ -281,19 +326,32 @@ class Tile:
     splits: int = 1
     warps: int = 4
     stages: int = 3
+    kernel: str = "mma"
+
+
+GEMV_M = 2  # up to here the CUDA-core kernel (bench_gemm.py --sweep: at M = 4 the MMA kernel is faster)
+
+
+def _splits(tiles: int, kp: int, bk: int, per_multiprocessor: int, device: torch.device) -> int:
+    """Split K until there are about `per_multiprocessor` programs per multiprocessor (so every one streams
+    weights), each split at least two steps long."""
+    splits = 1
+    while tiles * splits * 2 <= per_multiprocessor * _multiprocessors(device) and kp // (splits * 2) >= 2 * bk:
+        splits *= 2
+    return splits
 
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> Tile:
-    """128 weight rows by the tokens rounded up to 16..64; K split until there are about two tiles per
-    multiprocessor (so every one streams weights), each split at least two steps long. (From
-    benchmarks/bench_gemm.py --sweep on the H200.)"""
+    """M <= GEMV_M: the CUDA-core kernel, 32 weight rows by 256 elements a step, K split to about four programs
+    per multiprocessor. Otherwise the MMA kernel: 128 weight rows by the tokens rounded up to 16..64, about two
+    (from benchmarks/bench_gemm.py --sweep on the H200: within 4 % of the best launch on every shape)."""
+    if m <= GEMV_M:
+        bn, bk = 32, 256
+        return Tile(bn, 1, bk, _splits(triton.cdiv(n, bn) * m, kp, bk, 4, device), warps=4, stages=1,
+                    kernel="gemv")
     bm = min(64, max(16, triton.next_power_of_2(m)))
     bn, bk = 128, 128
-    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    splits = 1
-    while tiles * splits * 2 <= 2 * _multiprocessors(device) and kp // (splits * 2) >= 2 * bk:
-        splits *= 2
-    return Tile(bn, bm, bk, splits)
+    return Tile(bn, bm, bk, _splits(triton.cdiv(n, bn) * triton.cdiv(m, bm), kp, bk, 2, device))
 
 
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
@@ -323,15 +381,20 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
             y = (a @ w.T).to(out_dtype)
         return scale_and_bias_(y, sx, sw, bias)
     t = tile or choose_tile(m, n, kp, a.device)
-    if fmt == "nvfp4" and t.bk != 128:
+    if t.kernel not in ("mma", "gemv") or t.bk % block:
+        raise ValueError(f"bad tile {t}: kernel 'mma' or 'gemv', bk a multiple of the weight block {block}")
+    if fmt == "nvfp4" and t.kernel == "mma" and t.bk != 128:
         raise ValueError("the packed kernel steps through NVFP4 weights 128 elements at a time: Tile(bk=128)")
     k_per_split = triton.cdiv(triton.cdiv(kp, t.splits), t.bk) * t.bk
-    grid = (triton.cdiv(n, t.bn), t.splits, triton.cdiv(m, t.bm))
     split = t.splits > 1
     y = torch.empty((t.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
                     device=a.device)
-    _packed_mm_kernel[grid](a, codes, scales, y, sx, sw, bias if bias is not None else sx, m, n, k, kp, a.stride(0),
-                            m * n, n, k_per_split, BLOCK=block, FMT=_FMT[fmt], SPLIT=split,
-                            SX_PER_ROW=sx.numel() > 1, HAS_BIAS=bias is not None, BN=t.bn, BM=t.bm, BK=t.bk,
-                            num_warps=t.warps, num_stages=t.stages)
+    args = (a, codes, scales, y, sx, sw, bias if bias is not None else sx, m, n, k, kp, a.stride(0), m * n, n,
+            k_per_split)
+    flags = dict(BLOCK=block, FMT=_FMT[fmt], SPLIT=split, SX_PER_ROW=sx.numel() > 1, HAS_BIAS=bias is not None,
+                 BN=t.bn, BK=t.bk, num_warps=t.warps, num_stages=t.stages)
+    if t.kernel == "gemv":
+        _packed_gemv_kernel[(triton.cdiv(n, t.bn), t.splits, m)](*args, **flags)
+    else:
+        _packed_mm_kernel[(triton.cdiv(n, t.bn), t.splits, triton.cdiv(m, t.bm))](*args, BM=t.bm, **flags)
     return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y

@@ -279,11 +279,25 @@ def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl
 
 
 @triton.jit
+def _row_amax_bits(x_ptr, row, K, stride_xm, BK: tl.constexpr):
+    """The finite max |x| of one row as int32 bits (0 for a row past M), BK columns at a time: how a program of
+    a small call finds the tensor scale itself instead of waiting for _amax_kernel. (Small: row · stride fits
+    int32.)"""
+    acc = tl.zeros((BK,), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        a = _abs_bits(tl.load(x_ptr + row * stride_xm + cols, mask=cols < K, other=0.0).to(tl.float32))
+        acc = tl.maximum(acc, tl.where(a < _INF_BITS, a, 0))
+    return tl.max(acc, axis=0)
+
+
+@triton.jit
 def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride_om,
                     codes1_ptr, scales1_ptr, idx_ptr, codes2_ptr, scales2_ptr, Kp1, Kp2, idx_bytes,
                     PER_ROW: tl.constexpr, TENSOR_SCALE: tl.constexpr, ROUND_INPUT: tl.constexpr,
                     MASK1: tl.constexpr, BLOCK1: tl.constexpr, TWO_STAGES: tl.constexpr, BLOCK2: tl.constexpr,
-                    FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr):
+                    FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr,
+                    SELF_AMAX: tl.constexpr, AMAX_BK: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * 16 * H + tl.arange(0, 16 * H)
@@ -294,13 +308,28 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
     # Xs = bf16(X / s_x), s_x = max(amax / 2688, 1e-9) (SPEC §3); or bf16(X) without a tensor scale
     if TENSOR_SCALE:
         if PER_ROW:
-            amax = tl.load(amax_ptr + rows, mask=rows < M, other=0).to(tl.float32, bitcast=True)
+            if SELF_AMAX:  # each program reads its own rows in full (a small call: one launch instead of two)
+                bits = tl.zeros((BM,), dtype=tl.int32)
+                for r in tl.static_range(BM):
+                    bits = tl.where(tl.arange(0, BM) == r,
+                                    _row_amax_bits(x_ptr, tl.minimum(pid_m * BM + r, M - 1), K, stride_xm, AMAX_BK),
+                                    bits)
+                amax = bits.to(tl.float32, bitcast=True)
+            else:
+                amax = tl.load(amax_ptr + rows, mask=rows < M, other=0).to(tl.float32, bitcast=True)
             s = tl.maximum(tl.math.div_rn(amax, _DIVISOR), _FLOOR)
             if pid_k == 0:
                 tl.store(scale_ptr + rows, s, mask=rows < M)
             x = round_bf16(div_ieee(x, s[:, None]))
         else:
-            s = tl.maximum(tl.math.div_rn(tl.load(amax_ptr).to(tl.float32, bitcast=True), _DIVISOR), _FLOOR)
+            if SELF_AMAX:  # each program reads the whole (small) X
+                bits = _row_amax_bits(x_ptr, 0, K, stride_xm, AMAX_BK)
+                for r in range(1, M):
+                    bits = tl.maximum(bits, _row_amax_bits(x_ptr, r, K, stride_xm, AMAX_BK))
+                amax = bits.to(tl.float32, bitcast=True)
+            else:
+                amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
+            s = tl.maximum(tl.math.div_rn(amax, _DIVISOR), _FLOOR)
             if (pid_m == 0) & (pid_k == 0):
                 tl.store(scale_ptr, s)
             x = round_bf16(div_ieee(x, s))
@@ -355,6 +384,8 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
 
 # --- launch ------------------------------------------------------------------------------------------------------
 _TILE = dict(BM=8, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
+SELF_AMAX_ELEMENTS = 16384  # up to here (batch-1 decode of an 8B model) one launch finds the amax itself
+SELF_AMAX_BK = 2048  # columns per step of that re-read
 
 
 @functools.lru_cache
@@ -363,7 +394,11 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
-            tile: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+            tile: dict | None = None, self_amax: bool | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+    """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
+    _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
+    sizes a launch costs more than re-reading a few KB of X from L2."""
     if not supports(recipe):
         raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
@@ -381,8 +416,12 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     two = len(stages) == 2
     kp = [-(-k // st.block) * st.block for st in stages]
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
+    self_amax = recipe.uses_tensor_scale and (m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
     if recipe.uses_tensor_scale:  # the amax pass; s_x itself is written by the main kernel
         scale = torch.empty(m if per_row else 1, 1, dtype=torch.float32, device=dev)
+    if self_amax:
+        amax = scale  # a placeholder the kernel does not read
+    elif recipe.uses_tensor_scale:
         amax_bm, amax_bk = 8, 512
         if per_row:
             amax = torch.empty(m, dtype=torch.int32, device=dev)
@@ -410,7 +449,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
         PER_ROW=per_row, TENSOR_SCALE=recipe.uses_tensor_scale,
         ROUND_INPUT=x.dtype != torch.bfloat16, MASK1=_MASK[stages[0].mask],
         BLOCK1=stages[0].block, TWO_STAGES=two, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt], BM=bm, H=h,
-        PACKED=packed, num_warps=warps)
+        PACKED=packed, SELF_AMAX=bool(self_amax), AMAX_BK=SELF_AMAX_BK, num_warps=warps)
     parts = ()
     if packed:
         parts = tuple(
