@@ -326,3 +326,5 @@ def test_quantizing_onto_a_gpu_holds_at_most_one_layer_unquantized():
     peak = torch.cuda.max_memory_allocated()
     assert peak <= final + layer_bytes + 4 * 4096 * 1024 * 2, (peak, final, layer_bytes)
     assert peak < dense_bytes
+    # and nothing of the bf16 layers is left behind: the GPU holds the quantized model alone
+    assert final <= sharq.models.weight_bytes(model) + 2**20, (final, sharq.models.weight_bytes(model))

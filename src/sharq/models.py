@@ -184,10 +184,11 @@ def quantize_model(
         for name in targets:  # "model.layers.3.mlp.up_proj" belongs to "model.layers.3"
             by_layer.setdefault(name[: _LAYER.match(name).end(1)], []).append(name)
         layers = with_progress(by_layer.items(), progress, desc=desc, total=len(by_layer), unit="layer")
-        for layer_name, names in layers:
+        linears = experts = None  # the originals' only references left are `targets`, dropped one by one:
+        for layer_name, names in layers:  # a layer's bf16 weights are freed as soon as it is quantized
             materialize(model, model.get_submodule(layer_name), device)
             for name in names:
-                _set_module(model, name, quantize(name, targets[name]))
+                _set_module(model, name, quantize(name, targets.pop(name)))
         materialize(model, model, device)
     for hook in QUANTIZED_HOOKS:
         hook(model)

@@ -126,16 +126,13 @@ def _dot(a, b, acc):
 
 @triton.jit
 def _nvfp4_load(a_ptr, codes_ptr, scales_ptr, rn, rm, kc, k_end, M, N, K, Kp, stride_am, BLOCK: tl.constexpr):
-    """The loads of one 32-element chunk at kc for _nvfp4_chunk: codes [BN, 16] bytes, scale codes ([BN, 1] per
-    32-block or [BN, 16] per element for 16-blocks), and the even and odd activation elements [16, BM]."""
+    """The loads of one 32-element chunk at kc for _nvfp4_chunk: codes [BN, 16] bytes, scale codes [BN, 32/BLOCK],
+    and the even and odd activation elements [16, BM]."""
     byte = kc // 2 + tl.arange(0, 16)
     rows = rn[:, None].to(tl.int64)
     c = tl.load(codes_ptr + rows * (Kp // 2) + byte[None, :],
                 mask=(rn < N)[:, None] & (byte < tl.minimum(Kp, k_end) // 2)[None, :], other=0)
-    if BLOCK == 32:
-        blk = kc // 32 + tl.arange(0, 1)
-    else:
-        blk = kc // 16 + tl.arange(0, 16) // 8
+    blk = kc // BLOCK + tl.arange(0, 32 // BLOCK)
     s = tl.load(scales_ptr + rows * (Kp // BLOCK) + blk[None, :],
                 mask=(rn < N)[:, None] & (blk < tl.minimum(Kp, k_end) // BLOCK)[None, :], other=0)
     even = kc + 2 * tl.arange(0, 16)
@@ -150,16 +147,19 @@ def _nvfp4_chunk(c, s, a_even, a_odd, acc, BLOCK: tl.constexpr, BN: tl.constexpr
     """acc + Ŵ-chunk · A-chunkᵀ for NVFP4 weights, in fp16: the even and the odd elements (low and high nibbles) as
     two K = 16 products, so no nibble is ever moved. The activation of an NVFP4 recipe is a multiple of 2^-10 of at
     most 8 significant bits below 2^13, exact in fp16; the codes are exact times 2^-14. With 32-element blocks the
-    scale multiplies the chunk's product; with 16-element blocks, each element."""
+    scale multiplies the chunk's product; with 16-element blocks, each element, in fp16 and times 2^6: code · 2^-14
+    · scale · 2^6 lies in [2^-18, 10.5] with at most 5 significant bits, exact in fp16 (subnormal below 2^-14), so
+    the kernel's sum is then the product times 2^-8 (put back after the loop)."""
     w_even, w_odd = _e2m1_fp16(c, False), _e2m1_fp16(c, True)
-    f = _scale_value(s.to(tl.int32), 0) * 16384.0
     if BLOCK == 32:
+        f = _scale_value(s.to(tl.int32), 0) * 16384.0
         part = _dot(w_odd, a_odd.to(tl.float16), _dot(w_even, a_even.to(tl.float16),
                                                       tl.zeros((BN, BM), dtype=tl.float32)))
         return acc + part * f
     else:
-        w_even = (w_even.to(tl.float32) * f).to(tl.float16)  # exact: |Ŵ| <= 2688 with at most 6 significant bits
-        w_odd = (w_odd.to(tl.float32) * f).to(tl.float16)
+        g = (_scale_value(s.to(tl.int32), 0) * 64.0).to(tl.float16)[:, :, None]  # [BN, 2, 1]: the chunk's 2 blocks
+        w_even = tl.reshape(tl.reshape(w_even, (BN, 2, 8)) * g, (BN, 16))
+        w_odd = tl.reshape(tl.reshape(w_odd, (BN, 2, 8)) * g, (BN, 16))
         return _dot(w_odd, a_odd.to(tl.float16), _dot(w_even, a_even.to(tl.float16), acc))
 
 
@@ -220,6 +220,8 @@ def _packed_mm_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bias_
             acc = _nvfp4_chunk(c3, s3, e3, o3, acc, BLOCK, BN, BM)
             c0, s0, e0, o0, c1, s1, e1, o1 = n0, t0, f0, g0, n1, t1, f1, g1
             c2, s2, e2, o2, c3, s3, e3, o3 = n2, t2, f2, g2, n3, t3, f3, g3
+        if BLOCK == 16:
+            acc = acc * 256.0  # the 2^-8 of _nvfp4_chunk's 16-element blocks
     else:
         for k0 in range(k_start, k_end, BK):
             rk = k0 + tl.arange(0, BK)
