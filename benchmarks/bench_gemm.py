@@ -20,6 +20,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ def check_codes() -> bool:
     return ok
 
 
-def time_shape(k: int, n: int, m: int, caps: dict) -> dict:
+def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("nvfp4", "sharq")) -> dict:
     """Every variant at one (K, N, M); ms from graph replays over rotating weight copies."""
     x = outlier_x(m, k)
     row: dict = {"K": k, "N": n, "M": m}
@@ -119,7 +120,7 @@ def time_shape(k: int, n: int, m: int, caps: dict) -> dict:
         row["fp8_ms"] = graph_ms([lambda w=w: torch._scaled_mm(x8, w.T, one, one, out_dtype=torch.bfloat16)
                                   for w in w8])
     del ws, w
-    for recipe in ("nvfp4", "sharq"):
+    for recipe in recipes:
         p, sw, r = payload(recipe, n, k)
         nbytes = p.codes.numel() + p.scales.numel()
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(nbytes))]
@@ -144,7 +145,7 @@ def time_shape(k: int, n: int, m: int, caps: dict) -> dict:
     if m <= 16:
         io = (m * k + m * n) * 2
         row["bf16_GBps"] = (n * k * 2 + io) / row["bf16_ms"] / 1e6
-        for recipe in ("nvfp4", "sharq"):
+        for recipe in recipes:
             row[f"{recipe}_gemm_GBps"] = (row[f"{recipe}_weight_bytes"] + io) / row[f"{recipe}_gemm_ms"] / 1e6
             row[f"{recipe}_gemm_of_copy"] = row[f"{recipe}_gemm_GBps"] / caps["copy_GBps"]
         row["bf16_of_copy"] = row["bf16_GBps"] / caps["copy_GBps"]
@@ -206,10 +207,36 @@ def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
     return rows
 
 
+def host_us(calls: int = 200) -> dict:
+    """Host time per eager call of one 4096 → 4096 layer at M = 1, in µs: the calls are queued behind a long GPU
+    sleep, so the CPU time of the loop is the launch path alone (Python, dispatch, kernel launches)."""
+    from sharq.nn import SharQLinear
+
+    x = outlier_x(1, 4096)
+    linear = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    layers = {"bf16": linear, **{r: SharQLinear.from_linear(linear, r, "packed") for r in ("nvfp4", "sharq")}}
+    out = {}
+    with torch.inference_mode():
+        for name, layer in layers.items():
+            for _ in range(3):
+                layer(x)  # compile, warm up
+            torch.cuda.synchronize()
+            torch.cuda._sleep(int(2e9))  # ~1 s of GPU time: the launches below only queue
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                layer(x)
+            out[name] = (time.perf_counter() - t0) / calls * 1e6
+            torch.cuda.synchronize()
+    print("host µs per eager call (4096 → 4096, M = 1): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,4,16,64,256,2048,8192")
     p.add_argument("--sweep", action="store_true")
+    p.add_argument("--host", action="store_true", help="only the host time per eager call (then exit)")
+    p.add_argument("--recipes", default="nvfp4,sharq", help="packed variants timed (nvfp4 and sharq always)")
     p.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -217,6 +244,12 @@ def main() -> int:
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.host:
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host_us": host_us()}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     out["checks"] = {f"{recipe} M={m} K={k} N={n}": check(m, k, n, recipe)
                      for recipe in ("sharq", "nvfp4", "mxfp4") for m, k, n in ((1, 4096, 4096), (1, 14336, 1000), (16, 14336, 1024),
@@ -233,7 +266,8 @@ def main() -> int:
                 with open(args.json, "w") as f:
                     json.dump(out, f, indent=1)
             return 0
-    out["rows"] = [time_shape(k, n, m, caps) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
+    recipes = tuple(dict.fromkeys(["nvfp4", "sharq", *args.recipes.split(",")]))
+    out["rows"] = [time_shape(k, n, m, caps, recipes) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
@@ -254,6 +288,12 @@ def render(out: dict) -> str:
         rows.append([str(r["K"]), str(r["N"]), str(r["M"]), f(r["bf16_ms"]), f(r.get("fp8_ms")),
                      f(r["nvfp4_gemm_ms"]), f(r["sharq_gemm_ms"]), f(r["sharq_layer_ms"]),
                      f(r["sharq_gemm_x_bf16"], ".2f"), f(r["sharq_layer_x_bf16"], ".2f"), bw, fl])
+    extra = sorted({key[: -len("_layer_ms")] for r in out["rows"] for key in r if key.endswith("_layer_ms")}
+                   - {"nvfp4", "sharq"})
+    for name in extra:  # further recipes: GEMM and layer ms and × bf16
+        headers += [f"{name} GEMM ms", f"{name} layer ms", f"{name} layer × bf16"]
+        for row, r in zip(rows, out["rows"]):
+            row += [f(r.get(f"{name}_gemm_ms")), f(r.get(f"{name}_layer_ms")), f(r.get(f"{name}_layer_x_bf16"), ".2f")]
     caps = out["ceilings"]
     return (f"{out['device']}, torch {out['torch']}; copy {caps['copy_GBps']:.0f} GB/s, BF16 "
             f"{caps['bf16_TFLOPs']:.0f} TFLOP/s; CUDA-graph ms per call, weights streamed from memory\n"

@@ -30,7 +30,9 @@ from .common import INTERPRETED, NATIVE, cast_rne, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
-SMALL_M = 64  # up to here the packed kernels; above, decode to scratch + cuBLAS (docs/PERF.md: the crossover)
+# up to here the packed kernels; above, decode to scratch + cuBLAS. docs/PERF.md: at M = 64 the scratch path's
+# parts (its decode, timed at M = 256, plus BF16 at 64) beat the MMA kernel on every shape, at M = 16 they lose
+SMALL_M = 32
 
 
 def supports(fmt: str, block: int | None) -> bool:
