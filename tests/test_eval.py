@@ -387,3 +387,44 @@ def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path,
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "mxfp4" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("device_map", ["auto", {"model.embed_tokens": "cpu", "model.layers.0": "disk",
+                                                 "model.layers.1": "cpu", "model.norm": "cpu",
+                                                 "model.rotary_emb": "cpu", "lm_head": "cpu"}])
+def test_eval_with_a_device_map_equals_one_device(tiny_model, device_map):
+    """sharq eval --device-map: the model is placed by accelerate (here a decoder layer offloaded to disk), each
+    row loads its own copy and quantizes it where it lies; the perplexities equal the one-device run's, bit for
+    bit (reference backend on the CPU)."""
+    pytest.importorskip("accelerate")
+    setup = dict(model=tiny_model["model"], recipes=("bf16", "sharq"), text=tiny_model["text.txt"], seqlen=16,
+                 max_tokens=128, progress=False)
+    spread = evaluate(EvalConfig(device_map=device_map, **setup))
+    one = evaluate(EvalConfig(**setup))
+    assert [r["ppl"] for r in spread["results"]] == [r["ppl"] for r in one["results"]]
+    assert spread["device"].startswith("device_map=")
+
+
+def test_eval_device_map_with_a_checkpoint_is_a_one_line_error(tiny_model, capsys):
+    assert main(["eval", "--model", tiny_model["ckpt"], "--device-map", "auto", "--quiet"]) == 2
+    assert "--device-map places an unquantized model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_split_over_processes_equals_one_process(tiny_model, tmp_path):
+    """torchrun --nproc_per_node 2 sharq eval (gloo on the CPU): the two processes take alternate forwards of
+    two windows each and the perplexities are the one-process ones bit for bit (the same batches, their NLL sums
+    added in the same order); only the first process writes the report."""
+    import subprocess
+    import sys
+
+    args = ["eval", "--model", tiny_model["model"], "--recipes", "bf16,sharq", "--text", tiny_model["text.txt"],
+            "--seqlen", "16", "--max-tokens", "144", "--batch-size", "2", "--quiet"]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sharq.cli", *args, "--json", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["windows"] == two["windows"] == 9  # 5 forwards: 3 on the first process, 2 on the second
+    assert [r["ppl"] for r in two["results"]] == [r["ppl"] for r in one["results"]]

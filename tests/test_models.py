@@ -329,3 +329,47 @@ def test_quantizing_onto_a_gpu_holds_at_most_one_layer_unquantized():
     assert peak < dense_bytes
     # and nothing of the bf16 layers is left behind: the GPU holds the quantized model alone
     assert final <= sharq.models.weight_bytes(model) + 2**20, (final, sharq.models.weight_bytes(model))
+
+
+def _dispatched(tmp_path, device_map: dict) -> nn.Module:
+    """tiny("llama") (3 layers) saved and loaded again by transformers with `device_map` (accelerate dispatch)."""
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**SMALL, "num_hidden_layers": 3}))
+    model.save_pretrained(tmp_path / "bf16")
+    return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", device_map=device_map,
+                                                             offload_folder=tmp_path / "offload").eval()
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_quantize_a_model_dispatched_by_accelerate(offload, tmp_path, rng):
+    """quantize_model on a model loaded with a device_map (accelerate): each layer is quantized where accelerate put
+    it, an offloaded layer (CPU memory or disk; its weights on meta between calls) from its onloaded weights, and
+    stays offloaded (its payload moved in for each call). The logits are those of the same model quantized on one
+    device, bit for bit (reference backend), and the checkpoint it saves loads as that model."""
+    pytest.importorskip("accelerate")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": offload,
+                  "model.layers.2": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = _dispatched(tmp_path, device_map)
+    offloaded = offload == "disk"  # on a CPU-only machine "cpu" is the execution device itself: placed, not offloaded
+    assert model.model.layers[1].mlp.up_proj.weight.is_meta == offloaded  # offloaded: loaded only for a call
+    single = sharq.quantize_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").eval(),
+                                  "sharq", backend="reference")
+    sharq.quantize_model(model, "sharq", backend="reference")
+    up = model.model.layers[1].mlp.up_proj
+    assert isinstance(up, sharq.SharQLinear) and up.weight_codes.is_meta == offloaded  # offloaded: now its payload
+    assert model.model.layers[0].mlp.up_proj.weight_codes.device.type == "cpu"
+    ids = torch.randint(0, 96, (2, 12), generator=rng)
+    with torch.no_grad():
+        want = single(ids).logits
+        assert torch.equal(model(ids).logits, want)
+    assert up.weight_codes.is_meta == offloaded  # offloaded again after the call
+    sharq.save(model, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(sharq.load(tmp_path / "ckpt")(ids).logits, want)
+
+
+def test_quantize_model_device_on_a_dispatched_model_is_an_error(tmp_path):
+    pytest.importorskip("accelerate")
+    model = _dispatched(tmp_path, {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu",
+                                   "model.rotary_emb": "cpu", "lm_head": "cpu"})
+    with pytest.raises(ValueError, match="device_map"):
+        sharq.quantize_model(model, "sharq", device="cpu")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .hf import transformers_progress
-from .models import materialize, quantize_model, target_linears
+from .models import materialize, model_state, quantize_model, target_linears
 from .nn import SharQLinear
 from .recipes import Recipe
 
@@ -65,7 +65,7 @@ def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor]) -> str
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with tied tensors (e.g. lm_head = embed_tokens) stored once, under their first name."""
     tied = tied_names(model)
-    return {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items() if n not in tied}
+    return {n: t.detach().contiguous().cpu() for n, t in model_state(model).items() if n not in tied}
 
 
 def payload_names(model: nn.Module) -> set[str]:

@@ -77,6 +77,25 @@ def _offline() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+def _join_process_group(device: str) -> int:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1), join the process group (NCCL for CUDA, gloo on the
+    CPU) so that `evaluate` splits its perplexity windows over the processes; returns this process's rank."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank()
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _quiet_transformers() -> None:
     """transformers' warnings off (its progress bars follow each library call's `progress`)."""
     from transformers.utils import logging
@@ -301,11 +320,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = _recipe_options(args)
     cfg = EvalConfig(model=args.model, recipes=args.recipes, text=args.text, seqlen=args.seqlen,
                      max_tokens=0 if args.no_ppl else args.max_tokens, tasks=tasks, limit=args.limit,
-                     device=args.device, dtype=args.dtype, backend=args.backend, batch_size=args.batch_size,
+                     device=args.device, device_map=args.device_map, dtype=args.dtype, backend=args.backend,
+                     batch_size=args.batch_size,
                      task_batch_size=args.task_batch_size,
                      calib_text=args.calib_text, calib_tokens=args.calib_tokens, options=options,
                      progress=not args.quiet)
-    res = evaluate(cfg)
+    rank = _join_process_group(args.device)
+    try:
+        res = evaluate(cfg)
+    finally:
+        _leave_process_group()
+    if rank:  # a torch.distributed run: the first process reports
+        return 0
     print(format_results(res))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -354,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'paper' for the paper's 5-task average")
     e.add_argument("--limit", type=_positive_int, default=None, help="samples per task (default: all)")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"], default=None,
+                   help="spread the model over the visible GPUs (and CPU memory, then disk) with accelerate, instead "
+                        "of --device; each quantized layer stays where it is placed")
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     e.add_argument("--backend", default="auto",

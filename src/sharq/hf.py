@@ -171,18 +171,27 @@ def dequantized_gguf(path: Path) -> Path:
 
 
 def load_pretrained(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    *, progress: bool = False):
+                    *, progress: bool = False, device_map: str | dict | None = None):
     """(model, tokenizer) of an unquantized model: the embedded default model (None or "smollm2-135m"), a Hugging
-    Face model directory or a .gguf file (dequantized once, then cached); the model is in eval mode on `device`.
-    Quantized checkpoints are interop.load_model's. progress=True shows the loading on stderr (the first
-    dequantization of a GGUF file shows transformers' bar in any case: it offers no switch for it)."""
+    Face model directory or a .gguf file (dequantized once, then cached); the model is in eval mode on `device`,
+    or spread by accelerate as `device_map` says ("auto", "balanced", "sequential" or a {module: device} dict;
+    "disk" entries go to a temporary folder that lives as long as the model). Quantized checkpoints are
+    interop.load_model's. progress=True shows the loading on stderr (the first dequantization of a GGUF file shows
+    transformers' bar in any case: it offers no switch for it)."""
     from transformers import AutoModelForCausalLM
 
     source = model_source(spec)
     tokenizer = load_tokenizer(source)
+    if device_map is None:
+        with transformers_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        return model.to(device).eval(), tokenizer
+    offload = tempfile.TemporaryDirectory(prefix="sharq-offload-")
     with transformers_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    return model.to(device).eval(), tokenizer
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                     offload_folder=offload.name)
+    model._sharq_offload_folder = offload  # removed with the model
+    return model.eval(), tokenizer
 
 
 def model_source(spec: str | None) -> Path:

@@ -167,13 +167,21 @@ def quantize_model(
         "share_inputs": share_inputs,
         "modules": sorted(linears) + [n for n, _ in experts],
     }
-    def quantize(name: str, module: nn.Module) -> nn.Module:
+    def quantize_here(name: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear):
             stats = calibration[name] if r.needs_calibration else None
             return SharQLinear.from_linear(module, r, backend, stats, groups.get(name), strict, name)
         return SharQExperts(module, r, backend, strict, name)
 
+    def quantize(name: str, module: nn.Module) -> nn.Module:
+        if hasattr(module, "_hf_hook"):
+            return _quantize_dispatched(module, lambda: quantize_here(name, module), name)
+        return quantize_here(name, module)
+
     targets = {**linears, **dict(experts)}
+    if device is not None and is_dispatched(model):
+        raise ValueError("this model is dispatched by accelerate (device_map): quantize_model quantizes each layer "
+                         "where accelerate placed it; leave out device=")
     desc = f"quantize {r.name}"
     if device is None:
         for name, module in with_progress(targets.items(), progress, desc=desc, total=len(targets), unit="module"):
@@ -193,6 +201,34 @@ def quantize_model(
     for hook in QUANTIZED_HOOKS:
         hook(model)
     return model
+
+
+def _quantize_dispatched(module: nn.Module, quantize: Callable[[], nn.Module], name: str) -> nn.Module:
+    """A layer accelerate dispatched (device_map: an AlignDevicesHook on it), quantized where accelerate placed it:
+    on its execution device, its weights loaded there first if they were offloaded (to CPU memory or disk). The
+    new layer gets the same kind of hook: inputs moved to the execution device, outputs back where io_same_device
+    says; an offloaded layer's payload is kept offloaded, in CPU memory (4.25–4.5 bits per weight instead of the
+    16 it held there, or on disk), and moved to the execution device for each call, as accelerate does."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import align_module_device, has_offloaded_params, named_module_tensors
+
+    hook = module._hf_hook
+    if not isinstance(hook, AlignDevicesHook):
+        raise ValueError(f"{name}: sharq quantizes models dispatched with a device_map (accelerate's "
+                         f"AlignDevicesHook), not {type(hook).__name__}")
+    offloaded = has_offloaded_params(module)
+    with align_module_device(module):
+        new = quantize()
+    if offloaded:
+        weights = {n: t.to("cpu") for n, t in named_module_tensors(new, include_buffers=True, recurse=True,
+                                                                   remove_non_persistent=True)}
+        add_hook_to_module(new, AlignDevicesHook(hook.execution_device, offload=True, weights_map=weights,
+                                                 offload_buffers=True, place_submodules=True,
+                                                 io_same_device=hook.io_same_device))
+    else:
+        add_hook_to_module(new, AlignDevicesHook(hook.execution_device, io_same_device=hook.io_same_device,
+                                                 place_submodules=True))
+    return new
 
 
 def materialize(model: nn.Module, module: nn.Module, device: torch.device) -> None:
@@ -224,11 +260,41 @@ def materialize(model: nn.Module, module: nn.Module, device: torch.device) -> No
         model.tie_weights()
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: the execution device accelerate gave the model's top (a dispatched model,
+    whose first parameter may be offloaded to meta), else the device of its first parameter."""
+    hook = getattr(model, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(model.parameters()).device
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate placed the model (a device_map: hooks that move tensors between devices)."""
+    return any(hasattr(m, "_hf_hook") for m in model.modules())
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict(), where each tensor accelerate offloaded (on the meta device between calls, the data in
+    its hook's weights map, in CPU memory or on disk) is read from that map: what the model holds."""
+    state = model.state_dict()
+    for name, t in state.items():
+        if t.is_meta:
+            parts = name.split(".")
+            for i in range(len(parts) - 1, -1, -1):  # the hook may sit on the tensor's module or an ancestor
+                hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
+                weights = getattr(hook, "weights_map", None)
+                if weights is not None and (key := ".".join(parts[i:])) in weights:
+                    state[name] = weights[key]
+                    break
+    return state
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's state (what a checkpoint stores and the model must hold: packed payloads, unquantized
     tensors), each storage counted once. Caches a backend derives from the payload (a bf16 Ŵ) are not counted."""
     seen, total = set(), 0
-    for t in model.state_dict().values():
+    for t in model_state(model).values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if key not in seen:
             seen.add(key)
@@ -266,7 +332,7 @@ def calibrate(
     if ids.numel() < 2:
         raise ValueError("calibration text is empty")
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for start in tqdm(range(0, ids.numel(), seqlen), desc="calibrate", disable=not progress, unit="window"):
             model(ids[start: start + seqlen].unsqueeze(0).to(device))

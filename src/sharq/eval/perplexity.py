@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import input_device, is_dispatched
+
 
 @dataclass(frozen=True)
 class Perplexity:
@@ -18,6 +20,7 @@ class Perplexity:
     windows: int
     seqlen: int
     seconds: float
+    batch_nll: tuple[float, ...] = ()  # each forward's NLL sum, in order (nll_sum adds them up in this order)
 
     @property
     def tokens_per_s(self) -> float:
@@ -105,17 +108,57 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool
     CUDA graph (GraphedForward) unless cuda_graphs=False."""
     from tqdm.auto import tqdm
 
-    device = next(model.parameters()).device
-    forward = GraphedForward(model, use_graphs=cuda_graphs and device.type == "cuda")
-    nll, count = 0.0, 0
+    device = input_device(model)
+    # a model accelerate spread over devices moves tensors between them in hooks: no graph captures that
+    forward = GraphedForward(model, use_graphs=cuda_graphs and device.type == "cuda" and not is_dispatched(model))
+    parts, count = [], 0
     start = time.perf_counter()
     for i in tqdm(range(0, len(batches), batch_size), desc=desc, disable=not progress, unit="batch", leave=False):
         ids = batches[i: i + batch_size].to(device)
         logits = forward(ids)[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        parts.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                     reduction="sum").item())
         count += ids[:, 1:].numel()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    return _result(parts, count, len(batches), batches.shape[1], time.perf_counter() - start)
+
+
+def _result(parts: list[float], count: int, windows: int, seqlen: int, seconds: float) -> Perplexity:
+    nll = 0.0
+    for part in parts:  # in order: a run split over processes adds the same numbers in the same order
+        nll += part
     ppl = torch.tensor(nll / count, dtype=torch.float64).exp().item()  # inf, not an OverflowError, if it explodes
-    return Perplexity(ppl, nll, count, len(batches), batches.shape[1], seconds)
+    return Perplexity(ppl, nll, count, windows, seqlen, seconds, tuple(parts))
+
+
+def distributed_perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool = True,
+                           desc: str = "ppl", cuda_graphs: bool = True) -> Perplexity:
+    """perplexity() split over the processes of a torch.distributed run (torchrun / accelerate launch: one per
+    GPU), the same number bit for bit: process r runs the forwards (batches of batch_size windows, as one process
+    would cut them) r, r + world, r + 2·world, …, and the per-forward NLL sums are gathered and added in forward
+    order. A batch's per-tensor activation scale spans the same windows either way, so nothing else changes.
+    Without an initialized process group, perplexity() itself."""
+    rank, world = process_rank()
+    if world == 1:
+        return perplexity(model, batches, batch_size, progress, desc, cuda_graphs)
+    import torch.distributed as dist
+
+    forwards = -(-len(batches) // batch_size)
+    mine = [w for f in range(rank, forwards, world) for w in range(f * batch_size, min((f + 1) * batch_size,
+                                                                                        len(batches)))]
+    p = perplexity(model, batches[mine], batch_size, progress, desc, cuda_graphs)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (p.batch_nll, p.seconds))
+    parts = [gathered[f % world][0][f // world] for f in range(forwards)]
+    return _result(parts, len(batches) * (batches.shape[1] - 1), len(batches), batches.shape[1],
+                   max(seconds for _, seconds in gathered))
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in an initialized torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

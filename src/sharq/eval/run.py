@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,12 +15,12 @@ import torch
 from .._format import format_table
 from ..checkpoint import is_checkpoint, read_quantization_config
 from ..functional import check_backend
-from ..hf import load_tokenizer, model_source, resolve_model
+from ..hf import load_pretrained, load_tokenizer, model_source, resolve_model
 from ..interop import compressed_tensors_recipe, is_compressed_tensors, load, load_model
 from ..models import calibrate, quantize_model, weight_bytes
 from ..recipes import Recipe, get_recipe
 from .data import load_text
-from .perplexity import bos_token, perplexity, tokenize, windows
+from .perplexity import bos_token, distributed_perplexity, process_rank, tokenize, windows
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,6 +53,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     device: str = "cpu"
+    device_map: str | dict | None = None  # accelerate's placement ("auto", ...) instead of `device`; see evaluate
     dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
     backend: str = "auto"  # triton on CUDA, reference elsewhere
     batch_size: int = 1  # perplexity windows per forward pass
@@ -118,25 +120,46 @@ def evaluate(cfg: EvalConfig) -> dict:
     as `cfg.model` gives one row: the checkpoint as saved (recipes_for)."""
     # Everything that can be wrong with the arguments fails here, before minutes are spent loading a model.
     device = check_device(cfg.device)
+    rank, world = process_rank()
+    if world > 1 and device.type == "cuda" and device.index is None:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     path = resolve_model(cfg.model)  # a path that is no model fails now, before the text is read
     quantized = is_checkpoint(path)
     imported = is_compressed_tensors(path)  # one model per recipe, each built from the checkpoint's payload
     recipes = recipes_for(cfg, path)
-    backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
-    check_backend(backend, device)
-    dtype = DTYPES[cfg.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    if cfg.device_map is not None:  # layers on several devices: "auto" lets each layer choose for its own device
+        backend = cfg.backend
+    else:
+        backend = cfg.backend if cfg.backend != "auto" else ("triton" if device.type == "cuda" else "reference")
+        check_backend(backend, device)
+    on_gpu = device.type == "cuda" or (cfg.device_map is not None and torch.cuda.is_available())
+    dtype = DTYPES[cfg.dtype or ("bfloat16" if on_gpu else "float32")]
     if cfg.tasks:
         check_tasks(cfg.tasks)
     text = load_text(cfg.text) if cfg.max_tokens != 0 else None
     needs_calibration = not quantized and not imported and any(r.needs_calibration for r in recipes)
     calib_text = load_text(cfg.calib_text)[0] if needs_calibration else None
 
+    if cfg.device_map is not None and (quantized or imported):
+        raise ValueError("--device-map places an unquantized model; a quantized checkpoint loads on one --device")
+
     t0 = time.perf_counter()
     if imported:
         base, tokenizer = None, load_tokenizer(model_source(cfg.model))
+    elif cfg.device_map is not None:  # each row loads its own copy (unquantized); this one only calibrates
+        base, tokenizer = (load_pretrained(cfg.model, dtype, progress=cfg.progress, device_map=cfg.device_map)
+                           if calib_text is not None else (None, load_tokenizer(model_source(cfg.model))))
     else:
         base, tokenizer = load_model(cfg.model, dtype, device, backend=backend, progress=cfg.progress)
     load_s = time.perf_counter() - t0
+
+    def unquantized() -> torch.nn.Module:
+        """A fresh copy of the model for one row. A model spread by accelerate is loaded again instead of copied:
+        it is spread because one device cannot hold it, and the recipes' rows quantize their copy in place."""
+        if cfg.device_map is None:
+            return copy.deepcopy(base)
+        return load_pretrained(cfg.model, dtype, device_map=cfg.device_map)[0]
 
     ppl_windows = None
     if text is not None:
@@ -146,6 +169,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     if calib_text is not None:
         calibration = calibrate(base, [calib_text], tokenizer, seqlen=min(cfg.seqlen, 512), max_tokens=cfg.calib_tokens,
                                 progress=cfg.progress)
+        if cfg.device_map is not None:
+            base = None
 
     rows = []
     for recipe in recipes:
@@ -154,13 +179,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         elif quantized:
             model = base
         else:
-            model = quantize_model(copy.deepcopy(base), recipe, backend=backend, calibration=calibration)
+            model = quantize_model(unquantized(), recipe, backend=backend, calibration=calibration)
         model_class = type(model).__name__
         row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits, weight_bytes(model))
         if ppl_windows is not None:
-            p = perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
+            p = distributed_perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
             row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
-        if cfg.tasks:
+        if cfg.tasks and process_rank()[0] == 0:  # in a torch.distributed run, the first process runs the tasks
             row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size)
             row.task_avg = sum(task_score(m) for m in row.tasks.values()) / len(row.tasks)
         rows.append(row)
@@ -171,7 +196,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "checkpoint": "sharq" if quantized else "compressed-tensors" if imported else None,
         "model_class": model_class,
         "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
+        "device": str(device) if cfg.device_map is None else f"device_map={cfg.device_map}",
         "backend": backend,
         "text": text[1] if text is not None else None,
         "seqlen": cfg.seqlen,
