@@ -428,3 +428,23 @@ def test_eval_split_over_processes_equals_one_process(tiny_model, tmp_path):
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["windows"] == two["windows"] == 9  # 5 forwards: 3 on the first process, 2 on the second
     assert [r["ppl"] for r in two["results"]] == [r["ppl"] for r in one["results"]]
+
+
+def test_lm_eval_adapter_sends_inputs_to_a_spread_models_execution_device(tiny_model):
+    """A model accelerate spread with its embedding offloaded to disk (first weight on meta): lm-eval is told the
+    execution device, where inputs must go, not the meta device of the first weight."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    import torch
+
+    from sharq.eval.zeroshot import as_lm_eval
+    from sharq.hf import load_pretrained
+
+    device_map = {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model, tokenizer = load_pretrained(tiny_model["model"], device_map=device_map)
+    assert next(model.parameters()).is_meta
+    lm = as_lm_eval(model, tokenizer)
+    assert lm.device == torch.device("cpu")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]], device=lm.device)).logits).all()

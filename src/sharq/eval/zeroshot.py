@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import re
 
+from ..models import input_device
 from .data import read_rows
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "boolq")
@@ -103,7 +104,9 @@ def as_lm_eval(model, tokenizer, batch_size: int = 8):
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise RuntimeError(f"lm-eval is not installed: {LM_EVAL_HINT}") from None
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm._device = input_device(model)  # a model accelerate spread: its first weight may be offloaded (meta)
+    return lm
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
