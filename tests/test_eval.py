@@ -448,3 +448,26 @@ def test_lm_eval_adapter_sends_inputs_to_a_spread_models_execution_device(tiny_m
     assert lm.device == torch.device("cpu")
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]], device=lm.device)).logits).all()
+
+
+def test_zero_shot_standard_errors_and_resolved_differences():
+    """Each task's accuracy carries its binomial standard error, the average √(Σ se²)/T, and the table marks a
+    difference from nvfp4 as resolved beyond two standard errors of the difference."""
+    from sharq.eval.zeroshot import accuracy_stderr
+
+    assert accuracy_stderr(0.5, 101) == pytest.approx(0.05)
+    assert math.isnan(accuracy_stderr(1.0, 1))
+
+    def row(name, acc, se):
+        return {"recipe": name, "activation_bits": 4.5, "weight_bits": 4.5, "weight_bytes": 0, "ppl": None,
+                "tokens_per_s": None, "tasks": {"piqa": {"acc": acc, "acc_stderr": se, "n": 1000}},
+                "ppl_gap_recovered": None, "task_avg": acc, "task_avg_stderr": se, "task_gap_recovered": None}
+
+    res = {"model": "m", "model_class": "C", "dtype": "float32", "device": "cpu", "backend": "reference",
+           "windows": 0, "tasks": ["piqa"], "limit": None,
+           "results": [row("bf16", 0.70, 0.01), row("nvfp4", 0.64, 0.01), row("sharq", 0.65, 0.01),
+                       row("sharq-plus", 0.68, 0.01)]}
+    text = format_results(res)
+    assert "70.00 ± 1.00" in text
+    assert "+1.00 (0.7 se)" in text and "+1.00 (0.7 se) *" not in text  # within noise
+    assert "+4.00 (2.8 se) *" in text  # resolved

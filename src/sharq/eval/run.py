@@ -38,6 +38,7 @@ class RecipeResult:
     tasks: dict[str, dict] = field(default_factory=dict)
     ppl_gap_recovered: float | None = None
     task_avg: float | None = None
+    task_avg_stderr: float | None = None  # √(Σ stderr²) / tasks: the tasks' samples are independent
     task_gap_recovered: float | None = None
 
 
@@ -67,6 +68,11 @@ class EvalConfig:
 def task_score(metrics: dict) -> float:
     """The number a task contributes to the average: acc_norm where lm-eval defines it, else acc."""
     return metrics.get("acc_norm", metrics["acc"])
+
+
+def task_stderr(metrics: dict) -> float:
+    """The standard error of task_score."""
+    return metrics["acc_norm_stderr" if "acc_norm" in metrics else "acc_stderr"]
 
 
 def gap_recovered(value: float, low: float, high: float) -> float | None:
@@ -188,6 +194,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cfg.tasks and process_rank()[0] == 0:  # in a torch.distributed run, the first process runs the tasks
             row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size)
             row.task_avg = sum(task_score(m) for m in row.tasks.values()) / len(row.tasks)
+            row.task_avg_stderr = math.sqrt(sum(task_stderr(m) ** 2 for m in row.tasks.values())) / len(row.tasks)
         rows.append(row)
         del model
 
@@ -237,15 +244,27 @@ def merge_results(runs: list[dict]) -> dict:
     return add_gaps({**runs[0], "results": [row for run in runs for row in run["results"]]})
 
 
+def _difference(r: dict, low: dict | None) -> str:
+    """r's task average minus nvfp4's, in points, with its size in standard errors of the difference
+    (√(se_r² + se_low²), conservative: the two rows answer the same questions) and * where that exceeds 2."""
+    if low is None or r is low or r.get("task_avg_stderr") is None or low.get("task_avg_stderr") is None:
+        return ""
+    d = r["task_avg"] - low["task_avg"]
+    se = math.sqrt(r["task_avg_stderr"] ** 2 + low["task_avg_stderr"] ** 2)
+    z = d / se if se > 0 else math.nan
+    return f"{100 * d:+.2f} ({z:.1f} se){' *' if abs(z) > 2 else ''}"
+
+
 def format_results(res: dict) -> str:
     """The results table (plain text, aligned)."""
     tasks = res["tasks"]
     headers = ["recipe"]
     if res["windows"]:
         headers += ["PPL", "Δ vs bf16", "gap rec."]
-    headers += [t for t in tasks] + (["avg", "avg gap rec."] if tasks else [])
+    headers += [t for t in tasks] + (["avg ± se", "avg Δ vs nvfp4", "avg gap rec."] if tasks else [])
     headers += ["act bits", "w bits", "weights MB"] + (["tok/s"] if res["windows"] else [])
     ref = next((r for r in res["results"] if r["recipe"] == "bf16"), None)
+    low = next((r for r in res["results"] if r["recipe"] == "nvfp4"), None)
     pct = lambda v: "" if v is None else f"{100 * v:.0f}%"
     rows = []
     for r in res["results"]:
@@ -255,7 +274,8 @@ def format_results(res: dict) -> str:
             row += [f"{r['ppl']:.3f}", delta, pct(r["ppl_gap_recovered"])]
         row += [f"{100 * task_score(r['tasks'][t]):.1f}" for t in tasks]
         if tasks:
-            row += [f"{100 * r['task_avg']:.2f}", pct(r["task_gap_recovered"])]
+            row += [f"{100 * r['task_avg']:.2f} ± {100 * (r.get('task_avg_stderr') or math.nan):.2f}",
+                    _difference(r, low), pct(r["task_gap_recovered"])]
         row += [f"{r['activation_bits']:g}", f"{r['weight_bits']:g}", f"{r.get('weight_bytes', 0) / 1e6:.0f}"]
         if res["windows"]:
             row.append(f"{r['tokens_per_s']:.0f}")
@@ -266,6 +286,7 @@ def format_results(res: dict) -> str:
         lines.append(f"perplexity: {res['text']}, {res['windows']} windows x {res['seqlen']} tokens "
                      f"= {res['ppl_tokens']} tokens")
     if tasks:
-        lines.append(f"zero-shot: acc_norm where defined, else acc; limit {res['limit'] or 'none'} per task")
+        lines.append(f"zero-shot: acc_norm where defined, else acc; limit {res['limit'] or 'none'} per task; "
+                     "se = standard error; a difference is resolved (*) beyond 2 standard errors of the difference")
     lines.append("gap rec. = share of the nvfp4 -> bf16 gap that a recipe recovers (SPEC §9)")
     return "\n".join(lines + ["", format_table(headers, rows)])

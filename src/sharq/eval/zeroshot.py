@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import re
 
 from ..models import input_device
@@ -124,6 +125,15 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
     results = {}
     for task in tasks:
         r = out["results"][f"sharq_{task}"]
+        n = out["n-samples"][f"sharq_{task}"]["effective"]
         results[task] = {m: r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
-        results[task]["n"] = out["n-samples"][f"sharq_{task}"]["effective"]
+        for m in [m for m in results[task]]:
+            results[task][f"{m}_stderr"] = accuracy_stderr(results[task][m], n)
+        results[task]["n"] = n
     return results
+
+
+def accuracy_stderr(p: float, n: int) -> float:
+    """The standard error of an accuracy p over n samples (each right or wrong): the sample standard deviation
+    over √n, sqrt(p(1 − p) / (n − 1)), as lm-eval's mean_stderr gives for 0/1 scores; NaN below 2 samples."""
+    return math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
