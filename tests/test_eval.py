@@ -471,3 +471,51 @@ def test_zero_shot_standard_errors_and_resolved_differences():
     assert "70.00 ± 1.00" in text
     assert "+1.00 (0.7 se)" in text and "+1.00 (0.7 se) *" not in text  # within noise
     assert "+4.00 (2.8 se) *" in text  # resolved
+
+
+@pytest.mark.slow
+def test_zero_shot_split_over_processes_equals_one_process(tiny_model, tmp_path):
+    """torchrun --nproc_per_node 2 sharq eval --tasks (gloo on the CPU): lm-eval deals the requests to the two
+    processes and gathers them; with one request per forward (no batch-dependent activation scale) the scores
+    are the one-process ones."""
+    pytest.importorskip("lm_eval")
+    import shutil
+    import subprocess
+    import sys
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tmp_path / "model"  # the tiny model, with the BOS/EOS tokens lm-eval asks for
+    shutil.copytree(tiny_model["model"], model)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", bos_token="w1",
+                                         eos_token="w2").save_pretrained(model)
+    args = ["eval", "--model", str(model), "--recipes", "bf16,sharq", "--no-ppl", "--tasks", "arc_easy",
+            "--limit", "24", "--task-batch-size", "1", "--quiet"]
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sharq.cli", *args, "--json", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert [r["tasks"] for r in two["results"]] == [r["tasks"] for r in one["results"]]
+    assert two["results"][0]["tasks"]["arc_easy"]["n"] == 24
+
+
+def test_lm_eval_adapter_joins_the_process_group(tiny_model, monkeypatch):
+    """In a torch.distributed run the adapter tells lm-eval this process's rank and the world size (lm-eval deals
+    its requests by them) and gathers through torch.distributed."""
+    pytest.importorskip("lm_eval")
+    import transformers
+
+    from sharq.eval import zeroshot
+
+    from .test_models import tiny
+
+    monkeypatch.setattr(zeroshot, "process_rank", lambda: (1, 2))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model["model"])
+    lm = zeroshot.as_lm_eval(tiny("llama"), tokenizer)
+    assert (lm.rank, lm.world_size) == (1, 2)
+    assert lm.all_gather is zeroshot._all_gather and lm.barrier is zeroshot._barrier

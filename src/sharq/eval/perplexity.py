@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import input_device, is_dispatched
+from .distributed import process_rank
 
 
 @dataclass(frozen=True)
@@ -153,12 +154,3 @@ def distributed_perplexity(model, batches: torch.Tensor, batch_size: int = 1, pr
     parts = [gathered[f % world][0][f // world] for f in range(forwards)]
     return _result(parts, len(batches) * (batches.shape[1] - 1), len(batches), batches.shape[1],
                    max(seconds for _, seconds in gathered))
-
-
-def process_rank() -> tuple[int, int]:
-    """(rank, world size) of this process in an initialized torch.distributed group, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1

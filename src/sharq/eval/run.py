@@ -20,7 +20,8 @@ from ..interop import compressed_tensors_recipe, is_compressed_tensors, load, lo
 from ..models import calibrate, quantize_model, weight_bytes
 from ..recipes import Recipe, get_recipe
 from .data import load_text
-from .perplexity import bos_token, distributed_perplexity, process_rank, tokenize, windows
+from .distributed import process_rank
+from .perplexity import bos_token, distributed_perplexity, tokenize, windows
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -191,8 +192,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         if ppl_windows is not None:
             p = distributed_perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
             row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
-        if cfg.tasks and process_rank()[0] == 0:  # in a torch.distributed run, the first process runs the tasks
+        if cfg.tasks:  # in a torch.distributed run the requests are split; the first process gets the scores
             row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size)
+        if row.tasks:
             row.task_avg = sum(task_score(m) for m in row.tasks.values()) / len(row.tasks)
             row.task_avg_stderr = math.sqrt(sum(task_stderr(m) ** 2 for m in row.tasks.values())) / len(row.tasks)
         rows.append(row)

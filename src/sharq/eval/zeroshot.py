@@ -13,6 +13,7 @@ import re
 
 from ..models import input_device
 from .data import read_rows
+from .distributed import process_rank
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "boolq")
 PAPER_TASKS = ("arc_challenge", "hellaswag", "lambada", "piqa", "winogrande")  # the paper's 5-task average
@@ -107,7 +108,29 @@ def as_lm_eval(model, tokenizer, batch_size: int = 8):
         raise RuntimeError(f"lm-eval is not installed: {LM_EVAL_HINT}") from None
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     lm._device = input_device(model)  # a model accelerate spread: its first weight may be offloaded (meta)
+    rank, world = process_rank()
+    if world > 1:  # lm-eval splits requests by lm.rank / lm.world_size and gathers through these two methods
+        lm._rank, lm._world_size = rank, world
+        lm.all_gather = _all_gather
+        lm.barrier = _barrier
     return lm
+
+
+def _all_gather(tensor):
+    """Every process's `tensor`, concatenated along dim 0 in rank order (a 0-d tensor counts as one element)."""
+    import torch
+    import torch.distributed as dist
+
+    t = tensor.reshape(1) if tensor.dim() == 0 else tensor
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
@@ -122,6 +145,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
     lm = as_lm_eval(model, tokenizer, batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
                                   limit=limit, bootstrap_iters=0, log_samples=False)
+    if out is None:  # a torch.distributed run: the scores are the first process's
+        return {}
     results = {}
     for task in tasks:
         r = out["results"][f"sharq_{task}"]
