@@ -4,10 +4,9 @@ in packed mode, the stage payloads themselves (codes, scale codes, 2-bit mask in
 Two kernels per call. `_amax_kernel` reads X once for the finite amax the tensor scale needs (one value, or one per
 row); a small X (decode: at most SELF_AMAX_ELEMENTS) skips it, each program finding the amax itself, since there a
 launch costs more than re-reading a few KB from L2. `_prepare_kernel` then reads X once more and writes its outputs
-once: a program loads BLOCK_M rows × 16·H
-columns contiguously and splits the tile in registers into 8 tensors x_j (j = the element's place in its
-8-element chunk), each [BLOCK_M, H halves of 16, 2 chunks]. The masks are elementwise comparisons between the x_j
-and the 16- and 32-element block maxima small reductions. Tiles are 8 × 128 (docs/PERF.md: the kernel is bound by
+once: a program loads BLOCK_M rows × 16·H columns contiguously and splits the tile in registers into 8 tensors x_j
+(j = the element's place in its 8-element chunk), each [BLOCK_M, H halves of 16, 2 chunks]. The masks are
+elementwise comparisons between the x_j and the 16- and 32-element block maxima small reductions. Tiles are 8 × 128 (docs/PERF.md: the kernel is bound by
 instruction issue, about 53 instructions per element on the H200, so every operation below is counted).
 
 Bit-exactness with the torch reference (quant.py, masks.py) rests on these choices:
