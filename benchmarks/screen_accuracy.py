@@ -6,6 +6,7 @@ per row (so a crash loses one row, not the screen), then one table from the JSON
         --prefix gemma3_270m_lambada64k_cpu bf16 nvfp4 sharq sharq-plus sharq-plus/w-only   # another model
     python benchmarks/screen_accuracy.py table docs/results/smollm2_screen8k_cpu_*.json     # markdown rows
     python benchmarks/screen_accuracy.py weights      # relative weight error of each weight option, no model run
+    python benchmarks/screen_accuracy.py weights --out PATH "W16 max" "HiF4 64 (sharq-hif4)"      # some of them
 
 Candidates are named recipes or the entries of CANDIDATES below (options on top of a registered recipe; each JSON
 also records the full recipe as `recipe_defs`, so a row can be re-created exactly with Recipe.from_dict).
@@ -138,27 +139,45 @@ WEIGHT_CONFIGS = {  # weight options alone (no activations): the relative square
 }
 
 
-def weight_errors(out: Path) -> None:
+def weight_errors(out: Path, labels: list[str] | None = None) -> None:
     """Σ(Ŵ·s_w − W)² / ΣW² over every quantized linear of the default model, per weight option: how much of the
-    weight error each option removes, without running the model."""
+    weight error each option removes, without running the model. Also where it sits: the same ratio over the
+    large weights (|w| ≥ half the largest |w| of its block of 16 consecutive input weights) and over the rest."""
     import torch
 
     from sharq import load_model
     from sharq.models import target_linears
 
+    unknown = set(labels or ()) - set(WEIGHT_CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown weight config(s) {sorted(unknown)}; known: {list(WEIGHT_CONFIGS)}")
     model, _ = load_model()
     weights = [m.weight.detach() for m in target_linears(model).values()]
-    norm = sum(w.double().square().sum() for w in weights).item()
     rows = {}
     for label, opts in WEIGHT_CONFIGS.items():
+        if labels and label not in labels:
+            continue
         recipe = get_recipe("sharq", **opts)
         t0 = time.perf_counter()
+        sums = torch.zeros(5, dtype=torch.float64)  # error², W² over all; the same over the large weights; count
         with torch.no_grad():
-            err = sum((recipe.prepare_weight(w).effective().double() - w.double()).square().sum() for w in weights)
-        rows[label] = {"options": opts, "relative_squared_error": err.item() / norm, "weight_bits": recipe.weight_bits,
-                       "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"{label:28s} rel. sq. error {rows[label]['relative_squared_error']:.5f}  bits {recipe.weight_bits:g}  "
-              f"({rows[label]['seconds']} s)", flush=True)
+            for w in weights:
+                w64 = w.double()
+                e = recipe.prepare_weight(w).effective().double() - w64
+                blocks = w64.abs().reshape(w.shape[0], -1, 16)
+                large = (blocks >= blocks.amax(-1, keepdim=True) / 2).reshape(w.shape)
+                sums += torch.stack([e.square().sum(), w64.square().sum(), e[large].square().sum(),
+                                     w64[large].square().sum(), large.sum().double()])
+        err, norm, err_large, norm_large, n_large = sums.tolist()
+        rows[label] = {"options": opts, "relative_squared_error": err / norm,
+                       "large_relative_squared_error": err_large / norm_large,
+                       "rest_relative_squared_error": (err - err_large) / (norm - norm_large),
+                       "large_fraction": n_large / sum(w.numel() for w in weights),
+                       "weight_bits": recipe.weight_bits, "seconds": round(time.perf_counter() - t0, 1)}
+        r = rows[label]
+        print(f"{label:28s} rel. sq. error {r['relative_squared_error']:.5f} (large weights "
+              f"{r['large_relative_squared_error']:.5f}, rest {r['rest_relative_squared_error']:.5f})  "
+              f"bits {recipe.weight_bits:g}  ({r['seconds']} s)", flush=True)
     out.write_text(json.dumps({"model": "SmolLM2-135M (default)", "linears": len(weights), "rows": rows}, indent=1)
                    + "\n", encoding="utf-8")
 
@@ -193,7 +212,9 @@ def main(argv: list[str]) -> None:
     t = sub.add_parser("table")
     t.add_argument("paths", nargs="+")
     sub.add_parser("list")
-    sub.add_parser("weights", help="relative weight error per weight option (no model run)")
+    w = sub.add_parser("weights", help="relative weight error per weight option (no model run)")
+    w.add_argument("labels", nargs="*", help="some of WEIGHT_CONFIGS (default: all)")
+    w.add_argument("--out", default=str(RESULTS / "smollm2_screen_weight_error_cpu.json"))
     a = p.parse_args(argv)
     if a.cmd == "run":
         tag = "" if a.text == "wikipedia" else f"_{a.text}"
@@ -204,7 +225,7 @@ def main(argv: list[str]) -> None:
     elif a.cmd == "table":
         print(table(a.paths))
     elif a.cmd == "weights":
-        weight_errors(RESULTS / "smollm2_screen_weight_error_cpu.json")
+        weight_errors(Path(a.out), a.labels)
     else:
         for name, recipe in candidates().items():
             print(f"{name:28s} act {recipe.activation_bits:<5g} w {recipe.weight_bits:<5g} {recipe.to_dict()}")

@@ -395,7 +395,7 @@ def test_fused_kernels_refuse_activation_options_and_take_weight_options():
         assert supports(r) and _packed_supports(r)
 
 
-# --- sharq-plus: the options the screen chose, as a named recipe (SPEC §11.5) ------------------------------------------
+# --- sharq-plus: the options the screen chose, as a named recipe (SPEC §11.5) ---------------------------------------
 def test_sharq_plus_is_sharqs_activations_with_w16_four_over_six_weights():
     plus, paper = sharq.get_recipe("sharq-plus"), sharq.get_recipe("sharq")
     assert (plus.weight_fmt, plus.weight_block, plus.weight_scale_rule, plus.weight_tensor_scale_rule) == \
