@@ -17,6 +17,29 @@ needs_model = pytest.mark.skipif(
 )
 
 
+def word_tokenizer(**special):
+    """A word-level tokenizer over the tiny model's 96 ids ("w0" … "w95", "w0" unknown), with `special` tokens."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", **special)
+
+
+def one_and_two_processes(args: list[str], tmp_path) -> tuple[dict, dict]:
+    """The JSON results of `sharq <args>` in this process and under torchrun with two processes (gloo)."""
+    import subprocess
+    import sys
+
+    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "sharq.cli", *args, "--json", str(tmp_path / "two.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return tuple(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> dict[str, str]:
     """A tiny Llama with a word-level tokenizer over its 96 ids, saved as a Hugging Face directory; its sharq
@@ -24,16 +47,11 @@ def tiny_model(tmp_path_factory) -> dict[str, str]:
     pytest.importorskip("transformers")
     import random
 
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from .test_models import tiny
 
     root = tmp_path_factory.mktemp("tiny")
-    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tiny("llama").save_pretrained(root / "model")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(root / "model")
+    word_tokenizer().save_pretrained(root / "model")
     assert main(["quantize", "--model", str(root / "model"), "--out", str(root / "ckpt"), "--quiet"]) == 0
     rng = random.Random(0)
     (root / "text.txt").write_text(" ".join(f"w{rng.randrange(1, 96)}" for _ in range(400)))
@@ -415,17 +433,9 @@ def test_eval_split_over_processes_equals_one_process(tiny_model, tmp_path):
     """torchrun --nproc_per_node 2 sharq eval (gloo on the CPU): the two processes take alternate forwards of
     two windows each and the perplexities are the one-process ones bit for bit (the same batches, their NLL sums
     added in the same order); only the first process writes the report."""
-    import subprocess
-    import sys
-
-    args = ["eval", "--model", tiny_model["model"], "--recipes", "bf16,sharq", "--text", tiny_model["text.txt"],
-            "--seqlen", "16", "--max-tokens", "144", "--batch-size", "2", "--quiet"]
-    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "sharq.cli", *args, "--json", str(tmp_path / "two.json")],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    one, two = one_and_two_processes(["eval", "--model", tiny_model["model"], "--recipes", "bf16,sharq", "--text",
+                                      tiny_model["text.txt"], "--seqlen", "16", "--max-tokens", "144",
+                                      "--batch-size", "2", "--quiet"], tmp_path)
     assert one["windows"] == two["windows"] == 9  # 5 forwards: 3 on the first process, 2 on the second
     assert [r["ppl"] for r in two["results"]] == [r["ppl"] for r in one["results"]]
 
@@ -480,26 +490,12 @@ def test_zero_shot_split_over_processes_equals_one_process(tiny_model, tmp_path)
     are the one-process ones."""
     pytest.importorskip("lm_eval")
     import shutil
-    import subprocess
-    import sys
-
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     model = tmp_path / "model"  # the tiny model, with the BOS/EOS tokens lm-eval asks for
     shutil.copytree(tiny_model["model"], model)
-    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0", bos_token="w1",
-                                         eos_token="w2").save_pretrained(model)
-    args = ["eval", "--model", str(model), "--recipes", "bf16,sharq", "--no-ppl", "--tasks", "arc_easy",
-            "--limit", "24", "--task-batch-size", "1", "--quiet"]
-    assert main([*args, "--json", str(tmp_path / "one.json")]) == 0
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "sharq.cli", *args, "--json", str(tmp_path / "two.json")],
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    word_tokenizer(bos_token="w1", eos_token="w2").save_pretrained(model)
+    one, two = one_and_two_processes(["eval", "--model", str(model), "--recipes", "bf16,sharq", "--no-ppl", "--tasks",
+                                      "arc_easy", "--limit", "24", "--task-batch-size", "1", "--quiet"], tmp_path)
     assert [r["tasks"] for r in two["results"]] == [r["tasks"] for r in one["results"]]
     assert two["results"][0]["tasks"]["arc_easy"]["n"] == 24
 

@@ -435,14 +435,12 @@ def test_sharq_eval_runs_recipes_on_a_compressed_tensors_checkpoint(ct_made, tmp
     the checkpoint's exact 4-bit weights; a recipe with other weights is a one-line error."""
     import random
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from sharq.cli import main
 
+    from .test_eval import word_tokenizer
+
     d = shutil.copytree(ct_made, tmp_path / "ct")
-    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(96)}, unk_token="w0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="w0").save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
     rng = random.Random(0)
     (tmp_path / "text.txt").write_text(" ".join(f"w{rng.randrange(1, 96)}" for _ in range(400)))
     common = ["eval", "--model", str(d), "--text", str(tmp_path / "text.txt"), "--seqlen", "16", "--max-tokens",

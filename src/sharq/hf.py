@@ -182,14 +182,12 @@ def load_pretrained(spec: str | None = None, dtype: torch.dtype = torch.float32,
 
     source = model_source(spec)
     tokenizer = load_tokenizer(source)
-    if device_map is None:
-        with transformers_progress(progress):
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        return model.to(device).eval(), tokenizer
-    offload = tempfile.TemporaryDirectory(prefix="sharq-offload-")
+    offload = None if device_map is None else tempfile.TemporaryDirectory(prefix="sharq-offload-")
+    placement = {} if offload is None else {"device_map": device_map, "offload_folder": offload.name}
     with transformers_progress(progress):
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
-                                                     offload_folder=offload.name)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
+    if offload is None:
+        return model.to(device).eval(), tokenizer
     model._sharq_offload_folder = offload  # removed with the model
     return model.eval(), tokenizer
 

@@ -234,7 +234,7 @@ def _packed_mm_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bias_
             HAS_BIAS)
 
 
-# --- M = 1: the packed GEMV on CUDA cores ------------------------------------------------------------------------
+# --- M <= GEMV_M: the packed GEMV on CUDA cores ------------------------------------------------------------------
 @triton.jit
 def _packed_gemv_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, K, Kp, stride_am,
                         stride_split, stride_ym, k_per_split, BLOCK: tl.constexpr, FMT: tl.constexpr,
@@ -265,7 +265,8 @@ def _packed_gemv_kernel(a_ptr, codes_ptr, scales_ptr, y_ptr, sx_ptr, sw_ptr, bia
         rk = k0 + tl.arange(0, BK)  # the activation: one row, shared by the BN weight rows
         a_even, a_odd = tl.split(tl.reshape(tl.load(a_row + rk, mask=rk < K, other=0.0).to(tl.float32),
                                             (BK // 2, 2)))
-        # the even and the odd elements summed apart: each sum is then one chain of fused multiply-adds
+        # the even and the odd elements summed apart (as measured; Triton reduces each block as a tree either way,
+        # FMUL + FFMA + FADD, not one chain of FFMA: docs/PERF.md)
         part = tl.sum(tl.reshape(_e2m1_fp16(c, False).to(tl.float32) * a_even[None, :], (BN, BK // BLOCK, BLOCK // 2)),
                       axis=2)
         part += tl.sum(tl.reshape(_e2m1_fp16(c, True).to(tl.float32) * a_odd[None, :], (BN, BK // BLOCK, BLOCK // 2)),
