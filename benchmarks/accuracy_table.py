@@ -1,23 +1,28 @@
 """Merge `sharq eval --json` files of one setup (e.g. one recipe per run) and print the results table.
 
     python benchmarks/accuracy_table.py docs/results/smollm2_zeroshot_limit200_h200/*.json
+    python benchmarks/accuracy_table.py --tasks arc_challenge,lambada,piqa,winogrande RUN.json ...  # common tasks
 """
 
+import argparse
 import json
-import sys
 
 from sharq.eval.run import format_results, merge_results
-
-ORDER = ["bf16", "fp8", "nvfp4", "mxfp4", "hif4", "sharq", "sharq-hif4", "sharq-mxfp4", "sparse-only", "dense-dense",
-         "outlier-channels"]
+from sharq.recipes import list_recipes
 
 
-def main(paths: list[str]) -> None:
-    runs = [json.load(open(p, encoding="utf-8")) for p in paths]
-    merged = merge_results(runs)
-    merged["results"].sort(key=lambda r: ORDER.index(r["recipe"]) if r["recipe"] in ORDER else len(ORDER))
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--tasks", default=None, help="comma-separated: compare on these zero-shot tasks only (runs of "
+                   "more tasks are cut down to them, averages recomputed)")
+    a = p.parse_args(argv)
+    runs = [json.load(open(path, encoding="utf-8")) for path in a.paths]
+    merged = merge_results(runs, a.tasks.split(",") if a.tasks else None)
+    order = list_recipes()
+    merged["results"].sort(key=lambda r: order.index(r["recipe"]) if r["recipe"] in order else len(order))
     print(format_results(merged))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -112,14 +112,14 @@ def lookup(name: str, table: dict[str, Recipe]) -> Recipe:
 
 
 def run(names: list[str], text: str, max_tokens: int, prefix: str, seqlen: int = 2048,
-        model: str | None = None) -> None:
+        model: str | None = None, device: str = "cpu", dtype: str | None = None, backend: str = "auto") -> None:
     table = candidates()
     for name in names:
         recipe = lookup(name, table)
         out = RESULTS / f"{prefix}_{_slug(name)}.json"
         t0 = time.perf_counter()
         res = evaluate(EvalConfig(model=model, recipes=(recipe,), text=text, seqlen=seqlen, max_tokens=max_tokens,
-                                  progress=False))
+                                  device=device, dtype=dtype, backend=backend, progress=False))
         res["recipe_defs"] = {recipe.name: recipe.to_dict()}
         res["wall_seconds"] = round(time.perf_counter() - t0, 1)
         out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
@@ -209,6 +209,9 @@ def main(argv: list[str]) -> None:
     r.add_argument("--prefix", default=None, help="JSON name prefix (default smollm2_screen8k[_TEXT]_cpu; give "
                    "one per model and corpus)")
     r.add_argument("--model", default=None, help="as sharq eval --model (default: the embedded SmolLM2-135M)")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--dtype", default=None, help="as sharq eval --dtype (default float32 on CPU, bfloat16 on CUDA)")
+    r.add_argument("--backend", default="auto", help="as sharq eval --backend")
     t = sub.add_parser("table")
     t.add_argument("paths", nargs="+")
     sub.add_parser("list")
@@ -221,7 +224,7 @@ def main(argv: list[str]) -> None:
         if a.model is not None and a.prefix is None:
             p.error("--model needs --prefix (the default prefix names SmolLM2)")
         run(a.names, a.text, a.max_tokens, a.prefix or f"smollm2_screen{a.max_tokens // 1024}k{tag}_cpu",
-            model=a.model)
+            model=a.model, device=a.device, dtype=a.dtype, backend=a.backend)
     elif a.cmd == "table":
         print(table(a.paths))
     elif a.cmd == "weights":

@@ -240,6 +240,32 @@ def test_merge_results_recomputes_gaps():
         merge_results([run("bf16", 10.0, 0.6), other])
 
 
+def test_merge_results_on_common_tasks():
+    """Runs of different task lists merge on the tasks named: each row is cut down to them and its average and
+    standard error recomputed (a bf16 run of five tasks against quantized runs of four)."""
+    from sharq.eval.run import merge_results
+
+    def run(recipe, scores):
+        tasks = {t: {"acc": a, "acc_stderr": se, "n": 100} for t, (a, se) in scores.items()}
+        return {"model_class": "M", "dtype": "bfloat16", "device": "cuda", "backend": "triton", "text": None,
+                "seqlen": 2048, "windows": 0, "tasks": list(scores), "limit": None, "options": {},
+                "results": [{"recipe": recipe, "ppl": None, "tasks": tasks, "task_avg": None,
+                             "task_avg_stderr": None, "ppl_gap_recovered": None, "task_gap_recovered": None}]}
+
+    five = run("bf16", {"piqa": (0.7, 0.03), "hellaswag": (0.4, 0.01), "lambada": (0.5, 0.04)})
+    four = run("nvfp4", {"piqa": (0.6, 0.03), "lambada": (0.3, 0.04)})
+    with pytest.raises(ValueError, match="tasks"):
+        merge_results([five, four])
+    with pytest.raises(ValueError, match="has no hellaswag"):
+        merge_results([five, four], ["piqa", "hellaswag"])
+    merged = merge_results([five, four], ["piqa", "lambada"])
+    bf16, nvfp4 = merged["results"]
+    assert merged["tasks"] == ["piqa", "lambada"] and set(bf16["tasks"]) == {"piqa", "lambada"}
+    assert bf16["task_avg"] == pytest.approx(0.6) and bf16["task_avg_stderr"] == pytest.approx(0.025)
+    assert nvfp4["task_avg"] == pytest.approx(0.45) and bf16["task_gap_recovered"] == pytest.approx(1.0)
+    assert five["results"][0]["task_avg"] is None  # the inputs are left as they were
+
+
 def test_tasks_without_lm_eval_is_a_one_line_error(monkeypatch, capsys):
     import importlib.util
 
@@ -463,6 +489,7 @@ def test_lm_eval_adapter_sends_inputs_to_a_spread_models_execution_device(tiny_m
 def test_zero_shot_standard_errors_and_resolved_differences():
     """Each task's accuracy carries its binomial standard error, the average √(Σ se²)/T, and the table marks a
     difference from nvfp4 as resolved beyond two standard errors of the difference."""
+    from sharq.eval.run import add_gaps
     from sharq.eval.zeroshot import accuracy_stderr
 
     assert accuracy_stderr(0.5, 101) == pytest.approx(0.05)
@@ -477,10 +504,14 @@ def test_zero_shot_standard_errors_and_resolved_differences():
            "windows": 0, "tasks": ["piqa"], "limit": None,
            "results": [row("bf16", 0.70, 0.01), row("nvfp4", 0.64, 0.01), row("sharq", 0.65, 0.01),
                        row("sharq-plus", 0.68, 0.01)]}
-    text = format_results(res)
+    text = format_results(add_gaps(res))
     assert "70.00 ± 1.00" in text
     assert "+1.00 (0.7 se)" in text and "+1.00 (0.7 se) *" not in text  # within noise
     assert "+4.00 (2.8 se) *" in text  # resolved
+    assert "67%" in text and "n/r" not in text  # the bf16 - nvfp4 gap (6 points, 4.2 se) is resolved
+    res["results"][0] = row("bf16", 0.655, 0.01)  # a gap of 1.5 points, 1.1 se: its shares mean nothing
+    text = format_results(add_gaps(res))
+    assert "n/r" in text and "%" not in text.split("\n\n")[1].replace("gap rec.", "") and "within the noise" in text
 
 
 @pytest.mark.slow
