@@ -205,6 +205,9 @@ def test_eval_zero_shot_task(tmp_path, capsys):
     for row in res["results"]:
         assert set(row["tasks"]) == {"piqa", "winogrande"}
         assert row["tasks"]["piqa"]["n"] == 4 and 0 <= row["tasks"]["piqa"]["acc_norm"] <= 1
+        for metrics in row["tasks"].values():  # one 0/1 per question, of the task's score (acc_norm, else acc)
+            score = metrics.get("acc_norm", metrics["acc"])
+            assert len(metrics["correct"]) == 4 and metrics["correct"].count("1") / 4 == pytest.approx(score)
         assert 0 <= row["task_avg"] <= 1
 
 
@@ -512,6 +515,37 @@ def test_zero_shot_standard_errors_and_resolved_differences():
     res["results"][0] = row("bf16", 0.655, 0.01)  # a gap of 1.5 points, 1.1 se: its shares mean nothing
     text = format_results(add_gaps(res))
     assert "n/r" in text and "%" not in text.split("\n\n")[1].replace("gap rec.", "") and "within the noise" in text
+
+
+def test_paired_differences_resolve_what_unpaired_cannot():
+    """Two rows that differ on 10 of 1,000 questions (1 point): unpaired, √(se² + se²) leaves that in the noise;
+    question by question the difference is resolved, and the table says it paired."""
+    from sharq.eval.run import add_gaps, paired_stderr
+    from sharq.eval.zeroshot import accuracy_stderr
+
+    assert paired_stderr("1100", "1000") == pytest.approx(0.25)  # d = (0, 1, 0, 0): sd 0.5 over √4
+    assert paired_stderr("1010", "1010") == 0
+    with pytest.raises(ValueError, match="same questions"):
+        paired_stderr("101", "10")
+
+    def row(name, right, n=1000):
+        correct = "1" * right + "0" * (n - right)
+        se = accuracy_stderr(right / n, n)
+        return {"recipe": name, "activation_bits": 4.5, "weight_bits": 4.5, "weight_bytes": 0, "ppl": None,
+                "tokens_per_s": None, "tasks": {"piqa": {"acc": right / n, "acc_stderr": se, "n": n,
+                                                          "correct": correct}},
+                "ppl_gap_recovered": None, "task_avg": right / n, "task_avg_stderr": se, "task_gap_recovered": None}
+
+    res = {"model": "m", "model_class": "C", "dtype": "float32", "device": "cpu", "backend": "reference",
+           "windows": 0, "tasks": ["piqa"], "limit": None,
+           "results": [row("bf16", 700), row("nvfp4", 640), row("sharq", 650)]}
+    text = format_results(add_gaps(res))
+    assert "(paired: question by question)" in text
+    assert "+1.00 (3.2 se) *" in text  # √(0.0099 / 1000) = 0.00315 per point of 1 %
+    for r in res["results"]:
+        del r["tasks"]["piqa"]["correct"]
+    text = format_results(add_gaps(res))
+    assert "paired" not in text and "+1.00 (0.5 se)" in text
 
 
 @pytest.mark.slow

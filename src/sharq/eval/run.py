@@ -268,10 +268,33 @@ def _only_tasks(run: dict, tasks: list[str]) -> dict:
     return {**run, "tasks": list(tasks), "paper_task_average": set(tasks) == set(PAPER_TASKS), "results": rows}
 
 
+def paired_stderr(a: str, b: str) -> float:
+    """The standard error of the accuracy difference of two rows on the same questions, from their per-question
+    results (evaluate_tasks' "correct"): the sample standard deviation of the per-question differences over √n.
+    Questions both rows get right, or both wrong, add no noise, so this is far tighter than √(se_a² + se_b²)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired rows need the same questions (at least 2), got {len(a)} and {len(b)}")
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    return math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
+
+
+def _difference_stderr(r: dict, low: dict) -> tuple[float, bool]:
+    """(standard error of r's task average minus low's, whether it is paired). Paired where both rows logged their
+    per-question results for the same questions; otherwise √(se_r² + se_low²), conservative, since the rows answer
+    the same questions and their errors are correlated."""
+    tasks = list(r["tasks"])
+    if all("correct" in r["tasks"][t] and "correct" in low["tasks"].get(t, {})
+           and len(r["tasks"][t]["correct"]) == len(low["tasks"][t]["correct"]) for t in tasks):
+        se = math.sqrt(sum(paired_stderr(r["tasks"][t]["correct"], low["tasks"][t]["correct"]) ** 2
+                           for t in tasks)) / len(tasks)
+        return se, True
+    return math.sqrt(r["task_avg_stderr"] ** 2 + low["task_avg_stderr"] ** 2), False
+
+
 def _z(r: dict, low: dict) -> float:
-    """r's task average minus low's in standard errors of the difference, √(se_r² + se_low²) (conservative: the
-    two rows answer the same questions, so their errors are correlated)."""
-    se = math.sqrt(r["task_avg_stderr"] ** 2 + low["task_avg_stderr"] ** 2)
+    """r's task average minus low's in standard errors of the difference."""
+    se, _ = _difference_stderr(r, low)
     return (r["task_avg"] - low["task_avg"]) / se if se > 0 else math.nan
 
 
@@ -323,8 +346,11 @@ def format_results(res: dict) -> str:
         lines.append(f"perplexity: {res['text']}, {res['windows']} windows x {res['seqlen']} tokens "
                      f"= {res['ppl_tokens']} tokens")
     if tasks:
+        others = [r for r in res["results"] if r is not low]
+        paired = low is not None and bool(others) and all(_difference_stderr(r, low)[1] for r in others)
         lines.append(f"zero-shot: acc_norm where defined, else acc; limit {res['limit'] or 'none'} per task; "
-                     "se = standard error; a difference is resolved (*) beyond 2 standard errors of the difference")
+                     "se = standard error; a difference is resolved (*) beyond 2 standard errors of the difference"
+                     + (" (paired: question by question)" if paired else ""))
     lines.append("gap rec. = share of the nvfp4 -> bf16 gap that a recipe recovers (SPEC §9)")
     if tasks and not task_gap_resolved:
         lines.append("avg gap rec. n/r: bf16's average is not above nvfp4's by 2 standard errors, so the zero-shot "

@@ -134,8 +134,10 @@ def _barrier() -> None:
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
-    """{task: {"acc": ..., "acc_norm": ... (where defined), "n": samples}} for a (quantized) model object, on the
-    bundled offline task data."""
+    """{task: {"acc": ..., "acc_norm": ... (where defined), their standard errors, "n": questions, "correct": ...}}
+    for a (quantized) model object, on the bundled offline task data. "correct" holds one character per question,
+    in the task's order, "1" where the task's score (acc_norm where defined, else acc) counts it right: two rows
+    of the same questions then compare question by question (run.paired_stderr)."""
     check_tasks(tasks)
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -144,7 +146,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
     configs = [task_config(t) for t in tasks]
     lm = as_lm_eval(model, tokenizer, batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
-                                  limit=limit, bootstrap_iters=0, log_samples=False)
+                                  limit=limit, bootstrap_iters=0, log_samples=True)
     if out is None:  # a torch.distributed run: the scores are the first process's
         return {}
     results = {}
@@ -155,6 +157,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
         for m in [m for m in results[task]]:
             results[task][f"{m}_stderr"] = accuracy_stderr(results[task][m], n)
         results[task]["n"] = n
+        metric = "acc_norm" if "acc_norm" in results[task] else "acc"
+        samples = sorted(out["samples"][f"sharq_{task}"], key=lambda sample: sample["doc_id"])
+        results[task]["correct"] = "".join("1" if sample[metric] else "0" for sample in samples)
     return results
 
 
