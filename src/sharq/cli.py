@@ -293,12 +293,18 @@ def _recipe_options(args: argparse.Namespace) -> dict:
 
 def _check_eval_arguments(args: argparse.Namespace) -> None:
     """What evaluate() cannot judge alone, refused before the evaluation rather than after it: results that
-    cannot be written (an existing --json file is overwritten), nothing to evaluate, a budget below one window."""
-    if args.json is not None:
-        from .hf import resolve_model
+    cannot be written (an existing --json file is overwritten), nothing to evaluate, a budget below one window;
+    and the evaluation's own refusals that are about a flag, in the flag's words."""
+    from .checkpoint import is_checkpoint
+    from .hf import resolve_model
+    from .interop import is_compressed_tensors
 
-        if _check_output(args.json, "--json", resolve_model(args.model), makes_parents=False).is_dir():
+    model = resolve_model(args.model)
+    if args.json is not None:
+        if _check_output(args.json, "--json", model, makes_parents=False).is_dir():
             raise ValueError(f"--json {args.json} is a directory: give a file path")
+    if args.device_map is not None and (is_checkpoint(model) or is_compressed_tensors(model)):
+        raise ValueError("--device-map places an unquantized model; a quantized checkpoint loads on one --device")
     if args.no_ppl and not args.tasks:
         raise ValueError("nothing to evaluate: --no-ppl skips perplexity, so give --tasks")
     if not args.no_ppl and args.max_tokens is not None and args.max_tokens < args.seqlen - 1:

@@ -51,7 +51,7 @@ def corpus_text(name: str) -> str:
     elif name == "lambada":
         docs = (row["request"]["context"] + row["request"]["continuation"] for row in read_rows("lambada"))
     else:
-        raise ValueError(f"unknown corpus {name!r}; named corpora: {', '.join(CORPORA)} (or give --text FILE)")
+        raise ValueError(f"unknown corpus {name!r}; named corpora: {', '.join(CORPORA)} (or a text file's path)")
     return "\n\n".join(docs)
 
 

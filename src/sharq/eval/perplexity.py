@@ -52,7 +52,7 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int 
     n = budget // body
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens (budget {budget}): too short for one window of "
-                         f"{seqlen}; lower --seqlen or give more text")
+                         f"{seqlen}; lower seqlen or give more text")
     w = ids[: n * body].reshape(n, body)
     if bos_id is not None:
         w = torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], dim=1)

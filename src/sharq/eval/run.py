@@ -97,9 +97,9 @@ def check_device(device: str) -> torch.device:
         raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device} was asked for, but torch sees no CUDA device on this machine")
+            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device on this machine")
         if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif d.type != "cpu":
         raise ValueError(f"unsupported device {device!r}; expected cpu, cuda or cuda:N")
     return d
@@ -116,7 +116,7 @@ def recipes_for(cfg: EvalConfig, path: Path) -> list[Recipe]:
     if not is_checkpoint(path):
         names = DEFAULT_RECIPES if cfg.recipes is None else cfg.recipes
         if not names:
-            raise ValueError("no recipe to evaluate: give --recipes, e.g. bf16,nvfp4,sharq")
+            raise ValueError("no recipe to evaluate: name one or more, e.g. bf16, nvfp4, sharq")
         return [get_recipe(r, **cfg.options) for r in names]
     saved = Recipe.from_dict(read_quantization_config(path)["recipe"])
     if cfg.recipes is not None or cfg.options:
@@ -155,7 +155,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     calib_text = load_text(cfg.calib_text)[0] if needs_calibration else None
 
     if cfg.device_map is not None and (quantized or imported):
-        raise ValueError("--device-map places an unquantized model; a quantized checkpoint loads on one --device")
+        raise ValueError("device_map places an unquantized model; a quantized checkpoint loads on one device")
 
     t0 = time.perf_counter()
     if imported:

@@ -82,7 +82,7 @@ def check_tasks(tasks) -> None:
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)} (or 'paper')")
     if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("datasets") is None:
-        raise RuntimeError(f"--tasks needs lm-evaluation-harness: {LM_EVAL_HINT}")
+        raise RuntimeError(f"zero-shot tasks need lm-evaluation-harness: {LM_EVAL_HINT}")
 
 
 def task_config(task: str) -> dict:
