@@ -279,22 +279,23 @@ def paired_stderr(a: str, b: str) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1) / len(d))
 
 
-def _difference_stderr(r: dict, low: dict) -> tuple[float, bool]:
-    """(standard error of r's task average minus low's, whether it is paired). Paired where both rows logged their
-    per-question results for the same questions; otherwise √(se_r² + se_low²), conservative, since the rows answer
-    the same questions and their errors are correlated."""
-    tasks = list(r["tasks"])
-    if all("correct" in r["tasks"][t] and "correct" in low["tasks"].get(t, {})
-           and len(r["tasks"][t]["correct"]) == len(low["tasks"][t]["correct"]) for t in tasks):
-        se = math.sqrt(sum(paired_stderr(r["tasks"][t]["correct"], low["tasks"][t]["correct"]) ** 2
-                           for t in tasks)) / len(tasks)
-        return se, True
-    return math.sqrt(r["task_avg_stderr"] ** 2 + low["task_avg_stderr"] ** 2), False
+def _paired(r: dict, low: dict) -> bool:
+    """Whether both rows logged their per-question results on the same questions of every task."""
+    return bool(r["tasks"]) and all(
+        "correct" in m and len(m["correct"]) == len(low["tasks"].get(t, {}).get("correct", ""))
+        for t, m in r["tasks"].items())
 
 
 def _z(r: dict, low: dict) -> float:
-    """r's task average minus low's in standard errors of the difference."""
-    se, _ = _difference_stderr(r, low)
+    """r's task average minus low's in standard errors of the difference: paired, question by question, where both
+    rows logged their answers (_paired); otherwise √(se_r² + se_low²), conservative, since the rows answer the same
+    questions and their errors are correlated."""
+    if _paired(r, low):
+        tasks = r["tasks"]
+        se = math.sqrt(sum(paired_stderr(m["correct"], low["tasks"][t]["correct"]) ** 2
+                           for t, m in tasks.items())) / len(tasks)
+    else:
+        se = math.sqrt(r["task_avg_stderr"] ** 2 + low["task_avg_stderr"] ** 2)
     return (r["task_avg"] - low["task_avg"]) / se if se > 0 else math.nan
 
 
@@ -347,7 +348,7 @@ def format_results(res: dict) -> str:
                      f"= {res['ppl_tokens']} tokens")
     if tasks:
         others = [r for r in res["results"] if r is not low]
-        paired = low is not None and bool(others) and all(_difference_stderr(r, low)[1] for r in others)
+        paired = low is not None and bool(others) and all(_paired(r, low) for r in others)
         lines.append(f"zero-shot: acc_norm where defined, else acc; limit {res['limit'] or 'none'} per task; "
                      "se = standard error; a difference is resolved (*) beyond 2 standard errors of the difference"
                      + (" (paired: question by question)" if paired else ""))
