@@ -12,6 +12,7 @@
    so every call streams its weight from memory, as in a model). Bytes for M ≤ 16: the weight (packed payload or
    bf16), X and Y; achieved GB/s against the copy bandwidth. FLOPs for M ≥ 2048: 2·M·N·K, against the matrix rate.
 --sweep first times the small-M kernels' launch shapes at M ∈ {1, 2, 4, 16} (how gemm.choose_tile was chosen).
+--crossover times only the MMA kernel against decode + cuBLAS at M = 16..64 (where gemm.SMALL_M belongs).
 """
 
 from __future__ import annotations
@@ -207,6 +208,37 @@ def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
     return rows
 
 
+def crossover(ms: tuple[int, ...] = (16, 24, 32, 48, 64)) -> list[dict]:
+    """Where the packed MMA kernel should hand over to decode-to-scratch + cuBLAS (gemm.SMALL_M): both paths
+    timed at each M on every shape (sharq weights and activations), BF16 cuBLAS beside them."""
+    rows = []
+    prepare = get_backend("packed").prepare
+    for (k, n), m in itertools.product(SHAPES, ms):
+        x = outlier_x(m, k)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+        row = {"K": k, "N": n, "M": m, "bf16_ms": graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
+        del ws, w
+        p, sw, r = payload("sharq", n, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
+        act = prepare(x, r, None)
+        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
+        tile = gemm.choose_tile(m, n, p.codes.shape[1] * 2, x.device)
+        row["mma_ms"] = graph_ms([lambda c=c, s=s: gemm.packed_matmul(act.values, c, s, r.weight_fmt, r.weight_block,
+                                                                      act.scale, sw, None, torch.bfloat16, tile=tile)
+                                  for c, s in ps])
+        row["decoded_ms"] = graph_ms([lambda c=c, s=s: gemm.decoded_matmul(act.values, c, s, r.weight_fmt,
+                                                                           r.weight_block, sx, swf, None,
+                                                                           torch.bfloat16) for c, s in ps])
+        row["tile"] = str(tile)
+        del ps
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: bf16 {1e3 * row['bf16_ms']:.1f} us, mma {1e3 * row['mma_ms']:.1f} us, "
+              f"decoded {1e3 * row['decoded_ms']:.1f} us", flush=True)
+    return rows
+
+
 def host_us(calls: int = 200) -> dict:
     """Host time per eager call of one 4096 → 4096 layer at M = 1, in µs: the calls are queued behind a long GPU
     sleep, so the CPU time of the loop is the launch path alone (Python, dispatch, kernel launches)."""
@@ -238,12 +270,21 @@ def main() -> int:
     p.add_argument("--host", action="store_true", help="only the host time per eager call (then exit)")
     p.add_argument("--recipes", default="nvfp4,sharq", help="packed variants timed (nvfp4 and sharq always)")
     p.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
+    p.add_argument("--crossover", action="store_true", help="only the MMA kernel against decode + cuBLAS at "
+                   "M = 16..64 (where gemm.SMALL_M belongs; then exit)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.crossover:
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,
+               "crossover": crossover()}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     if args.host:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host_us": host_us()}
         if args.json:

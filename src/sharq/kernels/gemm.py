@@ -359,6 +359,20 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> Tile:
     return Tile(bn, bm, bk, _splits(triton.cdiv(n, bn) * triton.cdiv(m, bm), kp, bk, 2, device))
 
 
+def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
+                   sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLAS.
+    Arguments as packed_matmul's, already checked there (sx, sw flat fp32)."""
+    k = a.shape[1]
+    w = dequantize_packed(codes, scales, fmt, block, k, out=_scratch_weight(codes.shape[0], k, a.device))
+    if out_dtype == torch.float32:
+        y = torch.mm(a, w.T, out_dtype=torch.float32) if not INTERPRETED else (a.float() @ w.float().T)
+    else:
+        y = (a @ w.T).to(out_dtype)
+    return scale_and_bias_(y, sx, sw, bias)
+
+
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
                   sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                   tile: Tile | None = None) -> torch.Tensor:
@@ -379,12 +393,7 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
     if m == 0 or n == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=a.device) + (0 if bias is None else bias.to(out_dtype))
     if m > SMALL_M and tile is None:
-        w = dequantize_packed(codes, scales, fmt, block, k, out=_scratch_weight(n, k, a.device))
-        if out_dtype == torch.float32:
-            y = torch.mm(a, w.T, out_dtype=torch.float32) if not INTERPRETED else (a.float() @ w.float().T)
-        else:
-            y = (a @ w.T).to(out_dtype)
-        return scale_and_bias_(y, sx, sw, bias)
+        return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
     t = tile or choose_tile(m, n, kp, a.device)
     if t.kernel not in ("mma", "gemv") or t.bk % block:
         raise ValueError(f"bad tile {t}: kernel 'mma' or 'gemv', bk a multiple of the weight block {block}")
