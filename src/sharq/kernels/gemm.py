@@ -30,8 +30,8 @@ from .common import INTERPRETED, NATIVE, cast_rne, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
-# up to here the packed kernels; above, decode to scratch + cuBLAS. docs/PERF.md: at M = 64 the scratch path's
-# parts (its decode, timed at M = 256, plus BF16 at 64) beat the MMA kernel on every shape, at M = 16 they lose
+# up to here the packed kernels; above, decode to scratch + cuBLAS (decoded_matmul). docs/PERF.md,
+# bench_gemm.py --crossover on the H200: the MMA kernel is faster at M <= 32 on every shape, slower from M = 48
 SMALL_M = 32
 
 
