@@ -202,6 +202,7 @@ def test_eval_zero_shot_task(tmp_path, capsys):
     assert main(["eval", "--no-ppl", "--tasks", "piqa,winogrande", "--limit", "4", "--recipes", "bf16,sharq",
                  "--quiet", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
+    assert "Running loglikelihood requests" not in capsys.readouterr().err  # --quiet: lm-eval's bars too
     for row in res["results"]:
         assert set(row["tasks"]) == {"piqa", "winogrande"}
         assert row["tasks"]["piqa"]["n"] == 4 and 0 <= row["tasks"]["piqa"]["acc_norm"] <= 1

@@ -199,7 +199,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             p = distributed_perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
             row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
         if cfg.tasks:  # in a torch.distributed run the requests are split; the first process gets the scores
-            row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size)
+            row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size,
+                                       cfg.progress)
         if row.tasks:
             row.task_avg, row.task_avg_stderr = task_average(row.tasks)
         rows.append(row)

@@ -6,6 +6,7 @@ for the local copy, so numbers are comparable with lm-eval runs that download th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -133,11 +134,13 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+                   progress: bool = True) -> dict:
     """{task: {"acc": ..., "acc_norm": ... (where defined), their standard errors, "n": questions, "correct": ...}}
     for a (quantized) model object, on the bundled offline task data. "correct" holds one character per question,
     in the task's order, "1" where the task's score (acc_norm where defined, else acc) counts it right: two rows
-    of the same questions then compare question by question (run.paired_stderr)."""
+    of the same questions then compare question by question (run.paired_stderr). progress=False drops lm-eval's
+    tokenizing and request bars (its one-line request-building bar per task has no switch)."""
     check_tasks(tasks)
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -145,6 +148,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # it reports every custom task at INFO/WARNING
     configs = [task_config(t) for t in tasks]
     lm = as_lm_eval(model, tokenizer, batch_size)
+    if not progress:
+        lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=TaskManager(include_defaults=False),
                                   limit=limit, bootstrap_iters=0, log_samples=True)
     if out is None:  # a torch.distributed run: the scores are the first process's
