@@ -22,7 +22,7 @@ from ..recipes import Recipe, get_recipe
 from .data import load_text
 from .distributed import process_rank
 from .perplexity import bos_token, distributed_perplexity, tokenize, windows
-from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks
+from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks, task_score, task_stderr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_RECIPES = ("bf16", "nvfp4", "sharq")
@@ -64,16 +64,6 @@ class EvalConfig:
     calib_tokens: int = 8192
     options: dict = field(default_factory=dict)  # recipe options, e.g. scale_granularity
     progress: bool = True
-
-
-def task_score(metrics: dict) -> float:
-    """The number a task contributes to the average: acc_norm where lm-eval defines it, else acc."""
-    return metrics.get("acc_norm", metrics["acc"])
-
-
-def task_stderr(metrics: dict) -> float:
-    """The standard error of task_score."""
-    return metrics["acc_norm_stderr" if "acc_norm" in metrics else "acc_stderr"]
 
 
 def task_average(tasks: dict[str, dict]) -> tuple[float, float]:
@@ -287,10 +277,12 @@ def _paired(r: dict, low: dict) -> bool:
         for t, m in r["tasks"].items())
 
 
-def _z(r: dict, low: dict) -> float:
+def _z(r: dict, low: dict | None) -> float | None:
     """r's task average minus low's in standard errors of the difference: paired, question by question, where both
     rows logged their answers (_paired); otherwise √(se_r² + se_low²), conservative, since the rows answer the same
-    questions and their errors are correlated."""
+    questions and their errors are correlated. None without a low row or its standard errors (older results)."""
+    if low is None or r.get("task_avg_stderr") is None or low.get("task_avg_stderr") is None:
+        return None
     if _paired(r, low):
         tasks = r["tasks"]
         se = math.sqrt(sum(paired_stderr(m["correct"], low["tasks"][t]["correct"]) ** 2
@@ -302,18 +294,17 @@ def _z(r: dict, low: dict) -> float:
 
 def _difference(r: dict, low: dict | None) -> str:
     """r's task average minus nvfp4's, in points, with its size in standard errors and * where that exceeds 2."""
-    if low is None or r is low or r.get("task_avg_stderr") is None or low.get("task_avg_stderr") is None:
+    if r is low or (z := _z(r, low)) is None:
         return ""
-    z = _z(r, low)
     return f"{100 * (r['task_avg'] - low['task_avg']):+.2f} ({z:.1f} se){' *' if abs(z) > 2 else ''}"
 
 
 def _gap_resolved(ref: dict | None, low: dict | None) -> bool:
     """Whether bf16's task average is above nvfp4's by more than 2 standard errors: a share of a gap within the
-    noise (e.g. 300 % of 0.3 points) says nothing, so the table leaves it out."""
-    if ref is None or low is None or ref.get("task_avg_stderr") is None or low.get("task_avg_stderr") is None:
-        return True  # nothing to judge by (older results): shown as before
-    return _z(ref, low) > 2
+    noise (e.g. 300 % of 0.3 points) says nothing, so the table leaves it out. Without the standard errors to
+    judge by (older results) the share is shown as before."""
+    z = None if ref is None else _z(ref, low)
+    return z is None or z > 2
 
 
 def format_results(res: dict) -> str:

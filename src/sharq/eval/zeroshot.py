@@ -134,6 +134,20 @@ def _barrier() -> None:
     dist.barrier()
 
 
+def score_metric(metrics: dict) -> str:
+    """The metric a task contributes to the average: acc_norm where lm-eval defines it, else acc."""
+    return "acc_norm" if "acc_norm" in metrics else "acc"
+
+
+def task_score(metrics: dict) -> float:
+    return metrics[score_metric(metrics)]
+
+
+def task_stderr(metrics: dict) -> float:
+    """The standard error of task_score."""
+    return metrics[f"{score_metric(metrics)}_stderr"]
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,
                    progress: bool = True) -> dict:
     """{task: {"acc": ..., "acc_norm": ... (where defined), their standard errors, "n": questions, "correct": ...}}
@@ -162,7 +176,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
         for m in [m for m in results[task]]:
             results[task][f"{m}_stderr"] = accuracy_stderr(results[task][m], n)
         results[task]["n"] = n
-        metric = "acc_norm" if "acc_norm" in results[task] else "acc"
+        metric = score_metric(results[task])
         samples = sorted(out["samples"][f"sharq_{task}"], key=lambda sample: sample["doc_id"])
         results[task]["correct"] = "".join("1" if sample[metric] else "0" for sample in samples)
     return results
