@@ -24,13 +24,10 @@ from sharq.eval.perplexity import bos_token, perplexity, tokenize, windows
 from sharq.hf import load_pretrained
 from sharq.models import quantize_model, target_linears
 from sharq.nn import SharQLinear
-from sharq.recipes import Recipe, get_recipe
+from sharq.recipes import Recipe
+from screen_accuracy import candidates  # benchmarks/screen_accuracy.py, beside this script
 
-
-def base_recipe() -> Recipe:
-    """sharq with four_over_six weight scales (sharq+w-4o6 in the screen): 4.25 weight bits, so a budget of 4.5
-    leaves 0.25 bits per weight to spend."""
-    return get_recipe("sharq").with_options(name="sharq+w-4o6", weight_scale_rule="four_over_six")
+BASE = "sharq+w-4o6"  # the screen's sharq with four_over_six weight scales: 4.25 weight bits, 0.25 left to spend
 
 
 def high_recipe(base: Recipe) -> Recipe:
@@ -44,9 +41,7 @@ def weight_errors(model: torch.nn.Module, recipe: Recipe) -> dict[str, tuple[flo
     out = {}
     for name, linear in target_linears(model).items():
         w = linear.weight.detach().float()
-        q = recipe.prepare_weight(w)
-        scale = q.scale.reshape(-1, 1) if q.scale.dim() else q.scale
-        err = (q.values.float() * scale - w).square().sum() / w.square().sum()
+        err = (recipe.prepare_weight(w).effective() - w).square().sum() / w.square().sum()
         out[name] = (err.item(), w.numel())
     return out
 
@@ -88,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
 
-    base = base_recipe()
+    base = candidates()[BASE]
     high = high_recipe(base)
     model, tokenizer = load_pretrained(a.model, torch.float32, "cpu")
     batches = windows(tokenize(load_text(a.text)[0], tokenizer), a.seqlen, a.max_tokens, bos_token(tokenizer))

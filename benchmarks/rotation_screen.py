@@ -6,8 +6,8 @@ butterfly per input block), but they also spread the activation outliers SharQ's
 
     python benchmarks/rotation_screen.py --out docs/results/smollm2_rotation8k_cpu.json none sharq-plus/w-only sharq-plus
 
-Rows: `none` (bf16: the rotation alone, must give the bf16 perplexity), a registered recipe, or `NAME/w-only` (its
-weights, bf16 activations). The text and windows are the screen's (benchmarks/screen_accuracy.py), so the rows
+Rows: `none` (bf16: the rotation alone, must give the bf16 perplexity) or any row of screen_accuracy.py (a
+registered recipe, a candidate, `NAME/w-only`: its weights with bf16 activations, `NAME/a-only`). The text and windows are the screen's (benchmarks/screen_accuracy.py), so the rows
 compare with its JSONs.
 """
 
@@ -24,7 +24,8 @@ from sharq.eval.perplexity import bos_token, perplexity, tokenize, windows
 from sharq.hf import load_pretrained
 from sharq.models import target_linears
 from sharq.nn import SharQLinear
-from sharq.recipes import Recipe, get_recipe
+from sharq.recipes import Recipe
+from screen_accuracy import candidates, lookup  # benchmarks/screen_accuracy.py, beside this script
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -70,15 +71,8 @@ def rotate_and_quantize(model: torch.nn.Module, recipe: Recipe | None, block: in
 
 
 def row_recipe(name: str) -> Recipe | None:
-    if name == "none":
-        return None
-    base, _, part = name.partition("/")
-    recipe = get_recipe(base)
-    if part == "w-only":
-        return recipe.with_options(name=name, stages=())
-    if part:
-        raise ValueError(f"unknown row {name!r}: NAME or NAME/w-only")
-    return recipe
+    """None for "none", else the screen's row of that name (a recipe, a candidate, NAME/w-only, NAME/a-only)."""
+    return None if name == "none" else lookup(name, candidates())
 
 
 def main(argv: list[str] | None = None) -> None:
