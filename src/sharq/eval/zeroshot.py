@@ -173,7 +173,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None,
         r = out["results"][f"sharq_{task}"]
         n = out["n-samples"][f"sharq_{task}"]["effective"]
         results[task] = {m: r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
-        for m in [m for m in results[task]]:
+        for m in list(results[task]):
             results[task][f"{m}_stderr"] = accuracy_stderr(results[task][m], n)
         results[task]["n"] = n
         metric = score_metric(results[task])
