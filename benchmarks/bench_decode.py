@@ -162,7 +162,7 @@ def main() -> int:
     p.add_argument("--eager-tokens", type=int, default=16, help="decode steps timed eagerly (slower: fewer)")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--recipes", default="nvfp4,sharq")
-    p.add_argument("--backend", default=None, help="quantized layers' backend (default: packed; reference with --tiny)")
+    p.add_argument("--backend", default=None, help="quantized layers' backend (default: auto; reference with --tiny)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time the graph path with a torch.compile'd forward")
     p.add_argument("--tiny", action="store_true", help="a 2-layer small model on the CPU: a smoke test")
@@ -173,7 +173,7 @@ def main() -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU (or --tiny, a CPU smoke test)", file=sys.stderr)
         return 2
-    backend = args.backend or ("reference" if args.tiny else "packed")
+    backend = args.backend or ("reference" if args.tiny else "auto")
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     layers = args.layers or (80 if args.shape == "70b" else 32)

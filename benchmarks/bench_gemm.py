@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 import sharq
 from sharq._format import format_table
-from sharq.functional import get_backend
+from sharq.backends import WeightLayout, available, get_backend, humming
 from sharq.kernels import gemm
 from sharq.quant import QTensor, dequantize_blocks
+from sharq.recipes import QWeight
 from timing import median_ms  # benchmarks/timing.py, beside this script
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
@@ -140,6 +141,8 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
         row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
         row[f"{recipe}_weight_bytes"] = nbytes + 4
         del ps
+        if available("humming") and humming.supports(r) and humming.accepts(n, k, torch.bfloat16):
+            row.update(time_humming(recipe, x, p, sw, r))
     torch.cuda.empty_cache()
     for key in [key for key in row if key.endswith("_ms")]:
         row[key.replace("_ms", "_x_bf16")] = row["bf16_ms"] / row[key]  # speed relative to BF16 cuBLAS
@@ -156,6 +159,29 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
             row[f"{key}_TFLOPs"] = flops / row[f"{key}_ms"] / 1e9
         row["bf16_of_peak"] = row["bf16_TFLOPs"] / caps["bf16_TFLOPs"]
     return row
+
+
+def time_humming(recipe: str, x: torch.Tensor, p: QTensor, sw: torch.Tensor, r) -> dict:
+    """The humming backend on the same payload: its GEMM as sharq runs it (humming's default, stream-K) and in
+    humming's batch-invariant mode (no split tiles: the fp32 bound), and its layer (prepare + GEMM)."""
+    layout = humming.to_layout(p, sw, None)
+    layouts = [WeightLayout(tuple(t.clone() for t in layout.tensors[:2]) + layout.tensors[2:], layout.meta,
+                            layout.shape) for _ in range(copies(layout.nbytes))]
+    prepare = get_backend("humming").prepare
+    act = prepare(x, r, None)
+    alpha = (act.scale.reshape(1) * sw.reshape(1)).float()
+    qw = QWeight(None, sw, None)
+    out = {f"{recipe}_humming_weight_bytes": layout.nbytes}
+    for mode, compute in (("humming", None), ("humming_invariant", '{"use_batch_invariant": true}')):
+        def gemm_only(lay, compute=compute):
+            wt, st, _, locks = lay.tensors
+            return humming_gemm(layer_config=lay.meta, compute_config=compute, inputs=act.values, weight=wt,
+                                weight_scale=st, weight_scale_2=alpha, locks=locks)
+        out[f"{recipe}_{mode}_gemm_ms"] = graph_ms([lambda lay=lay: gemm_only(lay) for lay in layouts])
+    out[f"{recipe}_humming_layer_ms"] = graph_ms([lambda lay=lay: humming.matmul(prepare(x, r, None), qw, None,
+                                                                                  torch.bfloat16, lay)
+                                                  for lay in layouts])
+    return out
 
 
 def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
@@ -277,6 +303,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
+    if available("humming"):
+        from humming.ops.gemm import humming_gemm
+
+        globals()["humming_gemm"] = humming_gemm
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.crossover:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,

@@ -375,7 +375,7 @@ def test_fused_kernels_refuse_activation_options_and_take_weight_options():
     the reference preparation (and off the packed backend). The weight options change only the NVFP4 payload's
     values and s_w, so the packed GEMM reads them as they are."""
     pytest.importorskip("triton")
-    from sharq.functional import _packed_supports
+    from sharq.backends.packed import supports as _packed_supports
     from sharq.kernels.prepare import supports
 
     base = sharq.get_recipe("sharq")
@@ -458,7 +458,7 @@ def test_sharq_plus_runs_on_the_fused_kernels():
     """Its activations are SPEC §5's (the fused prepare kernel); its weights are an NVFP4 W16 payload, which the
     packed GEMM reads as it is."""
     pytest.importorskip("triton")
-    from sharq.functional import _packed_supports
+    from sharq.backends.packed import supports as _packed_supports
     from sharq.kernels.gemm import supports as gemm_supports
     from sharq.kernels.prepare import supports
 

@@ -272,15 +272,15 @@ def test_mxfp4_is_torchao_bit_for_bit(rng):
 @pytest.mark.parametrize("fmt", [TORCHAO, CT])
 def test_kernels_leave_the_variants_to_the_reference_path(fmt):
     _import("triton")
-    from sharq.functional import BACKENDS
+    from sharq.backends import BACKENDS
     from sharq.kernels import gemm, prepare
 
     recipe = sharq.get_recipe(fmt)
     assert not prepare.supports(recipe) and not gemm.supports(fmt, 16)
-    assert not BACKENDS["packed"].supports(recipe)
+    assert not BACKENDS["packed"].supports(recipe) and not BACKENDS["humming"].supports(recipe)
     # tool weights under SPEC activations: the fused activation kernel still applies (the weight enters as Ŵ)
     mixed = sharq.get_recipe("sharq", weight_fmt=fmt)
-    assert prepare.supports(mixed) and not BACKENDS["packed"].supports(mixed)
+    assert prepare.supports(mixed) and not any(BACKENDS[b].supports(mixed) for b in ("packed", "humming"))
     assert prepare.supports(sharq.get_recipe("nvfp4")) and gemm.supports("nvfp4", 16)
 
 

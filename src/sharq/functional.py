@@ -1,98 +1,17 @@
-"""The forward of one quantized linear layer: backends, the custom ops torch.compile sees, the straight-through
-gradient, and `simulate_linear`."""
+"""The forward of one quantized linear layer as models run it: the custom ops torch.compile sees, the
+straight-through gradient, and `simulate_linear`. The backends themselves are in backends/."""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from .backends import BACKENDS, WeightLayout, check_backend, get_backend, resolve_backend  # noqa: F401 - re-exported
 from .quant import QTensor, as_rows
 from .recipes import QActivation, QWeight, Recipe, get_recipe
-
-
-@dataclass(frozen=True)
-class Backend:
-    """How a quantized layer runs. `prepare` turns x [M, K] into a prepared activation; `matmul` multiplies it with
-    the prepared weight, adds the bias and returns the given dtype; `supports` says which recipes it runs;
-    `keeps_values` whether a layer must hold the exact bf16 Ŵ for it (simulation) or only the packed payload.
-
-    - "reference": pure torch on any device, every recipe;
-    - "triton": the fused activation kernel where the recipe allows (the reference preparation elsewhere), then
-      one cuBLAS GEMM on the bf16 Ŵ: an exact simulator, as large as the bf16 model;
-    - "packed": real 4-bit inference. The weight lives only as its packed payload (4.25–4.5 bits per weight) and
-      kernels/gemm.py decodes it in registers: for recipes whose weights are NVFP4 or MXFP4 in blocks of 16/32 and
-      whose activation cascade the fused kernel implements.
-    "auto" (resolve_backend) picks packed, else triton, on CUDA, and reference elsewhere."""
-
-    prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
-    matmul: Callable[[QActivation, QWeight, torch.Tensor | None, torch.dtype], torch.Tensor]
-    supports: Callable[[Recipe], bool]
-    keeps_values: bool
-
-
-def _prepare_reference(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
-    return recipe.prepare_activation(x2d, channels)
-
-
-def _prepare_triton(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
-    from .kernels.prepare import prepare_dequantized, supports
-
-    if channels is not None or not supports(recipe):
-        return recipe.prepare_activation(x2d, channels)
-    values, scale = prepare_dequantized(x2d, recipe, out_dtype=torch.bfloat16)
-    return QActivation((), values, scale)
-
-
-def _packed_supports(recipe: Recipe) -> bool:
-    from .kernels.gemm import supports as gemm_supports
-    from .kernels.prepare import supports as prepare_supports
-
-    return gemm_supports(recipe.weight_fmt, recipe.weight_block) and prepare_supports(recipe)
-
-
-BACKENDS: dict[str, Backend] = {}  # filled below; more can be registered
-
-
-def get_backend(name: str) -> Backend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; available: auto, {', '.join(BACKENDS)}") from None
-
-
-def resolve_backend(name: str, recipe: Recipe, device: torch.device | str) -> str:
-    """The backend a layer of `recipe` on `device` runs: `name` itself (checked to support the recipe), or for
-    "auto" packed, else triton, on CUDA with Triton installed, and reference elsewhere."""
-    if name != "auto":
-        if not get_backend(name).supports(recipe):
-            raise ValueError(f"backend {name!r} does not run recipe {recipe.name!r} (weights {recipe.weight_fmt}"
-                             f"/{recipe.weight_block}); use backend='auto'")
-        return name
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return next(n for n in ("packed", "triton") if BACKENDS[n].supports(recipe))
-    return "reference"
-
-
-def check_backend(name: str, device: torch.device | str) -> None:
-    """Raise a ValueError saying what is missing when backend `name` cannot run on `device` (checked before any
-    model work): "triton" and "packed" need the triton package and a CUDA device, or Triton's interpreter
-    (TRITON_INTERPRET=1)."""
-    if name == "auto":
-        return
-    get_backend(name)
-    if name == "reference":
-        return
-    if importlib.util.find_spec("triton") is None:
-        raise ValueError(f"backend {name!r} needs Triton: pip install 'sharq[gpu]' (or use backend='reference')")
-    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend {name!r} runs on CUDA devices, not {device} (use backend='reference', or "
-                         "TRITON_INTERPRET=1 to run its kernels in Triton's interpreter)")
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -119,45 +38,6 @@ def check_output_finite(y: torch.Tensor, where: str) -> None:
     if bad:
         raise ValueError(f"{where}: output has {bad} non-finite value(s) out of {y.numel()} although input and "
                          f"weight are finite: the result overflows {y.dtype} (or the input overflows bf16)")
-
-
-def _matmul_packed(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
-                   ) -> torch.Tensor:
-    """The kernel's bf16 activation times the packed Ŵ, decoded in registers (kernels/gemm.py)."""
-    from .kernels.gemm import packed_matmul
-
-    p = qweight.packed
-    return packed_matmul(act.values, p.codes, p.scales, p.fmt, p.block_size, act.scale, qweight.scale, bias,
-                         out_dtype)
-
-
-def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The reference product α · (Σ deq(Qᵢ)) · Ŵᵀ + bias, α = s_x · s_w, as one fp32 GEMM; returns fp32
-    [M, N]."""
-    y = (act.values.float() @ qweight.values.float().T) * (act.scale * qweight.scale)  # [1,1] or [M,1] × [] or [N]
-    if act.dense is not None:  # outlier channels, in bf16
-        y = y + act.dense @ qweight.dense.float().T
-    return y if bias is None else y + bias.float()
-
-
-def _matmul_reference(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
-                      ) -> torch.Tensor:
-    return quantized_matmul(act, qweight, bias).to(out_dtype)
-
-
-def _matmul_bf16(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype
-                 ) -> torch.Tensor:
-    """The fused kernel's bf16 activation times the exact bf16 Ŵ: one cuBLAS GEMM (fp32 accumulation, output in
-    out_dtype), then α and the bias in one Triton pass over the output, in place."""
-    if act.values.dtype != torch.bfloat16:  # a recipe the kernel does not implement: the reference preparation
-        return _matmul_reference(act, qweight, bias, out_dtype)
-    from .kernels.epilogue import scale_and_bias_
-
-    if out_dtype == torch.float32 and act.values.is_cuda:
-        y = torch.mm(act.values, qweight.values.T, out_dtype=torch.float32)
-    else:
-        y = (act.values @ qweight.values.T).to(out_dtype)
-    return scale_and_bias_(y, act.scale, qweight.scale, bias)
 
 
 # --- custom ops: what torch.compile sees ---------------------------------------------------------------------------
@@ -197,20 +77,22 @@ def _kernel_supports(recipe: Recipe) -> bool:
 @torch.library.custom_op("sharq::matmul", mutates_args=())
 def _matmul_op(values: torch.Tensor, scale: torch.Tensor, dense: torch.Tensor, weight_values: torch.Tensor | None,
                weight_codes: torch.Tensor | None, weight_scales: torch.Tensor | None, weight_scale: torch.Tensor,
-               dense_weight: torch.Tensor | None, bias: torch.Tensor | None, recipe: str, backend: str, n: int,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               dense_weight: torch.Tensor | None, bias: torch.Tensor | None, layout: list[torch.Tensor],
+               layout_meta: str, recipe: str, backend: str, n: int, out_dtype: torch.dtype) -> torch.Tensor:
     r = _recipe(recipe)
     packed = None
     if weight_codes is not None:
         packed = QTensor(weight_codes, weight_scales, r.weight_fmt, r.weight_block, (n, values.shape[1]))
     act = QActivation((), values, scale, dense if dense_weight is not None else None)
-    return get_backend(backend).matmul(act, QWeight(weight_values, weight_scale, packed, None, dense_weight), bias,
-                                       out_dtype)
+    qweight = QWeight(weight_values, weight_scale, packed, None, dense_weight)
+    return get_backend(backend).matmul(act, qweight, bias, out_dtype,
+                                       WeightLayout(tuple(layout), layout_meta, (n, values.shape[1])) if layout
+                                       else None)
 
 
 @_matmul_op.register_fake
-def _(values, scale, dense, weight_values, weight_codes, weight_scales, weight_scale, dense_weight, bias, recipe,
-      backend, n, out_dtype):
+def _(values, scale, dense, weight_values, weight_codes, weight_scales, weight_scale, dense_weight, bias, layout,
+      layout_meta, recipe, backend, n, out_dtype):
     return values.new_empty((values.shape[0], n), dtype=out_dtype)
 
 
@@ -223,15 +105,17 @@ def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Ten
 
 
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype, recipe: Recipe,
-           backend: str) -> torch.Tensor:
-    """α · act · Ŵᵀ + bias [M, N] in out_dtype, as `backend` computes it."""
+           backend: str, layout: WeightLayout | None = None) -> torch.Tensor:
+    """α · act · Ŵᵀ + bias [M, N] in out_dtype, as `backend` computes it (from its own weight `layout`, if any)."""
     if torch.compiler.is_compiling():
         dense = act.dense if act.dense is not None else act.values.new_empty(act.values.shape[0], 0)
         p = qweight.packed
         return torch.ops.sharq.matmul(act.values, act.scale, dense, qweight.values, None if p is None else p.codes,
-                                      None if p is None else p.scales, qweight.scale, qweight.dense, bias, recipe.key,
-                                      backend, qweight.out_features, out_dtype)
-    return get_backend(backend).matmul(act, qweight, bias, out_dtype)
+                                      None if p is None else p.scales, qweight.scale, qweight.dense, bias,
+                                      [] if layout is None else list(layout.tensors),
+                                      "" if layout is None else layout.meta, recipe.key, backend,
+                                      qweight.out_features if layout is None else layout.shape[0], out_dtype)
+    return get_backend(backend).matmul(act, qweight, bias, out_dtype, layout)
 
 
 # --- gradients -----------------------------------------------------------------------------------------------------
@@ -293,7 +177,10 @@ def simulate_linear(
     with torch.no_grad():
         channels = r.select_channels(channel_stats) if channel_stats is not None else None
         act = prepare(x2d, r, backend, channels)
-        y = matmul(act, r.prepare_weight(weight.detach(), channels), bias, x.dtype, r, backend)
+        qweight = r.prepare_weight(weight.detach(), channels)
+        b = get_backend(backend)
+        layout = b.to_layout(qweight.packed, qweight.scale, bias) if b.to_layout is not None else None
+        y = matmul(act, qweight, bias, x.dtype, r, backend, layout)
     y = straight_through(y, x2d, weight, bias)
     if strict:
         check_output_finite(y, "simulate_linear")
@@ -310,10 +197,3 @@ def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QT
     act = r.prepare_activation(as_rows(x))
     sparse, residual = act.parts
     return sparse, residual, act.scale
-
-
-BACKENDS.update(
-    reference=Backend(_prepare_reference, _matmul_reference, lambda r: True, keeps_values=True),
-    triton=Backend(_prepare_triton, _matmul_bf16, lambda r: True, keeps_values=True),
-    packed=Backend(_prepare_triton, _matmul_packed, _packed_supports, keeps_values=False),
-)

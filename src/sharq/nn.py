@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .backends import WeightLayout
 from .functional import (
     check_finite,
     check_output_finite,
@@ -75,8 +76,11 @@ class SharQLinear(nn.Module):
     multiply, is derived from it, and held only while the layer's backend needs it: the packed backend reads the
     payload itself, so a layer on it holds 4.25–4.5 bits per weight. bf16 recipes store `weight_values` itself.
 
-    `backend="auto"` is resolved for the device the layer is on, again whenever it moves (functional.Backend):
-    packed (or triton) on CUDA, reference elsewhere; `model.cuda()` after quantizing on the CPU drops the bf16 Ŵ.
+    `backend="auto"` is resolved for the device, shape and dtype of the layer, again whenever it moves or is cast
+    (backends.resolve_backend): humming, packed or triton on CUDA, reference elsewhere; `model.cuda()` after
+    quantizing on the CPU drops the bf16 Ŵ. A backend with a weight layout of its own (humming) gets it once there,
+    and the layer then holds that layout instead of the canonical payload: state_dict, saves, exports and moves
+    turn it back into the canonical payload, exactly.
 
     The payload's dtypes are part of the format (PAYLOAD): `model.to(torch.bfloat16)` moves them but never casts
     them (a bf16 `weight_scale` would change every output); the bias follows the model's dtype. A backward pass
@@ -96,10 +100,14 @@ class SharQLinear(nn.Module):
         shared: SharedActivation | None = None,
         strict: bool = False,
         name: str = "",
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.strict, self.name = strict, name or "SharQLinear"
+        # the dtype the model computes in (what `model.to(dtype)` casts to): the payload's own dtypes never change
+        self.dtype = dtype or (bias.dtype if bias is not None else torch.get_default_dtype())
+        self._layout: WeightLayout | None = None
         self.recipe = recipe
         recipe.key  # noqa: B018 - computed now, not while torch.compile traces the forward
         self.backend_choice = backend  # "auto" or a backend name; `backend` is what runs on the current device
@@ -136,46 +144,73 @@ class SharQLinear(nn.Module):
         channels = r.select_channels(channel_stats) if r.needs_calibration and channel_stats is not None else None
         with torch.no_grad():
             qweight = r.prepare_weight(linear.weight.detach(), channels)
-        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, strict, name)
+        return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, strict, name,
+                   linear.weight.dtype)
 
     @property
     def packed(self) -> QTensor | None:
-        """The packed weight payload as a QTensor (None for bf16 weights)."""
-        if self.weight_codes is None:
-            return None
+        """The canonical packed weight payload as a QTensor (None for bf16 weights); made from the backend's layout
+        when the layer holds one."""
         r = self.recipe
-        return QTensor(self.weight_codes, self.weight_scales, r.weight_fmt, r.weight_block,
-                       (self.out_features, self.in_features), micro=self.weight_micro)
+        if self._layout is not None:
+            codes, scales = get_backend(self.backend).from_layout(self._layout, r.weight_block)
+        elif self.weight_codes is None:
+            return None
+        else:
+            codes, scales = self.weight_codes, self.weight_scales
+        return QTensor(codes, scales, r.weight_fmt, r.weight_block, (self.out_features, self.in_features),
+                       micro=self.weight_micro)
 
     @torch.no_grad()
     def _configure(self) -> None:
-        """Resolve the backend for the layer's device, and hold the bf16 Ŵ exactly when that backend needs it."""
-        self.backend = resolve_backend(self.backend_choice, self.recipe, self.weight_scale.device)
-        if self.packed is None:  # bf16 weights: Ŵ is the state itself
+        """Resolve the backend for the layer's device, shape and dtype, and hold the weight the way it needs: the
+        bf16 Ŵ (simulation), the canonical payload, or the backend's own layout in its place."""
+        self.backend = resolve_backend(self.backend_choice, self.recipe, self.weight_scale.device,
+                                       (self.out_features, self.in_features), self.dtype)
+        if self.weight_codes is None:  # bf16 weights: Ŵ is the state itself
             return
-        if not get_backend(self.backend).keeps_values:
+        b = get_backend(self.backend)
+        if not b.keeps_values:
             self.weight_values = None
         elif self.weight_values is None:
             self.weight_values = dequantize_blocks(self.packed).to(torch.bfloat16)
+        if b.to_layout is not None and self.weight_scale.device.type != "meta":
+            self._layout = b.to_layout(self.packed, self.weight_scale, self.bias)
+            self.weight_codes = self.weight_scales = None
+
+    @torch.no_grad()
+    def _to_canonical(self) -> None:
+        """Put the canonical payload back in place of the backend's layout (before a move, a cast or a load)."""
+        if self._layout is not None:
+            p = self.packed
+            self._layout = None
+            self.weight_codes, self.weight_scales = p.codes, p.scales
 
     @torch.no_grad()
     def refresh_values(self) -> None:
         """Derive what the payload determines again (after loading a state dict)."""
-        if self.packed is not None:
+        if self.weight_codes is not None:
             self.weight_values = None
         self._configure()
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes the layer's state holds (the packed payload, scales, bias; a derived bf16 Ŵ is not state)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes of weight state the layer holds on its device: the packed payload (or the backend's layout of
+        it), scales, bias; a derived bf16 Ŵ is not counted."""
+        state = [t for n, t in self._buffers.items() if t is not None and n not in self._non_persistent_buffers_set]
+        return sum(t.numel() * t.element_size() for t in state) + (self._layout.nbytes if self._layout else 0)
 
     @property
     def qweight(self) -> QWeight:
+        """The layer's weight with its canonical payload."""
         return QWeight(self.weight_values, self.weight_scale, self.packed, self.channels, self.dense_weight)
 
     def _apply(self, fn, recurse=True):
-        """nn.Module._apply, except that a dtype cast leaves the payload's dtypes alone (it still moves devices)."""
+        """nn.Module._apply, except that a dtype cast leaves the payload's dtypes alone (it still moves devices),
+        and a backend's own weight layout is turned back into the payload first (the layer is configured anew for
+        where it lands)."""
+        self._to_canonical()
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
         before = {n: t for n, t in self._buffers.items() if n in self.PAYLOAD and t is not None}
         super()._apply(fn, recurse)
         for name, t in before.items():
@@ -183,6 +218,17 @@ class SharQLinear(nn.Module):
                 self._buffers[name] = t.to(self._buffers[name].device)
         self._configure()
         return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The state with the canonical payload, also while the layer holds a backend's layout (docs/FORMAT.md)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._layout is not None:
+            p = self.packed
+            destination[prefix + "weight_codes"], destination[prefix + "weight_scales"] = p.codes, p.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._to_canonical()  # the payload's buffers take the loaded tensors; the load hook configures again
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def prepare(self, x2d: torch.Tensor) -> QActivation:
         return prepare(x2d, self.recipe, self.backend, self.channels)
@@ -200,7 +246,9 @@ class SharQLinear(nn.Module):
                 act = self.prepare(x2d)
             else:
                 act = self.shared.get(x, lambda: self.prepare(x2d))
-            y = matmul(act, self.qweight, self.bias, x.dtype, self.recipe, self.backend)
+            weight = QWeight(self.weight_values, self.weight_scale, None if self._layout is not None else self.packed,
+                             self.channels, self.dense_weight)
+            y = matmul(act, weight, self.bias, x.dtype, self.recipe, self.backend, self._layout)
         y = straight_through(y, x2d, lambda: self.qweight.effective())
         if self.strict:
             check_output_finite(y, self.name)

@@ -126,12 +126,16 @@ def test_bad_arguments_are_clear_errors(rng):
 
 
 # --- the packed backend -------------------------------------------------------------------------------------------
-def test_auto_resolves_packed_then_triton_on_cuda_and_reference_elsewhere():
-    from sharq.functional import resolve_backend
+def test_auto_resolves_humming_then_packed_then_triton_on_cuda_and_reference_elsewhere():
+    from sharq.backends import available, resolve_backend
 
-    for name, want in [("sharq", "packed"), ("nvfp4", "packed"), ("sharq-mxfp4", "packed"), ("dense-dense", "packed"),
-                       ("hif4", "triton"), ("fp8", "triton"), ("bf16", "triton"), ("outlier-channels", "triton")]:
-        assert resolve_backend("auto", sharq.get_recipe(name), "cuda") == want, name
+    nvfp4_weights = "humming" if available("humming") else "packed"
+    for name, want in [("sharq", nvfp4_weights), ("nvfp4", nvfp4_weights), ("sharq-plus", nvfp4_weights),
+                       ("dense-dense", nvfp4_weights), ("sharq-mxfp4", "packed"), ("hif4", "triton"),
+                       ("fp8", "triton"), ("bf16", "triton"), ("outlier-channels", "triton")]:
+        assert resolve_backend("auto", sharq.get_recipe(name), "cuda", (128, 64), torch.bfloat16) == want, name
+        assert resolve_backend("auto", sharq.get_recipe(name), "cuda", (128, 64), torch.float32) == (
+            "packed" if want == "humming" else want), name
         assert resolve_backend("auto", sharq.get_recipe(name), "cpu") == "reference"
     with pytest.raises(ValueError, match="backend 'packed' does not run recipe 'hif4'"):
         resolve_backend("packed", sharq.get_recipe("hif4"), "cuda")
@@ -154,3 +158,34 @@ def test_packed_layer_holds_only_the_payload_and_matches_the_simulator(recipe, r
     _check(y, act.values.to(torch.bfloat16), layer.packed, act.scale, layer.weight_scale.cpu(),
            linear.bias.detach().to(torch.bfloat16), torch.bfloat16)
     torch.testing.assert_close(y.float(), reference(x).float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and threads on a GPU")
+def test_concurrent_layers_on_the_decode_path_do_not_share_a_scratch_weight(rng):
+    """Above SMALL_M the payload is decoded into a scratch bf16 weight: two threads, each on its own stream,
+    running different layers at once get the results they get alone."""
+    import threading
+
+    m = gemm.SMALL_M + 31
+    jobs = []
+    for _ in range(2):
+        packed, sw, r = _payload(rng, 512, 1024, "sharq")
+        a = outlier_activations(rng, m, 1024).to(torch.bfloat16).cuda()
+        args = (a, packed.codes.cuda(), packed.scales.cuda(), "nvfp4", 32, torch.ones(1, 1, device="cuda"),
+                sw.cuda(), None, torch.float32)
+        jobs.append((args, gemm.packed_matmul(*args)))
+    results: list[list[bool]] = [[], []]
+
+    def run(i: int) -> None:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            for _ in range(50):
+                y = gemm.packed_matmul(*jobs[i][0])
+                results[i].append(torch.equal(y, jobs[i][1]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[0]) and all(results[1]) and len(results[0]) == len(results[1]) == 50

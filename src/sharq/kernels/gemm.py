@@ -20,6 +20,7 @@ Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -293,15 +294,21 @@ def _multiprocessors(device: torch.device) -> int:
     return 4 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-_scratch: dict[torch.device, torch.Tensor] = {}
+# One bf16 scratch weight per (device, stream), grown to the largest layer and reused by every layer that runs on
+# that stream: kernels on one stream run in launch order, so a layer's decode and GEMM never meet another layer's
+# writes; a second stream (or a CUDA graph being captured on one) gets its own buffer. Host threads that share a
+# stream take _scratch_lock across their decode + GEMM launches, so the two launches stay adjacent in the stream.
+_scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+_scratch_lock = threading.Lock()
 
 
 def _scratch_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
-    """A bf16 [n, k] view of one buffer per device, grown to the largest layer and reused by every layer."""
-    buf = _scratch.get(device)
+    """A bf16 [n, k] view of the current stream's scratch buffer on `device` (call under _scratch_lock)."""
+    key = (device, 0 if INTERPRETED else torch.cuda.current_stream(device).stream_id)
+    buf = _scratch.get(key)
     if buf is None or buf.numel() < n * k:
-        _scratch.pop(device, None)
-        buf = _scratch[device] = torch.empty(n * k, dtype=torch.bfloat16, device=device)
+        _scratch.pop(key, None)
+        buf = _scratch[key] = torch.empty(n * k, dtype=torch.bfloat16, device=device)
     return buf[: n * k].view(n, k)
 
 
@@ -365,11 +372,12 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
     """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLAS.
     Arguments as packed_matmul's, already checked there (sx, sw flat fp32)."""
     k = a.shape[1]
-    w = dequantize_packed(codes, scales, fmt, block, k, out=_scratch_weight(codes.shape[0], k, a.device))
-    if out_dtype == torch.float32:
-        y = torch.mm(a, w.T, out_dtype=torch.float32) if not INTERPRETED else (a.float() @ w.float().T)
-    else:
-        y = (a @ w.T).to(out_dtype)
+    with _scratch_lock:
+        w = dequantize_packed(codes, scales, fmt, block, k, out=_scratch_weight(codes.shape[0], k, a.device))
+        if out_dtype == torch.float32:
+            y = torch.mm(a, w.T, out_dtype=torch.float32) if not INTERPRETED else (a.float() @ w.float().T)
+        else:
+            y = (a @ w.T).to(out_dtype)
     return scale_and_bias_(y, sx, sw, bias)
 
 
