@@ -291,14 +291,22 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's state (what a checkpoint stores and the model must hold: packed payloads, unquantized
-    tensors), each storage counted once. Caches a backend derives from the payload (a bf16 Ŵ) are not counted."""
+    """Bytes of the model's state as its device holds it: packed payloads (or a backend's own layout of them,
+    SharQLinear.weight_bytes) and unquantized tensors, each storage counted once. Caches a backend derives from the
+    payload (a bf16 Ŵ) are not counted."""
     seen, total = set(), 0
-    for t in model_state(model).values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, SharQLinear):
+            total += m.weight_bytes
+            continue
+        state = [*m._parameters.values(), *(t for n, t in m._buffers.items() if n not in m._non_persistent_buffers_set)]
+        for t in state:
+            if t is None:
+                continue
+            key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
     return total
 
 
