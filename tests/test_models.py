@@ -410,11 +410,15 @@ def test_quantize_model_refuses_a_device_it_cannot_use_before_touching_the_model
     (dict(backend="triton", device="cpu"), "backend 'triton'"),
     (dict(target_modules="self_attn.q_proj"), "target_modules must be a list .* not a string"),
     (dict(target_modules=["self_attn.q_proj", "mlp.typo"]), r"target_modules \['mlp.typo'\] match no nn.Linear"),
-], ids=["unknown-backend", "backend-without-the-recipe", "backend-without-the-device", "string", "misspelt"])
-def test_bad_backends_and_targets_are_refused_before_touching_the_model(arguments, message, monkeypatch):
-    """A backend that is unknown, cannot run the recipe or the device, or target_modules that are a string or name
-    a module no decoder layer has: a ValueError before anything changes (the model used to be marked quantized
-    first, or quantized without the misspelt modules)."""
+    (dict(strict="yes"), "strict must be True or False, got 'yes'"),
+    (dict(share_inputs=None), "share_inputs must be True or False, got None"),
+], ids=["unknown-backend", "backend-without-the-recipe", "backend-without-the-device", "string", "misspelt",
+        "strict-not-bool", "share-inputs-not-bool"])
+def test_bad_arguments_are_refused_before_touching_the_model(arguments, message, monkeypatch):
+    """A backend that is unknown, cannot run the recipe or the device, target_modules that are a string or name a
+    module no decoder layer has, flags that are not bools (the checkpoint records them): a ValueError before
+    anything changes (the model used to be marked quantized first, quantized without the misspelt modules, or
+    quantized with a flag no checkpoint could record)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = tiny("llama")
     before = _everything(model)

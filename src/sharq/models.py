@@ -162,6 +162,9 @@ def quantize_model(
                          "weights again would change them; use sharq.load(directory, recipe=...), which keeps them")
     _check_unquantized(model)
     r = get_recipe(recipe, **options)
+    for flag, value in (("share_inputs", share_inputs), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
     if device is not None:
         device = check_device(device)
         if is_dispatched(model):
@@ -234,6 +237,7 @@ def quantize_model(
         "target_modules": list(target_modules) if target_modules is not None else None,
         "share_inputs": share_inputs,
         "modules": sorted(linears) + [n for n, _ in experts],
+        "strict": strict,
     }
     for hook in QUANTIZED_HOOKS:
         hook(model)
