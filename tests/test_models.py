@@ -463,11 +463,15 @@ def _final_move_fails(model, monkeypatch):
 
 @pytest.mark.parametrize("failure,on_meta,device", [
     (_nan_in_the_last_layer, False, None), (_nan_in_the_last_layer, False, "cpu"), (_final_move_fails, False, "cpu"),
-    (_final_move_fails, True, "cpu"),
-], ids=["nan-in-place", "nan-onto-device", "move-fails", "move-fails-from-meta"])
+    (_final_move_fails, True, "cpu"), (_nan_in_the_last_layer, False, "cuda"), (_final_move_fails, True, "cuda"),
+], ids=["nan-in-place", "nan-onto-device", "move-fails", "move-fails-from-meta", "nan-onto-cuda",
+        "move-fails-from-meta-onto-cuda"])
 def test_a_failure_midway_leaves_the_model_as_it_was(failure, on_meta, device, monkeypatch):
     """All or nothing: a strict-mode NaN weight in the last layer, or a failure after every layer is swapped, leaves
-    the model exactly as it was (modules, hooks, config, metadata, state byte for byte), so the next call works."""
+    the model exactly as it was (modules, hooks, config, metadata, state byte for byte), so the next call works. On
+    CUDA (skips elsewhere) the device holds nothing of the failed call afterwards."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     if on_meta:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL))
@@ -475,9 +479,12 @@ def test_a_failure_midway_leaves_the_model_as_it_was(failure, on_meta, device, m
         model = tiny("llama")
     error, message = failure(model, monkeypatch)
     before = _everything(model)
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
     with pytest.raises(error, match=message):
         sharq.quantize_model(model, "sharq", strict=True, device=device)
     assert _everything(model) == before
+    if device == "cuda":
+        assert torch.cuda.memory_allocated() == allocated
     monkeypatch.undo()
     sharq.quantize_model(model, "sharq", device=device)
     assert all(isinstance(model.get_submodule(n), snn.SharQLinear) for n in target_linears(tiny("llama")))
