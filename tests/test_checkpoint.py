@@ -149,6 +149,7 @@ def test_loaders_reject_tensors_that_do_not_fit(saved, tmp_path, loader, damage,
     lambda q: q["recipe"].update(stages=q["recipe"]["stages"][:1]),  # drop the residual stage
     lambda q: q["recipe"].update(scale_granularity="token"),
     lambda q: q.update(share_inputs=False),
+    lambda q: q.update(strict=True),
 ])
 def test_the_digest_covers_the_quantization_config(saved, tmp_path, loader, edit):
     """Editing the recipe in config.json would load a different model: the digest covers it."""
@@ -206,6 +207,7 @@ def test_loaders_reject_bad_configs_before_building_anything(saved, tmp_path, mo
         (lambda c: c["quantization_config"]["recipe"].update(outlier_fraction=7), "outlier_fraction"),
         (lambda c: c["quantization_config"].update(modules="model.layers.0"), "modules must be a list"),
         (lambda c: c["quantization_config"].update(share_inputs="yes"), "share_inputs"),
+        (lambda c: c["quantization_config"].update(strict="yes"), "strict must be true or false"),
     ]:
         broken = json.loads(json.dumps(cfg))
         change(broken)
@@ -368,18 +370,29 @@ def test_from_pretrained_in_bf16_keeps_the_payload_exact(tmp_path, rng):
             assert torch.equal(m.weight_values, original.weight_values)
 
 
-def test_checkpoint_digest_is_what_format_md_says(saved):
+@pytest.fixture(scope="module")
+def saved_strict(tmp_path_factory):
+    d = tmp_path_factory.mktemp("strict") / "c"
+    sharq.save(sharq.quantize_model(tiny("llama"), "sharq", strict=True), d)
+    return d
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_checkpoint_digest_is_what_format_md_says(saved, saved_strict, strict):
     """Recompute checkpoint_sha256 from the raw file as docs/FORMAT.md defines it (own safetensors parser)."""
     import hashlib
     import struct
 
+    saved = saved_strict if strict else saved
     blob = (saved / "model.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8: 8 + n])
     header.pop("__metadata__", None)
     names = {"F32": "float32", "BF16": "bfloat16", "U8": "uint8", "I64": "int64", "F16": "float16"}
     q = _config(saved)["quantization_config"]
+    assert q["strict"] is strict
     keys = ("quant_method", "format_version", "recipe", "target_modules", "share_inputs", "modules")
+    keys += ("strict",) if strict else ()  # false (or absent, before the key existed): left out
     h = hashlib.sha256(b"sharq checkpoint\n")
     h.update(json.dumps({k: q[k] for k in keys}, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(header):
@@ -388,3 +401,45 @@ def test_checkpoint_digest_is_what_format_md_says(saved):
         h.update(f"\n{name}\n{names[info['dtype']]}\n{info['shape']}\n".encode())
         h.update(blob[8 + n + start: 8 + n + end])
     assert h.hexdigest() == q["checkpoint_sha256"]
+
+
+def _with_a_nan(model):
+    """The model's logits for three tokens whose second embedding holds one NaN (all NaN, through attention)."""
+    embeddings = model.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
+    embeddings[0, 1, 5] = float("nan")
+    with torch.no_grad():
+        return model(inputs_embeds=embeddings).logits
+
+
+NAN_INPUT = r"model\.layers\.0\.self_attn\.q_proj: input has \d+ non-finite"
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_strict_survives_a_checkpoint(saved, saved_strict, loader):
+    """A model quantized with strict=True is strict again once loaded, by either reader: a NaN input is a ValueError
+    naming the layer (it ran on to all-NaN logits). A checkpoint saved without strict still lets it through."""
+    assert _config(saved_strict)["quantization_config"]["strict"] is True
+    with pytest.raises(ValueError, match=NAN_INPUT):
+        _with_a_nan(LOADERS[loader](saved_strict))
+    assert torch.isnan(_with_a_nan(LOADERS[loader](saved))).any()
+
+
+def test_load_strict_overrides_the_checkpoint(saved, saved_strict):
+    assert torch.isnan(_with_a_nan(sharq.load(saved_strict, strict=False))).any()
+    with pytest.raises(ValueError, match=NAN_INPUT):
+        _with_a_nan(sharq.load(saved, strict=True))
+    resaved = sharq.load(saved, strict=True)
+    assert resaved.sharq_quantization["strict"] is True  # and so is what it saves
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_checkpoint_from_before_strict_loads_lenient(saved, tmp_path, loader):
+    """A checkpoint written before the strict key existed has no such key and a digest without it: it loads, not
+    strict (an absent or false strict is left out of the digest)."""
+    d = _copy(saved, tmp_path / "c")
+    cfg = _config(d)
+    assert cfg["quantization_config"].pop("strict") is False
+    _write_config(d, cfg)  # the recorded digest unchanged
+    model = LOADERS[loader](d)
+    assert not any(m.strict for m in model.modules() if isinstance(m, sharq.SharQLinear))
+    assert torch.isnan(_with_a_nan(model)).any()

@@ -290,6 +290,18 @@ def default_checkpoint(tmp_path_factory):
     return out
 
 
+def test_quantize_strict_makes_a_strict_checkpoint(tiny_model, tmp_path):
+    """`sharq quantize --strict` writes a checkpoint that loads strict: a NaN input is a ValueError naming the layer
+    (the checkpoint loaded lenient, and the NaN ran on to all-NaN logits)."""
+    import sharq
+
+    from .test_checkpoint import NAN_INPUT, _with_a_nan
+
+    assert main(["quantize", "--model", tiny_model["model"], "--out", str(tmp_path / "c"), "--strict", "--quiet"]) == 0
+    with pytest.raises(ValueError, match=NAN_INPUT):
+        _with_a_nan(sharq.load(tmp_path / "c"))
+
+
 @pytest.mark.slow
 @needs_model
 def test_quantize_then_generate_from_the_checkpoint(default_checkpoint, capsys):

@@ -410,6 +410,24 @@ def test_import_refuses_a_sharq_export_changed_after_export(exported, tmp_path):
         interop.load_compressed_tensors(moved)
 
 
+def test_strict_survives_an_export(ct_made, tmp_path):
+    """An export records the model's strict mode (quantize_model's strict=) and sharq.load keeps it, as for a sharq
+    checkpoint: a NaN input is a ValueError naming the layer; strict= overrides it; a checkpoint another tool made
+    loads lenient unless asked. A strict that is not a bool is refused."""
+    from .test_checkpoint import NAN_INPUT, _with_a_nan
+
+    interop.export_compressed_tensors(sharq.quantize_model(_tiny(), "nvfp4", strict=True), tmp_path / "strict")
+    with pytest.raises(ValueError, match=NAN_INPUT):
+        _with_a_nan(sharq.load(tmp_path / "strict"))
+    assert torch.isnan(_with_a_nan(sharq.load(tmp_path / "strict", strict=False))).any()
+    assert torch.isnan(_with_a_nan(sharq.load(ct_made))).any()
+    with pytest.raises(ValueError, match=NAN_INPUT):
+        _with_a_nan(sharq.load(ct_made, strict=True))
+    bad = _tampered(tmp_path / "strict", tmp_path / "bad", config=lambda q: q["sharq"].update(strict="yes"))
+    with pytest.raises(ValueError, match="strict must be true or false"):
+        sharq.load(bad)
+
+
 def test_import_refuses_bad_directories_recipes_and_structures(ct_made, tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         interop.load_compressed_tensors(tmp_path)

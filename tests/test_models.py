@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -373,3 +374,154 @@ def test_quantize_model_device_on_a_dispatched_model_is_an_error(tmp_path):
                                    "model.rotary_emb": "cpu", "lm_head": "cpu"})
     with pytest.raises(ValueError, match="device_map"):
         sharq.quantize_model(model, "sharq", device="cpu")
+
+
+def _everything(model: nn.Module) -> dict:
+    """What a model is, to compare before and after a failed quantize_model: its modules (names, classes, hooks),
+    its config, every attribute sharq sets, and its state dict byte for byte (meta tensors by dtype and shape)."""
+    def tensor(t):
+        data = None if t.is_meta else t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return str(t.device), t.dtype, tuple(t.shape), data
+
+    return {
+        "modules": [(n, type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+        "config": model.config.to_json_string(),
+        "attributes": {a: getattr(model, a, None) for a in ("sharq_quantization", "hf_quantizer")},
+        "state": {n: tensor(t) for n, t in model.state_dict().items()},
+    }
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "tpu", "foo", "meta"])
+def test_quantize_model_refuses_a_device_it_cannot_use_before_touching_the_model(device):
+    """A device that does not exist or cannot be used here is a ValueError naming it, and the model stays as it was
+    (it was an AssertionError or RuntimeError after the model was marked quantized with no layer quantized)."""
+    if device.startswith("cuda") and torch.cuda.device_count() > (int(device[5:]) if device[5:] else 0):
+        pytest.skip(f"{device} exists on this machine")
+    model = tiny("llama")
+    before = _everything(model)
+    with pytest.raises(ValueError, match=f"device '{device}'"):
+        sharq.quantize_model(model, "sharq", device=device)
+    assert _everything(model) == before
+
+
+@pytest.mark.parametrize("arguments,message", [
+    (dict(backend="cuda-magic"), "unknown backend 'cuda-magic'"),
+    (dict(recipe="hif4", backend="packed"), "backend 'packed' does not run recipe 'hif4'"),
+    (dict(backend="triton", device="cpu"), "backend 'triton'"),
+    (dict(target_modules="self_attn.q_proj"), "target_modules must be a list .* not a string"),
+    (dict(target_modules=["self_attn.q_proj", "mlp.typo"]), r"target_modules \['mlp.typo'\] match no nn.Linear"),
+    (dict(strict="yes"), "strict must be True or False, got 'yes'"),
+    (dict(share_inputs=None), "share_inputs must be True or False, got None"),
+], ids=["unknown-backend", "backend-without-the-recipe", "backend-without-the-device", "string", "misspelt",
+        "strict-not-bool", "share-inputs-not-bool"])
+def test_bad_arguments_are_refused_before_touching_the_model(arguments, message, monkeypatch):
+    """A backend that is unknown, cannot run the recipe or the device, target_modules that are a string or name a
+    module no decoder layer has, flags that are not bools (the checkpoint records them): a ValueError before
+    anything changes (the model used to be marked quantized first, quantized without the misspelt modules, or
+    quantized with a flag no checkpoint could record)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = tiny("llama")
+    before = _everything(model)
+    with pytest.raises(ValueError, match=message):
+        sharq.quantize_model(model, **{"recipe": "sharq", **arguments})
+    assert _everything(model) == before
+
+
+def test_a_second_quantize_model_is_refused():
+    """Quantizing the attention with one recipe and the MLP with another was accepted, and the saved metadata then
+    described the second call alone: now the second call is a ValueError saying what to do, and changes nothing."""
+    model = sharq.quantize_model(tiny("llama"), "sharq", target_modules=["self_attn.q_proj", "self_attn.k_proj"])
+    before = _everything(model)
+    for recipe, targets in [("nvfp4", ["mlp.up_proj"]), ("sharq", None)]:
+        with pytest.raises(ValueError, match="already quantized by sharq.*start again from the unquantized model"):
+            sharq.quantize_model(model, recipe, target_modules=targets)
+        assert _everything(model) == before
+
+
+class _Fails(Exception):
+    pass
+
+
+def _nan_in_the_last_layer(model, monkeypatch):
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight[2, 5] = float("nan")
+    return ValueError, r"model\.layers\.1\.mlp\.down_proj: weight has 1 non-finite"
+
+
+def _final_move_fails(model, monkeypatch):
+    """The last step of quantizing onto a device (moving what is not quantized) fails, every layer swapped by then."""
+    materialize = sharq.models.materialize
+
+    def failing(whole, module, device):
+        if module is whole:
+            raise _Fails("out of memory")
+        materialize(whole, module, device)
+
+    monkeypatch.setattr(sharq.models, "materialize", failing)
+    return _Fails, "out of memory"
+
+
+@pytest.mark.parametrize("failure,on_meta,device", [
+    (_nan_in_the_last_layer, False, None), (_nan_in_the_last_layer, False, "cpu"), (_final_move_fails, False, "cpu"),
+    (_final_move_fails, True, "cpu"), (_nan_in_the_last_layer, False, "cuda"), (_final_move_fails, True, "cuda"),
+], ids=["nan-in-place", "nan-onto-device", "move-fails", "move-fails-from-meta", "nan-onto-cuda",
+        "move-fails-from-meta-onto-cuda"])
+def test_a_failure_midway_leaves_the_model_as_it_was(failure, on_meta, device, monkeypatch):
+    """All or nothing: a strict-mode NaN weight in the last layer, or a failure after every layer is swapped, leaves
+    the model exactly as it was (modules, hooks, config, metadata, state byte for byte), so the next call works. On
+    CUDA (skips elsewhere) the device holds nothing of the failed call afterwards."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if on_meta:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMALL))
+    else:
+        model = tiny("llama")
+    error, message = failure(model, monkeypatch)
+    before = _everything(model)
+    allocated = torch.cuda.memory_allocated() if device == "cuda" else 0
+    with pytest.raises(error, match=message):
+        sharq.quantize_model(model, "sharq", strict=True, device=device)
+    assert _everything(model) == before
+    if device == "cuda":
+        assert torch.cuda.memory_allocated() == allocated
+    monkeypatch.undo()
+    sharq.quantize_model(model, "sharq", device=device)
+    assert all(isinstance(model.get_submodule(n), snn.SharQLinear) for n in target_linears(tiny("llama")))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda k: torch.rand(k - 28), r"expected a tensor of 64 values .*, got shape \(36,\)"),
+    (lambda k: torch.rand(k + 40), r"expected a tensor of 64 values .*, got shape \(104,\)"),
+    (lambda k: torch.rand(2, k // 2), r"expected a tensor of 64 values .*, got shape \(2, 32\)"),
+    (lambda k: torch.tensor(1.0), r"expected a tensor of 64 values .*, got shape \(\)"),
+    (lambda k: [1.0] * k, r"expected a tensor of 64 values .*, got a list"),
+    (lambda k: None, r"no statistics"),
+    (lambda k: torch.rand(k).index_fill_(0, torch.tensor([3]), float("nan")), r"1 non-finite value\(s\)"),
+    (lambda k: torch.rand(k).index_fill_(0, torch.tensor([3, 9]), float("inf")), r"2 non-finite value\(s\)"),
+    (lambda k: torch.rand(k).index_fill_(0, torch.tensor([0]), -1.0), r"1 negative value\(s\)"),
+], ids=["short", "long", "2-d", "0-d", "list", "missing", "nan", "inf", "negative"])
+def test_bad_calibration_statistics_are_refused_up_front(bad, message, rng):
+    """Statistics of the wrong shape or kind for one layer were accepted (wrong channels) or crashed later in a
+    layer (IndexError, RuntimeError, AttributeError): now a ValueError naming the layer, before any layer is
+    touched."""
+    model = tiny("llama")
+    name = "model.layers.1.self_attn.k_proj"  # K = 64
+    stats = {n: torch.rand(m.in_features, generator=rng) for n, m in target_linears(model).items()}
+    stats[name] = bad(64)
+    if stats[name] is None:
+        del stats[name]
+    before = _everything(model)
+    with pytest.raises(ValueError) as error:
+        sharq.quantize_model(model, "outlier-channels", calibration=stats)
+    assert name in str(error.value) and re.search(message, str(error.value)), error.value
+    assert _everything(model) == before
+
+
+def test_calibrate_is_quiet_unless_asked(capfd):
+    """Like every library call, calibrate prints nothing unless progress=True (it showed a bar by default)."""
+    model = tiny("llama")
+    sharq.calibrate(model, ["some calibration text"], _Tokens(), seqlen=8)
+    assert capfd.readouterr().err == ""
+    sharq.calibrate(model, ["some calibration text"], _Tokens(), seqlen=8, progress=True)
+    assert "calibrate" in capfd.readouterr().err

@@ -46,6 +46,17 @@ def test_strict_through_quantize_model_names_the_module(rng):
         sharq.quantize_model(model, "sharq", strict=True)
 
 
+def test_bad_calibration_statistics_name_the_layer(rng):
+    """from_linear with statistics of another layer's size, another shape or NaN: a ValueError naming the layer
+    (statistics of the wrong size picked channels silently, or crashed inside the recipe)."""
+    linear = nn.Linear(128, 8)
+    for stats, message in [(torch.rand(100, generator=rng), r"128 values .*got shape \(100,\)"),
+                           (torch.rand(168, generator=rng), r"128 values .*got shape \(168,\)"),
+                           (torch.full((128,), float("nan")), "128 non-finite")]:
+        with pytest.raises(ValueError, match=rf"^proj: calibration statistics.*{message}"):
+            SharQLinear.from_linear(linear, "outlier-channels", channel_stats=stats, name="proj")
+
+
 def test_device_mismatch_is_a_clear_error():
     layer = SharQLinear.from_linear(nn.Linear(16, 4), "nvfp4", name="proj")
     with pytest.raises(ValueError, match="proj: input is on meta but the layer is on cpu"):

@@ -36,7 +36,10 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 DIGEST = "checkpoint_sha256"
 # The keys of quantization_config that define the model (the digest covers exactly these).
-DEFINING_KEYS = ("quant_method", "format_version", "recipe", "target_modules", "share_inputs", "modules")
+DEFINING_KEYS = ("quant_method", "format_version", "recipe", "target_modules", "share_inputs", "modules", "strict")
+# Keys format 2 gained later, with the value a checkpoint without them means: at that value the digest leaves them out,
+# so checkpoints written before them keep their digest.
+LATER_KEYS = {"strict": False}
 
 
 class IntegrityError(ValueError):
@@ -54,7 +57,9 @@ def quantization_config(model: nn.Module) -> dict:
 def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
     """sha256 of the defining keys of the quantization config and of every tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(b"sharq checkpoint\n")
-    h.update(json.dumps({k: qcfg.get(k) for k in DEFINING_KEYS}, sort_keys=True, separators=(",", ":")).encode())
+    defining = {k: qcfg.get(k, LATER_KEYS.get(k)) for k in DEFINING_KEYS}
+    defining = {k: v for k, v in defining.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
+    h.update(json.dumps(defining, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"\n{name}\n{str(t.dtype).removeprefix('torch.')}\n{list(tensors[name].shape)}\n".encode())
@@ -176,8 +181,9 @@ def validate_quantization_config(q: Mapping, where: str) -> Recipe:
         if not (value is None and key == "target_modules") and not (
                 isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise ValueError(f"{where}: quantization_config's {key} must be a list of module names, got {value!r}")
-    if not isinstance(q.get("share_inputs", True), bool):
-        raise ValueError(f"{where}: quantization_config's share_inputs must be true or false")
+    for key in ("share_inputs", "strict"):
+        if not isinstance(q.get(key, False), bool):
+            raise ValueError(f"{where}: quantization_config's {key} must be true or false")
     try:
         return Recipe.from_dict(q["recipe"])
     except ValueError as e:
@@ -272,25 +278,29 @@ def check_tensors(expected: Mapping[str, torch.Tensor], found: Mapping[str, tupl
                                  f"{tuple(want.shape)}")
 
 
-def quantize_like(model: nn.Module, q: Mapping, backend: str = "auto") -> nn.Module:
+def quantize_like(model: nn.Module, q: Mapping, backend: str = "auto", strict: bool | None = None) -> nn.Module:
     """Give a freshly built (unquantized) model the structure a checkpoint's quantization_config describes, with
-    placeholder payloads for the checkpoint's tensors to fill. Used by `load` and by the transformers integration."""
+    placeholder payloads for the checkpoint's tensors to fill. Used by `load` and by the transformers integration.
+    strict=None: the checkpoint's strict mode (False where it records none)."""
     recipe = Recipe.from_dict(q["recipe"])
     calibration = None
     if recipe.needs_calibration:  # only the channel count matters for the structure; the payload brings the rest
         calibration = {n: torch.zeros(m.in_features) for n, m in target_linears(model, q.get("target_modules")).items()}
     quantize_model(model, recipe, backend=backend, target_modules=q.get("target_modules"), calibration=calibration,
-                   share_inputs=q.get("share_inputs", True))
+                   share_inputs=q.get("share_inputs", True),
+                   strict=q.get("strict", LATER_KEYS["strict"]) if strict is None else strict)
     if sorted(model.sharq_quantization["modules"]) != sorted(q["modules"]):
         raise IntegrityError("the checkpoint's quantized modules do not match the model its config builds")
     return model
 
 
 def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         backend: str = "auto", *, verify: bool = True, progress: bool = False) -> nn.Module:
+         backend: str = "auto", *, verify: bool = True, strict: bool | None = None, progress: bool = False
+         ) -> nn.Module:
     """A model saved by `save` (or by save_pretrained of a sharq model), with outputs bit-identical to the saved
     model's. The digest is checked first (verify=False skips it, for checkpoints that record none), then every
-    tensor's name, dtype and shape against the structure the config describes: any mismatch is an error.
+    tensor's name, dtype and shape against the structure the config describes: any mismatch is an error. The
+    model is as strict (quantize_model's strict=) as the one saved; strict=True or False overrides that.
 
     The model is built on the meta device and takes the checkpoint's tensors as they are read, so nothing is
     initialized or quantized only to be overwritten; what a checkpoint does not hold is made afterwards
@@ -313,7 +323,7 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         with torch.device("meta"):
-            model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend)
+            model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend, strict)
         expected, payload = model.state_dict(), payload_names(model)
         check_tensors(expected, tensors.info, payload, tied_on_load(model), str(directory))
         bar.update()

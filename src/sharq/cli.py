@@ -166,9 +166,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from .checkpoint import save
     from .eval.data import load_text
-    from .eval.run import DTYPES, check_device
+    from .eval.run import DTYPES
     from .hf import load_pretrained
-    from .models import calibrate, quantize_model
+    from .models import calibrate, check_device, quantize_model
 
     recipe = get_recipe(args.recipe, **_recipe_options(args))
     device = check_device(args.device)
@@ -196,11 +196,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from transformers import TextStreamer
 
-    from .eval.run import DTYPES, check_device
+    from .eval.run import DTYPES
     from .generate import generate
     from .hf import resolve_model
     from .interop import is_quantized_checkpoint, load_model
-    from .models import quantize_model, weight_bytes
+    from .models import check_device, quantize_model, weight_bytes
 
     device = check_device(args.device)
     quantized = is_quantized_checkpoint(resolve_model(args.model))
@@ -243,8 +243,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from .eval.data import load_text
     from .eval.report import write_report
-    from .eval.run import check_device
     from .hf import load_pretrained
+    from .models import check_device
 
     device = check_device(args.device)
     text, label = load_text(args.text)

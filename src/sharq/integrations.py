@@ -44,14 +44,15 @@ class SharQConfig(QuantizationConfigMixin):
     transformers allocates the model."""
 
     def __init__(self, recipe: dict | None = None, modules: list[str] | None = None, target_modules=None,
-                 share_inputs: bool = True, format_version: int = FORMAT_VERSION, checkpoint_sha256: str | None = None,
-                 **kwargs):
+                 share_inputs: bool = True, strict: bool = False, format_version: int = FORMAT_VERSION,
+                 checkpoint_sha256: str | None = None, **kwargs):
         self.quant_method = "sharq"
         self.format_version = format_version
         self.recipe = recipe
         self.modules = modules
         self.target_modules = target_modules
         self.share_inputs = share_inputs
+        self.strict = strict
         self.checkpoint_sha256 = checkpoint_sha256
         validate_quantization_config(self.to_dict(), "sharq quantization_config")
 

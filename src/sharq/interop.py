@@ -59,17 +59,19 @@ _COMPRESSED = ("weight_packed", "weight_scale", "weight_global_scale", "input_gl
 
 # --- loading anything ----------------------------------------------------------------------------------------------
 def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         backend: str = "auto", *, recipe: str | Recipe | None = None, verify: bool = True, progress: bool = False,
-         **options) -> nn.Module:
+         backend: str = "auto", *, recipe: str | Recipe | None = None, verify: bool = True,
+         strict: bool | None = None, progress: bool = False, **options) -> nn.Module:
     """A quantized model from a sharq checkpoint (bit-identical to what was saved; it runs the recipe it was saved
     with, and verify=False skips its digest: checkpoint.load) or from a compressed-tensors NVFP4 checkpoint (its
-    4-bit weights kept exactly, any sharq recipe with NVFP4 weights on top: load_compressed_tensors)."""
+    4-bit weights kept exactly, any sharq recipe with NVFP4 weights on top: load_compressed_tensors). The model is
+    as strict (quantize_model's strict=) as the one saved or exported; strict=True or False overrides that."""
     if is_compressed_tensors(directory):
-        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, **options)
+        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, strict=strict,
+                                       **options)
     if recipe is not None or options:
         raise ValueError(f"{directory} is a sharq checkpoint: it runs the recipe it was saved with (no recipe or "
                          "options to give)")
-    return checkpoint.load(directory, dtype, device, backend, verify=verify, progress=progress)
+    return checkpoint.load(directory, dtype, device, backend, verify=verify, strict=strict, progress=progress)
 
 
 def is_quantized_checkpoint(path: str | Path) -> bool:
@@ -318,15 +320,16 @@ def _describe(fmt: str | None, w: Mapping) -> str:
 
 def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None = None, *,
                             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                            backend: str = "auto", **options) -> nn.Module:
+                            backend: str = "auto", strict: bool | None = None, **options) -> nn.Module:
     """A sharq model from a compressed-tensors NVFP4 checkpoint, holding its 4-bit weights exactly: the codes and
     block scales as stored, s_w = fl(1/weight_global_scale) (or the exact s_w a sharq export recorded).
 
     `recipe` (with `options`) is any sharq recipe with NVFP4 weights; its weight_block becomes 16, the checkpoint's
     group size, unless `options` sets one (a block of 32 or more needs equal scales within it). None: the recipe a
     sharq export recorded, else "sharq". The checkpoint's activation scheme (input_global_scale) is not used: the
-    recipe quantizes activations. The model is built on the meta device (nothing is initialized randomly) and is
-    a normal sharq model: sharq.save writes it as a sharq checkpoint."""
+    recipe quantizes activations. strict=None: strict as a sharq export recorded, else False. The model is built on
+    the meta device (nothing is initialized randomly) and is a normal sharq model: sharq.save writes it as a sharq
+    checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
@@ -341,7 +344,9 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target_modules = meta["target_modules"] if meta else _target_modules(model, quantized)
     share_inputs = meta["share_inputs"] if meta else True
-    quantize_model(model, r, backend=backend, target_modules=target_modules, share_inputs=share_inputs)
+    if strict is None:
+        strict = meta["strict"] if meta else False
+    quantize_model(model, r, backend=backend, target_modules=target_modules, share_inputs=share_inputs, strict=strict)
     _check_modules(model.sharq_quantization["modules"], quantized, directory)
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
@@ -385,8 +390,9 @@ def _sharq_metadata(meta, directory: Path) -> dict | None:
     targets, scales = meta.get("target_modules"), meta.get("weight_scale", {})
     if not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise ValueError(f"{where}.target_modules must be a list of names or null, got {targets!r}")
-    if not isinstance(meta.get("share_inputs", True), bool):
-        raise ValueError(f"{where}.share_inputs must be true or false")
+    for key in ("share_inputs", "strict"):
+        if not isinstance(meta.get(key, False), bool):
+            raise ValueError(f"{where}.{key} must be true or false")
     if not isinstance(scales, dict) or not all(isinstance(v, float) for v in scales.values()):
         raise ValueError(f"{where}.weight_scale must map layer names to numbers, got {scales!r}")
     try:
@@ -394,7 +400,7 @@ def _sharq_metadata(meta, directory: Path) -> dict | None:
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return {"recipe": meta["recipe"], "target_modules": targets, "share_inputs": meta.get("share_inputs", True),
-            "weight_scale": scales}
+            "strict": meta.get("strict", False), "weight_scale": scales}
 
 
 def _import_recipe(recipe: str | Recipe | None, meta: dict | None, options: dict) -> Recipe:

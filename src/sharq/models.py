@@ -7,15 +7,17 @@ module names to take and which of them read the same input), so a new family cos
 
 from __future__ import annotations
 
+import copy
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-from .nn import SharedActivation, SharQExperts, SharQLinear
+from .functional import check_backend, resolve_backend
+from .nn import SharedActivation, SharQExperts, SharQLinear, check_channel_stats
 from .quant import as_rows
 from .recipes import Recipe, get_recipe
 
@@ -105,13 +107,30 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, or a ValueError saying why it cannot be used here (an unknown name, CUDA on a
+    machine without it or an index past its devices); sharq runs on the CPU and CUDA devices."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device on this machine")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type != "cpu":
+        raise ValueError(f"unsupported device {str(device)!r}; expected cpu, cuda or cuda:N")
+    return d
+
+
 def quantize_model(
     model: nn.Module,
     recipe: str | Recipe = "sharq",
     *,
     backend: str = "auto",
     target_modules: Sequence[str] | None = None,
-    calibration: dict[str, torch.Tensor] | None = None,
+    calibration: Mapping[str, torch.Tensor] | None = None,
     share_inputs: bool = True,
     strict: bool = False,
     device: str | torch.device | None = None,
@@ -127,46 +146,59 @@ def quantize_model(
     default lets them through as NaN so the problem stays visible. `backend="auto"` runs packed 4-bit kernels on
     CUDA where the recipe allows (functional.Backend).
 
-    With `device`, the model moves there one decoder layer at a time and each layer is quantized on arrival, so the
-    device never holds more than the quantized layers plus one layer in its original dtype: a model whose bf16
-    weights do not fit the GPU can be quantized onto it. Parameters on the meta device are allocated there and
+    All or nothing: every argument is checked before the model is touched, and a failure on the way (a strict
+    NaN weight in the last layer, running out of memory) leaves the model exactly as it was. A model is quantized
+    once, with one recipe: a model sharq already quantized is refused.
+
+    With `device`, each module to quantize is copied there (one at a time, decoder layer by decoder layer) and
+    quantized on arrival, and the rest of the model follows at the end, so the device never holds more than the
+    quantized layers plus one module in its original dtype: a model whose bf16 weights do not fit the GPU can be
+    quantized onto it. Parameters on the meta device are allocated there and
     initialized as transformers initializes a new model (random weights: benchmarks of shapes that do not fit).
     progress=True shows a bar per quantized module (or decoder layer, with `device`) on stderr."""
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
     if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "compressed-tensors":
         raise ValueError("this model was loaded from a compressed-tensors checkpoint: quantizing its decompressed "
                          "weights again would change them; use sharq.load(directory, recipe=...), which keeps them")
+    _check_unquantized(model)
     r = get_recipe(recipe, **options)
+    for flag, value in (("share_inputs", share_inputs), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} must be True or False, got {value!r}")
+    if device is not None:
+        device = check_device(device)
+        if is_dispatched(model):
+            raise ValueError("this model is dispatched by accelerate (device_map): quantize_model quantizes each "
+                             "layer where accelerate placed it; leave out device=")
+        check_backend(backend, device)
+    # an unknown backend, or one that cannot run the recipe, fails here
+    resolve_backend(backend, r, device if device is not None else input_device(model))
+    if isinstance(target_modules, str):
+        raise ValueError(f"target_modules must be a list of names inside a decoder layer, e.g. "
+                         f"[{target_modules!r}], not a string")
     family = _family(model, target_modules)
     linears = target_linears(model, target_modules)
-    if r.needs_calibration:
-        if calibration is None:
-            raise ValueError(f"recipe {r.name!r} is calibrated: pass calibration=sharq.calibrate(model, texts, ...)")
-        missing = sorted(set(linears) - set(calibration))
-        if missing:
-            raise ValueError(f"calibration has no statistics for {len(missing)} layer(s), e.g. {missing[0]}")
     experts = [(n, m) for n, m in model.named_modules()
                if family.experts and (g := _LAYER.match(n)) and g[2] == family.experts]
     if not linears and not experts:
         raise ValueError(f"no module of {type(model).__name__} matches {list(family.linears)}")
+    unmatched = sorted(set(family.linears) - {_LAYER.match(n)[2] for n in linears})
+    if target_modules is not None and unmatched:
+        raise ValueError(f"target_modules {unmatched} match no nn.Linear inside a decoder layer of "
+                         f"{type(model).__name__}")
+    if r.needs_calibration:
+        _check_calibration(calibration, linears, r)
 
     groups: dict[str, SharedActivation] = {}
+    blocks: list[tuple[nn.Module, SharedActivation]] = []
     if share_inputs and not r.needs_calibration:  # calibrated layers keep their own outlier channels: no sharing
         for group in family.shared_inputs:
             for prefix in {n[: -len(group[0])] for n in linears if n.endswith(group[0])}:
                 members = [prefix + s for s in group if prefix + s in linears]
-                block = model.get_submodule(_common_parent(members))
                 shared = SharedActivation(len(members))
-                block.register_forward_pre_hook(shared.open)
-                block.register_forward_hook(shared.close, always_call=True)
+                blocks.append((model.get_submodule(_common_parent(members)), shared))
                 groups.update(dict.fromkeys(members, shared))
 
-    model.sharq_quantization = {
-        "recipe": r.to_dict(),
-        "target_modules": list(target_modules) if target_modules is not None else None,
-        "share_inputs": share_inputs,
-        "modules": sorted(linears) + [n for n, _ in experts],
-    }
     def quantize_here(name: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear):
             stats = calibration[name] if r.needs_calibration else None
@@ -179,28 +211,92 @@ def quantize_model(
         return quantize_here(name, module)
 
     targets = {**linears, **dict(experts)}
-    if device is not None and is_dispatched(model):
-        raise ValueError("this model is dispatched by accelerate (device_map): quantize_model quantizes each layer "
-                         "where accelerate placed it; leave out device=")
     desc = f"quantize {r.name}"
-    if device is None:
-        for name, module in with_progress(targets.items(), progress, desc=desc, total=len(targets), unit="module"):
-            _set_module(model, name, quantize(name, module))
-    else:
-        device = torch.device(device)
-        by_layer: dict[str, list[str]] = {}
-        for name in targets:  # "model.layers.3.mlp.up_proj" belongs to "model.layers.3"
-            by_layer.setdefault(name[: _LAYER.match(name).end(1)], []).append(name)
-        layers = with_progress(by_layer.items(), progress, desc=desc, total=len(by_layer), unit="layer")
-        linears = experts = None  # the originals' only references left are `targets`, dropped one by one:
-        for layer_name, names in layers:  # a layer's bf16 weights are freed as soon as it is quantized
-            materialize(model, model.get_submodule(layer_name), device)
-            for name in names:
-                _set_module(model, name, quantize(name, targets.pop(name)))
-        materialize(model, model, device)
+    restore = _restorer(model)
+    try:
+        if device is None:
+            for name, module in with_progress(targets.items(), progress, desc=desc, total=len(targets),
+                                              unit="module"):
+                _set_module(model, name, quantize(name, module))
+        else:  # each module is quantized from a copy on the device, the original kept for `restore`
+            by_layer: dict[str, list[str]] = {}
+            for name in targets:  # "model.layers.3.mlp.up_proj" belongs to "model.layers.3"
+                by_layer.setdefault(name[: _LAYER.match(name).end(1)], []).append(name)
+            for _, names in with_progress(by_layer.items(), progress, desc=desc, total=len(by_layer), unit="layer"):
+                for name in names:
+                    _set_module(model, name, quantize(name, _copy_onto(model, targets[name], device)))
+            materialize(model, model, device)
+    except BaseException:
+        restore()
+        raise
+    for block, shared in blocks:
+        block.register_forward_pre_hook(shared.open)
+        block.register_forward_hook(shared.close, always_call=True)
+    model.sharq_quantization = {
+        "recipe": r.to_dict(),
+        "target_modules": list(target_modules) if target_modules is not None else None,
+        "share_inputs": share_inputs,
+        "modules": sorted(linears) + [n for n, _ in experts],
+        "strict": strict,
+    }
     for hook in QUANTIZED_HOOKS:
         hook(model)
     return model
+
+
+def _check_unquantized(model: nn.Module) -> None:
+    """A model is quantized once, with one recipe (the checkpoint's metadata describes one call)."""
+    q = getattr(model, "sharq_quantization", None)
+    if q is None and not any(isinstance(m, (SharQLinear, SharQExperts)) for m in model.modules()):
+        return
+    how = f"with recipe {q['recipe']['name']!r}" if q is not None else "(it holds sharq layers)"
+    raise ValueError(f"this model is already quantized by sharq {how}: quantize_model quantizes an unquantized "
+                     "model once, with one recipe for every layer it targets; to quantize other layers or use "
+                     "another recipe, start again from the unquantized model")
+
+
+def _check_calibration(calibration: Mapping[str, torch.Tensor] | None, linears: Mapping[str, nn.Linear],
+                       recipe: Recipe) -> None:
+    """Statistics for every targeted linear, each of the right shape and kind (nn.check_channel_stats)."""
+    if calibration is None:
+        raise ValueError(f"recipe {recipe.name!r} is calibrated: pass calibration=sharq.calibrate(model, texts, ...)")
+    if not isinstance(calibration, Mapping):
+        raise ValueError(f"calibration must map layer names to statistics (sharq.calibrate), got "
+                         f"{type(calibration).__name__}")
+    missing = sorted(set(linears) - set(calibration))
+    if missing:
+        raise ValueError(f"calibration has no statistics for {len(missing)} layer(s), e.g. {missing[0]}")
+    for name, linear in linears.items():
+        check_channel_stats(calibration[name], linear.in_features, name)
+
+
+def _restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts `model` back as it is now: every module's children, parameters and buffers, and every
+    parameter's data and gradient (which moving a module replaces in place). References, nothing copied."""
+    stores = [(store, dict(store)) for m in model.modules() for store in (m._modules, m._parameters, m._buffers)]
+    params = [(p, p.data, p.grad) for p in model.parameters()]
+
+    def restore() -> None:
+        for store, saved in stores:
+            store.clear()
+            store.update(saved)
+        for p, data, grad in params:
+            p.data, p.grad = data, grad
+
+    return restore
+
+
+def _copy_onto(model: nn.Module, module: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of `module` on `device`, its meta tensors made there as `materialize` makes them; `module` itself is
+    left as it is (a failed quantize_model must be able to give it back)."""
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        if t.is_meta:
+            return t  # materialize replaces it in the copy
+        return nn.Parameter(t.detach().to(device), t.requires_grad) if isinstance(t, nn.Parameter) else t.to(device)
+
+    twin = copy.deepcopy(module, {id(t): moved(t) for t in (*module.parameters(), *module.buffers())})
+    materialize(model, twin, device)
+    return twin
 
 
 def _quantize_dispatched(module: nn.Module, quantize: Callable[[], nn.Module], name: str) -> nn.Module:
@@ -319,12 +415,10 @@ def calibrate(
     seqlen: int = 512,
     max_tokens: int = 16384,
     target_modules: Sequence[str] | None = None,
-    progress: bool = True,
+    progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Mean |x| per input channel of every targeted linear, over up to `max_tokens` tokens of `texts` run in
-    windows of `seqlen`. Calibrate the unquantized model."""
-    from tqdm.auto import tqdm
-
+    windows of `seqlen`. Calibrate the unquantized model. progress=True shows a bar per window on stderr."""
     linears = target_linears(model, target_modules)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -342,7 +436,7 @@ def calibrate(
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     device = input_device(model)
     try:
-        for start in tqdm(range(0, ids.numel(), seqlen), desc="calibrate", disable=not progress, unit="window"):
+        for start in with_progress(range(0, ids.numel(), seqlen), progress, desc="calibrate", unit="window"):
             model(ids[start: start + seqlen].unsqueeze(0).to(device))
     finally:
         for h in handles:

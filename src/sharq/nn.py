@@ -67,6 +67,23 @@ class SharedActivation:
         return act
 
 
+def check_channel_stats(stats: torch.Tensor, in_features: int, name: str) -> None:
+    """A ValueError naming the layer unless `stats` are one layer's calibration statistics: a tensor of
+    `in_features` finite, non-negative values (mean |x| per input channel, sharq.calibrate). Statistics on the meta
+    device (placeholders for the structure a checkpoint fills) have only their shape to check."""
+    if not isinstance(stats, torch.Tensor) or tuple(stats.shape) != (in_features,):
+        got = f"shape {tuple(stats.shape)}" if isinstance(stats, torch.Tensor) else f"a {type(stats).__name__}"
+        raise ValueError(f"{name}: calibration statistics: expected a tensor of {in_features} values (mean |x| per "
+                         f"input channel, from sharq.calibrate), got {got}")
+    if stats.is_meta:
+        return
+    check_finite(stats, name, "calibration statistics (mean |x| per channel)")
+    negative = int((stats < 0).sum())
+    if negative:
+        raise ValueError(f"{name}: calibration statistics have {negative} negative value(s): a mean |x| is never "
+                         "negative")
+
+
 class SharQLinear(nn.Module):
     """A drop-in nn.Linear whose weight is quantized once and whose input is quantized on every call.
 
@@ -137,11 +154,15 @@ class SharQLinear(nn.Module):
         **options,
     ) -> SharQLinear:
         """Prepare `linear`'s weight once. With strict=True, a non-finite weight (now) or input (per call) raises a
-        ValueError naming the layer; without it, NaN/Inf flow on as NaN (SPEC §8)."""
+        ValueError naming the layer; without it, NaN/Inf flow on as NaN (SPEC §8). A weight on the meta device (the
+        structure a checkpoint's payload then fills) has no values to check."""
         r = get_recipe(recipe, **options)
-        if strict:
+        if strict and not linear.weight.is_meta:
             check_finite(linear.weight, name or "SharQLinear", "weight")
-        channels = r.select_channels(channel_stats) if r.needs_calibration and channel_stats is not None else None
+        channels = None
+        if r.needs_calibration and channel_stats is not None:
+            check_channel_stats(channel_stats, linear.in_features, name or "SharQLinear")
+            channels = r.select_channels(channel_stats)
         with torch.no_grad():
             qweight = r.prepare_weight(linear.weight.detach(), channels)
         return cls(linear.in_features, linear.out_features, r, qweight, linear.bias, backend, shared, strict, name,

@@ -17,7 +17,7 @@ from ..checkpoint import is_checkpoint, read_quantization_config
 from ..functional import check_backend
 from ..hf import load_pretrained, load_tokenizer, model_source, resolve_model
 from ..interop import compressed_tensors_recipe, is_compressed_tensors, load, load_model
-from ..models import calibrate, quantize_model, weight_bytes
+from ..models import calibrate, check_device, quantize_model, weight_bytes
 from ..recipes import Recipe, get_recipe
 from .data import load_text
 from .distributed import process_rank
@@ -78,21 +78,6 @@ def gap_recovered(value: float, low: float, high: float) -> float | None:
     if any(v is None or not math.isfinite(v) for v in (value, low, high)) or low == high:
         return None
     return (low - value) / (low - high)
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but torch sees no CUDA device on this machine")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif d.type != "cpu":
-        raise ValueError(f"unsupported device {device!r}; expected cpu, cuda or cuda:N")
-    return d
 
 
 def recipes_for(cfg: EvalConfig, path: Path) -> list[Recipe]:
