@@ -1,5 +1,5 @@
-"""transformers integration (registered under quant_method "sharq" with transformers' quantizer hooks, at
-`import sharq`):
+"""transformers integration (registered under quant_method "sharq" with transformers' quantizer hooks as soon as
+both sharq and transformers' quantizer registry are imported, in either order: `import sharq` itself stays cheap):
 
 - `AutoModelForCausalLM.from_pretrained(DIR)` loads a sharq checkpoint, as strictly as `sharq.load`: before any
   weight is read into the model, the checkpoint's digest is checked and every tensor's name, dtype and shape is
