@@ -3,20 +3,23 @@ transformers only when transformers' quantizer registry loads (importing it pull
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
-from collections.abc import Callable
-from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importlib.abc alone would cost more than the rest of `import sharq`
+    from collections.abc import Callable
+    from importlib.abc import Loader
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 
-class _ThenCall(importlib.abc.Loader):
-    """A module's own loader, then `callback` once the module has run."""
+class _ThenCall:
+    """A module's own loader, then `callback` once the module has run (a loader, as importlib.abc.Loader)."""
 
-    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[], None]):
+    def __init__(self, loader: Loader, callback: Callable[[], None]):
         self.loader, self.callback = loader, callback
 
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
@@ -25,14 +28,15 @@ class _ThenCall(importlib.abc.Loader):
         self.callback()
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when `name` is about to be imported, it leaves sys.meta_path, asks the other finders
-    for the module and wraps its loader so that `callback` runs after the module's code."""
+class _AfterImport:
+    """A finder of sys.meta_path (as importlib.abc.MetaPathFinder) that finds nothing itself: when `name` is about
+    to be imported, it leaves sys.meta_path, asks the other finders for the module and wraps its loader so that
+    `callback` runs after the module's code."""
 
     def __init__(self, name: str, callback: Callable[[], None]):
         self.name, self.callback = name, callback
 
-    def find_spec(self, fullname: str, path, target=None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(self, fullname: str, path, target=None) -> ModuleSpec | None:
         if fullname != self.name or self not in sys.meta_path:
             return None
         sys.meta_path.remove(self)
