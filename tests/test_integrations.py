@@ -38,10 +38,11 @@ print(type(model.model.layers[0].self_attn.q_proj).__name__, model.config.quanti
 
 
 @pytest.mark.parametrize("imports", ["import sharq", "import transformers.quantizers\nimport sharq",
-                                     "import sharq.nn"])
+                                     "import sharq.nn", "import sharq.integrations"])
 def test_from_pretrained_loads_a_checkpoint_after_import_sharq(checkpoint, imports):
-    """In a fresh process, `import sharq` (or any sharq module), before or after transformers' quantizers: from_
-    pretrained then loads a sharq checkpoint as sharq layers."""
+    """In a fresh process, `import sharq` (or any sharq module, the integration itself included, whose own import
+    of transformers' quantizers is what registers it), before or after transformers' quantizers: from_pretrained
+    then loads a sharq checkpoint as sharq layers."""
     assert fresh(LOAD.format(imports=imports), checkpoint).split() == ["SharQLinear", "sharq"]
 
 

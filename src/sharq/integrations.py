@@ -109,3 +109,6 @@ def register() -> None:
         register_quantizer("sharq")(SharQHfQuantizer)
     if attach not in models.QUANTIZED_HOOKS:
         models.QUANTIZED_HOOKS.append(attach)
+
+
+register()  # on import: sharq's package imports this module once transformers' quantizer registry is imported
