@@ -321,8 +321,8 @@ def test_parsing_the_command_line_imports_no_torch():
     """What keeps --help and argument errors fast: the parser, its help and argparse's errors need no torch (a
     command's own --help lists the recipes, which does)."""
     code = ("import sys\nfrom sharq.cli import build_parser\np = build_parser()\nfor argv in (['--help'], "
-            "['demo', '--tokens', '0'], ['eval', '--dtype', 'x'], ['generate']):\n    try:\n        p.parse_args(argv)\n"
-            "    except SystemExit:\n        pass\n"
+            "['demo', '--tokens', '0'], ['eval', '--dtype', 'x'], ['generate']):\n    try:\n"
+            "        p.parse_args(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'transformers', 'torchao') if m in sys.modules))")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert child.returncode == 0 and child.stdout.splitlines()[-1] == "[]", child.stderr

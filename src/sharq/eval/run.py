@@ -357,8 +357,8 @@ def format_results(res: dict) -> str:
     lines = [f"model {res['model']} ({res['model_class']}, {res['dtype']}, {res['device']}, backend {res['backend']})"
              + kind.get(res.get("checkpoint"), "")]
     if res["windows"]:
-        lines.append(f"perplexity: {res['text']}, {plural(res['windows'], 'window')} x {plural(res['seqlen'], 'token')} "
-                     f"= {plural(res['ppl_tokens'], 'token')}")
+        lines.append(f"perplexity: {res['text']}, {plural(res['windows'], 'window')} x "
+                     f"{plural(res['seqlen'], 'token')} = {plural(res['ppl_tokens'], 'token')}")
     if tasks:
         others = [r for r in res["results"] if r is not low]
         paired = low is not None and bool(others) and all(_paired(r, low) for r in others)
