@@ -163,8 +163,8 @@ def _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and length + max_new_tokens > limit:
         raise ValueError(f"a prompt of {plural(length, 'token')} plus max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's max_position_embeddings {limit}: give at most {limit - max_new_tokens} prompt tokens "
-                         "or fewer new tokens")
+                         f"model's max_position_embeddings {limit}: give at most {limit - max_new_tokens} prompt "
+                         "tokens or fewer new tokens")
     if streamer is not None and batch > 1:
         raise ValueError(f"a streamer takes one row; input_ids has {batch}: stream batch 1, or leave streamer out")
     if generator is not None and generator.device.type != model.device.type:
