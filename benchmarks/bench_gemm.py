@@ -164,6 +164,8 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
 def time_humming(recipe: str, x: torch.Tensor, p: QTensor, sw: torch.Tensor, r) -> dict:
     """The humming backend on the same payload: its GEMM as sharq runs it (humming's default, stream-K) and in
     humming's batch-invariant mode (no split tiles: the fp32 bound), and its layer (prepare + GEMM)."""
+    from humming.ops.gemm import humming_gemm
+
     layout = humming.to_layout(p, sw, None)
     layouts = [WeightLayout(tuple(t.clone() for t in layout.tensors[:2]) + layout.tensors[2:], layout.meta,
                             layout.shape) for _ in range(copies(layout.nbytes))]
@@ -303,10 +305,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
-    if available("humming"):
-        from humming.ops.gemm import humming_gemm
-
-        globals()["humming_gemm"] = humming_gemm
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.crossover:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,

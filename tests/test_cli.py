@@ -1,11 +1,17 @@
+import argparse
+import json
 import os
+import signal
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 import sharq.eval.run
 import sharq.hf
-from sharq.cli import main
+from sharq.cli import build_parser, main
 from sharq.recipes import get_recipe, list_recipes
 
 
@@ -79,6 +85,7 @@ def run(argv: list[str]) -> int:
 
 not_as_root = pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
                                  reason="root writes into read-only directories")
+needs_proc = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc file system")
 MODEL = ["--model", "{model}"]
 
 
@@ -97,6 +104,7 @@ MODEL = ["--model", "{model}"]
     (["eval", *MODEL, "--json", "{notes}/out.json"], "cannot write"),
     (["eval", *MODEL, "--json", "/no/such/dir/out.json"], "cannot write"),
     pytest.param(["eval", *MODEL, "--json", "{ro}/out.json"], "cannot write", marks=not_as_root),
+    pytest.param(["eval", *MODEL, "--json", "/proc/sharq.json"], "cannot write /proc/sharq.json", marks=needs_proc),
     (["eval", "--model", "{notes}"], "is neither a directory nor a .gguf file"),
     (["eval", "--model", ""], "the model path is empty"),
     (["eval", *MODEL, "--backend", "triton"], "backend 'triton'"),
@@ -115,6 +123,8 @@ MODEL = ["--model", "{model}"]
     (["quantize", *MODEL, "--out", ""], "--out is empty"),
     (["quantize", *MODEL, "--out", "{notes}/ckpt"], "cannot write"),
     pytest.param(["quantize", *MODEL, "--out", "{ro}/ckpt"], "cannot write", marks=not_as_root),
+    pytest.param(["quantize", *MODEL, "--out", "/proc/sharq-ckpt"], "cannot write /proc/sharq-ckpt: /proc is not",
+                 marks=needs_proc),  # permission bits allow it (for root); creating anything there fails
     (["quantize", "--model", "{notes}", "--out", "{empty}"], "is neither a directory nor a .gguf file"),
     (["quantize", "--model", "{checkpoint}", "--out", "{empty}"], "is a quantized checkpoint, already quantized"),
     (["quantize", *MODEL, "--out", "{empty}", "--recipe", "nope"], "unknown recipe 'nope'"),
@@ -132,6 +142,7 @@ MODEL = ["--model", "{model}"]
     (["export", *MODEL, "--out", ""], "--out is empty"),
     (["export", *MODEL, "--out", "{empty}", "--recipe", "hif4"], "recipe 'hif4' has hif4 weights"),
     (["export", *MODEL, "--out", "{empty}", "--format", "gguf"], "argument --format: invalid choice"),
+    pytest.param(["export", *MODEL, "--out", "/proc/sharq-ct"], "cannot write /proc/sharq-ct", marks=needs_proc),
     # report: --out, the model, its numbers and recipes
     (["report", *MODEL, "--out", "{notes}"], "is a file, not a directory"),
     (["report", *MODEL, "--out", "{full}"], "is a non-empty directory: give --overwrite"),
@@ -139,6 +150,8 @@ MODEL = ["--model", "{model}"]
     (["report", *MODEL, "--out", "{model}", "--overwrite"], "overlaps the model"),
     (["report", *MODEL, "--out", "{notes}/rep"], "cannot write"),
     pytest.param(["report", *MODEL, "--out", "{ro}/rep"], "cannot write", marks=not_as_root),
+    pytest.param(["report", *MODEL, "--out", "/proc/sharq-report"], "cannot write /proc/sharq-report",
+                 marks=needs_proc),
     (["report", "--model", "{checkpoint}", "--out", "{empty}"], "is a quantized checkpoint"),
     (["report", *MODEL, "--out", "{empty}", "--tokens", "1"], "argument --tokens: must be at least 2"),
     (["report", *MODEL, "--out", "{empty}", "--recipes", ","], "no recipe given"),
@@ -180,7 +193,7 @@ def test_eval_defaults_are_the_library_defaults(workspace, monkeypatch):
     with pytest.raises(ModelLoaded):
         main(["eval"])
     assert seen == [sharq.eval.run.EvalConfig()]
-    recipes = sharq.eval.run.recipes_for(seen[0], Path(workspace["model"]))
+    recipes = sharq.eval.run.recipes_for(Path(workspace["model"]), seen[0].recipes, seen[0].options)
     assert [r.name for r in recipes] == ["bf16", "nvfp4", "sharq"]
 
 
@@ -200,3 +213,161 @@ def test_corrupt_gguf_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert main(["eval", "--model", str(tmp_path / "x.gguf"), "--recipes", "bf16", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and "as a GGUF model" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# --- one recipe rule for every command -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> dict[str, str]:
+    """The tiny Llama with its word tokenizer: unquantized ("model"), as a sharq checkpoint of nvfp4 ("ckpt": not
+    the commands' default recipe) and that checkpoint exported as compressed-tensors ("ct", recording nvfp4); and a
+    text of its words."""
+    pytest.importorskip("transformers")
+    import random
+
+    from .test_eval import word_tokenizer
+    from .test_models import tiny
+
+    root = tmp_path_factory.mktemp("quantized")
+    model, tokenizer = tiny("llama"), word_tokenizer()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    sharq.quantize_model(model, "nvfp4")
+    sharq.save(model, root / "ckpt", tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vLLM's fused q/k/v scales: test_interop's
+        sharq.export(model, root / "ct", tokenizer=tokenizer)
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(f"w{rng.randrange(1, 96)}" for _ in range(400)))
+    return {name: str(root / name) for name in ("model", "ckpt", "ct", "text.txt")}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "w1 w2"], "is a sharq checkpoint, already quantized with 'nvfp4'"),
+    (["eval"], "is a sharq checkpoint, already quantized with 'nvfp4'"),
+    (["export", "--out", "{out}"], "is a sharq checkpoint, already quantized with 'nvfp4'"),
+    (["quantize", "--out", "{out}"], "is a quantized checkpoint, already quantized"),
+    (["report", "--out", "{out}"], "is a quantized checkpoint, already quantized"),
+])
+def test_no_command_runs_another_recipe_on_a_sharq_checkpoint(argv, message, quantized, tmp_path, capsys):
+    """Every command that takes a model and a recipe refuses, in one line and before loading, a recipe a sharq
+    checkpoint cannot run (generate and export ran the checkpoint's own recipe without a word)."""
+    flag = "--recipes" if argv[0] in ("eval", "report") else "--recipe"
+    out = tmp_path / "out"
+    args = [argv[0], "--model", quantized["ckpt"], flag, "sharq", "--quiet", *argv[1:]]
+    assert run([a.format(out=out) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def ran_recipes(argv: list[str], tmp_path: Path, capsys) -> list[str]:
+    """The recipes a generate, export or eval command ran, read from what it printed or wrote."""
+    command = argv[0]
+    extra = {"generate": ["--max-new-tokens", "1", "--raw", "w1 w2"],
+             "export": ["--out", str(tmp_path / "export")],
+             "eval": ["--seqlen", "16", "--max-tokens", "32", "--json", str(tmp_path / "eval.json")]}[command]
+    assert main([*argv, "--quiet", *extra]) == 0
+    captured = capsys.readouterr()
+    if command == "generate":
+        return [captured.err.split("[")[-1].split(":")[0]]
+    if command == "export":
+        return [json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]["sharq"]
+                ["recipe"]["name"]]
+    return [row["recipe"] for row in json.loads((tmp_path / "eval.json").read_text())["results"]]
+
+
+@pytest.mark.parametrize("command", ["generate", "export", "eval"])
+@pytest.mark.parametrize("model,recipe,ran", [
+    ("model", None, None),  # the command's default
+    ("model", "nvfp4", ["nvfp4"]),
+    ("ckpt", None, ["nvfp4"]),  # a sharq checkpoint runs as saved
+    ("ckpt", "nvfp4", ["nvfp4"]),  # naming its own recipe is allowed
+    ("ct", None, ["nvfp4"]),  # an export runs the recipe it recorded, as sharq.load does
+    ("ct", "sharq", ["sharq"]),  # or the one asked, on its 4-bit weights (generate and export ran nvfp4)
+])
+def test_every_command_runs_the_recipe_the_rule_gives(command, model, recipe, ran, quantized, tmp_path, capsys):
+    flag = "--recipes" if command == "eval" else "--recipe"
+    argv = [command, "--model", quantized[model], *([] if recipe is None else [flag, recipe])]
+    if command == "eval":
+        argv += ["--text", quantized["text.txt"]]
+    default = ["bf16", "nvfp4", "sharq"] if command == "eval" else ["sharq"]
+    assert ran_recipes(argv, tmp_path, capsys) == (default if ran is None else ran)
+
+
+def test_one_token_is_counted_in_the_singular(quantized, capsys):
+    assert main(["generate", "--model", quantized["ckpt"], "--max-new-tokens", "1", "--raw", "--quiet", "w1"]) == 0
+    assert "[nvfp4: 1 token in " in capsys.readouterr().err
+
+
+# --- help, speed, noise, interruption ---------------------------------------------------------------------------------
+def sharq_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m sharq.cli ARGS` in a fresh process (the same interpreter and source tree as the tests)."""
+    return subprocess.run([sys.executable, "-m", "sharq.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_argument_errors_print_nothing_but_sharqs_line():
+    """--help, --version and a malformed argument answer without loading torch or transformers, so nothing else
+    prints (with torchao installed, transformers' quantizers printed four lines of its load failures first)."""
+    helped = sharq_cli("--help")
+    assert helped.returncode == 0 and helped.stderr == "" and helped.stdout.startswith("usage: sharq")
+    bad = sharq_cli("demo", "--tokens", "0")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "sharq demo: error: argument --tokens: must be at least 1, got 0 (see sharq demo --help)\n"
+    unknown = sharq_cli("eval", "--dtype", "float8")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1 and "invalid choice: 'float8'" in unknown.stderr
+
+
+def test_parsing_the_command_line_imports_no_torch():
+    """What keeps --help and argument errors fast: the parser, its help and argparse's errors need no torch (a
+    command's own --help lists the recipes, which does)."""
+    code = ("import sys\nfrom sharq.cli import build_parser\np = build_parser()\nfor argv in (['--help'], "
+            "['demo', '--tokens', '0'], ['eval', '--dtype', 'x'], ['generate']):\n    try:\n"
+            "        p.parse_args(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'torchao') if m in sys.modules))")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.splitlines()[-1] == "[]", child.stderr
+
+
+def test_every_option_has_help_and_shows_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per option: argparse wraps at hyphens
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        assert "{recipes}" not in text and ("nvfp4" in text or name != "eval")
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"sharq {name} {action.dest} has no help"
+            if action.required or action.default is False:  # a flag
+                continue
+            if action.default is None or "default" in action.help:  # the help says in words what happens
+                assert "default" in action.help, f"sharq {name} {action.dest}"
+            else:
+                assert f"(default: {action.default})" in text, f"sharq {name} {action.dest}: {text}"
+
+
+INTERRUPTED = """
+import sys, time
+import sharq.cli as cli
+
+def long_command(args):
+    print("started", flush=True)
+    time.sleep(300)
+
+cli.cmd_demo = long_command
+sys.exit(cli.main(["demo"]))
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT")
+def test_ctrl_c_is_one_line_and_exit_code_130():
+    child = subprocess.Popen([sys.executable, "-c", INTERRUPTED], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline() == "started\n"
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and err == "sharq: interrupted\n" and out == ""

@@ -84,7 +84,7 @@ def test_a_checkpoint_runs_no_other_recipe(tiny_model, options, monkeypatch, cap
     monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert main(["eval", "--model", tiny_model["ckpt"], *options]) == 2
     err = capsys.readouterr().err
-    assert "is a sharq checkpoint, already quantized with 'sharq': it is evaluated as saved" in err
+    assert "is a sharq checkpoint, already quantized with 'sharq': it runs as saved" in err
     assert err.count("\n") == 1
 
 
@@ -113,7 +113,8 @@ def test_a_checkpoint_without_a_tokenizer_is_a_one_line_error(tmp_path, capsys):
 
     sharq.save(sharq.quantize_model(tiny("llama"), "sharq"), tmp_path / "c")
     (tmp_path / "text.txt").write_text("some words " * 100)
-    assert main(["eval", "--model", str(tmp_path / "c"), "--text", str(tmp_path / "text.txt"), "--quiet"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "c"), "--text", str(tmp_path / "text.txt"), "--seqlen", "16",
+                 "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'c'} holds no tokenizer (tokenizer_config.json or tokenizer.json)" in err
     assert err.count("\n") == 1
@@ -137,7 +138,7 @@ def test_windows_cut_and_bos():
 
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--recipes", "bf16,nope"], "unknown recipe 'nope'"),
-    (["eval", "--recipes", ","], "no recipe to evaluate"),
+    (["eval", "--recipes", ","], "no recipe to run"),
     (["eval", "--model", "/no/such/model"], "does not exist"),
     (["eval", "--model", "/"], "without config.json"),
     (["eval", "--text", "/no/such/text.txt"], "neither a named corpus"),
@@ -442,6 +443,8 @@ def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path,
     assert imported["checkpoint"] == "compressed-tensors" and saved["checkpoint"] == "sharq"
     rows = {r["recipe"]: r for r in imported["results"]}
     assert rows["sharq"]["ppl"] == saved["results"][0]["ppl"]
+    header = format_results(imported).splitlines()[0]  # it said "a sharq checkpoint, evaluated as saved"
+    assert header.endswith(": a compressed-tensors NVFP4 checkpoint, each recipe on its 4-bit weights"), header
     assert math.isfinite(rows["nvfp4"]["ppl"])
     assert main(["export", "--model", tiny_model["model"], "--recipe", "mxfp4", "--out", str(tmp_path / "x"),
                  "--quiet"]) == 2
@@ -463,6 +466,31 @@ def test_eval_with_a_device_map_equals_one_device(tiny_model, device_map):
     one = evaluate(EvalConfig(**setup))
     assert [r["ppl"] for r in spread["results"]] == [r["ppl"] for r in one["results"]]
     assert spread["device"].startswith("device_map=")
+
+
+@pytest.mark.parametrize("model", ["model", "ckpt"])
+def test_eval_refuses_windows_past_the_models_positions(tiny_model, model, monkeypatch, capsys):
+    """The tiny model has 64 positions: a window of 64 runs, one of 65 is refused before the text is read or a
+    model loaded, by the library (in its words) and the command line (in the flag's), as generate refuses a
+    prompt past them. It returned a perplexity without a word."""
+    import sharq.eval.run as run
+
+    setup = dict(model=tiny_model[model], text=tiny_model["text.txt"], max_tokens=128, progress=False)
+    assert evaluate(EvalConfig(seqlen=64, **setup))["windows"] == 2
+    monkeypatch.setattr(run, "load_text", lambda *a, **k: pytest.fail("the text was read"))
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="seqlen 65 exceeds the model's max_position_embeddings 64"):
+        evaluate(EvalConfig(seqlen=65, **setup))
+    assert main(["eval", "--model", tiny_model[model], "--seqlen", "65", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--seqlen 65 exceeds the model's max_position_embeddings 64: give --seqlen 64 or less" in err
+    assert err.count("\n") == 1
+
+
+def test_one_window_is_counted_in_the_singular(tiny_model):
+    res = evaluate(EvalConfig(model=tiny_model["model"], recipes=("bf16",), text=tiny_model["text.txt"], seqlen=16,
+                              max_tokens=16, progress=False))
+    assert ", 1 window x 16 tokens = 16 tokens" in format_results(res)
 
 
 def test_eval_device_map_with_a_checkpoint_is_a_one_line_error(tiny_model, capsys):

@@ -1,4 +1,7 @@
-"""`sharq` command line: a thin layer over the library."""
+"""`sharq` command line: a thin layer over the library.
+
+Torch and the library are imported once the arguments are parsed, so --help and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,26 @@ import importlib.util
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
-from ._format import format_table
-from .functional import simulate_linear
-from .recipes import Recipe, get_recipe, list_recipes
+from ._format import format_table, plural
+
+if TYPE_CHECKING:
+    import torch
+
+    from .recipes import Recipe
+
+DEFAULT_RECIPE = "sharq"  # what generate, export and quantize run on an unquantized model
 
 
 def outlier_layer(seed: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A random linear layer with LLM-like activations: Gaussian, 1/64 of the channels 10-60x larger."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     channels = torch.randperm(k, generator=g)[: k // 64]
@@ -28,6 +38,8 @@ def outlier_layer(seed: int, m: int, k: int, n: int) -> tuple[torch.Tensor, torc
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .functional import simulate_linear
+
     recipes = _uncalibrated_recipes(args.recipes, "demo")
     x, w = outlier_layer(args.seed, args.tokens, args.k, args.n)
     exact = x.float() @ w.T
@@ -103,9 +115,14 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def _uncalibrated_recipes(names: tuple[str, ...], command: str) -> list[Recipe]:
-    """The --recipes of a command that does not calibrate (demo, report): an empty list or a calibrated recipe
-    is an error now, not an empty report or a failure after the model work."""
+def _uncalibrated_recipes(names: tuple[str, ...] | None, command: str) -> list[Recipe]:
+    """The --recipes of a command that does not calibrate (demo, report; None: every recipe that needs no
+    calibration): an empty list or a calibrated recipe is an error now, not an empty report or a failure after the
+    model work."""
+    from .recipes import get_recipe, list_recipes
+
+    if names is None:
+        return [r for r in map(get_recipe, list_recipes()) if not r.needs_calibration]
     if not names:
         raise ValueError("no recipe given: give --recipes, e.g. nvfp4,sharq")
     recipes = [get_recipe(name) for name in names]
@@ -137,9 +154,21 @@ def _check_output(value: str, flag: str, model: Path, makes_parents: bool) -> Pa
     if out == source or source in out.parents or out in source.parents:
         raise ValueError(f"{flag} {value} overlaps the model {model}: give a path outside it")
     parent = next(p for p in out.parents if p.exists()) if makes_parents else out.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
+    if not _can_create_in(parent):
         raise ValueError(f"cannot write {value}: {parent} is not a writable directory")
     return out
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a file can be created in `directory`, found by creating one and removing it: permission bits
+    (os.access) grant root everything and know nothing of a file system that takes no new file (/proc)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".sharq-probe-")
+    except OSError:  # not a directory, no permission, a read-only or pseudo file system
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def _check_out_dir(args: argparse.Namespace, model: Path, replaces_checkpoint: bool = False) -> None:
@@ -162,6 +191,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     """Load a model, quantize it with one recipe (calibrating if the recipe needs it) and save a checkpoint."""
     path = _unquantized_model(args.model, "quantize")
     _check_out_dir(args, path, replaces_checkpoint=True)
+    recipe = _one_recipe(args, path, calibrates=True)
     _offline()
     _quiet_transformers()
     from .checkpoint import save
@@ -170,7 +200,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .hf import load_pretrained
     from .models import calibrate, check_device, quantize_model
 
-    recipe = get_recipe(args.recipe, **_recipe_options(args))
     device = check_device(args.device)
     calib = load_text(args.calib_text)[0] if recipe.needs_calibration else None
     # calibration runs the whole model on the device; otherwise the model moves there one layer at a time as it is
@@ -192,24 +221,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     replayed from one CUDA graph on CUDA), streaming the tokens, then print tokens/s and the weights' memory."""
     if not args.prompt:
         raise ValueError("the prompt is empty: give the text to continue")
+    from .hf import resolve_model
+    from .models import check_device
+
+    device = check_device(args.device)
+    path = resolve_model(args.model)
+    recipe = _one_recipe(args, path)
     _offline()
     _quiet_transformers()
     from transformers import TextStreamer
 
-    from .eval.run import DTYPES
     from .generate import generate
-    from .hf import resolve_model
-    from .interop import is_quantized_checkpoint, load_model
-    from .models import check_device, quantize_model, weight_bytes
+    from .models import weight_bytes
 
-    device = check_device(args.device)
-    quantized = is_quantized_checkpoint(resolve_model(args.model))
-    recipe = None if quantized else get_recipe(args.recipe, **_recipe_options(args))
-    if recipe is not None and recipe.needs_calibration:
-        raise ValueError(f"recipe {recipe.name!r} needs calibration: make a checkpoint with `sharq quantize` first")
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device, progress=not args.quiet)
-    if recipe is not None:
-        quantize_model(model, recipe, progress=not args.quiet)
+    model, tokenizer = _quantized_model(args, path, recipe, device)
     name = model.sharq_quantization["recipe"]["name"]
     if getattr(tokenizer, "chat_template", None) and not args.raw:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
@@ -227,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = out.shape[-1] - ids["input_ids"].shape[-1]
     size = weight_bytes(model)
     memory = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-    print(f"\n[{name}: {new} tokens in {seconds:.1f} s, {new / seconds:.1f} tokens/s, weights {memory}]",
+    print(f"\n[{name}: {plural(new, 'token')} in {seconds:.1f} s, {new / seconds:.1f} tokens/s, weights {memory}]",
           file=sys.stderr)
     return 0
 
@@ -248,7 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     device = check_device(args.device)
     text, label = load_text(args.text)
-    model, tokenizer = load_pretrained(args.model, torch.float32, device, progress=not args.quiet)
+    model, tokenizer = load_pretrained(args.model, device=device, progress=not args.quiet)  # float32
     out = write_report(model, tokenizer, text, list(args.recipes), args.tokens, args.out,
                        setup=f"model {path}; text {label}", progress=not args.quiet)
     print(f"wrote {out / 'report.md'}, {out / 'error_per_layer.png'}, {out / 'outliers.png'}")
@@ -262,19 +287,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     source = resolve_model(args.model)
     _check_out_dir(args, source)
-    recipe = get_recipe(args.recipe, **_recipe_options(args))
-    if recipe.weight_fmt != "nvfp4":  # checked before any loading; a checkpoint's own recipe is checked by export
+    recipe = _one_recipe(args, source)
+    if recipe.weight_fmt != "nvfp4":  # checked before any loading
         raise ValueError(f"{args.format} holds NVFP4 weights: recipe {recipe.name!r} has {recipe.weight_fmt} weights")
     _offline()
     _quiet_transformers()
-    from .eval.run import DTYPES
-    from .interop import export, is_quantized_checkpoint, load_model, measure_input_amax
-    from .models import quantize_model
+    from .interop import export, measure_input_amax
 
-    progress = not args.quiet
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], "cpu", progress=progress)
-    if not is_quantized_checkpoint(source):
-        quantize_model(model, recipe, progress=progress)
+    model, tokenizer = _quantized_model(args, source, recipe, "cpu")
     input_amax = None
     if args.activations == "nvfp4":  # calibrated per-tensor input scales, what vLLM's W4A4 NVFP4 scheme needs
         from .eval.data import load_text
@@ -291,15 +311,49 @@ def _recipe_options(args: argparse.Namespace) -> dict:
     return {} if args.scale_granularity is None else {"scale_granularity": args.scale_granularity}
 
 
+def _one_recipe(args: argparse.Namespace, path: Path, calibrates: bool = False) -> Recipe:
+    """The recipe a command that runs one (generate, export, quantize) runs on the model at `path`, by the rule
+    every command shares (eval.run.recipes_for): --recipe (default sharq) on an unquantized model, a sharq
+    checkpoint's own, any with NVFP4 weights on a compressed-tensors checkpoint. A recipe that needs calibration
+    is refused on an unquantized model unless the command calibrates (quantize)."""
+    from .eval.run import recipes_for
+    from .interop import is_quantized_checkpoint
+
+    names = None if args.recipe is None else (args.recipe,)
+    recipe = recipes_for(path, names, _recipe_options(args), (DEFAULT_RECIPE,))[0]
+    if recipe.needs_calibration and not calibrates and not is_quantized_checkpoint(path):
+        raise ValueError(f"recipe {recipe.name!r} needs calibration: make a checkpoint with `sharq quantize` first")
+    return recipe
+
+
+def _quantized_model(args: argparse.Namespace, path: Path, recipe: Recipe, device: str | torch.device) -> tuple:
+    """(model, tokenizer) of the model at `path` running `recipe` (_one_recipe's): a sharq checkpoint as saved, a
+    compressed-tensors checkpoint with the recipe on its 4-bit weights, an unquantized model quantized here."""
+    from .eval.run import DTYPES
+    from .hf import load_tokenizer
+    from .interop import is_compressed_tensors, is_quantized_checkpoint, load, load_model
+    from .models import quantize_model
+
+    progress = not args.quiet
+    if is_compressed_tensors(path):
+        return load(path, DTYPES[args.dtype], device, recipe=recipe), load_tokenizer(path)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], device, progress=progress)
+    if not is_quantized_checkpoint(path):
+        quantize_model(model, recipe, progress=progress)
+    return model, tokenizer
+
+
 def _check_eval_arguments(args: argparse.Namespace) -> None:
     """What evaluate() cannot judge alone, refused before the evaluation rather than after it: results that
     cannot be written (an existing --json file is overwritten), nothing to evaluate, a budget below one window;
     and the evaluation's own refusals that are about a flag, in the flag's words."""
     from .checkpoint import is_checkpoint
-    from .hf import resolve_model
+    from .eval.run import position_limit, recipes_for
+    from .hf import model_source, resolve_model
     from .interop import is_compressed_tensors
 
     model = resolve_model(args.model)
+    recipes_for(model, args.recipes, _recipe_options(args))  # the rule every command shares, before reading more
     if args.json is not None:
         if _check_output(args.json, "--json", model, makes_parents=False).is_dir():
             raise ValueError(f"--json {args.json} is a directory: give a file path")
@@ -310,6 +364,10 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
     if not args.no_ppl and args.max_tokens is not None and args.max_tokens < args.seqlen - 1:
         raise ValueError(f"--max-tokens {args.max_tokens} cannot fill one window of --seqlen {args.seqlen}: raise "
                          "--max-tokens or lower --seqlen")
+    limit = None if args.no_ppl else position_limit(model_source(args.model))
+    if limit is not None and args.seqlen > limit:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings {limit}: give --seqlen "
+                         f"{limit} or less")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -346,95 +404,141 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default at the end of its help, where there is one to show: not for a flag, nor for None (the
+    help then says in words what happens), nor where the help states it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (and exit code 2), not a usage block."""
+    """argparse, but a bad argument is one line on stderr (and exit code 2), not a usage block; help shows every
+    default, and lists the recipes ("{recipes}" in an option's help) only when printed: listing them imports torch."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def format_help(self) -> str:
+        if any("{recipes}" in (action.help or "") for action in self._actions):
+            from .recipes import list_recipes
+
+            for action in self._actions:
+                action.help = action.help and action.help.replace("{recipes}", ", ".join(list_recipes()))
+        return super().format_help()
+
+
+MODEL_HELP = "a Hugging Face model directory or a .gguf file (default: the embedded SmolLM2-135M)"
+QUANTIZED_MODEL_HELP = ("a Hugging Face model directory, a .gguf file, a sharq checkpoint (run as saved) or a "
+                        "compressed-tensors NVFP4 checkpoint (any recipe with NVFP4 weights runs on its 4-bit weights) "
+                        "(default: the embedded SmolLM2-135M)")
+ONE_RECIPE_HELP = ("one of: {recipes} (default: sharq; a sharq checkpoint's own recipe; a compressed-tensors "
+                   "checkpoint's as its export recorded it, else sharq)")
+TEXT_HELP = "a named corpus (wikipedia, lambada) or a text file"
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def _add_scale_granularity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale-granularity", choices=["tensor", "token"], default=None,
+                   help="NVFP4 activation scale: per call (tensor, the paper's) or per token (batch-invariant) "
+                        "(default: the recipe's own, per call)")
+
+
+def _add_calibration(p: argparse.ArgumentParser, used: str) -> None:
+    p.add_argument("--calib-text", default="lambada", help=f"calibration text, {used}: {TEXT_HELP}")
+    p.add_argument("--calib-tokens", type=_positive_int, default=8192, help="calibration tokens")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sharq", description=__doc__)
+    p = _Parser(prog="sharq", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"sharq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser("demo", help="error of every recipe on an outlier-rich random layer")
-    d.add_argument("--recipes", type=_csv,
-                   default=tuple(r for r in list_recipes() if not get_recipe(r).needs_calibration),
-                   help="comma-separated (default: every recipe that needs no calibration)")
+    d.add_argument("--recipes", type=_csv, default=None,
+                   help="comma-separated, from: {recipes} (default: every recipe that needs no calibration)")
     d.add_argument("--tokens", type=_positive_int, default=256, help="rows of X")
     d.add_argument("--k", type=_positive_int, default=2048, help="input channels")
     d.add_argument("--n", type=_positive_int, default=1024, help="output channels")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the random layer")
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of recipes on a real model",
                        description="Evaluate recipes on a model: perplexity on real text (non-overlapping windows) "
                                    "and, with --tasks, zero-shot accuracy through lm-evaluation-harness.")
-    e.add_argument("--model", default=None, help="a Hugging Face model directory or a .gguf file (default: the "
-                   "embedded SmolLM2-135M), or a sharq checkpoint, evaluated as saved (one row of its own recipe)")
+    e.add_argument("--model", default=None, help=QUANTIZED_MODEL_HELP)
     e.add_argument("--recipes", type=_csv, default=None,
-                   help=f"comma-separated, from: {', '.join(list_recipes())} (default: bf16,nvfp4,sharq; for a sharq "
-                        "checkpoint only its own recipe)")
-    e.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
+                   help="comma-separated, from: {recipes} (default: bf16,nvfp4,sharq; a sharq checkpoint's own "
+                        "recipe; a compressed-tensors checkpoint's as its export recorded it, else sharq)")
+    e.add_argument("--text", default="wikipedia", help=f"perplexity text: {TEXT_HELP}")
     e.add_argument("--seqlen", type=_at_least(2, " (one token predicts the next)"), default=2048,
-                   help="perplexity window in tokens (default 2048, as the paper)")
+                   help="perplexity window in tokens (the paper's 2048), at most the model's "
+                        "max_position_embeddings")
     e.add_argument("--max-tokens", type=_at_least(1, allow_all=True), default=8192,
-                   help="perplexity token budget, or 'all' (default 8192)")
+                   help="perplexity token budget, or 'all'")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
     e.add_argument("--tasks", type=_csv, default=(),
                    help="zero-shot tasks: piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada,boolq, or "
-                        "'paper' for the paper's 5-task average")
+                        "'paper' for the paper's 5-task average (default: none)")
     e.add_argument("--limit", type=_positive_int, default=None, help="samples per task (default: all)")
-    e.add_argument("--device", default="cpu")
+    _add_device(e)
     e.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"], default=None,
                    help="spread the model over the visible GPUs (and CPU memory, then disk) with accelerate, instead "
-                        "of --device; each quantized layer stays where it is placed")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        "of --device; each quantized layer stays where it is placed (default: one --device)")
+    e.add_argument("--dtype", choices=DTYPES, default=None,
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     e.add_argument("--backend", default="auto",
                    help="SharQLinear backend: reference (pure torch), triton (fused kernel, exact bf16 Ŵ), packed "
-                        "(4-bit weights in memory) or auto (default: "
-                        "triton on CUDA, reference elsewhere)")
+                        "(4-bit weights in memory) or auto (triton on CUDA, reference elsewhere)")
     e.add_argument("--batch-size", type=_positive_int, default=1, help="perplexity windows per forward pass")
     e.add_argument("--task-batch-size", type=_positive_int, default=8,
                    help="zero-shot requests per forward pass (a per-tensor activation scale couples the requests "
                         "of a batch, as in the paper's setup)")
-    e.add_argument("--scale-granularity", choices=["tensor", "token"], default=None,
-                   help="NVFP4 activation scale: per call (paper, default) or per token (batch-invariant)")
-    e.add_argument("--calib-text", default="lambada", help="calibration text for outlier-channels")
-    e.add_argument("--calib-tokens", type=_positive_int, default=8192)
-    e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_scale_granularity(e)
+    _add_calibration(e, "for outlier-channels")
+    e.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON (default: do not)")
+    _add_quiet(e)
     e.set_defaults(func=cmd_eval)
 
-    model_help = "a Hugging Face model directory or a .gguf file (default: the embedded SmolLM2-135M)"
     q = sub.add_parser("quantize", help="quantize a model with one recipe and save a checkpoint (docs/FORMAT.md)")
-    q.add_argument("--model", default=None, help=model_help)
-    q.add_argument("--recipe", default="sharq", help=f"one of: {', '.join(list_recipes())}")
+    q.add_argument("--model", default=None, help=MODEL_HELP)
+    q.add_argument("--recipe", default=DEFAULT_RECIPE, help="one of: {recipes}")
     q.add_argument("--out", required=True, help="the checkpoint directory to write")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it is a sharq checkpoint already")
-    q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the unquantized tensors (default float32)")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
-    q.add_argument("--calib-text", default="lambada", help="calibration text (outlier-channels only)")
-    q.add_argument("--calib-tokens", type=_positive_int, default=8192)
+    q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the unquantized tensors")
+    _add_device(q)
+    _add_scale_granularity(q)
+    _add_calibration(q, "for outlier-channels")
     q.add_argument("--strict", action="store_true", help="refuse non-finite weights or activations")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(q)
     q.set_defaults(func=cmd_quantize)
 
     g = sub.add_parser("generate", help="generate text with a quantized model, streaming tokens (each step replayed "
                        "from a CUDA graph on CUDA)")
-    g.add_argument("prompt")
-    g.add_argument("--model", default=None, help=model_help + ", or a sharq checkpoint directory")
-    g.add_argument("--recipe", default="sharq", help="recipe to apply (ignored for a sharq checkpoint)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    g.add_argument("--temperature", type=_at_least(0.0, kind=float), default=0.0, help="0 = greedy (default)")
+    g.add_argument("prompt", help="the text to continue (wrapped in the model's chat template unless --raw)")
+    g.add_argument("--model", default=None, help=QUANTIZED_MODEL_HELP)
+    g.add_argument("--recipe", default=None, help=ONE_RECIPE_HELP)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most")
+    g.add_argument("--temperature", type=_at_least(0.0, kind=float), default=0.0,
+                   help="sampling temperature; 0 is greedy")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the unquantized tensors")
+    _add_device(g)
+    _add_scale_granularity(g)
+    _add_quiet(g)
     g.set_defaults(func=cmd_generate)
 
     x = sub.add_parser("export", help="write a quantized model in a serving format (compressed-tensors, for vLLM)",
@@ -442,40 +546,49 @@ def build_parser() -> argparse.ArgumentParser:
                                    "other tools load: compressed-tensors NVFP4 (what llm-compressor writes and vLLM "
                                    "serves). Engines run its 4-bit weights with their own activations, not SharQ's "
                                    "(docs/FORMAT.md); sharq reads it back exactly.")
-    x.add_argument("--model", default=None, help=model_help + ", or a sharq checkpoint directory")
-    x.add_argument("--recipe", default="sharq", help="recipe to quantize with (ignored for a checkpoint); NVFP4 weights")
-    x.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors")
+    x.add_argument("--model", default=None, help=QUANTIZED_MODEL_HELP)
+    x.add_argument("--recipe", default=None, help="a recipe with NVFP4 weights, " + ONE_RECIPE_HELP)
+    x.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors",
+                   help="the serving format")
     x.add_argument("--activations", choices=["none", "nvfp4"], default="none",
-                   help="the activation scheme recorded for serving engines: none (weights only, default) or nvfp4 "
+                   help="the activation scheme recorded for serving engines: none (weights only) or nvfp4 "
                         "(W4A4 with per-tensor input scales calibrated on --calib-text)")
-    x.add_argument("--calib-text", default="lambada", help="calibration text for --activations nvfp4")
-    x.add_argument("--calib-tokens", type=_positive_int, default=8192)
+    _add_calibration(x, "for --activations nvfp4")
     x.add_argument("--out", required=True, help="the directory to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it is such an export already")
-    x.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    x.add_argument("--scale-granularity", choices=["tensor", "token"], default=None)
-    x.add_argument("--quiet", action="store_true", help="no progress bars")
+    x.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the unquantized tensors")
+    _add_scale_granularity(x)
+    _add_quiet(x)
     x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="per-layer error, SQNR and outlier statistics on real text, with plots")
-    r.add_argument("--model", default=None, help=model_help)
-    r.add_argument("--recipes", type=_csv, default=("nvfp4", "sharq", "dense-dense", "sparse-only"))
-    r.add_argument("--text", default="wikipedia", help="a named corpus (wikipedia, lambada) or a text file")
+    r.add_argument("--model", default=None, help=MODEL_HELP)
+    r.add_argument("--recipes", type=_csv, default="nvfp4,sharq,dense-dense,sparse-only",
+                   help="comma-separated, from: {recipes}; none that needs calibration")
+    r.add_argument("--text", default="wikipedia", help=TEXT_HELP)
     r.add_argument("--tokens", type=_at_least(2), default=512, help="tokens of text to run (one forward pass)")
-    r.add_argument("--out", default="sharq-report", help="output directory (default: sharq-report)")
+    r.add_argument("--out", default="sharq-report", help="output directory")
     r.add_argument("--overwrite", action="store_true", help="write into --out if it is a non-empty directory")
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device(r)
+    _add_quiet(r)
     r.set_defaults(func=cmd_report)
     return p
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # torch raised it only if it is loaded
+    return isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+        print("sharq: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, RuntimeError, MemoryError) as e:  # OSError: a full disk, an unreadable model
-        if isinstance(e, torch.OutOfMemoryError) or isinstance(e, MemoryError):
+        if _out_of_memory(e):
             message = f"out of memory ({e.__class__.__name__}): lower --batch-size, --seqlen or --max-tokens"
         else:
             message = str(e).splitlines()[0] if str(e) else e.__class__.__name__

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from ._format import plural
+
 
 def _static_cache(model, max_len: int):
     """transformers' StaticCache for `max_len` tokens, with every sliding-window (or chunked) layer replaced by a
@@ -160,9 +162,9 @@ def _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id
         raise ValueError(f"input_ids holds {low if low < 0 else high}, outside the vocabulary [0, {vocab})")
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and length + max_new_tokens > limit:
-        raise ValueError(f"a prompt of {length} tokens plus max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"max_position_embeddings {limit}: give at most {limit - max_new_tokens} prompt tokens or "
-                         "fewer new tokens")
+        raise ValueError(f"a prompt of {plural(length, 'token')} plus max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings {limit}: give at most {limit - max_new_tokens} prompt "
+                         "tokens or fewer new tokens")
     if streamer is not None and batch > 1:
         raise ValueError(f"a streamer takes one row; input_ids has {batch}: stream batch 1, or leave streamer out")
     if generator is not None and generator.device.type != model.device.type:

@@ -1,5 +1,5 @@
-"""transformers integration (registered under quant_method "sharq" with transformers' quantizer hooks, at
-`import sharq`):
+"""transformers integration (registered under quant_method "sharq" with transformers' quantizer hooks as soon as
+both sharq and transformers' quantizer registry are imported, in either order: `import sharq` itself stays cheap):
 
 - `AutoModelForCausalLM.from_pretrained(DIR)` loads a sharq checkpoint, as strictly as `sharq.load`: before any
   weight is read into the model, the checkpoint's digest is checked and every tensor's name, dtype and shape is
@@ -110,3 +110,6 @@ def register() -> None:
         register_quantizer("sharq")(SharQHfQuantizer)
     if attach not in models.QUANTIZED_HOOKS:
         models.QUANTIZED_HOOKS.append(attach)
+
+
+register()  # on import: sharq's package imports this module once transformers' quantizer registry is imported

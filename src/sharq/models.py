@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ._format import plural
 from .functional import check_backend, resolve_backend
 from .nn import SharedActivation, SharQExperts, SharQLinear, check_channel_stats
 from .quant import as_rows
@@ -118,7 +119,8 @@ def check_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} was asked for, but torch sees no CUDA device on this machine")
         if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"device {str(device)!r}: this machine has "
+                             f"{plural(torch.cuda.device_count(), 'CUDA device')}")
     elif d.type != "cpu":
         raise ValueError(f"unsupported device {str(device)!r}; expected cpu, cuda or cuda:N")
     return d

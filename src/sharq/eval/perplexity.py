@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._format import plural
 from ..models import input_device, is_dispatched
 from .distributed import process_rank
 
@@ -51,7 +52,7 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int 
     budget = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
     n = budget // body
     if n == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens (budget {budget}): too short for one window of "
+        raise ValueError(f"the text has {plural(ids.numel(), 'token')} (budget {budget}): too short for one window of "
                          f"{seqlen}; lower seqlen or give more text")
     w = ids[: n * body].reshape(n, body)
     if bos_id is not None:

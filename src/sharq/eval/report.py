@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .._format import format_table
+from .._format import format_table, plural
 from ..functional import simulate_linear
 from ..models import target_linears, with_progress
 from ..quant import dequantize_blocks
@@ -166,7 +166,7 @@ def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, o
              for n in with_progress(names, progress, desc="report", unit="layer")]
     inputs_max = {n: x.abs().amax(0) for n, x in inputs.items()}
     plots(stats, inputs_max, recipes, out)
-    setup = f"{setup}; {ids.shape[1]} tokens; recipes {', '.join(recipes)}"
+    setup = f"{setup}; {plural(ids.shape[1], 'token')}; recipes {', '.join(recipes)}"
     (out / "report.md").write_text(markdown(stats, recipes, setup), encoding="utf-8")
     (out / "report.json").write_text(json.dumps([asdict(s) for s in stats], indent=1), encoding="utf-8")
     return out

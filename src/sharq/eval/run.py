@@ -7,12 +7,13 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .._format import format_table
+from .._format import format_table, plural
 from ..checkpoint import is_checkpoint, read_quantization_config
 from ..functional import check_backend
 from ..hf import load_pretrained, load_tokenizer, model_source, resolve_model
@@ -45,12 +46,13 @@ class RecipeResult:
 
 @dataclass
 class EvalConfig:
-    """What `evaluate` runs. `model` may be a sharq checkpoint: it is evaluated as saved, one row (see recipes_for)."""
+    """What `evaluate` runs. `model` may be a quantized checkpoint: a sharq checkpoint is evaluated as saved, one
+    row (see recipes_for)."""
 
     model: str | None = None
-    recipes: tuple[str, ...] | None = None  # default: DEFAULT_RECIPES; for a sharq checkpoint, its own recipe
+    recipes: tuple[str, ...] | None = None  # default: DEFAULT_RECIPES; for a quantized checkpoint, its own recipe
     text: str = "wikipedia"
-    seqlen: int = 2048
+    seqlen: int = 2048  # at most the model's max_position_embeddings
     max_tokens: int | None = 8192
     tasks: tuple[str, ...] = ()
     limit: int | None = None
@@ -80,27 +82,39 @@ def gap_recovered(value: float, low: float, high: float) -> float | None:
     return (low - value) / (low - high)
 
 
-def recipes_for(cfg: EvalConfig, path: Path) -> list[Recipe]:
-    """The recipes `evaluate` runs on the model at `path`: cfg.recipes (default DEFAULT_RECIPES) with cfg.options.
+def recipes_for(path: Path, names: Sequence[str] | None, options: dict | None = None,
+                default: Sequence[str] = DEFAULT_RECIPES) -> list[Recipe]:
+    """The recipes a command runs on the model at `path`, with `options`: one rule for every command that takes a
+    model and recipes (evaluate, and on the command line eval, generate, export, quantize).
 
-    A sharq checkpoint is evaluated as saved, one row of its own recipe: its weights are already quantized, so no
-    other recipe can be applied to it, and options must leave its recipe as it is. Naming that recipe (with the
-    same options) is allowed; anything else is an error, not a silent row of something else."""
-    if is_compressed_tensors(path):  # fixed 4-bit weights: any recipe with NVFP4 weights runs on top of them
-        return [compressed_tensors_recipe(path, r, **cfg.options) for r in (cfg.recipes or ("nvfp4", "sharq"))]
-    if not is_checkpoint(path):
-        names = DEFAULT_RECIPES if cfg.recipes is None else cfg.recipes
-        if not names:
-            raise ValueError("no recipe to evaluate: name one or more, e.g. bf16, nvfp4, sharq")
-        return [get_recipe(r, **cfg.options) for r in names]
-    saved = Recipe.from_dict(read_quantization_config(path)["recipe"])
-    if cfg.recipes is not None or cfg.options:
-        asked = [get_recipe(r, **cfg.options) for r in ((saved.name,) if cfg.recipes is None else cfg.recipes)]
+    - An unquantized model runs `names` (None: the command's `default`).
+    - A sharq checkpoint runs as saved, its own recipe: its weights are quantized already, so no other recipe can
+      apply, and options must leave its recipe as it is. Naming that recipe (with the same options) is allowed;
+      anything else is an error, not a silent run of something else.
+    - A compressed-tensors NVFP4 checkpoint runs any recipe with NVFP4 weights on its fixed 4-bit weights (None:
+      the one sharq.load runs, the recipe a sharq export recorded, else sharq)."""
+    options = options or {}
+    if is_checkpoint(path):
+        saved = Recipe.from_dict(read_quantization_config(path)["recipe"])
+        asked = [get_recipe(r, **options) for r in ((saved.name,) if names is None else names)]
         if asked != [saved]:
-            raise ValueError(f"{path} is a sharq checkpoint, already quantized with {saved.name!r}: it is evaluated "
-                             f"as saved, one row, so the only recipe it runs is its own (with its own options); to "
-                             "compare recipes, evaluate the unquantized model")
-    return [saved]
+            raise ValueError(f"{path} is a sharq checkpoint, already quantized with {saved.name!r}: it runs as "
+                             "saved, so the only recipe it runs is its own (with its own options); to run or compare "
+                             "other recipes, give the unquantized model")
+        return [saved]
+    if names is not None and not names:
+        raise ValueError("no recipe to run: name one or more, e.g. bf16, nvfp4, sharq")
+    if is_compressed_tensors(path):
+        return [compressed_tensors_recipe(path, r, **options) for r in ((None,) if names is None else names)]
+    return [get_recipe(r, **options) for r in (default if names is None else names)]
+
+
+def position_limit(source: Path) -> int | None:
+    """The model's max_position_embeddings (its text model's), read from the config of the Hugging Face directory
+    `source` (hf.model_source); None where the config sets none."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(source).get_text_config(), "max_position_embeddings", None)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -115,7 +129,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     path = resolve_model(cfg.model)  # a path that is no model fails now, before the text is read
     quantized = is_checkpoint(path)
     imported = is_compressed_tensors(path)  # one model per recipe, each built from the checkpoint's payload
-    recipes = recipes_for(cfg, path)
+    recipes = recipes_for(path, cfg.recipes, cfg.options)
+    limit = position_limit(model_source(cfg.model)) if cfg.max_tokens != 0 else None
+    if limit is not None and cfg.seqlen > limit:  # positions past it were run without a word
+        raise ValueError(f"seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {limit}: evaluate windows "
+                         f"of at most {limit} tokens")
     if cfg.device_map is not None:  # layers on several devices: "auto" lets each layer choose for its own device
         backend = cfg.backend
     else:
@@ -199,7 +217,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "options": cfg.options,
         "load_seconds": round(load_s, 2),
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {plural(torch.get_num_threads(), 'thread')}"
+                   .strip(),
         "results": [asdict(r) for r in rows],
     })
 
@@ -318,11 +337,13 @@ def format_results(res: dict) -> str:
         if res["windows"]:
             row.append(f"{r['tokens_per_s']:.0f}")
         rows.append(row)
+    kind = {"sharq": ": a sharq checkpoint, evaluated as saved",
+            "compressed-tensors": ": a compressed-tensors NVFP4 checkpoint, each recipe on its 4-bit weights"}
     lines = [f"model {res['model']} ({res['model_class']}, {res['dtype']}, {res['device']}, backend {res['backend']})"
-             + (": a sharq checkpoint, evaluated as saved" if res.get("checkpoint") else "")]
+             + kind.get(res.get("checkpoint"), "")]
     if res["windows"]:
-        lines.append(f"perplexity: {res['text']}, {res['windows']} windows x {res['seqlen']} tokens "
-                     f"= {res['ppl_tokens']} tokens")
+        lines.append(f"perplexity: {res['text']}, {plural(res['windows'], 'window')} x "
+                     f"{plural(res['seqlen'], 'token')} = {plural(res['ppl_tokens'], 'token')}")
     if tasks:
         others = [r for r in res["results"] if r is not low]
         paired = low is not None and bool(others) and all(_paired(r, low) for r in others)
