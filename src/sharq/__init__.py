@@ -40,14 +40,14 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .checkpoint import save
-    from .functional import sharq_decompose, simulate_linear
-    from .generate import generate
-    from .interop import export, load, load_model
-    from .models import calibrate, quantize_model
-    from .nn import SharQLinear
-    from .quant import QTensor, dequantize, fake_quantize, quantize
-    from .recipes import Recipe, get_recipe, list_recipes
+    from .checkpoint import save  # noqa: F401
+    from .functional import sharq_decompose, simulate_linear  # noqa: F401
+    from .generate import generate  # noqa: F401
+    from .interop import export, load, load_model  # noqa: F401
+    from .models import calibrate, quantize_model  # noqa: F401
+    from .nn import SharQLinear  # noqa: F401
+    from .quant import QTensor, dequantize, fake_quantize, quantize  # noqa: F401
+    from .recipes import Recipe, get_recipe, list_recipes  # noqa: F401
 
 
 def __getattr__(name: str):
