@@ -106,7 +106,7 @@ def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Ten
 
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype, recipe: Recipe,
            backend: str, layout: WeightLayout | None = None) -> torch.Tensor:
-    """α · act · Ŵᵀ + bias [M, N] in out_dtype, as `backend` computes it (from its own weight `layout`, if any)."""
+    """α · act · Ŵᵀ + bias [M, N] in out_dtype, as `backend` computes it (from its own weight layout, if any)."""
     if torch.compiler.is_compiling():
         dense = act.dense if act.dense is not None else act.values.new_empty(act.values.shape[0], 0)
         p = qweight.packed
