@@ -55,6 +55,21 @@ def test_one_launch_amax_equals_the_amax_pass(self_amax, granularity, m, k, rng)
         assert torch.equal(g.codes.cpu(), r.codes) and torch.equal(g.scales.cpu(), r.scales)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_kernel_takes_the_whole_inputs_amax_for_a_k_slice(granularity, rng):
+    """A K-slice (a row-parallel shard) given the whole input's amax: the kernel reads it in place of its own amax
+    pass and gives the reference's preparation of the slice with that amax, bit for bit."""
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    x = torch.randn(6, 128, generator=rng)
+    x[:, :64] = outlier_activations(rng, 6, 64) * 30  # the loud half: the quiet one alone would scale otherwise
+    amax = sharq.quant.finite_amax(x, granularity == "token")
+    half = x[:, 64:].contiguous()
+    ref = recipe.prepare_activation(half, amax=amax)
+    values, scale = prepare_dequantized(half.to(DEVICE), recipe, amax=amax.to(DEVICE))
+    assert torch.equal(scale.cpu(), ref.scale) and torch.equal(values.cpu(), ref.values)
+    assert not torch.equal(prepare_dequantized(half.to(DEVICE), recipe)[1].cpu(), ref.scale)
+
+
 @pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4", "nvfp4"])
 def test_kernel_non_finite_blocks_token_scale_and_ties(name, rng):
     x = torch.randint(-3, 4, (6, 64), generator=rng).float() * 0.5  # tie-heavy

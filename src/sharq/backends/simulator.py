@@ -10,14 +10,15 @@ from ..recipes import QActivation, QWeight, Recipe
 from . import Backend, reference, register
 
 
-def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
+def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None,
+            amax: torch.Tensor | None = None) -> QActivation:
     """The fused kernel's bf16 activation (exact: SPEC §5) and s_x; the reference preparation where the kernel
     does not implement the recipe."""
     from ..kernels.prepare import prepare_dequantized, supports
 
     if channels is not None or not supports(recipe):
-        return recipe.prepare_activation(x2d, channels)
-    values, scale = prepare_dequantized(x2d, recipe, out_dtype=torch.bfloat16)
+        return recipe.prepare_activation(x2d, channels, amax)
+    values, scale = prepare_dequantized(x2d, recipe, out_dtype=torch.bfloat16, amax=amax)
     return QActivation((), values, scale)
 
 

@@ -395,17 +395,20 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
-            tile: dict | None = None, self_amax: bool | None = None
+            tile: dict | None = None, self_amax: bool | None = None, amax: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
     _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
-    sizes a launch costs more than re-reading a few KB of X from L2."""
+    sizes a launch costs more than re-reading a few KB of X from L2. A given `amax` (the whole input's, x2d a
+    K-slice of it: Recipe.prepare_activation) takes the place of both."""
     if not supports(recipe):
         raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
                  "Triton's interpreter)")
+    if amax is not None:
+        recipe.check_amax(amax, x2d.shape[0])
     if x2d.numel() == 0:  # nothing to launch; the reference handles empty shapes
-        act = recipe.prepare_activation(x2d)
+        act = recipe.prepare_activation(x2d, amax=amax)
         return act.values.to(out_dtype), act.scale, act.parts
     tile = tile or _TILE
     bm, h, warps = tile["BM"], tile["H"], tile["num_warps"]
@@ -417,10 +420,14 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     two = len(stages) == 2
     kp = [-(-k // st.block) * st.block for st in stages]
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
-    self_amax = recipe.uses_tensor_scale and (m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
+    given = amax is not None and recipe.uses_tensor_scale
+    self_amax = recipe.uses_tensor_scale and not given and (
+        m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
     if recipe.uses_tensor_scale:  # the amax pass; s_x itself is written by the main kernel
         scale = torch.empty(m if per_row else 1, 1, dtype=torch.float32, device=dev)
-    if self_amax:
+    if given:  # the kernel reads an amax as the bits of a non-negative float
+        amax = amax.to(device=dev, dtype=torch.float32).reshape(-1).contiguous().view(torch.int32)
+    elif self_amax:
         amax = scale  # a placeholder the kernel does not read
     elif recipe.uses_tensor_scale:
         amax_bm, amax_bk = 8, 512
@@ -460,11 +467,12 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     return out, scale, parts
 
 
-def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32,
+                        amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ deq(Qᵢ) [M, K] in out_dtype, activation scale s_x [1, 1] or [M, 1]) — the same as
-    recipe.prepare_activation(x2d).values / .scale, from one fused pass (plus the amax pass for s_x)."""
-    values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False)
+    recipe.prepare_activation(x2d, amax=amax).values / .scale, from one fused pass (plus the amax pass for s_x,
+    unless the whole input's `amax` is given)."""
+    values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False, amax=amax)
     return values, scale
 
 
