@@ -334,12 +334,12 @@ def test_export_refuses_what_it_cannot_write(sharq_model, exported, tmp_path):
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
     shutil.copytree(exported, tmp_path / "again")
     interop.export(sharq_model, tmp_path / "again", "compressed-tensors", overwrite=True)
-    assert not list(tmp_path.glob(".again.*"))  # no temporary directory left behind
+    assert not list(tmp_path.glob(".again.tmp*"))  # no temporary directory left behind
     torch.manual_seed(0)
     odd = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**CONFIG, "hidden_size": 72}))
     with pytest.raises(ValueError, match="in_features 72 is not a multiple of 16"):
         interop.export_compressed_tensors(sharq.quantize_model(odd, "nvfp4"), tmp_path / "odd")
-    assert not (tmp_path / "odd").exists() and not list(tmp_path.glob(".odd.*"))
+    assert not (tmp_path / "odd").exists() and not list(tmp_path.glob(".odd.tmp*"))
     with pytest.raises(ValueError, match="unknown export format 'gguf'"):
         interop.export(sharq_model, tmp_path / "c", "gguf")
     amax = dict.fromkeys(_layers(sharq_model), 1.0)
