@@ -377,6 +377,19 @@ def _weights(key, value):
     return lambda q: q["config_groups"]["group_0"]["weights"].__setitem__(key, value)
 
 
+def _block_scale_byte(byte):
+    """Q's first block scale replaced by the byte `byte`."""
+    def change(t):
+        scales = t[f"{Q}.weight_scale"].view(torch.uint8).clone()
+        scales[0, 0] = byte
+        t[f"{Q}.weight_scale"] = scales.view(torch.float8_e4m3fn)
+    return dict(tensors=change)
+
+
+def _global_scale(value, dtype=torch.float32, shape=(1,)):
+    return dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_global_scale", torch.full(shape, value, dtype=dtype)))
+
+
 
 @pytest.mark.parametrize("change,error", [
     (dict(config=_weights("group_size", 32)), r"group_size 32.*NVFP4 only"),
@@ -390,6 +403,17 @@ def _weights(key, value):
     (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_scale", (t[f"{Q}.weight_scale"].view(torch.uint8) | 0x80)
                                           .view(torch.float8_e4m3fn))), "negative scales"),
     (dict(tensors=lambda t: t[f"{Q}.weight_global_scale"].zero_()), "positive finite"),
+    (_block_scale_byte(0x7F), rf"{Q}.weight_scale holds 1 NaN block scale"),  # fp8 e4m3's NaN, either sign
+    (_block_scale_byte(0xFF), rf"{Q}.weight_scale holds 1 NaN block scale"),
+    (_global_scale(float("nan")), rf"{Q}.weight_global_scale is nan: it must be a positive finite number"),
+    (_global_scale(float("inf")), rf"{Q}.weight_global_scale is inf: it must be a positive finite number"),
+    (_global_scale(-2.0), rf"{Q}.weight_global_scale is -2.0: it must be a positive finite number"),
+    (_global_scale(1e-39), rf"{Q}.weight_global_scale is .*s_w = 1/g = inf .*beyond fp32's range"),  # subnormal g
+    (_global_scale(1e-36), rf"{Q}.weight_global_scale is 1.00000004e-36: s_w = 1/g = 9\.9+62e\+35 .*beyond fp32"),
+    (_global_scale(1.0, torch.float16), rf"{Q}.weight_global_scale is torch.float16"),
+    (_global_scale(1.0, shape=(2,)), rf"{Q}.weight_global_scale is torch.float32 \(2,\)"),
+    (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_scale", t[f"{Q}.weight_scale"].view(torch.uint8))),
+     rf"{Q}.weight_scale is torch.uint8"),
     (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_packed", t[f"{Q}.weight_packed"][:, :-1].contiguous())),
      r"weight_packed is torch.uint8 \(64, 31\)"),
     (dict(tensors=lambda t: t.pop("model.norm.weight")), "1 missing"),
@@ -399,15 +423,64 @@ def test_import_refuses_checkpoints_it_cannot_hold(ct_made, tmp_path, change, er
         interop.load_compressed_tensors(_tampered(ct_made, tmp_path / "bad", **change))
 
 
-def test_import_refuses_a_sharq_export_changed_after_export(exported, tmp_path):
-    V = "model.layers.0.self_attn.v_proj"
+V = "model.layers.0.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("change", [
+    dict(config=lambda q: q["sharq"]["recipe"].update(scale_granularity="token")),
+    dict(config=lambda q: q["sharq"]["recipe"]["stages"][0].update(mask="2:4")),
+    dict(config=lambda q: q["sharq"]["weight_scale"].clear()),  # v_proj's exact s_w: fl(1/g) instead
+    dict(config=lambda q: q["config_groups"]["group_0"].update(input_activations=interop.INPUT_ARGS)),
+    dict(tensors=lambda t: t[f"{Q}.weight_packed"][3, 5].bitwise_xor_(0x10)),  # one byte of one weight flipped
+    dict(tensors=lambda t: t[f"{V}.weight_global_scale"].mul_(2)),
+    dict(tensors=lambda t: t["model.norm.weight"].mul_(2)),
+], ids=["scale_granularity", "mask", "exact_scales", "input_activations", "weight_byte", "global_scale", "norm"])
+def test_the_digest_refuses_a_sharq_export_changed_after_export(exported, tmp_path, change):
+    """An edited export would load as another model: its digest covers the whole quantization_config (the recipe,
+    the exact scales, the compressed-tensors scheme) and every tensor."""
+    edited = _tampered(exported, tmp_path / "edited", **change)
+    for load in (interop.load_compressed_tensors, sharq.load):
+        with pytest.raises(interop.IntegrityError, match="do not match the checkpoint_sha256 recorded"):
+            load(edited)
+
+
+def test_an_export_without_its_digest_loads_only_with_verify_off(exported, tmp_path):
+    unsigned = _tampered(exported, tmp_path / "unsigned", config=lambda q: q["sharq"].pop("checkpoint_sha256"))
+    with pytest.raises(interop.IntegrityError, match="records no checkpoint_sha256.*verify=False"):
+        interop.load_compressed_tensors(unsigned)
+    assert torch.equal(_logits(sharq.load(unsigned, verify=False)), _logits(interop.load_compressed_tensors(exported)))
+
+
+def test_without_the_digest_an_edited_export_is_still_checked(exported, tmp_path):
     unequal = _tampered(exported, tmp_path / "pairs", tensors=lambda t: t[f"{Q}.weight_scale"][:, 1].zero_())
     with pytest.raises(ValueError, match="differ within a 32-element block"):
-        interop.load_compressed_tensors(unequal)
-    interop.load_compressed_tensors(unequal, "sharq")  # at 16-element blocks it is a valid checkpoint
+        interop.load_compressed_tensors(unequal, verify=False)
+    interop.load_compressed_tensors(unequal, "sharq", verify=False)  # at 16-element blocks it is a valid checkpoint
     moved = _tampered(exported, tmp_path / "g", tensors=lambda t: t[f"{V}.weight_global_scale"].mul_(2))
     with pytest.raises(ValueError, match="changed after export"):
-        interop.load_compressed_tensors(moved)
+        interop.load_compressed_tensors(moved, verify=False)
+
+
+def test_the_export_digest_is_what_format_md_says(exported):
+    """Recompute the export's checkpoint_sha256 from the raw files as docs/FORMAT.md defines it."""
+    import hashlib
+    import struct
+
+    blob = (exported / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + n])
+    header.pop("__metadata__", None)
+    names = {"F32": "float32", "U8": "uint8", "F8_E4M3": "float8_e4m3fn"}
+    q = json.loads((exported / "config.json").read_text())["quantization_config"]
+    recorded = q["sharq"].pop("checkpoint_sha256")
+    h = hashlib.sha256(b"sharq checkpoint\n")
+    h.update(json.dumps(q, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(header):
+        info = header[name]
+        start, end = info["data_offsets"]
+        h.update(f"\n{name}\n{names[info['dtype']]}\n{info['shape']}\n".encode())
+        h.update(blob[8 + n + start: 8 + n + end])
+    assert h.hexdigest() == recorded
 
 
 def test_import_refuses_bad_directories_recipes_and_structures(ct_made, tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -49,10 +49,11 @@ def quantization_config(model: nn.Module) -> dict:
     return {"quant_method": "sharq", "format_version": FORMAT_VERSION, **q}
 
 
-def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of the defining keys of the quantization config and of every tensor's name, dtype, shape and bytes."""
+def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor], keys: Iterable[str] = DEFINING_KEYS) -> str:
+    """sha256 of the defining keys of the quantization config (`keys`: a sharq checkpoint's by default) and of every
+    tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(b"sharq checkpoint\n")
-    h.update(json.dumps({k: qcfg.get(k) for k in DEFINING_KEYS}, sort_keys=True, separators=(",", ":")).encode())
+    h.update(json.dumps({k: qcfg.get(k) for k in keys}, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)
         h.update(f"\n{name}\n{str(t.dtype).removeprefix('torch.')}\n{list(tensors[name].shape)}\n".encode())
@@ -179,15 +180,16 @@ def validate_quantization_config(q: Mapping, where: str) -> Recipe:
         raise ValueError(f"{where}: {e}") from None
 
 
-def verify_digest(q: Mapping, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """The digest recorded in the config must match the config and the tensors."""
+def verify_digest(q: Mapping, tensors: Mapping[str, torch.Tensor], where: str,
+                  keys: Iterable[str] = DEFINING_KEYS) -> None:
+    """The digest recorded in the config (its `checkpoint_sha256`) must match the config's `keys` and the tensors."""
     recorded = q.get(DIGEST)
     if recorded is None:
         hint = (" (format 1, sharq 0.1: its hash covered only the weights file; re-save it with sharq.save)"
                 if q.get("format_version") == 1 else "")
         raise IntegrityError(f"{where} records no {DIGEST}{hint}: nothing proves it is the model that was saved. "
                              "Load it anyway with sharq.load(..., verify=False)")
-    if checkpoint_digest(q, tensors) != recorded:
+    if checkpoint_digest(q, tensors, keys) != recorded:
         raise IntegrityError(f"{where}: the tensors and quantization_config do not match the {DIGEST} recorded in "
                              "config.json: the checkpoint is corrupt or was changed after saving")
 

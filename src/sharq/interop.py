@@ -27,19 +27,24 @@ from torch import nn
 
 from . import checkpoint
 from .checkpoint import (
+    DIGEST,
     WEIGHTS,
     CheckpointTensors,
     IntegrityError,
-    write_atomically,
     check_tensors,
+    checkpoint_digest,
+    finish_loading,
     payload_names,
     tied_names,
     unique_state,
+    verify_digest,
     weight_files,
+    write_atomically,
 )
 from .hf import load_pretrained, load_tokenizer, model_source
-from .models import _LAYER, FAMILIES, materialize, quantize_model, target_linears
+from .models import _LAYER, FAMILIES, quantize_model, target_linears
 from .nn import SharQExperts, SharQLinear
+from . import formats as F
 from .quant import NVFP4_TENSOR_DIVISOR, as_rows, finite_amax
 from .recipes import Recipe, get_recipe
 
@@ -62,10 +67,12 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
          backend: str = "auto", *, recipe: str | Recipe | None = None, verify: bool = True, progress: bool = False,
          **options) -> nn.Module:
     """A quantized model from a sharq checkpoint (bit-identical to what was saved; it runs the recipe it was saved
-    with, and verify=False skips its digest: checkpoint.load) or from a compressed-tensors NVFP4 checkpoint (its
-    4-bit weights kept exactly, any sharq recipe with NVFP4 weights on top: load_compressed_tensors)."""
+    with: checkpoint.load) or from a compressed-tensors NVFP4 checkpoint (its 4-bit weights kept exactly, any sharq
+    recipe with NVFP4 weights on top: load_compressed_tensors). verify=False skips the digest of a sharq checkpoint
+    or export (for one that records none), never the checks of every value."""
     if is_compressed_tensors(directory):
-        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, **options)
+        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, verify=verify,
+                                       **options)
     if recipe is not None or options:
         raise ValueError(f"{directory} is a sharq checkpoint: it runs the recipe it was saved with (no recipe or "
                          "options to give)")
@@ -102,7 +109,8 @@ def export(model: nn.Module, directory: str | Path, format: str = "compressed-te
 
 def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None, *,
                               input_amax: Mapping[str, float] | None = None, overwrite: bool = False) -> Path:
-    """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint.
+    """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint, with a digest
+    of its quantization_config and tensors that sharq checks on load (docs/FORMAT.md).
 
     Weights only by default: the format's NVFP4 activation scheme needs a static per-tensor input scale, which
     sharq computes per call and so does not have. Pass `input_amax` (every quantized layer's calibrated input max,
@@ -122,8 +130,10 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
         tensors, exact_scales = _tensors(model, recipe, input_amax)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
-        config.quantization_config = _export_config(
-            model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
+        q = _export_config(model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
+        signed, keys = _signed(q)
+        q[SHARQ_KEY][DIGEST] = checkpoint_digest(signed, tensors, keys)
+        config.quantization_config = q
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -233,6 +243,16 @@ def _export_config(model: nn.Module, with_inputs: bool, sharq: dict) -> dict:
             "config_groups": {"group_0": scheme}, "ignore": ignore, "kv_cache_scheme": None, SHARQ_KEY: sharq}
 
 
+def _signed(q: Mapping) -> tuple[dict, tuple[str, ...]]:
+    """A sharq export's quantization_config as checkpoint_digest and verify_digest read it: every key, with the
+    digest, which the export records in its sharq key, at the top level; and the keys the digest covers (every
+    other one: the whole config)."""
+    meta = dict(q[SHARQ_KEY])
+    recorded = meta.pop(DIGEST, None)
+    covered = {**q, SHARQ_KEY: meta}
+    return {**covered, DIGEST: recorded}, tuple(covered)
+
+
 @torch.no_grad()
 def measure_input_amax(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """max |x| over the finite inputs of every quantized layer while `model` runs on `batches` of token ids: the
@@ -318,9 +338,14 @@ def _describe(fmt: str | None, w: Mapping) -> str:
 
 def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None = None, *,
                             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                            backend: str = "auto", **options) -> nn.Module:
+                            backend: str = "auto", verify: bool = True, **options) -> nn.Module:
     """A sharq model from a compressed-tensors NVFP4 checkpoint, holding its 4-bit weights exactly: the codes and
     block scales as stored, s_w = fl(1/weight_global_scale) (or the exact s_w a sharq export recorded).
+
+    A sharq export must match its digest (verify=False skips it, for an export that records none): an edited
+    recipe or tensor is an IntegrityError. Every checkpoint's values are checked before any reaches the model: a
+    tensor of the wrong dtype or shape, a negative or NaN block scale, a global scale g that is not a positive
+    finite number or whose s_w = 1/g puts the layer's weights beyond fp32's range is an error naming the tensor.
 
     `recipe` (with `options`) is any sharq recipe with NVFP4 weights; its weight_block becomes 16, the checkpoint's
     group size, unless `options` sets one (a block of 32 or more needs equal scales within it). None: the recipe a
@@ -333,8 +358,12 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     q = read_compressed_tensors_config(directory)
     meta = _sharq_metadata(q.get(SHARQ_KEY), directory)
     r = _import_recipe(recipe, meta, options)
-    tensors = CheckpointTensors(weight_files(directory))
-    quantized = sorted(n.removesuffix(".weight_packed") for n in tensors.info if n.endswith(".weight_packed"))
+    # read once, into memory (a tensor read is a view of the file): the digest and the checks cover what loads
+    tensors = {name: t.clone() for name, t in CheckpointTensors(weight_files(directory)).items()}
+    if meta is not None and verify:
+        signed, keys = _signed(q)
+        verify_digest(signed, tensors, str(directory), keys)
+    quantized = sorted(n.removesuffix(".weight_packed") for n in tensors if n.endswith(".weight_packed"))
     config = AutoConfig.from_pretrained(directory)
     del config.quantization_config
     with torch.device("meta"):
@@ -358,11 +387,7 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     check_tensors(model.state_dict(), {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, payload_names(model),
                   tied_names(model), str(directory))
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    unloaded = [n for n, t in model.state_dict().items() if t.is_meta]
-    if unloaded:
-        raise IntegrityError(f"{directory}: {len(unloaded)} tensor(s) of the model were not loaded, e.g. {unloaded[0]}")
-    materialize(model, model, torch.device("cpu"))  # what no checkpoint holds: RoPE's inv_freq, the bf16 Ŵ
+    finish_loading(model, str(directory))  # ties, refuses what is unloaded, makes RoPE's inv_freq and the bf16 Ŵ
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.to(device).eval()
@@ -430,10 +455,11 @@ def _check_modules(built: list[str], quantized: list[str], directory: Path) -> N
                          f"{extra[:2]})")
 
 
-def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: CheckpointTensors, block: int,
+def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: Mapping[str, torch.Tensor], block: int,
                              exact_scale: float | None) -> dict[str, torch.Tensor]:
     """sharq's payload of one layer (weight_codes, weight_scales, weight_scale) from the checkpoint's, unchanged
-    but for K's zero padding to the block and one scale per block of 16·f elements instead of f equal ones."""
+    but for K's zero padding to the block and one scale per block of 16·f elements instead of f equal ones; every
+    value checked first."""
     n, k = layer.out_features, layer.in_features
     if k % GROUP:
         raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP}")
@@ -443,16 +469,23 @@ def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: CheckpointT
         key = f"{name}.{local}"
         if key not in tensors:
             raise IntegrityError(f"{name}: the checkpoint has weight_packed but no {local}")
-        found, found_shape = tensors.info[key]
+        found, found_shape = tensors[key].dtype, tuple(tensors[key].shape)
         if found != dtype or found_shape not in ([shape] if shape else [(), (1,)]):
             raise IntegrityError(f"{key} is {found} {found_shape}, expected {dtype} {shape or (1,)}")
     scales = tensors[f"{name}.weight_scale"].view(torch.uint8)
+    nan = (scales & 0x7F) == F.UE4M3_NAN  # the magnitude bits, either sign
+    if nan.any():
+        raise ValueError(f"{name}.weight_scale holds {int(nan.sum())} NaN block scale(s) (byte 0x7F or 0xFF): "
+                         "NVFP4 block scales are finite")
     if (scales & _SCALE_SIGN).any():
         raise ValueError(f"{name}.weight_scale holds negative scales; NVFP4 block scales are unsigned")
     g = tensors[f"{name}.weight_global_scale"].reshape(())
     if not (torch.isfinite(g) and g > 0):
         raise ValueError(f"{name}.weight_global_scale is {g.item()}: it must be a positive finite number")
     s_w = torch.ones((), dtype=torch.float32) / g
+    if not torch.isfinite(s_w * NVFP4_TENSOR_DIVISOR):
+        raise ValueError(f"{name}.weight_global_scale is {g.item():.9g}: s_w = 1/g = {s_w.item():.9g} puts the "
+                         f"layer's largest weights (up to {NVFP4_TENSOR_DIVISOR:g}·s_w) beyond fp32's range")
     if exact_scale is not None:
         s_w = torch.tensor(exact_scale, dtype=torch.float32)
         if not torch.equal(global_scale(s_w)[0].reshape(()), g):
