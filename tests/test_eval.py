@@ -419,11 +419,27 @@ def test_graphed_forward_replays_the_eager_forward(family):
 
 
 def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path, capsys):
-    """sharq export writes compressed-tensors NVFP4; sharq eval --model on it runs recipes on its fixed 4-bit
-    weights: the recipe the export recorded gives the checkpoint's perplexity bit for bit."""
+    """sharq export writes compressed-tensors NVFP4, by default with one weight global scale per group vLLM fuses
+    (q/k/v, gate/up); with --per-layer-global-scales every layer keeps its own, and sharq eval --model on it runs
+    recipes on the checkpoint's fixed 4-bit weights: the recipe the export recorded gives the checkpoint's
+    perplexity bit for bit."""
+    from safetensors.torch import load_file
+
+    def global_scales(directory):
+        """{group: its layers' distinct weight global scales}, for q/k/v and gate/up of each decoder layer."""
+        t = load_file(directory / "model.safetensors")
+        return {(i, parts): {t[f"model.layers.{i}.{p}.weight_global_scale"].item() for p in parts} for i in range(2)
+                for parts in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                              ("mlp.gate_proj", "mlp.up_proj"))}
+
+    assert main(["export", "--model", tiny_model["ckpt"], "--out", str(tmp_path / "shared"), "--quiet"]) == 0
+    assert all(len(g) == 1 for g in global_scales(tmp_path / "shared").values())
     out = tmp_path / "ct"
-    assert main(["export", "--model", tiny_model["ckpt"], "--out", str(out), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="vLLM fuses"):
+        assert main(["export", "--model", tiny_model["ckpt"], "--out", str(out), "--per-layer-global-scales",
+                     "--quiet"]) == 0
     assert "as compressed-tensors" in capsys.readouterr().out
+    assert any(len(g) > 1 for g in global_scales(out).values())
     setup = dict(text=tiny_model["text.txt"], seqlen=16, max_tokens=256, progress=False)
     imported = evaluate(EvalConfig(model=str(out), recipes=("sharq", "nvfp4"), **setup))
     saved = evaluate(EvalConfig(model=tiny_model["ckpt"], **setup))

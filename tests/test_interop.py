@@ -32,7 +32,7 @@ import sharq  # noqa: E402
 from sharq import formats as F  # noqa: E402
 from sharq import interop  # noqa: E402
 from sharq.eval.perplexity import perplexity  # noqa: E402
-from sharq.quant import dequantize_blocks  # noqa: E402
+from sharq.quant import apply_tensor_scale, dequantize_blocks, quantize_blocks  # noqa: E402
 from sharq.recipes import Recipe  # noqa: E402
 
 pytestmark = [
@@ -63,6 +63,19 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
+FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _fused_groups(names):
+    """q/k/v and gate/up of each layer (alone: o, down): llm-compressor gives each group one, the smallest, global
+    scale, because vLLM runs each group as one layer."""
+    groups = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        groups.setdefault((parent, FUSED.get(leaf, leaf)), []).append(n)
+    return list(groups.values())
+
+
 def _without_exact_global_scale(near: float) -> torch.Tensor:
     """An fp32 in the binade of `near` that no fp32 global scale g gives back as fl(1/g). Such values lie in the
     upper part of a binade (mantissa above √2; 45 % of them at 1.9), so the search starts at mantissa 1.9."""
@@ -87,11 +100,23 @@ def sharq_model():
 
 @pytest.fixture(scope="module")
 def exported(sharq_model, tmp_path_factory):
+    """The export with every layer's own global scale, which sharq reads back bit for bit."""
     out = tmp_path_factory.mktemp("export") / "ct"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        interop.export_compressed_tensors(sharq_model, out)
+        interop.export_compressed_tensors(sharq_model, out, shared_global_scales=False)
     assert any("vLLM fuses" in str(w.message) for w in caught)  # sharq's q/k/v global scales differ
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported_shared(sharq_model, tmp_path_factory):
+    """The default export: one global scale per group of layers vLLM fuses."""
+    out = tmp_path_factory.mktemp("export") / "shared"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        interop.export_compressed_tensors(sharq_model, out)
+    assert not any("vLLM fuses" in str(w.message) for w in caught)
     return out
 
 
@@ -170,7 +195,7 @@ def test_round_trip_keeps_biases_and_tied_embeddings(config, recipe, tmp_path):
             if isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.normal_()
     sharq.quantize_model(model, recipe, scale_granularity="token")
-    interop.export_compressed_tensors(model, tmp_path / "ct")
+    interop.export_compressed_tensors(model, tmp_path / "ct", shared_global_scales=False)
     back = interop.load_compressed_tensors(tmp_path / "ct")
     assert back.sharq_quantization == model.sharq_quantization
     assert torch.equal(_logits(back), _logits(model))
@@ -197,7 +222,7 @@ def test_import_with_a_recipe_reads_16_element_blocks(sharq_model, exported):
 
 def test_export_with_input_amax_declares_nvfp4_activations(sharq_model, tmp_path):
     amax = interop.measure_input_amax(sharq_model, [IDS])
-    interop.export_compressed_tensors(sharq_model, tmp_path / "w4a4", input_amax=amax)
+    interop.export_compressed_tensors(sharq_model, tmp_path / "w4a4", input_amax=amax, shared_global_scales=False)
     q = json.loads((tmp_path / "w4a4" / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(q).config_groups["group_0"]
     assert scheme.input_activations == QuantizationArgs.model_validate(interop.INPUT_ARGS)
@@ -211,20 +236,47 @@ def test_export_with_input_amax_declares_nvfp4_activations(sharq_model, tmp_path
     assert torch.equal(_logits(interop.load_compressed_tensors(tmp_path / "w4a4")), _logits(sharq_model))
 
 
+def test_the_default_export_gives_every_group_vllm_fuses_one_global_scale(sharq_model, exported_shared):
+    """vLLM runs q/k/v and gate/up as one layer with the largest global scale of its parts. The default export gives
+    each group one global scale, its largest s_w's (llm-compressor's fused global scale): the layer that has it is
+    written as it is, the others are quantized again with it from Ŵ·s_w (SPEC §3's NVFP4 blocks of bf16(Ŵ·s_w / s),
+    the recipe's block size and rule). Every part then has the global scale vLLM uses: the export is what it runs."""
+    tensors = load_file(exported_shared / "model.safetensors")
+    layers = _layers(sharq_model)
+    groups = [g for g in _fused_groups(layers) if len(g) > 1]
+    assert len(groups) == 4  # q/k/v and gate/up of two decoder layers
+    requantized = 0
+    for group in groups:
+        s = max((layers[n].weight_scale for n in group), key=float)
+        for name in group:
+            layer, k = layers[name], layers[name].in_features
+            assert torch.equal(tensors[f"{name}.weight_global_scale"], (torch.ones(()) / s).reshape(1))
+            want = layer.packed
+            if not torch.equal(layer.weight_scale, s):
+                want = quantize_blocks(apply_tensor_scale(layer.qweight.effective(), s), "nvfp4", 32)
+                requantized += 1
+            assert torch.equal(tensors[f"{name}.weight_packed"], want.codes[:, : k // 2])
+            assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8),
+                               want.scales.repeat_interleave(2, dim=1)[:, : k // 16])
+    assert requantized >= len(groups)  # every group had layers with other scales
+    for name in set(layers) - {n for g in groups for n in g}:  # o_proj, down_proj: as they are
+        k = layers[name].in_features
+        assert torch.equal(tensors[f"{name}.weight_packed"], layers[name].weight_codes[:, : k // 2])
+
+
+def test_a_shared_export_reads_back_as_it_was_written(exported_shared, tmp_path):
+    """sharq reads a shared export's weights back exactly (the logits do not move by another export), and
+    exporting them again changes nothing: their groups share their global scales already."""
+    back = interop.load_compressed_tensors(exported_shared)
+    interop.export_compressed_tensors(back, tmp_path / "again")
+    first, again = (load_file(d / "model.safetensors") for d in (exported_shared, tmp_path / "again"))
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[n].view(torch.uint8), again[n].view(torch.uint8)) if first[n].dtype.itemsize == 1
+               else torch.equal(first[n], again[n]) for n in first)
+    assert torch.equal(_logits(interop.load_compressed_tensors(tmp_path / "again")), _logits(back))
+
+
 # --- checkpoints compressed-tensors makes, as llm-compressor's NVFP4 oneshot does ------------------------------------
-FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-
-
-def _fused_groups(names):
-    """q/k/v and gate/up of each layer (alone: o, down): llm-compressor gives each group one, the smallest, global
-    scale, because vLLM runs each group as one layer."""
-    groups = {}
-    for n in names:
-        parent, _, leaf = n.rpartition(".")
-        groups.setdefault((parent, FUSED.get(leaf, leaf)), []).append(n)
-    return list(groups.values())
-
-
 def _compressed_tensors_checkpoint(out, preset="NVFP4", ignore=("lm_head",), config=CONFIG):
     """Quantize a tiny model with compressed-tensors' own scheme, calibrate it (global scales from the weights,
     shared within fused groups; 16-element scales; input global scales from activations) and save it with its

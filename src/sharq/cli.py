@@ -282,7 +282,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         ids = windows(tokenize(load_text(args.calib_text)[0], tokenizer), 512, args.calib_tokens, bos_token(tokenizer))
         input_amax = measure_input_amax(model, ids.split(1))
-    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax, overwrite=args.overwrite)
+    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax,
+                 shared_global_scales=not args.per_layer_global_scales, overwrite=args.overwrite)
     print(f"exported {source} ({model.sharq_quantization['recipe']['name']}) as {args.format} -> {out}")
     return 0
 
@@ -448,6 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--activations", choices=["none", "nvfp4"], default="none",
                    help="the activation scheme recorded for serving engines: none (weights only, default) or nvfp4 "
                         "(W4A4 with per-tensor input scales calibrated on --calib-text)")
+    x.add_argument("--per-layer-global-scales", action="store_true",
+                   help="keep every layer's own weight global scale (sharq reads the model back bit for bit; vLLM, "
+                        "which runs q/k/v and gate/up with one scale each, does not compute it). Default: one per "
+                        "fused group, its other layers quantized again from their 4-bit weights (docs/FORMAT.md)")
     x.add_argument("--calib-text", default="lambada", help="calibration text for --activations nvfp4")
     x.add_argument("--calib-tokens", type=_positive_int, default=8192)
     x.add_argument("--out", required=True, help="the directory to write")

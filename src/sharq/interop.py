@@ -5,9 +5,10 @@ llm-compressor writes and vLLM serves (docs/FORMAT.md, "compressed-tensors").
   `load_model` any model argument with its tokenizer (also the unquantized ones hf.load_pretrained reads).
 
 - `export_compressed_tensors` writes a model sharq quantized with NVFP4 weights as an "nvfp4-pack-quantized"
-  Hugging Face directory. transformers (with compressed-tensors installed) and vLLM load it and run its 4-bit
-  weights with their own activations (bf16, or NVFP4 when `input_amax` is given), never SharQ's sparse + residual
-  activations; sharq reads it back bit-identical.
+  Hugging Face directory, by default with one weight global scale per group of layers vLLM fuses. transformers
+  (with compressed-tensors installed) and vLLM load it and run its 4-bit weights with their own activations (bf16,
+  or NVFP4 when `input_amax` is given), never SharQ's sparse + residual activations; sharq reads it back exactly
+  as written (the model itself, bit for bit, with shared_global_scales=False).
 - `load_compressed_tensors` builds a sharq model from any NVFP4 compressed-tensors checkpoint (llm-compressor's,
   or an export), keeping its codes and block scales exactly, and runs any sharq recipe with NVFP4 weights on top.
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from . import formats as F
 from .checkpoint import (
     DIGEST,
     WEIGHTS,
@@ -42,11 +44,10 @@ from .checkpoint import (
     write_atomically,
 )
 from .hf import load_pretrained, load_tokenizer, model_source
-from .models import _LAYER, FAMILIES, quantize_model, target_linears
+from .models import _LAYER, DENSE, FAMILIES, quantize_model, shared_input_groups, target_linears
 from .nn import SharQExperts, SharQLinear
-from . import formats as F
 from .quant import NVFP4_TENSOR_DIVISOR, as_rows, finite_amax
-from .recipes import Recipe, get_recipe
+from .recipes import QWeight, Recipe, get_recipe
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
@@ -108,9 +109,17 @@ def export(model: nn.Module, directory: str | Path, format: str = "compressed-te
 
 
 def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None, *,
-                              input_amax: Mapping[str, float] | None = None, overwrite: bool = False) -> Path:
+                              input_amax: Mapping[str, float] | None = None, shared_global_scales: bool = True,
+                              overwrite: bool = False) -> Path:
     """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint, with a digest
     of its quantization_config and tensors that sharq checks on load (docs/FORMAT.md).
+
+    vLLM runs q/k/v and gate/up as one layer each, with one weight global scale. With shared_global_scales (the
+    default) every such group gets one, as llm-compressor writes them: the group's largest s_w. The group's other
+    layers are quantized again with it from their dequantized weights Ŵ·s_w (a quantized model holds no others);
+    the export is then the model vLLM computes, and sharq reads back those weights. shared_global_scales=False
+    writes every layer's own s_w: sharq and transformers read back the model bit for bit, but vLLM would scale a
+    fused group's other layers wrongly (a warning says by how much).
 
     Weights only by default: the format's NVFP4 activation scheme needs a static per-tensor input scale, which
     sharq computes per call and so does not have. Pass `input_amax` (every quantized layer's calibrated input max,
@@ -127,7 +136,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors, exact_scales = _tensors(model, recipe, input_amax)
+        tensors, exact_scales = _tensors(model, recipe, input_amax, shared_global_scales)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         q = _export_config(model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
@@ -143,27 +152,56 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
 
     out = write_atomically(Path(directory), write, overwrite=overwrite, replaceable=is_compressed_tensors,
                            kind="compressed-tensors checkpoint")
-    _warn_unshared_global_scales(layers)
+    if not shared_global_scales:
+        _warn_unshared_global_scales(model, layers)
     return out
 
 
-def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None
+def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None, shared_global_scales: bool
              ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The export's tensors (the unquantized ones as the model holds them, each quantized layer's in the format's
     names), and the s_w of the layers whose global scale does not give it back exactly."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
+    for name, layer in layers.items():
+        if not (torch.isfinite(layer.weight_scale) & (layer.weight_scale > 0)).all():
+            raise ValueError(f"{name}: weight_scale {layer.weight_scale.item()} is not a positive finite number")
+    weights = {name: layer.qweight for name, layer in layers.items()}
+    if shared_global_scales:
+        weights |= _with_shared_global_scales(model, layers)
     payload = payload_names(model)
     tensors = {n: t for n, t in unique_state(model).items() if n not in payload}
     exact_scales: dict[str, float] = {}
     for name, layer in layers.items():
-        packed, scales, g, exact = _to_compressed_tensors(name, layer, recipe.weight_block)
+        packed, scales, g, exact = _to_compressed_tensors(name, layer.in_features, weights[name], recipe.weight_block)
         tensors |= {f"{name}.weight_packed": packed, f"{name}.weight_scale": scales,
                     f"{name}.weight_global_scale": g}
         if not exact:
-            exact_scales[name] = layer.weight_scale.item()
+            exact_scales[name] = weights[name].scale.item()
         if input_amax is not None:
             tensors[f"{name}.input_global_scale"] = _input_global_scale(name, input_amax[name])
     return tensors, exact_scales
+
+
+def fused_groups(model: nn.Module, names: Iterable[str]) -> list[list[str]]:
+    """The layers among `names` that vLLM runs as one layer, with one weight global scale: q/k/v and gate/up of
+    each decoder layer (the layers that read one input, named alike in every family sharq knows)."""
+    family = FAMILIES.get(getattr(model.config, "model_type", None), DENSE)
+    return [group for group in shared_input_groups(family, names) if len(group) > 1]
+
+
+@torch.no_grad()
+def _with_shared_global_scales(model: nn.Module, layers: Mapping[str, SharQLinear]) -> dict[str, QWeight]:
+    """The weights of each fused group's layers quantized again with the group's largest s_w (its smallest global
+    scale, which llm-compressor gives the group: update_fused_layer_weight_global_scales), from Ŵ·s_w, by their
+    recipe's rules; a layer that has that s_w already is left out (kept as it is)."""
+    weights = {}
+    for group in fused_groups(model, layers):
+        s_w = max((layers[name].weight_scale for name in group), key=float)
+        for name in group:
+            layer = layers[name]
+            if not torch.equal(layer.weight_scale, s_w):
+                weights[name] = layer.recipe.prepare_weight(layer.qweight.effective(), tensor_scale=s_w)
+    return weights
 
 
 def _exportable_recipe(model: nn.Module) -> Recipe:
@@ -193,19 +231,17 @@ def global_scale(s_w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return g.reshape(1), bool(one / g == s_w)
 
 
-def _to_compressed_tensors(name: str, layer: SharQLinear, block: int
+def _to_compressed_tensors(name: str, k: int, weight: QWeight, block: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(weight_packed, weight_scale, weight_global_scale, exact) of one layer: the same nibbles (both put the even
-    element in the low nibble), each block scale repeated for every 16-element group of its block, K unpadded."""
-    k = layer.in_features
+    """(weight_packed, weight_scale, weight_global_scale, exact) of one layer's weight [N, K]: the same nibbles (both
+    put the even element in the low nibble), each block scale repeated for every 16-element group of its block, K
+    unpadded."""
     if k % GROUP:
         raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP}, which compressed-tensors' NVFP4 "
                          "needs")
-    if not (torch.isfinite(layer.weight_scale) & (layer.weight_scale > 0)).all():
-        raise ValueError(f"{name}: weight_scale {layer.weight_scale.item()} is not a positive finite number")
-    packed = layer.weight_codes[:, : k // 2].cpu().contiguous()
-    scales = layer.weight_scales.repeat_interleave(block // GROUP, dim=1)[:, : k // GROUP]
-    g, exact = global_scale(layer.weight_scale)
+    packed = weight.packed.codes[:, : k // 2].cpu().contiguous()
+    scales = weight.packed.scales.repeat_interleave(block // GROUP, dim=1)[:, : k // GROUP]
+    g, exact = global_scale(weight.scale)
     return packed, scales.cpu().contiguous().view(torch.float8_e4m3fn), g, exact
 
 
@@ -217,21 +253,17 @@ def _input_global_scale(name: str, amax: float) -> torch.Tensor:
     return (torch.full((), NVFP4_TENSOR_DIVISOR, dtype=torch.float32) / amax).reshape(1)
 
 
-def _warn_unshared_global_scales(layers: Mapping[str, SharQLinear]) -> None:
-    """vLLM fuses q/k/v and gate/up into one layer and runs it with the largest global scale of its parts, which
-    mis-scales the others; llm-compressor shares one global scale per fused group, sharq does not (yet). The
-    groups are those that share their prepared input (share_inputs), the same q/k/v and gate/up."""
-    groups: dict[int, list[float]] = {}
-    for layer in layers.values():
-        if layer.shared is not None:
-            groups.setdefault(id(layer.shared), []).append(global_scale(layer.weight_scale)[0].item())
-    ratios = [max(g) / min(g) for g in groups.values()]
+def _warn_unshared_global_scales(model: nn.Module, layers: Mapping[str, SharQLinear]) -> None:
+    """vLLM runs each fused group with the largest global scale of its parts, which mis-scales the others."""
+    ratios = [max(g) / min(g) for g in ([global_scale(layers[n].weight_scale)[0].item() for n in group]
+                                        for group in fused_groups(model, layers))]
     unshared = [r for r in ratios if r != 1.0]
     if unshared:
         warnings.warn(f"{len(unshared)} of {len(ratios)} groups of layers that vLLM fuses (q/k/v, gate/up) have "
                       f"different weight global scales (ratio up to {max(unshared):.4g}): vLLM runs a fused layer "
                       "with the largest one, which scales the other parts' weights wrongly. transformers, "
-                      "compressed-tensors and sharq read every layer's own scale.", UserWarning, stacklevel=3)
+                      "compressed-tensors and sharq read every layer's own scale; shared_global_scales=True gives "
+                      "every group one.", UserWarning, stacklevel=3)
 
 
 def _export_config(model: nn.Module, with_inputs: bool, sharq: dict) -> dict:
