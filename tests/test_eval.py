@@ -453,6 +453,34 @@ def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path,
     assert "mxfp4" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
 
 
+def test_export_of_an_unquantized_model_quantizes_every_fused_layer_once(tiny_model, tmp_path):
+    """sharq export of a model it quantizes itself keeps the original weights: every layer of a group vLLM fuses is
+    quantized from its own weight with the group's global scale, once (a checkpoint holds only 4-bit weights)."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from sharq.quant import apply_tensor_scale, quantize_blocks
+
+    assert main(["export", "--model", tiny_model["model"], "--out", str(tmp_path / "ct"), "--quiet"]) == 0
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    exact = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["sharq"]["weight_scale"]
+    original = transformers.AutoModelForCausalLM.from_pretrained(tiny_model["model"], dtype=torch.float32)
+    for i in range(2):
+        for parts in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            names = [f"model.layers.{i}.{p}" for p in parts]
+            assert len({tensors[f"{n}.weight_global_scale"].item() for n in names}) == 1
+            for name in names:
+                g = tensors[f"{name}.weight_global_scale"]
+                s = torch.tensor(exact[name]) if name in exact else (torch.ones(()) / g).reshape(())
+                want = quantize_blocks(apply_tensor_scale(original.get_submodule(name).weight.detach(), s), "nvfp4",
+                                       32)
+                assert torch.equal(tensors[f"{name}.weight_packed"], want.codes)  # K = 64: no padding to drop
+                assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), want.scales.repeat_interleave(2, 1))
+
+
 @pytest.mark.parametrize("device_map", ["auto", {"model.embed_tokens": "cpu", "model.layers.0": "disk",
                                                  "model.layers.1": "cpu", "model.norm": "cpu",
                                                  "model.rotary_emb": "cpu", "lm_head": "cpu"}])

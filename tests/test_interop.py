@@ -264,6 +264,50 @@ def test_the_default_export_gives_every_group_vllm_fuses_one_global_scale(sharq_
         assert torch.equal(tensors[f"{name}.weight_packed"], layers[name].weight_codes[:, : k // 2])
 
 
+def test_original_weights_quantize_the_fused_layers_once(tmp_path):
+    """Given the weights the model was quantized from, the export quantizes a fused group's other layers from them
+    with the shared scale (one rounding, as llm-compressor does), not from Ŵ·s_w (a second one)."""
+    model = _tiny()
+    originals = {n: m.weight.detach().clone() for n, m in sharq.models.target_linears(model).items()}
+    sharq.quantize_model(model, "sharq")
+    interop.export_compressed_tensors(model, tmp_path / "once", original_weights=originals)
+    interop.export_compressed_tensors(model, tmp_path / "twice")
+    once, twice = (load_file(tmp_path / d / "model.safetensors") for d in ("once", "twice"))
+    layers = _layers(model)
+    differs = 0
+    for group in (g for g in _fused_groups(layers) if len(g) > 1):
+        s = max((layers[n].weight_scale for n in group), key=float)
+        for name in group:
+            k = layers[name].in_features
+            want = quantize_blocks(apply_tensor_scale(originals[name], s), "nvfp4", 32)
+            assert torch.equal(once[f"{name}.weight_packed"], want.codes[:, : k // 2])
+            assert torch.equal(once[f"{name}.weight_scale"].view(torch.uint8),
+                               want.scales.repeat_interleave(2, dim=1)[:, : k // 16])
+            assert torch.equal(once[f"{name}.weight_global_scale"], twice[f"{name}.weight_global_scale"])
+            differs += not torch.equal(once[f"{name}.weight_packed"], twice[f"{name}.weight_packed"])
+    assert differs >= 4  # the parts quantized again: from W here, from Ŵ·s_w by default
+    assert torch.isfinite(_logits(interop.load_compressed_tensors(tmp_path / "once"))).all()
+
+
+def test_original_weights_must_be_what_the_model_was_quantized_from(tmp_path):
+    model = _tiny()
+    originals = {n: m.weight.detach().clone() for n, m in sharq.models.target_linears(model).items()}
+    sharq.quantize_model(model, "sharq")
+    layers = _layers(model)
+    qkv = [n for n in layers if n.startswith("model.layers.1.self_attn.") and not n.endswith("o_proj")]
+    K = min(qkv, key=lambda n: layers[n].weight_scale.item())  # quantized again with its group's largest s_w
+    n = originals[K].shape[0]
+    for wrong, error in [({name: w for name, w in originals.items() if name != K}, f"no weight for {K}"),
+                         ({**originals, K: originals[K] * 1.5}, rf"original_weights\['{K}'\] \({n}, 64\) does not"),
+                         ({**originals, K: originals[K][:, :32]}, rf"original_weights\['{K}'\] \({n}, 32\) does not")]:
+        with pytest.raises(ValueError, match=error):
+            interop.export_compressed_tensors(model, tmp_path / "bad", original_weights=wrong)
+    with pytest.raises(ValueError, match="no use with shared_global_scales=False"):
+        interop.export_compressed_tensors(model, tmp_path / "bad", original_weights=originals,
+                                          shared_global_scales=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_shared_export_reads_back_as_it_was_written(exported_shared, tmp_path):
     """sharq reads a shared export's weights back exactly (the logits do not move by another export), and
     exporting them again changes nothing: their groups share their global scales already."""

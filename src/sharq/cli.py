@@ -269,11 +269,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from .eval.run import DTYPES
     from .interop import export, is_quantized_checkpoint, load_model, measure_input_amax
-    from .models import quantize_model
+    from .models import quantize_model, target_linears
 
     progress = not args.quiet
+    shared = not args.per_layer_global_scales
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], "cpu", progress=progress)
+    original_weights = None  # a checkpoint holds none: its fused layers are quantized again from their 4-bit weights
     if not is_quantized_checkpoint(source):
+        if shared:  # kept, so that the fused layers whose global scale changes are quantized once, from them
+            original_weights = {name: linear.weight for name, linear in target_linears(model).items()}
         quantize_model(model, recipe, progress=progress)
     input_amax = None
     if args.activations == "nvfp4":  # calibrated per-tensor input scales, what vLLM's W4A4 NVFP4 scheme needs
@@ -282,8 +286,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         ids = windows(tokenize(load_text(args.calib_text)[0], tokenizer), 512, args.calib_tokens, bos_token(tokenizer))
         input_amax = measure_input_amax(model, ids.split(1))
-    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax,
-                 shared_global_scales=not args.per_layer_global_scales, overwrite=args.overwrite)
+    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax, shared_global_scales=shared,
+                 original_weights=original_weights, overwrite=args.overwrite)
     print(f"exported {source} ({model.sharq_quantization['recipe']['name']}) as {args.format} -> {out}")
     return 0
 
@@ -452,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--per-layer-global-scales", action="store_true",
                    help="keep every layer's own weight global scale (sharq reads the model back bit for bit; vLLM, "
                         "which runs q/k/v and gate/up with one scale each, does not compute it). Default: one per "
-                        "fused group, its other layers quantized again from their 4-bit weights (docs/FORMAT.md)")
+                        "fused group, its other layers quantized again: from the model's weights, or from the 4-bit "
+                        "weights of a checkpoint (docs/FORMAT.md)")
     x.add_argument("--calib-text", default="lambada", help="calibration text for --activations nvfp4")
     x.add_argument("--calib-tokens", type=_positive_int, default=8192)
     x.add_argument("--out", required=True, help="the directory to write")

@@ -110,16 +110,20 @@ def export(model: nn.Module, directory: str | Path, format: str = "compressed-te
 
 def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None, *,
                               input_amax: Mapping[str, float] | None = None, shared_global_scales: bool = True,
+                              original_weights: Mapping[str, torch.Tensor] | None = None,
                               overwrite: bool = False) -> Path:
     """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint, with a digest
     of its quantization_config and tensors that sharq checks on load (docs/FORMAT.md).
 
     vLLM runs q/k/v and gate/up as one layer each, with one weight global scale. With shared_global_scales (the
-    default) every such group gets one, as llm-compressor writes them: the group's largest s_w. The group's other
-    layers are quantized again with it from their dequantized weights Ŵ·s_w (a quantized model holds no others);
-    the export is then the model vLLM computes, and sharq reads back those weights. shared_global_scales=False
-    writes every layer's own s_w: sharq and transformers read back the model bit for bit, but vLLM would scale a
-    fused group's other layers wrongly (a warning says by how much).
+    default) every such group gets one, as llm-compressor writes them: the group's largest s_w, with which the
+    group's other layers are quantized again. A quantized model holds no original weights, so they are quantized
+    from their dequantized weights Ŵ·s_w (a second rounding), unless `original_weights` gives the unquantized
+    weights {layer: W} the model was quantized from (taken before quantize_model: sharq export does this for a
+    model it quantizes itself): each must quantize to the layer's weights, and is then quantized once more. The
+    export is the model vLLM computes, and sharq reads back those weights. shared_global_scales=False writes every
+    layer's own s_w: sharq and transformers read back the model bit for bit, but vLLM would scale a fused group's
+    other layers wrongly (a warning says by how much).
 
     Weights only by default: the format's NVFP4 activation scheme needs a static per-tensor input scale, which
     sharq computes per call and so does not have. Pass `input_amax` (every quantized layer's calibrated input max,
@@ -127,6 +131,9 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
     `directory` is refused unless overwrite=True, and then replaced only if it holds a compressed-tensors
     checkpoint."""
     recipe = _exportable_recipe(model)
+    if original_weights is not None and not shared_global_scales:
+        raise ValueError("original_weights are quantized again with a fused group's shared global scale: they have "
+                         "no use with shared_global_scales=False")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
     if input_amax is not None and set(input_amax) != set(layers):
         missing = sorted(set(layers) - set(input_amax))
@@ -136,7 +143,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors, exact_scales = _tensors(model, recipe, input_amax, shared_global_scales)
+        tensors, exact_scales = _tensors(model, recipe, input_amax, shared_global_scales, original_weights)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
         q = _export_config(model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
@@ -157,8 +164,8 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
     return out
 
 
-def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None, shared_global_scales: bool
-             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None, shared_global_scales: bool,
+             original_weights: Mapping[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The export's tensors (the unquantized ones as the model holds them, each quantized layer's in the format's
     names), and the s_w of the layers whose global scale does not give it back exactly."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
@@ -167,7 +174,7 @@ def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] |
             raise ValueError(f"{name}: weight_scale {layer.weight_scale.item()} is not a positive finite number")
     weights = {name: layer.qweight for name, layer in layers.items()}
     if shared_global_scales:
-        weights |= _with_shared_global_scales(model, layers)
+        weights |= _with_shared_global_scales(model, layers, original_weights)
     payload = payload_names(model)
     tensors = {n: t for n, t in unique_state(model).items() if n not in payload}
     exact_scales: dict[str, float] = {}
@@ -190,18 +197,37 @@ def fused_groups(model: nn.Module, names: Iterable[str]) -> list[list[str]]:
 
 
 @torch.no_grad()
-def _with_shared_global_scales(model: nn.Module, layers: Mapping[str, SharQLinear]) -> dict[str, QWeight]:
+def _with_shared_global_scales(model: nn.Module, layers: Mapping[str, SharQLinear],
+                               original_weights: Mapping[str, torch.Tensor] | None) -> dict[str, QWeight]:
     """The weights of each fused group's layers quantized again with the group's largest s_w (its smallest global
-    scale, which llm-compressor gives the group: update_fused_layer_weight_global_scales), from Ŵ·s_w, by their
-    recipe's rules; a layer that has that s_w already is left out (kept as it is)."""
+    scale, which llm-compressor gives the group: update_fused_layer_weight_global_scales), by their recipe's rules,
+    from their original weights if given, else from Ŵ·s_w; a layer that has that s_w already is left out (kept as
+    it is)."""
     weights = {}
     for group in fused_groups(model, layers):
         s_w = max((layers[name].weight_scale for name in group), key=float)
         for name in group:
             layer = layers[name]
             if not torch.equal(layer.weight_scale, s_w):
-                weights[name] = layer.recipe.prepare_weight(layer.qweight.effective(), tensor_scale=s_w)
+                source = (layer.qweight.effective() if original_weights is None
+                          else _original_weight(name, layer, original_weights))
+                weights[name] = layer.recipe.prepare_weight(source, tensor_scale=s_w)
     return weights
+
+
+def _original_weight(name: str, layer: SharQLinear, original_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """original_weights[name], checked to be what the layer was quantized from: it quantizes to the layer's
+    weights."""
+    if name not in original_weights:
+        raise ValueError(f"original_weights has no weight for {name}, a layer whose global scale is shared")
+    w = original_weights[name].detach().to(layer.weight_scale.device)
+    own = layer.recipe.prepare_weight(w) if tuple(w.shape) == (layer.out_features, layer.in_features) else None
+    if own is None or not (torch.equal(own.packed.codes, layer.weight_codes)
+                           and torch.equal(own.packed.scales, layer.weight_scales)
+                           and torch.equal(own.scale, layer.weight_scale)):
+        raise ValueError(f"original_weights[{name!r}] {tuple(w.shape)} does not quantize to the layer's weights: it "
+                         "is not the weight the layer was quantized from")
+    return w
 
 
 def _exportable_recipe(model: nn.Module) -> Recipe:
