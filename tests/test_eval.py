@@ -475,10 +475,11 @@ def test_export_of_an_unquantized_model_quantizes_every_fused_layer_once(tiny_mo
             for name in names:
                 g = tensors[f"{name}.weight_global_scale"]
                 s = torch.tensor(exact[name]) if name in exact else (torch.ones(()) / g).reshape(())
-                want = quantize_blocks(apply_tensor_scale(original.get_submodule(name).weight.detach(), s), "nvfp4",
-                                       32)
+                w = original.get_submodule(name).weight.detach()
+                want = quantize_blocks(apply_tensor_scale(w, s), "nvfp4", 32)
                 assert torch.equal(tensors[f"{name}.weight_packed"], want.codes)  # K = 64: no padding to drop
-                assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8), want.scales.repeat_interleave(2, 1))
+                scales = tensors[f"{name}.weight_scale"].view(torch.uint8)
+                assert torch.equal(scales, want.scales.repeat_interleave(2, dim=1))
 
 
 @pytest.mark.parametrize("device_map", ["auto", {"model.embed_tokens": "cpu", "model.layers.0": "disk",
