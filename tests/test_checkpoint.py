@@ -470,6 +470,8 @@ def test_a_killed_save_is_cleaned_up_by_the_next_save(tmp_path, writer, rng):
     model = _quantized("llama", "nvfp4")
     WRITERS[writer](model, target)
     assert _temporary_dirs(target) == [other] and other.is_dir()
+    WRITERS[writer](model, tmp_path / "undisturbed")
     ids = torch.randint(0, 96, (1, 7), generator=rng)
     with torch.no_grad():
-        assert torch.equal(sharq.interop.load(target)(ids).logits, model(ids).logits)
+        want = sharq.interop.load(tmp_path / "undisturbed")(ids).logits
+        assert torch.equal(sharq.interop.load(target)(ids).logits, want)
