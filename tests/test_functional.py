@@ -1,4 +1,4 @@
-"""simulate_linear under every input class of SPEC §8 and the reliability issue: non-finite values, extreme
+"""simulate_linear under every input class of SPEC §8 and docs/RELIABILITY.md: non-finite values, extreme
 magnitudes, shapes, dtypes, layouts, devices, determinism."""
 
 import pytest
