@@ -187,7 +187,7 @@ def test_packed_layer_adds_its_fp32_bias_unrounded():
     """An fp32 bias just below a bf16 rounding midpoint (off its bf16 rounding by almost 2⁻⁹ relative) and a small
     product that lifts the sum past it: the bf16 output rounds up, away from the bf16-rounded bias. Checked against
     the bias the layer holds, the error is one output rounding; against the bias rounded to bf16 it would be nearly
-    two, past any bound that counts one (an edge random inputs reach about once in 150 seeds)."""
+    two, past any bound that counts one (the packed-layer test met this edge at 1 of 520 seeds, seed 140)."""
     bias = torch.tensor(0.0625 * (1 + 2.0**-8)).nextafter(torch.tensor(0.0)).reshape(1)  # fp32, just below
     linear = torch.nn.Linear(32, 1)
     with torch.no_grad():
