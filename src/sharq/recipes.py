@@ -351,7 +351,7 @@ _RECIPES: dict[str, Recipe] = {
             outlier_fraction=0.01,
             description="calibrated top-1% input channels in bf16, the rest 2:4 + NVFP4, no residual",
         ),
-        # Beyond the paper (SPEC §11, issue 13): SharQ's activations unchanged, the weights where its remaining gap
+        # Beyond the paper (SPEC §11): SharQ's activations unchanged, the weights where its remaining gap
         # lives. Chosen on the SmolLM2-135M screen (docs/ACCURACY.md), calibration-free, 0.25 weight bits more.
         _backbone_plus_residual("sharq", "nvfp4", "pair-4:8", 32, 16).with_options(
             name="sharq-plus",
