@@ -1,9 +1,16 @@
+"""Shared fixtures. Without CUDA the Triton kernels run in Triton's interpreter: Triton and sharq.kernels read
+TRITON_INTERPRET when they are imported, so it is set here, in the first conftest pytest loads, before any test
+module (of any folder: tests/backends imports the kernels' test helpers) imports them."""
+
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
