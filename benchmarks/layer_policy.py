@@ -1,4 +1,4 @@
-"""A per-layer weight policy under a fixed average bit budget (issue 13), calibration-free: every decoder linear
+"""A per-layer weight policy under a fixed average bit budget, calibration-free: every decoder linear
 gets the base recipe; the linears whose weights the base quantizes worst (relative squared error of Ŵ, from the
 weights alone) get 8-bit weights instead, until the average weight bits reach the budget. A random choice of
 linears at the same budget is the control: it says whether the ranking, not the extra bits, does the work.

@@ -1,4 +1,4 @@
-"""Would a Hadamard rotation help (issue 13)? Every decoder linear computes x·Wᵀ as (x·H)·(W·H)ᵀ, H block-diagonal
+"""Would a Hadamard rotation help? Every decoder linear computes x·Wᵀ as (x·H)·(W·H)ᵀ, H block-diagonal
 with orthonormal Hadamard blocks of `--block` (16: one NVFP4 weight block) on the input dimension, so the
 unquantized model is unchanged; the recipe then quantizes the rotated weights and the rotated inputs. Rotations
 (QuaRot, SpinQuant) spread outliers over a block before quantizing: calibration-free and cheap (a 16-point

@@ -1,4 +1,4 @@
-"""Screen accuracy options (issue 13) on one model: one `sharq.eval.run.evaluate` call per candidate recipe, one JSON
+"""Screen calibration-free accuracy options (SPEC §11) on one model: one `sharq.eval.run.evaluate` call per candidate recipe, one JSON
 per row (so a crash loses one row, not the screen), then one table from the JSON files.
 
     python benchmarks/screen_accuracy.py run --text wikipedia --max-tokens 8192 bf16 nvfp4 sharq sharq+w-search

@@ -1,15 +1,35 @@
+"""Shared fixtures. Without CUDA the Triton kernels run in Triton's interpreter: Triton and sharq.kernels read
+TRITON_INTERPRET when they are imported, so it is set here, in the first conftest pytest loads, before any test
+module (of any folder: tests/backends imports the kernels' test helpers) imports them."""
+
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def seed(request) -> int:
+    """Every test's seed: fresh per test, or SHARQ_SEED to replay one; printed, so a failure shows it. All of a
+    test's randomness derives from it: the `rng` fixture's generator, and the global torch, numpy and random
+    generators, which nn.Linear and transformers models draw their initial weights from (and torch.randn without a
+    generator). The global ones start from seed + 1, so they do not repeat the `rng` stream."""
+    seed = int(os.environ.get("SHARQ_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"\n[{request.node.name}] seed={seed} (replay: SHARQ_SEED={seed})")
+    torch.manual_seed(seed + 1)
+    np.random.seed(seed + 1)
+    random.seed(seed + 1)
+    return seed
+
 
 @pytest.fixture
-def rng(request) -> torch.Generator:
-    """A fresh seed per test (or SHARQ_SEED to replay one); the seed is printed, so a failure shows it."""
-    seed = int(os.environ.get("SHARQ_SEED", random.randrange(2**31)))
-    print(f"\n[{request.node.name}] seed={seed} (replay: SHARQ_SEED={seed})")
+def rng(seed) -> torch.Generator:
+    """A generator on the test's seed."""
     return torch.Generator().manual_seed(seed)
 
 

@@ -1,4 +1,4 @@
-"""The options of SPEC §11 (issue 13) against a slow, independent restatement of that section in numpy + ml_dtypes
+"""The options of SPEC §11 against a slow, independent restatement of that section in numpy + ml_dtypes
 (block by block, every FP4/FP8 rounding done by ml_dtypes), plus the property each option exists for."""
 
 import json

@@ -2,6 +2,7 @@
 refuse anything that is not what was saved."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -292,18 +293,21 @@ def test_save_never_overwrites_by_accident_and_is_atomic(saved, tmp_path, monkey
     with pytest.raises(Interrupted):
         sharq.save(model, d, Tokenizer(), overwrite=True)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the previous checkpoint is intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file", "home"]  # and no temporary directory left
+    assert _names(tmp_path) == ["c", "file", "home"]  # and no temporary directory left
     sharq.save(model, d, overwrite=True)
     ids = torch.randint(0, 96, (1, 5), generator=rng)
     with torch.no_grad():
         assert torch.equal(sharq.load(d)(ids).logits, model(ids).logits)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file", "home"]
+    assert _names(tmp_path) == ["c", "file", "home"]
     assert (d.stat().st_mode & 0o777) == 0o777 & ~_umask()  # a checkpoint, not a private temporary directory
 
 
-def _umask():
-    import os
+def _names(directory):
+    """What a directory holds, but the empty lock files saves leave beside their target."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".lock"))
 
+
+def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -443,3 +447,86 @@ def test_a_checkpoint_from_before_strict_loads_lenient(saved, tmp_path, loader):
     model = LOADERS[loader](d)
     assert not any(m.strict for m in model.modules() if isinstance(m, sharq.SharQLinear))
     assert torch.isnan(_with_a_nan(model)).any()
+
+
+# --- the files a save writes ------------------------------------------------------------------------------------------
+WRITERS = {"sharq.save": sharq.save, "export": sharq.export}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=oct)
+def test_saved_files_respect_the_umask(tmp_path, writer, umask):
+    """Every file of a save or an export is 0666 & ~umask, as open() makes files, and every directory 0777 & ~umask:
+    safetensors writes model.safetensors through a private temporary file, which made it 0600 (unreadable to the
+    other users of a shared checkpoint) while config.json was 0644."""
+    model = _quantized("llama", "nvfp4")
+    old = os.umask(umask)
+    try:
+        WRITERS[writer](model, tmp_path / "c", tokenizer=_word_tokenizer())
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "c").rglob("*")}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= modes.keys()
+    assert modes == {n: (0o777 if (tmp_path / "c" / n).is_dir() else 0o666) & ~umask for n in modes}
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _word_tokenizer():
+    from .test_eval import word_tokenizer
+
+    return word_tokenizer()
+
+
+# A process that writes a checkpoint (argv[1]: "sharq.save" or "export") into argv[2] and hangs while writing the
+# tokenizer, the last file: the weights are in its temporary directory by then.
+HANGING_WRITER = r"""
+import sys, time
+from pathlib import Path
+import torch, transformers, sharq
+
+torch.manual_seed(0)
+config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+model = sharq.quantize_model(transformers.AutoModelForCausalLM.from_config(config), "nvfp4")
+
+class Hangs:
+    def save_pretrained(self, directory):
+        (Path(directory) / "hanging").touch()
+        time.sleep(600)
+
+{"sharq.save": sharq.save, "export": sharq.export}[sys.argv[1]](model, sys.argv[2], tokenizer=Hangs())
+"""
+
+
+def _temporary_dirs(target):
+    return sorted(target.parent.glob(f".{target.name}.tmp*"))
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_killed_save_is_cleaned_up_by_the_next_save(tmp_path, writer, rng):
+    """A save or export killed outright (SIGKILL: no finally clause runs) leaves its temporary directory (~130 MB for
+    SmolLM2) beside the target; the next save into that target deletes it, and leaves alone the temporary
+    directory of another target whose name extends this one."""
+    import time
+
+    target = tmp_path / "c"
+    other = tmp_path / ".c.tmp-x.tmp-abcd1234"  # a writer of "c.tmp-x" at work
+    other.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", HANGING_WRITER, writer, str(target)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((t / "hanging").exists() for t in tmp_path.glob(".c.tmp-*/*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=30)
+    orphans = [t for t in _temporary_dirs(target) if t != other]
+    assert len(orphans) == 1 and list(orphans[0].rglob("model.safetensors")) and not target.exists()
+    model = _quantized("llama", "nvfp4")
+    WRITERS[writer](model, target)
+    assert _temporary_dirs(target) == [other] and other.is_dir()
+    WRITERS[writer](model, tmp_path / "undisturbed")
+    ids = torch.randint(0, 96, (1, 7), generator=rng)
+    with torch.no_grad():
+        want = sharq.interop.load(tmp_path / "undisturbed")(ids).logits
+        assert torch.equal(sharq.interop.load(target)(ids).logits, want)

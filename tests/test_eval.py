@@ -432,11 +432,27 @@ def test_graphed_forward_replays_the_eager_forward(family):
 
 
 def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path, capsys):
-    """sharq export writes compressed-tensors NVFP4; sharq eval --model on it runs recipes on its fixed 4-bit
-    weights: the recipe the export recorded gives the checkpoint's perplexity bit for bit."""
+    """sharq export writes compressed-tensors NVFP4, by default with one weight global scale per group vLLM fuses
+    (q/k/v, gate/up); with --per-layer-global-scales every layer keeps its own, and sharq eval --model on it runs
+    recipes on the checkpoint's fixed 4-bit weights: the recipe the export recorded gives the checkpoint's
+    perplexity bit for bit."""
+    from safetensors.torch import load_file
+
+    def global_scales(directory):
+        """{group: its layers' distinct weight global scales}, for q/k/v and gate/up of each decoder layer."""
+        t = load_file(directory / "model.safetensors")
+        return {(i, parts): {t[f"model.layers.{i}.{p}.weight_global_scale"].item() for p in parts} for i in range(2)
+                for parts in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                              ("mlp.gate_proj", "mlp.up_proj"))}
+
+    assert main(["export", "--model", tiny_model["ckpt"], "--out", str(tmp_path / "shared"), "--quiet"]) == 0
+    assert all(len(g) == 1 for g in global_scales(tmp_path / "shared").values())
     out = tmp_path / "ct"
-    assert main(["export", "--model", tiny_model["ckpt"], "--out", str(out), "--quiet"]) == 0
+    with pytest.warns(UserWarning, match="vLLM fuses"):
+        assert main(["export", "--model", tiny_model["ckpt"], "--out", str(out), "--per-layer-global-scales",
+                     "--quiet"]) == 0
     assert "as compressed-tensors" in capsys.readouterr().out
+    assert any(len(g) > 1 for g in global_scales(out).values())
     setup = dict(text=tiny_model["text.txt"], seqlen=16, max_tokens=256, progress=False)
     imported = evaluate(EvalConfig(model=str(out), recipes=("sharq", "nvfp4"), **setup))
     saved = evaluate(EvalConfig(model=tiny_model["ckpt"], **setup))
@@ -450,6 +466,35 @@ def test_export_then_eval_the_compressed_tensors_directory(tiny_model, tmp_path,
                  "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "mxfp4" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_export_of_an_unquantized_model_quantizes_every_fused_layer_once(tiny_model, tmp_path):
+    """sharq export of a model it quantizes itself keeps the original weights: every layer of a group vLLM fuses is
+    quantized from its own weight with the group's global scale, once (a checkpoint holds only 4-bit weights)."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    from sharq.quant import apply_tensor_scale, quantize_blocks
+
+    assert main(["export", "--model", tiny_model["model"], "--out", str(tmp_path / "ct"), "--quiet"]) == 0
+    tensors = load_file(tmp_path / "ct" / "model.safetensors")
+    exact = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["sharq"]["weight_scale"]
+    original = transformers.AutoModelForCausalLM.from_pretrained(tiny_model["model"], dtype=torch.float32)
+    for i in range(2):
+        for parts in (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")):
+            names = [f"model.layers.{i}.{p}" for p in parts]
+            assert len({tensors[f"{n}.weight_global_scale"].item() for n in names}) == 1
+            for name in names:
+                g = tensors[f"{name}.weight_global_scale"]
+                s = torch.tensor(exact[name]) if name in exact else (torch.ones(()) / g).reshape(())
+                w = original.get_submodule(name).weight.detach()
+                want = quantize_blocks(apply_tensor_scale(w, s), "nvfp4", 32)
+                assert torch.equal(tensors[f"{name}.weight_packed"], want.codes)  # K = 64: no padding to drop
+                scales = tensors[f"{name}.weight_scale"].view(torch.uint8)
+                assert torch.equal(scales, want.scales.repeat_interleave(2, dim=1))
 
 
 @pytest.mark.parametrize("device_map", ["auto", {"model.embed_tokens": "cpu", "model.layers.0": "disk",

@@ -32,7 +32,7 @@ import sharq  # noqa: E402
 from sharq import formats as F  # noqa: E402
 from sharq import interop  # noqa: E402
 from sharq.eval.perplexity import perplexity  # noqa: E402
-from sharq.quant import dequantize_blocks  # noqa: E402
+from sharq.quant import apply_tensor_scale, dequantize_blocks, quantize_blocks  # noqa: E402
 from sharq.recipes import Recipe  # noqa: E402
 
 pytestmark = [
@@ -63,6 +63,19 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
+FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _fused_groups(names):
+    """q/k/v and gate/up of each layer (alone: o, down): llm-compressor gives each group one, the smallest, global
+    scale, because vLLM runs each group as one layer."""
+    groups = {}
+    for n in names:
+        parent, _, leaf = n.rpartition(".")
+        groups.setdefault((parent, FUSED.get(leaf, leaf)), []).append(n)
+    return list(groups.values())
+
+
 def _without_exact_global_scale(near: float) -> torch.Tensor:
     """An fp32 in the binade of `near` that no fp32 global scale g gives back as fl(1/g). Such values lie in the
     upper part of a binade (mantissa above √2; 45 % of them at 1.9), so the search starts at mantissa 1.9."""
@@ -87,11 +100,23 @@ def sharq_model():
 
 @pytest.fixture(scope="module")
 def exported(sharq_model, tmp_path_factory):
+    """The export with every layer's own global scale, which sharq reads back bit for bit."""
     out = tmp_path_factory.mktemp("export") / "ct"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        interop.export_compressed_tensors(sharq_model, out)
+        interop.export_compressed_tensors(sharq_model, out, shared_global_scales=False)
     assert any("vLLM fuses" in str(w.message) for w in caught)  # sharq's q/k/v global scales differ
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported_shared(sharq_model, tmp_path_factory):
+    """The default export: one global scale per group of layers vLLM fuses."""
+    out = tmp_path_factory.mktemp("export") / "shared"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        interop.export_compressed_tensors(sharq_model, out)
+    assert not any("vLLM fuses" in str(w.message) for w in caught)
     return out
 
 
@@ -170,7 +195,7 @@ def test_round_trip_keeps_biases_and_tied_embeddings(config, recipe, tmp_path):
             if isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.normal_()
     sharq.quantize_model(model, recipe, scale_granularity="token")
-    interop.export_compressed_tensors(model, tmp_path / "ct")
+    interop.export_compressed_tensors(model, tmp_path / "ct", shared_global_scales=False)
     back = interop.load_compressed_tensors(tmp_path / "ct")
     assert back.sharq_quantization == model.sharq_quantization
     assert torch.equal(_logits(back), _logits(model))
@@ -197,7 +222,7 @@ def test_import_with_a_recipe_reads_16_element_blocks(sharq_model, exported):
 
 def test_export_with_input_amax_declares_nvfp4_activations(sharq_model, tmp_path):
     amax = interop.measure_input_amax(sharq_model, [IDS])
-    interop.export_compressed_tensors(sharq_model, tmp_path / "w4a4", input_amax=amax)
+    interop.export_compressed_tensors(sharq_model, tmp_path / "w4a4", input_amax=amax, shared_global_scales=False)
     q = json.loads((tmp_path / "w4a4" / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(q).config_groups["group_0"]
     assert scheme.input_activations == QuantizationArgs.model_validate(interop.INPUT_ARGS)
@@ -211,20 +236,91 @@ def test_export_with_input_amax_declares_nvfp4_activations(sharq_model, tmp_path
     assert torch.equal(_logits(interop.load_compressed_tensors(tmp_path / "w4a4")), _logits(sharq_model))
 
 
+def test_the_default_export_gives_every_group_vllm_fuses_one_global_scale(sharq_model, exported_shared):
+    """vLLM runs q/k/v and gate/up as one layer with the largest global scale of its parts. The default export gives
+    each group one global scale, its largest s_w's (llm-compressor's fused global scale): the layer that has it is
+    written as it is, the others are quantized again with it from Ŵ·s_w (SPEC §3's NVFP4 blocks of bf16(Ŵ·s_w / s),
+    the recipe's block size and rule). Every part then has the global scale vLLM uses: the export is what it runs."""
+    tensors = load_file(exported_shared / "model.safetensors")
+    layers = _layers(sharq_model)
+    groups = [g for g in _fused_groups(layers) if len(g) > 1]
+    assert len(groups) == 4  # q/k/v and gate/up of two decoder layers
+    requantized = 0
+    for group in groups:
+        s = max((layers[n].weight_scale for n in group), key=float)
+        for name in group:
+            layer, k = layers[name], layers[name].in_features
+            assert torch.equal(tensors[f"{name}.weight_global_scale"], (torch.ones(()) / s).reshape(1))
+            want = layer.packed
+            if not torch.equal(layer.weight_scale, s):
+                want = quantize_blocks(apply_tensor_scale(layer.qweight.effective(), s), "nvfp4", 32)
+                requantized += 1
+            assert torch.equal(tensors[f"{name}.weight_packed"], want.codes[:, : k // 2])
+            assert torch.equal(tensors[f"{name}.weight_scale"].view(torch.uint8),
+                               want.scales.repeat_interleave(2, dim=1)[:, : k // 16])
+    assert requantized >= len(groups)  # every group had layers with other scales
+    for name in set(layers) - {n for g in groups for n in g}:  # o_proj, down_proj: as they are
+        k = layers[name].in_features
+        assert torch.equal(tensors[f"{name}.weight_packed"], layers[name].weight_codes[:, : k // 2])
+
+
+def test_original_weights_quantize_the_fused_layers_once(tmp_path):
+    """Given the weights the model was quantized from, the export quantizes a fused group's other layers from them
+    with the shared scale (one rounding, as llm-compressor does), not from Ŵ·s_w (a second one)."""
+    model = _tiny()
+    originals = {n: m.weight.detach().clone() for n, m in sharq.models.target_linears(model).items()}
+    sharq.quantize_model(model, "sharq")
+    interop.export_compressed_tensors(model, tmp_path / "once", original_weights=originals)
+    interop.export_compressed_tensors(model, tmp_path / "twice")
+    once, twice = (load_file(tmp_path / d / "model.safetensors") for d in ("once", "twice"))
+    layers = _layers(model)
+    differs = 0
+    for group in (g for g in _fused_groups(layers) if len(g) > 1):
+        s = max((layers[n].weight_scale for n in group), key=float)
+        for name in group:
+            k = layers[name].in_features
+            want = quantize_blocks(apply_tensor_scale(originals[name], s), "nvfp4", 32)
+            assert torch.equal(once[f"{name}.weight_packed"], want.codes[:, : k // 2])
+            assert torch.equal(once[f"{name}.weight_scale"].view(torch.uint8),
+                               want.scales.repeat_interleave(2, dim=1)[:, : k // 16])
+            assert torch.equal(once[f"{name}.weight_global_scale"], twice[f"{name}.weight_global_scale"])
+            differs += not torch.equal(once[f"{name}.weight_packed"], twice[f"{name}.weight_packed"])
+    assert differs >= 4  # the parts quantized again: from W here, from Ŵ·s_w by default
+    assert torch.isfinite(_logits(interop.load_compressed_tensors(tmp_path / "once"))).all()
+
+
+def test_original_weights_must_be_what_the_model_was_quantized_from(tmp_path):
+    model = _tiny()
+    originals = {n: m.weight.detach().clone() for n, m in sharq.models.target_linears(model).items()}
+    sharq.quantize_model(model, "sharq")
+    layers = _layers(model)
+    qkv = [n for n in layers if n.startswith("model.layers.1.self_attn.") and not n.endswith("o_proj")]
+    K = min(qkv, key=lambda n: layers[n].weight_scale.item())  # quantized again with its group's largest s_w
+    n = originals[K].shape[0]
+    for wrong, error in [({name: w for name, w in originals.items() if name != K}, f"no weight for {K}"),
+                         ({**originals, K: originals[K] * 1.5}, rf"original_weights\['{K}'\] \({n}, 64\) does not"),
+                         ({**originals, K: originals[K][:, :32]}, rf"original_weights\['{K}'\] \({n}, 32\) does not")]:
+        with pytest.raises(ValueError, match=error):
+            interop.export_compressed_tensors(model, tmp_path / "bad", original_weights=wrong)
+    with pytest.raises(ValueError, match="no use with shared_global_scales=False"):
+        interop.export_compressed_tensors(model, tmp_path / "bad", original_weights=originals,
+                                          shared_global_scales=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_shared_export_reads_back_as_it_was_written(exported_shared, tmp_path):
+    """sharq reads a shared export's weights back exactly (the logits do not move by another export), and
+    exporting them again changes nothing: their groups share their global scales already."""
+    back = interop.load_compressed_tensors(exported_shared)
+    interop.export_compressed_tensors(back, tmp_path / "again")
+    first, again = (load_file(d / "model.safetensors") for d in (exported_shared, tmp_path / "again"))
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[n].view(torch.uint8), again[n].view(torch.uint8)) if first[n].dtype.itemsize == 1
+               else torch.equal(first[n], again[n]) for n in first)
+    assert torch.equal(_logits(interop.load_compressed_tensors(tmp_path / "again")), _logits(back))
+
+
 # --- checkpoints compressed-tensors makes, as llm-compressor's NVFP4 oneshot does ------------------------------------
-FUSED = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
-
-
-def _fused_groups(names):
-    """q/k/v and gate/up of each layer (alone: o, down): llm-compressor gives each group one, the smallest, global
-    scale, because vLLM runs each group as one layer."""
-    groups = {}
-    for n in names:
-        parent, _, leaf = n.rpartition(".")
-        groups.setdefault((parent, FUSED.get(leaf, leaf)), []).append(n)
-    return list(groups.values())
-
-
 def _compressed_tensors_checkpoint(out, preset="NVFP4", ignore=("lm_head",), config=CONFIG):
     """Quantize a tiny model with compressed-tensors' own scheme, calibrate it (global scales from the weights,
     shared within fused groups; 16-element scales; input global scales from activations) and save it with its
@@ -334,12 +430,12 @@ def test_export_refuses_what_it_cannot_write(sharq_model, exported, tmp_path):
     assert (tmp_path / "full" / "notes.txt").read_text() == "mine"
     shutil.copytree(exported, tmp_path / "again")
     interop.export(sharq_model, tmp_path / "again", "compressed-tensors", overwrite=True)
-    assert not list(tmp_path.glob(".again.*"))  # no temporary directory left behind
+    assert not list(tmp_path.glob(".again.tmp*"))  # no temporary directory left behind
     torch.manual_seed(0)
     odd = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**CONFIG, "hidden_size": 72}))
     with pytest.raises(ValueError, match="in_features 72 is not a multiple of 16"):
         interop.export_compressed_tensors(sharq.quantize_model(odd, "nvfp4"), tmp_path / "odd")
-    assert not (tmp_path / "odd").exists() and not list(tmp_path.glob(".odd.*"))
+    assert not (tmp_path / "odd").exists() and not list(tmp_path.glob(".odd.tmp*"))
     with pytest.raises(ValueError, match="unknown export format 'gguf'"):
         interop.export(sharq_model, tmp_path / "c", "gguf")
     amax = dict.fromkeys(_layers(sharq_model), 1.0)
@@ -377,6 +473,19 @@ def _weights(key, value):
     return lambda q: q["config_groups"]["group_0"]["weights"].__setitem__(key, value)
 
 
+def _block_scale_byte(byte):
+    """Q's first block scale replaced by the byte `byte`."""
+    def change(t):
+        scales = t[f"{Q}.weight_scale"].view(torch.uint8).clone()
+        scales[0, 0] = byte
+        t[f"{Q}.weight_scale"] = scales.view(torch.float8_e4m3fn)
+    return dict(tensors=change)
+
+
+def _global_scale(value, dtype=torch.float32, shape=(1,)):
+    return dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_global_scale", torch.full(shape, value, dtype=dtype)))
+
+
 
 @pytest.mark.parametrize("change,error", [
     (dict(config=_weights("group_size", 32)), r"group_size 32.*NVFP4 only"),
@@ -390,6 +499,17 @@ def _weights(key, value):
     (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_scale", (t[f"{Q}.weight_scale"].view(torch.uint8) | 0x80)
                                           .view(torch.float8_e4m3fn))), "negative scales"),
     (dict(tensors=lambda t: t[f"{Q}.weight_global_scale"].zero_()), "positive finite"),
+    (_block_scale_byte(0x7F), rf"{Q}.weight_scale holds 1 NaN block scale"),  # fp8 e4m3's NaN, either sign
+    (_block_scale_byte(0xFF), rf"{Q}.weight_scale holds 1 NaN block scale"),
+    (_global_scale(float("nan")), rf"{Q}.weight_global_scale is nan: it must be a positive finite number"),
+    (_global_scale(float("inf")), rf"{Q}.weight_global_scale is inf: it must be a positive finite number"),
+    (_global_scale(-2.0), rf"{Q}.weight_global_scale is -2.0: it must be a positive finite number"),
+    (_global_scale(1e-39), rf"{Q}.weight_global_scale is .*s_w = 1/g = inf .*beyond fp32's range"),  # subnormal g
+    (_global_scale(1e-36), rf"{Q}.weight_global_scale is 1.00000004e-36: s_w = 1/g = 9\.9+62e\+35 .*beyond fp32"),
+    (_global_scale(1.0, torch.float16), rf"{Q}.weight_global_scale is torch.float16"),
+    (_global_scale(1.0, shape=(2,)), rf"{Q}.weight_global_scale is torch.float32 \(2,\)"),
+    (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_scale", t[f"{Q}.weight_scale"].view(torch.uint8))),
+     rf"{Q}.weight_scale is torch.uint8"),
     (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_packed", t[f"{Q}.weight_packed"][:, :-1].contiguous())),
      r"weight_packed is torch.uint8 \(64, 31\)"),
     (dict(tensors=lambda t: t.pop("model.norm.weight")), "1 missing"),
@@ -399,15 +519,64 @@ def test_import_refuses_checkpoints_it_cannot_hold(ct_made, tmp_path, change, er
         interop.load_compressed_tensors(_tampered(ct_made, tmp_path / "bad", **change))
 
 
-def test_import_refuses_a_sharq_export_changed_after_export(exported, tmp_path):
-    V = "model.layers.0.self_attn.v_proj"
+V = "model.layers.0.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("change", [
+    dict(config=lambda q: q["sharq"]["recipe"].update(scale_granularity="token")),
+    dict(config=lambda q: q["sharq"]["recipe"]["stages"][0].update(mask="2:4")),
+    dict(config=lambda q: q["sharq"]["weight_scale"].clear()),  # v_proj's exact s_w: fl(1/g) instead
+    dict(config=lambda q: q["config_groups"]["group_0"].update(input_activations=interop.INPUT_ARGS)),
+    dict(tensors=lambda t: t[f"{Q}.weight_packed"][3, 5].bitwise_xor_(0x10)),  # one byte of one weight flipped
+    dict(tensors=lambda t: t[f"{V}.weight_global_scale"].mul_(2)),
+    dict(tensors=lambda t: t["model.norm.weight"].mul_(2)),
+], ids=["scale_granularity", "mask", "exact_scales", "input_activations", "weight_byte", "global_scale", "norm"])
+def test_the_digest_refuses_a_sharq_export_changed_after_export(exported, tmp_path, change):
+    """An edited export would load as another model: its digest covers the whole quantization_config (the recipe,
+    the exact scales, the compressed-tensors scheme) and every tensor."""
+    edited = _tampered(exported, tmp_path / "edited", **change)
+    for load in (interop.load_compressed_tensors, sharq.load):
+        with pytest.raises(interop.IntegrityError, match="do not match the checkpoint_sha256 recorded"):
+            load(edited)
+
+
+def test_an_export_without_its_digest_loads_only_with_verify_off(exported, tmp_path):
+    unsigned = _tampered(exported, tmp_path / "unsigned", config=lambda q: q["sharq"].pop("checkpoint_sha256"))
+    with pytest.raises(interop.IntegrityError, match="records no checkpoint_sha256.*verify=False"):
+        interop.load_compressed_tensors(unsigned)
+    assert torch.equal(_logits(sharq.load(unsigned, verify=False)), _logits(interop.load_compressed_tensors(exported)))
+
+
+def test_without_the_digest_an_edited_export_is_still_checked(exported, tmp_path):
     unequal = _tampered(exported, tmp_path / "pairs", tensors=lambda t: t[f"{Q}.weight_scale"][:, 1].zero_())
     with pytest.raises(ValueError, match="differ within a 32-element block"):
-        interop.load_compressed_tensors(unequal)
-    interop.load_compressed_tensors(unequal, "sharq")  # at 16-element blocks it is a valid checkpoint
+        interop.load_compressed_tensors(unequal, verify=False)
+    interop.load_compressed_tensors(unequal, "sharq", verify=False)  # at 16-element blocks it is a valid checkpoint
     moved = _tampered(exported, tmp_path / "g", tensors=lambda t: t[f"{V}.weight_global_scale"].mul_(2))
     with pytest.raises(ValueError, match="changed after export"):
-        interop.load_compressed_tensors(moved)
+        interop.load_compressed_tensors(moved, verify=False)
+
+
+def test_the_export_digest_is_what_format_md_says(exported):
+    """Recompute the export's checkpoint_sha256 from the raw files as docs/FORMAT.md defines it."""
+    import hashlib
+    import struct
+
+    blob = (exported / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8: 8 + n])
+    header.pop("__metadata__", None)
+    names = {"F32": "float32", "U8": "uint8", "F8_E4M3": "float8_e4m3fn"}
+    q = json.loads((exported / "config.json").read_text())["quantization_config"]
+    recorded = q["sharq"].pop("checkpoint_sha256")
+    h = hashlib.sha256(b"sharq checkpoint\n")
+    h.update(json.dumps(q, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(header):
+        info = header[name]
+        start, end = info["data_offsets"]
+        h.update(f"\n{name}\n{names[info['dtype']]}\n{info['shape']}\n".encode())
+        h.update(blob[8 + n + start: 8 + n + end])
+    assert h.hexdigest() == recorded
 
 
 def test_strict_survives_an_export(ct_made, tmp_path):

@@ -282,3 +282,30 @@ def test_tool_variants_are_recipes_of_data():
         sharq.get_recipe("sharq", stages=(Stage("nvfp4-torchao", 32, "pair-4:8"), Stage("nvfp4-torchao", 16)))
     with pytest.raises(ValueError, match="only stage"):
         sharq.get_recipe("dense-dense", stages=(Stage("nvfp4"), Stage("nvfp4-compressed-tensors")))
+
+
+@pytest.mark.parametrize("name", ["sharq", "nvfp4", "sharq-plus"])
+def test_prepare_weight_with_a_given_tensor_scale(name, rng):
+    """A given tensor scale (a fused group's, shared by its layers) replaces the recipe's rule and nothing else:
+    the blocks of bf16(W / s) under the recipe's block size and block scale rule; the rule's own s gives the
+    recipe's weight back."""
+    from sharq.quant import apply_tensor_scale, quantize_blocks
+
+    r = sharq.get_recipe(name)
+    w = outlier_activations(rng, 24, 96)
+    own = r.prepare_weight(w)
+    again = r.prepare_weight(w, tensor_scale=own.scale)
+    assert torch.equal(again.packed.codes, own.packed.codes) and torch.equal(again.packed.scales, own.packed.scales)
+    s = own.scale * 1.7
+    given = r.prepare_weight(w, tensor_scale=s)
+    want = quantize_blocks(apply_tensor_scale(w, s.reshape(1, 1)), r.weight_fmt, r.weight_block,
+                           scale_rule=r.weight_scale_rule)
+    assert torch.equal(given.packed.codes, want.codes) and torch.equal(given.packed.scales, want.scales)
+    assert torch.equal(given.scale, s) and not torch.equal(given.packed.codes, own.packed.codes)
+    assert torch.equal(given.values, dequantize_blocks(want).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "hif4", "fp8", "bf16"])
+def test_prepare_weight_refuses_a_tensor_scale_its_format_lacks(name):
+    with pytest.raises(ValueError, match=f"{name} weights have no tensor scale to give"):
+        sharq.get_recipe(name).prepare_weight(torch.ones(4, 64), tensor_scale=torch.tensor(0.5))

@@ -17,15 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .hf import transformers_progress
+from .hf import temp_dir_beside, transformers_progress
 from .models import materialize, model_state, quantize_model, target_linears
 from .nn import SharQLinear
 from .recipes import Recipe
@@ -54,10 +52,11 @@ def quantization_config(model: nn.Module) -> dict:
     return {"quant_method": "sharq", "format_version": FORMAT_VERSION, **q}
 
 
-def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 of the defining keys of the quantization config and of every tensor's name, dtype, shape and bytes."""
+def checkpoint_digest(qcfg: Mapping, tensors: Mapping[str, torch.Tensor], keys: Iterable[str] = DEFINING_KEYS) -> str:
+    """sha256 of the defining keys of the quantization config (`keys`: a sharq checkpoint's by default) and of every
+    tensor's name, dtype, shape and bytes."""
     h = hashlib.sha256(b"sharq checkpoint\n")
-    defining = {k: qcfg.get(k, LATER_KEYS.get(k)) for k in DEFINING_KEYS}
+    defining = {k: qcfg.get(k, LATER_KEYS.get(k)) for k in keys}
     defining = {k: v for k, v in defining.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
     h.update(json.dumps(defining, sort_keys=True, separators=(",", ":")).encode())
     for name in sorted(tensors):
@@ -102,9 +101,14 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, *, overwrite: 
 
 def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: bool,
                      replaceable: Callable[[Path], bool], kind: str) -> Path:
-    """Run `write` on a new directory beside `out`, which then takes its place, so an interrupted write leaves any
+    """Run `write` on a new directory, which then takes the place of `out`, so an interrupted write leaves any
     previous directory intact. A file, or a non-empty directory without overwrite=True or that `replaceable`
-    refuses, is a FileExistsError."""
+    refuses, is a FileExistsError.
+
+    The new directory lives in a temporary one beside `out`, `.NAME.tmp-*`, under the lock `.NAME.lock` (left
+    behind, empty): the temporary directories of writers killed outright are deleted by the next write into `out`
+    (hf.temp_dir_beside). Every file written gets 0666 & ~umask and every directory 0777 & ~umask, as open() and
+    mkdir() make them (safetensors writes through a private 0600 temporary file)."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a {kind} directory")
     if out.is_dir() and any(out.iterdir()):
@@ -113,27 +117,19 @@ def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: boo
         if not replaceable(out):
             raise FileExistsError(f"{out} is not a {kind}: overwrite=True replaces only those")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     umask = os.umask(0)
     os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # a directory to share, not mkdtemp's private 0700
-    try:
-        write(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with temp_dir_beside(out.parent / f".{out.name}.lock", out.parent / f".{out.name}.tmp-") as work:
+        new = work / out.name
+        new.mkdir()  # 0777 & ~umask: a directory to share, not the temporary directory's private 0700
+        write(new)
+        for path in new.rglob("*"):
+            if not path.is_symlink():
+                path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if out.exists():  # moved aside, and deleted with `work` only once `new` is in place
+            os.replace(out, work / "previous")
+        os.replace(new, out)
     return out
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing `target` is moved aside first and deleted only once `new` is in place."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- reading -------------------------------------------------------------------------------------------------------
@@ -190,15 +186,16 @@ def validate_quantization_config(q: Mapping, where: str) -> Recipe:
         raise ValueError(f"{where}: {e}") from None
 
 
-def verify_digest(q: Mapping, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """The digest recorded in the config must match the config and the tensors."""
+def verify_digest(q: Mapping, tensors: Mapping[str, torch.Tensor], where: str,
+                  keys: Iterable[str] = DEFINING_KEYS) -> None:
+    """The digest recorded in the config (its `checkpoint_sha256`) must match the config's `keys` and the tensors."""
     recorded = q.get(DIGEST)
     if recorded is None:
         hint = (" (format 1, sharq 0.1: its hash covered only the weights file; re-save it with sharq.save)"
                 if q.get("format_version") == 1 else "")
         raise IntegrityError(f"{where} records no {DIGEST}{hint}: nothing proves it is the model that was saved. "
                              "Load it anyway with sharq.load(..., verify=False)")
-    if checkpoint_digest(q, tensors) != recorded:
+    if checkpoint_digest(q, tensors, keys) != recorded:
         raise IntegrityError(f"{where}: the tensors and quantization_config do not match the {DIGEST} recorded in "
                              "config.json: the checkpoint is corrupt or was changed after saving")
 

@@ -294,7 +294,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from .interop import export, measure_input_amax
 
-    model, tokenizer = _quantized_model(args, source, recipe, "cpu")
+    shared = not args.per_layer_global_scales
+    # kept where the model is quantized here, so that the fused layers whose global scale changes are quantized
+    # once, from them (a checkpoint holds none: its fused layers are quantized again from their 4-bit weights)
+    original_weights: dict | None = {} if shared else None
+    model, tokenizer = _quantized_model(args, source, recipe, "cpu", original_weights)
     input_amax = None
     if args.activations == "nvfp4":  # calibrated per-tensor input scales, what vLLM's W4A4 NVFP4 scheme needs
         from .eval.data import load_text
@@ -302,7 +306,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         ids = windows(tokenize(load_text(args.calib_text)[0], tokenizer), 512, args.calib_tokens, bos_token(tokenizer))
         input_amax = measure_input_amax(model, ids.split(1))
-    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax, overwrite=args.overwrite)
+    out = export(model, args.out, args.format, tokenizer, input_amax=input_amax, shared_global_scales=shared,
+                 original_weights=original_weights or None, overwrite=args.overwrite)
     print(f"exported {source} ({model.sharq_quantization['recipe']['name']}) as {args.format} -> {out}")
     return 0
 
@@ -326,19 +331,23 @@ def _one_recipe(args: argparse.Namespace, path: Path, calibrates: bool = False) 
     return recipe
 
 
-def _quantized_model(args: argparse.Namespace, path: Path, recipe: Recipe, device: str | torch.device) -> tuple:
+def _quantized_model(args: argparse.Namespace, path: Path, recipe: Recipe, device: str | torch.device,
+                     original_weights: dict | None = None) -> tuple:
     """(model, tokenizer) of the model at `path` running `recipe` (_one_recipe's): a sharq checkpoint as saved, a
-    compressed-tensors checkpoint with the recipe on its 4-bit weights, an unquantized model quantized here."""
+    compressed-tensors checkpoint with the recipe on its 4-bit weights, an unquantized model quantized here (into
+    `original_weights`, if given, go the weights it was quantized from, by layer name)."""
     from .eval.run import DTYPES
     from .hf import load_tokenizer
     from .interop import is_compressed_tensors, is_quantized_checkpoint, load, load_model
-    from .models import quantize_model
+    from .models import quantize_model, target_linears
 
     progress = not args.quiet
     if is_compressed_tensors(path):
         return load(path, DTYPES[args.dtype], device, recipe=recipe), load_tokenizer(path)
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], device, progress=progress)
     if not is_quantized_checkpoint(path):
+        if original_weights is not None:
+            original_weights.update({name: linear.weight for name, linear in target_linears(model).items()})
         quantize_model(model, recipe, progress=progress)
     return model, tokenizer
 
@@ -553,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--activations", choices=["none", "nvfp4"], default="none",
                    help="the activation scheme recorded for serving engines: none (weights only) or nvfp4 "
                         "(W4A4 with per-tensor input scales calibrated on --calib-text)")
+    x.add_argument("--per-layer-global-scales", action="store_true",
+                   help="keep every layer's own weight global scale (sharq reads the model back bit for bit; vLLM, "
+                        "which runs q/k/v and gate/up with one scale each, does not compute it). Default: one per "
+                        "fused group, its other layers quantized again: from the model's weights, or from the 4-bit "
+                        "weights of a checkpoint (docs/FORMAT.md)")
     _add_calibration(x, "for --activations nvfp4")
     x.add_argument("--out", required=True, help="the directory to write")
     x.add_argument("--overwrite", action="store_true", help="replace --out if it is such an export already")

@@ -8,6 +8,7 @@ of the default model shares one entry), and reloaded from safetensors afterwards
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -117,29 +118,40 @@ def _gguf_cache(path: Path) -> Path:
     return cache_dir() / "models" / f"gguf-sha256-{content_sha256(path)[:32]}"
 
 
+@contextmanager
+def temp_dir_beside(lock: Path, prefix: Path) -> Iterator[Path]:
+    """A new directory named `prefix` plus a random suffix, for a writer that holds `lock` while the directory
+    exists, as every writer using this prefix does. It is removed on exit (Ctrl-C included; a no-op once renamed
+    into place). A writer killed outright (SIGKILL) leaves its directory behind; holding the lock proves no live
+    writer owns one, so such orphans are deleted first: the directories `prefix`* whose suffix has no dot (so a
+    name that merely extends this one, another target's, is not taken for one)."""
+    from filelock import FileLock  # the eval extra's: `import sharq` needs only torch
+
+    with FileLock(lock):
+        for orphan in prefix.parent.glob(glob.escape(prefix.name) + "*"):
+            if "." not in orphan.name[len(prefix.name):] and orphan.is_dir() and not orphan.is_symlink():
+                shutil.rmtree(orphan, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=prefix.parent, prefix=prefix.name))
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_once(entry: Path, build: Callable[[Path], None]) -> Path:
     """`entry`, made by `build(directory)` at most once across concurrent processes, never left half-written.
 
     A lock per entry makes a second process wait for the first and reuse its result. The build writes into a
-    unique temp dir beside the entry, renamed into place when complete and removed on any failure (Ctrl-C
-    included). A process killed outright (SIGKILL) leaves its temp dir behind; holding the lock proves no live
-    builder owns one, so the next build deletes them all."""
-    from filelock import FileLock  # the eval extra's: `import sharq` needs only torch
-
+    temp dir beside the entry (temp_dir_beside: the orphans of killed builds are deleted first), renamed into
+    place when complete."""
     if entry.is_dir():  # entries appear by an atomic rename: one that exists is complete
         return entry
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(entry.with_name(entry.name + ".lock")):
-        if entry.is_dir():
-            return entry
-        for orphan in entry.parent.glob(entry.name + ".tmp*"):  # with the fixed-name ".tmp" of earlier versions
-            shutil.rmtree(orphan, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=entry.name + ".tmp-"))
-        try:
+    # the prefix ".tmp" also matches the fixed-name ".tmp" directory of earlier versions
+    with temp_dir_beside(entry.with_name(entry.name + ".lock"), entry.with_name(entry.name + ".tmp")) as tmp:
+        if not entry.is_dir():  # else another process built it while this one waited
             build(tmp)
             tmp.rename(entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
     return entry
 
 

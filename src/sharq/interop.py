@@ -5,9 +5,10 @@ llm-compressor writes and vLLM serves (docs/FORMAT.md, "compressed-tensors").
   `load_model` any model argument with its tokenizer (also the unquantized ones hf.load_pretrained reads).
 
 - `export_compressed_tensors` writes a model sharq quantized with NVFP4 weights as an "nvfp4-pack-quantized"
-  Hugging Face directory. transformers (with compressed-tensors installed) and vLLM load it and run its 4-bit
-  weights with their own activations (bf16, or NVFP4 when `input_amax` is given), never SharQ's sparse + residual
-  activations; sharq reads it back bit-identical.
+  Hugging Face directory, by default with one weight global scale per group of layers vLLM fuses. transformers
+  (with compressed-tensors installed) and vLLM load it and run its 4-bit weights with their own activations (bf16,
+  or NVFP4 when `input_amax` is given), never SharQ's sparse + residual activations; sharq reads it back exactly
+  as written (the model itself, bit for bit, with shared_global_scales=False).
 - `load_compressed_tensors` builds a sharq model from any NVFP4 compressed-tensors checkpoint (llm-compressor's,
   or an export), keeping its codes and block scales exactly, and runs any sharq recipe with NVFP4 weights on top.
 
@@ -26,22 +27,27 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from . import formats as F
 from .checkpoint import (
+    DIGEST,
     WEIGHTS,
     CheckpointTensors,
     IntegrityError,
-    write_atomically,
     check_tensors,
+    checkpoint_digest,
+    finish_loading,
     payload_names,
     tied_names,
     unique_state,
+    verify_digest,
     weight_files,
+    write_atomically,
 )
 from .hf import load_pretrained, load_tokenizer, model_source
-from .models import _LAYER, FAMILIES, materialize, quantize_model, target_linears
+from .models import _LAYER, DENSE, FAMILIES, quantize_model, shared_input_groups, target_linears
 from .nn import SharQExperts, SharQLinear
 from .quant import NVFP4_TENSOR_DIVISOR, as_rows, finite_amax
-from .recipes import Recipe, get_recipe
+from .recipes import QWeight, Recipe, get_recipe
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
@@ -62,12 +68,13 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
          backend: str = "auto", *, recipe: str | Recipe | None = None, verify: bool = True,
          strict: bool | None = None, progress: bool = False, **options) -> nn.Module:
     """A quantized model from a sharq checkpoint (bit-identical to what was saved; it runs the recipe it was saved
-    with, and verify=False skips its digest: checkpoint.load) or from a compressed-tensors NVFP4 checkpoint (its
-    4-bit weights kept exactly, any sharq recipe with NVFP4 weights on top: load_compressed_tensors). The model is
-    as strict (quantize_model's strict=) as the one saved or exported; strict=True or False overrides that."""
+    with: checkpoint.load) or from a compressed-tensors NVFP4 checkpoint (its 4-bit weights kept exactly, any sharq
+    recipe with NVFP4 weights on top: load_compressed_tensors). verify=False skips the digest of a sharq checkpoint
+    or export (for one that records none), never the checks of every value. The model is as strict
+    (quantize_model's strict=) as the one saved or exported; strict=True or False overrides that."""
     if is_compressed_tensors(directory):
-        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, strict=strict,
-                                       **options)
+        return load_compressed_tensors(directory, recipe, dtype=dtype, device=device, backend=backend, verify=verify,
+                                       strict=strict, **options)
     if recipe is not None or options:
         raise ValueError(f"{directory} is a sharq checkpoint: it runs the recipe it was saved with (no recipe or "
                          "options to give)")
@@ -103,8 +110,21 @@ def export(model: nn.Module, directory: str | Path, format: str = "compressed-te
 
 
 def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer=None, *,
-                              input_amax: Mapping[str, float] | None = None, overwrite: bool = False) -> Path:
-    """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint.
+                              input_amax: Mapping[str, float] | None = None, shared_global_scales: bool = True,
+                              original_weights: Mapping[str, torch.Tensor] | None = None,
+                              overwrite: bool = False) -> Path:
+    """Write `model` (quantized by sharq with NVFP4 weights) as a compressed-tensors NVFP4 checkpoint, with a digest
+    of its quantization_config and tensors that sharq checks on load (docs/FORMAT.md).
+
+    vLLM runs q/k/v and gate/up as one layer each, with one weight global scale. With shared_global_scales (the
+    default) every such group gets one, as llm-compressor writes them: the group's largest s_w, with which the
+    group's other layers are quantized again. A quantized model holds no original weights, so they are quantized
+    from their dequantized weights Ŵ·s_w (a second rounding), unless `original_weights` gives the unquantized
+    weights {layer: W} the model was quantized from (taken before quantize_model: sharq export does this for a
+    model it quantizes itself): each must quantize to the layer's weights, and is then quantized once more. The
+    export is the model vLLM computes, and sharq reads back those weights. shared_global_scales=False writes every
+    layer's own s_w: sharq and transformers read back the model bit for bit, but vLLM would scale a fused group's
+    other layers wrongly (a warning says by how much).
 
     Weights only by default: the format's NVFP4 activation scheme needs a static per-tensor input scale, which
     sharq computes per call and so does not have. Pass `input_amax` (every quantized layer's calibrated input max,
@@ -112,6 +132,9 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
     `directory` is refused unless overwrite=True, and then replaced only if it holds a compressed-tensors
     checkpoint."""
     recipe = _exportable_recipe(model)
+    if original_weights is not None and not shared_global_scales:
+        raise ValueError("original_weights are quantized again with a fused group's shared global scale: they have "
+                         "no use with shared_global_scales=False")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
     if input_amax is not None and set(input_amax) != set(layers):
         missing = sorted(set(layers) - set(input_amax))
@@ -121,11 +144,13 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
     def write(tmp: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors, exact_scales = _tensors(model, recipe, input_amax)
+        tensors, exact_scales = _tensors(model, recipe, input_amax, shared_global_scales, original_weights)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
-        config.quantization_config = _export_config(
-            model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
+        q = _export_config(model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
+        signed, keys = _signed(q)
+        q[SHARQ_KEY][DIGEST] = checkpoint_digest(signed, tensors, keys)
+        config.quantization_config = q
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -135,27 +160,75 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
 
     out = write_atomically(Path(directory), write, overwrite=overwrite, replaceable=is_compressed_tensors,
                            kind="compressed-tensors checkpoint")
-    _warn_unshared_global_scales(layers)
+    if not shared_global_scales:
+        _warn_unshared_global_scales(model, layers)
     return out
 
 
-def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None
-             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _tensors(model: nn.Module, recipe: Recipe, input_amax: Mapping[str, float] | None, shared_global_scales: bool,
+             original_weights: Mapping[str, torch.Tensor] | None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The export's tensors (the unquantized ones as the model holds them, each quantized layer's in the format's
     names), and the s_w of the layers whose global scale does not give it back exactly."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SharQLinear)}
+    for name, layer in layers.items():
+        if not (torch.isfinite(layer.weight_scale) & (layer.weight_scale > 0)).all():
+            raise ValueError(f"{name}: weight_scale {layer.weight_scale.item()} is not a positive finite number")
+    weights = {name: layer.qweight for name, layer in layers.items()}
+    if shared_global_scales:
+        weights |= _with_shared_global_scales(model, layers, original_weights)
     payload = payload_names(model)
     tensors = {n: t for n, t in unique_state(model).items() if n not in payload}
     exact_scales: dict[str, float] = {}
     for name, layer in layers.items():
-        packed, scales, g, exact = _to_compressed_tensors(name, layer, recipe.weight_block)
+        packed, scales, g, exact = _to_compressed_tensors(name, layer.in_features, weights[name], recipe.weight_block)
         tensors |= {f"{name}.weight_packed": packed, f"{name}.weight_scale": scales,
                     f"{name}.weight_global_scale": g}
         if not exact:
-            exact_scales[name] = layer.weight_scale.item()
+            exact_scales[name] = weights[name].scale.item()
         if input_amax is not None:
             tensors[f"{name}.input_global_scale"] = _input_global_scale(name, input_amax[name])
     return tensors, exact_scales
+
+
+def fused_groups(model: nn.Module, names: Iterable[str]) -> list[list[str]]:
+    """The layers among `names` that vLLM runs as one layer, with one weight global scale: q/k/v and gate/up of
+    each decoder layer (the layers that read one input, named alike in every family sharq knows)."""
+    family = FAMILIES.get(getattr(model.config, "model_type", None), DENSE)
+    return [group for group in shared_input_groups(family, names) if len(group) > 1]
+
+
+@torch.no_grad()
+def _with_shared_global_scales(model: nn.Module, layers: Mapping[str, SharQLinear],
+                               original_weights: Mapping[str, torch.Tensor] | None) -> dict[str, QWeight]:
+    """The weights of each fused group's layers quantized again with the group's largest s_w (its smallest global
+    scale, which llm-compressor gives the group: update_fused_layer_weight_global_scales), by their recipe's rules,
+    from their original weights if given, else from Ŵ·s_w; a layer that has that s_w already is left out (kept as
+    it is)."""
+    weights = {}
+    for group in fused_groups(model, layers):
+        s_w = max((layers[name].weight_scale for name in group), key=float)
+        for name in group:
+            layer = layers[name]
+            if not torch.equal(layer.weight_scale, s_w):
+                source = (layer.qweight.effective() if original_weights is None
+                          else _original_weight(name, layer, original_weights))
+                weights[name] = layer.recipe.prepare_weight(source, tensor_scale=s_w)
+    return weights
+
+
+def _original_weight(name: str, layer: SharQLinear, original_weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """original_weights[name], checked to be what the layer was quantized from: it quantizes to the layer's
+    weights."""
+    if name not in original_weights:
+        raise ValueError(f"original_weights has no weight for {name}, a layer whose global scale is shared")
+    w = original_weights[name].detach().to(layer.weight_scale.device)
+    own = layer.recipe.prepare_weight(w) if tuple(w.shape) == (layer.out_features, layer.in_features) else None
+    if own is None or not (torch.equal(own.packed.codes, layer.weight_codes)
+                           and torch.equal(own.packed.scales, layer.weight_scales)
+                           and torch.equal(own.scale, layer.weight_scale)):
+        raise ValueError(f"original_weights[{name!r}] {tuple(w.shape)} does not quantize to the layer's weights: it "
+                         "is not the weight the layer was quantized from")
+    return w
 
 
 def _exportable_recipe(model: nn.Module) -> Recipe:
@@ -185,19 +258,17 @@ def global_scale(s_w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return g.reshape(1), bool(one / g == s_w)
 
 
-def _to_compressed_tensors(name: str, layer: SharQLinear, block: int
+def _to_compressed_tensors(name: str, k: int, weight: QWeight, block: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """(weight_packed, weight_scale, weight_global_scale, exact) of one layer: the same nibbles (both put the even
-    element in the low nibble), each block scale repeated for every 16-element group of its block, K unpadded."""
-    k = layer.in_features
+    """(weight_packed, weight_scale, weight_global_scale, exact) of one layer's weight [N, K]: the same nibbles (both
+    put the even element in the low nibble), each block scale repeated for every 16-element group of its block, K
+    unpadded."""
     if k % GROUP:
         raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP}, which compressed-tensors' NVFP4 "
                          "needs")
-    if not (torch.isfinite(layer.weight_scale) & (layer.weight_scale > 0)).all():
-        raise ValueError(f"{name}: weight_scale {layer.weight_scale.item()} is not a positive finite number")
-    packed = layer.weight_codes[:, : k // 2].cpu().contiguous()
-    scales = layer.weight_scales.repeat_interleave(block // GROUP, dim=1)[:, : k // GROUP]
-    g, exact = global_scale(layer.weight_scale)
+    packed = weight.packed.codes[:, : k // 2].cpu().contiguous()
+    scales = weight.packed.scales.repeat_interleave(block // GROUP, dim=1)[:, : k // GROUP]
+    g, exact = global_scale(weight.scale)
     return packed, scales.cpu().contiguous().view(torch.float8_e4m3fn), g, exact
 
 
@@ -209,21 +280,17 @@ def _input_global_scale(name: str, amax: float) -> torch.Tensor:
     return (torch.full((), NVFP4_TENSOR_DIVISOR, dtype=torch.float32) / amax).reshape(1)
 
 
-def _warn_unshared_global_scales(layers: Mapping[str, SharQLinear]) -> None:
-    """vLLM fuses q/k/v and gate/up into one layer and runs it with the largest global scale of its parts, which
-    mis-scales the others; llm-compressor shares one global scale per fused group, sharq does not (yet). The
-    groups are those that share their prepared input (share_inputs), the same q/k/v and gate/up."""
-    groups: dict[int, list[float]] = {}
-    for layer in layers.values():
-        if layer.shared is not None:
-            groups.setdefault(id(layer.shared), []).append(global_scale(layer.weight_scale)[0].item())
-    ratios = [max(g) / min(g) for g in groups.values()]
+def _warn_unshared_global_scales(model: nn.Module, layers: Mapping[str, SharQLinear]) -> None:
+    """vLLM runs each fused group with the largest global scale of its parts, which mis-scales the others."""
+    ratios = [max(g) / min(g) for g in ([global_scale(layers[n].weight_scale)[0].item() for n in group]
+                                        for group in fused_groups(model, layers))]
     unshared = [r for r in ratios if r != 1.0]
     if unshared:
         warnings.warn(f"{len(unshared)} of {len(ratios)} groups of layers that vLLM fuses (q/k/v, gate/up) have "
                       f"different weight global scales (ratio up to {max(unshared):.4g}): vLLM runs a fused layer "
                       "with the largest one, which scales the other parts' weights wrongly. transformers, "
-                      "compressed-tensors and sharq read every layer's own scale.", UserWarning, stacklevel=3)
+                      "compressed-tensors and sharq read every layer's own scale; shared_global_scales=True gives "
+                      "every group one.", UserWarning, stacklevel=3)
 
 
 def _export_config(model: nn.Module, with_inputs: bool, sharq: dict) -> dict:
@@ -233,6 +300,16 @@ def _export_config(model: nn.Module, with_inputs: bool, sharq: dict) -> dict:
               "output_activations": None, "format": FORMAT}
     return {"quant_method": QUANT_METHOD, "format": FORMAT, "quantization_status": "compressed",
             "config_groups": {"group_0": scheme}, "ignore": ignore, "kv_cache_scheme": None, SHARQ_KEY: sharq}
+
+
+def _signed(q: Mapping) -> tuple[dict, tuple[str, ...]]:
+    """A sharq export's quantization_config as checkpoint_digest and verify_digest read it: every key, with the
+    digest, which the export records in its sharq key, at the top level; and the keys the digest covers (every
+    other one: the whole config)."""
+    meta = dict(q[SHARQ_KEY])
+    recorded = meta.pop(DIGEST, None)
+    covered = {**q, SHARQ_KEY: meta}
+    return {**covered, DIGEST: recorded}, tuple(covered)
 
 
 @torch.no_grad()
@@ -320,9 +397,15 @@ def _describe(fmt: str | None, w: Mapping) -> str:
 
 def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None = None, *,
                             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                            backend: str = "auto", strict: bool | None = None, **options) -> nn.Module:
+                            backend: str = "auto", verify: bool = True, strict: bool | None = None,
+                            **options) -> nn.Module:
     """A sharq model from a compressed-tensors NVFP4 checkpoint, holding its 4-bit weights exactly: the codes and
     block scales as stored, s_w = fl(1/weight_global_scale) (or the exact s_w a sharq export recorded).
+
+    A sharq export must match its digest (verify=False skips it, for an export that records none): an edited
+    recipe or tensor is an IntegrityError. Every checkpoint's values are checked before any reaches the model: a
+    tensor of the wrong dtype or shape, a negative or NaN block scale, a global scale g that is not a positive
+    finite number or whose s_w = 1/g puts the layer's weights beyond fp32's range is an error naming the tensor.
 
     `recipe` (with `options`) is any sharq recipe with NVFP4 weights; its weight_block becomes 16, the checkpoint's
     group size, unless `options` sets one (a block of 32 or more needs equal scales within it). None: the recipe a
@@ -336,8 +419,12 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     q = read_compressed_tensors_config(directory)
     meta = _sharq_metadata(q.get(SHARQ_KEY), directory)
     r = _import_recipe(recipe, meta, options)
-    tensors = CheckpointTensors(weight_files(directory))
-    quantized = sorted(n.removesuffix(".weight_packed") for n in tensors.info if n.endswith(".weight_packed"))
+    # read once, into memory (a tensor read is a view of the file): the digest and the checks cover what loads
+    tensors = {name: t.clone() for name, t in CheckpointTensors(weight_files(directory)).items()}
+    if meta is not None and verify:
+        signed, keys = _signed(q)
+        verify_digest(signed, tensors, str(directory), keys)
+    quantized = sorted(n.removesuffix(".weight_packed") for n in tensors if n.endswith(".weight_packed"))
     config = AutoConfig.from_pretrained(directory)
     del config.quantization_config
     with torch.device("meta"):
@@ -363,11 +450,7 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     check_tensors(model.state_dict(), {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, payload_names(model),
                   tied_names(model), str(directory))
     model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    unloaded = [n for n, t in model.state_dict().items() if t.is_meta]
-    if unloaded:
-        raise IntegrityError(f"{directory}: {len(unloaded)} tensor(s) of the model were not loaded, e.g. {unloaded[0]}")
-    materialize(model, model, torch.device("cpu"))  # what no checkpoint holds: RoPE's inv_freq, the bf16 Ŵ
+    finish_loading(model, str(directory))  # ties, refuses what is unloaded, makes RoPE's inv_freq and the bf16 Ŵ
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.to(device).eval()
@@ -436,10 +519,11 @@ def _check_modules(built: list[str], quantized: list[str], directory: Path) -> N
                          f"{extra[:2]})")
 
 
-def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: CheckpointTensors, block: int,
+def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: Mapping[str, torch.Tensor], block: int,
                              exact_scale: float | None) -> dict[str, torch.Tensor]:
     """sharq's payload of one layer (weight_codes, weight_scales, weight_scale) from the checkpoint's, unchanged
-    but for K's zero padding to the block and one scale per block of 16·f elements instead of f equal ones."""
+    but for K's zero padding to the block and one scale per block of 16·f elements instead of f equal ones; every
+    value checked first."""
     n, k = layer.out_features, layer.in_features
     if k % GROUP:
         raise ValueError(f"{name}: in_features {k} is not a multiple of {GROUP}")
@@ -449,16 +533,23 @@ def _from_compressed_tensors(name: str, layer: SharQLinear, tensors: CheckpointT
         key = f"{name}.{local}"
         if key not in tensors:
             raise IntegrityError(f"{name}: the checkpoint has weight_packed but no {local}")
-        found, found_shape = tensors.info[key]
+        found, found_shape = tensors[key].dtype, tuple(tensors[key].shape)
         if found != dtype or found_shape not in ([shape] if shape else [(), (1,)]):
             raise IntegrityError(f"{key} is {found} {found_shape}, expected {dtype} {shape or (1,)}")
     scales = tensors[f"{name}.weight_scale"].view(torch.uint8)
+    nan = (scales & 0x7F) == F.UE4M3_NAN  # the magnitude bits, either sign
+    if nan.any():
+        raise ValueError(f"{name}.weight_scale holds {int(nan.sum())} NaN block scale(s) (byte 0x7F or 0xFF): "
+                         "NVFP4 block scales are finite")
     if (scales & _SCALE_SIGN).any():
         raise ValueError(f"{name}.weight_scale holds negative scales; NVFP4 block scales are unsigned")
     g = tensors[f"{name}.weight_global_scale"].reshape(())
     if not (torch.isfinite(g) and g > 0):
         raise ValueError(f"{name}.weight_global_scale is {g.item()}: it must be a positive finite number")
     s_w = torch.ones((), dtype=torch.float32) / g
+    if not torch.isfinite(s_w * NVFP4_TENSOR_DIVISOR):
+        raise ValueError(f"{name}.weight_global_scale is {g.item():.9g}: s_w = 1/g = {s_w.item():.9g} puts the "
+                         f"layer's largest weights (up to {NVFP4_TENSOR_DIVISOR:g}·s_w) beyond fp32's range")
     if exact_scale is not None:
         s_w = torch.tensor(exact_scale, dtype=torch.float32)
         if not torch.equal(global_scale(s_w)[0].reshape(()), g):

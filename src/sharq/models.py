@@ -92,6 +92,14 @@ def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None
     return found
 
 
+def shared_input_groups(family: Family, names: Iterable[str]) -> list[list[str]]:
+    """The modules among `names` (full names) that read one input, by the family's shared_inputs: q/k/v and gate/up
+    of each decoder layer, in the family's order."""
+    names = set(names)
+    return [[prefix + s for s in group if prefix + s in names] for group in family.shared_inputs
+            for prefix in sorted({n[: -len(group[0])] for n in names if n.endswith(group[0])})]
+
+
 def _common_parent(names: Sequence[str]) -> str:
     """The innermost module holding every one of `names` (e.g. 'model.layers.0.self_attn' for q/k/v)."""
     parts = [n.split(".")[:-1] for n in names]
@@ -194,12 +202,10 @@ def quantize_model(
     groups: dict[str, SharedActivation] = {}
     blocks: list[tuple[nn.Module, SharedActivation]] = []
     if share_inputs and not r.needs_calibration:  # calibrated layers keep their own outlier channels: no sharing
-        for group in family.shared_inputs:
-            for prefix in {n[: -len(group[0])] for n in linears if n.endswith(group[0])}:
-                members = [prefix + s for s in group if prefix + s in linears]
-                shared = SharedActivation(len(members))
-                blocks.append((model.get_submodule(_common_parent(members)), shared))
-                groups.update(dict.fromkeys(members, shared))
+        for members in shared_input_groups(family, linears):
+            shared = SharedActivation(len(members))
+            blocks.append((model.get_submodule(_common_parent(members)), shared))
+            groups.update(dict.fromkeys(members, shared))
 
     def quantize_here(name: str, module: nn.Module) -> nn.Module:
         if isinstance(module, nn.Linear):

@@ -188,7 +188,7 @@ class SharQLinear(nn.Module):
         bf16 Ŵ (simulation), the canonical payload, or the backend's own layout in its place."""
         self.backend = resolve_backend(self.backend_choice, self.recipe, self.weight_scale.device,
                                        (self.out_features, self.in_features), self.dtype)
-        if self.weight_codes is None:  # bf16 weights: Ŵ is the state itself
+        if self.weight_codes is None:  # bf16 weights (Ŵ is the state itself), or already in the backend's layout
             return
         b = get_backend(self.backend)
         if not b.keeps_values:
@@ -228,10 +228,13 @@ class SharQLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """nn.Module._apply, except that a dtype cast leaves the payload's dtypes alone (it still moves devices),
-        and a backend's own weight layout is turned back into the payload first (the layer is configured anew for
-        where it lands)."""
-        self._to_canonical()
-        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        and a backend's own weight layout is turned back into the payload first when the layer changes device or
+        compute dtype (it is then configured anew for where it lands); otherwise the layout stays as it is."""
+        device = self.weight_scale.device
+        probe = fn(torch.empty(0, dtype=self.dtype, device=device))
+        if probe.device != device or probe.dtype != self.dtype:
+            self._to_canonical()
+        self.dtype = probe.dtype
         before = {n: t for n, t in self._buffers.items() if n in self.PAYLOAD and t is not None}
         super()._apply(fn, recurse)
         for name, t in before.items():

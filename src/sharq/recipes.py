@@ -227,16 +227,24 @@ class Recipe:
         return bool(self.stages) and format_info(self.stages[0].fmt).tensor_scale
 
     # --- weights, once ---
-    def prepare_weight(self, weight: torch.Tensor, channels: torch.Tensor | None = None) -> QWeight:
+    def prepare_weight(self, weight: torch.Tensor, channels: torch.Tensor | None = None,
+                       tensor_scale: torch.Tensor | None = None) -> QWeight:
+        """Quantize a weight [N, K] once. `tensor_scale` (a scalar, as the format stores it: NVFP4's s) replaces the
+        recipe's tensor scale rule: layers a serving engine runs as one layer share one (the compressed-tensors
+        export)."""
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
         self._check_channels(channels)
+        if tensor_scale is not None and (self.weight_fmt == "bf16" or not format_info(self.weight_fmt).tensor_scale):
+            raise ValueError(f"recipe {self.name!r}: {self.weight_fmt} weights have no tensor scale to give")
         if self.weight_fmt == "bf16":
             return QWeight(weight.to(torch.bfloat16), torch.ones((), dtype=torch.float32, device=weight.device), None)
         w, dense = self._split_channels(weight, channels)
         scale, folded = torch.ones((), dtype=torch.float32, device=w.device), None
         if format_info(self.weight_fmt).tensor_scale:
-            if self.weight_tensor_scale_rule == "search":
+            if tensor_scale is not None:
+                t = tensor_scale.detach().float().reshape(1, 1).to(w.device)
+            elif self.weight_tensor_scale_rule == "search":
                 t = search_tensor_scale(w, self.weight_fmt, self.weight_block, self.weight_scale_rule)
             else:
                 t = nvfp4_tensor_scale(w, fmt=self.weight_fmt)
@@ -363,7 +371,7 @@ _RECIPES: dict[str, Recipe] = {
             outlier_fraction=0.01,
             description="calibrated top-1% input channels in bf16, the rest 2:4 + NVFP4, no residual",
         ),
-        # Beyond the paper (SPEC §11, issue 13): SharQ's activations unchanged, the weights where its remaining gap
+        # Beyond the paper (SPEC §11): SharQ's activations unchanged, the weights where its remaining gap
         # lives. Chosen on the SmolLM2-135M screen (docs/ACCURACY.md), calibration-free, 0.25 weight bits more.
         _backbone_plus_residual("sharq", "nvfp4", "pair-4:8", 32, 16).with_options(
             name="sharq-plus",

@@ -104,3 +104,19 @@ def test_check_backend_names_what_is_missing(monkeypatch):
     with pytest.raises(ValueError, match="runs on CUDA devices, not cpu"):
         backends.check_backend("humming", "cpu")
     backends.check_backend("reference", "cpu")
+
+
+def test_a_move_that_changes_nothing_keeps_the_layout(flipped, monkeypatch):
+    """model.to(its own device) (as quantize_model's last step does) leaves a laid-out layer alone: no round trip
+    through the canonical payload; a cast of the compute dtype lays it out anew."""
+    layer = sharq.SharQLinear.from_linear(torch.nn.Linear(64, 32), "sharq", backend=flipped)
+    calls = []
+    b = backends.BACKENDS[flipped]
+    monkeypatch.setitem(backends.BACKENDS, flipped, type(b)(**{**b.__dict__, "from_layout": lambda *a: calls.append(
+        1) or _from_layout(*a)}))
+    layout = layer._layout
+    layer.to("cpu")
+    layer.float()
+    assert layer._layout is layout and not calls
+    layer.to(torch.bfloat16)
+    assert layer._layout is not layout and calls

@@ -75,10 +75,11 @@ def to_layout(p: QTensor, sw: torch.Tensor, bias: torch.Tensor | None) -> Weight
     return layout
 
 
-@functools.lru_cache(maxsize=1)  # layers of one shape come one after another; each shape's table is 4 bytes a weight
+@functools.lru_cache(maxsize=1)  # layers of one shape come one after another (4 bytes a weight, in host memory)
 def _positions(n: int, kp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Where humming's layout puts each nibble and each scale byte of an [n, kp] payload: index-coded payloads
-    (4 bits of every nibble's index, 6 of every scale's, per pass) laid out, and the indices read back."""
+    (4 bits of every nibble's index, 6 of every scale's, per pass) laid out on `device`, and the indices read
+    back (kept on the CPU)."""
     nibbles, blocks = n * kp, n * kp // 16
     idx = torch.arange(nibbles, dtype=torch.int32, device=device)
     code_pos = torch.zeros(nibbles, dtype=torch.int32, device=device)
@@ -94,7 +95,7 @@ def _positions(n: int, kp: int, device: torch.device) -> tuple[torch.Tensor, tor
         if shift // 4 * 6 < max(blocks - 1, 1).bit_length():
             scale_pos |= ((layer.weight_scale.data.view(torch.uint8).flatten().to(torch.int32) - 0x20) & 63) << (
                 shift // 4 * 6)
-    return code_pos, scale_pos
+    return code_pos.cpu(), scale_pos.cpu()
 
 
 def from_layout(layout: WeightLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +105,10 @@ def from_layout(layout: WeightLayout, block: int) -> tuple[torch.Tensor, torch.T
     code_pos, scale_pos = _positions(n, kp, weight.device)
     raw = weight.view(torch.uint8).flatten()
     nibbles = torch.empty(n * kp, dtype=torch.uint8, device=weight.device)
-    nibbles[code_pos.long()] = torch.stack([raw & 15, raw >> 4], 1).flatten()
+    nibbles[code_pos.to(weight.device, torch.int64)] = torch.stack([raw & 15, raw >> 4], 1).flatten()
     nibbles = nibbles.view(n, kp)
     scales = torch.empty(n * kp // 16, dtype=torch.uint8, device=weight.device)
-    scales[scale_pos.long()] = weight_scale.view(torch.uint8).flatten()
+    scales[scale_pos.to(weight.device, torch.int64)] = weight_scale.view(torch.uint8).flatten()
     scales = scales.view(n, kp // 16)
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous(), scales[:, :: block // 16].contiguous()
 
