@@ -164,8 +164,6 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
 def time_humming(recipe: str, x: torch.Tensor, p: QTensor, sw: torch.Tensor, r) -> dict:
     """The humming backend on the same payload: its GEMM as sharq runs it (humming's default, stream-K) and in
     humming's batch-invariant mode (no split tiles: the fp32 bound), and its layer (prepare + GEMM)."""
-    from humming.ops.gemm import humming_gemm
-
     layout = humming.to_layout(p, sw, None)
     layouts = [WeightLayout(tuple(t.clone() for t in layout.tensors[:2]) + layout.tensors[2:], layout.meta,
                             layout.shape) for _ in range(copies(layout.nbytes))]
@@ -176,9 +174,7 @@ def time_humming(recipe: str, x: torch.Tensor, p: QTensor, sw: torch.Tensor, r) 
     out = {f"{recipe}_humming_weight_bytes": layout.nbytes}
     for mode, compute in (("humming", None), ("humming_invariant", '{"use_batch_invariant": true}')):
         def gemm_only(lay, compute=compute):
-            wt, st, _, locks = lay.tensors
-            return humming_gemm(layer_config=lay.meta, compute_config=compute, inputs=act.values, weight=wt,
-                                weight_scale=st, weight_scale_2=alpha, locks=locks)
+            return humming._gemm(lay, act.values, alpha, compute)
         out[f"{recipe}_{mode}_gemm_ms"] = graph_ms([lambda lay=lay: gemm_only(lay) for lay in layouts])
     out[f"{recipe}_humming_layer_ms"] = graph_ms([lambda lay=lay: humming.matmul(prepare(x, r, None), qw, None,
                                                                                   torch.bfloat16, lay)

@@ -1,6 +1,7 @@
 """Check and time the fused prepare kernel and the triton SharQ layer on a CUDA GPU, in one run (docs/PERF.md).
 
     python benchmarks/bench_prepare.py [--quick] [--sweep] [--json results.json]
+    python benchmarks/bench_prepare.py --small-m      # decode sizes: the default launch against its alternatives
 
 1. Checks, bit for bit: the kernel (dequantized and packed modes) against the reference on the GPU for every kernel
    recipe, and the GPU reference against the CPU reference.
@@ -126,6 +127,26 @@ def sweep(recipe) -> list[list[str]]:
     return rows
 
 
+def small_m() -> list[list[str]]:
+    """Decode sizes (M <= 64): µs per call (CUDA-graph replay; X in L2, as after the previous layer) of the
+    default launch, of each program finding the amax itself (self) or the separate amax pass (two launches), and
+    of the 8 x 128 tile at every M; a device copy of X beside them (one launch's floor)."""
+    recipe = sharq.get_recipe("sharq")
+    rows = []
+    for k in (4096, 14336):
+        for m in (1, 2, 4, 8, 16, 32, 64):
+            x = outlier_x(m, k)
+            us = [1e3 * graph_ms(lambda: x.clone(), calls=20)]
+            for tile, self_amax in ((None, None), (None, True), (None, False), (kp._TILE, None)):
+                if self_amax and m * k > 4 * kp.SELF_AMAX_ELEMENTS:  # far past the rule: all rows re-read per program
+                    us.append(None)
+                    continue
+                us.append(1e3 * graph_ms(lambda: kp._launch(x, recipe, torch.bfloat16, False, tile, self_amax),
+                                         calls=20))
+            rows.append([str(k), str(m)] + ["-" if v is None else f"{v:.2f}" for v in us])
+    return rows
+
+
 def bench(quick: bool, ceil: dict) -> list[dict]:
     ks = (4096, 14336)
     ns = (4096,) if quick else (4096, 6144, 14336, 28672)
@@ -206,6 +227,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="a reduced grid (N=4096, M in {2048, 8192})")
     p.add_argument("--sweep", action="store_true", help="time the kernel's tile shapes first")
+    p.add_argument("--small-m", action="store_true", help="only the decode sizes (M <= 64) and their launch choices")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
@@ -217,6 +239,10 @@ def main() -> int:
         print("bench_prepare needs a CUDA GPU", file=sys.stderr)
         return 2
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", kp.triton.__version__)
+    if args.small_m:
+        print(format_table(["K", "M", "copy µs", "default µs", "self-amax µs", "amax pass µs", "8x128 tile µs"],
+                           small_m()))
+        return 0
     checks = check()
     print(format_table(["recipe", "shape", "dequantized", "packed", "GPU ref = CPU ref"], checks))
     ceil = ceilings()

@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     e.add_argument("--backend", default="auto",
                    help="SharQLinear backend: reference (pure torch), triton (fused kernel, exact bf16 Ŵ), packed "
-                        "(4-bit weights in memory) or auto (triton on CUDA, reference elsewhere)")
+                        "(4-bit weights in memory), humming (humming-kernels' 4-bit GEMM; its outputs vary from "
+                        "run to run) or auto (triton on CUDA, reference elsewhere)")
     e.add_argument("--batch-size", type=_positive_int, default=1, help="perplexity windows per forward pass")
     e.add_argument("--task-batch-size", type=_positive_int, default=8,
                    help="zero-shot requests per forward pass (a per-tensor activation scale couples the requests "

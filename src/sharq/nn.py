@@ -94,8 +94,9 @@ class SharQLinear(nn.Module):
     payload itself, so a layer on it holds 4.25–4.5 bits per weight. bf16 recipes store `weight_values` itself.
 
     `backend="auto"` is resolved for the device, shape and dtype of the layer, again whenever it moves or is cast
-    (backends.resolve_backend): humming, packed or triton on CUDA, reference elsewhere; `model.cuda()` after
-    quantizing on the CPU drops the bf16 Ŵ. A backend with a weight layout of its own (humming) gets it once there,
+    (backends.resolve_backend): packed or triton on CUDA, reference elsewhere; a named backend runs where it
+    runs and accepts the layer, auto's choice elsewhere; `model.cuda()` after quantizing on the CPU drops the
+    bf16 Ŵ. A backend with a weight layout of its own (humming, opt-in) gets it once there,
     and the layer then holds that layout instead of the canonical payload: state_dict, saves, exports and moves
     turn it back into the canonical payload, exactly.
 

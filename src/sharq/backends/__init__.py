@@ -87,14 +87,18 @@ def available(name: str) -> bool:
 
 def resolve_backend(name: str, recipe: Recipe, device: torch.device | str, shape: tuple[int, int] | None = None,
                     dtype: torch.dtype | None = None) -> str:
-    """The backend a layer of `recipe` on `device` runs: `name` itself (checked to support the recipe), or for
-    "auto" on CUDA the first by AUTO_RANK that is installed and runs the recipe (and, given the layer's shape
-    [N, K] and compute dtype, accepts them), and reference elsewhere."""
+    """The backend a layer of `recipe` on `device` runs: for "auto" on CUDA the first by AUTO_RANK that is
+    installed and runs the recipe (and, given the layer's shape [N, K] and compute dtype, accepts them), and
+    reference elsewhere; a named backend (checked to support the recipe) wherever it runs and accepts the layer,
+    and auto's choice for the layers and devices it does not take (humming's partial tiles, a model moved off
+    the GPU)."""
     if name != "auto":
-        if not get_backend(name).supports(recipe):
+        b = get_backend(name)
+        if not b.supports(recipe):
             raise ValueError(f"backend {name!r} does not run recipe {recipe.name!r} (weights {recipe.weight_fmt}"
                              f"/{recipe.weight_block}); use backend='auto'")
-        return name
+        if _runs_on(b, device) and (shape is None or b.accepts(shape[0], shape[1], dtype or torch.bfloat16)):
+            return name
     if torch.device(device).type != "cuda":
         return "reference"
     for candidate in sorted(AUTO_RANK, key=AUTO_RANK.get):
@@ -103,6 +107,11 @@ def resolve_backend(name: str, recipe: Recipe, device: torch.device | str, shape
                 shape is None or b.accepts(shape[0], shape[1], dtype or torch.bfloat16)):
             return candidate
     return "reference"
+
+
+def _runs_on(b: Backend, device: torch.device | str) -> bool:
+    """Whether backend b runs on device's type (the Triton ones also anywhere under TRITON_INTERPRET=1)."""
+    return torch.device(device).type in b.runs_on or (b.needs == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def check_backend(name: str, device: torch.device | str) -> None:
@@ -114,8 +123,7 @@ def check_backend(name: str, device: torch.device | str) -> None:
     b = get_backend(name)
     if not available(name):
         raise ValueError(f"backend {name!r} needs the {b.needs} package: {b.install_hint}")
-    dev = torch.device(device).type
-    if dev not in b.runs_on and not (b.needs == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not _runs_on(b, device):
         raise ValueError(f"backend {name!r} runs on CUDA devices, not {device} (use backend='reference'"
                          + (", or TRITON_INTERPRET=1 to run its kernels in Triton's interpreter)"
                             if b.needs == "triton" else ")"))

@@ -10,11 +10,14 @@ index-coded payloads, _positions). The activation is the fused kernel's (kernels
 s_x · s_w goes in as the kernel's per-call tensor scale and the bias rides in the layout, so a layer is two
 launches. Per-tensor activation scales only (per-token α has no slot); other layers use the "packed" backend.
 
-Numerics: each product is exact and accumulates in fp32, but where stream-K splits an output tile's K range over
-several multiprocessors (small M), the partial sums meet in the bf16 output: |y − exact| stays within the fp32
-bound plus 2⁻⁸·|α|·Σ|a||ŵ| (bf16's rounding of each partial), a few times bf16's own output rounding, and the
-result depends on M. humming's batch-invariant mode keeps the fp32 bound but runs at 0.3–0.6 × BF16 at M ≤ 64 on
-the H200 (docs/PERF.md), so the "packed" backend is the one with the fp32 bound at every M.
+Numerics: each product is exact and accumulates in fp32, but where stream-K cuts an output tile's K range into
+slices over several multiprocessors (K > 1024), the slices add up through the bf16 output, one rounding of the
+running sum each: |y − exact| stays within the fp32 bound plus (K/32)·2⁻⁹·|α|·Σ|a||ŵ| (measured: up to
+2.3 × 2⁻⁸·|α|·Σ|a||ŵ|), and the result varies from call to call with the same input (the H200, 2026-12-02), so
+a CUDA graph's tokens need not be the eager ones. humming's batch-invariant mode repeats its outputs and keeps
+the fp32 bound but is 3–5 × slower at M ≤ 64 (docs/PERF.md). So humming is opt-in (backend="humming"), for
+throughput at batch ≥ 8 and in prefill; "auto" takes the "packed" backend, which repeats its outputs bit for
+bit and keeps the fp32 bound at every M.
 """
 
 from __future__ import annotations
@@ -113,12 +116,24 @@ def from_layout(layout: WeightLayout, block: int) -> tuple[torch.Tensor, torch.T
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous(), scales[:, :: block // 16].contiguous()
 
 
-def _gemm(layout: WeightLayout, a: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    from humming.ops.gemm import humming_gemm
+@functools.lru_cache(maxsize=None)
+def _kernels(meta: str, compute: str | None, device: torch.device) -> torch.Tensor:
+    """humming's launch table for a layer configuration on a device (its compiled kernels by M range): found once
+    here, so a call is one launch of humming's C++ launcher, without re-resolving the configuration."""
+    from humming.kernel.humming import HummingKernel
+
+    return HummingKernel.prepare_kernels(meta, compute, None, device)
+
+
+def _gemm(layout: WeightLayout, a: torch.Tensor, alpha: torch.Tensor, compute: str | None = None) -> torch.Tensor:
+    """α · (a · Ŵᵀ) + the laid-out bias, bf16. `compute`: humming's compute configuration (JSON; None is its
+    default, stream-K; '{"use_batch_invariant": true}' splits no tile, so the fp32 bound holds)."""
+    from humming.ops.launcher import launch_kernel
 
     weight, weight_scale, bias, locks = layout.tensors
-    return humming_gemm(layer_config=layout.meta, inputs=a, weight=weight, weight_scale=weight_scale,
-                        weight_scale_2=alpha, bias=bias if bias.numel() else None, locks=locks)
+    return launch_kernel(configs=_kernels(layout.meta, compute, a.device), inputs=a, weight=weight,
+                         weight_scale=weight_scale, weight_scale_2=alpha, bias=bias if bias.numel() else None,
+                         locks=locks)
 
 
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype,
@@ -132,6 +147,8 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
     return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
 
 
+# Not in "auto": its outputs vary from call to call (above), and sharq's default path repeats its outputs bit for
+# bit (graph = eager, run = run); backend="humming" asks for it.
 register("humming", Backend(simulator.prepare, matmul, supports, keeps_values=False, accepts=accepts,
                             to_layout=to_layout, from_layout=from_layout, runs_on=("cuda",), needs="humming",
-                            install_hint="pip install 'sharq[gpu]' (humming-kernels)"), auto_rank=0)
+                            install_hint="pip install 'sharq[gpu]' (humming-kernels)"))

@@ -1,0 +1,81 @@
+"""Host time per eager call of a quantized linear and of its pieces, M = 1, 4096 x 4096 (docs/PERF.md).
+
+    python benchmarks/bench_host.py [--backend packed] [--profile out.txt]
+
+Each piece is called 100 times while the GPU sleeps (~1 s), so the host never waits for the GPU and the launch
+queue never fills: wall time over calls is the host's cost. Best of three. With --profile, cProfile of 150 layer
+calls, by own time."""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sharq
+from sharq import nn as snn
+from sharq.backends import get_backend
+from sharq.kernels import prepare as kp
+from sharq.recipes import QWeight
+
+
+def host_us(fn, calls: int = 100) -> float:
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", default="packed")
+    p.add_argument("--recipe", default="sharq")
+    p.add_argument("--profile", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_host needs a CUDA GPU", file=sys.stderr)
+        return 2
+    lin = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = snn.SharQLinear.from_linear(lin, args.recipe, backend=args.backend)
+    recipe, backend = layer.recipe, get_backend(layer.backend)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        act = layer.prepare(x)
+        qweight = QWeight(layer.weight_values, layer.weight_scale, None if layer._layout else layer.packed)
+        pieces = [("F.linear (bf16)", lambda: F.linear(x, lin.weight)),
+                  ("torch.empty", lambda: torch.empty(1, 4096, device="cuda")),
+                  ("prepare kernel launch (_launch)", lambda: kp._launch(x, recipe, torch.bfloat16, False)),
+                  ("layer.prepare", lambda: layer.prepare(x)),
+                  (f"{layer.backend} matmul", lambda: backend.matmul(act, qweight, None, torch.bfloat16, layer._layout)),
+                  ("SharQLinear forward", lambda: layer(x))]
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.recipe} on {layer.backend}, M = 1")
+        for name, fn in pieces:
+            print(f"{name:34s} {min(host_us(fn) for _ in range(3)):7.1f} µs")
+        if args.profile:
+            profile = cProfile.Profile()
+            torch.cuda._sleep(int(2e9))
+            profile.enable()
+            for _ in range(150):
+                layer(x)
+            profile.disable()
+            torch.cuda.synchronize()
+            out = io.StringIO()
+            pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)
+            with open(args.profile, "w") as f:
+                f.write(out.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
