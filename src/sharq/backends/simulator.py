@@ -32,6 +32,9 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
 
     if out_dtype == torch.float32 and act.values.is_cuda:
         y = torch.mm(act.values, qweight.values.T, out_dtype=torch.float32)
+    elif out_dtype == torch.float32:  # the CPU (Triton's interpreter) has no bf16 GEMM with an fp32 output: the
+        # same in fp32 (bf16 products are exact there), not a bf16 output cast afterwards
+        y = act.values.float() @ qweight.values.float().T
     else:
         y = (act.values @ qweight.values.T).to(out_dtype)
     return scale_and_bias_(y, act.scale, qweight.scale, bias)
