@@ -48,8 +48,8 @@ from ..quant import QTensor, as_rows, finite_amax
 from ..recipes import QActivation, QWeight, Recipe
 
 QUANT_METHOD = "sharq"
-# the backends a served layer runs on CUDA, in order of preference (humming is left out: it lays the bias out with
-# the weight, and a row-parallel layer adds its bias on one rank only)
+# the backends a served layer runs on CUDA, in order of preference (humming is left out: its outputs vary from call
+# to call, it lays the bias out with the weight, and a row-parallel layer adds its bias on one rank only)
 CUDA_BACKENDS = ("packed", "triton")
 
 
