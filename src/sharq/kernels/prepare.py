@@ -416,9 +416,15 @@ class _Plan:
     constexprs: dict
 
 
+def _check_supported(recipe: Recipe) -> None:
+    if not supports(recipe):
+        raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile: tuple, self_amax: bool | None,
           sms: int) -> _Plan:
+    _check_supported(recipe)  # here, once per recipe and shape (an exception is not cached: every call)
     bm, h, warps = tile
     stages = recipe.stages
     tensor_scale = recipe.uses_tensor_scale
@@ -451,11 +457,10 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
     _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
     sizes a launch costs more than re-reading a few KB of X from L2."""
-    if not supports(recipe):
-        raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
                  "Triton's interpreter)")
     if x2d.numel() == 0:  # nothing to launch; the reference handles empty shapes
+        _check_supported(recipe)
         act = recipe.prepare_activation(x2d)
         return act.values.to(out_dtype), act.scale, act.parts
     m, k = x2d.shape
