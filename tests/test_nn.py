@@ -126,3 +126,19 @@ def test_torch_compile_is_bit_identical_to_eager(name, rng):
         got = compiled(x)
         assert torch.equal(got, want)
         assert torch.equal(torch.autograd.grad(got.sum(), x)[0], dx)
+
+
+def test_the_weight_forward_multiplies_follows_every_change_of_the_payload(rng):
+    """The layer makes its forward weight once; assigning a payload tensor, loading a state dict and casting
+    each make it anew, so the output is always that of the layer's current state."""
+    x = outlier_activations(rng, 3, 64)
+    layer = SharQLinear.from_linear(nn.Linear(64, 32, bias=False), "sharq")
+    other = SharQLinear.from_linear(nn.Linear(64, 32, bias=False), "sharq")
+    with torch.no_grad():
+        y = layer(x)
+        layer.weight_scale = layer.weight_scale * 2  # α = s_x·s_w doubles: exactly twice the output
+        assert torch.equal(layer(x), 2 * y)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        layer.to(torch.float64), other.to(torch.float64)
+        assert torch.equal(layer(x.double()), other(x.double()))

@@ -121,6 +121,7 @@ class SharQLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self._run_weight: QWeight | None = None  # what forward multiplies, made once (forward_weight)
         self.in_features, self.out_features = in_features, out_features
         self.strict, self.name = strict, name or "SharQLinear"
         # the dtype the model computes in (what `model.to(dtype)` casts to): the payload's own dtypes never change
@@ -183,10 +184,28 @@ class SharQLinear(nn.Module):
         return QTensor(codes, scales, r.weight_fmt, r.weight_block, (self.out_features, self.in_features),
                        micro=self.weight_micro)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in self.PAYLOAD or name == "_layout":  # the weight forward multiplies is made anew
+            self.__dict__["_run_weight"] = None
+        super().__setattr__(name, value)
+
+    def forward_weight(self) -> QWeight:
+        """The weight as forward multiplies it (the backend's layout in place of the payload, if it has one), made
+        once: an eager call then costs no attribute lookups of the payload (decode calls each layer per token).
+        Made anew after any change of the payload or the layout (assignment, move, cast, load)."""
+        w = self._run_weight
+        if w is None:
+            w = QWeight(self.weight_values, self.weight_scale, None if self._layout is not None else self.packed,
+                        self.channels, self.dense_weight)
+            if not torch.compiler.is_compiling():  # a trace builds it in the graph and keeps nothing
+                self.__dict__["_run_weight"] = w
+        return w
+
     @torch.no_grad()
     def _configure(self) -> None:
         """Resolve the backend for the layer's device, shape and dtype, and hold the weight the way it needs: the
         bf16 Ŵ (simulation), the canonical payload, or the backend's own layout in its place."""
+        self.__dict__["_run_weight"] = None
         self.backend = resolve_backend(self.backend_choice, self.recipe, self.weight_scale.device,
                                        (self.out_features, self.in_features), self.dtype)
         if self.weight_codes is None:  # bf16 weights (Ŵ is the state itself), or already in the backend's layout
@@ -262,15 +281,14 @@ class SharQLinear(nn.Module):
     def multiply(self, act: QActivation, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """α · act · Ŵᵀ + bias [M, N] in out_dtype: forward's second half, for layers that share one prepared
         activation (a serving engine's fused q/k/v) or add the bias elsewhere."""
-        weight = QWeight(self.weight_values, self.weight_scale, None if self._layout is not None else self.packed,
-                         self.channels, self.dense_weight)
-        return matmul(act, weight, bias, out_dtype, self.recipe, self.backend, self._layout)
+        return matmul(act, self.forward_weight(), bias, out_dtype, self.recipe, self.backend, self._layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
-        if x.device != self.weight_scale.device:
-            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {self.weight_scale.device}")
+        weight = self.forward_weight()
+        if x.device != weight.scale.device:
+            raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {weight.scale.device}")
         if self.strict:
             check_finite(x, self.name)
         x2d = as_rows(x)

@@ -416,11 +416,17 @@ class _Plan:
     constexprs: dict
 
 
+def _check_supported(recipe: Recipe) -> None:
+    if not supports(recipe):
+        raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile: tuple, self_amax: bool | None,
           sms: int, given_amax: bool = False) -> _Plan:
     """`given_amax`: the caller passes the whole input's amax (x a K-slice of it), so the kernel neither finds it
     itself nor has a pass find it."""
+    _check_supported(recipe)  # here, once per recipe and shape (an exception is not cached: every call)
     bm, h, warps = tile
     stages = recipe.stages
     tensor_scale = recipe.uses_tensor_scale
@@ -454,13 +460,12 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
     sizes a launch costs more than re-reading a few KB of X from L2. A given `amax` (the whole input's, x2d a
     K-slice of it: Recipe.prepare_activation) takes the place of both."""
-    if not supports(recipe):
-        raise ValueError(f"the fused kernel does not implement recipe {recipe.name!r}; use the reference backend")
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
                  "Triton's interpreter)")
     if amax is not None:
         recipe.check_amax(amax, x2d.shape[0])
     if x2d.numel() == 0:  # nothing to launch; the reference handles empty shapes
+        _check_supported(recipe)
         act = recipe.prepare_activation(x2d, amax=amax)
         return act.values.to(out_dtype), act.scale, act.parts
     m, k = x2d.shape
