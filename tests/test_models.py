@@ -118,7 +118,7 @@ def test_shared_inputs_prepare_once_per_group(monkeypatch):
     calls = []
     reference = functional.BACKENDS["reference"]
     counting = dataclasses.replace(reference,
-                                   prepare=lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c))
+                                   prepare=lambda x, r, c, amax=None: calls.append(x.shape) or reference.prepare(x, r, c, amax))
     monkeypatch.setitem(functional.BACKENDS, "counting", counting)
     sharq.quantize_model(model, "sharq", backend="counting")
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_a_deep_copy_shares_within_its_own_blocks(monkeypatch, rng):
     calls = []
     reference = functional.BACKENDS["reference"]
     counting = dataclasses.replace(reference,
-                                   prepare=lambda x, r, c: calls.append(x.shape) or reference.prepare(x, r, c))
+                                   prepare=lambda x, r, c, amax=None: calls.append(x.shape) or reference.prepare(x, r, c, amax))
     monkeypatch.setitem(functional.BACKENDS, "counting", counting)
     model = sharq.quantize_model(tiny("llama"), "sharq", backend="counting")
     twin = copy.deepcopy(model)

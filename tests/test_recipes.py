@@ -181,6 +181,39 @@ def test_token_granularity_is_batch_invariant(rng):
     assert not torch.equal(sharq.simulate_linear(row, w), sharq.simulate_linear(batch, w)[5:6])
 
 
+@pytest.mark.parametrize("name", [*sharq.list_recipes(compat=True)])
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_a_k_slice_given_the_whole_amax_is_its_part_of_the_whole(name, granularity, rng):
+    """A row-parallel shard (tensor parallel) holds a K-slice of X cut at a multiple of 64; given the whole
+    input's amax (one all-reduce(max)), it prepares exactly its columns of the whole activation and the same s_x.
+    The loud channels lie in the first half only, so the second half's own amax would give another scale."""
+    recipe = sharq.get_recipe(name, scale_granularity=granularity)
+    if recipe.needs_calibration or any(s.block is None for s in recipe.stages):
+        pytest.skip("calibrated channels index the whole K; fp8 is the next test")
+    x = torch.randn(5, 256, generator=rng)
+    x[:, :128] = outlier_activations(rng, 5, 128) * 20
+    x[1, 3] = float("nan")
+    whole = recipe.prepare_activation(x)
+    amax = sharq.quant.finite_amax(x, recipe.uses_tensor_scale and granularity == "token")
+    for part in (slice(0, 128), slice(128, 256)):
+        act = recipe.prepare_activation(x[:, part].contiguous(), amax=amax)
+        assert torch.equal(act.scale, whole.scale)
+        assert torch.equal(act.values.nan_to_num(7.0), whole.values[:, part].nan_to_num(7.0))
+    if recipe.uses_tensor_scale:  # without the whole amax the quiet half is scaled on its own
+        alone = recipe.prepare_activation(x[:, 128:].contiguous())
+        assert not torch.equal(alone.scale, whole.scale)
+
+
+def test_a_whole_amax_that_does_not_fit_is_refused(rng):
+    x = torch.randn(3, 64, generator=rng)
+    with pytest.raises(ValueError, match="fp8's per-row scale"):
+        sharq.get_recipe("fp8").prepare_activation(x, amax=torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"shape \[3, 1\] \(per token\), got \[1, 1\]"):
+        sharq.get_recipe("sharq", scale_granularity="token").prepare_activation(x, amax=torch.ones(1, 1))
+    with pytest.raises(ValueError, match=r"shape \[1, 1\] \(per tensor\), got \[3, 1\]"):
+        sharq.get_recipe("sharq").prepare_activation(x, amax=torch.ones(3, 1))
+
+
 def test_error_ordering_on_outlier_activations(rng):
     """dense-dense < sharq < nvfp4 < sparse-only on LLM-like activations, with sharq clearly ahead of nvfp4."""
     m, k, n = 128, 1024, 256

@@ -85,7 +85,7 @@ sys.modules[__name__].__class__ = _Package
 def _register_with_transformers() -> None:
     """Importing the integration registers it (when the integration's own import of transformers' quantizers is
     what calls this, the module is still running, and registers when it completes)."""
-    importlib.import_module(f"{__name__}.integrations")
+    importlib.import_module(f"{__name__}.integrations.transformers")
 
 
 after_import("transformers.quantizers", _register_with_transformers)

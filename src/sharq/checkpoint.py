@@ -303,7 +303,6 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
     initialized or quantized only to be overwritten; what a checkpoint does not hold is made afterwards
     (finish_loading). progress=True shows the three steps (read and verify, build, fill) on stderr."""
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     q = read_quantization_config(directory)
@@ -316,11 +315,7 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
             verify_digest(q, state, str(directory))
         bar.update()
         bar.set_postfix_str("build")
-        config = AutoConfig.from_pretrained(directory)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend, strict)
+        model = build_on_meta(directory, q, dtype, backend, strict)
         expected, payload = model.state_dict(), payload_names(model)
         check_tensors(expected, tensors.info, payload, tied_on_load(model), str(directory))
         bar.update()
@@ -330,6 +325,32 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
         finish_loading(model, str(directory))
         bar.update()
     return model.to(device).eval()
+
+
+def build_on_meta(directory: Path, q: Mapping, dtype: torch.dtype, backend: str = "auto",
+                  strict: bool | None = None) -> nn.Module:
+    """The model a checkpoint's config.json and quantization_config describe, on the meta device: sharq's layers
+    with placeholder payloads, nothing allocated or initialized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        return quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend, strict)
+
+
+def check_checkpoint(directory: str | Path) -> dict:
+    """The checks `load` runs before any tensor reaches a model, for a reader that then loads the tensors itself
+    (the vLLM integration): the quantization config, the digest over the tensors the files hold, and every
+    tensor's name, dtype and shape against the model the config builds. Returns the quantization config."""
+    directory = Path(directory)
+    q = read_quantization_config(directory)
+    tensors = CheckpointTensors(weight_files(directory))
+    verify_digest(q, tensors, str(directory))
+    model = build_on_meta(directory, q, torch.float32)
+    check_tensors(model.state_dict(), tensors.info, payload_names(model), tied_on_load(model), str(directory))
+    return q
 
 
 def finish_loading(model: nn.Module, where: str) -> None:

@@ -50,15 +50,15 @@ def _recipe(recipe_json: str) -> Recipe:
 
 
 @torch.library.custom_op("sharq::prepare", mutates_args=())
-def _prepare_op(x2d: torch.Tensor, recipe: str, backend: str, channels: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    act = get_backend(backend).prepare(x2d, _recipe(recipe), channels)
+def _prepare_op(x2d: torch.Tensor, recipe: str, backend: str, channels: torch.Tensor | None,
+                amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act = get_backend(backend).prepare(x2d, _recipe(recipe), channels, amax)
     dense = act.dense if act.dense is not None else act.values.new_empty(x2d.shape[0], 0)
     return act.values, act.scale, dense
 
 
 @_prepare_op.register_fake
-def _(x2d, recipe, backend, channels):
+def _(x2d, recipe, backend, channels, amax):
     r = _recipe(recipe)
     from_kernel = backend == "triton" and channels is None and x2d.is_cuda and _kernel_supports(r)
     values = x2d.new_empty(x2d.shape, dtype=torch.bfloat16 if from_kernel else torch.float32)
@@ -96,12 +96,14 @@ def _(values, scale, dense, weight_values, weight_codes, weight_scales, weight_s
     return values.new_empty((values.shape[0], n), dtype=out_dtype)
 
 
-def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Tensor | None = None) -> QActivation:
-    """The activation of x [M, K] as `backend` prepares it for `recipe`."""
+def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Tensor | None = None,
+            amax: torch.Tensor | None = None) -> QActivation:
+    """The activation of x [M, K] as `backend` prepares it for `recipe`; `amax`: the whole input's, when x2d is a
+    K-slice of it (Recipe.prepare_activation)."""
     if torch.compiler.is_compiling():
-        values, scale, dense = torch.ops.sharq.prepare(x2d, recipe.key, backend, channels)
+        values, scale, dense = torch.ops.sharq.prepare(x2d, recipe.key, backend, channels, amax)
         return QActivation((), values, scale, dense if channels is not None else None)
-    return get_backend(backend).prepare(x2d, recipe, channels)
+    return get_backend(backend).prepare(x2d, recipe, channels, amax)
 
 
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype, recipe: Recipe,

@@ -274,8 +274,14 @@ class SharQLinear(nn.Module):
         self._to_canonical()  # the payload's buffers take the loaded tensors; the load hook configures again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def prepare(self, x2d: torch.Tensor) -> QActivation:
-        return prepare(x2d, self.recipe, self.backend, self.channels)
+    def prepare(self, x2d: torch.Tensor, amax: torch.Tensor | None = None) -> QActivation:
+        """The activation of x [M, K] (`amax`: the whole input's, when x2d is a K-slice of it; Recipe)."""
+        return prepare(x2d, self.recipe, self.backend, self.channels, amax)
+
+    def multiply(self, act: QActivation, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """α · act · Ŵᵀ + bias [M, N] in out_dtype: forward's second half, for layers that share one prepared
+        activation (a serving engine's fused q/k/v) or add the bias elsewhere."""
+        return matmul(act, self.forward_weight(), bias, out_dtype, self.recipe, self.backend, self._layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -291,7 +297,7 @@ class SharQLinear(nn.Module):
                 act = self.prepare(x2d)
             else:
                 act = self.shared.get(x, lambda: self.prepare(x2d))
-            y = matmul(act, weight, self.bias, x.dtype, self.recipe, self.backend, self._layout)
+            y = self.multiply(act, self.bias, x.dtype)
         y = straight_through(y, x2d, lambda: self.qweight.effective())
         if self.strict:
             check_output_finite(y, self.name)

@@ -264,11 +264,13 @@ def _numerics(fmt: str) -> NVFP4Numerics:
     return numerics
 
 
-def nvfp4_tensor_scale(x2d: torch.Tensor, per_row: bool = False, fmt: str = "nvfp4") -> torch.Tensor:
+def nvfp4_tensor_scale(x2d: torch.Tensor, per_row: bool = False, fmt: str = "nvfp4",
+                       amax: torch.Tensor | None = None) -> torch.Tensor:
     """The tensor scale `fmt` stores, over the whole tensor (paper) or per row (batch-invariant), from finite
-    values: s = max(amax / 2688, floor) (SPEC §3; torchao), or compressed-tensors' g = 2688 / amax (SPEC §3.1)."""
+    values: s = max(amax / 2688, floor) (SPEC §3; torchao), or compressed-tensors' g = 2688 / amax (SPEC §3.1).
+    `amax` (finite_amax of a wider tensor x2d is a K-slice of) replaces x2d's own."""
     numerics = _numerics(fmt)
-    amax = finite_amax(x2d, per_row)
+    amax = finite_amax(x2d, per_row) if amax is None else amax
     if numerics.global_scale:
         return _global_scale(amax.to(numerics.scale_dtype(x2d.dtype)))
     return torch.clamp_min(_divide(amax, NVFP4_TENSOR_DIVISOR), numerics.tensor_scale_floor)

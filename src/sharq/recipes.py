@@ -210,6 +210,18 @@ class Recipe:
         rest[:, channels] = 0
         return rest, t[:, channels]
 
+    def check_amax(self, amax: torch.Tensor, rows: int) -> None:
+        """A whole input's amax fits this recipe: fp8's row scale is taken inside its quantizer, over the slice
+        alone (no slice of it can be prepared as part of the whole), and the shape follows the granularity."""
+        if any(s.block is None for s in self.stages):
+            raise ValueError(f"recipe {self.name!r}: fp8's per-row scale is taken over the activation it is given; "
+                             "a K-slice of a wider input cannot be prepared with the whole row's amax")
+        per_row = self.uses_tensor_scale and self.scale_granularity == "token"
+        want = (rows, 1) if per_row else (1, 1)
+        if tuple(amax.shape) != want:
+            raise ValueError(f"recipe {self.name!r}: the whole input's amax must have shape {list(want)} "
+                             f"({'per token' if per_row else 'per tensor'}), got {list(amax.shape)}")
+
     @property
     def uses_tensor_scale(self) -> bool:
         return bool(self.stages) and format_info(self.stages[0].fmt).tensor_scale
@@ -247,13 +259,21 @@ class Recipe:
         return QWeight(values, scale, packed, channels, dense.to(torch.bfloat16))
 
     # --- activations, per call ---
-    def prepare_activation(self, x2d: torch.Tensor, channels: torch.Tensor | None = None) -> QActivation:
+    def prepare_activation(self, x2d: torch.Tensor, channels: torch.Tensor | None = None,
+                           amax: torch.Tensor | None = None) -> QActivation:
         """Run the cascade on x [M, K]. Xs is the bf16-rounded scaled input (SPEC §3); later stages see the fp32
         residual of the earlier ones. A format that folds the tensor scale into its blocks (SPEC §3.1, the only
-        stage) sees X itself. Outlier channels (calibrated recipes) bypass the cascade in bf16."""
+        stage) sees X itself. Outlier channels (calibrated recipes) bypass the cascade in bf16.
+
+        `amax`: when x2d is a K-slice of a wider input (a row-parallel layer's shard under tensor parallelism), the
+        finite max |x| of the whole input (quant.finite_amax: [1, 1], or [M, 1] per token), so that the slice is
+        prepared exactly as its part of the whole (docs/MULTIGPU.md); blocks and masks are local to a slice cut at
+        a multiple of the block. None: x2d's own."""
         if x2d.dim() != 2:
             raise ValueError(f"activation must be 2-D [M, K], got shape {tuple(x2d.shape)}")
         self._check_channels(channels)
+        if amax is not None:
+            self.check_amax(amax, x2d.shape[0])
         x2d, dense = self._split_channels(x2d, channels)
         if dense is not None:  # bf16, where a non-finite value is NaN, as in the quantized channels (SPEC §8)
             dense = dense.to(torch.bfloat16).float()
@@ -264,7 +284,7 @@ class Recipe:
         folded = None
         if self.uses_tensor_scale:
             fmt = self.stages[0].fmt
-            t = nvfp4_tensor_scale(x2d, self.scale_granularity == "token", fmt)
+            t = nvfp4_tensor_scale(x2d, self.scale_granularity == "token", fmt, amax)
             scale = output_scale(t, fmt)
             r, folded = tensor_scaled_input(x2d, t, fmt)
         else:

@@ -38,7 +38,8 @@ class WeightLayout:
 class Backend:
     """How a quantized layer runs.
 
-    - `prepare(x2d, recipe, channels)` -> QActivation;
+    - `prepare(x2d, recipe, channels, amax)` -> QActivation; `amax`, when x2d is a K-slice of a wider input
+      (tensor parallel), is the whole input's (Recipe.prepare_activation), None otherwise;
     - `matmul(act, qweight, bias, out_dtype, layout)` -> y [M, N] in out_dtype (α = s_x·s_w and the bias applied);
       `layout` is the backend's own weight (a WeightLayout) or None;
     - `supports(recipe)`: which recipes it runs; `accepts(out_features, in_features, dtype)`: which layer shapes
@@ -48,7 +49,7 @@ class Backend:
       backend's layout, and back to the canonical codes and scale codes, exactly (None: the backend reads the
       canonical payload)."""
 
-    prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None], QActivation]
+    prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None, torch.Tensor | None], QActivation]
     matmul: Callable[..., torch.Tensor]
     supports: Callable[[Recipe], bool]
     keeps_values: bool

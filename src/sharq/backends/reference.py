@@ -9,8 +9,9 @@ from ..recipes import QActivation, QWeight, Recipe
 from . import Backend, register
 
 
-def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
-    return recipe.prepare_activation(x2d, channels)
+def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None,
+            amax: torch.Tensor | None = None) -> QActivation:
+    return recipe.prepare_activation(x2d, channels, amax)
 
 
 def quantized_matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,14 +10,15 @@ from ..recipes import QActivation, QWeight, Recipe
 from . import Backend, reference, register
 
 
-def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None) -> QActivation:
+def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None,
+            amax: torch.Tensor | None = None) -> QActivation:
     """The fused kernel's bf16 activation (exact: SPEC §5) and s_x; the reference preparation where the kernel
     does not implement the recipe."""
     from ..kernels.prepare import prepare_dequantized, supports
 
     if channels is not None or not supports(recipe):
-        return recipe.prepare_activation(x2d, channels)
-    values, scale = prepare_dequantized(x2d, recipe, out_dtype=torch.bfloat16)
+        return recipe.prepare_activation(x2d, channels, amax)
+    values, scale = prepare_dequantized(x2d, recipe, out_dtype=torch.bfloat16, amax=amax)
     return QActivation((), values, scale)
 
 
@@ -31,6 +32,9 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
 
     if out_dtype == torch.float32 and act.values.is_cuda:
         y = torch.mm(act.values, qweight.values.T, out_dtype=torch.float32)
+    elif out_dtype == torch.float32:  # the CPU (Triton's interpreter) has no bf16 GEMM with an fp32 output: the
+        # same in fp32 (bf16 products are exact there), not a bf16 output cast afterwards
+        y = act.values.float() @ qweight.values.float().T
     else:
         y = (act.values @ qweight.values.T).to(out_dtype)
     return scale_and_bias_(y, act.scale, qweight.scale, bias)

@@ -423,15 +423,17 @@ def _check_supported(recipe: Recipe) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile: tuple, self_amax: bool | None,
-          sms: int) -> _Plan:
+          sms: int, given_amax: bool = False) -> _Plan:
+    """`given_amax`: the caller passes the whole input's amax (x a K-slice of it), so the kernel neither finds it
+    itself nor has a pass find it."""
     _check_supported(recipe)  # here, once per recipe and shape (an exception is not cached: every call)
     bm, h, warps = tile
     stages = recipe.stages
     tensor_scale = recipe.uses_tensor_scale
     per_row = recipe.scale_granularity == "token" and tensor_scale
-    self_amax = tensor_scale and (m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
+    self_amax = tensor_scale and not given_amax and (m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
     amax_grid = None
-    if tensor_scale and not self_amax:
+    if tensor_scale and not self_amax and not given_amax:
         amax_grid = (triton.cdiv(m, 8),) if per_row else (min(triton.cdiv(m, 8) * triton.cdiv(k, 512), 16 * sms),)
     spec = masks.parse_mask(stages[0].mask) if stages[0].mask else None
     amax_bm = bm if per_row else min(triton.next_power_of_2(m), 16)
@@ -452,39 +454,45 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
-            tile: dict | None = None, self_amax: bool | None = None
+            tile: dict | None = None, self_amax: bool | None = None, amax: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
     _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
-    sizes a launch costs more than re-reading a few KB of X from L2."""
+    sizes a launch costs more than re-reading a few KB of X from L2. A given `amax` (the whole input's, x2d a
+    K-slice of it: Recipe.prepare_activation) takes the place of both."""
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
                  "Triton's interpreter)")
+    if amax is not None:
+        recipe.check_amax(amax, x2d.shape[0])
     if x2d.numel() == 0:  # nothing to launch; the reference handles empty shapes
         _check_supported(recipe)
-        act = recipe.prepare_activation(x2d)
+        act = recipe.prepare_activation(x2d, amax=amax)
         return act.values.to(out_dtype), act.scale, act.parts
     m, k = x2d.shape
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     dev = x.device
     tile = tile or _default_tile(m)
     plan = _plan(recipe, m, k, x.dtype != torch.bfloat16, packed, (tile["BM"], tile["H"], tile["num_warps"]),
-                 self_amax, _multiprocessors(dev))
+                 self_amax, _multiprocessors(dev), amax is not None)
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
     if plan.tensor_scale:  # s_x is written by the main kernel
         scale = torch.empty(m if plan.per_row else 1, 1, dtype=torch.float32, device=dev)
-        amax = scale  # a placeholder the kernel does not read (self_amax)
-        if plan.amax_grid is not None:
-            amax = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
-                    else torch.zeros(1, dtype=torch.int32, device=dev))
-            _amax_kernel[plan.amax_grid](x, amax, m, k, x.stride(0), PER_ROW=plan.per_row, BM=8, BK=512, num_warps=4)
+        amax_bits = scale  # a placeholder the kernel does not read (self_amax)
+        if amax is not None:  # the kernel reads an amax as the bits of a non-negative float
+            amax_bits = amax.to(device=dev, dtype=torch.float32).reshape(-1).contiguous().view(torch.int32)
+        elif plan.amax_grid is not None:
+            amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
+                         else torch.zeros(1, dtype=torch.int32, device=dev))
+            _amax_kernel[plan.amax_grid](x, amax_bits, m, k, x.stride(0), PER_ROW=plan.per_row, BM=8, BK=512,
+                                         num_warps=4)
     else:
-        scale = amax = torch.ones(1, 1, dtype=torch.float32, device=dev)  # amax: a placeholder the kernel skips
+        scale = amax_bits = torch.ones(1, 1, dtype=torch.float32, device=dev)  # a placeholder the kernel skips
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
                 torch.empty(m, kpad // block, dtype=torch.uint8, device=dev)) if packed else (out, out)
                for kpad, block in zip(plan.kp, plan.blocks)]
     indices = torch.empty(m, plan.idx_bytes, dtype=torch.uint8, device=dev) if packed and plan.mask else out
     codes2, scales2 = payload[-1]
-    _prepare_kernel[plan.grid](x, amax, scale, out, m, k, x.stride(0), out.stride(0), payload[0][0], payload[0][1],
+    _prepare_kernel[plan.grid](x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0), payload[0][0], payload[0][1],
                                indices, codes2, scales2, plan.kp[0], plan.kp[-1], plan.idx_bytes, **plan.constexprs)
     parts = ()
     if packed:
@@ -495,11 +503,12 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     return out, scale, parts
 
 
-def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32,
+                        amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ deq(Qᵢ) [M, K] in out_dtype, activation scale s_x [1, 1] or [M, 1]) — the same as
-    recipe.prepare_activation(x2d).values / .scale, from one fused pass (plus the amax pass for s_x)."""
-    values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False)
+    recipe.prepare_activation(x2d, amax=amax).values / .scale, from one fused pass (plus the amax pass for s_x,
+    unless the whole input's `amax` is given)."""
+    values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False, amax=amax)
     return values, scale
 
 

@@ -20,8 +20,8 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import models
-from .checkpoint import (
+from .. import models
+from ..checkpoint import (
     DEFINING_KEYS,
     DIGEST,
     FORMAT_VERSION,
@@ -36,7 +36,7 @@ from .checkpoint import (
     validate_quantization_config,
     verify_digest,
 )
-from .nn import SharQLinear
+from ..nn import SharQLinear
 
 
 class SharQConfig(QuantizationConfigMixin):

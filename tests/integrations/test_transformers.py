@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 import sharq  # noqa: E402
 
-from .test_models import tiny  # noqa: E402
+from ..test_models import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ print(type(model.model.layers[0].self_attn.q_proj).__name__, model.config.quanti
 
 
 @pytest.mark.parametrize("imports", ["import sharq", "import transformers.quantizers\nimport sharq",
-                                     "import sharq.nn", "import sharq.integrations"])
+                                     "import sharq.nn", "import sharq.integrations.transformers"])
 def test_from_pretrained_loads_a_checkpoint_after_import_sharq(checkpoint, imports):
     """In a fresh process, `import sharq` (or any sharq module, the integration itself included, whose own import
     of transformers' quantizers is what registers it), before or after transformers' quantizers: from_pretrained
