@@ -5,7 +5,7 @@ Layers: vLLM's own linear layers (fused q/k/v and gate/up, row-parallel), loaded
 against SharQLinear bit for bit, and the checks of a layer's load. Models (slow: one vLLM engine each, in
 processes vLLM starts): the greedy tokens and log-probabilities of `sharq.load` + transformers' generate, tensor
 parallel over two CPU processes, `vllm serve`, and checkpoints that must not load (the server and the MoE refusal
-through an engine only with SHARQ_VLLM_ALL=1: see ALL)."""
+through an engine with SHARQ_VLLM_ALL=1, as CI runs it: see ALL)."""
 
 import importlib.util
 import json
@@ -41,13 +41,12 @@ PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_pro
 # activation scale granularities
 RECIPES = [("sharq", {}), ("sharq", {"scale_granularity": "token"}), ("sharq-plus", {}), ("nvfp4", {}),
            ("sharq-mxfp4", {}), ("sharq-hif4", {}), ("fp8", {}), ("bf16", {}), ("dense-dense", {})]
-# Each vLLM engine costs 20 to 70 s on two CPU cores. CI runs the ones that check numerics (the tiny model's
-# generations, tensor parallel 2, SmolLM2's layers) and loading (bad checkpoints); the OpenAI server and the MoE
-# refusal through a whole engine (its model class is inspected in a process of its own) run with SHARQ_VLLM_ALL=1
-# (docs/SERVING.md has the times).
+# Each vLLM engine costs 20 to 70 s on two CPU cores. Without SHARQ_VLLM_ALL=1 (CI sets it) the OpenAI server and
+# the MoE refusal through a whole engine (its model class is inspected in a process of its own) are left out, for a
+# quicker local run (docs/SERVING.md has the times).
 ALL = os.environ.get("SHARQ_VLLM_ALL") == "1"
-every_engine = pytest.mark.skipif(not ALL, reason="one more vLLM engine (20-50 s on two cores), left out of CI for "
-                                  "time: SHARQ_VLLM_ALL=1 runs it")
+every_engine = pytest.mark.skipif(not ALL, reason="one more vLLM engine (20-50 s on two cores): SHARQ_VLLM_ALL=1 "
+                                  "runs it")
 # vLLM's engine processes: a small KV cache (its start-up check otherwise wants several GiB), compile caches
 # under the test's directory, not the home directory
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
