@@ -606,7 +606,7 @@ def test_import_refuses_bad_directories_recipes_and_structures(ct_made, tmp_path
     sharq.save(sharq.quantize_model(_tiny(), "nvfp4"), tmp_path / "sharq")
     with pytest.raises(ValueError, match="sharq checkpoint, load it with sharq.load"):
         interop.load_compressed_tensors(tmp_path / "sharq")
-    for recipe in ("mxfp4", "bf16", "outlier-channels"):
+    for recipe in ("mxfp4", "outlier-channels"):
         with pytest.raises(ValueError, match=f"recipe '{recipe}'.*cannot run on a compressed-tensors NVFP4"):
             interop.compressed_tensors_recipe(ct_made, recipe)
         with pytest.raises(ValueError, match=f"recipe '{recipe}'.*cannot run on a compressed-tensors NVFP4"):
@@ -648,3 +648,16 @@ def test_quantize_model_refuses_a_decompressed_compressed_tensors_model(ct_made)
     model = transformers.AutoModelForCausalLM.from_pretrained(ct_made, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"compressed-tensors checkpoint: quantizing .* sharq.load\(directory"):
         sharq.quantize_model(model, "sharq")
+
+
+def test_bf16_on_a_compressed_tensors_checkpoint_is_its_weights_with_bf16_activations(ct_made):
+    """The checkpoint holds only 4-bit weights, so "bf16" runs them with bf16 activations (the weights-alone row of
+    `sharq eval --recipes bf16,nvfp4,sharq`), and an activations-only recipe gets them too."""
+    r = interop.compressed_tensors_recipe(ct_made, "bf16")
+    assert (r.name, r.weight_fmt, r.weight_block, r.stages, r.activation_bits) == ("bf16", "nvfp4", 16, (), 16.0)
+    a_only = sharq.get_recipe("sharq").with_options(name="a-only", weight_fmt="bf16", weight_block=None)
+    assert interop.compressed_tensors_recipe(ct_made, a_only).stages == sharq.get_recipe("sharq").stages
+    mine, w4a16 = interop.load_compressed_tensors(ct_made, "bf16"), interop.load_compressed_tensors(ct_made, W4A16)
+    for (name, a), (_, b) in zip(_layers(mine).items(), _layers(w4a16).items(), strict=True):
+        assert torch.equal(a.weight_codes, b.weight_codes) and torch.equal(a.weight_scale, b.weight_scale), name
+    assert torch.equal(_logits(mine), _logits(w4a16))

@@ -487,10 +487,17 @@ def _sharq_metadata(meta, directory: Path) -> dict | None:
 
 
 def _import_recipe(recipe: str | Recipe | None, meta: dict | None, options: dict) -> Recipe:
+    """The recipe run on a checkpoint's fixed NVFP4 weights. One with bf16 weights (bf16 itself, or any activations
+    on bf16 weights) keeps its activations and takes the checkpoint's weights: the checkpoint holds no others, so
+    "bf16" there is its 4-bit weights with bf16 activations, the row that says what its weights alone cost."""
     if recipe is None and meta is not None:
         r = get_recipe(Recipe.from_dict(meta["recipe"]), **options)
     else:
         r = get_recipe("sharq" if recipe is None else recipe, **options)
+        if r.weight_fmt == "bf16" and not r.needs_calibration:
+            on = "bf16 activations" if not r.stages else f"{r.name}'s activations"
+            r = r.with_options(weight_fmt="nvfp4", weight_block=GROUP,
+                               description=f"the checkpoint's NVFP4 weights, {on}")
         if r.weight_fmt == "nvfp4" and "weight_block" not in options:
             r = r.with_options(weight_block=GROUP)
     if r.weight_fmt != "nvfp4" or r.needs_calibration or r.weight_block % GROUP:
