@@ -347,9 +347,13 @@ def test_every_option_has_help_and_shows_its_default(monkeypatch):
                 assert f"(default: {action.default})" in text, f"sharq {name} {action.dest}: {text}"
 
 
+# The child takes Ctrl-C as a terminal's foreground process does (a test run started in the background by a
+# non-interactive shell passes SIGINT on ignored, and Python then installs no KeyboardInterrupt handler).
 INTERRUPTED = """
-import sys, time
+import signal, sys, time
 import sharq.cli as cli
+
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def long_command(args):
     print("started", flush=True)
