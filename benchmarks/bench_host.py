@@ -13,28 +13,15 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-import sharq
+from bench_prepare import cpu_us  # benchmarks/, beside this script
 from sharq import nn as snn
 from sharq.backends import get_backend
 from sharq.kernels import prepare as kp
 from sharq.recipes import QWeight
-
-
-def host_us(fn, calls: int = 100) -> float:
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
 
 
 def main() -> int:
@@ -61,7 +48,7 @@ def main() -> int:
                   ("SharQLinear forward", lambda: layer(x))]
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.recipe} on {layer.backend}, M = 1")
         for name, fn in pieces:
-            print(f"{name:34s} {min(host_us(fn) for _ in range(3)):7.1f} µs")
+            print(f"{name:34s} {min(cpu_us(fn, 100, sleep_gpu=True) for _ in range(3)):7.1f} µs")
         if args.profile:
             profile = cProfile.Profile()
             torch.cuda._sleep(int(2e9))

@@ -60,10 +60,13 @@ def graph_ms(fn, reps: int = 20, calls: int = 10) -> float:
     return median_ms(graph.replay, reps) / calls
 
 
-def cpu_us(fn, calls: int = 200) -> float:
-    """Host time per call (launch overhead), the GPU kept busy so the queue never waits."""
+def cpu_us(fn, calls: int = 200, sleep_gpu: bool = False) -> float:
+    """Host time per call (launch overhead). sleep_gpu puts the GPU to sleep (~1 s) first, so the host never waits
+    for it and the time is the host's alone."""
     fn()
     torch.cuda.synchronize()
+    if sleep_gpu:
+        torch.cuda._sleep(int(2e9))
     start = time.perf_counter()
     for _ in range(calls):
         fn()
