@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
@@ -84,15 +83,6 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
-def calibration_ids(text: str, tokenize: Callable[[str], list[int]], samples: int, seqlen: int) -> list[list[int]]:
-    """`samples` consecutive, non-overlapping windows of `seqlen` ids from the start of the text; too little text is
-    an error rather than fewer samples."""
-    ids = tokenize(text)
-    if len(ids) < samples * seqlen:
-        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than {samples} x {seqlen}")
-    return [list(map(int, ids[i * seqlen:(i + 1) * seqlen])) for i in range(samples)]
-
-
 def byte_tokenizer():
     """A byte-level tokenizer whose ids are the UTF-8 bytes (vocabulary 256, no merges): the tiny model's, so its
     checkpoint is a complete model that `sharq eval` and llm-compressor (which asks for one) can read."""
@@ -144,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from sharq.eval.data import load_text
+    from sharq.eval.perplexity import bos_token, tokenize, windows
     from sharq.hf import cache_dir, load_tokenizer, model_source
 
     out = Path(args.out).expanduser().resolve()
@@ -162,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             source = model_source(args.model)
         tokenizer = load_tokenizer(source)
-        ids = calibration_ids(text, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], args.samples,
-                              args.seqlen)
+        # the evaluation's own windows: consecutive, from the text's start, each led by BOS where the model wants it
+        ids = windows(tokenize(text, tokenizer), args.seqlen, args.samples * args.seqlen, bos_token(tokenizer))
+        if len(ids) < args.samples:
+            raise SystemExit(f"the calibration text gives {len(ids)} windows of {args.seqlen} tokens, fewer than "
+                             f"--samples {args.samples}")
+        ids = ids[: args.samples].tolist()
         (Path(tmp) / "ids.json").write_text(json.dumps(ids))
         job = {"model": str(source), "ids": str(Path(tmp) / "ids.json"), "method": args.method,
                "scheme": args.scheme, "out": str(out)}

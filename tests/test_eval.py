@@ -271,6 +271,32 @@ def test_merge_results_on_common_tasks():
     assert five["results"][0]["task_avg"] is None  # the inputs are left as they were
 
 
+def test_merge_results_joins_a_recipes_tasks_from_several_runs():
+    """A recipe whose tasks ran in two runs (four tasks, then HellaSwag alone) becomes one row of all of them, its
+    average and standard error recomputed; the same task twice, or a recipe left short of the others' tasks, is an
+    error."""
+    from sharq.eval.run import merge_results
+
+    def run(recipe, scores):
+        tasks = {t: {"acc": a, "acc_stderr": se, "n": 100} for t, (a, se) in scores.items()}
+        return {"model_class": "M", "dtype": "bfloat16", "device": "cuda", "backend": "triton", "text": None,
+                "seqlen": 2048, "windows": 0, "tasks": list(scores), "limit": None, "options": {},
+                "results": [{"recipe": recipe, "ppl": None, "tasks": tasks, "task_avg": None,
+                             "task_avg_stderr": None, "ppl_gap_recovered": None, "task_gap_recovered": None}]}
+
+    bf16 = run("bf16", {"piqa": (0.8, 0.03), "hellaswag": (0.4, 0.04)})
+    nvfp4 = [run("nvfp4", {"piqa": (0.6, 0.03)}), run("nvfp4", {"hellaswag": (0.2, 0.04)})]
+    merged = merge_results([bf16, *nvfp4])
+    assert [r["recipe"] for r in merged["results"]] == ["bf16", "nvfp4"]
+    row = merged["results"][1]
+    assert set(row["tasks"]) == {"piqa", "hellaswag"} and set(merged["tasks"]) == {"piqa", "hellaswag"}
+    assert row["task_avg"] == pytest.approx(0.4) and row["task_avg_stderr"] == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="both hold piqa"):
+        merge_results([bf16, *nvfp4, run("nvfp4", {"piqa": (0.5, 0.03)})])
+    with pytest.raises(ValueError, match="nvfp4 lack"):
+        merge_results([bf16, nvfp4[0]])
+
+
 def test_tasks_without_lm_eval_is_a_one_line_error(monkeypatch, capsys):
     import importlib.util
 

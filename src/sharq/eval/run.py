@@ -231,23 +231,45 @@ def add_gaps(res: dict) -> dict:
     for r in rows:
         if ref and low:
             r["ppl_gap_recovered"] = gap_recovered(r["ppl"], low["ppl"], ref["ppl"])
-            if r["task_avg"] is not None:
+            if None not in (r["task_avg"], low["task_avg"], ref["task_avg"]):
                 r["task_gap_recovered"] = gap_recovered(-r["task_avg"], -low["task_avg"], -ref["task_avg"])
     return res
 
 
 def merge_results(runs: list[dict], tasks: list[str] | None = None) -> dict:
-    """One result from several runs of the same setup (e.g. one recipe per run), gaps recomputed. With `tasks`,
-    each run is first cut down to those zero-shot tasks (their averages recomputed), so runs of more tasks merge
-    with runs of fewer."""
+    """One result from several runs of the same setup (e.g. one recipe per run), gaps recomputed. A recipe whose
+    tasks ran in several runs (four tasks in one, HellaSwag in another) becomes one row of all of them, its average
+    recomputed; every row must end with the same tasks. With `tasks`, each run is first cut down to those zero-shot
+    tasks, so runs of more tasks merge with runs of fewer."""
     if tasks is not None:
         runs = [_only_tasks(run, tasks) for run in runs]
-    keys = ("model_class", "dtype", "device", "backend", "text", "seqlen", "windows", "tasks", "limit", "options")
+    keys = ("model_class", "dtype", "device", "backend", "text", "seqlen", "windows", "limit", "options")
     for run in runs[1:]:
         diff = [k for k in keys if run.get(k) != runs[0].get(k)]
         if diff:
             raise ValueError(f"cannot merge runs that differ in {', '.join(diff)}")
-    return add_gaps({**runs[0], "results": [row for run in runs for row in run["results"]]})
+    rows: dict[str, dict] = {}
+    for row in (row for run in runs for row in run["results"]):
+        rows[row["recipe"]] = _join_rows(rows[row["recipe"]], row) if row["recipe"] in rows else row
+    names = list(dict.fromkeys(t for run in runs for t in run["tasks"]))
+    unequal = [r["recipe"] for r in rows.values() if r.get("tasks") is not None and set(r["tasks"]) != set(names)]
+    if unequal:
+        raise ValueError(f"cannot merge runs that differ in tasks: {', '.join(unequal)} lack some of "
+                         f"{', '.join(names)} (merge on the common tasks instead)")
+    return add_gaps({**runs[0], "tasks": names, "paper_task_average": set(names) == set(PAPER_TASKS),
+                     "results": list(rows.values())})
+
+
+def _join_rows(a: dict, b: dict) -> dict:
+    """One recipe's row from two runs of different tasks (perplexity from at most one of them)."""
+    both = set(a.get("tasks") or ()) & set(b.get("tasks") or ())
+    if both or (a.get("ppl") is not None and b.get("ppl") is not None):
+        what = ", ".join(sorted(both)) or "perplexity"
+        raise ValueError(f"two runs of {a['recipe']} both hold {what}: merge one of them")
+    tasks = {**(a.get("tasks") or {}), **(b.get("tasks") or {})}
+    avg, se = task_average(tasks) if tasks else (None, None)
+    keep = a if a.get("ppl") is not None else b
+    return {**keep, "tasks": tasks, "task_avg": avg, "task_avg_stderr": se}
 
 
 def _only_tasks(run: dict, tasks: list[str]) -> dict:
