@@ -110,3 +110,21 @@ def test_sharq_eval_runs_on_the_calibrated_checkpoint(tmp_path):
     assert [r["recipe"] for r in rows] == ["bf16", "nvfp4", "sharq"]
     assert [r["weight_bits"] for r in rows] == [4.5, 4.5, 4.5]
     assert all(1.0 < r["ppl"] < float("inf") for r in rows)
+
+
+def test_sharq_quantize_keeps_the_calibrated_weights_as_a_sharq_checkpoint(model, tmp_path, capsys):
+    """`sharq quantize --model CHECKPOINT` puts the recipe's activations on the checkpoint's 4-bit weights and saves
+    a sharq checkpoint that loads to the same model, bit for bit; a recipe that cannot run on NVFP4 weights of
+    group 16 is refused by name, before anything is written."""
+    from sharq.cli import main
+
+    out = tmp_path / "sharq-ckpt"
+    assert main(["quantize", "--model", str(CHECKPOINT), "--recipe", "sharq", "--out", str(out), "--quiet"]) == 0
+    assert "sharq on the 4-bit weights of" in capsys.readouterr().out
+    again = sharq.load(out)
+    a, b = model.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert torch.equal(_logits(model), _logits(again))
+    assert main(["quantize", "--model", str(CHECKPOINT), "--recipe", "mxfp4", "--out", str(tmp_path / "x")]) == 2
+    assert "cannot run on a compressed-tensors NVFP4 checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

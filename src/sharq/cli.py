@@ -188,13 +188,30 @@ def _check_out_dir(args: argparse.Namespace, model: Path, replaces_checkpoint: b
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    """Load a model, quantize it with one recipe (calibrating if the recipe needs it) and save a checkpoint."""
-    path = _unquantized_model(args.model, "quantize")
+    """Load a model, quantize it with one recipe (calibrating if the recipe needs it) and save a checkpoint. A
+    compressed-tensors NVFP4 checkpoint (llm-compressor's GPTQ or AWQ) keeps its 4-bit weights exactly: the recipe's
+    activations go on them, saved as a sharq checkpoint."""
+    from .hf import resolve_model
+    from .interop import is_compressed_tensors
+
+    calibrated_weights = is_compressed_tensors(resolve_model(args.model))
+    path = resolve_model(args.model) if calibrated_weights else _unquantized_model(args.model, "quantize")
     _check_out_dir(args, path, replaces_checkpoint=True)
-    recipe = _one_recipe(args, path, calibrates=True)
+    recipe = _one_recipe(args, path, calibrates=not calibrated_weights)
     _offline()
     _quiet_transformers()
     from .checkpoint import save
+    if calibrated_weights:
+        from .eval.run import DTYPES
+        from .hf import load_tokenizer
+        from .interop import load
+        from .models import check_device
+
+        model = load(path, DTYPES[args.dtype], check_device(args.device), recipe=recipe, strict=args.strict or None)
+        out = save(model, args.out, load_tokenizer(path), overwrite=args.overwrite, progress=not args.quiet)
+        print(f"{recipe.name} on the 4-bit weights of {path} (activations {recipe.activation_bits:g} bits, weights "
+              f"{recipe.weight_bits:g} bits) -> {out}")
+        return 0
     from .eval.data import load_text
     from .eval.run import DTYPES
     from .hf import load_pretrained
@@ -524,7 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     q = sub.add_parser("quantize", help="quantize a model with one recipe and save a checkpoint (docs/FORMAT.md)")
-    q.add_argument("--model", default=None, help=MODEL_HELP)
+    q.add_argument("--model", default=None, help="a Hugging Face model directory, a .gguf file, or a compressed-tensors "
+                   "NVFP4 checkpoint (llm-compressor's GPTQ/AWQ: the recipe runs on its 4-bit weights, saved as a "
+                   "sharq checkpoint) (default: the embedded SmolLM2-135M)")
     q.add_argument("--recipe", default=DEFAULT_RECIPE, help="one of: {recipes}")
     q.add_argument("--out", required=True, help="the checkpoint directory to write")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it is a sharq checkpoint already")
