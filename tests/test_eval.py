@@ -245,20 +245,22 @@ def test_merge_results_recomputes_gaps():
         merge_results([run("bf16", 10.0, 0.6), other])
 
 
+def zero_shot_run(recipe: str, scores: dict) -> dict:
+    """A `sharq eval --json` result of one recipe's zero-shot run: {task: (accuracy, stderr)}, no perplexity."""
+    tasks = {t: {"acc": a, "acc_stderr": se, "n": 100} for t, (a, se) in scores.items()}
+    return {"model_class": "M", "dtype": "bfloat16", "device": "cuda", "backend": "triton", "text": None,
+            "seqlen": 2048, "windows": 0, "tasks": list(scores), "limit": None, "options": {},
+            "results": [{"recipe": recipe, "ppl": None, "tasks": tasks, "task_avg": None,
+                         "task_avg_stderr": None, "ppl_gap_recovered": None, "task_gap_recovered": None}]}
+
+
 def test_merge_results_on_common_tasks():
     """Runs of different task lists merge on the tasks named: each row is cut down to them and its average and
     standard error recomputed (a bf16 run of five tasks against quantized runs of four)."""
     from sharq.eval.run import merge_results
 
-    def run(recipe, scores):
-        tasks = {t: {"acc": a, "acc_stderr": se, "n": 100} for t, (a, se) in scores.items()}
-        return {"model_class": "M", "dtype": "bfloat16", "device": "cuda", "backend": "triton", "text": None,
-                "seqlen": 2048, "windows": 0, "tasks": list(scores), "limit": None, "options": {},
-                "results": [{"recipe": recipe, "ppl": None, "tasks": tasks, "task_avg": None,
-                             "task_avg_stderr": None, "ppl_gap_recovered": None, "task_gap_recovered": None}]}
-
-    five = run("bf16", {"piqa": (0.7, 0.03), "hellaswag": (0.4, 0.01), "lambada": (0.5, 0.04)})
-    four = run("nvfp4", {"piqa": (0.6, 0.03), "lambada": (0.3, 0.04)})
+    five = zero_shot_run("bf16", {"piqa": (0.7, 0.03), "hellaswag": (0.4, 0.01), "lambada": (0.5, 0.04)})
+    four = zero_shot_run("nvfp4", {"piqa": (0.6, 0.03), "lambada": (0.3, 0.04)})
     with pytest.raises(ValueError, match="tasks"):
         merge_results([five, four])
     with pytest.raises(ValueError, match="has no hellaswag"):
@@ -277,22 +279,15 @@ def test_merge_results_joins_a_recipes_tasks_from_several_runs():
     error."""
     from sharq.eval.run import merge_results
 
-    def run(recipe, scores):
-        tasks = {t: {"acc": a, "acc_stderr": se, "n": 100} for t, (a, se) in scores.items()}
-        return {"model_class": "M", "dtype": "bfloat16", "device": "cuda", "backend": "triton", "text": None,
-                "seqlen": 2048, "windows": 0, "tasks": list(scores), "limit": None, "options": {},
-                "results": [{"recipe": recipe, "ppl": None, "tasks": tasks, "task_avg": None,
-                             "task_avg_stderr": None, "ppl_gap_recovered": None, "task_gap_recovered": None}]}
-
-    bf16 = run("bf16", {"piqa": (0.8, 0.03), "hellaswag": (0.4, 0.04)})
-    nvfp4 = [run("nvfp4", {"piqa": (0.6, 0.03)}), run("nvfp4", {"hellaswag": (0.2, 0.04)})]
+    bf16 = zero_shot_run("bf16", {"piqa": (0.8, 0.03), "hellaswag": (0.4, 0.04)})
+    nvfp4 = [zero_shot_run("nvfp4", {"piqa": (0.6, 0.03)}), zero_shot_run("nvfp4", {"hellaswag": (0.2, 0.04)})]
     merged = merge_results([bf16, *nvfp4])
     assert [r["recipe"] for r in merged["results"]] == ["bf16", "nvfp4"]
     row = merged["results"][1]
     assert set(row["tasks"]) == {"piqa", "hellaswag"} and set(merged["tasks"]) == {"piqa", "hellaswag"}
     assert row["task_avg"] == pytest.approx(0.4) and row["task_avg_stderr"] == pytest.approx(0.025)
     with pytest.raises(ValueError, match="both hold piqa"):
-        merge_results([bf16, *nvfp4, run("nvfp4", {"piqa": (0.5, 0.03)})])
+        merge_results([bf16, *nvfp4, zero_shot_run("nvfp4", {"piqa": (0.5, 0.03)})])
     with pytest.raises(ValueError, match="nvfp4 lack"):
         merge_results([bf16, nvfp4[0]])
 

@@ -194,30 +194,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .hf import resolve_model
     from .interop import is_compressed_tensors
 
-    calibrated_weights = is_compressed_tensors(resolve_model(args.model))
-    path = resolve_model(args.model) if calibrated_weights else _unquantized_model(args.model, "quantize")
+    path = resolve_model(args.model)
+    calibrated_weights = is_compressed_tensors(path)
+    if not calibrated_weights:
+        path = _unquantized_model(args.model, "quantize")
     _check_out_dir(args, path, replaces_checkpoint=True)
     recipe = _one_recipe(args, path, calibrates=not calibrated_weights)
     _offline()
     _quiet_transformers()
     from .checkpoint import save
+    from .eval.run import DTYPES
+    from .models import check_device
+
+    device = check_device(args.device)
     if calibrated_weights:
-        from .eval.run import DTYPES
         from .hf import load_tokenizer
         from .interop import load
-        from .models import check_device
 
-        model = load(path, DTYPES[args.dtype], check_device(args.device), recipe=recipe, strict=args.strict or None)
+        model = load(path, DTYPES[args.dtype], device, recipe=recipe, strict=args.strict or None)
         out = save(model, args.out, load_tokenizer(path), overwrite=args.overwrite, progress=not args.quiet)
         print(f"{recipe.name} on the 4-bit weights of {path} (activations {recipe.activation_bits:g} bits, weights "
               f"{recipe.weight_bits:g} bits) -> {out}")
         return 0
     from .eval.data import load_text
-    from .eval.run import DTYPES
     from .hf import load_pretrained
-    from .models import calibrate, check_device, quantize_model
+    from .models import calibrate, quantize_model
 
-    device = check_device(args.device)
     calib = load_text(args.calib_text)[0] if recipe.needs_calibration else None
     # calibration runs the whole model on the device; otherwise the model moves there one layer at a time as it is
     # quantized, so a model whose weights do not fit the device still quantizes on it
