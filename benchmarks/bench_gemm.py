@@ -263,6 +263,69 @@ def crossover(ms: tuple[int, ...] = (16, 24, 32, 48, 64)) -> list[dict]:
     return rows
 
 
+def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
+    """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (sharq weights, bf16
+    out), beside BF16 cuBLAS and the Triton kernel packed_matmul ran before it; GPU µs each, plus the kernel's
+    registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen."""
+    from sharq.kernels import cuda_gemm
+
+    rows = []
+    for (k, n), m in itertools.product(SHAPES, ms):
+        x = outlier_x(m, k)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+        row: dict = {"K": k, "N": n, "M": m, "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
+        del ws, w
+        p, sw, r = payload("sharq", n, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
+        act = get_backend("packed").prepare(x, r, None)
+        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
+        tile = gemm.choose_tile(m, n, k, x.device)
+        row["triton_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.packed_matmul(
+            act.values, c, s, "nvfp4", 32, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
+        auto = cuda_gemm.choose_tile(m, n, k, x.device)
+        tiles = dict.fromkeys([auto] + [cuda_gemm.CudaTile(rt, wk, st, sp) for rt, wk, st, sp in itertools.product(
+            (1, 2), (4, 8), (2, 4) if m <= 8 else (1, 2), (1, 2, 4)) if k // 128 // sp >= wk])
+        timed = {}
+        for t in tiles:
+            try:
+                timed[t] = 1e3 * graph_ms([lambda c=c, s=s, t=t: cuda_gemm.nvfp4_mma(
+                    act.values, c, s, 32, sx, swf, None, torch.bfloat16, tile=t) for c, s in ps], reps=10)
+            except Exception as e:  # noqa: BLE001 - a launch that does not compile or fit is reported, skipped
+                print(f"  {t}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+        best = min(timed, key=timed.get)
+        row.update(auto=str(auto), auto_us=timed.get(auto), best=str(best), best_us=timed[best],
+                   all={str(t): v for t, v in sorted(timed.items(), key=lambda kv: kv[1])})
+        row["bytes"] = p.codes.numel() + p.scales.numel() + (m * k + m * n) * 2
+        row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m)
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, cuda auto "
+              f"{row['auto_us']} ({auto}), best {row['best_us']:.1f} ({best}); x bf16 "
+              f"{row['bf16_us'] / row['best_us']:.2f}, {row['bytes'] / row['best_us'] / 1e3:.0f} GB/s; "
+              f"{row['best_regs']} registers, {row['best_local_bytes']} B local", flush=True)
+        del ps
+        torch.cuda.empty_cache()
+    return rows
+
+
+def kernel_resources(t, m: int) -> tuple[int, int]:
+    """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
+    bias, 32-element blocks): local memory above 0 means spills."""
+    import ctypes
+
+    from sharq.kernels import cuda_gemm
+
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4
+    k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1)
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    out = []
+    for attribute in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
+        v = ctypes.c_int()
+        libcuda.cuFuncGetAttribute(ctypes.byref(v), attribute, k.func)
+        out.append(v.value)
+    return out[0], out[1]
+
+
 def host_us(calls: int = 200) -> dict:
     """Host time per eager call of one 4096 → 4096 layer at M = 1, in µs: the calls are queued behind a long GPU
     sleep, so the CPU time of the loop is the launch path alone (Python, dispatch, kernel launches)."""
@@ -296,15 +359,18 @@ def main() -> int:
     p.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     p.add_argument("--crossover", action="store_true", help="only the MMA kernel against decode + cuBLAS at "
                    "M = 16..64 (where gemm.SMALL_M belongs; then exit)")
+    p.add_argument("--cuda-sweep", action="store_true", help="only the CUDA kernel's launch shapes at M <= 32 "
+                   "(how cuda_gemm.choose_tile was chosen; then exit)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.crossover:
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,
-               "crossover": crossover()}
+    if args.crossover or args.cuda_sweep:
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M}
+        out.update({"crossover": crossover()} if args.crossover else
+                   {"cuda_sweep": cuda_sweep(tuple(int(m) for m in args.ms.split(",")))})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

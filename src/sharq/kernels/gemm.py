@@ -6,7 +6,9 @@ payload is 4.25–4.5 bits per weight instead of bf16's 16. Each code times its 
 (E2M1 has 2 significant bits, UE4M3 4, E8M0 1), so the bf16 MMA sees exactly the reference's Ŵ and the product
 is the reference's up to fp32 accumulation order.
 
-- `packed_matmul` at small M (decode): `_packed_mm_kernel`, "swap AB": a program computes a [BN, BM] tile of yᵀ as
+- `packed_matmul` at small M (decode) on NVFP4 weights: the CUDA kernel of kernels/cuda_gemm.py (tensor cores fed
+  from registers) where it compiles and the shape fits; otherwise the Triton kernels below.
+- `_packed_mm_kernel`, "swap AB": a program computes a [BN, BM] tile of yᵀ as
   Ŵ-tile · Aᵀ-tile, so the weight rows fill the MMA's large side and the few tokens its small one. Where the
   output has too few tiles to keep every multiprocessor streaming, K is split over programs that write fp32
   partials, summed with α and the bias by the epilogue kernel; otherwise α and the bias are applied in-kernel.
@@ -27,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_
 
@@ -402,6 +405,10 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
         return torch.zeros(m, n, dtype=out_dtype, device=a.device) + (0 if bias is None else bias.to(out_dtype))
     if m > SMALL_M and tile is None:
         return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
+    if tile is None and not INTERPRETED and cuda_gemm.fits(a, codes, scales, fmt, block, bias, out_dtype):
+        y = cuda_gemm.nvfp4_mma(a, codes, scales, block, sx, sw, bias, out_dtype)
+        if y is not None:
+            return y
     t = tile or choose_tile(m, n, kp, a.device)
     if t.kernel not in ("mma", "gemv") or t.bk % block:
         raise ValueError(f"bad tile {t}: kernel 'mma' or 'gemv', bk a multiple of the weight block {block}")

@@ -1,0 +1,365 @@
+"""The packed NVFP4 GEMM at small M (decode) as a CUDA kernel: tensor cores fed from registers.
+
+Triton stages both operands of its MMA through shared memory, which costs a memory-bound decode GEMM most of its
+speed (docs/PERF.md). This kernel keeps the decoded weight in registers as the MMA's A operand ("swap AB": weight
+rows fill the m16 side, tokens the n8 side of `mma.sync.m16n8k16`), reads the canonical payload of docs/FORMAT.md
+as it is (no layout of its own) with one 16-byte load per row per 128-element chunk, and decodes E2M1 by bit
+placement:
+
+- A K-permutation makes the loads contiguous. Within one MMA the order of K does not matter as long as A and B
+  agree, so the thread that owns k-slots {2q, 2q+1, 2q+8, 2q+9} of each of a chunk's eight MMAs takes the 32
+  consecutive elements q·32 … q·32+31 of its rows (one 32-element scale block, or two 16-element ones), and
+  loads the activation at the same 32 elements.
+- Decode: nibbles i and i+4 of a 32-bit word become one bf16 pair by one shift and two masks (sign to bit 15,
+  the two exponent bits and the mantissa bit to bits 8..6: the E2M1 value times 2^-126, a bf16 subnormal for
+  0.5), then one bf16x2 multiply by the block scale times 2^118, which is exact (the product, code · scale ·
+  2^-8, has at most 6 significant bits and lies in [2^-18, 10.5]); the activation elements are paired to match
+  with one byte permute per pair.
+- fp32 accumulation in the tensor cores; the warps of a block split K and their sums meet in shared memory in a
+  fixed order, so the output is the same from call to call and for every M (batch-invariant); where there are
+  too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
+
+Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant.
+Where that is missing (no CUDA toolkit headers, another torch) or the shape does not fit (`fits`), packed_matmul
+runs the Triton kernels, which stay the reference implementation CPU CI checks in the interpreter. Tested against
+the exact product on the H200 (tests/kernels/test_cuda_gemm.py)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+struct alignas(16) U4 { u32 x, y, z, w; };
+
+struct Stage {
+  U4 w[RT][2];   // codes of rows g and g + 8 of each row tile: this thread's 32 elements of the chunk
+  u32 s[RT][2];  // their scale codes (one byte, or two for 16-element blocks)
+  U4 x[MT][4];   // the activation of token mt * 8 + g at the same 32 elements
+};
+
+__device__ __forceinline__ U4 ld_stream(const U4* p) {  // read once: keep it out of L1
+  U4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ U4 ld_shared_by_blocks(const U4* p) {
+  U4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ u32 word(const U4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+// nibbles i and i + 4 of x as a bf16 pair: the E2M1 values times 2^-126
+__device__ __forceinline__ u32 e2m1_pair(u32 x, int i) {
+  u32 y = x << (12 - 4 * i);
+  return (y & 0x80008000u) | ((y >> 6) & 0x01C001C0u);
+}
+// a UE4M3 scale code (float8_e4m3fn bits) times 2^118 as a bf16 pair; exact (4 significant bits, below 2^127)
+__device__ __forceinline__ u32 scale_pair(u32 code) {
+  u32 e = (code >> 3) & 15u, m = code & 7u;
+  float f = e ? __uint_as_float(((e + 238u) << 23) | (m << 20)) : (float)m * __uint_as_float(236u << 23);  // m*2^-9*2^118
+  if (code & 0x80u) f = -f;
+  if ((code & 0x7Fu) == 0x7Fu) f = __uint_as_float(0x7FC00000u);
+  u32 b = __float_as_uint(f) >> 16;
+  return b | (b << 16);
+}
+__device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {  // a * b + (-0): the exact product, its sign kept
+  u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ float to_float(const void* p, long i) {
+#if BIAS == 1
+  return __uint_as_float(((u32)((const u16*)p)[i]) << 16);
+#elif BIAS == 2
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const u16*)p)[i]));
+  return f;
+#else
+  return ((const float*)p)[i];
+#endif
+}
+__device__ __forceinline__ void store(void* y, long i, float v) {
+#if SPLIT || OUT == 2
+  ((float*)y)[i] = v;
+#elif OUT == 0
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  ((u16*)y)[i] = h;
+#else
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  ((u16*)y)[i] = h;
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WK * 32) sharq_nvfp4_mma(
+    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
+    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
+    int Kp, int lda, int chunks_per_split) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+  const int n0 = blockIdx.x * (16 * RT);
+  const int c_begin = blockIdx.y * chunks_per_split;
+  const int c_end = min(c_begin + chunks_per_split, Kp >> 7);
+  const U4* wrow[RT][2];
+  const u8* srow[RT][2];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const long n = n0 + rt * 16 + h * 8 + g;
+      wrow[rt][h] = codes + n * (Kp >> 5) + q;
+      srow[rt][h] = scales + n * (Kp / BLOCK) + q * (32 / BLOCK);
+    }
+  const U4* xrow[MT];
+  bool xok[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    xok[mt] = mt * 8 + g < M;
+    xrow[mt] = (const U4*)(a + (long)(xok[mt] ? mt * 8 + g : 0) * lda) + q * 4;
+  }
+  float acc[RT][MT][4];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.f;
+
+  // this warp's chunks: c_begin + warp, + WK, ... (neighbouring warps read neighbouring chunks of each row)
+  const int mine = c_end - c_begin > warp ? (c_end - c_begin - warp + WK - 1) / WK : 0;
+  Stage st[STAGES];
+  auto load = [&](Stage& s, int c) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        s.w[rt][h] = ld_stream(wrow[rt][h] + c * 4);
+#if BLOCK == 32
+        s.s[rt][h] = srow[rt][h][c * 4];
+#else
+        s.s[rt][h] = *(const u16*)(srow[rt][h] + c * 8);
+#endif
+      }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+        s.x[mt][v] = xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
+  };
+  auto compute = [&](const Stage& s) {
+    u32 b[MT][16];  // activation pairs matching the weight pairs: pair 4w + i is elements (8w + i, 8w + i + 4)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const U4 x = s.x[mt][v];
+        b[mt][4 * v + 0] = prmt(x.x, x.z, 0x5410u);
+        b[mt][4 * v + 1] = prmt(x.x, x.z, 0x7632u);
+        b[mt][4 * v + 2] = prmt(x.y, x.w, 0x5410u);
+        b[mt][4 * v + 3] = prmt(x.y, x.w, 0x7632u);
+      }
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) {
+      u32 sc[2][2];  // [row half][16-element half of the 32]
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#if BLOCK == 32
+        sc[h][0] = sc[h][1] = scale_pair(s.s[rt][h]);
+#else
+        sc[h][0] = scale_pair(s.s[rt][h] & 0xFFu);
+        sc[h][1] = scale_pair(s.s[rt][h] >> 8);
+#endif
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {  // MMA j: pairs 2j (k-slots 2q, 2q+1) and 2j + 1 (2q + 8, 2q + 9)
+        const int v = j >> 1, i = (j & 1) * 2;
+        const u32 w0 = word(s.w[rt][0], v), w1 = word(s.w[rt][1], v);
+        const u32 a0 = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
+        const u32 a1 = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
+        const u32 a2 = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
+        const u32 a3 = mul_bf16x2(e2m1_pair(w1, i + 1), sc[1][v >> 1]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mma(acc[rt][mt], a0, a1, a2, a3, b[mt][2 * j], b[mt][2 * j + 1]);
+      }
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < STAGES; ++u)
+    if (u < mine) load(st[u], c_begin + warp + u * WK);
+  for (int s0 = 0; s0 < mine; s0 += STAGES) {
+#pragma unroll
+    for (int u = 0; u < STAGES; ++u) {
+      if (s0 + u < mine) {
+        compute(st[u]);
+        if (s0 + u + STAGES < mine) load(st[u], c_begin + warp + (s0 + u + STAGES) * WK);
+      }
+    }
+  }
+
+  // the warps' sums, added in warp order
+#if WK > 1
+  __shared__ float red[WK - 1][RT * MT * 4][32];
+  if (warp > 0) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
+  }
+  __syncthreads();
+  if (warp > 0) return;
+#pragma unroll
+  for (int w = 0; w < WK - 1; ++w)
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rt][mt][i] += red[w][(rt * MT + mt) * 4 + i][lane];
+#endif
+  const float sw0 = sw[0];
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = n0 + rt * 16 + g + (i >> 1) * 8, m = mt * 8 + 2 * q + (i & 1);
+        if (m >= M) continue;
+        const float v = acc[rt][mt][i] * 256.f;  // the 2^-8 of the decoded weight
+#if SPLIT
+        store(y, ((long)blockIdx.y * M + m) * N + n, v);
+#else
+        const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+#if BIAS
+        store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
+#else
+        store(y, (long)m * N + n, v * alpha);
+#endif
+#endif
+      }
+}
+"""
+
+_OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_BIAS = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+MAX_M = 32  # tokens per launch: up to four n8 tiles
+
+
+@dataclass(frozen=True)
+class CudaTile:
+    """A launch of the CUDA kernel: row tiles of 16 per warp, warps per block (they split K), chunks in flight per
+    warp, and K splits over blocks."""
+
+    rt: int = 1
+    wk: int = 8
+    stages: int = 4
+    splits: int = 1
+
+
+def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
+         bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
+    """Whether the kernel runs this product: NVFP4 weights, whole 128-element chunks (K = Kp), whole 16-row tiles,
+    at most MAX_M tokens, 16-byte aligned rows, on a GPU with bf16 tensor cores."""
+    m, k = a.shape
+    n, kp = codes.shape[0], codes.shape[1] * 2
+    return (fmt == "nvfp4" and block in (16, 32) and 0 < m <= MAX_M and k == kp and kp % 128 == 0 and n % 16 == 0
+            and a.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS) and codes.is_contiguous()
+            and scales.is_contiguous() and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+            and codes.data_ptr() % 16 == 0 and (bias is None or bias.is_contiguous())
+            and _capability(a.device) >= (8, 0) and available())
+
+
+@functools.lru_cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_broken: list[str] = []  # why the kernel could not be compiled here (then packed_matmul keeps to Triton)
+
+
+def available() -> bool:
+    """Whether this torch can compile the kernel (NVRTC through torch.cuda._compile_kernel) and it has not failed."""
+    return hasattr(torch.cuda, "_compile_kernel") and not _broken
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(device_index: int, rt: int, mt: int, wk: int, stages: int, block: int, out: int, bias: int,
+            sx_row: bool, split: bool):
+    defines = dict(RT=rt, MT=mt, WK=wk, STAGES=stages, BLOCK=block, OUT=out, BIAS=bias, SX_ROW=int(sx_row),
+                   SPLIT=int(split))
+    src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    major, minor = torch.cuda.get_device_capability(device_index)
+    with torch.cuda.device(device_index):
+        return torch.cuda._compile_kernel(src, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
+                                          nvcc_options=["-std=c++17"])
+
+
+def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
+    """Blocks of 8 warps (4 for layers wider than 4096, which have blocks enough); up to 8 tokens one row tile per
+    warp and two chunks in flight, above that two row tiles (the activation's registers serve twice the weight)
+    and one chunk; K split over blocks until the multiprocessors have a 16-row tile each. From `bench_gemm.py --cuda-sweep` on
+    the H200 (docs/PERF.md): within 6 % of the best launch on the four 8B shapes at M = 1, 8 and 32. The K
+    partition depends on the layer's shape alone, so a token's output does not change with the batch."""
+    wk = 8 if n <= 4096 else 4
+    rt, stages = (1, 2) if m <= 8 or n % 32 else (2, 1)
+    rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
+    while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
+        splits *= 2
+    return CudaTile(rt, wk, stages, splits)
+
+
+def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
+              sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+              tile: CudaTile | None = None) -> torch.Tensor | None:
+    """α · (a · Ŵᵀ) + bias [M, N] in out_dtype, as gemm.packed_matmul (arguments checked there; sx, sw flat fp32),
+    or None where the kernel cannot be compiled here (a warning says why, once)."""
+    from .epilogue import reduce_scale_and_bias
+
+    (m, k), n = a.shape, codes.shape[0]
+    t = tile or choose_tile(m, n, k, a.device)
+    if n % (16 * t.rt):
+        raise ValueError(f"CudaTile rt={t.rt} needs N a multiple of {16 * t.rt}, got {n}")
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4
+    split = t.splits > 1
+    try:
+        kernel = _kernel(a.device.index if a.device.index is not None else torch.cuda.current_device(), t.rt, mt,
+                         t.wk, t.stages, block, _OUT[out_dtype], _BIAS[None if bias is None else bias.dtype],
+                         sx.numel() > 1, split)
+    except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
+        _broken.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"sharq: the CUDA GEMM could not be compiled ({_broken[0][:300]}); using the Triton kernels",
+                      stacklevel=3)
+        return None
+    chunks = k // 128
+    per_split = -(-chunks // t.splits)
+    y = torch.empty((t.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
+                    device=a.device)
+    kernel(grid=(n // (16 * t.rt), t.splits, 1), block=(32 * t.wk, 1, 1),
+           args=[codes, scales, a, y, sx, sw, bias if bias is not None else sx, m, n, k, a.stride(0), per_split])
+    return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y

@@ -1,0 +1,121 @@
+"""The CUDA small-M GEMM (kernels/cuda_gemm.py) against the exact product on the dequantized Ŵ. GPU only: the
+kernel is compiled by NVRTC, which CPU CI does not have (the Triton kernels it stands in for are checked there)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharq.kernels import cuda_gemm, gemm
+from sharq.quant import QTensor, dequantize_blocks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
+                                reason="needs a CUDA GPU and torch.cuda._compile_kernel")
+
+
+def _payload(n: int, k: int, block: int, seed: int) -> QTensor:
+    """Random codes (every one of the 16) and realistic scale codes (UE4M3 0x08..0x7E, subnormals included)."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    scales = torch.randint(0, 0x7F, (n, k // block), generator=g, dtype=torch.uint8)
+    return QTensor(codes.cuda(), scales.cuda(), "nvfp4", block, (n, k))
+
+
+def _x(m: int, k: int, seed: int) -> torch.Tensor:
+    """An activation on an NVFP4 recipe's grid: code · scale values (multiples of 2^-10, 8 significant bits)."""
+    g = torch.Generator().manual_seed(seed)
+    q = _payload(m, k, 16, seed + 1)
+    x = dequantize_blocks(QTensor(q.codes.cpu(), torch.randint(0x30, 0x50, (m, k // 16), generator=g,
+                                                                 dtype=torch.uint8), "nvfp4", 16, (m, k)))
+    return x.to(torch.bfloat16).cuda()
+
+
+def _bound_ok(y: torch.Tensor, a: torch.Tensor, q: QTensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> float:
+    """Max error over the fp32-accumulation bound plus one rounding to out_dtype (pass: <= 1)."""
+    w = dequantize_blocks(QTensor(q.codes.cpu(), q.scales.cpu(), "nvfp4", q.block_size, q.shape)).double()
+    ad = a.double().cpu()
+    exact = alpha.double().cpu() * (ad @ w.T) + (0 if bias is None else bias.double().cpu())
+    eps = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[out_dtype]
+    bound = (a.shape[1] * 2.0**-23 * alpha.double().abs().cpu() * (ad.abs() @ w.abs().T) + eps * exact.abs()
+             + 1e-30)
+    return float(((y.double().cpu() - exact).abs() / bound).max())
+
+
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (3, 512, 2048), (8, 128, 4096), (13, 4096, 512),
+                                   (32, 1024, 1024)])
+def test_matches_the_exact_product(block, m, n, k):
+    seed = m * 1000 + block + n + k
+    q, a = _payload(n, k, block, seed), _x(m, k, seed)
+    sx, sw = torch.rand(1, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
+    assert cuda_gemm.fits(a, q.codes, q.scales, "nvfp4", block, None, torch.float32)
+    y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, None, torch.float32)
+    assert _bound_ok(y, a, q, sx * sw, None, torch.float32) <= 1
+
+
+@pytest.mark.parametrize("tile", [cuda_gemm.CudaTile(1, 8, 4, 1), cuda_gemm.CudaTile(2, 4, 2, 1),
+                                  cuda_gemm.CudaTile(1, 4, 1, 4), cuda_gemm.CudaTile(1, 1, 3, 2)])
+@pytest.mark.parametrize("out_dtype,bias_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                                  (torch.float32, torch.float16), (torch.bfloat16, None)])
+def test_every_launch_shape_output_and_bias(tile, out_dtype, bias_dtype):
+    m, n, k = 5, 256, 2048
+    q, a = _payload(n, k, 32, 7), _x(m, k, 8)
+    sx = (torch.rand(m, device="cuda") + 0.5) * 2**-12  # one scale per token; small enough for fp16 outputs
+    sw = torch.rand(1, device="cuda") + 0.5
+    bias = None if bias_dtype is None else torch.randn(n, device="cuda").to(bias_dtype)
+    y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, sx, sw, bias, out_dtype, tile=tile)
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    assert _bound_ok(y, a, q, sx[:, None] * sw, bias, out_dtype) <= 1
+
+
+def test_every_code_and_scale_decodes_exactly():
+    """One-hot activations read the weight back element by element: Ŵ[n, k] for every k of a 128-element chunk
+    (all four threads' blocks, the K-permutation), every E2M1 code and every scale code, NaN included."""
+    n, k = 256, 128
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    codes[:, :8] = torch.arange(16, dtype=torch.uint8)[0::2] | (torch.arange(16, dtype=torch.uint8)[1::2] << 4)
+    scales = torch.arange(256, dtype=torch.uint8).reshape(n, 1).repeat(1, k // 32)
+    q = QTensor(codes.cuda(), scales.cuda(), "nvfp4", 32, (n, k))
+    want = dequantize_blocks(QTensor(codes, scales, "nvfp4", 32, (n, k))).float()
+    one = torch.ones(1, device="cuda")
+    for c in range(0, k, 32):
+        a = torch.zeros(32, k, dtype=torch.bfloat16, device="cuda")
+        a[torch.arange(32), c + torch.arange(32)] = 1
+        y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32).cpu()
+        got, ref = y.T, want[:, c:c + 32]
+        assert torch.equal(got.isnan(), ref.isnan())
+        assert torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def test_outputs_repeat_and_do_not_depend_on_the_batch():
+    n, k = 1024, 4096
+    q, a = _payload(n, k, 16, 11), _x(32, k, 12)
+    one = torch.ones(1, device="cuda")
+    y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16)
+    assert torch.equal(y, cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16))
+    for m in (1, 2, 8, 9, 16, 17):
+        assert torch.equal(cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16), y[:m])
+
+
+def test_packed_matmul_takes_it_where_it_fits_and_agrees_with_the_triton_kernel():
+    m, n, k = 4, 512, 1024
+    q, a = _payload(n, k, 32, 21), _x(m, k, 22)
+    sx, sw = torch.rand(1, 1, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
+    y = gemm.packed_matmul(a, q.codes, q.scales, "nvfp4", 32, sx, sw, None, torch.float32)
+    direct = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, sx.reshape(-1), sw, None, torch.float32)
+    assert torch.equal(y, direct)
+    triton_y = gemm.packed_matmul(a, q.codes, q.scales, "nvfp4", 32, sx, sw, None, torch.float32,
+                                  tile=gemm.choose_tile(m, n, k, a.device))
+    assert _bound_ok(triton_y, a, q, sx * sw, None, torch.float32) <= 1
+    assert _bound_ok(y, a, q, sx * sw, None, torch.float32) <= 1
+
+
+def test_shapes_it_does_not_fit_are_refused_by_fits():
+    q = _payload(256, 1024, 32, 1)
+    a = _x(4, 1024, 2)
+    assert not cuda_gemm.fits(a[:, :1000], q.codes, q.scales, "nvfp4", 32, None, torch.bfloat16)  # K != Kp
+    assert not cuda_gemm.fits(_x(33, 1024, 3), q.codes, q.scales, "nvfp4", 32, None, torch.bfloat16)  # M > 32
+    assert not cuda_gemm.fits(a, q.codes[:250], q.scales[:250], "nvfp4", 32, None, torch.bfloat16)  # N % 16
+    assert not cuda_gemm.fits(a, q.codes, q.scales, "mxfp4", 32, None, torch.bfloat16)
