@@ -380,8 +380,12 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
     from .hf import model_source, resolve_model
     from .interop import is_compressed_tensors
 
+    from .eval.data import check_text
+
     model = resolve_model(args.model)
     recipes_for(model, args.recipes, _recipe_options(args))  # the rule every command shares, before reading more
+    for text in ([] if args.no_ppl else [args.text]) + ([args.calib_text] if args.calib_text else []):
+        check_text(text)
     if args.json is not None:
         if _check_output(args.json, "--json", model, makes_parents=False).is_dir():
             raise ValueError(f"--json {args.json} is a directory: give a file path")

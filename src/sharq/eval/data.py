@@ -55,11 +55,16 @@ def corpus_text(name: str) -> str:
     return "\n\n".join(docs)
 
 
+def check_text(spec: str) -> None:
+    """Raise FileNotFoundError unless `spec` is a named corpus or a file (checked before any model work)."""
+    if spec not in CORPORA and not Path(spec).expanduser().is_file():
+        raise FileNotFoundError(f"text {spec!r} is neither a named corpus ({', '.join(CORPORA)}) nor a file")
+
+
 def load_text(spec: str) -> tuple[str, str]:
     """(text, label) for a corpus name or a text file path."""
+    check_text(spec)
     if spec in CORPORA:
         return corpus_text(spec), spec
     path = Path(spec).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"text {spec!r} is neither a named corpus ({', '.join(CORPORA)}) nor a file")
     return path.read_text(encoding="utf-8"), path.name
