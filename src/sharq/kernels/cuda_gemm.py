@@ -350,10 +350,10 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
         raise ValueError(f"CudaTile rt={t.rt} needs N a multiple of {16 * t.rt}, got {n}")
     mt = 1 if m <= 8 else 2 if m <= 16 else 4
     split = t.splits > 1
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     try:
-        kernel = _kernel(a.device.index if a.device.index is not None else torch.cuda.current_device(), t.rt, mt,
-                         t.wk, t.stages, block, _OUT[out_dtype], _BIAS[None if bias is None else bias.dtype],
-                         sx.numel() > 1, split)
+        kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, _OUT[out_dtype],
+                         _BIAS[None if bias is None else bias.dtype], sx.numel() > 1, split)
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
         _broken.append(f"{type(e).__name__}: {e}")
         warnings.warn(f"sharq: the CUDA GEMM could not be compiled ({_broken[0][:300]}); using the Triton kernels",
@@ -363,6 +363,11 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
     per_split = -(-chunks // t.splits)
     y = torch.empty((t.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
                     device=a.device)
-    kernel(grid=(n // (16 * t.rt), t.splits, 1), block=(32 * t.wk, 1, 1),
-           args=[codes, scales, a, y, sx, sw, bias if bias is not None else sx, m, n, k, a.stride(0), per_split])
+    launch = dict(grid=(n // (16 * t.rt), t.splits, 1), block=(32 * t.wk, 1, 1),
+                  args=[codes, scales, a, y, sx, sw, bias if bias is not None else sx, m, n, k, a.stride(0), per_split])
+    if device == torch.cuda.current_device():
+        kernel(**launch)
+    else:  # the launch goes to the current device's stream: make it a's (a model spread over several GPUs)
+        with torch.cuda.device(device):
+            kernel(**launch)
     return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y
