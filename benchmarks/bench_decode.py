@@ -84,12 +84,16 @@ def tiny_llama() -> torch.nn.Module:
 
 @torch.no_grad()
 def time_decode(model, ids: torch.Tensor, steps: int, max_len: int, reps: int, cuda_graph: bool,
-                compile: bool = False) -> tuple[float, float, torch.Tensor]:
-    """(median ms of the prefill, median ms of one decode step, the greedy tokens [batch, steps]) over `reps` runs
-    of a prefill and steps - 1 decode steps in one DecodeSession of max_len tokens, after a warm-up run of one
-    step (the capture, and the compilation with compile)."""
+                compile: bool = False) -> tuple[float, float, torch.Tensor, float]:
+    """(median ms of the prefill, median ms of one decode step, the greedy tokens [batch, steps], seconds of the
+    warm-up) over `reps` runs of a prefill and steps - 1 decode steps in one DecodeSession of max_len tokens, after
+    a warm-up run of one step (the capture, and the compilation with compile)."""
     session = DecodeSession(model, ids.shape[0], max_len, cuda_graph=cuda_graph, compile=compile)
+    t0 = time.perf_counter()
     session.step(session.prefill(ids).argmax(-1))
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     clock, prefills, per_step = Clock(ids.device), [], []
     for _ in range(reps):
         start = clock.mark()
@@ -101,7 +105,7 @@ def time_decode(model, ids: torch.Tensor, steps: int, max_len: int, reps: int, c
         end = clock.mark()
         prefills.append(clock.ms(start, prefilled))
         per_step.append(clock.ms(prefilled, end) / (steps - 1))
-    return statistics.median(prefills), statistics.median(per_step), torch.stack(tokens, 1)
+    return statistics.median(prefills), statistics.median(per_step), torch.stack(tokens, 1), warmup_s
 
 
 def measure(model, variant: str, batch: int, args: argparse.Namespace) -> dict:
@@ -114,23 +118,23 @@ def measure(model, variant: str, batch: int, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     sharq.generate(model, ids, args.new_tokens)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    prefill_ms, graph_ms, tokens = time_decode(model, ids, args.new_tokens, max_len, args.reps, cuda_graph=cuda)
-    _, eager_ms, eager_tokens = time_decode(model, ids, min(args.eager_tokens, args.new_tokens), max_len, args.reps,
-                                            cuda_graph=False)
+    prefill_ms, graph_ms, tokens, _ = time_decode(model, ids, args.new_tokens, max_len, args.reps, cuda_graph=cuda)
+    _, eager_ms, eager_tokens, _ = time_decode(model, ids, min(args.eager_tokens, args.new_tokens), max_len,
+                                               args.reps, cuda_graph=False)
     n = min(CHECKED_TOKENS, eager_tokens.shape[1])
-    compiled_ms = None
+    compiled_ms = compile_s = None
     if args.compile:
         try:
-            compiled_ms = time_decode(model, ids, args.new_tokens, max_len, args.reps, cuda_graph=cuda,
-                                      compile=True)[1]
+            _, compiled_ms, _, compile_s = time_decode(model, ids, args.new_tokens, max_len, args.reps,
+                                                       cuda_graph=cuda, compile=True)
         except Exception as e:  # noqa: BLE001 - one variant failing to compile is a result, not the end of the run
             print(f"note: torch.compile failed for {variant}, batch {batch}: {type(e).__name__}: "
                   f"{(str(e).splitlines() or [''])[0][:160]}")
         finally:
             torch._dynamo.reset()  # drop the compiled code, and with it the references to this model
     return dict(variant=variant, batch=batch, prefill_ms=prefill_ms, graph_ms=graph_ms, eager_ms=eager_ms,
-                compiled_ms=compiled_ms, peak_bytes=peak, graph_equals_eager=torch.equal(tokens[:, :n],
-                                                                                          eager_tokens[:, :n]))
+                compiled_ms=compiled_ms, compile_s=compile_s, peak_bytes=peak,
+                graph_equals_eager=torch.equal(tokens[:, :n], eager_tokens[:, :n]))
 
 
 def table(rows: list[dict]) -> str:
@@ -145,9 +149,10 @@ def table(rows: list[dict]) -> str:
 
     return markdown_table(
         ["variant", "batch", "prefill ms", "graph ms/tok", "graph tok/s", "eager ms/tok", "eager tok/s",
-         "compiled ms/tok", "speedup vs bf16", "peak GB", "weights GB", f"graph = eager ({CHECKED_TOKENS} tok)"],
+         "compiled ms/tok", "compile s", "speedup vs bf16", "peak GB", "weights GB", f"graph = eager ({CHECKED_TOKENS} tok)"],
         [[r["variant"], str(r["batch"]), ms(r["prefill_ms"]), ms(r["graph_ms"]), tokens_per_s(r, "graph_ms"),
           ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]),
+          "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f}",
           "-" if r["over_bf16"] is None else f"{r['over_bf16']:.2f}",
           gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
 

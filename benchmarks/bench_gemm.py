@@ -284,8 +284,9 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
         row["triton_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.packed_matmul(
             act.values, c, s, "nvfp4", 32, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
         auto = cuda_gemm.choose_tile(m, n, k, x.device)
-        tiles = dict.fromkeys([auto] + [cuda_gemm.CudaTile(rt, wk, st, sp) for rt, wk, st, sp in itertools.product(
-            (1, 2), (4, 8), (2, 4) if m <= 8 else (1, 2), (1, 2, 4)) if k // 128 // sp >= wk])
+        tiles = dict.fromkeys([auto] + [cuda_gemm.CudaTile(rt, wk, st, sp, ring) for rt, wk, st, sp, ring in
+                                        itertools.product((1, 2), (4, 8), (2, 4) if m <= 8 else (1, 2), (1, 2, 4),
+                                                          (0, 3)) if k // 128 // sp >= wk and not (ring and st > 1)])
         timed = {}
         for t in tiles:
             try:
@@ -316,7 +317,8 @@ def kernel_resources(t, m: int) -> tuple[int, int]:
     from sharq.kernels import cuda_gemm
 
     mt = 1 if m <= 8 else 2 if m <= 16 else 4
-    k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1)
+    k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1,
+                          t.ring)
     libcuda = torch.cuda._utils._get_gpu_runtime_library()
     out = []
     for attribute in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES

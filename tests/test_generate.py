@@ -45,6 +45,13 @@ def test_greedy_tokens_equal_transformers_generate(family, quantized, rng):
         assert torch.equal(sharq.generate(model, batch, NEW), hf_generate(model, batch, NEW, static=quantized))
 
 
+def test_compiled_decode_step_gives_the_same_tokens(rng):
+    """generate(compile=True): the decode step through torch.compile (fullgraph) on a quantized model."""
+    torch._dynamo.reset()
+    model, ids = model_for("llama", True), prompts(rng)
+    assert torch.equal(sharq.generate(model, ids, 4, compile=True), sharq.generate(model, ids, 4))
+
+
 def test_eos_stops_every_row_and_finished_rows_keep_eos(rng):
     model, ids = model_for("llama", False), prompts(rng)
     free = sharq.generate(model, ids, NEW)[:, PROMPT:]

@@ -266,7 +266,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     eos = model.generation_config.eos_token_id  # as model.generate stops; the tokenizer's where the model has none
     t0 = time.perf_counter()
     out = generate(model, ids["input_ids"], args.max_new_tokens, temperature=args.temperature,
-                   eos_token_id=tokenizer.eos_token_id if eos is None else eos, streamer=streamer).cpu()
+                   eos_token_id=tokenizer.eos_token_id if eos is None else eos, streamer=streamer,
+                   compile=args.compile).cpu()
     seconds = time.perf_counter() - t0
     new = out.shape[-1] - ids["input_ids"].shape[-1]
     size = weight_bytes(model)
@@ -570,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_at_least(0.0, kind=float), default=0.0,
                    help="sampling temperature; 0 is greedy")
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile first: "
+                   "faster per token, but the compilation takes longer than a short generation saves")
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the unquantized tensors")
     _add_device(g)
     _add_scale_granularity(g)

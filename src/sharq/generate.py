@@ -203,7 +203,7 @@ class _Readback:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              eos_token_id: int | list[int] | None = None, streamer=None, cuda_graph: bool | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             compile: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """Continue `input_ids` [B, P] by up to `max_new_tokens` tokens; returns [B, P + new] ids on the model's device.
 
     Greedy at temperature 0: the tokens of `model.generate(..., do_sample=False, cache_implementation="static")`;
@@ -213,14 +213,17 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     there is no padding (and no attention mask). Generation stops when every row has produced an EOS of
     `eos_token_id` (a row that finished keeps emitting the first one) or after max_new_tokens. `streamer`
     (transformers' TextStreamer protocol, batch 1 only) gets the prompt, then each new token, then end(). With
-    cuda_graph (default: on CUDA) every decode step replays one CUDA graph (DecodeSession). The host reads tokens
-    back only for a streamer or an EOS check, one step behind the GPU, so the replays queue back to back.
+    cuda_graph (default: on CUDA) every decode step replays one CUDA graph (DecodeSession). With compile, the
+    decode step is compiled by torch.compile first: each token is faster (an 8B-shaped model on an H200: 4.4
+    against 6.3 ms, docs/PERF.md), but the compilation, at the first step, costs what thousands of tokens save:
+    it is for long generations. The host reads tokens back
+    only for a streamer or an EOS check, one step behind the GPU, so the replays queue back to back.
     """
     eos = _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id, streamer, generator)
     device = model.device
     ids = input_ids.to(device=device, dtype=torch.long)
     batch, length = ids.shape
-    session = DecodeSession(model, batch, length + max_new_tokens, cuda_graph=cuda_graph)
+    session = DecodeSession(model, batch, length + max_new_tokens, cuda_graph=cuda_graph, compile=compile)
     out = torch.empty(batch, length + max_new_tokens, dtype=torch.long, device=device)
     out[:, :length] = ids
     readback = _Readback(max_new_tokens, batch, device) if streamer is not None or eos is not None else None

@@ -69,6 +69,23 @@ def test_every_launch_shape_output_and_bias(tile, out_dtype, bias_dtype):
     assert _bound_ok(y, a, q, sx[:, None] * sw, bias, out_dtype) <= 1
 
 
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("m", [1, 8, 13, 32])
+@pytest.mark.parametrize("rt,wk,ring,splits", [(1, 8, 3, 1), (2, 4, 4, 1), (1, 4, 4, 2), (2, 1, 2, 1)])
+def test_the_cp_async_ring_gives_the_register_stages_result_bit_for_bit(block, m, rt, wk, ring, splits):
+    """Where the weight is staged changes nothing else: same K partition, same order of sums."""
+    n, k = 512, 4096
+    q, a = _payload(n, k, block, m + rt + ring), _x(m, k, m)
+    sx, sw = torch.rand(1, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
+    bias = torch.randn(n, device="cuda")
+    staged = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.float32,
+                                 tile=cuda_gemm.CudaTile(rt, wk, 2, splits))
+    ringed = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.float32,
+                                 tile=cuda_gemm.CudaTile(rt, wk, 1, splits, ring))
+    assert torch.equal(ringed, staged)
+    assert _bound_ok(ringed, a, q, sx * sw, bias, torch.float32) <= 1
+
+
 def test_every_code_and_scale_decodes_exactly():
     """One-hot activations read the weight back element by element: Ŵ[n, k] for every k of a 128-element chunk
     (all four threads' blocks, the K-permutation), every E2M1 code and every scale code, NaN included."""

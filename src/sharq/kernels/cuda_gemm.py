@@ -15,6 +15,9 @@ placement:
   0.5), then one bf16x2 multiply by the block scale times 2^118, which is exact (the product, code · scale ·
   2^-8, has at most 6 significant bits and lies in [2^-18, 10.5]); the activation elements are paired to match
   with one byte permute per pair.
+- Large weights (and launches of more than 16 tokens) go global -> shared memory by cp.async, a ring of three
+  chunks per warp, so more bytes are in flight without registers to hold them; smaller ones are staged in
+  registers. Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
 - fp32 accumulation in the tensor cores; the warps of a block split K and their sums meet in shared memory in a
   fixed order, so the output is the same from call to call and for every M (batch-invariant); where there are
   too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
@@ -55,6 +58,24 @@ __device__ __forceinline__ U4 ld_shared_by_blocks(const U4* p) {
   asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
+#if RING
+// the weight codes and scales go global -> shared by cp.async into a ring of RING chunks per warp: bytes in flight
+// without registers holding them (each lane reads back only what it copied, so the warp needs no barrier for
+// the codes; the scales, copied by one lane per row, are read after a __syncwarp)
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_scales(void* dst, const void* src) {  // one row's scale codes of a chunk
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(smem_addr(dst)), "l"(src), "n"(512 / BLOCK / 4));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_ring() { asm volatile("cp.async.wait_group %0;" :: "n"(RING - 1)); }
+struct Slot {
+  U4 w[RT][2][32];                    // lane l's 16 bytes of rows g and g + 8 of each row tile
+  u32 s[RT][2][8][BLOCK == 16 ? 2 : 1];  // the scale codes of the chunk, per row: 4 (or 8) bytes
+};
+#endif
 __device__ __forceinline__ u32 word(const U4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
   u32 d;
@@ -149,7 +170,14 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 
   // this warp's chunks: c_begin + warp, + WK, ... (neighbouring warps read neighbouring chunks of each row)
   const int mine = c_end - c_begin > warp ? (c_end - c_begin - warp + WK - 1) / WK : 0;
-  Stage st[STAGES];
+  auto load_x = [&](Stage& s, int c) {  // the activation at chunk c
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+        s.x[mt][v] = xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
+  };
+#if !RING  // the weight staged in registers: STAGES chunks in flight
   auto load = [&](Stage& s, int c) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
@@ -162,12 +190,9 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
         s.s[rt][h] = *(const u16*)(srow[rt][h] + c * 8);
 #endif
       }
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int v = 0; v < 4; ++v)
-        s.x[mt][v] = xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
+    load_x(s, c);
   };
+#endif
   auto compute = [&](const Stage& s) {
     u32 b[MT][16];  // activation pairs matching the weight pairs: pair 4w + i is elements (8w + i, 8w + i + 4)
 #pragma unroll
@@ -205,6 +230,61 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
       }
     }
   };
+#if RING
+  extern __shared__ __align__(16) unsigned char smem[];
+  Slot* ring = (Slot*)smem + warp * RING;
+  auto chunk = [&](int u) { return c_begin + warp + u * WK; };  // this warp's u-th chunk
+  auto issue = [&](int u) {
+    Slot& sl = ring[u % RING];
+    const int c = chunk(u);
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        cp_async16(&sl.w[rt][h][lane], wrow[rt][h] + c * 4);
+        if (q == 0) cp_async_scales(&sl.s[rt][h][g][0], srow[rt][h] + c * (128 / BLOCK));
+      }
+  };
+#pragma unroll
+  for (int u = 0; u < RING - 1; ++u) {
+    if (u < mine) issue(u);
+    cp_async_commit();
+  }
+  Stage cur;
+  if (mine > 0) load_x(cur, chunk(0));
+  for (int u = 0; u < mine; ++u) {
+    __syncwarp();  // every lane is done with the slot the next copy overwrites
+    if (u + RING - 1 < mine) issue(u + RING - 1);
+    cp_async_commit();
+    cp_async_wait_ring();
+    __syncwarp();  // and the scale codes other lanes copied are visible
+    const Slot& sl = ring[u % RING];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        cur.w[rt][h] = sl.w[rt][h][lane];
+#if BLOCK == 32
+        cur.s[rt][h] = ((const u8*)sl.s[rt][h][g])[q];
+#else
+        cur.s[rt][h] = ((const u16*)sl.s[rt][h][g])[q];
+#endif
+      }
+#if XNEXT
+    Stage nxt;
+    if (u + 1 < mine) load_x(nxt, chunk(u + 1));
+    compute(cur);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) cur.x[mt][v] = nxt.x[mt][v];
+#else
+    compute(cur);
+    if (u + 1 < mine) load_x(cur, chunk(u + 1));
+#endif
+  }
+#else
+  Stage st[STAGES];
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)
     if (u < mine) load(st[u], c_begin + warp + u * WK);
@@ -218,9 +298,16 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
     }
   }
 
+#endif
+
   // the warps' sums, added in warp order
 #if WK > 1
+#if RING
+  __syncthreads();  // every warp is done with its ring, which now holds the warps' sums
+  float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem;
+#else
   __shared__ float red[WK - 1][RT * MT * 4][32];
+#endif
   if (warp > 0) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
@@ -240,7 +327,9 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[rt][mt][i] += red[w][(rt * MT + mt) * 4 + i][lane];
 #endif
+#if !SPLIT
   const float sw0 = sw[0];
+#endif
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -278,6 +367,7 @@ class CudaTile:
     wk: int = 8
     stages: int = 4
     splits: int = 1
+    ring: int = 0  # > 0: the weight goes through a cp.async ring of this many chunks per warp (stages unused)
 
 
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
@@ -288,7 +378,8 @@ def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, b
     n, kp = codes.shape[0], codes.shape[1] * 2
     return (fmt == "nvfp4" and block in (16, 32) and 0 < m <= MAX_M and k == kp and kp % 128 == 0 and n % 16 == 0
             and a.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS) and codes.is_contiguous()
-            and scales.is_contiguous() and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+            and scales.is_contiguous() and scales.data_ptr() % 16 == 0 and a.stride(0) % 8 == 0
+            and a.data_ptr() % 16 == 0
             and codes.data_ptr() % 16 == 0 and (bias is None or bias.is_contiguous())
             and _capability(a.device) >= (8, 0) and available())
 
@@ -313,28 +404,51 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, rt: int, mt: int, wk: int, stages: int, block: int, out: int, bias: int,
-            sx_row: bool, split: bool):
+            sx_row: bool, split: bool, ring: int = 0):
     defines = dict(RT=rt, MT=mt, WK=wk, STAGES=stages, BLOCK=block, OUT=out, BIAS=bias, SX_ROW=int(sx_row),
-                   SPLIT=int(split))
+                   SPLIT=int(split), RING=ring, XNEXT=int(mt <= 2))
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
-        return torch.cuda._compile_kernel(src, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
-                                          nvcc_options=["-std=c++17"])
+        kernel = torch.cuda._compile_kernel(src, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
+                                            nvcc_options=["-std=c++17"])
+        smem = _shared_bytes(rt, mt, wk, block, ring)
+        if smem >= 48 * 1024:
+            kernel.set_shared_memory_config(smem)
+        return kernel
+
+
+def _shared_bytes(rt: int, mt: int, wk: int, block: int, ring: int) -> int:
+    """Dynamic shared memory of a ring launch: the warps' rings, which the warps' sums reuse at the end."""
+    if not ring:
+        return 0
+    slot = rt * 2 * 32 * 16 + rt * 2 * 8 * 4 * (2 if block == 16 else 1)
+    return max(wk * ring * slot, (wk - 1) * rt * mt * 4 * 32 * 4)
 
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
-    """Blocks of 8 warps (4 for layers wider than 4096, which have blocks enough); up to 8 tokens one row tile per
-    warp and two chunks in flight, above that two row tiles (the activation's registers serve twice the weight)
-    and one chunk; K split over blocks until the multiprocessors have a 16-row tile each. From `bench_gemm.py --cuda-sweep` on
-    the H200 (docs/PERF.md): within 6 % of the best launch on the four 8B shapes at M = 1, 8 and 32. The K
-    partition depends on the layer's shape alone, so a token's output does not change with the batch."""
+    """Blocks of 8 warps (4 for layers wider than 4096, which have blocks enough), K split over blocks until the
+    multiprocessors have a 16-row tile each. Up to 8 tokens: a weight of 2^25 elements or more goes through a
+    cp.async ring of 3 chunks per warp, two row tiles a warp where N is at least twice K; smaller ones are staged
+    in registers, two chunks in flight. 9 to 16 tokens: two row tiles (the activation's registers serve twice
+    the weight), one chunk in flight. Above: the ring, two row tiles where N > 2048. From the sweeps of
+    `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. The K partition (wk, splits) depends on the
+    layer's shape alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
-    rt, stages = (1, 2) if m <= 8 or n % 32 else (2, 1)
+    two_rows = n % 32 == 0
+    if m <= 8:
+        if n * kp >= 1 << 25:
+            rt, stages, ring = (2 if two_rows and n >= 2 * kp else 1), 1, 3
+        else:
+            rt, stages, ring = 1, 2, 0
+    elif m <= 16:
+        rt, stages, ring = (2, 1, 0) if two_rows else (1, 2, 0)
+    else:
+        rt, stages, ring = (2 if two_rows and n > 2048 else 1), 1, 3
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
     while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
         splits *= 2
-    return CudaTile(rt, wk, stages, splits)
+    return CudaTile(rt, wk, stages, splits, ring)
 
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
@@ -353,7 +467,7 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     try:
         kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, _OUT[out_dtype],
-                         _BIAS[None if bias is None else bias.dtype], sx.numel() > 1, split)
+                         _BIAS[None if bias is None else bias.dtype], sx.numel() > 1, split, t.ring)
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
         _broken.append(f"{type(e).__name__}: {e}")
         warnings.warn(f"sharq: the CUDA GEMM could not be compiled ({_broken[0][:300]}); using the Triton kernels",
@@ -364,6 +478,7 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
     y = torch.empty((t.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
                     device=a.device)
     launch = dict(grid=(n // (16 * t.rt), t.splits, 1), block=(32 * t.wk, 1, 1),
+                  shared_mem=_shared_bytes(t.rt, mt, t.wk, block, t.ring),
                   args=[codes, scales, a, y, sx, sw, bias if bias is not None else sx, m, n, k, a.stride(0), per_split])
     if device == torch.cuda.current_device():
         kernel(**launch)
