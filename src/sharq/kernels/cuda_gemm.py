@@ -373,12 +373,13 @@ class CudaTile:
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
          bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
     """Whether the kernel runs this product: NVFP4 weights, whole 128-element chunks (K = Kp), whole 16-row tiles,
-    at most MAX_M tokens, 16-byte aligned rows, on a GPU with bf16 tensor cores."""
+    at most MAX_M tokens, 16-byte aligned rows (8-byte aligned scale rows: the ring copies them in 4 or 8 bytes),
+    on a GPU with bf16 tensor cores."""
     m, k = a.shape
     n, kp = codes.shape[0], codes.shape[1] * 2
     return (fmt == "nvfp4" and block in (16, 32) and 0 < m <= MAX_M and k == kp and kp % 128 == 0 and n % 16 == 0
             and a.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS) and codes.is_contiguous()
-            and scales.is_contiguous() and scales.data_ptr() % 16 == 0 and a.stride(0) % 8 == 0
+            and scales.is_contiguous() and scales.data_ptr() % 8 == 0 and a.stride(0) % 8 == 0
             and a.data_ptr() % 16 == 0
             and codes.data_ptr() % 16 == 0 and (bias is None or bias.is_contiguous())
             and _capability(a.device) >= (8, 0) and available())
