@@ -149,7 +149,8 @@ def table(rows: list[dict]) -> str:
 
     return markdown_table(
         ["variant", "batch", "prefill ms", "graph ms/tok", "graph tok/s", "eager ms/tok", "eager tok/s",
-         "compiled ms/tok", "compile s", "speedup vs bf16", "peak GB", "weights GB", f"graph = eager ({CHECKED_TOKENS} tok)"],
+         "compiled ms/tok", "compile s", "speedup vs bf16", "peak GB", "weights GB",
+         f"graph = eager ({CHECKED_TOKENS} tok)"],
         [[r["variant"], str(r["batch"]), ms(r["prefill_ms"]), ms(r["graph_ms"]), tokens_per_s(r, "graph_ms"),
           ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]),
           "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f}",

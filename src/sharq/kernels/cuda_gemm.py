@@ -170,6 +170,7 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 
   // this warp's chunks: c_begin + warp, + WK, ... (neighbouring warps read neighbouring chunks of each row)
   const int mine = c_end - c_begin > warp ? (c_end - c_begin - warp + WK - 1) / WK : 0;
+  auto chunk = [&](int u) { return c_begin + warp + u * WK; };  // this warp's u-th chunk
   auto load_x = [&](Stage& s, int c) {  // the activation at chunk c
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -233,7 +234,6 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 #if RING
   extern __shared__ __align__(16) unsigned char smem[];
   Slot* ring = (Slot*)smem + warp * RING;
-  auto chunk = [&](int u) { return c_begin + warp + u * WK; };  // this warp's u-th chunk
   auto issue = [&](int u) {
     Slot& sl = ring[u % RING];
     const int c = chunk(u);
@@ -287,13 +287,13 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
   Stage st[STAGES];
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)
-    if (u < mine) load(st[u], c_begin + warp + u * WK);
+    if (u < mine) load(st[u], chunk(u));
   for (int s0 = 0; s0 < mine; s0 += STAGES) {
 #pragma unroll
     for (int u = 0; u < STAGES; ++u) {
       if (s0 + u < mine) {
         compute(st[u]);
-        if (s0 + u + STAGES < mine) load(st[u], c_begin + warp + (s0 + u + STAGES) * WK);
+        if (s0 + u + STAGES < mine) load(st[u], chunk(s0 + u + STAGES));
       }
     }
   }
