@@ -142,3 +142,53 @@ def test_the_weight_forward_multiplies_follows_every_change_of_the_payload(rng):
         assert torch.equal(layer(x), other(x))
         layer.to(torch.float64), other.to(torch.float64)
         assert torch.equal(layer(x.double()), other(x.double()))
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("shape,bias,dtype,recipe,options", [
+    ((1, 512), False, torch.bfloat16, "sharq", {}),
+    ((2, 3, 512), True, torch.float16, "sharq", {}),
+    ((32, 512), True, torch.bfloat16, "nvfp4", {}),
+    ((7, 512), False, torch.float32, "sharq", {"scale_granularity": "token"}),
+    ((1, 512), True, torch.bfloat16, "sharq-plus", {}),
+])
+def test_the_eager_plan_computes_what_prepare_and_multiply_compute(shape, bias, dtype, recipe, options):
+    """An eager call on the packed backend runs the layer's launch plan, which must give the general path's bits,
+    and be made anew when the weight scale, the bias or the dtype change."""
+    torch.manual_seed(len(shape) + shape[0])
+    layer = SharQLinear.from_linear(nn.Linear(512, 256, bias=bias, device="cuda", dtype=dtype), recipe,
+                                    backend="packed", **options)
+    x = (torch.randn(*shape, device="cuda") * 3).to(dtype)
+
+    def general():
+        return layer.multiply(layer.prepare(x.reshape(-1, 512)), layer.bias, dtype).reshape(*shape[:-1], 256)
+
+    with torch.no_grad():
+        assert layer.eager_plan(x) is not None
+        assert torch.equal(layer(x), general())
+        y = layer(x)
+        layer.weight_scale = layer.weight_scale * 2  # α doubles: so does the output, bias aside
+        assert torch.equal(layer(x), general())
+        if bias:
+            layer.bias = torch.randn_like(layer.bias)
+            assert torch.equal(layer(x), general()) and not torch.equal(layer(x), y)
+        else:
+            assert torch.equal(layer(x), 2 * y)
+
+
+@cuda_only
+def test_calls_the_plan_does_not_cover_take_the_general_path():
+    layer = SharQLinear.from_linear(nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16), "sharq",
+                                    backend="packed")
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    assert layer.eager_plan(x) is not None
+    assert layer.eager_plan(torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)) is None  # above decode M
+    assert layer.eager_plan(torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).T) is None  # not contiguous
+    assert layer.eager_plan(x.clone().requires_grad_()) is None  # a gradient to carry
+    with torch.no_grad():
+        assert layer.eager_plan(x.clone().requires_grad_()) is not None
+    layer.strict = True
+    assert layer.eager_plan(x) is None

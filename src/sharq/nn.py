@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .backends import WeightLayout
+from .backends import EagerPlan, WeightLayout
 from .functional import (
     check_finite,
     check_output_finite,
@@ -122,6 +122,7 @@ class SharQLinear(nn.Module):
     ) -> None:
         super().__init__()
         self._run_weight: QWeight | None = None  # what forward multiplies, made once (forward_weight)
+        self._plans: dict[tuple, EagerPlan | None] = {}  # eager launch plans by input shape, dtype, device
         self.in_features, self.out_features = in_features, out_features
         self.strict, self.name = strict, name or "SharQLinear"
         # the dtype the model computes in (what `model.to(dtype)` casts to): the payload's own dtypes never change
@@ -185,9 +186,21 @@ class SharQLinear(nn.Module):
                        micro=self.weight_micro)
 
     def __setattr__(self, name: str, value) -> None:
-        if name in self.PAYLOAD or name == "_layout":  # the weight forward multiplies is made anew
-            self.__dict__["_run_weight"] = None
+        if name in self.PAYLOAD or name in ("_layout", "bias", "backend", "recipe"):
+            self._forget_runs()
         super().__setattr__(name, value)
+
+    def __getstate__(self):
+        """Copies and pickles hold no plans: a plan's launches name this layer's tensors, not the copy's."""
+        state = super().__getstate__()
+        state["_plans"] = {}
+        return state
+
+    def _forget_runs(self) -> None:
+        """The weight forward multiplies and the eager launch plans are made anew (the payload, its layout, the
+        bias or the backend changed)."""
+        self.__dict__["_run_weight"] = None
+        self.__dict__["_plans"] = {}
 
     def forward_weight(self) -> QWeight:
         """The weight as forward multiplies it (the backend's layout in place of the payload, if it has one), made
@@ -205,7 +218,7 @@ class SharQLinear(nn.Module):
     def _configure(self) -> None:
         """Resolve the backend for the layer's device, shape and dtype, and hold the weight the way it needs: the
         bf16 Ŵ (simulation), the canonical payload, or the backend's own layout in its place."""
-        self.__dict__["_run_weight"] = None
+        self._forget_runs()
         self.backend = resolve_backend(self.backend_choice, self.recipe, self.weight_scale.device,
                                        (self.out_features, self.in_features), self.dtype)
         if self.weight_codes is None:  # bf16 weights (Ŵ is the state itself), or already in the backend's layout
@@ -283,9 +296,30 @@ class SharQLinear(nn.Module):
         activation (a serving engine's fused q/k/v) or add the bias elsewhere."""
         return matmul(act, self.forward_weight(), bias, out_dtype, self.recipe, self.backend, self._layout)
 
+    def eager_plan(self, x: torch.Tensor) -> EagerPlan | None:
+        """The backend's launch plan for an eager call on x (EagerPlan), made at the first call of its shape, dtype
+        and device; None where the call needs the general path: a trace, strict checks, a gradient to carry, an
+        input that is not contiguous or not on the layer's device, calibrated channels, or a backend without one."""
+        if (not x.is_cuda or self.strict or torch.compiler.is_compiling() or self.channels is not None
+                or (x.requires_grad and torch.is_grad_enabled()) or not x.is_contiguous()):
+            return None
+        key = (x.shape, x.dtype, x.get_device())
+        plans = self.__dict__["_plans"]
+        if key not in plans:
+            make = get_backend(self.backend).eager_plan
+            weight = self.forward_weight()
+            plans[key] = None if make is None or x.device != weight.scale.device else make(
+                weight, self.bias, self.recipe, x.numel() // self.in_features, x.dtype, x.dtype)
+        return plans[key]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        plan = self.eager_plan(x)
+        if plan is not None:
+            x2d = x.view(-1, self.in_features)
+            act = plan.prepare(x2d) if self.shared is None else self.shared.get(x, lambda: plan.prepare(x2d))
+            return plan.matmul(act).view(*x.shape[:-1], self.out_features)
         weight = self.forward_weight()
         if x.device != weight.scale.device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {weight.scale.device}")

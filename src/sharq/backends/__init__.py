@@ -35,6 +35,17 @@ class WeightLayout:
 
 
 @dataclass(frozen=True)
+class EagerPlan:
+    """An eager call's launches for inputs of one shape, dtype and device, worked out once per layer: decode calls
+    every layer once per token, so what depends only on the layer and M (launch shapes, compiled kernels, checks)
+    must not be redone per call. `prepare(x2d)` and `matmul(act)` compute what the backend's prepare and matmul
+    compute, bit for bit."""
+
+    prepare: Callable[[torch.Tensor], QActivation]
+    matmul: Callable[[QActivation], torch.Tensor]
+
+
+@dataclass(frozen=True)
 class Backend:
     """How a quantized layer runs.
 
@@ -47,7 +58,10 @@ class Backend:
     - `keeps_values`: whether a layer must hold the exact bf16 Ŵ for it (simulation) or only a packed weight;
     - `to_layout(packed, scale, bias)` / `from_layout(layout, block)`: the canonical payload (a QTensor) to the
       backend's layout, and back to the canonical codes and scale codes, exactly (None: the backend reads the
-      canonical payload)."""
+      canonical payload);
+    - `eager_plan(qweight, bias, recipe, m, x_dtype, out_dtype)` -> an EagerPlan for inputs [m, K] of x_dtype
+      (contiguous, on the weight's device), or None where the backend has none for them (then prepare and matmul
+      run). A layer keeps its plans until its weight, bias or backend changes."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None, torch.Tensor | None], QActivation]
     matmul: Callable[..., torch.Tensor]
@@ -56,6 +70,7 @@ class Backend:
     accepts: Callable[[int, int, torch.dtype], bool] = field(default=lambda n, k, dtype: True)
     to_layout: Callable[[QTensor, torch.Tensor, torch.Tensor | None], WeightLayout] | None = None
     from_layout: Callable[[WeightLayout, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    eager_plan: Callable[..., EagerPlan | None] | None = None
     runs_on: tuple[str, ...] = ("cpu", "cuda")  # device types it runs on ("cuda" only: also in the interpreter)
     needs: str | None = None  # the package it imports, checked before any model work
     install_hint: str = ""
@@ -135,5 +150,5 @@ def _builtin() -> None:
 
 _builtin()
 
-__all__ = ["AUTO_RANK", "BACKENDS", "Backend", "WeightLayout", "available", "check_backend", "get_backend",
+__all__ = ["AUTO_RANK", "BACKENDS", "Backend", "EagerPlan", "WeightLayout", "available", "check_backend", "get_backend",
            "register", "resolve_backend"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..recipes import QActivation, QWeight, Recipe
-from . import Backend, register, simulator
+from . import Backend, EagerPlan, register, simulator
 
 
 def supports(recipe: Recipe) -> bool:
@@ -28,6 +28,33 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
                          out_dtype)
 
 
-register("packed", Backend(simulator.prepare, matmul, supports, keeps_values=False, runs_on=("cuda",),
-                           needs="triton", install_hint="pip install 'sharq[gpu]' (or use backend='reference')"),
+def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: int, x_dtype: torch.dtype,
+               out_dtype: torch.dtype) -> EagerPlan | None:
+    """Decode sizes on NVFP4 weights the CUDA GEMM runs: the fused prepare launch and the GEMM launch, each worked
+    out once, with the packed_matmul's checks done here (the same kernels and launch shapes as prepare + matmul)."""
+    from ..kernels import cuda_gemm
+    from ..kernels import prepare as kp
+
+    p = qweight.packed
+    if p is None or not kp.supports(recipe) or not p.codes.is_cuda:
+        return None
+    k = p.codes.shape[1] * 2
+    if p.shape[1] != k or bias is not None and bias.device != p.codes.device:
+        return None
+    gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, m,
+                              kp.scale_per_row(recipe), out_dtype)
+    if gemm is None:
+        return None
+    run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, p.codes.device)
+
+    def prepare(x2d: torch.Tensor) -> QActivation:
+        values, scale, _ = run_prepare(x2d)
+        return QActivation((), values, scale)
+
+    return EagerPlan(prepare, lambda act: gemm(act.values, act.scale))
+
+
+register("packed", Backend(simulator.prepare, matmul, supports, keeps_values=False, eager_plan=eager_plan,
+                           runs_on=("cuda",), needs="triton",
+                           install_hint="pip install 'sharq[gpu]' (or use backend='reference')"),
          auto_rank=1)

@@ -19,6 +19,11 @@ def require_cuda(t: torch.Tensor, what: str, hint: str) -> None:
         raise ValueError(f"{what} runs on CUDA tensors (got {t.device}); {hint}")
 
 
+def flat_f32(t: torch.Tensor) -> torch.Tensor:
+    """t as the contiguous fp32 values a kernel reads by pointer (t itself when it already is: no op to launch)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.reshape(-1).float().contiguous()
+
+
 @triton.jit
 def div_ieee(a, b):
     """a / b for tensors, IEEE (correctly rounded, subnormals kept). On the GPU this is PTX div.rn.f32 itself:

@@ -22,8 +22,8 @@ placement:
   fixed order, so the output is the same from call to call and for every M (batch-invariant); where there are
   too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
 
-Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant.
-Where that is missing (no CUDA toolkit headers, another torch) or the shape does not fit (`fits`), packed_matmul
+Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant, and
+launched by cuLaunchKernel itself (kernels/launch.py) with the launch worked out once per shape (`_launch`). Where that is missing (no CUDA toolkit headers, another torch) or the shape does not fit (`fits`), packed_matmul
 runs the Triton kernels, which stay the reference implementation CPU CI checks in the interpreter. Tested against
 the exact product on the H200 (tests/kernels/test_cuda_gemm.py)."""
 
@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .launch import DriverKernel
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -194,17 +197,19 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
     load_x(s, c);
   };
 #endif
+  // the activation pair matching weight pair 2j + h of a chunk (MMA j): elements (8v + i, 8v + i + 4) of the
+  // thread's 32, v = j / 2, i = 2 (j % 2) + h, from the 16 bytes x = s.x[mt][v]
+  auto bpair = [](const U4& x, int j, int h) {
+    return prmt(j & 1 ? x.y : x.x, j & 1 ? x.w : x.z, h ? 0x7632u : 0x5410u);
+  };
   auto compute = [&](const Stage& s) {
-    u32 b[MT][16];  // activation pairs matching the weight pairs: pair 4w + i is elements (8w + i, 8w + i + 4)
+    u32 b[MT][16];  // made once, used by every row tile
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int v = 0; v < 4; ++v) {
-        const U4 x = s.x[mt][v];
-        b[mt][4 * v + 0] = prmt(x.x, x.z, 0x5410u);
-        b[mt][4 * v + 1] = prmt(x.x, x.z, 0x7632u);
-        b[mt][4 * v + 2] = prmt(x.y, x.w, 0x5410u);
-        b[mt][4 * v + 3] = prmt(x.y, x.w, 0x7632u);
+      for (int j = 0; j < 8; ++j) {
+        b[mt][2 * j] = bpair(s.x[mt][j >> 1], j, 0);
+        b[mt][2 * j + 1] = bpair(s.x[mt][j >> 1], j, 1);
       }
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
@@ -372,17 +377,24 @@ class CudaTile:
 
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
          bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
-    """Whether the kernel runs this product: NVFP4 weights, whole 128-element chunks (K = Kp), whole 16-row tiles,
-    at most MAX_M tokens, 16-byte aligned rows (8-byte aligned scale rows: the ring copies them in 4 or 8 bytes),
-    on a GPU with bf16 tensor cores."""
+    """Whether the kernel runs this product: the weight's side (weight_fits) and an activation on the GPU with
+    K = Kp and 16-byte aligned rows."""
     m, k = a.shape
+    return (a.is_cuda and k == codes.shape[1] * 2 and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+            and weight_fits(codes, scales, fmt, block, bias, out_dtype, m))
+
+
+def weight_fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, bias: torch.Tensor | None,
+                out_dtype: torch.dtype, m: int) -> bool:
+    """Whether the kernel runs this weight for M = m tokens: NVFP4 weights, whole 128-element chunks, whole
+    16-row tiles, at most MAX_M tokens, 16-byte aligned rows (8-byte aligned scale rows: the ring copies them in
+    4 or 8 bytes), on a GPU with bf16 tensor cores."""
     n, kp = codes.shape[0], codes.shape[1] * 2
-    return (fmt == "nvfp4" and block in (16, 32) and 0 < m <= MAX_M and k == kp and kp % 128 == 0 and n % 16 == 0
-            and a.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS) and codes.is_contiguous()
-            and scales.is_contiguous() and scales.data_ptr() % 8 == 0 and a.stride(0) % 8 == 0
-            and a.data_ptr() % 16 == 0
+    return (fmt == "nvfp4" and block in (16, 32) and 0 < m <= MAX_M and kp % 128 == 0 and n % 16 == 0
+            and codes.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS)
+            and codes.is_contiguous() and scales.is_contiguous() and scales.data_ptr() % 8 == 0
             and codes.data_ptr() % 16 == 0 and (bias is None or bias.is_contiguous())
-            and _capability(a.device) >= (8, 0) and available())
+            and _capability(codes.device) >= (8, 0) and available())
 
 
 @functools.lru_cache
@@ -432,8 +444,8 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     multiprocessors have a 16-row tile each. Up to 8 tokens: a weight of 2^25 elements or more goes through a
     cp.async ring of 3 chunks per warp, two row tiles a warp where N is at least twice K; smaller ones are staged
     in registers, two chunks in flight. 9 to 16 tokens: two row tiles (the activation's registers serve twice
-    the weight), one chunk in flight. Above: the ring, two row tiles where N > 2048. From the sweeps of
-    `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. The K partition (wk, splits) depends on the
+    the weight), one chunk in flight, through the ring where K >= 8192 and N <= K. Above: the ring, two row tiles
+    where N > 2048. From the sweeps of `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. The K partition (wk, splits) depends on the
     layer's shape alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
@@ -443,7 +455,7 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
         else:
             rt, stages, ring = 1, 2, 0
     elif m <= 16:
-        rt, stages, ring = (2, 1, 0) if two_rows else (1, 2, 0)
+        rt, stages, ring = (2, 1, 3 if 8192 <= kp and n <= kp else 0) if two_rows else (1, 2, 0)
     else:
         rt, stages, ring = (2 if two_rows and n > 2048 else 1), 1, 3
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
@@ -452,38 +464,88 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     return CudaTile(rt, wk, stages, splits, ring)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """Everything about a launch that depends on the shapes alone, worked out once per shape (the eager per-call
+    cost is then the output's allocation and one cuLaunchKernel)."""
+
+    kernel: DriverKernel
+    device: int
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    splits: int
+    chunks_per_split: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
+            tile: CudaTile | None) -> _Launch:
+    t = tile or choose_tile(m, n, k, torch.device("cuda", device))
+    if n % (16 * t.rt):
+        raise ValueError(f"CudaTile rt={t.rt} needs N a multiple of {16 * t.rt}, got {n}")
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4
+    kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, out, bias, sx_row, t.splits > 1, t.ring)
+    return _Launch(DriverKernel(kernel.func.value, 7, 5), device, (n // (16 * t.rt), t.splits, 1), (32 * t.wk, 1, 1),
+                   _shared_bytes(t.rt, mt, t.wk, block, t.ring), t.splits, -(-(k // 128) // t.splits))
+
+
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
               sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
               tile: CudaTile | None = None) -> torch.Tensor | None:
     """α · (a · Ŵᵀ) + bias [M, N] in out_dtype, as gemm.packed_matmul (arguments checked there; sx, sw flat fp32),
     or None where the kernel cannot be compiled here (a warning says why, once)."""
-    from .epilogue import reduce_scale_and_bias
-
     (m, k), n = a.shape, codes.shape[0]
-    t = tile or choose_tile(m, n, k, a.device)
-    if n % (16 * t.rt):
-        raise ValueError(f"CudaTile rt={t.rt} needs N a multiple of {16 * t.rt}, got {n}")
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4
-    split = t.splits > 1
-    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    plan = _plan(a.get_device(), m, n, k, block, out_dtype, None if bias is None else bias.dtype, sx.numel() > 1,
+                 tile)
+    return None if plan is None else _run(plan, a, codes, scales, sx, sw, bias, out_dtype)
+
+
+def _plan(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype, bias_dtype: torch.dtype | None,
+          sx_row: bool, tile: CudaTile | None) -> _Launch | None:
+    """The launch (None where the kernel cannot be compiled here: a warning says why, once)."""
     try:
-        kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, _OUT[out_dtype],
-                         _BIAS[None if bias is None else bias.dtype], sx.numel() > 1, split, t.ring)
+        return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile)
+    except ValueError:
+        raise
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
         _broken.append(f"{type(e).__name__}: {e}")
         warnings.warn(f"sharq: the CUDA GEMM could not be compiled ({_broken[0][:300]}); using the Triton kernels",
-                      stacklevel=3)
+                      stacklevel=4)
         return None
-    chunks = k // 128
-    per_split = -(-chunks // t.splits)
-    y = torch.empty((t.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
+
+
+def _run(plan: _Launch, a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, sx: torch.Tensor,
+         sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    from .epilogue import reduce_scale_and_bias
+
+    (m, k), n, device = a.shape, codes.shape[0], plan.device
+    split = plan.splits > 1
+    y = torch.empty((plan.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
                     device=a.device)
-    launch = dict(grid=(n // (16 * t.rt), t.splits, 1), block=(32 * t.wk, 1, 1),
-                  shared_mem=_shared_bytes(t.rt, mt, t.wk, block, t.ring),
-                  args=[codes, scales, a, y, sx, sw, bias if bias is not None else sx, m, n, k, a.stride(0), per_split])
+    ptrs = (codes.data_ptr(), scales.data_ptr(), a.data_ptr(), y.data_ptr(), sx.data_ptr(), sw.data_ptr(),
+            (bias if bias is not None else sx).data_ptr())
+    ints = (m, n, k, a.stride(0), plan.chunks_per_split)
     if device == torch.cuda.current_device():
-        kernel(**launch)
-    else:  # the launch goes to the current device's stream: make it a's (a model spread over several GPUs)
+        plan.kernel(plan.grid, plan.block, plan.shared_bytes, torch._C._cuda_getCurrentRawStream(device), ptrs, ints)
+    else:  # a model spread over several GPUs: launch in a's device's context, on its current stream
         with torch.cuda.device(device):
-            kernel(**launch)
+            plan.kernel(plan.grid, plan.block, plan.shared_bytes, torch._C._cuda_getCurrentRawStream(device), ptrs,
+                        ints)
     return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y
+
+
+def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
+             bias: torch.Tensor | None, m: int, sx_rows: bool, out_dtype: torch.dtype
+             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The product with this weight for activations [m, K] (bf16, contiguous, 16-byte aligned: a prepare
+    kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y, sx the activation scale (fp32
+    [m, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight."""
+    if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
+            and sw.dtype == torch.float32 and sw.is_contiguous()):
+        return None
+    plan = _plan(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,
+                 None if bias is None else bias.dtype, sx_rows and m > 1, None)
+    if plan is None:
+        return None
+    return lambda a, sx: _run(plan, a, codes, scales, sx, sw, bias, out_dtype)

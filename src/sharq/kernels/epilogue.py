@@ -9,11 +9,14 @@ partial products of a split-K GEMM (kernels/gemm.py) before scaling them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import cast_rne, require_cuda
+from .common import cast_rne, flat_f32, require_cuda
+from .launch import launch_triton
 
 
 @triton.jit
@@ -44,13 +47,18 @@ def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
     if y.stride(-1) != 1 or src.stride(-1) != 1:
         raise ValueError("the epilogue needs rows with unit stride")
     if m and n:
-        sx, sw = sx.reshape(-1).float().contiguous(), sw.reshape(-1).float().contiguous()
-        grid = (triton.cdiv(m, 32), triton.cdiv(n, 256))
-        _epilogue_kernel[grid](src, y, sx, sw, bias if bias is not None else sx, m, n,
-                               src.stride(0) if splits > 1 else 0, src.stride(-2), y.stride(0), SPLITS=splits,
-                               SX_PER_ROW=sx.numel() > 1, SW_PER_COL=sw.numel() > 1, HAS_BIAS=bias is not None,
-                               BM=32, BN=256, num_warps=4)
+        sx, sw = flat_f32(sx), flat_f32(sw)
+        flags = (splits, sx.numel() > 1, sw.numel() > 1, bias is not None)
+        launch_triton(_epilogue_kernel, (triton.cdiv(m, 32), triton.cdiv(n, 256)),
+                      (src, y, sx, sw, bias if bias is not None else sx, m, n, src.stride(0) if splits > 1 else 0,
+                       src.stride(-2), y.stride(0)), _constexprs(*flags), flags)
     return y
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(splits: int, sx_per_row: bool, sw_per_col: bool, has_bias: bool) -> dict:
+    return dict(SPLITS=splits, SX_PER_ROW=sx_per_row, SW_PER_COL=sw_per_col, HAS_BIAS=has_bias, BM=32, BN=256,
+                num_warps=4)
 
 
 def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import cuda_gemm
-from .common import INTERPRETED, NATIVE, cast_rne, require_cuda
+from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
@@ -398,7 +398,7 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
     (m, k), n, kp = a.shape, codes.shape[0], codes.shape[1] * 2
     if kp < k or kp % block or scales.shape != (n, kp // block):
         raise ValueError(f"packed weight codes {tuple(codes.shape)} / scales {tuple(scales.shape)} do not fit K={k}")
-    sx, sw = sx.reshape(-1).float().contiguous(), sw.reshape(-1).float().contiguous()
+    sx, sw = flat_f32(sx), flat_f32(sw)
     if sw.numel() != 1:
         raise ValueError("packed_matmul takes one weight scale s_w per layer")
     if m == 0 or n == 0:

@@ -31,6 +31,7 @@ path. Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
 from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
+from .launch import launch_triton
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -49,6 +51,7 @@ _FLOOR = tl.constexpr(TENSOR_SCALE_FLOOR)
 _INF_BITS = tl.constexpr(0x7F800000)
 
 
+@functools.lru_cache(maxsize=256)
 def supports(recipe: Recipe) -> bool:
     """Whether the fused kernel implements this recipe's activation cascade. Formats match by name: the kernel is
     SPEC §3's NVFP4 and MXFP4, so the NVFP4 tool variants (nvfp4-torchao, nvfp4-compressed-tensors: no bf16(X/s),
@@ -389,6 +392,7 @@ SELF_AMAX_ELEMENTS = 32768  # up to here (decode of an 8B model, batch ≤ 8) on
 SELF_AMAX_TILE = 4096  # elements per load of that re-read (rows × columns)
 
 
+@functools.lru_cache(maxsize=None)
 def _default_tile(m: int) -> dict:
     """Below 8 rows, tiles of the next power of two of rows and 256 columns (16 for one row), so no program
     computes rows that are not there (H200: 2.2 against 3.2 µs at M = 1, 3.2 against 4.2 at M = 4, K = 4096)."""
@@ -414,6 +418,7 @@ class _Plan:
     mask: str | None
     idx_bytes: int
     constexprs: dict
+    constexpr_key: tuple  # constexprs in a hashable form (launch.launch_triton's cache)
 
 
 def _check_supported(recipe: Recipe) -> None:
@@ -430,7 +435,7 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
     bm, h, warps = tile
     stages = recipe.stages
     tensor_scale = recipe.uses_tensor_scale
-    per_row = recipe.scale_granularity == "token" and tensor_scale
+    per_row = scale_per_row(recipe)
     self_amax = tensor_scale and not given_amax and (m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
     amax_grid = None
     if tensor_scale and not self_amax and not given_amax:
@@ -445,7 +450,12 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
     return _Plan(per_row, tensor_scale, self_amax, amax_grid, (triton.cdiv(m, bm), triton.cdiv(k, 16 * h)),
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
-                 -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs)
+                 -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs, tuple(sorted(constexprs.items())))
+
+
+def scale_per_row(recipe: Recipe) -> bool:
+    """Whether the kernel writes one activation scale per row ([M, 1]) rather than one ([1, 1])."""
+    return recipe.scale_granularity == "token" and recipe.uses_tensor_scale
 
 
 @functools.lru_cache
@@ -470,10 +480,16 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
         return act.values.to(out_dtype), act.scale, act.parts
     m, k = x2d.shape
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    dev = x.device
     tile = tile or _default_tile(m)
     plan = _plan(recipe, m, k, x.dtype != torch.bfloat16, packed, (tile["BM"], tile["H"], tile["num_warps"]),
-                 self_amax, _multiprocessors(dev), amax is not None)
+                 self_amax, _multiprocessors(x.device), amax is not None)
+    return _run(plan, x, out_dtype, packed, amax)
+
+
+def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, amax: torch.Tensor | None
+         ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+    """The launches of a plan on x [M, K] (unit column stride), its arguments checked by the caller."""
+    (m, k), dev = x.shape, x.device
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
     if plan.tensor_scale:  # s_x is written by the main kernel
         scale = torch.empty(m if plan.per_row else 1, 1, dtype=torch.float32, device=dev)
@@ -492,8 +508,9 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
                for kpad, block in zip(plan.kp, plan.blocks)]
     indices = torch.empty(m, plan.idx_bytes, dtype=torch.uint8, device=dev) if packed and plan.mask else out
     codes2, scales2 = payload[-1]
-    _prepare_kernel[plan.grid](x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0), payload[0][0], payload[0][1],
-                               indices, codes2, scales2, plan.kp[0], plan.kp[-1], plan.idx_bytes, **plan.constexprs)
+    launch_triton(_prepare_kernel, plan.grid, (x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0),
+                                               payload[0][0], payload[0][1], indices, codes2, scales2, plan.kp[0],
+                                               plan.kp[-1], plan.idx_bytes), plan.constexprs, plan.constexpr_key)
     parts = ()
     if packed:
         parts = tuple(
@@ -501,6 +518,18 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
                     indices=indices if i == 0 and plan.mask else None)
             for i, (fmt, block, (codes, scales)) in enumerate(zip(plan.fmts, plan.blocks, payload)))
     return out, scale, parts
+
+
+def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device
+                         ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, tuple]]:
+    """prepare_dequantized's launches for inputs [m, k] of x_dtype with unit column stride on `device` (bf16
+    values), worked out once: an eager layer's plan, whose caller guarantees the input. Returns x -> (values,
+    scale, ())."""
+    _check_supported(recipe)
+    tile = _default_tile(m)
+    plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
+                 _multiprocessors(device), False)
+    return functools.partial(_run, plan, out_dtype=torch.bfloat16, packed=False, amax=None)
 
 
 def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32,

@@ -1,0 +1,72 @@
+"""Kernel launches with little host work (kernels/launch.py): a launch straight to the compiled kernel computes
+what Triton's own launcher computes, keeps specializations apart, and is safe from several threads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sharq.kernels import cuda_gemm, launch
+from sharq.kernels.epilogue import _epilogue_kernel, reduce_scale_and_bias
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_a_launch_hook_sends_launches_through_triton(monkeypatch):
+    """A profiler's launch hook must see every launch, so the direct path steps aside while one is installed."""
+    if launch._RUNTIME is None:
+        pytest.skip("this Triton has no launch hooks (every launch takes Triton's path)")
+    assert not launch._hooks_set()
+    monkeypatch.setattr(launch._RUNTIME, "launch_enter_hook", lambda *args: None)
+    assert launch._hooks_set()
+
+
+def _expected(partials, sx, sw, bias, out_dtype):
+    y = partials.sum(0) * (sx.reshape(-1, 1) * sw.reshape(1, -1))
+    return (y + bias.float() if bias is not None else y).to(out_dtype)
+
+
+@cuda
+@pytest.mark.parametrize("offset", [0, 1])  # 1: partials 4 bytes off 16-byte alignment, another specialization
+def test_direct_launches_compute_what_triton_launches_compute(offset):
+    g = torch.Generator(device="cuda").manual_seed(1234 + offset)
+    before = {k for k in launch._compiled if k[0] is _epilogue_kernel}
+    for call in range(3):  # the first call compiles (Triton's path), the later ones launch directly
+        flat = torch.randn(3 * 5 * 300 + offset, device="cuda", generator=g)
+        partials = flat[offset:].view(3, 5, 300)
+        sx, sw = torch.rand(5, 1, device="cuda", generator=g) + 0.5, torch.rand(1, device="cuda", generator=g)
+        bias = torch.randn(300, device="cuda", generator=g, dtype=torch.bfloat16)
+        y = reduce_scale_and_bias(partials, sx, sw, bias, torch.float32)
+        torch.testing.assert_close(y, _expected(partials, sx, sw, bias, torch.float32), rtol=2e-6, atol=1e-6)
+    mine = {k for k in launch._compiled if k[0] is _epilogue_kernel} - before
+    assert len(mine) == 1 and (torch.float32, offset == 0) in next(iter(mine))
+
+
+@cuda
+@pytest.mark.skipif(not cuda_gemm.available(), reason="needs torch.cuda._compile_kernel")
+def test_the_cuda_gemm_launched_from_several_threads_gives_each_its_own_product():
+    g = torch.Generator().manual_seed(99)
+    n, k = 512, 1024
+    codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
+    scales = torch.randint(0x20, 0x50, (n, k // 32), generator=g, dtype=torch.uint8).cuda()
+    xs = [torch.randn(m, k, generator=g).to(torch.bfloat16).cuda() for m in (1, 2, 5, 8, 1, 3, 7, 4)]
+    sx, sw = torch.ones(1, device="cuda"), torch.ones(1, device="cuda")
+    alone = [cuda_gemm.nvfp4_mma(x, codes, scales, 32, sx, sw, None, torch.float32) for x in xs]
+    torch.cuda.synchronize()
+    together: list = [None] * len(xs)
+
+    def work(i):
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(20):
+                together[i] = cuda_gemm.nvfp4_mma(xs[i], codes, scales, 32, sx, sw, None, torch.float32)
+            torch.cuda.current_stream().synchronize()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert torch.equal(a, b)
