@@ -285,7 +285,7 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
             act.values, c, s, "nvfp4", 32, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
         auto = cuda_gemm.choose_tile(m, n, k, x.device)
         tiles = dict.fromkeys([auto] + [cuda_gemm.CudaTile(rt, wk, st, sp, ring) for rt, wk, st, sp, ring in
-                                        itertools.product((1, 2), (4, 8), (2, 4) if m <= 8 else (1, 2), (1, 2, 4),
+                                        itertools.product((1, 2, 4), (4, 8), (2, 4) if m <= 8 else (1, 2), (1, 2, 4),
                                                           (0, 3)) if k // 128 // sp >= wk and not (ring and st > 1)])
         timed = {}
         for t in tiles:

@@ -23,9 +23,10 @@ placement:
   too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
 
 Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant, and
-launched by cuLaunchKernel itself (kernels/launch.py) with the launch worked out once per shape (`_launch`). Where that is missing (no CUDA toolkit headers, another torch) or the shape does not fit (`fits`), packed_matmul
-runs the Triton kernels, which stay the reference implementation CPU CI checks in the interpreter. Tested against
-the exact product on the H200 (tests/kernels/test_cuda_gemm.py)."""
+launched by cuLaunchKernel itself (kernels/launch.py) with the launch worked out once per shape (`_launch`). Where
+that is missing (no CUDA toolkit headers, another torch) or the shape does not fit (`fits`), packed_matmul runs the
+Triton kernels, which stay the reference implementation CPU CI checks in the interpreter. Tested against the exact
+product on the H200 (tests/kernels/test_cuda_gemm.py)."""
 
 from __future__ import annotations
 
@@ -93,7 +94,8 @@ __device__ __forceinline__ u32 e2m1_pair(u32 x, int i) {
 // a UE4M3 scale code (float8_e4m3fn bits) times 2^118 as a bf16 pair; exact (4 significant bits, below 2^127)
 __device__ __forceinline__ u32 scale_pair(u32 code) {
   u32 e = (code >> 3) & 15u, m = code & 7u;
-  float f = e ? __uint_as_float(((e + 238u) << 23) | (m << 20)) : (float)m * __uint_as_float(236u << 23);  // m*2^-9*2^118
+  // normal: 2^(e - 7) (1 + m/8) 2^118; subnormal: m 2^-9 2^118
+  float f = e ? __uint_as_float(((e + 238u) << 23) | (m << 20)) : (float)m * __uint_as_float(236u << 23);
   if (code & 0x80u) f = -f;
   if ((code & 0x7Fu) == 0x7Fu) f = __uint_as_float(0x7FC00000u);
   u32 b = __float_as_uint(f) >> 16;
@@ -443,10 +445,11 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     """Blocks of 8 warps (4 for layers wider than 4096, which have blocks enough), K split over blocks until the
     multiprocessors have a 16-row tile each. Up to 8 tokens: a weight of 2^25 elements or more goes through a
     cp.async ring of 3 chunks per warp, two row tiles a warp where N is at least twice K; smaller ones are staged
-    in registers, two chunks in flight. 9 to 16 tokens: two row tiles (the activation's registers serve twice
-    the weight), one chunk in flight, through the ring where K >= 8192 and N <= K. Above: the ring, two row tiles
-    where N > 2048. From the sweeps of `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. The K partition (wk, splits) depends on the
-    layer's shape alone, so a token's output does not change with the batch."""
+    in registers, two chunks in flight. 9 to 16 tokens: two row tiles (the activation's registers serve twice the
+    weight), one chunk in flight, through the ring where K >= 8192 and N <= K. Above: the ring, two row tiles
+    where N > 2048. From the sweeps of `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. The K
+    partition (wk, splits) depends on the layer's shape alone, so a token's output does not change with the
+    batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
     if m <= 8:
