@@ -52,6 +52,20 @@ def test_compiled_decode_step_gives_the_same_tokens(rng):
     assert torch.equal(sharq.generate(model, ids, 4, compile=True), sharq.generate(model, ids, 4))
 
 
+def test_transformers_static_cache_generate_with_a_compiled_forward(rng):
+    """Hugging Face's own fast path on a quantized model: generate with the static cache through
+    torch.compile(model.forward, fullgraph=True), which raises at any graph break; the tokens are the eager ones."""
+    torch._dynamo.reset()
+    model, ids = model_for("llama", True), prompts(rng)
+    want = hf_generate(model, ids, 4, static=True)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    try:
+        assert torch.equal(hf_generate(model, ids, 4, static=True), want)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+
+
 def test_eos_stops_every_row_and_finished_rows_keep_eos(rng):
     model, ids = model_for("llama", False), prompts(rng)
     free = sharq.generate(model, ids, NEW)[:, PROMPT:]
