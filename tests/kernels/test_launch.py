@@ -23,6 +23,23 @@ def test_a_launch_hook_sends_launches_through_triton(monkeypatch):
     assert launch._hooks_set()
 
 
+def test_the_key_tells_apart_what_a_specialization_depends_on():
+    """Two calls share a compiled kernel only if dtypes, 16-byte alignments, integer values, bools, constexprs and
+    the device agree."""
+    storage = torch.empty(64)
+    a, b, off = storage[:16], storage[16:32], storage[1:17]  # b is aligned too (64 bytes on), off is not
+    key = launch._key(None, 0, ("BLOCK", 32), (a, 7, True, 0.5))
+    assert key == launch._key(None, 0, ("BLOCK", 32), (b, 7, True, 0.5))
+    for other in [launch._key(None, 0, ("BLOCK", 32), (off, 7, True, 0.5)),
+                  launch._key(None, 0, ("BLOCK", 32), (a.double(), 7, True, 0.5)),
+                  launch._key(None, 0, ("BLOCK", 32), (a, 8, True, 0.5)),
+                  launch._key(None, 0, ("BLOCK", 32), (a, 7, 1, 0.5)),
+                  launch._key(None, 0, ("BLOCK", 32), (a, 7, True, 0.25)),
+                  launch._key(None, 0, ("BLOCK", 16), (a, 7, True, 0.5)),
+                  launch._key(None, 1, ("BLOCK", 32), (a, 7, True, 0.5))]:
+        assert other != key
+
+
 def _expected(partials, sx, sw, bias, out_dtype):
     y = partials.sum(0) * (sx.reshape(-1, 1) * sw.reshape(1, -1))
     return (y + bias.float() if bias is not None else y).to(out_dtype)

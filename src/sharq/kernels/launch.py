@@ -40,6 +40,13 @@ def _hooks_set() -> bool:
                                                                      _RUNTIME.launch_exit_hook))
 
 
+def _key(fn, device: int, constexpr_key: tuple, args: Sequence) -> tuple:
+    """Everything a compiled kernel's specialization can depend on, flat (it is built on every eager call): an int
+    as itself, a tensor as its dtype and whether it is 16-byte aligned, anything else as its type and value."""
+    return (fn, device, constexpr_key, *[a if a.__class__ is int else (a.dtype, not a.data_ptr() & 15)
+                                         if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
+
+
 def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: dict, constexpr_key: tuple) -> None:
     """fn[grid](*args, **constexprs) for a @triton.jit fn whose parameters are `args` (tensors, ints, floats,
     bools) followed by the constexprs named in `constexprs`, plus launch options (num_warps, ...) in it too.
@@ -48,8 +55,7 @@ def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: dict, con
         fn[tuple(grid)](*args, **constexprs)
         return
     device = torch.cuda.current_device()
-    key = (fn, device, constexpr_key, *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
-                                         (type(a), a) for a in args])
+    key = _key(fn, device, constexpr_key, args)
     hit = _compiled.get(key)
     if hit is None:
         kernel = fn[tuple(grid)](*args, **constexprs)
