@@ -390,6 +390,7 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
 _TILE = dict(BM=8, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
 SELF_AMAX_ELEMENTS = 32768  # up to here (decode of an 8B model, batch ≤ 8) one launch finds the amax itself
 SELF_AMAX_TILE = 4096  # elements per load of that re-read (rows × columns)
+_AMAX = {per_row: dict(PER_ROW=per_row, BM=8, BK=512, num_warps=4) for per_row in (False, True)}  # the amax pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -499,8 +500,8 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
         elif plan.amax_grid is not None:
             amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
                          else torch.zeros(1, dtype=torch.int32, device=dev))
-            _amax_kernel[plan.amax_grid](x, amax_bits, m, k, x.stride(0), PER_ROW=plan.per_row, BM=8, BK=512,
-                                         num_warps=4)
+            launch_triton(_amax_kernel, plan.amax_grid, (x, amax_bits, m, k, x.stride(0)), _AMAX[plan.per_row],
+                          (plan.per_row,))
     else:
         scale = amax_bits = torch.ones(1, 1, dtype=torch.float32, device=dev)  # a placeholder the kernel skips
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
