@@ -188,6 +188,7 @@ def test_calls_the_plan_does_not_cover_take_the_general_path():
     assert layer.eager_plan(torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)) is None  # above decode M
     assert layer.eager_plan(torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).T) is None  # not contiguous
     assert layer.eager_plan(x.clone().requires_grad_()) is None  # a gradient to carry
+    assert layer.eager_plan(x.to(torch.int32)) is None  # as_rows' TypeError, not a kernel's garbage
     with torch.no_grad():
         assert layer.eager_plan(x.clone().requires_grad_()) is not None
     layer.strict = True

@@ -299,9 +299,11 @@ class SharQLinear(nn.Module):
     def eager_plan(self, x: torch.Tensor) -> EagerPlan | None:
         """The backend's launch plan for an eager call on x (EagerPlan), made at the first call of its shape, dtype
         and device; None where the call needs the general path: a trace, strict checks, a gradient to carry, an
-        input that is not contiguous or not on the layer's device, calibrated channels, or a backend without one."""
+        input that is not contiguous, not floating-point or not on the layer's device, calibrated channels, or a
+        backend without one."""
         if (not x.is_cuda or self.strict or torch.compiler.is_compiling() or self.channels is not None
-                or (x.requires_grad and torch.is_grad_enabled()) or not x.is_contiguous()):
+                or (x.requires_grad and torch.is_grad_enabled()) or not x.is_contiguous()
+                or not x.is_floating_point()):
             return None
         key = (x.shape, x.dtype, x.get_device())
         plans = self.__dict__["_plans"]

@@ -150,5 +150,5 @@ def _builtin() -> None:
 
 _builtin()
 
-__all__ = ["AUTO_RANK", "BACKENDS", "Backend", "EagerPlan", "WeightLayout", "available", "check_backend", "get_backend",
-           "register", "resolve_backend"]
+__all__ = ["AUTO_RANK", "BACKENDS", "Backend", "EagerPlan", "WeightLayout", "available", "check_backend",
+           "get_backend", "register", "resolve_backend"]
