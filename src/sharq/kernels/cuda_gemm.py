@@ -499,14 +499,14 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
     """α · (a · Ŵᵀ) + bias [M, N] in out_dtype, as gemm.packed_matmul (arguments checked there; sx, sw flat fp32),
     or None where the kernel cannot be compiled here (a warning says why, once)."""
     (m, k), n = a.shape, codes.shape[0]
-    plan = _plan(a.get_device(), m, n, k, block, out_dtype, None if bias is None else bias.dtype, sx.numel() > 1,
-                 tile)
+    plan = _try_launch(a.get_device(), m, n, k, block, out_dtype, None if bias is None else bias.dtype,
+                       sx.numel() > 1, tile)
     return None if plan is None else _run(plan, a, codes, scales, sx, sw, bias, out_dtype)
 
 
-def _plan(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype, bias_dtype: torch.dtype | None,
-          sx_row: bool, tile: CudaTile | None) -> _Launch | None:
-    """The launch (None where the kernel cannot be compiled here: a warning says why, once)."""
+def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype,
+                bias_dtype: torch.dtype | None, sx_row: bool, tile: CudaTile | None) -> _Launch | None:
+    """_launch, or None where the kernel cannot be compiled here (a warning says why, once)."""
     try:
         return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile)
     except ValueError:
@@ -547,8 +547,8 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw
     if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
-    plan = _plan(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,
-                 None if bias is None else bias.dtype, sx_rows and m > 1, None)
+    plan = _try_launch(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,
+                       None if bias is None else bias.dtype, sx_rows and m > 1, None)
     if plan is None:
         return None
     return lambda a, sx: _run(plan, a, codes, scales, sx, sw, bias, out_dtype)
