@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import cast_rne, flat_f32, require_cuda
-from .launch import launch_triton
+from .launch import Constexprs, launch_triton
 
 
 @triton.jit
@@ -48,16 +48,16 @@ def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         raise ValueError("the epilogue needs rows with unit stride")
     if m and n:
         sx, sw = flat_f32(sx), flat_f32(sw)
-        flags = (splits, sx.numel() > 1, sw.numel() > 1, bias is not None)
         launch_triton(_epilogue_kernel, (triton.cdiv(m, 32), triton.cdiv(n, 256)),
                       (src, y, sx, sw, bias if bias is not None else sx, m, n, src.stride(0) if splits > 1 else 0,
-                       src.stride(-2), y.stride(0)), _constexprs(*flags), flags)
+                       src.stride(-2), y.stride(0)),
+                      _constexprs(splits, sx.numel() > 1, sw.numel() > 1, bias is not None))
     return y
 
 
 @functools.lru_cache(maxsize=None)
-def _constexprs(splits: int, sx_per_row: bool, sw_per_col: bool, has_bias: bool) -> dict:
-    return dict(SPLITS=splits, SX_PER_ROW=sx_per_row, SW_PER_COL=sw_per_col, HAS_BIAS=has_bias, BM=32, BN=256,
+def _constexprs(splits: int, sx_per_row: bool, sw_per_col: bool, has_bias: bool) -> Constexprs:
+    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, SW_PER_COL=sw_per_col, HAS_BIAS=has_bias, BM=32, BN=256,
                 num_warps=4)
 
 

@@ -32,7 +32,7 @@ import triton.language as tl
 from . import cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_
-from .launch import launch_triton
+from .launch import Constexprs, launch_triton
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 # up to here the packed kernels; above, decode to scratch + cuBLAS (decoded_matmul). docs/PERF.md,
@@ -325,11 +325,11 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block
     if n and k:
         flags = _DEQUANTIZE[fmt, block]
         launch_triton(_dequantize_kernel, (triton.cdiv(n, flags["BN"]), triton.cdiv(k, flags["BK"])),
-                      (codes, scales, w, n, k, codes.shape[1] * 2), flags, (fmt, block))
+                      (codes, scales, w, n, k, codes.shape[1] * 2), flags)
     return w
 
 
-_DEQUANTIZE = {(fmt, block): dict(BLOCK=block, FMT=code, BN=32, BK=256, num_warps=4)
+_DEQUANTIZE = {(fmt, block): Constexprs(BLOCK=block, FMT=code, BN=32, BK=256, num_warps=4)
                for fmt, code in _FMT.items() for block in (16, 32)}
 
 
@@ -424,18 +424,16 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
                     device=a.device)
     args = (a, codes, scales, y, sx, sw, bias if bias is not None else sx, m, n, k, kp, a.stride(0), m * n, n,
             k_per_split)
-    flags, flags_key = _flags(t, block, fmt, split, sx.numel() > 1, bias is not None)
+    flags = _flags(t, block, fmt, split, sx.numel() > 1, bias is not None)
     if t.kernel == "gemv":
-        launch_triton(_packed_gemv_kernel, (triton.cdiv(n, t.bn), t.splits, m), args, flags, flags_key)
+        launch_triton(_packed_gemv_kernel, (triton.cdiv(n, t.bn), t.splits, m), args, flags)
     else:
-        launch_triton(_packed_mm_kernel, (triton.cdiv(n, t.bn), t.splits, triton.cdiv(m, t.bm)), args, flags,
-                      flags_key)
+        launch_triton(_packed_mm_kernel, (triton.cdiv(n, t.bn), t.splits, triton.cdiv(m, t.bm)), args, flags)
     return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y
 
 
 @functools.lru_cache(maxsize=None)
-def _flags(t: Tile, block: int, fmt: str, split: bool, sx_per_row: bool, has_bias: bool) -> tuple[dict, tuple]:
-    """The small-M kernels' constexprs and launch options for a tile, and their hashable form (launch_triton)."""
-    flags = dict(BLOCK=block, FMT=_FMT[fmt], SPLIT=split, SX_PER_ROW=sx_per_row, HAS_BIAS=has_bias, BN=t.bn,
-                 BK=t.bk, num_warps=t.warps, num_stages=t.stages, **({"BM": t.bm} if t.kernel == "mma" else {}))
-    return flags, tuple(sorted(flags.items()))
+def _flags(t: Tile, block: int, fmt: str, split: bool, sx_per_row: bool, has_bias: bool) -> Constexprs:
+    """The small-M kernels' constexprs and launch options for a tile."""
+    return Constexprs(BLOCK=block, FMT=_FMT[fmt], SPLIT=split, SX_PER_ROW=sx_per_row, HAS_BIAS=has_bias, BN=t.bn,
+                      BK=t.bk, num_warps=t.warps, num_stages=t.stages, **({"BM": t.bm} if t.kernel == "mma" else {}))

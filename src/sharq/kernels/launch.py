@@ -40,6 +40,15 @@ def _hooks_set() -> bool:
                                                                      _RUNTIME.launch_exit_hook))
 
 
+class Constexprs(dict):
+    """A kernel's constexprs and launch options (num_warps, ...), made once per variant by its caller, with the
+    hashable form launch_triton's key needs computed then rather than on every launch. Not to be changed."""
+
+    def __init__(self, **values):
+        super().__init__(values)
+        self.key = tuple(sorted(values.items()))
+
+
 def _key(fn, device: int, constexpr_key: tuple, args: Sequence) -> tuple:
     """Everything a compiled kernel's specialization can depend on, flat (it is built on every eager call): an int
     as itself, a tensor as its dtype and whether it is 16-byte aligned, anything else as its type and value."""
@@ -47,15 +56,14 @@ def _key(fn, device: int, constexpr_key: tuple, args: Sequence) -> tuple:
                                          if isinstance(a, torch.Tensor) else (type(a), a) for a in args])
 
 
-def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: dict, constexpr_key: tuple) -> None:
+def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: Constexprs) -> None:
     """fn[grid](*args, **constexprs) for a @triton.jit fn whose parameters are `args` (tensors, ints, floats,
-    bools) followed by the constexprs named in `constexprs`, plus launch options (num_warps, ...) in it too.
-    `constexpr_key` is a hashable form of `constexprs` (the caller's, made once)."""
+    bools) followed by the constexprs named in `constexprs`."""
     if INTERPRETED or _hooks_set():
         fn[tuple(grid)](*args, **constexprs)
         return
     device = torch.cuda.current_device()
-    key = _key(fn, device, constexpr_key, args)
+    key = _key(fn, device, constexprs.key, args)
     hit = _compiled.get(key)
     if hit is None:
         kernel = fn[tuple(grid)](*args, **constexprs)

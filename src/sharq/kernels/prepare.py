@@ -42,7 +42,7 @@ from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
 from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
-from .launch import launch_triton
+from .launch import Constexprs, launch_triton
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -390,7 +390,7 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
 _TILE = dict(BM=8, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
 SELF_AMAX_ELEMENTS = 32768  # up to here (decode of an 8B model, batch ≤ 8) one launch finds the amax itself
 SELF_AMAX_TILE = 4096  # elements per load of that re-read (rows × columns)
-_AMAX = {per_row: dict(PER_ROW=per_row, BM=8, BK=512, num_warps=4) for per_row in (False, True)}  # the amax pass
+_AMAX = {per_row: Constexprs(PER_ROW=per_row, BM=8, BK=512, num_warps=4) for per_row in (False, True)}  # the amax pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -418,8 +418,7 @@ class _Plan:
     fmts: tuple[str, ...]
     mask: str | None
     idx_bytes: int
-    constexprs: dict
-    constexpr_key: tuple  # constexprs in a hashable form (launch.launch_triton's cache)
+    constexprs: Constexprs
 
 
 def _check_supported(recipe: Recipe) -> None:
@@ -443,7 +442,7 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
         amax_grid = (triton.cdiv(m, 8),) if per_row else (min(triton.cdiv(m, 8) * triton.cdiv(k, 512), 16 * sms),)
     spec = masks.parse_mask(stages[0].mask) if stages[0].mask else None
     amax_bm = bm if per_row else min(triton.next_power_of_2(m), 16)
-    constexprs = dict(
+    constexprs = Constexprs(
         PER_ROW=per_row, TENSOR_SCALE=tensor_scale, ROUND_INPUT=round_input, MASK1=_MASK[stages[0].mask],
         BLOCK1=stages[0].block, TWO_STAGES=len(stages) == 2, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt],
         BM=bm, H=h, PACKED=packed, SELF_AMAX=self_amax, AMAX_BM=amax_bm, AMAX_BK=SELF_AMAX_TILE // amax_bm,
@@ -451,7 +450,7 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
     return _Plan(per_row, tensor_scale, self_amax, amax_grid, (triton.cdiv(m, bm), triton.cdiv(k, 16 * h)),
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
-                 -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs, tuple(sorted(constexprs.items())))
+                 -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs)
 
 
 def scale_per_row(recipe: Recipe) -> bool:
@@ -500,8 +499,7 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
         elif plan.amax_grid is not None:
             amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
                          else torch.zeros(1, dtype=torch.int32, device=dev))
-            launch_triton(_amax_kernel, plan.amax_grid, (x, amax_bits, m, k, x.stride(0)), _AMAX[plan.per_row],
-                          (plan.per_row,))
+            launch_triton(_amax_kernel, plan.amax_grid, (x, amax_bits, m, k, x.stride(0)), _AMAX[plan.per_row])
     else:
         scale = amax_bits = torch.ones(1, 1, dtype=torch.float32, device=dev)  # a placeholder the kernel skips
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
@@ -511,7 +509,7 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
     codes2, scales2 = payload[-1]
     launch_triton(_prepare_kernel, plan.grid, (x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0),
                                                payload[0][0], payload[0][1], indices, codes2, scales2, plan.kp[0],
-                                               plan.kp[-1], plan.idx_bytes), plan.constexprs, plan.constexpr_key)
+                                               plan.kp[-1], plan.idx_bytes), plan.constexprs)
     parts = ()
     if packed:
         parts = tuple(
