@@ -62,7 +62,7 @@ def _(x2d, recipe, backend, channels, amax):
     r = _recipe(recipe)
     from_kernel = backend == "triton" and channels is None and x2d.is_cuda and _kernel_supports(r)
     values = x2d.new_empty(x2d.shape, dtype=torch.bfloat16 if from_kernel else torch.float32)
-    per_row = (r.uses_tensor_scale and r.scale_granularity == "token") or any(s.block is None for s in r.stages)
+    per_row = r.tensor_scale_per_row or any(s.block is None for s in r.stages)
     scale = x2d.new_empty((x2d.shape[0] if per_row else 1, 1), dtype=torch.float32)
     dense = x2d.new_empty((x2d.shape[0], 0 if channels is None else channels.numel()), dtype=torch.float32)
     return values, scale, dense

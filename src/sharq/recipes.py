@@ -216,7 +216,7 @@ class Recipe:
         if any(s.block is None for s in self.stages):
             raise ValueError(f"recipe {self.name!r}: fp8's per-row scale is taken over the activation it is given; "
                              "a K-slice of a wider input cannot be prepared with the whole row's amax")
-        per_row = self.uses_tensor_scale and self.scale_granularity == "token"
+        per_row = self.tensor_scale_per_row
         want = (rows, 1) if per_row else (1, 1)
         if tuple(amax.shape) != want:
             raise ValueError(f"recipe {self.name!r}: the whole input's amax must have shape {list(want)} "
@@ -225,6 +225,11 @@ class Recipe:
     @property
     def uses_tensor_scale(self) -> bool:
         return bool(self.stages) and format_info(self.stages[0].fmt).tensor_scale
+
+    @property
+    def tensor_scale_per_row(self) -> bool:
+        """Whether the activation's tensor scale is one per row ([M, 1], token granularity) rather than one."""
+        return self.uses_tensor_scale and self.scale_granularity == "token"
 
     # --- weights, once ---
     def prepare_weight(self, weight: torch.Tensor, channels: torch.Tensor | None = None,

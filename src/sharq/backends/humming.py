@@ -37,7 +37,7 @@ def supports(recipe: Recipe) -> bool:
     """NVFP4 weights in blocks of 16 or 32, an activation the fused kernel prepares, and one activation scale per
     call (per-tensor granularity)."""
     return (recipe.weight_fmt == "nvfp4" and packed.supports(recipe)
-            and not (recipe.uses_tensor_scale and recipe.scale_granularity == "token"))
+            and not recipe.tensor_scale_per_row)
 
 
 def accepts(n: int, k: int, dtype: torch.dtype) -> bool:

@@ -42,7 +42,7 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: i
     if p.shape[1] != k or bias is not None and bias.device != p.codes.device:
         return None
     gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, m,
-                              kp.scale_per_row(recipe), out_dtype)
+                              recipe.tensor_scale_per_row, out_dtype)
     if gemm is None:
         return None
     run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, p.codes.device)

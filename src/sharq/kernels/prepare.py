@@ -435,7 +435,7 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
     bm, h, warps = tile
     stages = recipe.stages
     tensor_scale = recipe.uses_tensor_scale
-    per_row = scale_per_row(recipe)
+    per_row = recipe.tensor_scale_per_row
     self_amax = tensor_scale and not given_amax and (m * k <= SELF_AMAX_ELEMENTS if self_amax is None else self_amax)
     amax_grid = None
     if tensor_scale and not self_amax and not given_amax:
@@ -451,11 +451,6 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
                  -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs)
-
-
-def scale_per_row(recipe: Recipe) -> bool:
-    """Whether the kernel writes one activation scale per row ([M, 1]) rather than one ([1, 1])."""
-    return recipe.scale_granularity == "token" and recipe.uses_tensor_scale
 
 
 @functools.lru_cache
