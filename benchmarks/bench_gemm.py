@@ -7,7 +7,8 @@
 2. Ceilings, measured here: copy bandwidth (a 1 GiB device copy) and the BF16 matrix rate (an 8192³ GEMM).
 3. The grid: Llama-3.1-8B linear shapes (K, N) ∈ {(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)} ×
    M: BF16 cuBLAS (F.linear), FP8 `torch._scaled_mm` (per-tensor scales, M ≥ 16), the nvfp4 and sharq packed GEMMs
-   alone (on the bf16 activation the prepare kernel writes) and their whole layers (prepare + GEMM). GPU times
+   alone (on the bf16 activation the prepare kernel writes) and their whole layers (prepare + GEMM; at decode M
+   also with plain launches instead of programmatic dependent launch, kernels/launch.py). GPU times
    are CUDA-graph replays of several calls, each on its own copy of the weights (together several times the L2,
    so every call streams its weight from memory, as in a model). Bytes for M ≤ 16: the weight (packed payload or
    bf16), X and Y; achieved GB/s against the copy bandwidth. FLOPs for M ≥ 2048: 2·M·N·K, against the matrix rate.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 import sharq
 from sharq._format import format_table
 from sharq.backends import WeightLayout, available, get_backend, humming
-from sharq.kernels import gemm
+from sharq.kernels import cuda_gemm, gemm, launch
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
 from timing import median_ms  # benchmarks/timing.py, beside this script
@@ -139,6 +140,12 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
 
         row[f"{recipe}_gemm_ms"] = graph_ms([lambda c=c, s=s: gemm_only(c, s) for c, s in ps])
         row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
+        if m <= cuda_gemm.MAX_M:  # the same layer without programmatic dependent launch, for comparison
+            launch.PROGRAMMATIC_LAUNCH = False
+            try:
+                row[f"{recipe}_layer_plain_launch_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
+            finally:
+                launch.PROGRAMMATIC_LAUNCH = True
         row[f"{recipe}_weight_bytes"] = nbytes + 4
         del ps
         if available("humming") and humming.supports(r) and humming.accepts(n, k, torch.bfloat16):
@@ -267,8 +274,6 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
     """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (sharq weights, bf16
     out), beside BF16 cuBLAS and the Triton kernel packed_matmul ran before it; GPU µs each, plus the kernel's
     registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen."""
-    from sharq.kernels import cuda_gemm
-
     rows = []
     for (k, n), m in itertools.product(SHAPES, ms):
         x = outlier_x(m, k)
@@ -313,8 +318,6 @@ def kernel_resources(t, m: int) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
     bias, 32-element blocks): local memory above 0 means spills."""
     import ctypes
-
-    from sharq.kernels import cuda_gemm
 
     mt = 1 if m <= 8 else 2 if m <= 16 else 4
     k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1,
@@ -412,7 +415,7 @@ def main() -> int:
 def render(out: dict) -> str:
     f = lambda v, fmt=".4f": "" if v is None else format(v, fmt)  # noqa: E731
     headers = ["K", "N", "M", "bf16 ms", "fp8 ms", "nvfp4 GEMM ms", "sharq GEMM ms", "sharq layer ms",
-               "GEMM × bf16", "layer × bf16", "GB/s (of copy)", "TFLOP/s (of bf16)"]
+               "plain launch", "GEMM × bf16", "layer × bf16", "GB/s (of copy)", "TFLOP/s (of bf16)"]
     rows = []
     for r in out["rows"]:
         bw = f"{r['sharq_gemm_GBps']:.0f} ({r['sharq_gemm_of_copy']:.2f})" if "sharq_gemm_GBps" in r else ""
@@ -420,7 +423,8 @@ def render(out: dict) -> str:
             if "sharq_layer_TFLOPs" in r else ""
         rows.append([str(r["K"]), str(r["N"]), str(r["M"]), f(r["bf16_ms"]), f(r.get("fp8_ms")),
                      f(r["nvfp4_gemm_ms"]), f(r["sharq_gemm_ms"]), f(r["sharq_layer_ms"]),
-                     f(r["sharq_gemm_x_bf16"], ".2f"), f(r["sharq_layer_x_bf16"], ".2f"), bw, fl])
+                     f(r.get("sharq_layer_plain_launch_ms")), f(r["sharq_gemm_x_bf16"], ".2f"),
+                     f(r["sharq_layer_x_bf16"], ".2f"), bw, fl])
     extra = sorted({key[: -len("_layer_ms")] for r in out["rows"] for key in r if key.endswith("_layer_ms")}
                    - {"nvfp4", "sharq"})
     for name in extra:  # further recipes: GEMM and layer ms and × bf16

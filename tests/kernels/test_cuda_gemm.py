@@ -86,6 +86,44 @@ def test_the_cp_async_ring_gives_the_register_stages_result_bit_for_bit(block, m
     assert _bound_ok(ringed, a, q, sx * sw, bias, torch.float32) <= 1
 
 
+_SLOW_WRITE = r"""
+extern "C" __global__ void slow_write(const unsigned short* src, unsigned short* dst, int n, int cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {}
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[i] = src[i];
+}
+"""
+
+
+@pytest.mark.parametrize("programmatic", [False, True])
+def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(programmatic, monkeypatch):
+    """With programmatic dependent launch the GEMM may start while the kernel before it runs; it must still read
+    the activation that kernel writes (a kernel that spins ~50 µs before writing it), eagerly and in a graph."""
+    from sharq.kernels import launch
+
+    monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", programmatic)
+    slow = torch.cuda._compile_kernel(_SLOW_WRITE, "slow_write")
+    m, n, k = 8, 1024, 4096
+    q, x = _payload(n, k, 32, 31), _x(m, k, 32)
+    one = torch.ones(1, device="cuda")
+    want = cuda_gemm.nvfp4_mma(x, q.codes, q.scales, 32, one, one, None, torch.float32)
+    a = torch.zeros_like(x)
+
+    def step():
+        a.zero_()
+        slow(grid=(4, 1, 1), block=(256, 1, 1), args=[x, a, x.numel(), 100_000])
+        return cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32)
+
+    assert torch.equal(step(), want)
+    graph = torch.cuda.CUDAGraph()
+    step()
+    with torch.cuda.graph(graph):
+        y = step()
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(y, want)
+
+
 def test_every_code_and_scale_decodes_exactly():
     """One-hot activations read the weight back element by element: Ŵ[n, k] for every k of a 128-element chunk
     (all four threads' blocks, the K-permutation), every E2M1 code and every scale code, NaN included."""

@@ -7,6 +7,11 @@ import threading
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 from sharq.kernels import cuda_gemm, launch
 from sharq.kernels.epilogue import _epilogue_kernel, reduce_scale_and_bias
@@ -38,6 +43,40 @@ def test_the_key_tells_apart_what_a_specialization_depends_on():
                   launch._key(None, 0, ("BLOCK", 16), (a, 7, True, 0.5)),
                   launch._key(None, 1, ("BLOCK", 32), (a, 7, True, 0.5))]:
         assert other != key
+
+
+def _scaled_copy(x_ptr, y_ptr, M, K, scale, FLAG, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < M * K) * scale, mask=(i < M * K) & FLAG)
+
+
+@pytest.mark.parametrize("m,scale,direct", [(1, 3, "pp" + "i" * 2), (5, 3, "pp" + "i" * 3), (5, 2.0, None),
+                                            (5, 1 << 40, None)])
+def test_a_compiled_kernel_maps_onto_the_driver_parameters_its_specialization_kept(m, scale, direct):
+    """Compiled for sm_90 here (no GPU needed): the direct launch passes the pointer and i32 arguments Triton kept
+    (M = 1 becomes a constant), in order, then as many null scratch pointers as the PTX entry has left; a float or
+    a 64-bit int argument leaves the launch to Triton."""
+    jit = JITFunction(_scaled_copy)  # compiled, even where the tests run Triton's interpreter
+    args = (torch.empty(8), torch.empty(8), m, 9, scale, True)
+    types = ["*fp32", "*fp32"] + [triton.runtime.jit.mangle_type(a) for a in args[2:]]
+    signature = dict(zip(jit.arg_names, types + ["constexpr"]))
+    constexprs = {"BLOCK": 128, "FLAG": True} | ({"M": 1} if m == 1 else {})
+    signature.update({name: "constexpr" for name in constexprs})
+    kernel = triton.compile(ASTSource(jit, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    kernel.function = 1  # as if loaded onto a GPU
+    got = launch._TritonDirect.of(kernel, len(args))
+    if direct is None:
+        assert got is None
+        return
+    params = launch.ptx_entry_params(kernel.asm["ptx"])
+    assert got.kernel.params == direct + "p" * (params - len(direct)) and 0 <= params - len(direct) <= 2
+    assert got.ptr_args == (0, 1) and got.int_args == tuple(i for i in (2, 3, 4) if i != 2 or m != 1)
+    assert got.block == (32 * kernel.metadata.num_warps, 1, 1)
+
+
+def test_driver_kernel_parameters_are_pointers_and_ints():
+    with pytest.raises(ValueError, match="pointer"):
+        launch.DriverKernel(0, "ppf")
 
 
 def _expected(partials, sx, sw, bias, out_dtype):

@@ -7,16 +7,19 @@ library and builds ctypes objects for each argument on every call. Here:
 
 - `launch_triton(fn, grid, args, constexprs)` keeps the compiled kernel a call resolves to, under a key holding
   everything its specialization can depend on (each tensor's dtype and 16-byte alignment, each integer's value,
-  the constexprs, the device), and launches it directly on later calls. The first call of a key, calls under a
-  launch hook (profilers) and Triton's interpreter take Triton's own path.
+  the constexprs, the device), and launches it on later calls through the driver itself (below) where its
+  parameters are plain pointers and 32-bit ints, else through Triton's launcher. The first call of a key, calls
+  under a launch hook (profilers) and Triton's interpreter take Triton's own path.
 - `DriverKernel` launches a CUDA function (`CUfunction`) through `cuLaunchKernel`, its argument block built once
-  per thread and refilled in place.
+  per thread and refilled in place. The driver library is loaded with ctypes.PyDLL, which keeps the GIL over the
+  few-µs call instead of releasing and re-taking it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import re
 import threading
 from collections.abc import Sequence
 
@@ -69,49 +72,147 @@ def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: Constexpr
         kernel = fn[tuple(grid)](*args, **constexprs)
         names = fn.arg_names[len(args):]
         if kernel is not None and all(n in constexprs for n in names) and len(_compiled) < _MAX_KERNELS:
-            _compiled[key] = (kernel, tuple(constexprs[n] for n in names))
+            _compiled[key] = (kernel, tuple(constexprs[n] for n in names), _TritonDirect.of(kernel, len(args)))
         return
-    kernel, tail = hit
+    kernel, tail, direct = hit
     g = (*grid, 1, 1)
-    kernel.run(g[0], g[1], g[2], torch._C._cuda_getCurrentRawStream(device), kernel.function,
-               kernel.packed_metadata, None, None, None, *args, *tail)
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    if direct is not None:
+        if g[0] * g[1] * g[2]:  # Triton launches nothing on an empty grid; the driver would refuse it
+            direct(g[:3], stream, args)
+        return
+    kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+
+
+def ptx_entry_params(ptx: str) -> int:
+    """How many parameters the (one) kernel entry of a PTX module takes."""
+    entry = re.search(r"\.entry\s+\S+\s*\((.*?)\)", ptx, re.S)
+    if entry is None:
+        raise ValueError("no .entry in the PTX")
+    return entry.group(1).count(".param")
+
+
+class _TritonDirect:
+    """A compiled Triton kernel launched by cuLaunchKernel: its parameters are the call's pointer and int
+    arguments that the specialization kept (an int equal to 1, say, becomes a constant), in order, then the
+    scratch pointers Triton appends (null: only kernels that need no scratch memory are taken)."""
+
+    def __init__(self, kernel: DriverKernel, block: tuple[int, int, int], shared: int, ptr_args: tuple[int, ...],
+                 int_args: tuple[int, ...], scratch: int):
+        self.kernel, self.block, self.shared = kernel, block, shared
+        self.ptr_args, self.int_args, self.nulls = ptr_args, int_args, (0,) * scratch
+
+    @classmethod
+    def of(cls, kernel, n_args: int) -> _TritonDirect | None:
+        """The direct launch of `kernel` (a CompiledKernel for calls of n_args arguments), or None where its
+        parameters are not all pointers and i32 or it needs what only Triton's launcher sets up."""
+        try:
+            md, types = kernel.metadata, list(kernel.src.signature.values())
+            if (not kernel.function or getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0)
+                    or getattr(md, "num_ctas", 1) != 1 or getattr(md, "launch_pdl", False)
+                    or getattr(md, "launch_cooperative_grid", False) or len(types) < n_args
+                    or any(t != "constexpr" for t in types[n_args:])):
+                return None
+            layout, ptr_args, int_args = [], [], []
+            for i, t in enumerate(types[:n_args]):
+                if t == "constexpr":
+                    continue
+                if t.startswith("*"):
+                    layout.append("p")
+                    ptr_args.append(i)
+                elif t == "i32":
+                    layout.append("i")
+                    int_args.append(i)
+                else:
+                    return None
+            scratch = ptx_entry_params(kernel.asm["ptx"]) - len(layout)
+            if not 0 <= scratch <= 2:
+                return None
+            block = (32 * md.num_warps, 1, 1)
+            return cls(DriverKernel(kernel.function, "".join(layout) + "p" * scratch), block, md.shared,
+                       tuple(ptr_args), tuple(int_args), scratch)
+        except Exception:  # noqa: BLE001 - another Triton's objects: its own launcher still works
+            return None
+
+    def __call__(self, grid: tuple[int, int, int], stream: int, args: Sequence) -> None:
+        self.kernel(grid, self.block, self.shared, stream, (*[args[i].data_ptr() for i in self.ptr_args],
+                                                             *self.nulls), [args[i] for i in self.int_args])
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("value", ctypes.c_int64 * 8)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_bytes", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("n_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+PROGRAMMATIC_LAUNCH = True
+"""Launch kernels built for it with programmatic dependent launch (Hopper and later) while a CUDA graph is
+captured: the kernel may start while the one before it still runs, and waits for it (`griddepcontrol.wait`)
+before it reads anything, so its launch and set-up overlap the prepare kernel (H200: 0.3-0.8 µs less a layer in
+a graph). Eager launches stay plain: there it measured no faster at batch 1 and slower at batch 8 (docs/PERF.md).
+False: plain launches everywhere (benchmarks compare the two)."""
 
 
 @functools.lru_cache(maxsize=1)
-def _driver() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libcuda.so.1")
+def _driver() -> ctypes.PyDLL:
+    lib = ctypes.PyDLL("libcuda.so.1")
     lib.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
     lib.cuLaunchKernel.restype = ctypes.c_int
+    if hasattr(lib, "cuLaunchKernelEx"):  # CUDA 11.8 and later
+        lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                                         ctypes.c_void_p]
+        lib.cuLaunchKernelEx.restype = ctypes.c_int
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     return lib
 
 
 class DriverKernel:
-    """A CUDA function launched through cuLaunchKernel: `n_ptrs` pointer arguments, then `n_ints` 32-bit int
-    arguments (the order of the kernel's parameters). Each thread fills its own argument block, so launches from
-    several threads do not race."""
+    """A CUDA function launched through cuLaunchKernel, its parameters given by `params`: one letter each, in
+    order, "p" a pointer, "i" a 32-bit int. Each thread fills its own argument block, so launches from several
+    threads do not race. `programmatic`: the kernel waits for its prior kernel itself (griddepcontrol), so it may
+    be launched with programmatic dependent launch (see PROGRAMMATIC_LAUNCH)."""
 
-    def __init__(self, handle: int, n_ptrs: int, n_ints: int):
-        self.handle, self.n_ptrs, self.n_ints = handle, n_ptrs, n_ints
+    def __init__(self, handle: int, params: str, programmatic: bool = False):
+        if set(params) - {"p", "i"}:
+            raise ValueError(f"parameters are 'p' (pointer) or 'i' (int32), got {params!r}")
+        self.handle, self.params = handle, params
+        self.programmatic = programmatic and hasattr(_driver(), "cuLaunchKernelEx")
         self._local = threading.local()
 
     def _block(self):
         b = getattr(self._local, "block", None)
         if b is None:
-            ptrs, ints = (ctypes.c_void_p * self.n_ptrs)(), (ctypes.c_int * self.n_ints)()
-            p0, i0 = ctypes.addressof(ptrs), ctypes.addressof(ints)
-            params = (ctypes.c_void_p * (self.n_ptrs + self.n_ints))(
-                *[p0 + 8 * i for i in range(self.n_ptrs)], *[i0 + 4 * i for i in range(self.n_ints)])
-            b = self._local.block = (ptrs, ints, params)
+            ptrs = (ctypes.c_void_p * self.params.count("p"))()
+            ints = (ctypes.c_int * self.params.count("i"))()
+            p0, i0, slots, n = ctypes.addressof(ptrs), ctypes.addressof(ints), [], {"p": 0, "i": 0}
+            for kind in self.params:  # the parameter array points into the two value arrays, in parameter order
+                slots.append(p0 + 8 * n["p"] if kind == "p" else i0 + 4 * n["i"])
+                n[kind] += 1
+            params = (ctypes.c_void_p * len(slots))(*slots)
+            attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
+            attr.value[0] = 1  # programmaticStreamSerializationAllowed
+            config = _LaunchConfig(attrs=ctypes.pointer(attr), n_attrs=1)
+            b = self._local.block = (ptrs, ints, params, config, attr)
         return b
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int, stream: int,
                  ptrs: Sequence[int], ints: Sequence[int]) -> None:
-        p, i, params = self._block()
+        """Launch with the pointer arguments `ptrs` and the int arguments `ints`, each in parameter order."""
+        p, i, params, config, _ = self._block()
         p[:] = ptrs
         i[:] = ints
-        err = _driver().cuLaunchKernel(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                       shared_bytes, stream, params, None)
+        if self.programmatic and PROGRAMMATIC_LAUNCH and torch.cuda.is_current_stream_capturing():
+            config.grid[:], config.block[:] = grid, block
+            config.shared_bytes, config.stream = shared_bytes, stream
+            err = _driver().cuLaunchKernelEx(ctypes.byref(config), self.handle, params, None)
+        else:
+            err = _driver().cuLaunchKernel(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                                           shared_bytes, stream, params, None)
         if err:
             msg = ctypes.c_char_p()
             _driver().cuGetErrorString(err, ctypes.byref(msg))

@@ -6,8 +6,10 @@ row); a small X (decode: at most SELF_AMAX_ELEMENTS) skips it, each program find
 launch costs more than re-reading a few KB from L2. `_prepare_kernel` then reads X once more and writes its outputs
 once: a program loads BLOCK_M rows × 16·H columns contiguously and splits the tile in registers into 8 tensors x_j
 (j = the element's place in its 8-element chunk), each [BLOCK_M, H halves of 16, 2 chunks]. The masks are
-elementwise comparisons between the x_j and the 16- and 32-element block maxima small reductions. Tiles are 8 × 128 (docs/PERF.md: the kernel is bound by
-instruction issue, about 53 instructions per element on the H200, so every operation below is counted).
+elementwise comparisons between the x_j, and the 16- and 32-element block maxima small reductions. Tiles are
+8 × 128 (docs/PERF.md: the kernel is bound by instruction issue, about 53 instructions per element on the H200, so
+every operation below is counted). On Hopper the kernel lets a GEMM launched after it with programmatic dependent
+launch (kernels/cuda_gemm.py) start while it runs.
 
 Bit-exactness with the torch reference (quant.py, masks.py) rests on these choices:
 - X / s_x is IEEE (PTX div.rn.f32, subnormals kept), as torch's division is — on CUDA too, since the reference
@@ -37,6 +39,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+try:  # Triton 3.4+: let a kernel launched after this one with programmatic dependent launch start early
+    from triton.language.extra.cuda import gdc_launch_dependents as _launch_dependents
+except ImportError:
+    _launch_dependents = None
 
 from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
@@ -305,7 +312,10 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
                     PER_ROW: tl.constexpr, TENSOR_SCALE: tl.constexpr, ROUND_INPUT: tl.constexpr,
                     MASK1: tl.constexpr, BLOCK1: tl.constexpr, TWO_STAGES: tl.constexpr, BLOCK2: tl.constexpr,
                     FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr,
-                    SELF_AMAX: tl.constexpr, AMAX_BM: tl.constexpr, AMAX_BK: tl.constexpr, KC: tl.constexpr):
+                    SELF_AMAX: tl.constexpr, AMAX_BM: tl.constexpr, AMAX_BK: tl.constexpr, KC: tl.constexpr,
+                    PDL: tl.constexpr):
+    if PDL:  # a GEMM launched after this kernel with programmatic dependent launch may start now (it waits for
+        _launch_dependents()  # this kernel's output itself): its launch and set-up overlap this kernel
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * 16 * H + tl.arange(0, 16 * H)
@@ -428,10 +438,11 @@ def _check_supported(recipe: Recipe) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile: tuple, self_amax: bool | None,
-          sms: int, given_amax: bool = False) -> _Plan:
+          device: tuple[int, bool], given_amax: bool = False) -> _Plan:
     """`given_amax`: the caller passes the whole input's amax (x a K-slice of it), so the kernel neither finds it
     itself nor has a pass find it."""
     _check_supported(recipe)  # here, once per recipe and shape (an exception is not cached: every call)
+    sms, pdl = device
     bm, h, warps = tile
     stages = recipe.stages
     tensor_scale = recipe.uses_tensor_scale
@@ -446,7 +457,7 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
         PER_ROW=per_row, TENSOR_SCALE=tensor_scale, ROUND_INPUT=round_input, MASK1=_MASK[stages[0].mask],
         BLOCK1=stages[0].block, TWO_STAGES=len(stages) == 2, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt],
         BM=bm, H=h, PACKED=packed, SELF_AMAX=self_amax, AMAX_BM=amax_bm, AMAX_BK=SELF_AMAX_TILE // amax_bm,
-        KC=k if self_amax else 0, num_warps=warps)
+        KC=k if self_amax else 0, PDL=pdl, num_warps=warps)
     return _Plan(per_row, tensor_scale, self_amax, amax_grid, (triton.cdiv(m, bm), triton.cdiv(k, 16 * h)),
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
@@ -454,8 +465,12 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
 
 
 @functools.lru_cache
-def _multiprocessors(device: torch.device) -> int:
-    return 4 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
+def _device(device: torch.device) -> tuple[int, bool]:
+    """(multiprocessors, whether the kernel triggers programmatic dependent launch: compiled, Hopper or later)."""
+    if INTERPRETED:
+        return 4, False
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, _launch_dependents is not None and props.major >= 9
 
 
 def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
@@ -477,7 +492,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     tile = tile or _default_tile(m)
     plan = _plan(recipe, m, k, x.dtype != torch.bfloat16, packed, (tile["BM"], tile["H"], tile["num_warps"]),
-                 self_amax, _multiprocessors(x.device), amax is not None)
+                 self_amax, _device(x.device), amax is not None)
     return _run(plan, x, out_dtype, packed, amax)
 
 
@@ -522,7 +537,7 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     _check_supported(recipe)
     tile = _default_tile(m)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
-                 _multiprocessors(device), False)
+                 _device(device), False)
     return functools.partial(_run, plan, out_dtype=torch.bfloat16, packed=False, amax=None)
 
 
