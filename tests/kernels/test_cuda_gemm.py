@@ -97,8 +97,9 @@ extern "C" __global__ void slow_write(const unsigned short* src, unsigned short*
 
 @pytest.mark.parametrize("programmatic", [False, True])
 def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(programmatic, monkeypatch):
-    """With programmatic dependent launch the GEMM may start while the kernel before it runs; it must still read
-    the activation that kernel writes (a kernel that spins ~50 µs before writing it), eagerly and in a graph."""
+    """Launched programmatically (inside a CUDA graph, on Hopper: this shape is one _launch takes it for), the GEMM
+    may start while the kernel before it runs; it must still read the activation that kernel writes (a kernel that
+    spins ~50 µs before writing it). Eager calls and plain launches are checked alike."""
     from sharq.kernels import launch
 
     monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", programmatic)
