@@ -498,9 +498,9 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
             tile: CudaTile | None) -> _Launch:
     """The launch, programmatic (it may start while the prepare kernel before it runs: launch.PROGRAMMATIC_LAUNCH)
     on Hopper and later where that measured faster: K <= 4096, N > K, or more than 16 tokens (H200, 9 shapes x
-    M = 1..32: 0.3-0.8 µs less a layer). On long rows with N <= K at up to 16 tokens the early start cost up to
-    25 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started beside
-    the prepare's leave part of the GEMM's first wave for a second."""
+    M = 1..32: 0.1-1.5 µs, up to 8 %, less a layer). On long rows with N <= K at up to 16 tokens the early start
+    cost 2-28 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started
+    beside the prepare's leave part of the GEMM's first wave for a second."""
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
     if n % (16 * t.rt):
         raise ValueError(f"CudaTile rt={t.rt} needs N a multiple of {16 * t.rt}, got {n}")

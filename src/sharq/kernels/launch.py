@@ -153,7 +153,7 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREA
 PROGRAMMATIC_LAUNCH = True
 """Launch kernels built for it with programmatic dependent launch (Hopper and later) while a CUDA graph is
 captured: the kernel may start while the one before it still runs, and waits for it (`griddepcontrol.wait`)
-before it reads anything, so its launch and set-up overlap the prepare kernel (H200: 0.3-0.8 µs less a layer in
+before it reads anything, so its launch and set-up overlap the prepare kernel (H200: 0.1-1.5 µs less a layer in
 a graph). Eager launches stay plain: there it measured no faster at batch 1 and slower at batch 8 (docs/PERF.md).
 False: plain launches everywhere (benchmarks compare the two)."""
 
