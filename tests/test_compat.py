@@ -230,8 +230,12 @@ def test_spec_nvfp4_differs_from_the_tools_where_spec_says():
 def test_default_nvfp4_is_not_the_tools(kind, rng):
     """The variants are not a no-op: on a bf16 tensor (64×4096) the paper's nvfp4 disagrees with torchao on
     0.15–1.4 % of the codes and 0.5–6 % of the block scales, and torchao with compressed-tensors on 0.04–1.9 % of
-    the codes (40 seeds); the bounds below are far under those."""
+    the codes (40 seeds); the bounds below are far under those. Where the tensor scale s = amax/2688 is a power of
+    two, X/s is exact and the three agree on every code and scale (a draw whose bf16 amax is 2688·2ᵏ, e.g. 5376),
+    so such a draw is rescaled by 0.7 off that case."""
     x = make(kind, rng, 64, 4096).to(torch.bfloat16)
+    while torch.frexp(x.abs().max().float() / 2688).mantissa == 0.5:
+        x = (x.float() * 0.7).to(torch.bfloat16)
     spec, ao, ct = (sharq.quantize(x, f) for f in ("nvfp4", TORCHAO, CT))
     assert (_values(spec) != _values(ao)).sum() > 50 and (spec.scales != ao.scales).sum() > 20
     assert (_values(ao) != _values(ct)).sum() > 10
