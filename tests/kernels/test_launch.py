@@ -3,7 +3,11 @@ what Triton's own launcher computes, keeps specializations apart, and is safe fr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ from sharq.kernels import cuda_gemm, launch
 from sharq.kernels.epilogue import _epilogue_kernel, reduce_scale_and_bias
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_launch_hook_sends_launches_through_triton(monkeypatch):
@@ -50,13 +55,8 @@ def _scaled_copy(x_ptr, y_ptr, M, K, scale, FLAG, BLOCK: tl.constexpr):
     tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < M * K) * scale, mask=(i < M * K) & FLAG)
 
 
-@pytest.mark.parametrize("m,scale,direct", [(1, 3, "pp" + "i" * 2), (5, 3, "pp" + "i" * 3), (5, 2.0, None),
-                                            (5, 1 << 40, None)])
-def test_a_compiled_kernel_maps_onto_the_driver_parameters_its_specialization_kept(m, scale, direct):
-    """Compiled for sm_90 here (no GPU needed): the direct launch passes the pointer and i32 arguments Triton kept
-    (M = 1 becomes a constant), in order, then as many null scratch pointers as the PTX entry has left; a float or
-    a 64-bit int argument leaves the launch to Triton."""
-    jit = JITFunction(_scaled_copy)  # compiled, even where the tests run Triton's interpreter
+def _check_mapping(m: int, scale, direct: str | None) -> None:
+    jit = JITFunction(_scaled_copy)
     args = (torch.empty(8), torch.empty(8), m, 9, scale, True)
     types = ["*fp32", "*fp32"] + [triton.runtime.jit.mangle_type(a) for a in args[2:]]
     signature = dict(zip(jit.arg_names, types + ["constexpr"]))
@@ -72,6 +72,21 @@ def test_a_compiled_kernel_maps_onto_the_driver_parameters_its_specialization_ke
     assert got.kernel.params == direct + "p" * (params - len(direct)) and 0 <= params - len(direct) <= 2
     assert got.ptr_args == (0, 1) and got.int_args == tuple(i for i in (2, 3, 4) if i != 2 or m != 1)
     assert got.block == (32 * kernel.metadata.num_warps, 1, 1)
+
+
+@pytest.mark.parametrize("m,scale,direct", [(1, 3, "pp" + "i" * 2), (5, 3, "pp" + "i" * 3), (5, 2.0, None),
+                                            (5, 1 << 40, None)])
+def test_a_compiled_kernel_maps_onto_the_driver_parameters_its_specialization_kept(m, scale, direct):
+    """Compiled for sm_90 here (no GPU needed): the direct launch passes the pointer and i32 arguments Triton kept
+    (M = 1 becomes a constant), in order, then as many null scratch pointers as the PTX entry has left; a float or
+    a 64-bit int argument leaves the launch to Triton. In a fresh process: once a kernel has run in Triton's
+    interpreter, the process's triton.language is patched for it and cannot compile (where the compiled kernel is
+    not in Triton's cache already)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"from tests.kernels.test_launch import _check_mapping; _check_mapping({m!r}, {scale!r}, {direct!r})"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_driver_kernel_parameters_are_pointers_and_ints():
