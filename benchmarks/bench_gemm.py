@@ -140,7 +140,7 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
 
         row[f"{recipe}_gemm_ms"] = graph_ms([lambda c=c, s=s: gemm_only(c, s) for c, s in ps])
         row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
-        if m <= cuda_gemm.MAX_M:  # the same layer without programmatic dependent launch, for comparison
+        if m <= cuda_gemm.TAKEN_M:  # the same layer without programmatic dependent launch, for comparison
             launch.PROGRAMMATIC_LAUNCH = False
             try:
                 row[f"{recipe}_layer_plain_launch_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
@@ -270,10 +270,13 @@ def crossover(ms: tuple[int, ...] = (16, 24, 32, 48, 64)) -> list[dict]:
     return rows
 
 
-def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
+def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
     """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (sharq weights, bf16
-    out), beside BF16 cuBLAS and the Triton kernel packed_matmul ran before it; GPU µs each, plus the kernel's
-    registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen."""
+    out), beside BF16 cuBLAS, the Triton kernel and (above 16 tokens) decode + cuBLAS; GPU µs each, plus the
+    kernel's registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen. The K
+    partition (warps per block that split K, splits over blocks) is choose_tile's, fixed by the layer's shape so
+    that a token's output does not depend on the batch; the sweep varies the rest: row tiles per warp, row groups
+    per block, register stages or the cp.async ring, and the activation staged or read where used."""
     rows = []
     for (k, n), m in itertools.product(SHAPES, ms):
         x = outlier_x(m, k)
@@ -288,10 +291,14 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
         tile = gemm.choose_tile(m, n, k, x.device)
         row["triton_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.packed_matmul(
             act.values, c, s, "nvfp4", 32, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
+        if m > 16:
+            row["decoded_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
+                act.values, c, s, "nvfp4", 32, sx, swf, None, torch.bfloat16) for c, s in ps])
         auto = cuda_gemm.choose_tile(m, n, k, x.device)
-        tiles = dict.fromkeys([auto] + [cuda_gemm.CudaTile(rt, wk, st, sp, ring) for rt, wk, st, sp, ring in
-                                        itertools.product((1, 2, 4), (4, 8), (2, 4) if m <= 8 else (1, 2), (1, 2, 4),
-                                                          (0, 3)) if k // 128 // sp >= wk and not (ring and st > 1)])
+        tiles = dict.fromkeys([auto] + [
+            cuda_gemm.CudaTile(rt, auto.wk, 1 if ring or m > 8 else 2, auto.splits, ring, wn, direct)
+            for rt, wn, ring, direct in itertools.product((1, 2), (1, 2), (0, 3), (False, True))
+            if (direct or m <= 32) and n % (16 * rt * wn) == 0])
         timed = {}
         for t in tiles:
             try:
@@ -305,7 +312,8 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32)) -> list[dict]:
         row["bytes"] = p.codes.numel() + p.scales.numel() + (m * k + m * n) * 2
         row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m)
         rows.append(row)
-        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, cuda auto "
+        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, decoded "
+              f"{row.get('decoded_us', float('nan')):.1f}, cuda auto "
               f"{row['auto_us']} ({auto}), best {row['best_us']:.1f} ({best}); x bf16 "
               f"{row['bf16_us'] / row['best_us']:.2f}, {row['bytes'] / row['best_us'] / 1e3:.0f} GB/s; "
               f"{row['best_regs']} registers, {row['best_local_bytes']} B local", flush=True)
@@ -319,9 +327,9 @@ def kernel_resources(t, m: int) -> tuple[int, int]:
     bias, 32-element blocks): local memory above 0 means spills."""
     import ctypes
 
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1,
-                          t.ring)
+                          t.ring, t.wn, t.direct)
     libcuda = torch.cuda._utils._get_gpu_runtime_library()
     out = []
     for attribute in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
@@ -364,7 +372,7 @@ def main() -> int:
     p.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     p.add_argument("--crossover", action="store_true", help="only the MMA kernel against decode + cuBLAS at "
                    "M = 16..64 (where gemm.SMALL_M belongs; then exit)")
-    p.add_argument("--cuda-sweep", action="store_true", help="only the CUDA kernel's launch shapes at M <= 32 "
+    p.add_argument("--cuda-sweep", action="store_true", help="only the CUDA kernel's launch shapes at M <= 64 "
                    "(how cuda_gemm.choose_tile was chosen; then exit)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -44,7 +44,7 @@ def _bound_ok(y: torch.Tensor, a: torch.Tensor, q: QTensor, alpha: torch.Tensor,
 
 @pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (3, 512, 2048), (8, 128, 4096), (13, 4096, 512),
-                                   (32, 1024, 1024)])
+                                   (32, 1024, 1024), (47, 768, 2048), (64, 512, 1024)])
 def test_matches_the_exact_product(block, m, n, k):
     seed = m * 1000 + block + n + k
     q, a = _payload(n, k, block, seed), _x(m, k, seed)
@@ -55,7 +55,8 @@ def test_matches_the_exact_product(block, m, n, k):
 
 
 @pytest.mark.parametrize("tile", [cuda_gemm.CudaTile(1, 8, 4, 1), cuda_gemm.CudaTile(2, 4, 2, 1),
-                                  cuda_gemm.CudaTile(1, 4, 1, 4), cuda_gemm.CudaTile(1, 1, 3, 2)])
+                                  cuda_gemm.CudaTile(1, 4, 1, 4), cuda_gemm.CudaTile(1, 1, 3, 2),
+                                  cuda_gemm.CudaTile(2, 4, 1, 2, 3, wn=2, direct=True)])
 @pytest.mark.parametrize("out_dtype,bias_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                                   (torch.float32, torch.float16), (torch.bfloat16, None)])
 def test_every_launch_shape_output_and_bias(tile, out_dtype, bias_dtype):
@@ -84,6 +85,24 @@ def test_the_cp_async_ring_gives_the_register_stages_result_bit_for_bit(block, m
                                  tile=cuda_gemm.CudaTile(rt, wk, 1, splits, ring))
     assert torch.equal(ringed, staged)
     assert _bound_ok(ringed, a, q, sx * sw, bias, torch.float32) <= 1
+
+
+@pytest.mark.parametrize("block", [16, 32])
+@pytest.mark.parametrize("m", [1, 9, 32])
+@pytest.mark.parametrize("rt,wk,ring,splits,wn", [(1, 8, 3, 1, 2), (2, 4, 0, 2, 2), (1, 4, 3, 1, 1), (2, 2, 0, 1, 1)])
+def test_warps_on_more_rows_and_the_activation_read_where_used_change_nothing(block, m, rt, wk, ring, splits, wn):
+    """Row groups per block (wn) and the activation read per use (direct) keep each accumulator's order of sums:
+    the output equals the one-group, staged launch with the same K partition bit for bit."""
+    n, k = 512, 4096
+    q, a = _payload(n, k, block, m + rt + wn), _x(m, k, m + 1)
+    sx, sw = torch.rand(m, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    want = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.bfloat16,
+                               tile=cuda_gemm.CudaTile(rt, wk, 1 if ring else 2, splits, ring))
+    for direct in (False, True):
+        got = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.bfloat16,
+                                  tile=cuda_gemm.CudaTile(rt, wk, 1 if ring else 2, splits, ring, wn, direct))
+        assert torch.equal(got, want), (direct, (got.float() - want.float()).abs().max())
 
 
 _SLOW_WRITE = r"""
@@ -145,13 +164,14 @@ def test_every_code_and_scale_decodes_exactly():
         assert torch.equal(got.nan_to_num(), ref.nan_to_num())
 
 
-def test_outputs_repeat_and_do_not_depend_on_the_batch():
-    n, k = 1024, 4096
-    q, a = _payload(n, k, 16, 11), _x(32, k, 12)
+@pytest.mark.parametrize("n", [1024, 6144])
+def test_outputs_repeat_and_do_not_depend_on_the_batch(n):
+    k = 4096
+    q, a = _payload(n, k, 16, 11), _x(cuda_gemm.MAX_M, k, 12)
     one = torch.ones(1, device="cuda")
     y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16)
     assert torch.equal(y, cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16))
-    for m in (1, 2, 8, 9, 16, 17):
+    for m in (1, 2, 8, 9, 16, 17, 32, 33):
         assert torch.equal(cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16), y[:m])
 
 
@@ -172,6 +192,7 @@ def test_shapes_it_does_not_fit_are_refused_by_fits():
     q = _payload(256, 1024, 32, 1)
     a = _x(4, 1024, 2)
     assert not cuda_gemm.fits(a[:, :1000], q.codes, q.scales, "nvfp4", 32, None, torch.bfloat16)  # K != Kp
-    assert not cuda_gemm.fits(_x(33, 1024, 3), q.codes, q.scales, "nvfp4", 32, None, torch.bfloat16)  # M > 32
+    assert not cuda_gemm.fits(_x(cuda_gemm.MAX_M + 1, 1024, 3), q.codes, q.scales, "nvfp4", 32, None,
+                              torch.bfloat16)  # M > MAX_M
     assert not cuda_gemm.fits(a, q.codes[:250], q.scales[:250], "nvfp4", 32, None, torch.bfloat16)  # N % 16
     assert not cuda_gemm.fits(a, q.codes, q.scales, "mxfp4", 32, None, torch.bfloat16)

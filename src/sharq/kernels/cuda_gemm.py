@@ -18,6 +18,10 @@ placement:
 - Large weights (and launches of more than 16 tokens) go global -> shared memory by cp.async, a ring of three
   chunks per warp, so more bytes are in flight without registers to hold them; smaller ones are staged in
   registers. Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
+- Up to 32 tokens each warp holds its chunk's activation in registers; for more (up to 64) it reads 16 bytes of
+  one token where the MMAs use them (`CudaTile.direct`), and a block may hold several groups of warps on
+  neighbouring rows (`CudaTile.wn`) so that they share the activation's loads in L1. Neither changes the order
+  in which an output's products are added, so neither changes a bit of the result.
 - fp32 accumulation in the tensor cores; the warps of a block split K and their sums meet in shared memory in a
   fixed order, so the output is the same from call to call and for every M (batch-invariant); where there are
   too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
@@ -51,7 +55,9 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 struct Stage {
   U4 w[RT][2];   // codes of rows g and g + 8 of each row tile: this thread's 32 elements of the chunk
   u32 s[RT][2];  // their scale codes (one byte, or two for 16-element blocks)
+#if !XDIRECT
   U4 x[MT][4];   // the activation of token mt * 8 + g at the same 32 elements
+#endif
 };
 
 __device__ __forceinline__ U4 ld_stream(const U4* p) {  // read once: keep it out of L1
@@ -150,13 +156,16 @@ __device__ __forceinline__ void store(void* y, long i, float v) {
 
 // up to 16 tokens the registers are capped for two blocks a multiprocessor (measured 0-15 % faster, same outputs);
 // the 32-token launch needs more than that cap allows without spilling
-#define MIN_BLOCKS (MT <= 2 ? 2 : 1)
-extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mma(
+#define MIN_BLOCKS (MT <= 2 && WN == 1 ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
     const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
     int Kp, int lda, int chunks_per_split) {
+  // warps wk = 0 .. WK-1 of a block split K; WN such groups take neighbouring row tiles (and share the
+  // activation's loads in L1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-  const int n0 = blockIdx.x * (16 * RT);
+  const int wk = warp % WK, wn = warp / WK;
+  const int n0 = (blockIdx.x * WN + wn) * (16 * RT);
   const int c_begin = blockIdx.y * chunks_per_split;
   const int c_end = min(c_begin + chunks_per_split, Kp >> 7);
   const U4* wrow[RT][2];
@@ -185,15 +194,19 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
       for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.f;
 
   // this warp's chunks: c_begin + warp, + WK, ... (neighbouring warps read neighbouring chunks of each row)
-  const int mine = c_end - c_begin > warp ? (c_end - c_begin - warp + WK - 1) / WK : 0;
-  auto chunk = [&](int u) { return c_begin + warp + u * WK; };  // this warp's u-th chunk
+  const int mine = c_end - c_begin > wk ? (c_end - c_begin - wk + WK - 1) / WK : 0;
+  auto chunk = [&](int u) { return c_begin + wk + u * WK; };  // this warp's u-th chunk
   wait_prior_grid();
+  auto ld_x = [&](int mt, int c, int v) {  // 16 bytes of token mt * 8 + g's activation at chunk c
+    return xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
+  };
   auto load_x = [&](Stage& s, int c) {  // the activation at chunk c
+#if !XDIRECT
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int v = 0; v < 4; ++v)
-        s.x[mt][v] = xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
+      for (int v = 0; v < 4; ++v) s.x[mt][v] = ld_x(mt, c, v);
+#endif
   };
 #if !RING  // the weight staged in registers: STAGES chunks in flight
   auto load = [&](Stage& s, int c) {
@@ -216,7 +229,57 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
   auto bpair = [](const U4& x, int j, int h) {
     return prmt(j & 1 ? x.y : x.x, j & 1 ? x.w : x.z, h ? 0x7632u : 0x5410u);
   };
-  auto compute = [&](const Stage& s) {
+  auto scale_pairs = [&](const Stage& s, int rt, u32 (&sc)[2][2]) {  // [row half][16-element half of the 32]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#if BLOCK == 32
+      sc[h][0] = sc[h][1] = scale_pair(s.s[rt][h]);
+#else
+      sc[h][0] = scale_pair(s.s[rt][h] & 0xFFu);
+      sc[h][1] = scale_pair(s.s[rt][h] >> 8);
+#endif
+    }
+  };
+  // MMA j's A fragment of row tile rt: pairs 2j (k-slots 2q, 2q+1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
+  auto a_frag = [](const Stage& s, int rt, int j, const u32 (&sc)[2][2], u32 (&a)[4]) {
+    const int v = j >> 1, i = (j & 1) * 2;
+    const u32 w0 = word(s.w[rt][0], v), w1 = word(s.w[rt][1], v);
+    a[0] = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
+    a[1] = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
+    a[2] = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
+    a[3] = mul_bf16x2(e2m1_pair(w1, i + 1), sc[1][v >> 1]);
+  };
+#if XDIRECT
+  // many tokens: the activation is read where it is used, 16 bytes a token at a time, rather than held for the
+  // whole chunk (MT * 16 registers); each accumulator still adds MMAs j = 0 .. 7 in order, so the sums are those
+  // of the staged launch bit for bit
+  auto compute = [&](const Stage& s, int c) {
+    u32 sc[RT][2][2];
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) scale_pairs(s, rt, sc[rt]);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      u32 a[RT][2][4];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) a_frag(s, rt, 2 * v + jj, sc[rt], a[rt][jj]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const U4 x = ld_x(mt, c, v);
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * v + jj;
+          const u32 b0 = bpair(x, j, 0), b1 = bpair(x, j, 1);
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt)
+            mma(acc[rt][mt], a[rt][jj][0], a[rt][jj][1], a[rt][jj][2], a[rt][jj][3], b0, b1);
+        }
+      }
+    }
+  };
+#else
+  auto compute = [&](const Stage& s, int) {
     u32 b[MT][16];  // made once, used by every row tile
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -227,29 +290,18 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
       }
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt) {
-      u32 sc[2][2];  // [row half][16-element half of the 32]
+      u32 sc[2][2];
+      scale_pairs(s, rt, sc);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-#if BLOCK == 32
-        sc[h][0] = sc[h][1] = scale_pair(s.s[rt][h]);
-#else
-        sc[h][0] = scale_pair(s.s[rt][h] & 0xFFu);
-        sc[h][1] = scale_pair(s.s[rt][h] >> 8);
-#endif
-      }
+      for (int j = 0; j < 8; ++j) {
+        u32 a[4];
+        a_frag(s, rt, j, sc, a);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {  // MMA j: pairs 2j (k-slots 2q, 2q+1) and 2j + 1 (2q + 8, 2q + 9)
-        const int v = j >> 1, i = (j & 1) * 2;
-        const u32 w0 = word(s.w[rt][0], v), w1 = word(s.w[rt][1], v);
-        const u32 a0 = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
-        const u32 a1 = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
-        const u32 a2 = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
-        const u32 a3 = mul_bf16x2(e2m1_pair(w1, i + 1), sc[1][v >> 1]);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) mma(acc[rt][mt], a0, a1, a2, a3, b[mt][2 * j], b[mt][2 * j + 1]);
+        for (int mt = 0; mt < MT; ++mt) mma(acc[rt][mt], a[0], a[1], a[2], a[3], b[mt][2 * j], b[mt][2 * j + 1]);
       }
     }
   };
+#endif
 #if RING
   extern __shared__ __align__(16) unsigned char smem[];
   Slot* ring = (Slot*)smem + warp * RING;
@@ -292,13 +344,13 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 #if XNEXT
     Stage nxt;
     if (u + 1 < mine) load_x(nxt, chunk(u + 1));
-    compute(cur);
+    compute(cur, chunk(u));
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int v = 0; v < 4; ++v) cur.x[mt][v] = nxt.x[mt][v];
 #else
-    compute(cur);
+    compute(cur, chunk(u));
     if (u + 1 < mine) load_x(cur, chunk(u + 1));
 #endif
   }
@@ -311,7 +363,7 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 #pragma unroll
     for (int u = 0; u < STAGES; ++u) {
       if (s0 + u < mine) {
-        compute(st[u]);
+        compute(st[u], chunk(s0 + u));
         if (s0 + u + STAGES < mine) load(st[u], chunk(s0 + u + STAGES));
       }
     }
@@ -323,20 +375,20 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 #if WK > 1
 #if RING
   __syncthreads();  // every warp is done with its ring, which now holds the warps' sums
-  float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem;
 #else
-  __shared__ float red[WK - 1][RT * MT * 4][32];
+  extern __shared__ __align__(16) unsigned char smem[];
 #endif
-  if (warp > 0) {
+  float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem + wn * (WK - 1);
+  if (wk > 0) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
+        for (int i = 0; i < 4; ++i) red[wk - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
   }
   __syncthreads();
-  if (warp > 0) return;
+  if (wk > 0) return;
 #pragma unroll
   for (int w = 0; w < WK - 1; ++w)
 #pragma unroll
@@ -374,19 +426,25 @@ extern "C" __global__ void __launch_bounds__(WK * 32, MIN_BLOCKS) sharq_nvfp4_mm
 
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _BIAS = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
-MAX_M = 32  # tokens per launch: up to four n8 tiles
+MAX_M = 64  # tokens per launch: up to eight n8 tiles
+# the packed backend takes this kernel up to here (measured faster than the alternatives up to 32 tokens on the
+# H200; 33-64 tokens, the activation read where used, not yet timed on a GPU)
+TAKEN_M = 32
 
 
 @dataclass(frozen=True)
 class CudaTile:
-    """A launch of the CUDA kernel: row tiles of 16 per warp, warps per block (they split K), chunks in flight per
-    warp, and K splits over blocks."""
+    """A launch of the CUDA kernel: row tiles of 16 per warp, warps per block that split K, chunks in flight per
+    warp, K splits over blocks, groups of such warps per block on neighbouring rows, and whether the activation
+    is read where it is used rather than staged for a chunk."""
 
     rt: int = 1
     wk: int = 8
     stages: int = 4
     splits: int = 1
     ring: int = 0  # > 0: the weight goes through a cp.async ring of this many chunks per warp (stages unused)
+    wn: int = 1
+    direct: bool = False
 
 
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
@@ -431,26 +489,24 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, rt: int, mt: int, wk: int, stages: int, block: int, out: int, bias: int,
-            sx_row: bool, split: bool, ring: int = 0):
-    defines = dict(RT=rt, MT=mt, WK=wk, STAGES=stages, BLOCK=block, OUT=out, BIAS=bias, SX_ROW=int(sx_row),
-                   SPLIT=int(split), RING=ring, XNEXT=int(mt <= 2))
+            sx_row: bool, split: bool, ring: int = 0, wn: int = 1, direct: bool = False):
+    defines = dict(RT=rt, MT=mt, WK=wk, WN=wn, STAGES=stages, BLOCK=block, OUT=out, BIAS=bias, SX_ROW=int(sx_row),
+                   SPLIT=int(split), RING=ring, XDIRECT=int(direct), XNEXT=int(mt <= 2 and not direct))
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
         kernel = torch.cuda._compile_kernel(src, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
                                             nvcc_options=["-std=c++17"])
-        smem = _shared_bytes(rt, mt, wk, block, ring)
+        smem = _shared_bytes(rt, mt, wk, block, ring, wn)
         if smem >= 48 * 1024:
             kernel.set_shared_memory_config(smem)
         return kernel
 
 
-def _shared_bytes(rt: int, mt: int, wk: int, block: int, ring: int) -> int:
-    """Dynamic shared memory of a ring launch: the warps' rings, which the warps' sums reuse at the end."""
-    if not ring:
-        return 0
+def _shared_bytes(rt: int, mt: int, wk: int, block: int, ring: int, wn: int = 1) -> int:
+    """Dynamic shared memory of a launch: the warps' rings (if any), which the warps' sums reuse at the end."""
     slot = rt * 2 * 32 * 16 + rt * 2 * 8 * 4 * (2 if block == 16 else 1)
-    return max(wk * ring * slot, (wk - 1) * rt * mt * 4 * 32 * 4)
+    return max(wn * wk * ring * slot, wn * (wk - 1) * rt * mt * 4 * 32 * 4)
 
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
@@ -459,9 +515,10 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     cp.async ring of 3 chunks per warp, two row tiles a warp where N is at least twice K; smaller ones are staged
     in registers, two chunks in flight. 9 to 16 tokens: two row tiles (the activation's registers serve twice the
     weight), one chunk in flight, through the ring where K >= 8192 and N <= K. Above: the ring, two row tiles
-    where N > 2048. From the sweeps of `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. The K
-    partition (wk, splits) depends on the layer's shape alone, so a token's output does not change with the
-    batch."""
+    where N > 2048. From the sweeps of `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. Above 32
+    tokens (up to MAX_M; not yet timed, so not taken by default: TAKEN_M) the activation is read where it is used,
+    through the ring, two row tiles where the blocks have 4 warps (8 warps and two tiles spill). The K partition
+    (wk, splits) depends on the layer's shape alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
     if m <= 8:
@@ -471,12 +528,14 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
             rt, stages, ring = 1, 2, 0
     elif m <= 16:
         rt, stages, ring = (2, 1, 3 if 8192 <= kp and n <= kp else 0) if two_rows else (1, 2, 0)
-    else:
+    elif m <= 32:
         rt, stages, ring = (2 if two_rows and n > 2048 else 1), 1, 3
+    else:
+        rt, stages, ring = (2 if two_rows and wk == 4 else 1), 1, 3
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
     while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
         splits *= 2
-    return CudaTile(rt, wk, stages, splits, ring)
+    return CudaTile(rt, wk, stages, splits, ring, direct=m > 32)
 
 
 @dataclass(frozen=True)
@@ -502,14 +561,16 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     cost 2-28 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started
     beside the prepare's leave part of the GEMM's first wave for a second."""
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
-    if n % (16 * t.rt):
-        raise ValueError(f"CudaTile rt={t.rt} needs N a multiple of {16 * t.rt}, got {n}")
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4
-    kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, out, bias, sx_row, t.splits > 1, t.ring)
+    rows = 16 * t.rt * t.wn
+    if n % rows:
+        raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {rows}, got {n}")
+    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, out, bias, sx_row, t.splits > 1, t.ring, t.wn,
+                     t.direct)
     programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
     return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
-                   (n // (16 * t.rt), t.splits, 1), (32 * t.wk, 1, 1), _shared_bytes(t.rt, mt, t.wk, block, t.ring),
-                   t.splits, -(-(k // 128) // t.splits))
+                   (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
+                   _shared_bytes(t.rt, mt, t.wk, block, t.ring, t.wn), t.splits, -(-(k // 128) // t.splits))
 
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
@@ -563,7 +624,7 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw
     """The product with this weight for activations [m, K] (bf16, contiguous, 16-byte aligned: a prepare
     kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y, sx the activation scale (fp32
     [m, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight."""
-    if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
+    if not (m <= TAKEN_M and weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
     plan = _try_launch(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,

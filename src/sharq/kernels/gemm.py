@@ -409,7 +409,8 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
         return torch.zeros(m, n, dtype=out_dtype, device=a.device) + (0 if bias is None else bias.to(out_dtype))
     if m > SMALL_M and tile is None:
         return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
-    if tile is None and not INTERPRETED and cuda_gemm.fits(a, codes, scales, fmt, block, bias, out_dtype):
+    if (tile is None and m <= cuda_gemm.TAKEN_M and not INTERPRETED
+            and cuda_gemm.fits(a, codes, scales, fmt, block, bias, out_dtype)):
         y = cuda_gemm.nvfp4_mma(a, codes, scales, block, sx, sw, bias, out_dtype)
         if y is not None:
             return y
