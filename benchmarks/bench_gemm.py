@@ -276,7 +276,8 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
     kernel's registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen. The K
     partition (warps per block that split K, splits over blocks) is choose_tile's, fixed by the layer's shape so
     that a token's output does not depend on the batch; the sweep varies the rest: row tiles per warp, row groups
-    per block, register stages or the cp.async ring, and the activation staged or read where used."""
+    per block, register stages or the cp.async ring, the activation staged or read where used, and up to 8 tokens
+    a register cap for 24 warps a multiprocessor (3 blocks of 8 warps, 6 of 4) instead of the default 16."""
     rows = []
     for (k, n), m in itertools.product(SHAPES, ms):
         x = outlier_x(m, k)
@@ -296,9 +297,10 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
                 act.values, c, s, "nvfp4", 32, sx, swf, None, torch.bfloat16) for c, s in ps])
         auto = cuda_gemm.choose_tile(m, n, k, x.device)
         tiles = dict.fromkeys([auto] + [
-            cuda_gemm.CudaTile(rt, auto.wk, 1 if ring or m > 8 else 2, auto.splits, ring, wn, direct)
-            for rt, wn, ring, direct in itertools.product((1, 2), (1, 2), (0, 3), (False, True))
-            if (direct or m <= 32) and n % (16 * rt * wn) == 0])
+            cuda_gemm.CudaTile(rt, auto.wk, 1 if ring or m > 8 else 2, auto.splits, ring, wn, direct, blocks)
+            for rt, wn, ring, direct, blocks in itertools.product((1, 2), (1, 2), (0, 3), (False, True),
+                                                                 (0, 768 // (32 * auto.wk)))
+            if (direct or m <= 32) and n % (16 * rt * wn) == 0 and (not blocks or m <= 8 and wn == 1)])
         timed = {}
         for t in tiles:
             try:
@@ -329,7 +331,7 @@ def kernel_resources(t, m: int) -> tuple[int, int]:
 
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1,
-                          t.ring, t.wn, t.direct)
+                          t.ring, t.wn, t.direct, t.min_blocks)
     libcuda = torch.cuda._utils._get_gpu_runtime_library()
     out = []
     for attribute in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES

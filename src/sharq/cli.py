@@ -373,16 +373,19 @@ def _quantized_model(args: argparse.Namespace, path: Path, recipe: Recipe, devic
 
 
 def _check_eval_arguments(args: argparse.Namespace) -> None:
-    """What evaluate() cannot judge alone, refused before the evaluation rather than after it: results that
-    cannot be written (an existing --json file is overwritten), nothing to evaluate, a budget below one window;
-    and the evaluation's own refusals that are about a flag, in the flag's words."""
+    """What evaluate() cannot judge alone, refused before the evaluation rather than after it: a device this
+    machine lacks (before a model is read), results that cannot be written (an existing --json file is
+    overwritten), nothing to evaluate, a budget below one window; and the evaluation's own refusals that are
+    about a flag, in the flag's words."""
     from .checkpoint import is_checkpoint
     from .eval.run import position_limit, recipes_for
     from .hf import model_source, resolve_model
     from .interop import is_compressed_tensors
+    from .models import check_device
 
     from .eval.data import check_text
 
+    check_device(args.device)  # before any model is read
     model = resolve_model(args.model)
     recipes_for(model, args.recipes, _recipe_options(args))  # the rule every command shares, before reading more
     for text in ([] if args.no_ppl else [args.text]) + ([args.calib_text] if args.calib_text else []):

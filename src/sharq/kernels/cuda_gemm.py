@@ -154,9 +154,7 @@ __device__ __forceinline__ void store(void* y, long i, float v) {
 #endif
 }
 
-// up to 16 tokens the registers are capped for two blocks a multiprocessor (measured 0-15 % faster, same outputs);
-// the 32-token launch needs more than that cap allows without spilling
-#define MIN_BLOCKS (MT <= 2 && WN == 1 ? 2 : 1)
+// MIN_BLOCKS: blocks a multiprocessor must fit, which caps the registers a thread (CudaTile.min_blocks)
 extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
     const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
@@ -445,6 +443,7 @@ class CudaTile:
     ring: int = 0  # > 0: the weight goes through a cp.async ring of this many chunks per warp (stages unused)
     wn: int = 1
     direct: bool = False
+    min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens, else 1
 
 
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
@@ -489,9 +488,13 @@ def available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(device_index: int, rt: int, mt: int, wk: int, stages: int, block: int, out: int, bias: int,
-            sx_row: bool, split: bool, ring: int = 0, wn: int = 1, direct: bool = False):
+            sx_row: bool, split: bool, ring: int = 0, wn: int = 1, direct: bool = False, min_blocks: int = 0):
+    # up to 16 tokens the registers are capped for two blocks a multiprocessor by default (measured 0-15 % faster,
+    # same outputs); the 32-token launch needs more than that cap allows without spilling
+    min_blocks = min_blocks or (2 if mt <= 2 and wn == 1 else 1)
     defines = dict(RT=rt, MT=mt, WK=wk, WN=wn, STAGES=stages, BLOCK=block, OUT=out, BIAS=bias, SX_ROW=int(sx_row),
-                   SPLIT=int(split), RING=ring, XDIRECT=int(direct), XNEXT=int(mt <= 2 and not direct))
+                   SPLIT=int(split), RING=ring, XDIRECT=int(direct), XNEXT=int(mt <= 2 and not direct),
+                   MIN_BLOCKS=min_blocks)
     src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
@@ -566,7 +569,7 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
         raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {rows}, got {n}")
     mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, out, bias, sx_row, t.splits > 1, t.ring, t.wn,
-                     t.direct)
+                     t.direct, t.min_blocks)
     programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
     return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
                    (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
