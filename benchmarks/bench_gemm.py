@@ -329,9 +329,7 @@ def kernel_resources(t, m: int) -> tuple[int, int]:
     bias, 32-element blocks): local memory above 0 means spills."""
     import ctypes
 
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    k = cuda_gemm._kernel(torch.cuda.current_device(), t.rt, mt, t.wk, t.stages, 32, 0, 0, False, t.splits > 1,
-                          t.ring, t.wn, t.direct, t.min_blocks)
+    k = cuda_gemm._kernel(torch.cuda.current_device(), t, cuda_gemm.n8_tiles(m), 32, 0, 0, False)
     libcuda = torch.cuda._utils._get_gpu_runtime_library()
     out = []
     for attribute in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES

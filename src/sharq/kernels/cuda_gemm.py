@@ -486,24 +486,38 @@ def available() -> bool:
     return hasattr(torch.cuda, "_compile_kernel") and not _broken
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel(device_index: int, rt: int, mt: int, wk: int, stages: int, block: int, out: int, bias: int,
-            sx_row: bool, split: bool, ring: int = 0, wn: int = 1, direct: bool = False, min_blocks: int = 0):
+def n8_tiles(m: int) -> int:
+    """Tiles of 8 tokens a launch for m tokens (MT): 1, 2, 4 or 8."""
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool) -> str:
+    """The CUDA source of tile t's kernel for mt tiles of 8 tokens, block-`block` weights, output and bias dtype
+    codes (_OUT, _BIAS) and a scale per token or not: the launch's #defines, then the kernel."""
     # up to 16 tokens the registers are capped for two blocks a multiprocessor by default (measured 0-15 % faster,
     # same outputs); the 32-token launch needs more than that cap allows without spilling
-    min_blocks = min_blocks or (2 if mt <= 2 and wn == 1 else 1)
-    defines = dict(RT=rt, MT=mt, WK=wk, WN=wn, STAGES=stages, BLOCK=block, OUT=out, BIAS=bias, SX_ROW=int(sx_row),
-                   SPLIT=int(split), RING=ring, XDIRECT=int(direct), XNEXT=int(mt <= 2 and not direct),
-                   MIN_BLOCKS=min_blocks)
-    src = "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+    min_blocks = t.min_blocks or (2 if mt <= 2 and t.wn == 1 else 1)
+    defines = dict(RT=t.rt, MT=mt, WK=t.wk, WN=t.wn, STAGES=t.stages, BLOCK=block, OUT=out, BIAS=bias,
+                   SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), RING=t.ring, XDIRECT=int(t.direct),
+                   XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks)
+    return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(device_index: int, source: str, shared_bytes: int):
+    """The kernel compiled for this GPU (NVRTC, once per source), its dynamic shared memory allowed."""
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(src, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
+        kernel = torch.cuda._compile_kernel(source, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
                                             nvcc_options=["-std=c++17"])
-        smem = _shared_bytes(rt, mt, wk, block, ring, wn)
-        if smem >= 48 * 1024:
-            kernel.set_shared_memory_config(smem)
+        if shared_bytes >= 48 * 1024:
+            kernel.set_shared_memory_config(shared_bytes)
         return kernel
+
+
+def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool):
+    return _compile(device_index, kernel_source(t, mt, block, out, bias, sx_row),
+                    _shared_bytes(t.rt, mt, t.wk, block, t.ring, t.wn))
 
 
 def _shared_bytes(rt: int, mt: int, wk: int, block: int, ring: int, wn: int = 1) -> int:
@@ -567,9 +581,8 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     rows = 16 * t.rt * t.wn
     if n % rows:
         raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {rows}, got {n}")
-    mt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    kernel = _kernel(device, t.rt, mt, t.wk, t.stages, block, out, bias, sx_row, t.splits > 1, t.ring, t.wn,
-                     t.direct, t.min_blocks)
+    mt = n8_tiles(m)
+    kernel = _kernel(device, t, mt, block, out, bias, sx_row)
     programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
     return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
                    (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
