@@ -270,6 +270,15 @@ def crossover(ms: tuple[int, ...] = (16, 24, 32, 48, 64)) -> list[dict]:
     return rows
 
 
+def sweep_tiles(m: int, n: int, auto: cuda_gemm.CudaTile) -> list[cuda_gemm.CudaTile]:
+    """choose_tile's launch, then every variant cuda_sweep tries with its K partition (see there)."""
+    return list(dict.fromkeys([auto] + [
+        cuda_gemm.CudaTile(rt, auto.wk, 1 if ring or m > 8 else 2, auto.splits, ring, wn, direct, blocks)
+        for rt, wn, ring, direct, blocks in itertools.product((1, 2), (1, 2), (0, 3), (False, True),
+                                                             (0, 768 // (32 * auto.wk)))
+        if (direct or m <= 32) and n % (16 * rt * wn) == 0 and (not blocks or m <= 8 and wn == 1)]))
+
+
 def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
     """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (sharq weights, bf16
     out), beside BF16 cuBLAS, the Triton kernel and (above 16 tokens) decode + cuBLAS; GPU µs each, plus the
@@ -296,11 +305,7 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
             row["decoded_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
                 act.values, c, s, "nvfp4", 32, sx, swf, None, torch.bfloat16) for c, s in ps])
         auto = cuda_gemm.choose_tile(m, n, k, x.device)
-        tiles = dict.fromkeys([auto] + [
-            cuda_gemm.CudaTile(rt, auto.wk, 1 if ring or m > 8 else 2, auto.splits, ring, wn, direct, blocks)
-            for rt, wn, ring, direct, blocks in itertools.product((1, 2), (1, 2), (0, 3), (False, True),
-                                                                 (0, 768 // (32 * auto.wk)))
-            if (direct or m <= 32) and n % (16 * rt * wn) == 0 and (not blocks or m <= 8 and wn == 1)])
+        tiles = sweep_tiles(m, n, auto)
         timed = {}
         for t in tiles:
             try:

@@ -1,0 +1,83 @@
+"""The CUDA decode GEMM's machine code, read on any machine (no GPU): each launch compiled for Hopper by NVRTC, its
+main loop found in the SASS, and its instructions counted per weight (docs/PERF.md).
+
+    pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm
+    python benchmarks/kernel_sass.py [--ms 1,8,16,32,64] [--shapes 8b,70b] [--variants] [--json out.json]
+
+A warp's main loop streams chunks of 128 K-elements of 16·rt weight rows (its HMMAs: 8 per chunk per row tile
+per 8 tokens), so warp instructions per weight = loop instructions / (chunks · 128 · 16 · rt). A multiprocessor
+issues at most 4 warp instructions a cycle; at the H200's copy bandwidth (4.17 TB/s measured) 132 multiprocessors
+at 1.76–1.98 GHz receive 30–34 NVFP4 weights (0.53 bytes each with W32 scales) a cycle each, so a loop above
+0.12–0.13 instructions per weight cannot keep up with memory even when nothing stalls. Launches are those
+choose_tile makes (32-element blocks, bf16 out, no bias); --variants adds every launch bench_gemm.py --cuda-sweep
+times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+
+from bench_gemm import sweep_tiles  # benchmarks/bench_gemm.py, beside this script
+
+from sharq._format import format_table
+from sharq.kernels import cuda_gemm, nvrtc
+
+SHAPES = {"8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
+          "70b": [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)]}
+CLASSES = {"HMMA": "mma", "HFMA2": "scale", "HMUL2": "scale", "LOP3": "integer", "SHF": "integer",
+           "IMAD": "integer", "PRMT": "permute", "LDG": "load", "LDS": "load", "LDGSTS": "load"}
+
+
+def analyse(t: cuda_gemm.CudaTile, m: int) -> dict:
+    """Registers, spills and the main loop's warp instructions per weight, in total and by class, of tile t's
+    kernel at m tokens (32-element blocks, bf16 out, no bias)."""
+    mt = cuda_gemm.n8_tiles(m)
+    built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, mt, 32, 0, 0, False))
+    loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin))
+    chunks = loop.count("HMMA") / (8 * t.rt * mt)
+    weights = chunks * 128 * 16 * t.rt
+    by_class = collections.Counter(CLASSES.get(op, "other") for op in loop)
+    return {"tile": str(t), "M": m, "registers": built.registers, "spilled": built.spilled,
+            "loop_instructions": len(loop), "chunks_per_iteration": chunks, "per_weight": len(loop) / weights,
+            **{f"{c}_per_weight": by_class[c] / weights for c in ("integer", "scale", "permute", "load", "mma",
+                                                                  "other")}}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ms", default="1,8,16,32,64")
+    p.add_argument("--shapes", default="8b")
+    p.add_argument("--multiprocessors", type=int, default=132, help="the GPU choose_tile plans for (H200: 132)")
+    p.add_argument("--variants", action="store_true", help="every launch bench_gemm.py --cuda-sweep times")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not nvrtc.available() or nvrtc.nvdisasm() is None:
+        print("needs NVRTC and nvdisasm: pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm", file=sys.stderr)
+        return 2
+    cuda_gemm._multiprocessors = lambda device: args.multiprocessors
+    rows = []
+    for shape in args.shapes.split(","):
+        for k, n in SHAPES[shape]:
+            for m in (int(x) for x in args.ms.split(",")):
+                auto = cuda_gemm.choose_tile(m, n, k, None)
+                for t in sweep_tiles(m, n, auto) if args.variants else [auto]:
+                    row = {"K": k, "N": n, **analyse(t, m), "chosen": t == auto}
+                    rows.append(row)
+    keys = ("per_weight", "integer_per_weight", "scale_per_weight", "permute_per_weight", "load_per_weight",
+            "mma_per_weight", "other_per_weight")
+    print(format_table(
+        ["K × N", "M", "launch", "chosen", "regs", "spill B", "instr/weight", "LOP3/SHF/IMAD", "HMUL2", "PRMT",
+         "loads", "HMMA", "other"],
+        [[f"{r['K']} × {r['N']}", str(r["M"]), r["tile"].replace("CudaTile", ""), "yes" if r["chosen"] else "",
+          str(r["registers"]), str(r["spilled"])] + [f"{r[key]:.4f}" for key in keys] for r in rows]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
