@@ -20,12 +20,12 @@ import collections
 import json
 import sys
 
-from bench_gemm import sweep_tiles  # benchmarks/bench_gemm.py, beside this script
+import bench_gemm  # benchmarks/bench_gemm.py, beside this script
 
 from sharq._format import format_table
 from sharq.kernels import cuda_gemm, nvrtc
 
-SHAPES = {"8b": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],
+SHAPES = {"8b": bench_gemm.SHAPES,
           "70b": [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)]}
 CLASSES = {"HMMA": "mma", "HFMA2": "scale", "HMUL2": "scale", "LOP3": "integer", "SHF": "integer",
            "IMAD": "integer", "PRMT": "permute", "LDG": "load", "LDS": "load", "LDGSTS": "load"}
@@ -63,7 +63,7 @@ def main() -> int:
         for k, n in SHAPES[shape]:
             for m in (int(x) for x in args.ms.split(",")):
                 auto = cuda_gemm.choose_tile(m, n, k, None)
-                for t in sweep_tiles(m, n, auto) if args.variants else [auto]:
+                for t in bench_gemm.sweep_tiles(m, n, auto) if args.variants else [auto]:
                     row = {"K": k, "N": n, **analyse(t, m), "chosen": t == auto}
                     rows.append(row)
     keys = ("per_weight", "integer_per_weight", "scale_per_weight", "permute_per_weight", "load_per_weight",

@@ -443,7 +443,7 @@ class CudaTile:
     ring: int = 0  # > 0: the weight goes through a cp.async ring of this many chunks per warp (stages unused)
     wn: int = 1
     direct: bool = False
-    min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens, else 1
+    min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
 
 
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
@@ -517,13 +517,13 @@ def _compile(device_index: int, source: str, shared_bytes: int):
 
 def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool):
     return _compile(device_index, kernel_source(t, mt, block, out, bias, sx_row),
-                    _shared_bytes(t.rt, mt, t.wk, block, t.ring, t.wn))
+                    _shared_bytes(t, mt, block))
 
 
-def _shared_bytes(rt: int, mt: int, wk: int, block: int, ring: int, wn: int = 1) -> int:
+def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
     """Dynamic shared memory of a launch: the warps' rings (if any), which the warps' sums reuse at the end."""
-    slot = rt * 2 * 32 * 16 + rt * 2 * 8 * 4 * (2 if block == 16 else 1)
-    return max(wn * wk * ring * slot, wn * (wk - 1) * rt * mt * 4 * 32 * 4)
+    slot = t.rt * 2 * 32 * 16 + t.rt * 2 * 8 * 4 * (2 if block == 16 else 1)
+    return max(t.wn * t.wk * t.ring * slot, t.wn * (t.wk - 1) * t.rt * mt * 4 * 32 * 4)
 
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
@@ -586,7 +586,7 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
     return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
                    (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
-                   _shared_bytes(t.rt, mt, t.wk, block, t.ring, t.wn), t.splits, -(-(k // 128) // t.splits))
+                   _shared_bytes(t, mt, block), t.splits, -(-(k // 128) // t.splits))
 
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
