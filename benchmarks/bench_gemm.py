@@ -140,7 +140,7 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
 
         row[f"{recipe}_gemm_ms"] = graph_ms([lambda c=c, s=s: gemm_only(c, s) for c, s in ps])
         row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
-        if m <= cuda_gemm.TAKEN_M:  # the same layer without programmatic dependent launch, for comparison
+        if m <= cuda_gemm.MAX_M:  # the same layer without programmatic dependent launch, for comparison
             launch.PROGRAMMATIC_LAUNCH = False
             try:
                 row[f"{recipe}_layer_plain_launch_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])

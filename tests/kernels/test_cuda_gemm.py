@@ -172,13 +172,14 @@ def test_outputs_repeat_and_do_not_depend_on_the_batch(n):
     one = torch.ones(1, device="cuda")
     y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16)
     assert torch.equal(y, cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16))
-    for m in (1, 2, 8, 9, 16, 17, 32, 33):
+    for m in (1, 2, 8, 9, 16, 17, 32, 33, 63):
         assert torch.equal(cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16), y[:m])
 
 
-def test_packed_matmul_takes_it_where_it_fits_and_agrees_with_the_triton_kernel():
-    m, n, k = 4, 512, 1024
-    q, a = _payload(n, k, 32, 21), _x(m, k, 22)
+@pytest.mark.parametrize("m", [4, 48])
+def test_packed_matmul_takes_it_where_it_fits_and_agrees_with_the_triton_kernel(m):
+    n, k = 512, 1024
+    q, a = _payload(n, k, 32, 21 + m), _x(m, k, 22 + m)
     sx, sw = torch.rand(1, 1, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
     y = gemm.packed_matmul(a, q.codes, q.scales, "nvfp4", 32, sx, sw, None, torch.float32)
     direct = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, sx.reshape(-1), sw, None, torch.float32)

@@ -32,7 +32,8 @@ def _check(y, a, packed, sx, sw, bias, out_dtype):
       partials, a block scale's multiplication), each off by at most 2⁻²³ relative (a whole unit in the last
       place: tensor cores truncate), so |acc − S| ≤ γ·A, γ = K·2⁻²³ / (1 − K·2⁻²³) (Higham, Accuracy and
       Stability of Numerical Algorithms, Lemma 3.1);
-    - above SMALL_M with a bf16 output, cuBLAS rounds acc to bf16 before α: a further 2⁻⁸·(|S| + γ·A);
+    - above SMALL_M with a bf16 output (these tests' shapes there are not the CUDA kernel's: decode + cuBLAS),
+      cuBLAS rounds acc to bf16 before α: a further 2⁻⁸·(|S| + γ·A);
     - α rounded to fp32, α̂ = α·(1 + δ), |δ| ≤ 2⁻²⁴: E = |α̂·acc − α·S| ≤ |α|·((1 + 2⁻²⁴)·(those) + 2⁻²⁴·|S|);
     - v = α̂·acc + bias, one fp32 FMA, rounded to the output dtype: |y − v| ≤ u·|v| ≤ u·(|exact| + E), u = 2⁻²⁴
       (fp32) or 2⁻⁸ (bf16: rounding to nearest errs by at most u/(1 + u)·|v|, whose slack holds the FMA's own
@@ -207,11 +208,13 @@ def test_packed_layer_adds_its_fp32_bias_unrounded():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streams and threads on a GPU")
 def test_concurrent_layers_on_the_decode_path_do_not_share_a_scratch_weight(rng):
-    """Above SMALL_M the payload is decoded into a scratch bf16 weight: two threads, each on its own stream,
-    running different layers at once get the results they get alone."""
+    """Above the CUDA kernel's MAX_M the payload is decoded into a scratch bf16 weight: two threads, each on its
+    own stream, running different layers at once get the results they get alone."""
     import threading
 
-    m = gemm.SMALL_M + 31
+    from sharq.kernels import cuda_gemm
+
+    m = cuda_gemm.MAX_M + 31
     jobs = []
     for _ in range(2):
         packed, sw, r = _payload(rng, 512, 1024, "sharq")

@@ -15,13 +15,13 @@ placement:
   0.5), then one bf16x2 multiply by the block scale times 2^118, which is exact (the product, code · scale ·
   2^-8, has at most 6 significant bits and lies in [2^-18, 10.5]); the activation elements are paired to match
   with one byte permute per pair.
-- Large weights (and launches of more than 16 tokens) go global -> shared memory by cp.async, a ring of three
-  chunks per warp, so more bytes are in flight without registers to hold them; smaller ones are staged in
-  registers. Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
-- Up to 32 tokens each warp holds its chunk's activation in registers; for more (up to 64) it reads 16 bytes of
-  one token where the MMAs use them (`CudaTile.direct`), and a block may hold several groups of warps on
-  neighbouring rows (`CudaTile.wn`) so that they share the activation's loads in L1. Neither changes the order
-  in which an output's products are added, so neither changes a bit of the result.
+- The weight goes global -> shared memory by cp.async, a ring of three chunks per warp, so more bytes are in
+  flight without registers to hold them, or is staged in registers (`choose_tile` says where each measured
+  faster). Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
+- A warp either holds its chunk's activation in registers or reads 16 bytes of one token where the MMAs use them
+  (`CudaTile.direct`: how 33 to 64 tokens fit in the registers, and faster at 9 to 16), and a block may hold
+  several groups of warps on neighbouring rows (`CudaTile.wn`) so that they share the activation's loads in L1.
+  Neither changes the order in which an output's products are added, so neither changes a bit of the result.
 - fp32 accumulation in the tensor cores; the warps of a block split K and their sums meet in shared memory in a
   fixed order, so the output is the same from call to call and for every M (batch-invariant); where there are
   too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
@@ -425,9 +425,6 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _BIAS = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 MAX_M = 64  # tokens per launch: up to eight n8 tiles
-# the packed backend takes this kernel up to here (measured faster than the alternatives up to 32 tokens on the
-# H200; 33-64 tokens, the activation read where used, not yet timed on a GPU)
-TAKEN_M = 32
 
 
 @dataclass(frozen=True)
@@ -529,30 +526,30 @@ def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     """Blocks of 8 warps (4 for layers wider than 4096, which have blocks enough), K split over blocks until the
     multiprocessors have a 16-row tile each. Up to 8 tokens: a weight of 2^25 elements or more goes through a
-    cp.async ring of 3 chunks per warp, two row tiles a warp where N is at least twice K; smaller ones are staged
-    in registers, two chunks in flight. 9 to 16 tokens: two row tiles (the activation's registers serve twice the
-    weight), one chunk in flight, through the ring where K >= 8192 and N <= K. Above: the ring, two row tiles
-    where N > 2048. From the sweeps of `bench_gemm.py --cuda-sweep` and the ring's (docs/PERF.md), H200. Above 32
-    tokens (up to MAX_M; not yet timed, so not taken by default: TAKEN_M) the activation is read where it is used,
-    through the ring, two row tiles where the blocks have 4 warps (8 warps and two tiles spill). The K partition
-    (wk, splits) depends on the layer's shape alone, so a token's output does not change with the batch."""
+    cp.async ring of 3 chunks per warp with the activation read where it is used, two row tiles a warp where N is
+    at least twice K; smaller ones are staged in registers, two chunks in flight. 9 to 16 and 33 to 64 tokens:
+    two row tiles (the activation's loads serve twice the weight), one chunk in flight, the activation read where
+    used (with one row tile, N not a multiple of 32: staged, two chunks in flight up to 16 tokens; the ring
+    above 32). 17 to 32: the ring, the activation staged, two row tiles where N > 2048. From the sweeps of
+    `bench_gemm.py --cuda-sweep` (docs/PERF.md), H200. The K partition (wk, splits) depends on the layer's shape
+    alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
     if m <= 8:
         if n * kp >= 1 << 25:
-            rt, stages, ring = (2 if two_rows and n >= 2 * kp else 1), 1, 3
+            rt, stages, ring, direct = (2 if two_rows and n >= 2 * kp else 1), 1, 3, True
         else:
-            rt, stages, ring = 1, 2, 0
+            rt, stages, ring, direct = 1, 2, 0, False
     elif m <= 16:
-        rt, stages, ring = (2, 1, 3 if 8192 <= kp and n <= kp else 0) if two_rows else (1, 2, 0)
+        rt, stages, ring, direct = (2, 1, 0, True) if two_rows else (1, 2, 0, False)
     elif m <= 32:
-        rt, stages, ring = (2 if two_rows and n > 2048 else 1), 1, 3
+        rt, stages, ring, direct = (2 if two_rows and n > 2048 else 1), 1, 3, False
     else:
-        rt, stages, ring = (2 if two_rows and wk == 4 else 1), 1, 3
+        rt, stages, ring, direct = (2, 1, 0, True) if two_rows else (1, 1, 3, True)
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
     while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
         splits *= 2
-    return CudaTile(rt, wk, stages, splits, ring, direct=m > 32)
+    return CudaTile(rt, wk, stages, splits, ring, direct=direct)
 
 
 @dataclass(frozen=True)
@@ -640,7 +637,7 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw
     """The product with this weight for activations [m, K] (bf16, contiguous, 16-byte aligned: a prepare
     kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y, sx the activation scale (fp32
     [m, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight."""
-    if not (m <= TAKEN_M and weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
+    if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
     plan = _try_launch(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,

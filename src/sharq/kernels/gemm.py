@@ -35,8 +35,9 @@ from .epilogue import reduce_scale_and_bias, scale_and_bias_
 from .launch import Constexprs, launch_triton
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
-# up to here the packed kernels; above, decode to scratch + cuBLAS (decoded_matmul). docs/PERF.md,
-# bench_gemm.py --crossover on the H200: the MMA kernel is faster at M <= 32 on every shape, slower from M = 48
+# up to here the Triton small-M kernels (MXFP4 weights and the shapes the CUDA kernel does not take; it runs NVFP4
+# weights up to cuda_gemm.MAX_M); above, decode to scratch + cuBLAS (decoded_matmul). docs/PERF.md,
+# bench_gemm.py --crossover on the H200: the Triton MMA kernel is faster at M <= 32 on every shape, slower from 48
 SMALL_M = 32
 
 
@@ -407,13 +408,12 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
         raise ValueError("packed_matmul takes one weight scale s_w per layer")
     if m == 0 or n == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=a.device) + (0 if bias is None else bias.to(out_dtype))
-    if m > SMALL_M and tile is None:
-        return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
-    if (tile is None and m <= cuda_gemm.TAKEN_M and not INTERPRETED
-            and cuda_gemm.fits(a, codes, scales, fmt, block, bias, out_dtype)):
+    if tile is None and not INTERPRETED and cuda_gemm.fits(a, codes, scales, fmt, block, bias, out_dtype):
         y = cuda_gemm.nvfp4_mma(a, codes, scales, block, sx, sw, bias, out_dtype)
         if y is not None:
             return y
+    if m > SMALL_M and tile is None:
+        return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
     t = tile or choose_tile(m, n, kp, a.device)
     if t.kernel not in ("mma", "gemv") or t.bk % block:
         raise ValueError(f"bad tile {t}: kernel 'mma' or 'gemv', bk a multiple of the weight block {block}")
