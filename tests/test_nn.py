@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import sharq
+from sharq.kernels import cuda_gemm
 from sharq.nn import SharQLinear
 
 from .conftest import outlier_activations
@@ -185,7 +186,8 @@ def test_calls_the_plan_does_not_cover_take_the_general_path():
                                     backend="packed")
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
     assert layer.eager_plan(x) is not None
-    assert layer.eager_plan(torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)) is None  # above decode M
+    above = torch.randn(cuda_gemm.MAX_M + 1, 512, device="cuda", dtype=torch.bfloat16)
+    assert layer.eager_plan(above) is None  # above the CUDA kernel's tokens
     assert layer.eager_plan(torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).T) is None  # not contiguous
     assert layer.eager_plan(x.clone().requires_grad_()) is None  # a gradient to carry
     assert layer.eager_plan(x.to(torch.int32)) is None  # as_rows' TypeError, not a kernel's garbage
