@@ -9,6 +9,7 @@ import ctypes
 import functools
 import importlib.util
 import re
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -45,8 +46,8 @@ def nvdisasm() -> Path | None:
 class Compiled:
     cubin: bytes
     registers: int  # a thread
-    spilled: int  # bytes a thread spills to local memory
-    log: str  # ptxas' report
+    spilled: int  # bytes of local memory a thread uses: its stack frame, spills alone for a kernel without arrays
+    log: str  # NVRTC's log (ptxas' report where this NVRTC gives one)
 
 
 def compile_cubin(source: str, arch: str = "sm_90", name: str = "kernel.cu") -> Compiled:
@@ -72,10 +73,36 @@ def compile_cubin(source: str, arch: str = "sm_90", name: str = "kernel.cu") -> 
         _check(lib, lib.nvrtcGetCUBIN(prog, cubin))
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    registers = re.search(r"Used (\d+) registers", text)
-    spilled = re.search(r"(\d+) bytes spill stores", text)
-    return Compiled(cubin.raw, int(registers.group(1)) if registers else 0, int(spilled.group(1)) if spilled else 0,
-                    text)
+    resources = _resources(cubin.raw)
+    return Compiled(cubin.raw, resources.get(_REGCOUNT, 0), resources.get(_FRAME_SIZE, 0), text)
+
+
+_REGCOUNT, _FRAME_SIZE = 0x2F, 0x11  # attributes of the cubin's .nv.info section: registers, stack frame bytes
+
+
+def _resources(cubin: bytes) -> dict[int, int]:
+    """The (one) kernel's resource attributes from the cubin's `.nv.info` section, read from the ELF itself: the
+    log's ptxas report is not given by every NVRTC build (one on an H200 machine gave an empty log). Records are
+    (format, attribute, size, value); format 4 carries `size` bytes, here (symbol, value) as two u32."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", cubin, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * entsize) for i in range(count)]
+    strings = headers[names][4]
+    found: dict[int, int] = {}
+    for name, _, _, _, offset, size, *_ in headers:
+        if cubin[strings + name:cubin.index(b"\0", strings + name)] != b".nv.info":
+            continue
+        i = offset
+        while i < offset + size:
+            fmt, attribute = cubin[i], cubin[i + 1]
+            if fmt == 4:
+                length, = struct.unpack_from("<H", cubin, i + 2)
+                if attribute in (_REGCOUNT, _FRAME_SIZE) and length == 8:
+                    found[attribute] = struct.unpack_from("<I", cubin, i + 8)[0]
+                i += 4 + length
+            else:
+                i += 2 if fmt == 1 else 4
+    return found
 
 
 def _check(lib: ctypes.CDLL, status: int) -> None:
