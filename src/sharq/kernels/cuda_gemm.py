@@ -525,9 +525,9 @@ def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     """Blocks of 8 warps (4 for layers wider than 4096, which have blocks enough), K split over blocks until the
-    multiprocessors have a 16-row tile each. Up to 8 tokens: a weight of 2^25 elements or more goes through a
-    cp.async ring of 3 chunks per warp with the activation read where it is used, two row tiles a warp where N is
-    at least twice K; smaller ones are staged in registers, two chunks in flight. 9 to 16 and 33 to 64 tokens:
+    multiprocessors have a 16-row tile each. Up to 8 tokens the activation is read where it is used; a weight of
+    more than 2^24 elements goes through a cp.async ring of 3 chunks per warp, two row tiles a warp where N is at
+    least twice K; smaller ones are staged in registers, two chunks in flight. 9 to 16 and 33 to 64 tokens:
     two row tiles (the activation's loads serve twice the weight), one chunk in flight, the activation read where
     used (with one row tile, N not a multiple of 32: staged, two chunks in flight up to 16 tokens; the ring
     above 32). 17 to 32: the ring, the activation staged, two row tiles where N > 2048. From the sweeps of
@@ -536,10 +536,10 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
     if m <= 8:
-        if n * kp >= 1 << 25:
+        if n * kp > 1 << 24:
             rt, stages, ring, direct = (2 if two_rows and n >= 2 * kp else 1), 1, 3, True
         else:
-            rt, stages, ring, direct = 1, 2, 0, False
+            rt, stages, ring, direct = 1, 2, 0, True
     elif m <= 16:
         rt, stages, ring, direct = (2, 1, 0, True) if two_rows else (1, 2, 0, False)
     elif m <= 32:
