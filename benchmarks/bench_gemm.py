@@ -265,7 +265,7 @@ def crossover(ms: tuple[int, ...] = (16, 24, 32, 48, 64)) -> list[dict]:
         del ps
         torch.cuda.empty_cache()
         rows.append(row)
-        print(f"K={k} N={n} M={m}: bf16 {1e3 * row['bf16_ms']:.1f} us, mma {1e3 * row['mma_ms']:.1f} us, "
+        print(f"K={k} N={n} M={m} {recipe}: bf16 {1e3 * row['bf16_ms']:.1f} us, mma {1e3 * row['mma_ms']:.1f} us, "
               f"decoded {1e3 * row['decoded_ms']:.1f} us", flush=True)
     return rows
 
@@ -279,7 +279,7 @@ def sweep_tiles(m: int, n: int, auto: cuda_gemm.CudaTile) -> list[cuda_gemm.Cuda
         if (direct or m <= 32) and n % (16 * rt * wn) == 0 and (not blocks or m <= 8 and wn == 1)]))
 
 
-def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
+def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, ...] = ("sharq",)) -> list[dict]:
     """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (sharq weights, bf16
     out), beside BF16 cuBLAS, the Triton kernel and (above 16 tokens) decode + cuBLAS; GPU µs each, plus the
     kernel's registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen. The K
@@ -288,38 +288,42 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
     per block, register stages or the cp.async ring, the activation staged or read where used, and up to 8 tokens
     a register cap for 24 warps a multiprocessor (3 blocks of 8 warps, 6 of 4) instead of the default 16."""
     rows = []
-    for (k, n), m in itertools.product(SHAPES, ms):
+    for (k, n), m, recipe in itertools.product(SHAPES, ms, recipes):
         x = outlier_x(m, k)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         ws = [w.clone() for _ in range(copies(w.numel() * 2))]
-        row: dict = {"K": k, "N": n, "M": m, "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
+        row: dict = {"K": k, "N": n, "M": m, "recipe": recipe,
+                     "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
         del ws, w
-        p, sw, r = payload("sharq", n, k)
+        p, sw, r = payload(recipe, n, k)
+        if r.weight_fmt != "nvfp4":
+            raise ValueError(f"the CUDA kernel reads NVFP4 weights; recipe {recipe!r} has {r.weight_fmt}")
+        block = r.weight_block
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
         act = get_backend("packed").prepare(x, r, None)
         sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
         tile = gemm.choose_tile(m, n, k, x.device)
         row["triton_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.packed_matmul(
-            act.values, c, s, "nvfp4", 32, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
+            act.values, c, s, "nvfp4", block, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
         if m > 16:
             row["decoded_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
-                act.values, c, s, "nvfp4", 32, sx, swf, None, torch.bfloat16) for c, s in ps])
+                act.values, c, s, "nvfp4", block, sx, swf, None, torch.bfloat16) for c, s in ps])
         auto = cuda_gemm.choose_tile(m, n, k, x.device)
         tiles = sweep_tiles(m, n, auto)
         timed = {}
         for t in tiles:
             try:
                 timed[t] = 1e3 * graph_ms([lambda c=c, s=s, t=t: cuda_gemm.nvfp4_mma(
-                    act.values, c, s, 32, sx, swf, None, torch.bfloat16, tile=t) for c, s in ps], reps=10)
+                    act.values, c, s, block, sx, swf, None, torch.bfloat16, tile=t) for c, s in ps], reps=10)
             except Exception as e:  # noqa: BLE001 - a launch that does not compile or fit is reported, skipped
                 print(f"  {t}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
         best = min(timed, key=timed.get)
         row.update(auto=str(auto), auto_us=timed.get(auto), best=str(best), best_us=timed[best],
                    all={str(t): v for t, v in sorted(timed.items(), key=lambda kv: kv[1])})
         row["bytes"] = p.codes.numel() + p.scales.numel() + (m * k + m * n) * 2
-        row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m)
+        row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m, block)
         rows.append(row)
-        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, decoded "
+        print(f"K={k} N={n} M={m} {recipe}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, decoded "
               f"{row.get('decoded_us', float('nan')):.1f}, cuda auto "
               f"{row['auto_us']} ({auto}), best {row['best_us']:.1f} ({best}); x bf16 "
               f"{row['bf16_us'] / row['best_us']:.2f}, {row['bytes'] / row['best_us'] / 1e3:.0f} GB/s; "
@@ -329,12 +333,12 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64)) -> list[dict]:
     return rows
 
 
-def kernel_resources(t, m: int) -> tuple[int, int]:
+def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
-    bias, 32-element blocks): local memory above 0 means spills."""
+    bias, `block`-element blocks): local memory above 0 means spills."""
     import ctypes
 
-    k = cuda_gemm._kernel(torch.cuda.current_device(), t, cuda_gemm.n8_tiles(m), 32, 0, 0, False)
+    k = cuda_gemm._kernel(torch.cuda.current_device(), t, cuda_gemm.n8_tiles(m), block, 0, 0, False)
     libcuda = torch.cuda._utils._get_gpu_runtime_library()
     out = []
     for attribute in (4, 3):  # CU_FUNC_ATTRIBUTE_NUM_REGS, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES
@@ -379,6 +383,8 @@ def main() -> int:
                    "M = 16..64 (where gemm.SMALL_M belongs; then exit)")
     p.add_argument("--cuda-sweep", action="store_true", help="only the CUDA kernel's launch shapes at M <= 64 "
                    "(how cuda_gemm.choose_tile was chosen; then exit)")
+    p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
+                   "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -388,7 +394,8 @@ def main() -> int:
     if args.crossover or args.cuda_sweep:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M}
         out.update({"crossover": crossover()} if args.crossover else
-                   {"cuda_sweep": cuda_sweep(tuple(int(m) for m in args.ms.split(",")))})
+                   {"cuda_sweep": cuda_sweep(tuple(int(m) for m in args.ms.split(",")),
+                                             tuple(args.sweep_recipes.split(",")))})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
