@@ -68,12 +68,19 @@ def copies(nbytes: int) -> int:
 
 
 def ceilings() -> dict:
+    """Copy bandwidth from memory, copy bandwidth within the L2 (two 8 MiB buffers, well inside the H200's 50 MB:
+    what the decode GEMM's repeated activation reads are up against above a few tokens, docs/PERF.md) and BF16
+    GEMM throughput."""
     x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
     copy_ms = median_ms(lambda: x.clone(), 10)
+    src = torch.randn(1 << 22, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    l2_ms = graph_ms([lambda: dst.copy_(src)] * 50)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = median_ms(lambda: a @ b, 10)
-    return {"copy_GBps": 2 * x.numel() * 2 / copy_ms / 1e6, "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+    return {"copy_GBps": 2 * x.numel() * 2 / copy_ms / 1e6, "l2_copy_GBps": 2 * src.numel() * 2 / l2_ms / 1e6,
+            "bf16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
 
 
 def payload(recipe: str, n: int, k: int, seed: int = 1):
@@ -321,13 +328,16 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
         row.update(auto=str(auto), auto_us=timed.get(auto), best=str(best), best_us=timed[best],
                    all={str(t): v for t, v in sorted(timed.items(), key=lambda kv: kv[1])})
         row["bytes"] = p.codes.numel() + p.scales.numel() + (m * k + m * n) * 2
+        # every block reads the whole activation over its K range (from L2, or L1): once per 16·rt·wn weight rows
+        row["best_activation_reads"] = n // (16 * best.rt * best.wn) * m * k * 2
         row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m, block)
         rows.append(row)
         print(f"K={k} N={n} M={m} {recipe}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, decoded "
               f"{row.get('decoded_us', float('nan')):.1f}, cuda auto "
               f"{row['auto_us']} ({auto}), best {row['best_us']:.1f} ({best}); x bf16 "
               f"{row['bf16_us'] / row['best_us']:.2f}, {row['bytes'] / row['best_us'] / 1e3:.0f} GB/s; "
-              f"{row['best_regs']} registers, {row['best_local_bytes']} B local", flush=True)
+              f"{row['best_regs']} registers, {row['best_local_bytes']} B local; activation reads "
+              f"{row['best_activation_reads'] / 1e6:.1f} MB", flush=True)
         del ps
         torch.cuda.empty_cache()
     return rows
@@ -392,7 +402,8 @@ def main() -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.crossover or args.cuda_sweep:
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M}
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,
+               "ceilings": ceilings()}
         out.update({"crossover": crossover()} if args.crossover else
                    {"cuda_sweep": cuda_sweep(tuple(int(m) for m in args.ms.split(",")),
                                              tuple(args.sweep_recipes.split(",")))})
@@ -414,7 +425,8 @@ def main() -> int:
     print("checks (error / fp32-accumulation bound, pass <= 1):",
           json.dumps({key: round(v, 3) for key, v in out["checks"].items()}), "codes exact:", out["codes_exact"])
     out["ceilings"] = caps = ceilings()
-    print(f"ceilings: copy {caps['copy_GBps']:.0f} GB/s, bf16 GEMM {caps['bf16_TFLOPs']:.0f} TFLOP/s")
+    print(f"ceilings: copy {caps['copy_GBps']:.0f} GB/s, within L2 {caps['l2_copy_GBps']:.0f} GB/s, bf16 GEMM "
+          f"{caps['bf16_TFLOPs']:.0f} TFLOP/s")
     if args.sweep:
         out["sweep"] = sweep()
         if args.sweep_only:
