@@ -287,13 +287,15 @@ def sweep_tiles(m: int, n: int, auto: cuda_gemm.CudaTile) -> list[cuda_gemm.Cuda
 
 
 def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, ...] = ("sharq",)) -> list[dict]:
-    """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (sharq weights, bf16
+    """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (`recipes`' weights, bf16
     out), beside BF16 cuBLAS, the Triton kernel and (above 16 tokens) decode + cuBLAS; GPU µs each, plus the
     kernel's registers and local memory per thread (spills). How cuda_gemm.choose_tile was chosen. The K
     partition (warps per block that split K, splits over blocks) is choose_tile's, fixed by the layer's shape so
     that a token's output does not depend on the batch; the sweep varies the rest: row tiles per warp, row groups
     per block, register stages or the cp.async ring, the activation staged or read where used, and up to 8 tokens
-    a register cap for 24 warps a multiprocessor (3 blocks of 8 warps, 6 of 4) instead of the default 16."""
+    a register cap for 24 warps a multiprocessor (3 blocks of 8 warps, 6 of 4) instead of the default 16. For the
+    best launch also the activation bytes its blocks read, and its time with every token reading one activation
+    row (what the activation's traffic costs)."""
     rows = []
     for (k, n), m, recipe in itertools.product(SHAPES, ms, recipes):
         x = outlier_x(m, k)
@@ -330,6 +332,11 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
         row["bytes"] = p.codes.numel() + p.scales.numel() + (m * k + m * n) * 2
         # every block reads the whole activation over its K range (from L2, or L1): once per 16·rt·wn weight rows
         row["best_activation_reads"] = n // (16 * best.rt * best.wn) * m * k * 2
+        # the same launch with every token reading one activation row (row stride 0, the same work otherwise):
+        # after the first read the activation comes from L1, so the gap to best_us is what its traffic costs
+        one_row = act.values[:1].expand(m, -1)
+        row["best_us_one_activation_row"] = 1e3 * graph_ms([lambda c=c, s=s: cuda_gemm.nvfp4_mma(
+            one_row, c, s, block, sx, swf, None, torch.bfloat16, tile=best) for c, s in ps], reps=10)
         row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m, block)
         rows.append(row)
         print(f"K={k} N={n} M={m} {recipe}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, decoded "
@@ -337,7 +344,8 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
               f"{row['auto_us']} ({auto}), best {row['best_us']:.1f} ({best}); x bf16 "
               f"{row['bf16_us'] / row['best_us']:.2f}, {row['bytes'] / row['best_us'] / 1e3:.0f} GB/s; "
               f"{row['best_regs']} registers, {row['best_local_bytes']} B local; activation reads "
-              f"{row['best_activation_reads'] / 1e6:.1f} MB", flush=True)
+              f"{row['best_activation_reads'] / 1e6:.1f} MB, {row['best_us_one_activation_row']:.1f} us with "
+              f"one activation row", flush=True)
         del ps
         torch.cuda.empty_cache()
     return rows
