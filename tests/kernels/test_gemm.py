@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton")
 
 import sharq  # noqa: E402
-from sharq.kernels import gemm  # noqa: E402
+from sharq.kernels import cuda_gemm, gemm  # noqa: E402
 from sharq.quant import QTensor, dequantize_blocks  # noqa: E402
 
 from ..conftest import outlier_activations  # noqa: E402
@@ -211,8 +211,6 @@ def test_concurrent_layers_on_the_decode_path_do_not_share_a_scratch_weight(rng)
     """Above the CUDA kernel's MAX_M the payload is decoded into a scratch bf16 weight: two threads, each on its
     own stream, running different layers at once get the results they get alone."""
     import threading
-
-    from sharq.kernels import cuda_gemm
 
     m = cuda_gemm.MAX_M + 31
     jobs = []

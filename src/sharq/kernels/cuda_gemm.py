@@ -535,11 +535,10 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
-    if m <= 8:
-        if n * kp > 1 << 24:
-            rt, stages, ring, direct = (2 if two_rows and n >= 2 * kp else 1), 1, 3, True
-        else:
-            rt, stages, ring, direct = 1, 2, 0, True
+    if m <= 8 and n * kp > 1 << 24:
+        rt, stages, ring, direct = (2 if two_rows and n >= 2 * kp else 1), 1, 3, True
+    elif m <= 8:
+        rt, stages, ring, direct = 1, 2, 0, True
     elif m <= 16:
         rt, stages, ring, direct = (2, 1, 0, True) if two_rows else (1, 2, 0, False)
     elif m <= 32:
