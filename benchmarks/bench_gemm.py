@@ -272,7 +272,7 @@ def crossover(ms: tuple[int, ...] = (16, 24, 32, 48, 64)) -> list[dict]:
         del ps
         torch.cuda.empty_cache()
         rows.append(row)
-        print(f"K={k} N={n} M={m} {recipe}: bf16 {1e3 * row['bf16_ms']:.1f} us, mma {1e3 * row['mma_ms']:.1f} us, "
+        print(f"K={k} N={n} M={m}: bf16 {1e3 * row['bf16_ms']:.1f} us, mma {1e3 * row['mma_ms']:.1f} us, "
               f"decoded {1e3 * row['decoded_ms']:.1f} us", flush=True)
     return rows
 
