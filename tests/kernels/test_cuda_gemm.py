@@ -1,16 +1,19 @@
-"""The CUDA small-M GEMM (kernels/cuda_gemm.py) against the exact product on the dequantized Ŵ. GPU only: the
-kernel is compiled by NVRTC, which CPU CI does not have (the Triton kernels it stands in for are checked there)."""
+"""The CUDA small-M GEMM (kernels/cuda_gemm.py, and the wgmma kernel it hands 25-64 tokens of large layers to,
+kernels/cuda_wgmma.py) against the exact product on the dequantized Ŵ. GPU only: the kernels are compiled by NVRTC,
+which CPU CI does not have (the Triton kernels they stand in for are checked there; their sources compile there)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sharq.kernels import cuda_gemm, gemm
+from sharq.kernels import cuda_gemm, cuda_wgmma, gemm
 from sharq.quant import QTensor, dequantize_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
                                 reason="needs a CUDA GPU and torch.cuda._compile_kernel")
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="the wgmma kernel needs Hopper (sm_90a)")
 
 
 def _payload(n: int, k: int, block: int, seed: int) -> QTensor:
@@ -44,7 +47,10 @@ def _bound_ok(y: torch.Tensor, a: torch.Tensor, q: QTensor, alpha: torch.Tensor,
 
 @pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (3, 512, 2048), (8, 128, 4096), (13, 4096, 512),
-                                   (32, 1024, 1024), (47, 768, 2048), (64, 512, 1024)])
+                                   (32, 1024, 1024), (47, 768, 2048), (64, 512, 1024),
+                                   # on Hopper the wgmma kernel: 33-64 tokens of > 2^24 weights (K split in 4
+                                   # at 64 tokens), 25-32 where N >= 4 K
+                                   (40, 8192, 4096), (64, 6144, 4096), (28, 16384, 2048)])
 def test_matches_the_exact_product(block, m, n, k):
     seed = m * 1000 + block + n + k
     q, a = _payload(n, k, block, seed), _x(m, k, seed)
@@ -57,7 +63,9 @@ def test_matches_the_exact_product(block, m, n, k):
 @pytest.mark.parametrize("tile", [cuda_gemm.CudaTile(1, 8, 4, 1), cuda_gemm.CudaTile(2, 4, 2, 1),
                                   cuda_gemm.CudaTile(1, 4, 1, 4), cuda_gemm.CudaTile(1, 1, 3, 2),
                                   cuda_gemm.CudaTile(2, 4, 1, 2, 3, wn=2, direct=True),
-                                  cuda_gemm.CudaTile(1, 8, 2, 1, min_blocks=3)])
+                                  cuda_gemm.CudaTile(1, 8, 2, 1, min_blocks=3),
+                                  pytest.param(cuda_wgmma.WgmmaTile(), marks=hopper),
+                                  pytest.param(cuda_wgmma.WgmmaTile(splits=2), marks=hopper)])
 @pytest.mark.parametrize("out_dtype,bias_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                                   (torch.float32, torch.float16), (torch.bfloat16, None)])
 def test_every_launch_shape_output_and_bias(tile, out_dtype, bias_dtype):
@@ -116,7 +124,8 @@ extern "C" __global__ void slow_write(const unsigned short* src, unsigned short*
 
 
 @pytest.mark.parametrize("programmatic", [False, True])
-def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(programmatic, monkeypatch):
+@pytest.mark.parametrize("m,n", [(8, 1024), (40, 8192)])  # the decode kernel; on Hopper the wgmma kernel
+def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(programmatic, m, n, monkeypatch):
     """Launched programmatically (inside a CUDA graph, on Hopper: this shape is one _launch takes it for), the GEMM
     may start while the kernel before it runs; it must still read the activation that kernel writes (a kernel that
     spins ~50 µs before writing it). Eager calls and plain launches are checked alike."""
@@ -124,7 +133,7 @@ def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(p
 
     monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", programmatic)
     slow = torch.cuda._compile_kernel(_SLOW_WRITE, "slow_write")
-    m, n, k = 8, 1024, 4096
+    k = 4096
     q, x = _payload(n, k, 32, 31), _x(m, k, 32)
     one = torch.ones(1, device="cuda")
     want = cuda_gemm.nvfp4_mma(x, q.codes, q.scales, 32, one, one, None, torch.float32)
@@ -145,9 +154,11 @@ def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(p
         assert torch.equal(y, want)
 
 
-def test_every_code_and_scale_decodes_exactly():
+@pytest.mark.parametrize("tile", [None, pytest.param(cuda_wgmma.WgmmaTile(), marks=hopper)])
+def test_every_code_and_scale_decodes_exactly(tile):
     """One-hot activations read the weight back element by element: Ŵ[n, k] for every k of a 128-element chunk
-    (all four threads' blocks, the K-permutation), every E2M1 code and every scale code, NaN included."""
+    (all four threads' blocks, the K-permutation, and in the wgmma kernel the activation's pairs as the B tile),
+    every E2M1 code and every scale code, NaN included."""
     n, k = 256, 128
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
@@ -159,21 +170,33 @@ def test_every_code_and_scale_decodes_exactly():
     for c in range(0, k, 32):
         a = torch.zeros(32, k, dtype=torch.bfloat16, device="cuda")
         a[torch.arange(32), c + torch.arange(32)] = 1
-        y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32).cpu()
+        y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32, tile=tile).cpu()
         got, ref = y.T, want[:, c:c + 32]
         assert torch.equal(got.isnan(), ref.isnan())
         assert torch.equal(got.nan_to_num(), ref.nan_to_num())
 
 
-@pytest.mark.parametrize("n", [1024, 6144])
-def test_outputs_repeat_and_do_not_depend_on_the_batch(n):
-    k = 4096
+@pytest.mark.parametrize("n,k", [(1024, 4096), (6144, 4096), (16384, 2048)])
+def test_outputs_repeat_and_do_not_depend_on_the_batch(n, k):
+    """Each kernel sums a token's products in an order fixed by the layer's shape, so a token's output is the same
+    bits at every M the kernel takes: the decode kernel's (1-64 on 1024 x 4096; 1-32 on 6144 x 4096; 1-24 on
+    16384 x 2048) and, on Hopper, the wgmma kernel's (the rest up to 64)."""
     q, a = _payload(n, k, 16, 11), _x(cuda_gemm.MAX_M, k, 12)
     one = torch.ones(1, device="cuda")
-    y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16)
-    assert torch.equal(y, cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16))
-    for m in (1, 2, 8, 9, 16, 17, 32, 33, 63):
-        assert torch.equal(cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16), y[:m])
+    capability = torch.cuda.get_device_capability()
+    multiprocessors = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def wgmma(m):
+        return cuda_wgmma.choose_tile(m, n, k, capability, multiprocessors) is not None
+
+    widest = {kind: max(m for m in range(1, cuda_gemm.MAX_M + 1) if wgmma(m) == kind)
+              for kind in {wgmma(m) for m in range(1, cuda_gemm.MAX_M + 1)}}
+    y = {kind: cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16)
+         for kind, m in widest.items()}
+    assert torch.equal(y[wgmma(64)], cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, one, one, None, torch.bfloat16))
+    for m in (1, 2, 8, 9, 16, 17, 24, 25, 32, 33, 48, 63):
+        assert torch.equal(cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16),
+                           y[wgmma(m)][:m]), m
 
 
 @pytest.mark.parametrize("m", [4, 48])

@@ -1,6 +1,7 @@
-"""The CUDA GEMM's source (kernels/cuda_gemm.py) compiled on the CPU by NVRTC (kernels/nvrtc.py), for every launch
-the packed backend makes: a kernel change that does not compile, or that spills where it did not, fails here rather
-than on the first GPU it meets. Needs NVRTC (the nvidia-cuda-nvrtc package of the test extra), not a GPU."""
+"""The CUDA GEMMs' sources (kernels/cuda_gemm.py, kernels/cuda_wgmma.py) compiled on the CPU by NVRTC
+(kernels/nvrtc.py), for every launch the packed backend makes: a kernel change that does not compile, or that
+spills where it did not, fails here rather than on the first GPU it meets. Needs NVRTC (the nvidia-cuda-nvrtc
+package of the test extra), not a GPU."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 import pytest
 import torch
 
-from sharq.kernels import cuda_gemm, nvrtc
+from sharq.kernels import cuda_gemm, cuda_wgmma, nvrtc
 
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 
@@ -39,6 +40,37 @@ def test_every_launch_the_backend_makes_compiles(k, n, monkeypatch):
             assert 0 < built.registers <= 255 and built.cubin
             if m <= 8:
                 assert built.spilled == 0, (m, t, block, built.registers, built.spilled)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_every_wgmma_launch_compiles_without_spills_in_one_block_a_multiprocessor(k, n):
+    """The wgmma kernel's launches (an H200: sm_90a, 132 multiprocessors) compile without spilling, in registers
+    that let a block of its threads fit a multiprocessor (65536 registers)."""
+    for m in MS:
+        t = cuda_wgmma.choose_tile(m, n, k, (9, 0), 132)
+        if t is None:
+            continue
+        for block, out, bias, per_token in [(32, torch.bfloat16, None, False),
+                                            (16, torch.float16, torch.float32, True)]:
+            source = cuda_wgmma.kernel_source(t, block, cuda_gemm._OUT[out], cuda_gemm._BIAS[bias], per_token)
+            built = nvrtc.compile_cubin(source, "sm_90a")
+            assert built.spilled == 0 and built.registers * t.threads <= 65536, (m, t, built.registers)
+
+
+def test_the_wgmma_kernel_takes_large_layers_at_17_to_64_tokens_on_hopper_alone():
+    """Where it measured faster than the decode kernel (docs/PERF.md): 33-64 tokens of more than 2^24 weights, 25-64
+    on layers at least four times wider than deep; never off Hopper, never on N not a multiple of its 128 rows. Its
+    K split depends on the shape alone (a token's output does not depend on the batch)."""
+    def tile(m, n, k, capability=(9, 0)):
+        return cuda_wgmma.choose_tile(m, n, k, capability, 132)
+
+    assert [m for m in range(1, 65) if tile(m, 6144, 4096)] == list(range(33, 65))
+    assert [m for m in range(1, 65) if tile(m, 28672, 4096)] == list(range(25, 65))
+    assert not any(tile(m, 4096, 4096) for m in range(1, 65))  # 2^24 weights: the decode kernel throughout
+    assert tile(64, 6144 + 64, 4096) is None and tile(65, 6144, 4096) is None
+    assert tile(64, 6144, 4096, (8, 0)) is None and tile(64, 6144, 4096, (10, 0)) is None
+    assert {tile(m, 4096, 14336).splits for m in range(33, 65)} == {8}  # 32 blocks of 128 rows, 112 chunks
+    assert tile(64, 28672, 4096).splits == 1
 
 
 def test_registers_and_spills_read_from_the_cubin_are_ptxas_report():

@@ -23,11 +23,16 @@ placement:
   several groups of warps on neighbouring rows (`CudaTile.wn`) so that they share the activation's loads in L1.
   Neither changes the order in which an output's products are added, so neither changes a bit of the result.
 - fp32 accumulation in the tensor cores; the warps of a block split K and their sums meet in shared memory in a
-  fixed order, so the output is the same from call to call and for every M (batch-invariant); where there are
-  too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds in order.
+  fixed order, so the output is the same from call to call and for every M it takes (batch-invariant); where
+  there are too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds
+  in order.
 - On Hopper, inside a CUDA graph, launched with programmatic dependent launch where that measured faster
   (`_launch`): the blocks start while the prepare kernel still runs and wait (`griddepcontrol.wait`) before
   reading anything, so the launch and set-up overlap the prepare.
+
+On Hopper, 33-64 tokens of layers with more than 2^24 weights (25-64 where N >= 4 K) go to the wgmma kernel
+instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there; the
+launch plan below picks it, with the same arguments.
 
 Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant, and
 launched by cuLaunchKernel itself (kernels/launch.py) with the launch worked out once per shape (`_launch`). Where
@@ -44,14 +49,11 @@ from dataclasses import dataclass
 
 import torch
 
+from . import cuda_wgmma
+from .cuda_source import DEVICE_HELPERS
 from .launch import DriverKernel
 
-_SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-struct alignas(16) U4 { u32 x, y, z, w; };
-
+_SOURCE = DEVICE_HELPERS + r"""
 struct Stage {
   U4 w[RT][2];   // codes of rows g and g + 8 of each row tile: this thread's 32 elements of the chunk
   u32 s[RT][2];  // their scale codes (one byte, or two for 16-element blocks)
@@ -59,26 +61,6 @@ struct Stage {
   U4 x[MT][4];   // the activation of token mt * 8 + g at the same 32 elements
 #endif
 };
-
-__device__ __forceinline__ U4 ld_stream(const U4* p) {  // read once: keep it out of L1
-  U4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-// programmatic dependent launch (Hopper): wait here until the kernel before this one (the prepare, which wrote the
-// activation) has finished and its writes are visible; a no-op in a plain launch. Nothing is read before it, so
-// the weight, the bias and the scales may come from any earlier kernel too.
-__device__ __forceinline__ void wait_prior_grid() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ U4 ld_shared_by_blocks(const U4* p) {
-  U4 v;
-  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
 #if RING
 // the weight codes and scales go global -> shared by cp.async into a ring of RING chunks per warp: bytes in flight
 // without registers holding them (each lane reads back only what it copied, so the warp needs no barrier for
@@ -97,63 +79,12 @@ struct Slot {
   u32 s[RT][2][8][BLOCK == 16 ? 2 : 1];  // the scale codes of the chunk, per row: 4 (or 8) bytes
 };
 #endif
-__device__ __forceinline__ u32 word(const U4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-  u32 d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-// nibbles i and i + 4 of x as a bf16 pair: the E2M1 values times 2^-126
-__device__ __forceinline__ u32 e2m1_pair(u32 x, int i) {
-  u32 y = x << (12 - 4 * i);
-  return (y & 0x80008000u) | ((y >> 6) & 0x01C001C0u);
-}
-// a UE4M3 scale code (float8_e4m3fn bits) times 2^118 as a bf16 pair; exact (4 significant bits, below 2^127)
-__device__ __forceinline__ u32 scale_pair(u32 code) {
-  u32 e = (code >> 3) & 15u, m = code & 7u;
-  // normal: 2^(e - 7) (1 + m/8) 2^118; subnormal: m 2^-9 2^118
-  float f = e ? __uint_as_float(((e + 238u) << 23) | (m << 20)) : (float)m * __uint_as_float(236u << 23);
-  if (code & 0x80u) f = -f;
-  if ((code & 0x7Fu) == 0x7Fu) f = __uint_as_float(0x7FC00000u);
-  u32 b = __float_as_uint(f) >> 16;
-  return b | (b << 16);
-}
-__device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {  // a * b + (-0): the exact product, its sign kept
-  u32 d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
-  return d;
-}
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ float to_float(const void* p, long i) {
-#if BIAS == 1
-  return __uint_as_float(((u32)((const u16*)p)[i]) << 16);
-#elif BIAS == 2
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const u16*)p)[i]));
-  return f;
-#else
-  return ((const float*)p)[i];
-#endif
-}
-__device__ __forceinline__ void store(void* y, long i, float v) {
-#if SPLIT || OUT == 2
-  ((float*)y)[i] = v;
-#elif OUT == 0
-  u16 h;
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  ((u16*)y)[i] = h;
-#else
-  u16 h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-  ((u16*)y)[i] = h;
-#endif
-}
-
 // MIN_BLOCKS: blocks a multiprocessor must fit, which caps the registers a thread (CudaTile.min_blocks)
 extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
@@ -501,11 +432,13 @@ def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row:
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(device_index: int, source: str, shared_bytes: int):
-    """The kernel compiled for this GPU (NVRTC, once per source), its dynamic shared memory allowed."""
+def _compile(device_index: int, source: str, shared_bytes: int, name: str = "sharq_nvfp4_mma",
+             arch_suffix: str = ""):
+    """The kernel compiled for this GPU (NVRTC, once per source; `arch_suffix` "a" for sm_90a's wgmma), its dynamic
+    shared memory allowed."""
     major, minor = torch.cuda.get_device_capability(device_index)
     with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(source, "sharq_nvfp4_mma", compute_capability=f"{major}{minor}",
+        kernel = torch.cuda._compile_kernel(source, name, compute_capability=f"{major}{minor}{arch_suffix}",
                                             nvcc_options=["-std=c++17"])
         if shared_bytes >= 48 * 1024:
             kernel.set_shared_memory_config(shared_bytes)
@@ -567,19 +500,30 @@ class _Launch:
 
 @functools.lru_cache(maxsize=4096)
 def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
-            tile: CudaTile | None) -> _Launch:
+            tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _Launch:
     """The launch, programmatic (it may start while the prepare kernel before it runs: launch.PROGRAMMATIC_LAUNCH)
     on Hopper and later where that measured faster: K <= 4096, N > K, or more than 16 tokens (H200, 9 shapes x
     M = 1..32: 0.1-1.5 µs, up to 8 %, less a layer). On long rows with N <= K at up to 16 tokens the early start
     cost 2-28 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started
-    beside the prepare's leave part of the GEMM's first wave for a second."""
+    beside the prepare's leave part of the GEMM's first wave for a second. Where cuda_wgmma.choose_tile takes the
+    shape (25-64 tokens on large layers, Hopper) or `tile` is a WgmmaTile, the wgmma kernel: same arguments."""
+    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
+    w = tile if isinstance(tile, cuda_wgmma.WgmmaTile) else None if tile else cuda_wgmma.choose_tile(
+        m, n, k, _capability(device), _multiprocessors(device))
+    if w is not None:
+        if n % w.rows or m > cuda_wgmma.TOKENS:
+            raise ValueError(f"{w} needs N a multiple of {w.rows} and at most {cuda_wgmma.TOKENS} tokens")
+        shared = cuda_wgmma.shared_bytes(w)
+        kernel = _compile(device, cuda_wgmma.kernel_source(w, block, out, bias, sx_row), shared, cuda_wgmma.NAME,
+                          "a")
+        return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
+                       (n // w.rows, w.splits, 1), (w.threads, 1, 1), shared, w.splits, -(-(k // 128) // w.splits))
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
     rows = 16 * t.rt * t.wn
     if n % rows:
         raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {rows}, got {n}")
     mt = n8_tiles(m)
     kernel = _kernel(device, t, mt, block, out, bias, sx_row)
-    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
     return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
                    (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
                    _shared_bytes(t, mt, block), t.splits, -(-(k // 128) // t.splits))
@@ -587,7 +531,7 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
               sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              tile: CudaTile | None = None) -> torch.Tensor | None:
+              tile: CudaTile | cuda_wgmma.WgmmaTile | None = None) -> torch.Tensor | None:
     """α · (a · Ŵᵀ) + bias [M, N] in out_dtype, as gemm.packed_matmul (arguments checked there; sx, sw flat fp32),
     or None where the kernel cannot be compiled here (a warning says why, once)."""
     (m, k), n = a.shape, codes.shape[0]
@@ -597,7 +541,8 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
 
 
 def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype,
-                bias_dtype: torch.dtype | None, sx_row: bool, tile: CudaTile | None) -> _Launch | None:
+                bias_dtype: torch.dtype | None, sx_row: bool,
+                tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _Launch | None:
     """_launch, or None where the kernel cannot be compiled here (a warning says why, once)."""
     try:
         return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile)

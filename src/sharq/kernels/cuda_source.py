@@ -1,0 +1,81 @@
+"""CUDA device code shared by the packed NVFP4 GEMM kernels (kernels/cuda_gemm.py, kernels/cuda_wgmma.py): the
+weight streamed past L1, the programmatic-launch wait, the activation read through L1, E2M1 and UE4M3 decoded to
+bf16 by bit placement (exact: see cuda_gemm's docstring) and the output stored in its dtype. A kernel's source is
+its #defines (OUT, BIAS, SPLIT among them), then DEVICE_HELPERS, then its own code."""
+
+DEVICE_HELPERS = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+struct alignas(16) U4 { u32 x, y, z, w; };
+__device__ __forceinline__ U4 ld_stream(const U4* p) {  // read once: keep it out of L1
+  U4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+// programmatic dependent launch (Hopper): wait here until the kernel before this one (the prepare, which wrote the
+// activation) has finished and its writes are visible; a no-op in a plain launch. Nothing is read before it, so
+// the weight, the bias and the scales may come from any earlier kernel too.
+__device__ __forceinline__ void wait_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ U4 ld_shared_by_blocks(const U4* p) {
+  U4 v;
+  asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ u32 word(const U4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+// nibbles i and i + 4 of x as a bf16 pair: the E2M1 values times 2^-126
+__device__ __forceinline__ u32 e2m1_pair(u32 x, int i) {
+  u32 y = x << (12 - 4 * i);
+  return (y & 0x80008000u) | ((y >> 6) & 0x01C001C0u);
+}
+// a UE4M3 scale code (float8_e4m3fn bits) times 2^118 as a bf16 pair; exact (4 significant bits, below 2^127)
+__device__ __forceinline__ u32 scale_pair(u32 code) {
+  u32 e = (code >> 3) & 15u, m = code & 7u;
+  // normal: 2^(e - 7) (1 + m/8) 2^118; subnormal: m 2^-9 2^118
+  float f = e ? __uint_as_float(((e + 238u) << 23) | (m << 20)) : (float)m * __uint_as_float(236u << 23);
+  if (code & 0x80u) f = -f;
+  if ((code & 0x7Fu) == 0x7Fu) f = __uint_as_float(0x7FC00000u);
+  u32 b = __float_as_uint(f) >> 16;
+  return b | (b << 16);
+}
+__device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {  // a * b + (-0): the exact product, its sign kept
+  u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+__device__ __forceinline__ float to_float(const void* p, long i) {
+#if BIAS == 1
+  return __uint_as_float(((u32)((const u16*)p)[i]) << 16);
+#elif BIAS == 2
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(((const u16*)p)[i]));
+  return f;
+#else
+  return ((const float*)p)[i];
+#endif
+}
+__device__ __forceinline__ void store(void* y, long i, float v) {
+#if SPLIT || OUT == 2
+  ((float*)y)[i] = v;
+#elif OUT == 0
+  u16 h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  ((u16*)y)[i] = h;
+#else
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+  ((u16*)y)[i] = h;
+#endif
+}
+
+"""

@@ -1,0 +1,294 @@
+"""The packed NVFP4 GEMM for 25 to 64 tokens on Hopper's warpgroup MMA (wgmma): the decoded weight as the register A
+operand, the activation staged once per block in shared memory as the B operand.
+
+The decode kernel (kernels/cuda_gemm.py) gives every warp its own 16-32 weight rows and has each read the whole
+activation, which at 33-64 tokens is 3.6-7 times the weight's bytes, and its accumulators cap it at 8 warps a
+multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight rows and shares one copy of each
+128-element chunk of the activation:
+
+- Producer warps (4) read the activation chunk for all 64 token slots (tokens beyond M are zeros), pair elements
+  i and i + 4 of each 8 as the weight decode does (kernels/cuda_gemm.py's K-permutation: a thread's 16 bytes of
+  a row are 32 consecutive elements, one scale block) and store them as wgmma's K-major B tile in `slots` shared
+  buffers (core matrices of 8 tokens x 8 k, no swizzle), then signal the buffer's "full" mbarrier. The stores go
+  through the generic proxy, so they are fenced (fence.proxy.async) before the signal.
+- Consumer warpgroups stream their 64 rows each (16 per warp, 16 bytes a row per thread, `stages` chunks ahead in
+  registers), decode them by bit placement into the A fragments of m64n64k16 (the same fragment as mma.sync's
+  m16n8k16 A in each warp), and issue 4 wgmmas per half chunk, one half in flight while the next is decoded; once
+  a chunk's MMAs are done its buffer's "empty" mbarrier is signalled. No block-wide barrier in the loop.
+- fp32 accumulation in the tensor cores, K split over blocks (partials added in order by the epilogue kernel) by
+  the layer's shape alone, and a fixed N of 64 tokens: a token's output is the same at every M this kernel takes.
+
+Measured on an H200 (docs/PERF.md): pure m64n64k16 wgmma reaches 650-870 TFLOPS here, so the MMA is not what
+limits this kernel; its loop is latency bound (2-3 warps a scheduler). It takes over from the decode kernel where
+that measured faster: 33-64 tokens on layers of more than 2^24 weights, and 25-64 on layers at least four times
+wider than deep. Hopper only (wgmma is sm_90a)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cuda_source import DEVICE_HELPERS
+
+NAME = "sharq_nvfp4_wgmma"
+TOKENS = 64  # wgmma's N: every launch computes 64 token columns
+ROWS = 64  # weight rows a warpgroup
+
+
+@dataclass(frozen=True)
+class WgmmaTile:
+    """A launch of the wgmma kernel: consumer warpgroups a block (64 rows each), weight chunks in flight per
+    thread, K splits over blocks, producer warps and activation buffers."""
+
+    warpgroups: int = 2
+    stages: int = 2
+    splits: int = 1
+    producers: int = 4
+    slots: int = 4
+
+    @property
+    def rows(self) -> int:
+        return ROWS * self.warpgroups
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups + 32 * self.producers
+
+
+def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiprocessors: int) -> WgmmaTile | None:
+    """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where the decode kernel measured faster
+    or this one does not run: 33-64 tokens on more than 2^24 weights, 25-64 where N >= 4 K (H200, the 8B and
+    70B shapes: 1.07-1.70 x the decode kernel at 33-64 tokens, 1.15 x at 32 on 4096 x 28672, level at 24, 7 %
+    slower at 17), N a multiple of 128, Hopper. K is split over blocks until the multiprocessors have a block each (at least 4
+    chunks a split), by the shape alone."""
+    wide = n >= 4 * kp and n * kp > 1 << 24
+    if capability != (9, 0) or not (33 <= m <= TOKENS and n * kp > 1 << 24 or 25 <= m <= TOKENS and wide):
+        return None
+    t = WgmmaTile()
+    if n % t.rows or kp % 128:
+        return None
+    blocks, chunks, splits = n // t.rows, kp // 128, 1
+    while blocks * splits < multiprocessors and chunks // (splits * 2) >= 4:
+        splits *= 2
+    return WgmmaTile(t.warpgroups, t.stages, splits, t.producers, t.slots)
+
+
+def shared_bytes(t: WgmmaTile) -> int:
+    """The activation buffers (64 tokens x 128 elements of bf16 each) and their two mbarriers."""
+    return t.slots * (TOKENS * 128 * 2 + 16)
+
+
+def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool) -> str:
+    """The CUDA source of tile t's kernel for block-`block` weights, output and bias dtype codes (cuda_gemm._OUT,
+    _BIAS) and a scale per token or not."""
+    defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=TOKENS // 8, BLOCK=block,
+                   OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1))
+    return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function()
+            + _SOURCE)
+
+
+def _wgmma_function() -> str:
+    """wgmma m64n64k16, A (4 registers of bf16 pairs) from registers, B (K-major, no swizzle) by descriptor."""
+    nd = TOKENS // 2
+    d = ", ".join(f"%{i}" for i in range(nd))
+    outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    return (f"__device__ __forceinline__ void wgmma(float (&d)[{nd}], const u32 (&a)[4], unsigned long long b) {{\n"
+            f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{TOKENS}k16.f32.bf16.bf16 {{{d}}}, '
+            f'{{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"\n'
+            f'      : {outs}\n      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));\n}}\n')
+
+
+_SOURCE = r"""
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
+__device__ __forceinline__ void wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+__device__ __forceinline__ void mbar_init(u32 a, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 a) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" :: "r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}" :: "r"(a), "r"(parity) : "memory");
+}
+// B of one 16-element step: core matrices of 8 tokens x 8 k (128 bytes), the two k halves NTG * 128 bytes apart
+// (leading byte offset), token groups 128 bytes apart (stride byte offset), no swizzle
+__device__ __forceinline__ unsigned long long b_desc(u32 addr) {
+  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(NTG * 128 >> 4) << 16)
+       | ((unsigned long long)(128 >> 4) << 32);
+}
+
+extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_wgmma(
+    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
+    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
+    int Kp, int lda, int chunks_per_split) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr u32 STEP = 2 * NTG * 128, CHUNK = 8 * STEP;  // bytes of one step's and one chunk's activation
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+  const int c_begin = blockIdx.y * chunks_per_split;
+  const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
+  const u32 base = smem_u32(smem), full = base + XS * CHUNK, empty = full + XS * 8;
+  if (tid == 0)
+    for (int s = 0; s < XS; ++s) {
+      mbar_init(full + 8 * s, PW * 32);
+      mbar_init(empty + 8 * s, WG * 128);
+    }
+  __syncthreads();
+  wait_prior_grid();
+  if (warp >= WG * 4) {
+    // producer: chunk c of the activation into buffer c % XS. Load l of a chunk takes token tg * 8 + r, elements
+    // qq * 32 + 8 v .. + 7 (16 bytes); pair i of them (elements i, i + 4) is k slots 2 qq, 2 qq + 1 of step
+    // 2 v + (i >> 1), k half i & 1: word qq of row r of core matrix ((step * 2 + k half) * NTG + tg)
+    constexpr int PT = PW * 32, LOADS = (NTG * 8 * 16 + PT - 1) / PT;
+    const int p = tid - WG * 128;
+    const u16* src[LOADS];
+    u32 dst[LOADS];
+    bool ok[LOADS];
+#pragma unroll
+    for (int it = 0; it < LOADS; ++it) {
+      const int l = it * PT + p, grp = l >> 5, tg = grp >> 2, v = grp & 3, r = (l & 31) >> 2, qq = l & 3;
+      const int t = tg * 8 + r;
+      ok[it] = l < NTG * 8 * 16 && t < M;
+      src[it] = a + (long)(ok[it] ? t : 0) * lda + c_begin * 128 + qq * 32 + 8 * v;
+      dst[it] = l < NTG * 8 * 16 ? (u32)((4 * v * NTG + tg) * 128 + r * 16 + qq * 4) : 0xFFFFFFFFu;
+    }
+    U4 x[2][LOADS];  // two chunks in flight
+    auto load = [&](U4 (&xs)[LOADS]) {
+#pragma unroll
+      for (int it = 0; it < LOADS; ++it) {
+        xs[it] = ok[it] ? ld_shared_by_blocks((const U4*)src[it]) : U4{0u, 0u, 0u, 0u};
+        src[it] += 128;
+      }
+    };
+    auto put = [&](const U4 (&xs)[LOADS], u32 buffer) {
+#pragma unroll
+      for (int it = 0; it < LOADS; ++it) {
+        if (dst[it] == 0xFFFFFFFFu) continue;
+        const u32 at = buffer + dst[it];
+        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at), "r"(prmt(xs[it].x, xs[it].z, 0x5410u)));
+        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + NTG * 128), "r"(prmt(xs[it].x, xs[it].z, 0x7632u)));
+        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + STEP), "r"(prmt(xs[it].y, xs[it].w, 0x5410u)));
+        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + STEP + NTG * 128),
+                     "r"(prmt(xs[it].y, xs[it].w, 0x7632u)));
+      }
+    };
+    if (chunks > 0) load(x[0]);
+    if (chunks > 1) load(x[1]);
+    for (int c0 = 0; c0 < chunks; c0 += 2) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int c = c0 + h;
+        if (c < chunks) {
+          const int s = c % XS;
+          if (c >= XS) mbar_wait(empty + 8 * s, ((c / XS) + 1) & 1);  // chunk c - XS's MMAs are done
+          put(x[h], base + s * CHUNK);
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to wgmma (the async proxy)
+          mbar_arrive(full + 8 * s);
+          if (c + 2 < chunks) load(x[h]);
+        }
+      }
+    }
+    return;
+  }
+  // consumer: warp w of warpgroup wg takes rows n0 .. n0 + 15, rows g and g + 8 of them in this thread
+  const int n0 = blockIdx.x * (64 * WG) + warp * 16;
+  const U4* wrow[2];
+  const u8* srow[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const long n = n0 + h * 8 + g;
+    wrow[h] = codes + n * (Kp >> 5) + q + c_begin * 4;
+    srow[h] = scales + n * (Kp / BLOCK) + q * (32 / BLOCK) + c_begin * (128 / BLOCK);
+  }
+  struct Stage { U4 w[2]; u32 s[2]; };
+  Stage st[STAGES];
+  auto load_w = [&](Stage& s) {  // the next chunk's codes and scale codes of the thread's two rows
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      s.w[h] = ld_stream(wrow[h]);
+#if BLOCK == 32
+      s.s[h] = *srow[h];
+#else
+      s.s[h] = *(const u16*)srow[h];
+#endif
+      wrow[h] += 4;
+      srow[h] += 128 / BLOCK;
+    }
+  };
+  float acc[NTG * 4];
+#pragma unroll
+  for (int i = 0; i < NTG * 4; ++i) acc[i] = 0.f;
+  u32 frag[2][4][4];  // the A fragments of half a chunk (4 steps); one half in flight while the other is decoded
+  // step j's A fragment: pairs 2j (k slots 2q, 2q + 1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
+  auto decode = [&](const Stage& s, int half, u32 (&af)[4][4]) {
+    u32 sc[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#if BLOCK == 32
+      sc[h][0] = sc[h][1] = scale_pair(s.s[h]);
+#else
+      sc[h][0] = scale_pair(s.s[h] & 0xFFu);
+      sc[h][1] = scale_pair(s.s[h] >> 8);
+#endif
+    }
+#pragma unroll
+    for (int jj = 0; jj < 4; ++jj) {
+      const int j = half * 4 + jj, v = j >> 1, i = (j & 1) * 2;
+      const u32 w0 = word(s.w[0], v), w1 = word(s.w[1], v);
+      af[jj][0] = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
+      af[jj][1] = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
+      af[jj][2] = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
+      af[jj][3] = mul_bf16x2(e2m1_pair(w1, i + 1), sc[1][v >> 1]);
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < STAGES; ++u)
+    if (u < chunks) load_w(st[u]);
+  for (int u0 = 0; u0 < chunks; u0 += STAGES) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      const int u = u0 + s;
+      if (u < chunks) {
+        const int buffer = u % XS;
+        mbar_wait(full + 8 * buffer, (u / XS) & 1);
+        const u32 b = base + buffer * CHUNK;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          decode(st[s], half, frag[half]);
+          if (half == 1 && u + STAGES < chunks) load_w(st[s]);
+          wg_fence();
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) wgmma(acc, frag[half][jj], b_desc(b + (half * 4 + jj) * STEP));
+          wg_commit();
+          wg_wait_one();  // the previous half's MMAs are done: its fragments may be overwritten
+          if (half == 0 && u > 0) mbar_arrive(empty + 8 * ((u - 1) % XS));  // and chunk u - 1's buffer is free
+        }
+      }
+    }
+  }
+  wg_wait_all();
+#if !SPLIT
+  const float sw0 = sw[0];
+#endif
+#pragma unroll
+  for (int t = 0; t < NTG; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = n0 + g + (i >> 1) * 8, m = t * 8 + 2 * q + (i & 1);
+      if (m >= M) continue;
+      const float v = acc[t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
+#if SPLIT
+      store(y, ((long)blockIdx.y * M + m) * N + n, v);
+#else
+      const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+#if BIAS
+      store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
+#else
+      store(y, (long)m * N + n, v * alpha);
+#endif
+#endif
+    }
+}
+"""
