@@ -30,12 +30,13 @@ import torch.nn.functional as F
 import sharq
 from sharq._format import format_table
 from sharq.backends import WeightLayout, available, get_backend, humming
-from sharq.kernels import cuda_gemm, gemm, launch
+from sharq.kernels import cuda_gemm, cuda_wgmma, gemm, launch
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
 from timing import median_ms  # benchmarks/timing.py, beside this script
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+SHAPES_70B = [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)]
 L2_MULTIPLE = 4  # weight copies per timed graph: together at least this many times the L2
 
 
@@ -351,6 +352,37 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
     return rows
 
 
+def wgmma_vs_decode(ms: tuple[int, ...] = (16, 17, 24, 32, 33, 48, 64)) -> list[dict]:
+    """The CUDA GEMM as packed_matmul dispatches it (the wgmma kernel where cuda_wgmma.choose_tile takes the shape)
+    against the decode kernel forced (cuda_gemm.choose_tile's launch), beside BF16 cuBLAS, on the 8B and 70B
+    shapes: where the wgmma kernel takes over, and what it gains there (sharq weights, bf16 out)."""
+    rows = []
+    capability = torch.cuda.get_device_capability()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        x = outlier_x(m, k)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+        row: dict = {"K": k, "N": n, "M": m, "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
+        del ws, w
+        p, sw, r = payload("sharq", n, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
+        act = get_backend("packed").prepare(x, r, None)
+        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
+        decode_tile = cuda_gemm.choose_tile(m, n, k, x.device)
+        row["wgmma"] = str(cuda_wgmma.choose_tile(m, n, k, capability, sms))
+        for key, tile in (("decode_kernel_us", decode_tile), ("dispatched_us", None)):
+            row[key] = 1e3 * graph_ms([lambda c=c, s=s, tile=tile: cuda_gemm.nvfp4_mma(
+                act.values, c, s, r.weight_block, sx, swf, None, torch.bfloat16, tile=tile) for c, s in ps], reps=10)
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, decode kernel {row['decode_kernel_us']:.1f}, "
+              f"dispatched {row['dispatched_us']:.1f} ({row['wgmma']}); x bf16 "
+              f"{row['bf16_us'] / row['dispatched_us']:.2f} (decode kernel "
+              f"{row['bf16_us'] / row['decode_kernel_us']:.2f})", flush=True)
+        del ps
+    return rows
+
+
 def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
     bias, `block`-element blocks): local memory above 0 means spills."""
@@ -401,6 +433,8 @@ def main() -> int:
                    "M = 16..64 (where gemm.SMALL_M belongs; then exit)")
     p.add_argument("--cuda-sweep", action="store_true", help="only the CUDA kernel's launch shapes at M <= 64 "
                    "(how cuda_gemm.choose_tile was chosen; then exit)")
+    p.add_argument("--wgmma", action="store_true", help="only the wgmma kernel against the decode kernel where it "
+                   "takes over (8B and 70B shapes; then exit)")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
@@ -409,6 +443,14 @@ def main() -> int:
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.wgmma:
+        ms = (16, 17, 24, 32, 33, 48, 64) if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "wgmma_vs_decode": wgmma_vs_decode(ms)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     if args.crossover or args.cuda_sweep:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,
                "ceilings": ceilings()}

@@ -25,8 +25,7 @@ import bench_gemm  # benchmarks/bench_gemm.py, beside this script
 from sharq._format import format_table
 from sharq.kernels import cuda_gemm, nvrtc
 
-SHAPES = {"8b": bench_gemm.SHAPES,
-          "70b": [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)]}
+SHAPES = {"8b": bench_gemm.SHAPES, "70b": bench_gemm.SHAPES_70B}
 CLASSES = {"HMMA": "mma", "HFMA2": "scale", "HMUL2": "scale", "LOP3": "integer", "SHF": "integer",
            "IMAD": "integer", "PRMT": "permute", "LDG": "load", "LDS": "load", "LDGSTS": "load"}
 
