@@ -5,11 +5,12 @@ main loop found in the SASS, and its instructions counted per weight (docs/PERF.
     python benchmarks/kernel_sass.py [--ms 1,8,16,32,64] [--shapes 8b,70b] [--variants] [--json out.json]
 
 A warp's main loop streams chunks of 128 K-elements of 16·rt weight rows (its HMMAs: 8 per chunk per row tile
-per 8 tokens), so warp instructions per weight = loop instructions / (chunks · 128 · 16 · rt). A multiprocessor
+per 8 tokens), so warp instructions per weight = loop instructions / (chunks · 128 · 16 · rt); in the wgmma kernel
+(Hopper, where cuda_wgmma.choose_tile takes the shape) a consumer warp's 16 rows take 8 HGMMAs a chunk. A multiprocessor
 issues at most 4 warp instructions a cycle; at the H200's copy bandwidth (4.17 TB/s measured) 132 multiprocessors
 at 1.76–1.98 GHz receive 30–34 NVFP4 weights (0.53 bytes each with W32 scales) a cycle each, so a loop above
 0.12–0.13 instructions per weight cannot keep up with memory even when nothing stalls. Launches are those
-choose_tile makes (32-element blocks, bf16 out, no bias); --variants adds every launch bench_gemm.py --cuda-sweep
+the packed backend makes on an H200 (32-element blocks, bf16 out, no bias); --variants adds every launch bench_gemm.py --cuda-sweep
 times.
 """
 
@@ -23,21 +24,27 @@ import sys
 import bench_gemm  # benchmarks/bench_gemm.py, beside this script
 
 from sharq._format import format_table
-from sharq.kernels import cuda_gemm, nvrtc
+from sharq.kernels import cuda_gemm, cuda_wgmma, nvrtc
 
 SHAPES = {"8b": bench_gemm.SHAPES, "70b": bench_gemm.SHAPES_70B}
-CLASSES = {"HMMA": "mma", "HFMA2": "scale", "HMUL2": "scale", "LOP3": "integer", "SHF": "integer",
+CLASSES = {"HMMA": "mma", "HGMMA": "mma", "HFMA2": "scale", "HMUL2": "scale", "LOP3": "integer", "SHF": "integer",
            "IMAD": "integer", "PRMT": "permute", "LDG": "load", "LDS": "load", "LDGSTS": "load"}
 
 
-def analyse(t: cuda_gemm.CudaTile, m: int) -> dict:
+def analyse(t: cuda_gemm.CudaTile | cuda_wgmma.WgmmaTile, m: int) -> dict:
     """Registers, spills and the main loop's warp instructions per weight, in total and by class, of tile t's
-    kernel at m tokens (32-element blocks, bf16 out, no bias)."""
-    mt = cuda_gemm.n8_tiles(m)
-    built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, mt, 32, 0, 0, False))
-    loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin))
-    chunks = loop.count("HMMA") / (8 * t.rt * mt)
-    weights = chunks * 128 * 16 * t.rt
+    kernel at m tokens (32-element blocks, bf16 out, no bias). The wgmma kernel's main loop is its consumers'
+    (8 HGMMAs a 128-element chunk of a warp's 16 rows); its producer warps' loop is not counted."""
+    if isinstance(t, cuda_wgmma.WgmmaTile):
+        built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 0, False), "sm_90a")
+        loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin), "HGMMA")
+        chunks, rows = loop.count("HGMMA") / 8, 16
+    else:
+        mt = cuda_gemm.n8_tiles(m)
+        built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, mt, 32, 0, 0, False))
+        loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin))
+        chunks, rows = loop.count("HMMA") / (8 * t.rt * mt), 16 * t.rt
+    weights = chunks * 128 * rows
     by_class = collections.Counter(CLASSES.get(op, "other") for op in loop)
     return {"tile": str(t), "M": m, "registers": built.registers, "spilled": built.spilled,
             "loop_instructions": len(loop), "chunks_per_iteration": chunks, "per_weight": len(loop) / weights,
@@ -61,8 +68,11 @@ def main() -> int:
     for shape in args.shapes.split(","):
         for k, n in SHAPES[shape]:
             for m in (int(x) for x in args.ms.split(",")):
-                auto = cuda_gemm.choose_tile(m, n, k, None)
-                for t in bench_gemm.sweep_tiles(m, n, auto) if args.variants else [auto]:
+                decode = cuda_gemm.choose_tile(m, n, k, None)
+                auto = cuda_wgmma.choose_tile(m, n, k, (9, 0), args.multiprocessors) or decode
+                variants = [auto] if not args.variants else list(dict.fromkeys(
+                    [auto, *bench_gemm.sweep_tiles(m, n, decode)]))
+                for t in variants:
                     row = {"K": k, "N": n, **analyse(t, m), "chosen": t == auto}
                     rows.append(row)
     keys = ("per_weight", "integer_per_weight", "scale_per_weight", "permute_per_weight", "load_per_weight",
