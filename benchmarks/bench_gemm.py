@@ -23,6 +23,7 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +209,7 @@ def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
         a = outlier_x(m, k)
         one = torch.ones(1, 1, device="cuda")
 
-        def time(t: gemm.Tile) -> float | None:
+        def timed(t: gemm.Tile) -> float | None:
             try:
                 return graph_ms([lambda c=c, s=s: gemm.packed_matmul(a, c, s, "nvfp4", 32, one, sw, None,
                                                                     torch.bfloat16, tile=t) for c, s in ps], reps=10)
@@ -227,11 +228,11 @@ def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
                                 if k // splits >= 2 * bk and bn * bk <= 128 * 256]
         best = {}
         for family, tiles in families.items():
-            mine = {t: ms for t in dict.fromkeys(tiles) if (ms := time(t)) is not None}
+            mine = {t: ms for t in dict.fromkeys(tiles) if (ms := timed(t)) is not None}
             top = min(mine, key=mine.get)
             for warps, stages in itertools.product((2, 4, 8) if family == "gemv" else (4, 8), (1, 2, 3)):
                 t = gemm.Tile(top.bn, top.bm, top.bk, top.splits, warps, stages, top.kernel)
-                if t not in mine and (ms := time(t)) is not None:
+                if t not in mine and (ms := timed(t)) is not None:
                     mine[t] = ms
             best[family] = min(mine, key=mine.get)
             results.update(mine)
@@ -383,6 +384,54 @@ def wgmma_vs_decode(ms: tuple[int, ...] = (16, 17, 24, 32, 33, 48, 64)) -> list[
     return rows
 
 
+def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
+    """The wgmma kernel's launch options (kernels/cuda_wgmma.py) where choose_tile takes the shape, on the 8B and 70B
+    shapes: weight chunks in flight, activation buffers, producer warps, consumer warpgroups a block (1: two blocks
+    a multiprocessor), K split by k_splits for each; GPU µs beside BF16 and the decode kernel, and each launch's
+    largest difference from the decode kernel's fp32 output relative to its largest output (a launch that is
+    wrong shows > 1e-5). How cuda_wgmma.choose_tile's defaults were chosen."""
+    rows = []
+    capability = torch.cuda.get_device_capability()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    options = [{}, {"stages": 3}, {"stages": 4}, {"slots": 6}, {"producers": 8}, {"warpgroups": 1},
+               {"warpgroups": 1, "stages": 4}, {"warpgroups": 3}]
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        if cuda_wgmma.choose_tile(m, n, k, capability, sms) is None:
+            continue
+        x = outlier_x(m, k)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+        row: dict = {"K": k, "N": n, "M": m, "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
+        del ws, w
+        p, sw, r = payload("sharq", n, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
+        act = get_backend("packed").prepare(x, r, None)
+        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
+
+        def run(tile, codes=p.codes, scales=p.scales, dtype=torch.bfloat16):
+            return cuda_gemm.nvfp4_mma(act.values, codes, scales, r.weight_block, sx, swf, None, dtype, tile=tile)
+
+        decode_tile = cuda_gemm.choose_tile(m, n, k, x.device)
+        want = run(decode_tile, dtype=torch.float32)
+        row["decode_kernel_us"] = 1e3 * graph_ms([lambda c=c, s=s: run(decode_tile, c, s) for c, s in ps], reps=10)
+        timed = {}
+        for option in options:
+            t = cuda_wgmma.WgmmaTile(**option)
+            if n % t.rows:
+                continue
+            t = replace(t, splits=cuda_wgmma.k_splits(n, k, t.rows, sms))
+            error = ((run(t, dtype=torch.float32) - want).abs().max() / want.abs().max()).item()
+            timed[str(t)] = (1e3 * graph_ms([lambda c=c, s=s, t=t: run(t, c, s) for c, s in ps], reps=10), error)
+        best = min((v for v in timed.items() if v[1][1] < 1e-5), key=lambda kv: kv[1][0])
+        row.update(all=timed, best=best[0], best_us=best[1][0])
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, decode kernel {row['decode_kernel_us']:.1f}, wgmma "
+              + ", ".join(f"{key.removeprefix('WgmmaTile')} {us:.1f}" + (" WRONG" if err >= 1e-5 else "")
+                          for key, (us, err) in timed.items()), flush=True)
+        del ps
+    return rows
+
+
 def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
     bias, `block`-element blocks): local memory above 0 means spills."""
@@ -435,6 +484,8 @@ def main() -> int:
                    "(how cuda_gemm.choose_tile was chosen; then exit)")
     p.add_argument("--wgmma", action="store_true", help="only the wgmma kernel against the decode kernel where it "
                    "takes over (8B and 70B shapes; then exit)")
+    p.add_argument("--wgmma-sweep", action="store_true", help="only the wgmma kernel's launch options where it "
+                   "takes over (how cuda_wgmma.choose_tile's defaults were chosen; then exit)")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
@@ -443,10 +494,11 @@ def main() -> int:
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.wgmma:
-        ms = (16, 17, 24, 32, 33, 48, 64) if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "wgmma_vs_decode": wgmma_vs_decode(ms)}
+    if args.wgmma or args.wgmma_sweep:
+        default = (16, 17, 24, 32, 33, 48, 64) if args.wgmma else (25, 32, 33, 48, 64)
+        ms = default if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+        out.update({"wgmma_vs_decode": wgmma_vs_decode(ms)} if args.wgmma else {"wgmma_sweep": wgmma_sweep(ms)})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

@@ -57,7 +57,16 @@ def test_every_wgmma_launch_compiles_without_spills_in_one_block_a_multiprocesso
             assert built.spilled == 0 and built.registers * t.threads <= 65536, (m, t, built.registers)
 
 
-def test_the_wgmma_kernel_takes_large_layers_at_17_to_64_tokens_on_hopper_alone():
+@pytest.mark.parametrize("option", [{"stages": 3}, {"stages": 4}, {"slots": 6}, {"producers": 8},
+                                    {"warpgroups": 1}, {"warpgroups": 3}])
+def test_the_wgmma_launch_options_compile_without_spills(option):
+    """The options bench_gemm.py --wgmma-sweep times (chunks in flight, buffers, producer warps, warpgroups)."""
+    t = cuda_wgmma.WgmmaTile(**option)
+    built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 16, 0, 1, True), "sm_90a")
+    assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
+
+
+def test_the_wgmma_kernel_takes_large_layers_at_25_to_64_tokens_on_hopper_alone():
     """Where it measured faster than the decode kernel (docs/PERF.md): 33-64 tokens of more than 2^24 weights, 25-64
     on layers at least four times wider than deep; never off Hopper, never on N not a multiple of its 128 rows. Its
     K split depends on the shape alone (a token's output does not depend on the batch)."""

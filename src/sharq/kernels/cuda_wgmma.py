@@ -25,7 +25,7 @@ wider than deep. Hopper only (wgmma is sm_90a)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .cuda_source import DEVICE_HELPERS
 
@@ -58,18 +58,23 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
     """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where the decode kernel measured faster
     or this one does not run: 33-64 tokens on more than 2^24 weights, 25-64 where N >= 4 K (H200, the 8B and
     70B shapes: 1.07-1.70 x the decode kernel at 33-64 tokens, 1.15 x at 32 on 4096 x 28672, level at 24, 7 %
-    slower at 17), N a multiple of 128, Hopper. K is split over blocks until the multiprocessors have a block each (at least 4
-    chunks a split), by the shape alone."""
+    slower at 17), N a multiple of 128, Hopper; K split by k_splits."""
     wide = n >= 4 * kp and n * kp > 1 << 24
     if capability != (9, 0) or not (33 <= m <= TOKENS and n * kp > 1 << 24 or 25 <= m <= TOKENS and wide):
         return None
     t = WgmmaTile()
     if n % t.rows or kp % 128:
         return None
-    blocks, chunks, splits = n // t.rows, kp // 128, 1
+    return replace(t, splits=k_splits(n, kp, t.rows, multiprocessors))
+
+
+def k_splits(n: int, kp: int, rows: int, multiprocessors: int) -> int:
+    """K splits over blocks of `rows` weight rows: doubled until the multiprocessors have a block each, keeping at
+    least 4 chunks of 128 a split. The shape's alone, so a token's output does not depend on the batch."""
+    blocks, chunks, splits = n // rows, kp // 128, 1
     while blocks * splits < multiprocessors and chunks // (splits * 2) >= 4:
         splits *= 2
-    return WgmmaTile(t.warpgroups, t.stages, splits, t.producers, t.slots)
+    return splits
 
 
 def shared_bytes(t: WgmmaTile) -> int:
