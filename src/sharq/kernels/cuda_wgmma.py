@@ -18,8 +18,9 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
 - fp32 accumulation in the tensor cores, K split over blocks (partials added in order by the epilogue kernel) by
   the layer's shape alone, and a fixed N of 64 tokens: a token's output is the same at every M this kernel takes.
 
-Measured on an H200 (docs/PERF.md): pure m64n64k16 wgmma reaches 650-870 TFLOPS here, so the MMA is not what
-limits this kernel; its loop is latency bound (2-3 warps a scheduler). It takes over from the decode kernel where
+Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
+(benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
+a scheduler). It takes over from the decode kernel where
 that measured faster: 33-64 tokens on layers of more than 2^24 weights, and 25-64 on layers at least four times
 wider than deep. Hopper only (wgmma is sm_90a)."""
 
