@@ -200,6 +200,32 @@ def test_outputs_repeat_and_do_not_depend_on_the_batch(n, k):
                            y[wgmma(m)][:m]), m
 
 
+@hopper
+def test_where_the_wgmma_kernel_does_not_compile_the_decode_kernel_takes_its_shapes(monkeypatch):
+    """An NVRTC without sm_90a (say) costs the wgmma kernel alone: one warning, then the decode kernel's output."""
+    compile_ = cuda_gemm._compile.__wrapped__
+
+    def failing(device, source, shared, name="sharq_nvfp4_mma", arch_suffix=""):
+        if name == cuda_wgmma.NAME:
+            raise RuntimeError("no sm_90a here")
+        return compile_(device, source, shared, name, arch_suffix)
+
+    m, n, k = 40, 8192, 4096
+    q, a = _payload(n, k, 32, 41), _x(m, k, 42)
+    one = torch.ones(1, device="cuda")
+    want = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32,
+                               tile=cuda_gemm.choose_tile(m, n, k, a.device))
+    monkeypatch.setattr(cuda_gemm, "_compile", failing)
+    monkeypatch.setattr(cuda_gemm, "_wgmma_broken", [])
+    cuda_gemm._launch.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="wgmma GEMM could not be compiled"):
+            y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32)
+        assert torch.equal(y, want) and cuda_gemm.available()
+    finally:
+        cuda_gemm._launch.cache_clear()
+
+
 @pytest.mark.parametrize("m", [4, 48])
 def test_packed_matmul_takes_it_where_it_fits_and_agrees_with_the_triton_kernel(m):
     n, k = 512, 1024

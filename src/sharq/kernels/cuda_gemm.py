@@ -407,6 +407,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 _broken: list[str] = []  # why the kernel could not be compiled here (then packed_matmul keeps to Triton)
+_wgmma_broken: list[str] = []  # why the wgmma kernel could not be (then the decode kernel takes its shapes)
 
 
 def available() -> bool:
@@ -508,16 +509,26 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     beside the prepare's leave part of the GEMM's first wave for a second. Where cuda_wgmma.choose_tile takes the
     shape (25-64 tokens on large layers, Hopper) or `tile` is a WgmmaTile, the wgmma kernel: same arguments."""
     programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
-    w = tile if isinstance(tile, cuda_wgmma.WgmmaTile) else None if tile else cuda_wgmma.choose_tile(
+    asked = isinstance(tile, cuda_wgmma.WgmmaTile)
+    w = tile if asked else None if tile or _wgmma_broken else cuda_wgmma.choose_tile(
         m, n, k, _capability(device), _multiprocessors(device))
     if w is not None:
         if n % w.rows or m > cuda_wgmma.TOKENS:
             raise ValueError(f"{w} needs N a multiple of {w.rows} and at most {cuda_wgmma.TOKENS} tokens")
         shared = cuda_wgmma.shared_bytes(w)
-        kernel = _compile(device, cuda_wgmma.kernel_source(w, block, out, bias, sx_row), shared, cuda_wgmma.NAME,
-                          "a")
-        return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
-                       (n // w.rows, w.splits, 1), (w.threads, 1, 1), shared, w.splits, -(-(k // 128) // w.splits))
+        try:
+            kernel = _compile(device, cuda_wgmma.kernel_source(w, block, out, bias, sx_row), shared,
+                              cuda_wgmma.NAME, "a")
+        except Exception as e:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: the decode kernel takes these shapes
+            if asked:
+                raise
+            _wgmma_broken.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"sharq: the wgmma GEMM could not be compiled ({_wgmma_broken[0][:300]}); using the "
+                          "decode kernel for 25-64 tokens", stacklevel=4)
+        else:
+            return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
+                           (n // w.rows, w.splits, 1), (w.threads, 1, 1), shared, w.splits,
+                           -(-(k // 128) // w.splits))
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
     rows = 16 * t.rt * t.wn
     if n % rows:
