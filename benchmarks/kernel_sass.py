@@ -37,14 +37,13 @@ def analyse(t: cuda_gemm.CudaTile | cuda_wgmma.WgmmaTile, m: int) -> dict:
     (8 HGMMAs a 128-element chunk of a warp's 16 rows); its producer warps' loop is not counted."""
     if isinstance(t, cuda_wgmma.WgmmaTile):
         built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 0, False), "sm_90a")
-        loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin), "HGMMA")
-        chunks, rows = loop.count("HGMMA") / 8, 16
+        marker, per_chunk, rows = "HGMMA", 8, 16
     else:
         mt = cuda_gemm.n8_tiles(m)
         built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, mt, 32, 0, 0, False))
-        loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin))
-        chunks, rows = loop.count("HMMA") / (8 * t.rt * mt), 16 * t.rt
-    weights = chunks * 128 * rows
+        marker, per_chunk, rows = "HMMA", 8 * t.rt * mt, 16 * t.rt
+    loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin), marker)
+    chunks, weights = loop.count(marker) / per_chunk, nvrtc.weights_per_loop(loop, marker, per_chunk, rows)
     by_class = collections.Counter(CLASSES.get(op, "other") for op in loop)
     return {"tile": str(t), "M": m, "registers": built.registers, "spilled": built.spilled,
             "loop_instructions": len(loop), "chunks_per_iteration": chunks, "per_weight": len(loop) / weights,

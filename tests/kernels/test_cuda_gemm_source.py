@@ -118,6 +118,5 @@ def test_the_batch_1_main_loop_stays_lean(k, n, monkeypatch):
     t = cuda_gemm.choose_tile(1, n, k, None)
     built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, 1, 32, 0, 0, False))
     loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin))
-    chunks, rest = divmod(loop.count("HMMA"), 8 * t.rt)
-    assert chunks >= 1 and rest == 0
-    assert len(loop) / (chunks * 128 * 16 * t.rt) <= 0.18
+    assert loop.count("HMMA") >= 8 * t.rt and loop.count("HMMA") % (8 * t.rt) == 0
+    assert len(loop) / nvrtc.weights_per_loop(loop, "HMMA", 8 * t.rt, 16 * t.rt) <= 0.18

@@ -140,3 +140,9 @@ def main_loop(sass: list[str], marker: str = "HMMA") -> list[str]:
             if body.count(marker) > best.count(marker):
                 best = body
     return best
+
+
+def weights_per_loop(loop: list[str], marker: str, per_chunk: int, rows: int) -> float:
+    """The weights a warp's pass through a GEMM main loop (`main_loop`) streams: its `marker` MMAs, `per_chunk` of them
+    for each 128-element chunk of the warp's `rows` weight rows. Its instructions over this: instructions a weight."""
+    return loop.count(marker) / per_chunk * 128 * rows
