@@ -23,7 +23,7 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -288,6 +288,45 @@ def sweep_tiles(m: int, n: int, auto: cuda_gemm.CudaTile) -> list[cuda_gemm.Cuda
         if (direct or m <= 32) and n % (16 * rt * wn) == 0 and (not blocks or m <= 8 and wn == 1)]))
 
 
+@dataclass
+class CudaCase:
+    """One layer shape at m tokens, set up for timing the CUDA GEMMs: BF16 cuBLAS's time, the recipe's payload and
+    enough copies of it to stream from memory (`copies`), and the activation its prepare kernel makes."""
+
+    bf16_us: float
+    p: QTensor
+    sw: torch.Tensor
+    r: sharq.Recipe
+    ps: list
+    act: object
+    sx: torch.Tensor
+    swf: torch.Tensor
+
+    @classmethod
+    def make(cls, recipe: str, k: int, n: int, m: int) -> CudaCase:
+        x = outlier_x(m, k)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
+        bf16_us = 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])
+        del ws, w
+        p, sw, r = payload(recipe, n, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
+        act = get_backend("packed").prepare(x, r, None)
+        return cls(bf16_us, p, sw, r, ps, act, act.scale.reshape(-1).float(), sw.reshape(-1).float())
+
+    def output(self, tile, dtype: torch.dtype = torch.bfloat16, a: torch.Tensor | None = None, codes=None,
+               scales=None) -> torch.Tensor:
+        """cuda_gemm.nvfp4_mma with this tile (None: as packed_matmul dispatches) on the prepared activation."""
+        return cuda_gemm.nvfp4_mma(self.act.values if a is None else a, self.p.codes if codes is None else codes,
+                                   self.p.scales if scales is None else scales, self.r.weight_block, self.sx,
+                                   self.swf, None, dtype, tile=tile)
+
+    def cuda_us(self, tile, a: torch.Tensor | None = None) -> float:
+        """GPU µs of output(tile) into bf16, over the payload's copies in one CUDA graph."""
+        return 1e3 * graph_ms([lambda c=c, s=s: self.output(tile, a=a, codes=c, scales=s) for c, s in self.ps],
+                              reps=10)
+
+
 def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, ...] = ("sharq",)) -> list[dict]:
     """The CUDA kernel's launch shapes (kernels/cuda_gemm.py) on every shape at decode M (`recipes`' weights, bf16
     out), beside BF16 cuBLAS, the Triton kernel and (above 16 tokens) decode + cuBLAS; GPU µs each, plus the
@@ -300,32 +339,25 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
     row (what the activation's traffic costs)."""
     rows = []
     for (k, n), m, recipe in itertools.product(SHAPES, ms, recipes):
-        x = outlier_x(m, k)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
-        row: dict = {"K": k, "N": n, "M": m, "recipe": recipe,
-                     "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
-        del ws, w
-        p, sw, r = payload(recipe, n, k)
-        if r.weight_fmt != "nvfp4":
-            raise ValueError(f"the CUDA kernel reads NVFP4 weights; recipe {recipe!r} has {r.weight_fmt}")
+        if (fmt := sharq.get_recipe(recipe).weight_fmt) != "nvfp4":
+            raise ValueError(f"the CUDA kernel reads NVFP4 weights; recipe {recipe!r} has {fmt}")
+        case = CudaCase.make(recipe, k, n, m)
+        row: dict = {"K": k, "N": n, "M": m, "recipe": recipe, "bf16_us": case.bf16_us}
+        p, sw, r, ps, act, sx, swf = case.p, case.sw, case.r, case.ps, case.act, case.sx, case.swf
         block = r.weight_block
-        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
-        act = get_backend("packed").prepare(x, r, None)
-        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
-        tile = gemm.choose_tile(m, n, k, x.device)
+        device = act.values.device
+        tile = gemm.choose_tile(m, n, k, device)
         row["triton_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.packed_matmul(
             act.values, c, s, "nvfp4", block, act.scale, sw, None, torch.bfloat16, tile=tile) for c, s in ps])
         if m > 16:
             row["decoded_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
                 act.values, c, s, "nvfp4", block, sx, swf, None, torch.bfloat16) for c, s in ps])
-        auto = cuda_gemm.choose_tile(m, n, k, x.device)
+        auto = cuda_gemm.choose_tile(m, n, k, device)
         tiles = sweep_tiles(m, n, auto)
         timed = {}
         for t in tiles:
             try:
-                timed[t] = 1e3 * graph_ms([lambda c=c, s=s, t=t: cuda_gemm.nvfp4_mma(
-                    act.values, c, s, block, sx, swf, None, torch.bfloat16, tile=t) for c, s in ps], reps=10)
+                timed[t] = case.cuda_us(t)
             except Exception as e:  # noqa: BLE001 - a launch that does not compile or fit is reported, skipped
                 print(f"  {t}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
         best = min(timed, key=timed.get)
@@ -336,9 +368,7 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
         row["best_activation_reads"] = n // (16 * best.rt * best.wn) * m * k * 2
         # the same launch with every token reading one activation row (row stride 0, the same work otherwise):
         # after the first read the activation comes from L1, so the gap to best_us is what its traffic costs
-        one_row = act.values[:1].expand(m, -1)
-        row["best_us_one_activation_row"] = 1e3 * graph_ms([lambda c=c, s=s: cuda_gemm.nvfp4_mma(
-            one_row, c, s, block, sx, swf, None, torch.bfloat16, tile=best) for c, s in ps], reps=10)
+        row["best_us_one_activation_row"] = case.cuda_us(best, a=act.values[:1].expand(m, -1))
         row["best_regs"], row["best_local_bytes"] = kernel_resources(best, m, block)
         rows.append(row)
         print(f"K={k} N={n} M={m} {recipe}: bf16 {row['bf16_us']:.1f} us, triton {row['triton_us']:.1f}, decoded "
@@ -348,7 +378,7 @@ def cuda_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 32, 64), recipes: tuple[str, 
               f"{row['best_regs']} registers, {row['best_local_bytes']} B local; activation reads "
               f"{row['best_activation_reads'] / 1e6:.1f} MB, {row['best_us_one_activation_row']:.1f} us with "
               f"one activation row", flush=True)
-        del ps
+        del ps, case
         torch.cuda.empty_cache()
     return rows
 
@@ -361,26 +391,17 @@ def wgmma_vs_decode(ms: tuple[int, ...] = (16, 17, 24, 32, 33, 48, 64)) -> list[
     capability = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
-        x = outlier_x(m, k)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
-        row: dict = {"K": k, "N": n, "M": m, "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
-        del ws, w
-        p, sw, r = payload("sharq", n, k)
-        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
-        act = get_backend("packed").prepare(x, r, None)
-        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
-        decode_tile = cuda_gemm.choose_tile(m, n, k, x.device)
-        row["wgmma"] = str(cuda_wgmma.choose_tile(m, n, k, capability, sms))
-        for key, tile in (("decode_kernel_us", decode_tile), ("dispatched_us", None)):
-            row[key] = 1e3 * graph_ms([lambda c=c, s=s, tile=tile: cuda_gemm.nvfp4_mma(
-                act.values, c, s, r.weight_block, sx, swf, None, torch.bfloat16, tile=tile) for c, s in ps], reps=10)
+        case = CudaCase.make("sharq", k, n, m)
+        row: dict = {"K": k, "N": n, "M": m, "bf16_us": case.bf16_us,
+                     "wgmma": str(cuda_wgmma.choose_tile(m, n, k, capability, sms))}
+        row["decode_kernel_us"] = case.cuda_us(cuda_gemm.choose_tile(m, n, k, case.act.values.device))
+        row["dispatched_us"] = case.cuda_us(None)
         rows.append(row)
         print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, decode kernel {row['decode_kernel_us']:.1f}, "
               f"dispatched {row['dispatched_us']:.1f} ({row['wgmma']}); x bf16 "
               f"{row['bf16_us'] / row['dispatched_us']:.2f} (decode kernel "
               f"{row['bf16_us'] / row['decode_kernel_us']:.2f})", flush=True)
-        del ps
+        del case
     return rows
 
 
@@ -398,37 +419,26 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         if cuda_wgmma.choose_tile(m, n, k, capability, sms) is None:
             continue
-        x = outlier_x(m, k)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        ws = [w.clone() for _ in range(copies(w.numel() * 2))]
-        row: dict = {"K": k, "N": n, "M": m, "bf16_us": 1e3 * graph_ms([lambda w=w: F.linear(x, w) for w in ws])}
-        del ws, w
-        p, sw, r = payload("sharq", n, k)
-        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
-        act = get_backend("packed").prepare(x, r, None)
-        sx, swf = act.scale.reshape(-1).float(), sw.reshape(-1).float()
-
-        def run(tile, codes=p.codes, scales=p.scales, dtype=torch.bfloat16):
-            return cuda_gemm.nvfp4_mma(act.values, codes, scales, r.weight_block, sx, swf, None, dtype, tile=tile)
-
-        decode_tile = cuda_gemm.choose_tile(m, n, k, x.device)
-        want = run(decode_tile, dtype=torch.float32)
-        row["decode_kernel_us"] = 1e3 * graph_ms([lambda c=c, s=s: run(decode_tile, c, s) for c, s in ps], reps=10)
+        case = CudaCase.make("sharq", k, n, m)
+        row: dict = {"K": k, "N": n, "M": m, "bf16_us": case.bf16_us}
+        decode_tile = cuda_gemm.choose_tile(m, n, k, case.act.values.device)
+        want = case.output(decode_tile, torch.float32)
+        row["decode_kernel_us"] = case.cuda_us(decode_tile)
         timed = {}
         for option in options:
             t = cuda_wgmma.WgmmaTile(**option)
             if n % t.rows:
                 continue
             t = replace(t, splits=cuda_wgmma.k_splits(n, k, t.rows, sms))
-            error = ((run(t, dtype=torch.float32) - want).abs().max() / want.abs().max()).item()
-            timed[str(t)] = (1e3 * graph_ms([lambda c=c, s=s, t=t: run(t, c, s) for c, s in ps], reps=10), error)
+            error = ((case.output(t, torch.float32) - want).abs().max() / want.abs().max()).item()
+            timed[str(t)] = (case.cuda_us(t), error)
         best = min((v for v in timed.items() if v[1][1] < 1e-5), key=lambda kv: kv[1][0])
         row.update(all=timed, best=best[0], best_us=best[1][0])
         rows.append(row)
         print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, decode kernel {row['decode_kernel_us']:.1f}, wgmma "
               + ", ".join(f"{key.removeprefix('WgmmaTile')} {us:.1f}" + (" WRONG" if err >= 1e-5 else "")
                           for key, (us, err) in timed.items()), flush=True)
-        del ps
+        del case
     return rows
 
 
