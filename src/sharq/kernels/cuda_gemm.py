@@ -65,7 +65,6 @@ struct Stage {
 // the weight codes and scales go global -> shared by cp.async into a ring of RING chunks per warp: bytes in flight
 // without registers holding them (each lane reads back only what it copied, so the warp needs no barrier for
 // the codes; the scales, copied by one lane per row, are read after a __syncwarp)
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src));
 }

@@ -13,7 +13,7 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
   through the generic proxy, so they are fenced (fence.proxy.async) before the signal.
 - Consumer warpgroups stream their 64 rows each (16 per warp, 16 bytes a row per thread, `stages` chunks ahead in
   registers), decode them by bit placement into the A fragments of m64n64k16 (the same fragment as mma.sync's
-  m16n8k16 A in each warp), and issue 4 wgmmas per half chunk, one half in flight while the next is decoded; once
+  m16n8k16 A in each warp), and start 4 wgmmas per half chunk, one half in flight while the next is decoded; once
   a chunk's MMAs are done its buffer's "empty" mbarrier is signalled. No block-wide barrier in the loop.
 - fp32 accumulation in the tensor cores, K split over blocks (partials added in order by the epilogue kernel) by
   the layer's shape alone, and a fixed N of 64 tokens: a token's output is the same at every M this kernel takes.
@@ -104,7 +104,6 @@ def _wgmma_function() -> str:
 
 
 _SOURCE = r"""
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wg_wait_one() { asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory"); }
@@ -135,7 +134,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
   const int c_begin = blockIdx.y * chunks_per_split;
   const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
-  const u32 base = smem_u32(smem), full = base + XS * CHUNK, empty = full + XS * 8;
+  const u32 base = smem_addr(smem), full = base + XS * CHUNK, empty = full + XS * 8;
   if (tid == 0)
     for (int s = 0; s < XS; ++s) {
       mbar_init(full + 8 * s, PW * 32);
