@@ -1,7 +1,7 @@
 """What Hopper's warpgroup MMA reaches with the operands the wgmma GEMM uses (kernels/cuda_wgmma.py): m64nNk16 bf16
 with A from registers (RS, as the GEMM) or shared memory (SS), B in shared memory without swizzle (the GEMM's core
 matrices) or with the 128-byte swizzle, 1-3 warpgroups a block, one or two accumulators a warpgroup. Each
-warpgroup issues 8 dependent steps per iteration on constant operands (no loads): the MMA's own ceiling.
+warpgroup runs 8 dependent steps per iteration on constant operands (no loads): the MMA's own ceiling.
 
     python benchmarks/wgmma_peak.py [--json out.json]
 """
