@@ -414,8 +414,8 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
     rows = []
     capability = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    options = [{}, {"stages": 3}, {"stages": 4}, {"slots": 6}, {"producers": 8}, {"warpgroups": 1},
-               {"warpgroups": 1, "stages": 4}, {"warpgroups": 3}]
+    options = [{}, {"stages": 2}, {"stages": 3}, {"slots": 6}, {"producers": 8}, {"warpgroups": 1},
+               {"warpgroups": 1, "stages": 2}, {"warpgroups": 3}]
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         if cuda_wgmma.choose_tile(m, n, k, capability, sms) is None:
             continue

@@ -66,6 +66,7 @@ def test_matches_the_exact_product(block, m, n, k):
                                   cuda_gemm.CudaTile(1, 8, 2, 1, min_blocks=3),
                                   pytest.param(cuda_wgmma.WgmmaTile(), marks=hopper),
                                   pytest.param(cuda_wgmma.WgmmaTile(splits=2), marks=hopper),
+                                  pytest.param(cuda_wgmma.WgmmaTile(stages=2), marks=hopper),
                                   pytest.param(cuda_wgmma.WgmmaTile(1, 3, 2, 8, 6), marks=hopper)])
 @pytest.mark.parametrize("out_dtype,bias_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                                   (torch.float32, torch.float16), (torch.bfloat16, None)])

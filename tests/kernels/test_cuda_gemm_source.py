@@ -57,8 +57,8 @@ def test_every_wgmma_launch_compiles_without_spills_in_one_block_a_multiprocesso
             assert built.spilled == 0 and built.registers * t.threads <= 65536, (m, t, built.registers)
 
 
-@pytest.mark.parametrize("option", [{"stages": 3}, {"stages": 4}, {"slots": 6}, {"producers": 8},
-                                    {"warpgroups": 1}, {"warpgroups": 3}])
+@pytest.mark.parametrize("option", [{"stages": 2}, {"stages": 3}, {"slots": 6}, {"producers": 8},
+                                    {"warpgroups": 1}, {"warpgroups": 1, "stages": 2}, {"warpgroups": 3}])
 def test_the_wgmma_launch_options_compile_without_spills(option):
     """The options bench_gemm.py --wgmma-sweep times (chunks in flight, buffers, producer warps, warpgroups)."""
     t = cuda_wgmma.WgmmaTile(**option)
