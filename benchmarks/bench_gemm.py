@@ -442,6 +442,56 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
     return rows
 
 
+GROUPS = [(4096, (4096, 1024, 1024)), (4096, (14336, 14336)),  # Llama-3.1-8B q/k/v, gate/up (K, layer widths)
+          (8192, (8192, 1024, 1024)), (8192, (28672, 28672))]  # Llama-3.1-70B
+
+
+def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24), recipe: str = "sharq") -> list[dict]:
+    """Layers that read one activation (q/k/v, gate/up) launched one by one against one group launch
+    (cuda_gemm.nvfp4_mma_group), GPU µs of all the layers' products, beside BF16 cuBLAS one by one and on the
+    concatenated weight (what a model with fused projections would run); each over weight copies in one graph,
+    and the group's outputs checked against the layers' own launches with its tile (bit for bit)."""
+    rows = []
+    for (k, ns), m in itertools.product(GROUPS, ms):
+        x = outlier_x(m, k)
+        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns]
+        n_copies = copies(sum(t.numel() for t in w) * 2)
+        ws = [[t.clone() for t in w] for _ in range(n_copies)]
+        bf16_alone = 1e3 * graph_ms([lambda ws=ws: [F.linear(x, t) for t in ws] for ws in ws])
+        cat = [torch.cat(ws) for ws in ws]
+        del ws, w
+        bf16_fused = 1e3 * graph_ms([lambda t=t: F.linear(x, t) for t in cat])
+        del cat
+        r = sharq.get_recipe(recipe)
+        layers = [payload(recipe, n, k, seed=i + 1)[:2] for i, n in enumerate(ns)]
+        act = get_backend("packed").prepare(x, r, None)
+        sx = act.scale.reshape(-1).float()
+        sets = [[(p.codes.clone(), p.scales.clone(), sw.reshape(-1).float()) for p, sw in layers]
+                for _ in range(copies(sum(p.codes.numel() + p.scales.numel() for p, _ in layers)))]
+        block = r.weight_block
+
+        def alone(ws, tile=None):
+            return [cuda_gemm.nvfp4_mma(act.values, c, s, block, sx, sw, None, torch.bfloat16, tile=tile)
+                    for c, s, sw in ws]
+
+        def group(ws, tile=None):
+            return cuda_gemm.nvfp4_mma_group(act.values, ws, [None] * len(ws), block, sx, torch.bfloat16, tile=tile)
+
+        row = {"K": k, "N": list(ns), "M": m, "bf16_alone_us": bf16_alone, "bf16_fused_us": bf16_fused,
+               "alone_us": 1e3 * graph_ms([lambda ws=ws: alone(ws) for ws in sets], reps=10)}
+        if group(sets[0]) is not None:
+            tile = cuda_gemm.choose_tile(m, sum(ns), k, x.device)
+            row["group_equal"] = all(torch.equal(a, b) for a, b in zip(group(sets[0]), alone(sets[0], tile)))
+            row["group_us"] = 1e3 * graph_ms([lambda ws=ws: group(ws) for ws in sets], reps=10)
+        rows.append(row)
+        print(f"K={k} N={'+'.join(map(str, ns))} M={m}: bf16 alone {bf16_alone:.1f} us, fused {bf16_fused:.1f}; "
+              f"sharq alone {row['alone_us']:.1f}" + (f", group {row['group_us']:.1f} (equal: {row['group_equal']});"
+                                                      f" group x bf16 alone {bf16_alone / row['group_us']:.2f}, "
+                                                      f"x bf16 fused {bf16_fused / row['group_us']:.2f}"
+                                                      if "group_us" in row else ", no group launch"), flush=True)
+    return rows
+
+
 def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
     bias, `block`-element blocks): local memory above 0 means spills."""
@@ -496,6 +546,8 @@ def main() -> int:
                    "takes over (8B and 70B shapes; then exit)")
     p.add_argument("--wgmma-sweep", action="store_true", help="only the wgmma kernel's launch options where it "
                    "takes over (how cuda_wgmma.choose_tile's defaults were chosen; then exit)")
+    p.add_argument("--groups", action="store_true", help="only layers that read one activation (q/k/v, gate/up) "
+                   "launched one by one against one group launch (8B and 70B; then exit)")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
@@ -504,6 +556,13 @@ def main() -> int:
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.groups:
+        ms = (1, 4, 8, 16, 24) if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "groups": groups(ms)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return 0
     if args.wgmma or args.wgmma_sweep:
         default = (16, 17, 24, 32, 33, 48, 64) if args.wgmma else (25, 32, 33, 48, 64)
         ms = default if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))

@@ -10,7 +10,9 @@ transformers = pytest.importorskip("transformers")
 import sharq  # noqa: E402
 from sharq import functional  # noqa: E402
 from sharq import nn as snn  # noqa: E402
+from sharq.backends import BACKENDS, get_backend  # noqa: E402
 from sharq.models import target_linears  # noqa: E402
+from sharq.quant import dequantize_blocks  # noqa: E402
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -541,3 +543,32 @@ def test_calibrate_is_quiet_unless_asked(capfd):
     assert capfd.readouterr().err == ""
     sharq.calibrate(model, ["some calibration text"], _Tokens(), seqlen=8, progress=True)
     assert "calibrate" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(rng, monkeypatch):
+    """With a backend that has a group plan (the packed one on CUDA; here the reference backend given one), every
+    member of q/k/v and gate/up calls the group's custom op with the same arguments under torch.compile, and the
+    compiler keeps one call a group; the logits are the eager ones (which multiply layer by layer here)."""
+    calls = []
+
+    def group_plan(qweights, biases, recipe, m, out_dtype):  # group plans get the packed weights alone
+        values = [dequantize_blocks(w.packed).to(torch.bfloat16) for w in qweights]
+
+        def run(act):
+            calls.append(len(qweights))
+            return [get_backend("reference").matmul(act, dataclasses.replace(w, values=v), b, out_dtype)
+                    for w, v, b in zip(qweights, values, biases)]
+        return run
+
+    monkeypatch.setitem(BACKENDS, "grouped", dataclasses.replace(BACKENDS["reference"], group_plan=group_plan))
+    model = sharq.quantize_model(tiny("llama"), "sharq", backend="grouped")
+    ids = torch.randint(0, 96, (1, 8), generator=rng)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
+        want = model(ids).logits
+        assert calls == []  # eager on a CPU: layer by layer
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    layers = model.config.num_hidden_layers
+    assert sorted(calls) == sorted([3, 2] * layers)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())

@@ -1,10 +1,14 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import sharq
+from sharq.backends import BACKENDS, EagerPlan
 from sharq.kernels import cuda_gemm
-from sharq.nn import SharQLinear
+from sharq.nn import SharedActivation, SharQLinear
+from sharq.recipes import QActivation
 
 from .conftest import outlier_activations
 
@@ -195,3 +199,107 @@ def test_calls_the_plan_does_not_cover_take_the_general_path():
         assert layer.eager_plan(x.clone().requires_grad_()) is not None
     layer.strict = True
     assert layer.eager_plan(x) is None
+
+
+class _GroupMember:
+    """What SharedActivation.output asks of a layer, with an eager plan that counts its calls."""
+
+    def __init__(self, shared, w, counts, backend):
+        self.in_features, self.weight, self.counts, self.backend, self.bias = w.shape[1], w, counts, backend, None
+        self.recipe = sharq.get_recipe("nvfp4")
+        self.group_position = len(shared.layers)
+        shared.layers.append(self)
+
+    def eager_plan(self, x):
+        def prepare(x2d):
+            self.counts["prepare"] += 1
+            return QActivation((), x2d.clone(), torch.ones(1, 1))
+
+        def matmul(act):
+            self.counts["matmul"] += 1
+            return act.values @ self.weight.T
+
+        return EagerPlan(prepare, matmul)
+
+    def forward_weight(self):
+        return self.weight
+
+
+def _group_backend(counts):
+    def group_plan(weights, biases, recipe, m, out_dtype):
+        counts["plans"] += 1
+
+        def run(act):
+            counts["group"] += 1
+            return [act.values @ w.T for w in weights]
+        return run
+    return dataclasses.replace(BACKENDS["reference"], group_plan=group_plan)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_layers_that_read_one_input_prepare_it_once_and_multiply_in_one_group_launch(grouped, monkeypatch):
+    """The first member called in a block call computes every member's output (one prepare, one group launch), in
+    any order of calls; a new input tensor, or the same one written in place, starts over; outside a block call
+    each layer runs on its own; without a group plan the members share the prepare alone."""
+    counts = dict.fromkeys(["prepare", "matmul", "group", "plans"], 0)
+    monkeypatch.setitem(BACKENDS, "group-test", _group_backend(counts) if grouped else BACKENDS["reference"])
+    shared = SharedActivation(3)
+    ws = [torch.randn(n, 16) for n in (8, 4, 4)]
+    layers = [_GroupMember(shared, w, counts, "group-test") for w in ws]
+    x = torch.randn(2, 16)
+
+    def block(order, x):
+        shared.open(None, ())
+        try:
+            return {i: shared.output(layers[i], x, layers[i].eager_plan(x)) for i in order}
+        finally:
+            shared.close(None, (), None)
+
+    for order in ([0, 1, 2], [2, 0, 1]):
+        ys = block(order, x)
+        assert all(torch.equal(ys[i], x @ ws[i].T) for i in range(3))
+    assert counts == ({"prepare": 2, "matmul": 0, "group": 2, "plans": 1} if grouped
+                      else {"prepare": 2, "matmul": 6, "group": 0, "plans": 0})
+    shared.open(None, ())
+    y0 = shared.output(layers[0], x, layers[0].eager_plan(x))
+    x.mul_(2)  # written in place between members: not served from before
+    assert torch.equal(shared.output(layers[1], x, layers[1].eager_plan(x)), x @ ws[1].T)
+    x2 = torch.randn(2, 16)  # another tensor: prepared again
+    assert torch.equal(shared.output(layers[2], x2, layers[2].eager_plan(x2)), x2 @ ws[2].T)
+    shared.close(None, (), None)
+    assert torch.equal(y0, x @ ws[0].T / 2)
+    before = dict(counts)
+    assert torch.equal(shared.output(layers[1], x, layers[1].eager_plan(x)), x @ ws[1].T)  # outside a block call
+    assert counts["prepare"] == before["prepare"] + 1 and counts["matmul"] == before["matmul"] + 1
+    shared.forget_plans()  # a member changed: the group launch is worked out again
+    block([0, 1, 2], x)
+    assert counts["plans"] == (2 if grouped else 0)
+
+
+@cuda_only
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_a_quantized_llama_launches_q_k_v_and_gate_up_as_one_group_each(tokens, monkeypatch):
+    """On the packed backend at decode sizes each decoder layer's q/k/v and gate/up run as one launch each
+    (cuda_gemm's group launch), and the logits agree with the layers launched one by one (same kernels, K split
+    by the group's width: equal up to the fp32 sums' order)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=4096, num_attention_heads=16,
+                                      num_key_value_heads=4, num_hidden_layers=2, vocab_size=256)
+    torch.manual_seed(tokens)
+    model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    sharq.quantize_model(model, "sharq", backend="packed")
+    ids = torch.randint(0, 256, (1, tokens), device="cuda")
+    launches = []
+    run_group = cuda_gemm._run_group
+    monkeypatch.setattr(cuda_gemm, "_run_group", lambda plan, a, *args: launches.append(len(plan.blocks))
+                        or run_group(plan, a, *args))
+    with torch.no_grad():
+        grouped = model(ids).logits.float()
+        assert launches == [3, 2] * config.num_hidden_layers
+        monkeypatch.setitem(BACKENDS, "packed", dataclasses.replace(BACKENDS["packed"], group_plan=None))
+        for layer in model.modules():
+            if isinstance(layer, SharQLinear):
+                layer._forget_runs()
+        alone = model(ids).logits.float()
+    assert len(launches) == 2 * config.num_hidden_layers
+    torch.testing.assert_close(grouped, alone, rtol=2e-2, atol=2e-2 * alone.abs().max().item())

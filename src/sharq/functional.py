@@ -96,6 +96,37 @@ def _(values, scale, dense, weight_values, weight_codes, weight_scales, weight_s
     return values.new_empty((values.shape[0], n), dtype=out_dtype)
 
 
+@torch.library.custom_op("sharq::matmul_group", mutates_args=())
+def _matmul_group_op(values: torch.Tensor, scale: torch.Tensor, codes: list[torch.Tensor],
+                     scales: list[torch.Tensor], weight_scales: list[torch.Tensor],
+                     biases: list[torch.Tensor | None], recipe: str, backend: str,
+                     out_dtype: torch.dtype) -> list[torch.Tensor]:
+    r, b = _recipe(recipe), get_backend(backend)
+    act = QActivation((), values, scale)
+    qweights = [QWeight(None, s_w, QTensor(c, s, r.weight_fmt, r.weight_block, (c.shape[0], values.shape[1])))
+                for c, s, s_w in zip(codes, scales, weight_scales)]
+    run = b.group_plan(qweights, biases, r, values.shape[0], out_dtype)
+    if run is not None:
+        return run(act)
+    return [b.matmul(act, w, bias, out_dtype) for w, bias in zip(qweights, biases)]
+
+
+@_matmul_group_op.register_fake
+def _(values, scale, codes, scales, weight_scales, biases, recipe, backend, out_dtype):
+    return [values.new_empty((values.shape[0], c.shape[0]), dtype=out_dtype) for c in codes]
+
+
+def matmul_group(act: QActivation, qweights: list[QWeight], biases: list[torch.Tensor | None],
+                 out_dtype: torch.dtype, recipe: Recipe, backend: str) -> list[torch.Tensor]:
+    """The outputs of layers that read one activation (q/k/v, gate/up) with packed weights, from one launch where
+    `backend`'s group plan has one (else one per layer). One custom op under torch.compile: each member of a group
+    calls it with the same arguments and takes its own output, and the compiler's common-subexpression pass
+    leaves one call."""
+    codes, scales = [w.packed.codes for w in qweights], [w.packed.scales for w in qweights]
+    return torch.ops.sharq.matmul_group(act.values, act.scale, codes, scales, [w.scale for w in qweights], biases,
+                                        recipe.key, backend, out_dtype)
+
+
 def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Tensor | None = None,
             amax: torch.Tensor | None = None) -> QActivation:
     """The activation of x [M, K] as `backend` prepares it for `recipe`; `amax`: the whole input's, when x2d is a

@@ -14,6 +14,7 @@ from .functional import (
     check_output_finite,
     get_backend,
     matmul,
+    matmul_group,
     prepare,
     resolve_backend,
     straight_through,
@@ -24,16 +25,20 @@ from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 class SharedActivation:
     """Lets the layers of one block that read the same input (q/k/v in attention, gate/up in the MLP) prepare it
-    once per call of the block.
+    once per call of the block, and, where their backend has a group plan (the packed backend at decode sizes),
+    multiply it with all their weights in one launch: the first member called computes every member's output and
+    the others take theirs.
 
     quantize_model hooks `open` and `close` around the block's forward. In between, a member given the very tensor
-    an earlier member prepared (same object, unchanged version) reuses that activation. Outside a block call (a
-    layer run on its own) and under torch.compile (which deduplicates the pure prepare op itself), every layer
-    prepares its own input. Nothing outlives the block call, so a later write to the tensor, even one that
-    bypasses autograd's version counter, can never be missed."""
+    an earlier member prepared (same object, unchanged version) reuses that activation (or its output). Outside a
+    block call (a layer run on its own) and under torch.compile (which deduplicates the pure prepare op itself),
+    every layer prepares its own input. Nothing outlives the block call, so a later write to the tensor, even one
+    that bypasses autograd's version counter, can never be missed."""
 
     def __init__(self, members: int) -> None:
         self.members = members
+        self.layers: list[SharQLinear] = []  # the members, as they are built (SharQLinear.__init__)
+        self._group_plans: dict[tuple, Callable[[QActivation], list[torch.Tensor]] | None] = {}
         self._open = False
         self._clear()
 
@@ -41,6 +46,7 @@ class SharedActivation:
         self._x: torch.Tensor | None = None
         self._version: int | None = None
         self._act: QActivation | None = None
+        self._outputs: dict[int, torch.Tensor] = {}  # a member's group_position -> its output from the group launch
         self._served = 0
 
     def open(self, _block: nn.Module, _args) -> None:
@@ -53,18 +59,88 @@ class SharedActivation:
         self._open = False
         self._clear()
 
+    def forget_plans(self) -> None:
+        """A member's weight, bias or backend changed: group launches are worked out again."""
+        self._group_plans = {}
+
+    def _same_input(self, x: torch.Tensor) -> bool:
+        """Whether x is the tensor this block call has seen (then it is served), else start over with x."""
+        version = None if torch.is_inference(x) else x._version  # inference tensors have no version counter
+        if self._x is x and self._version == version:
+            return True
+        self._clear()
+        self._x, self._version = x, version
+        return False
+
+    def _release_if_done(self) -> None:
+        self._served += 1
+        if self._served == self.members:  # every member has it: release the memory now
+            self._x, self._act, self._outputs = None, None, {}
+
     def get(self, x: torch.Tensor, prepare: Callable[[], QActivation]) -> QActivation:
         if not self._open or torch.compiler.is_compiling():
             return prepare()
-        version = None if torch.is_inference(x) else x._version  # inference tensors have no version counter
-        if self._x is not x or self._version != version:
-            self._clear()
-            self._x, self._version, self._act = x, version, prepare()
-        self._served += 1
+        if not self._same_input(x) or self._act is None:
+            self._act = prepare()
         act = self._act
-        if self._served == self.members:  # every member has it: release the memory now
-            self._x, self._act = None, None
+        self._release_if_done()
         return act
+
+    def output(self, layer: SharQLinear, x: torch.Tensor, plan: EagerPlan) -> torch.Tensor:
+        """`layer`'s output for x [..., K] by its eager plan: from the group launch where every member has an
+        eager plan for x and their backend a group plan for them, else from the shared activation."""
+        x2d = x.view(-1, layer.in_features)
+        if not self._open:
+            return plan.matmul(plan.prepare(x2d))
+        if self._same_input(x) and layer.group_position in self._outputs:
+            y = self._outputs.pop(layer.group_position)
+            self._release_if_done()
+            return y
+        if self._act is None:
+            self._act = plan.prepare(x2d)
+        act = self._act
+        group = self._group_plan(x) if not self._outputs else None
+        if group is None:
+            y = plan.matmul(act)
+        else:
+            ys = group(act)
+            self._outputs = {i: out for i, out in enumerate(ys) if i != layer.group_position}
+            y = ys[layer.group_position]
+        self._release_if_done()
+        return y
+
+    def _group_plan(self, x: torch.Tensor) -> Callable[[QActivation], list[torch.Tensor]] | None:
+        key = (x.shape, x.dtype, x.get_device())
+        if key not in self._group_plans:
+            layers = self.layers
+            make = get_backend(layers[0].backend).group_plan
+            same = all(m.backend == layers[0].backend and m.recipe.key == layers[0].recipe.key
+                       and m.eager_plan(x) is not None for m in layers)
+            self._group_plans[key] = None if make is None or len(layers) != self.members or not same else make(
+                [m.forward_weight() for m in layers], [m.bias for m in layers], layers[0].recipe,
+                x.numel() // layers[0].in_features, x.dtype)
+        return self._group_plans[key]
+
+    def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
+        """Under torch.compile: `layer`'s output from the group's one custom op (functional.matmul_group), called
+        by the first member in the block call and taken by the others (the trace records the hand-over; the last
+        member clears it, so nothing outlives the call); None outside a block call or where the members do not run
+        as a group (a backend without a group plan, calibrated channels, a layout of the backend's own). Unlike
+        eagerly, an in-place write to x between members goes unseen here (a trace has no version counter); the
+        model families quantize_model groups never write their block's input."""
+        layers = self.layers
+        if not self._open or len(layers) != self.members or get_backend(layer.backend).group_plan is None or any(
+                m.backend != layer.backend or m.recipe.key != layer.recipe.key or m.channels is not None
+                or m._layout is not None or m.in_features != layer.in_features for m in layers):
+            return None
+        if self._x is not x or not self._outputs:
+            self._clear()
+            ys = matmul_group(layer.prepare(x2d), [m.forward_weight() for m in layers], [m.bias for m in layers],
+                              x.dtype, layer.recipe, layer.backend)
+            self._x, self._outputs = x, dict(enumerate(ys))
+        y = self._outputs[layer.group_position]
+        self._release_if_done()
+        return y
 
 
 def check_channel_stats(stats: torch.Tensor, in_features: int, name: str) -> None:
@@ -132,6 +208,9 @@ class SharQLinear(nn.Module):
         recipe.key  # noqa: B018 - computed now, not while torch.compile traces the forward
         self.backend_choice = backend  # "auto" or a backend name; `backend` is what runs on the current device
         self.shared = shared
+        if shared is not None:
+            self.group_position = len(shared.layers)
+            shared.layers.append(self)
         packed = qweight.packed
         self.register_buffer("weight_values", qweight.values, persistent=packed is None)
         self.register_buffer("weight_codes", None if packed is None else packed.codes)
@@ -201,6 +280,8 @@ class SharQLinear(nn.Module):
         bias or the backend changed)."""
         self.__dict__["_run_weight"] = None
         self.__dict__["_plans"] = {}
+        if self.__dict__.get("shared") is not None:
+            self.shared.forget_plans()
 
     def forward_weight(self) -> QWeight:
         """The weight as forward multiplies it (the backend's layout in place of the payload, if it has one), made
@@ -319,9 +400,9 @@ class SharQLinear(nn.Module):
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         plan = self.eager_plan(x)
         if plan is not None:
-            x2d = x.view(-1, self.in_features)
-            act = plan.prepare(x2d) if self.shared is None else self.shared.get(x, lambda: plan.prepare(x2d))
-            return plan.matmul(act).view(*x.shape[:-1], self.out_features)
+            y = (plan.matmul(plan.prepare(x.view(-1, self.in_features))) if self.shared is None
+                 else self.shared.output(self, x, plan))
+            return y.view(*x.shape[:-1], self.out_features)
         weight = self.forward_weight()
         if x.device != weight.scale.device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {weight.scale.device}")
@@ -329,11 +410,12 @@ class SharQLinear(nn.Module):
             check_finite(x, self.name)
         x2d = as_rows(x)
         with torch.no_grad():
-            if self.shared is None:
-                act = self.prepare(x2d)
-            else:
-                act = self.shared.get(x, lambda: self.prepare(x2d))
-            y = self.multiply(act, self.bias, x.dtype)
+            y = None
+            if self.shared is not None and torch.compiler.is_compiling():
+                y = self.shared.compiled_output(self, x, x2d)
+            if y is None:
+                act = self.prepare(x2d) if self.shared is None else self.shared.get(x, lambda: self.prepare(x2d))
+                y = self.multiply(act, self.bias, x.dtype)
         y = straight_through(y, x2d, lambda: self.qweight.effective())
         if self.strict:
             check_output_finite(y, self.name)

@@ -61,7 +61,10 @@ class Backend:
       canonical payload);
     - `eager_plan(qweight, bias, recipe, m, x_dtype, out_dtype)` -> an EagerPlan for inputs [m, K] of x_dtype
       (contiguous, on the weight's device), or None where the backend has none for them (then prepare and matmul
-      run). A layer keeps its plans until its weight, bias or backend changes."""
+      run). A layer keeps its plans until its weight, bias or backend changes;
+    - `group_plan(qweights, biases, recipe, m, out_dtype)` -> a function of one prepared activation [m, K] (an
+      eager plan's) returning the outputs of several layers that read it (q/k/v, gate/up) from one launch, or
+      None where the backend has none for them (then each layer multiplies on its own)."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None, torch.Tensor | None], QActivation]
     matmul: Callable[..., torch.Tensor]
@@ -71,6 +74,7 @@ class Backend:
     to_layout: Callable[[QTensor, torch.Tensor, torch.Tensor | None], WeightLayout] | None = None
     from_layout: Callable[[WeightLayout, int], tuple[torch.Tensor, torch.Tensor]] | None = None
     eager_plan: Callable[..., EagerPlan | None] | None = None
+    group_plan: Callable[..., Callable[[QActivation], list[torch.Tensor]] | None] | None = None
     runs_on: tuple[str, ...] = ("cpu", "cuda")  # device types it runs on ("cuda" only: also in the interpreter)
     needs: str | None = None  # the package it imports, checked before any model work
     install_hint: str = ""

@@ -5,6 +5,8 @@ runs every such recipe at every shape and dtype, and is what CPU CI runs in Trit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..recipes import QActivation, QWeight, Recipe
@@ -54,7 +56,22 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: i
     return EagerPlan(prepare, lambda act: gemm(act.values, act.scale))
 
 
+def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recipe: Recipe, m: int,
+               out_dtype: torch.dtype) -> Callable[[QActivation], list[torch.Tensor]] | None:
+    """Layers that read one activation (q/k/v, gate/up) in one launch of the CUDA GEMM (cuda_gemm.group_launcher),
+    where it runs them: fewer launches at decode sizes, and no K split over blocks for narrow layers (k/v)."""
+    from ..kernels import cuda_gemm
+
+    packed = [w.packed for w in qweights]
+    if any(p is None or p.fmt != packed[0].fmt or p.block_size != packed[0].block_size for p in packed):
+        return None
+    run = cuda_gemm.group_launcher([(p.codes, p.scales, w.scale.reshape(-1)) for p, w in zip(packed, qweights)],
+                                   biases, packed[0].fmt, packed[0].block_size, m, recipe.tensor_scale_per_row,
+                                   out_dtype)
+    return None if run is None else lambda act: run(act.values, act.scale)
+
+
 register("packed", Backend(simulator.prepare, matmul, supports, keeps_values=False, eager_plan=eager_plan,
-                           runs_on=("cuda",), needs="triton",
+                           group_plan=group_plan, runs_on=("cuda",), needs="triton",
                            install_hint="pip install 'sharq[gpu]' (or use backend='reference')"),
          auto_rank=1)

@@ -84,17 +84,17 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// MIN_BLOCKS: blocks a multiprocessor must fit, which caps the registers a thread (CudaTile.min_blocks)
-extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma(
+// one block's rows (block column bx) and K split (by) of one weight
+__device__ __forceinline__ void gemm_block(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
     const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
-    int Kp, int lda, int chunks_per_split) {
+    int Kp, int lda, int chunks_per_split, int bx, int by) {
   // warps wk = 0 .. WK-1 of a block split K; WN such groups take neighbouring row tiles (and share the
   // activation's loads in L1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int wk = warp % WK, wn = warp / WK;
-  const int n0 = (blockIdx.x * WN + wn) * (16 * RT);
-  const int c_begin = blockIdx.y * chunks_per_split;
+  const int n0 = (bx * WN + wn) * (16 * RT);
+  const int c_begin = by * chunks_per_split;
   const int c_end = min(c_begin + chunks_per_split, Kp >> 7);
   const U4* wrow[RT][2];
   const u8* srow[RT][2];
@@ -339,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
         if (m >= M) continue;
         const float v = acc[rt][mt][i] * 256.f;  // the 2^-8 of the decoded weight
 #if SPLIT
-        store(y, ((long)blockIdx.y * M + m) * N + n, v);
+        store(y, ((long)by * M + m) * N + n, v);
 #else
         const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
 #if BIAS
@@ -350,6 +350,29 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
 #endif
       }
 }
+// MIN_BLOCKS: blocks a multiprocessor must fit, which caps the registers a thread (CudaTile.min_blocks)
+#if !GROUP
+extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma(
+    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
+    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
+    int Kp, int lda, int chunks_per_split) {
+  gemm_block(codes, scales, a, y, sx, sw, bias, M, N, Kp, lda, chunks_per_split, blockIdx.x, blockIdx.y);
+}
+#else
+// up to three layers that read one activation (q/k/v, gate/up) in one launch, each with its own weight, weight
+// scale, bias and output: the first blocks0 block columns take layer 0's rows, the next blocks1 layer 1's, the
+// rest layer 2's (no K split over blocks: SPLIT is 0)
+extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma_group(
+    const U4* c0, const U4* c1, const U4* c2, const u8* s0, const u8* s1, const u8* s2, void* y0, void* y1,
+    void* y2, const float* w0, const float* w1, const float* w2, const void* b0, const void* b1, const void* b2,
+    const u16* __restrict__ a, const float* __restrict__ sx, int M, int Kp, int lda, int blocks0, int blocks1,
+    int n0, int n1, int n2) {
+  const int bx = blockIdx.x, l = bx < blocks0 ? 0 : bx < blocks0 + blocks1 ? 1 : 2;
+  gemm_block(l == 0 ? c0 : l == 1 ? c1 : c2, l == 0 ? s0 : l == 1 ? s1 : s2, a, l == 0 ? y0 : l == 1 ? y1 : y2, sx,
+             l == 0 ? w0 : l == 1 ? w1 : w2, l == 0 ? b0 : l == 1 ? b1 : b2, M, l == 0 ? n0 : l == 1 ? n1 : n2, Kp,
+             lda, Kp >> 7, bx - (l > 0 ? blocks0 : 0) - (l > 1 ? blocks1 : 0), 0);
+}
+#endif
 """
 
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -419,15 +442,16 @@ def n8_tiles(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
 
 
-def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool) -> str:
+def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool, group: bool = False) -> str:
     """The CUDA source of tile t's kernel for mt tiles of 8 tokens, block-`block` weights, output and bias dtype
-    codes (_OUT, _BIAS) and a scale per token or not: the launch's #defines, then the kernel."""
+    codes (_OUT, _BIAS) and a scale per token or not, for one layer (sharq_nvfp4_mma) or a group of layers that
+    read one activation (sharq_nvfp4_mma_group): the launch's #defines, then the kernel."""
     # up to 16 tokens the registers are capped for two blocks a multiprocessor by default (measured 0-15 % faster,
     # same outputs); the 32-token launch needs more than that cap allows without spilling
     min_blocks = t.min_blocks or (2 if mt <= 2 and t.wn == 1 else 1)
     defines = dict(RT=t.rt, MT=mt, WK=t.wk, WN=t.wn, STAGES=t.stages, BLOCK=block, OUT=out, BIAS=bias,
                    SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), RING=t.ring, XDIRECT=int(t.direct),
-                   XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks)
+                   XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks, GROUP=int(group))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
@@ -537,6 +561,106 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
                    (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
                    _shared_bytes(t, mt, block), t.splits, -(-(k // 128) // t.splits))
+
+
+@dataclass(frozen=True)
+class _GroupLaunch:
+    """A launch of the group kernel: the launch as _Launch has it, and the block columns of each layer."""
+
+    launch: _Launch
+    blocks: tuple[int, ...]
+
+
+GROUP_MAX = 3  # layers one group launch takes (q/k/v)
+
+
+@functools.lru_cache(maxsize=1024)
+def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, out: int, bias: int, sx_row: bool,
+                  tile: CudaTile | None) -> _GroupLaunch | None:
+    """One launch for layers of widths `ns` that read one activation, with the decode kernel's tile for their
+    summed width (choose_tile, or `tile`), where that measured faster than a launch per layer (H200, `python
+    benchmarks/bench_gemm.py --groups`): up to 8 tokens (8B q/k/v at one token 17.4 -> 9.7 µs, gate/up 35.8 ->
+    29.1), and at 9-24 tokens where a layer alone would split K over blocks (q/k/v: 24.7 -> 14.0 µs at 16
+    tokens; wide layers such as gate/up lost up to 12 % there). None elsewhere, and where the launch would not be
+    the decode kernel's with one K split (the wgmma kernel's shapes; a K split over blocks, whose fp32 partials are
+    per layer) or a layer is not a whole number of blocks: then the layers launch one by one."""
+    n = sum(ns)
+    gpu = torch.device("cuda", device)
+    if not 2 <= len(ns) <= GROUP_MAX or tile is None and m > 8 and all(
+            choose_tile(m, w, k, gpu).splits == 1 for w in ns):
+        return None
+    if tile is None and not _wgmma_broken and cuda_wgmma.choose_tile(m, n, k, _capability(device),
+                                                                    _multiprocessors(device)) is not None:
+        return None
+    t = tile or choose_tile(m, n, k, gpu)
+    rows = 16 * t.rt * t.wn
+    if t.splits > 1 or any(w % rows for w in ns):
+        return None
+    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
+    mt = n8_tiles(m)
+    kernel = _compile(device, kernel_source(t, mt, block, out, bias, sx_row, group=True),
+                      _shared_bytes(t, mt, block), "sharq_nvfp4_mma_group")
+    launch = _Launch(DriverKernel(kernel.func.value, "p" * 17 + "i" * 8, programmatic), device, (n // rows, 1, 1),
+                     (32 * t.wk * t.wn, 1, 1), _shared_bytes(t, mt, block), 1, k // 128)
+    return _GroupLaunch(launch, tuple(w // rows for w in ns))
+
+
+def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], biases: list[torch.Tensor | None],
+                   fmt: str, block: int, m: int, sx_rows: bool, out_dtype: torch.dtype
+                   ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
+    """The products of one activation [m, K] with several layers' weights ((codes, scales, sw) each; the layers
+    that read one input, as q/k/v) in one launch, worked out once: (a, sx) -> [y per layer], each as `launcher`'s
+    would be for its layer with the group's tile. None where one launch does not run them (_group_launch; the
+    layers disagree in K, device or bias dtype; a weight the kernel does not take)."""
+    codes0 = weights[0][0]
+    bias_dtypes = {None if b is None else b.dtype for b in biases}
+    if (len(bias_dtypes) > 1 or any(c.shape[1] != codes0.shape[1] or c.device != codes0.device
+                                    or not (sw.numel() == 1 and sw.dtype == torch.float32 and sw.is_contiguous())
+                                    or not weight_fits(c, s, fmt, block, b, out_dtype, m)
+                                    for (c, s, sw), b in zip(weights, biases))):
+        return None
+    device = codes0.get_device()
+    try:
+        plan = _group_launch(device, m, tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2, block,
+                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, None)
+    except Exception as e:  # noqa: BLE001 - as _try_launch: no NVRTC here, the layers launch one by one
+        warnings.warn(f"sharq: the CUDA group GEMM could not be compiled ({type(e).__name__}: {str(e)[:300]})",
+                      stacklevel=2)
+        return None
+    if plan is None:
+        return None
+    return lambda a, sx: _run_group(plan, a, weights, biases, sx, out_dtype)
+
+
+def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    biases: list[torch.Tensor | None], block: int, sx: torch.Tensor, out_dtype: torch.dtype,
+                    tile: CudaTile | None = None) -> list[torch.Tensor] | None:
+    """[α_i · (a · Ŵ_iᵀ) + bias_i] for the layers' weights ((codes, scales, sw) each) in one launch, with `tile`
+    (default: choose_tile's for their summed width), or None where one launch does not take them."""
+    m, k = a.shape
+    plan = _group_launch(a.get_device(), m, tuple(c.shape[0] for c, _, _ in weights), k, block, _OUT[out_dtype],
+                         _BIAS[None if biases[0] is None else biases[0].dtype], sx.numel() > 1, tile)
+    return None if plan is None else _run_group(plan, a, weights, biases, sx, out_dtype)
+
+
+def _run_group(plan: _GroupLaunch, a: torch.Tensor, weights, biases, sx: torch.Tensor, out_dtype: torch.dtype
+               ) -> list[torch.Tensor]:
+    m, launch = a.shape[0], plan.launch
+    ys = [torch.empty((m, c.shape[0]), dtype=out_dtype, device=a.device) for c, _, _ in weights]
+    pad = GROUP_MAX - len(weights)
+    columns = [[t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights)]  # codes, scales, sw
+    ptrs = (*columns[0], *columns[1], *[y.data_ptr() for y in ys], *[0] * pad, *columns[2],
+            *[(b if b is not None else sx).data_ptr() for b in biases], *[0] * pad, a.data_ptr(), sx.data_ptr())
+    ints = (m, a.shape[1], a.stride(0), plan.blocks[0], plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30,
+            *[c.shape[0] for c, _, _ in weights], *[0] * pad)
+    if launch.device == torch.cuda.current_device():
+        launch.kernel(launch.grid, launch.block, launch.shared_bytes,
+                      torch._C._cuda_getCurrentRawStream(launch.device), ptrs, ints)
+    else:
+        with torch.cuda.device(launch.device):
+            launch.kernel(launch.grid, launch.block, launch.shared_bytes,
+                          torch._C._cuda_getCurrentRawStream(launch.device), ptrs, ints)
+    return ys
 
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
