@@ -580,8 +580,8 @@ def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, 
     """One launch for layers of widths `ns` that read one activation, with the decode kernel's tile for their
     summed width (choose_tile, or `tile`), where that measured faster than a launch per layer (H200, `python
     benchmarks/bench_gemm.py --groups`): up to 8 tokens (8B q/k/v at one token 17.4 -> 9.7 µs, gate/up 35.8 ->
-    29.1), and at 9-24 tokens where a layer alone would split K over blocks (q/k/v: 24.7 -> 14.0 µs at 16
-    tokens; wide layers such as gate/up lost up to 12 % there). None elsewhere, and where the launch would not be
+    29.1), and above 8 tokens where a layer alone would split K over blocks (q/k/v: 24.7 -> 14.0 µs at 16
+    tokens; wide layers such as gate/up lost up to 12 % at 16-24). None elsewhere, and where the launch would not be
     the decode kernel's with one K split (the wgmma kernel's shapes; a K split over blocks, whose fp32 partials are
     per layer) or a layer is not a whole number of blocks: then the layers launch one by one."""
     n = sum(ns)
