@@ -31,9 +31,10 @@ class SharedActivation:
 
     quantize_model hooks `open` and `close` around the block's forward. In between, a member given the very tensor
     an earlier member prepared (same object, unchanged version) reuses that activation (or its output). Outside a
-    block call (a layer run on its own) and under torch.compile (which deduplicates the pure prepare op itself),
-    every layer prepares its own input. Nothing outlives the block call, so a later write to the tensor, even one
-    that bypasses autograd's version counter, can never be missed."""
+    block call (a layer run on its own) every layer prepares its own input; under torch.compile the members of a
+    group with a group plan hand over their outputs in the trace (compiled_output), the others each prepare their
+    own. Nothing outlives the block call, so a later write to the tensor, even one that bypasses autograd's version
+    counter, can never be missed."""
 
     def __init__(self, members: int) -> None:
         self.members = members
