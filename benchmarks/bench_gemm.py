@@ -446,7 +446,7 @@ GROUPS = [(4096, (4096, 1024, 1024)), (4096, (14336, 14336)),  # Llama-3.1-8B q/
           (8192, (8192, 1024, 1024)), (8192, (28672, 28672))]  # Llama-3.1-70B
 
 
-def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24), recipe: str = "sharq") -> list[dict]:
+def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32, 48, 64), recipe: str = "sharq") -> list[dict]:
     """Layers that read one activation (q/k/v, gate/up) launched one by one against one group launch
     (cuda_gemm.nvfp4_mma_group), GPU µs of all the layers' products, beside BF16 cuBLAS one by one and on the
     concatenated weight (what a model with fused projections would run); each over weight copies in one graph,
@@ -480,7 +480,7 @@ def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24), recipe: str = "sharq") -> li
         row = {"K": k, "N": list(ns), "M": m, "bf16_alone_us": bf16_alone, "bf16_fused_us": bf16_fused,
                "alone_us": 1e3 * graph_ms([lambda ws=ws: alone(ws) for ws in sets], reps=10)}
         if group(sets[0]) is not None:
-            tile = cuda_gemm.choose_tile(m, sum(ns), k, x.device)
+            tile = cuda_gemm.group_tile(m, ns, k, x.device)
             row["group_equal"] = all(torch.equal(a, b) for a, b in zip(group(sets[0]), alone(sets[0], tile)))
             row["group_us"] = 1e3 * graph_ms([lambda ws=ws: group(ws) for ws in sets], reps=10)
         rows.append(row)
@@ -489,6 +489,39 @@ def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24), recipe: str = "sharq") -> li
                                                       f" group x bf16 alone {bf16_alone / row['group_us']:.2f}, "
                                                       f"x bf16 fused {bf16_fused / row['group_us']:.2f}"
                                                       if "group_us" in row else ", no group launch"), flush=True)
+    return rows
+
+
+def k_partition_sweep(ms: tuple[int, ...] = (1, 8, 16)) -> list[dict]:
+    """What choose_tile keeps fixed per shape (batch invariance), timed anyway: the decode kernel's launch with the K
+    split over 2, 4, 8 or 16 warps a block on the 8B and 70B shapes, and the group launch (q/k/v, gate/up) at one
+    token with a register cap of 3-8 blocks a multiprocessor (CudaTile.min_blocks); GPU µs."""
+    rows = []
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        case = CudaCase.make("sharq", k, n, m)
+        base = cuda_gemm.choose_tile(m, n, k, case.act.values.device)
+        row = {"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "tile": str(base)}
+        row.update({f"wk{wk}": case.cuda_us(replace(base, wk=wk)) for wk in (2, 4, 8, 16)
+                    if (k // 128) // base.splits >= wk})
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, choose_tile wk={base.wk}; "
+              + ", ".join(f"{key} {v:.1f}" for key, v in row.items() if key.startswith("wk")), flush=True)
+        del case
+    for k, ns in GROUPS:
+        x = outlier_x(1, k)
+        r = sharq.get_recipe("sharq")
+        layers = [payload("sharq", n, k, seed=i + 1)[:2] for i, n in enumerate(ns)]
+        act = get_backend("packed").prepare(x, r, None)
+        sx = act.scale.reshape(-1).float()
+        sets = [[(p.codes.clone(), p.scales.clone(), sw.reshape(-1).float()) for p, sw in layers]
+                for _ in range(copies(sum(p.codes.numel() + p.scales.numel() for p, _ in layers)))]
+        base = cuda_gemm.group_tile(1, ns, k, x.device)
+        capped = {cap: 1e3 * graph_ms([lambda ws=ws, t=replace(base, min_blocks=cap): cuda_gemm.nvfp4_mma_group(
+            act.values, ws, [None] * len(ws), r.weight_block, sx, torch.bfloat16, tile=t) for ws in sets], reps=10)
+            for cap in (0, 3, 4, 6, 7, 8)}
+        rows.append({"K": k, "N": list(ns), "M": 1, "group_min_blocks_us": capped})
+        print(f"group K={k} N={'+'.join(map(str, ns))} M=1: " + ", ".join(f"cap {c} {v:.1f}" for c, v in capped.items()),
+              flush=True)
     return rows
 
 
@@ -548,6 +581,8 @@ def main() -> int:
                    "takes over (how cuda_wgmma.choose_tile's defaults were chosen; then exit)")
     p.add_argument("--groups", action="store_true", help="only layers that read one activation (q/k/v, gate/up) "
                    "launched one by one against one group launch (8B and 70B; then exit)")
+    p.add_argument("--k-partition", action="store_true", help="only the decode kernel's K split over warps and "
+                   "the group launch's register cap, which choose_tile keeps fixed (then exit)")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
@@ -556,9 +591,11 @@ def main() -> int:
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.groups:
-        ms = (1, 4, 8, 16, 24) if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "groups": groups(ms)}
+    if args.groups or args.k_partition:
+        ms = ((1, 4, 8, 16, 24, 32, 48, 64) if args.groups else (1, 8, 16)) if args.ms == p.get_default("ms") else \
+            tuple(map(int, args.ms.split(",")))
+        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+        out.update({"groups": groups(ms)} if args.groups else {"k_partition": k_partition_sweep(ms)})
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)

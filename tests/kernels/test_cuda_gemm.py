@@ -251,14 +251,22 @@ def test_shapes_it_does_not_fit_are_refused_by_fits():
     assert not cuda_gemm.fits(a, q.codes, q.scales, "mxfp4", 32, None, torch.bfloat16)
 
 
+_GROUP_TILES = [None, cuda_gemm.CudaTile(1, 4, 2, 1), cuda_gemm.CudaTile(2, 8, 1, 1, 3, direct=True),
+                cuda_gemm.CudaTile(1, 4, 1, 2, 3, direct=True),  # a K split: fp32 partials per layer
+                pytest.param(cuda_wgmma.WgmmaTile(), marks=hopper), pytest.param(cuda_wgmma.WgmmaTile(splits=2),
+                                                                                  marks=hopper)]
+
+
 @pytest.mark.parametrize("block", [16, 32])
-@pytest.mark.parametrize("m", [1, 8, 13, 24])
+@pytest.mark.parametrize("m", [1, 13, 40])
 @pytest.mark.parametrize("ns,bias_dtype", [((512, 128, 128), None), ((256, 768), torch.bfloat16),
                                            ((128, 256, 384), torch.float32)])
-def test_a_group_launch_gives_each_layer_its_own_launch_bit_for_bit(block, m, ns, bias_dtype):
+@pytest.mark.parametrize("tile", _GROUP_TILES)
+def test_a_group_launch_gives_each_layer_its_own_launch_bit_for_bit(block, m, ns, bias_dtype, tile):
     """Layers that read one activation (q/k/v, gate/up) in one launch: each output equals that layer's own launch
     with the same tile bit for bit (its own weight, weight scale, bias; same K partition), and the exact product's
-    bound. By default the group launches up to 8 tokens (above, only where a layer alone would split K)."""
+    bound, on both kernels, with and without a K split over blocks. By default (tile None) these small layers group
+    up to 8 tokens only (above, one launch each measured faster where no layer splits K)."""
     k = 2048
     a = _x(m, k, 31 + m)
     qs = [_payload(n, k, block, 32 + i + m) for i, n in enumerate(ns)]
@@ -266,27 +274,42 @@ def test_a_group_launch_gives_each_layer_its_own_launch_bit_for_bit(block, m, ns
     biases = [None if bias_dtype is None else torch.randn(n, device="cuda").to(bias_dtype) for n in ns]
     sx = torch.rand(m, device="cuda") + 0.5
     weights = [(q.codes, q.scales, sw) for q, sw in zip(qs, sws)]
-    tile = cuda_gemm.choose_tile(m, sum(ns), k, a.device)
-    for t in (None, cuda_gemm.CudaTile(1, 4, 2, 1), cuda_gemm.CudaTile(2, 8, 1, 1, 3, direct=True)):
-        ys = cuda_gemm.nvfp4_mma_group(a, weights, biases, block, sx, torch.bfloat16, tile=t)
-        if t is None and m > 8:
-            assert ys is None  # these layers alone do not split K: one launch each measured faster
-            continue
-        assert ys is not None and len(ys) == len(ns)
-        for y, q, sw, bias in zip(ys, qs, sws, biases):
-            own = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.bfloat16, tile=t or tile)
-            assert y.shape == (m, q.shape[0]) and torch.equal(y, own), t
-            assert _bound_ok(y, a, q, sx[:, None] * sw, bias, torch.bfloat16) <= 1
+    ys = cuda_gemm.nvfp4_mma_group(a, weights, biases, block, sx, torch.bfloat16, tile=tile)
+    if tile is None and m > 8:
+        assert ys is None
+        return
+    assert ys is not None and len(ys) == len(ns)
+    for y, q, sw, bias in zip(ys, qs, sws, biases):
+        own = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.bfloat16,
+                                  tile=tile or cuda_gemm.group_tile(m, ns, k, a.device))
+        assert y.shape == (m, q.shape[0]) and torch.equal(y, own)
+        assert _bound_ok(y, a, q, sx[:, None] * sw, bias, torch.bfloat16) <= 1
 
 
-def test_a_group_launch_is_refused_where_one_launch_cannot_take_the_layers():
-    """A K split over blocks (narrow layers), the wgmma kernel's shapes, or layers not whole blocks: None (each
-    layer then launches on its own)."""
-    q = _payload(128, 4096, 32, 3)
+@hopper
+def test_a_group_on_the_wgmma_kernels_shapes_takes_it():
+    """Where the summed width is the wgmma kernel's shape (here 16384 x 2048 at 40 tokens), the group launches on it:
+    each output equals the layer's own wgmma launch with that tile bit for bit."""
+    m, k, ns = 40, 2048, (8192, 8192)
+    a = _x(m, k, 51)
+    qs = [_payload(n, k, 32, 52 + i) for i, n in enumerate(ns)]
     one = torch.ones(1, device="cuda")
-    narrow = [(q.codes, q.scales, one)] * 2  # 256 rows on 132+ multiprocessors: K split over blocks
-    assert cuda_gemm.nvfp4_mma_group(_x(1, 4096, 4), narrow, [None, None], 32, one, torch.bfloat16) is None
-    assert cuda_gemm.group_launcher(narrow, [None, None], "nvfp4", 32, 1, False, torch.bfloat16) is None
+    t = cuda_gemm.group_tile(m, ns, k, a.device)
+    assert isinstance(t, cuda_wgmma.WgmmaTile)
+    ys = cuda_gemm.nvfp4_mma_group(a, [(q.codes, q.scales, one) for q in qs], [None, None], 32, one, torch.float32)
+    for y, q in zip(ys, qs):
+        assert torch.equal(y, cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32, tile=t))
+
+
+def test_a_group_launch_is_refused_where_one_launch_per_layer_measured_faster_or_cannot_take_them():
+    """Above 8 tokens on layers that alone do not split K, and layers that are not whole blocks of the tile: None
+    (each layer then launches on its own)."""
+    q = _payload(4096, 4096, 32, 3)
+    one = torch.ones(1, device="cuda")
+    wide = [(q.codes, q.scales, one)] * 2  # 4096 rows each: no K split alone
+    assert cuda_gemm.nvfp4_mma_group(_x(16, 4096, 4), wide, [None, None], 32, one, torch.bfloat16) is None
+    assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, 16, False, torch.bfloat16) is None
+    assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, 8, False, torch.bfloat16) is not None
     odd = [(q.codes[:48], q.scales[:48], one), (q.codes, q.scales, one)]  # 48 rows: not whole 2-row-tile blocks
     assert cuda_gemm.nvfp4_mma_group(_x(1, 4096, 5), odd, [None, None], 32, one, torch.bfloat16,
                                      tile=cuda_gemm.CudaTile(2, 4, 1, 1, 3, direct=True)) is None

@@ -120,3 +120,30 @@ def test_the_batch_1_main_loop_stays_lean(k, n, monkeypatch):
     loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin))
     assert loop.count("HMMA") >= 8 * t.rt and loop.count("HMMA") % (8 * t.rt) == 0
     assert len(loop) / nvrtc.weights_per_loop(loop, "HMMA", 8 * t.rt, 16 * t.rt) <= 0.18
+
+
+GROUPS = {(4096, (4096, 1024, 1024)): MS, (4096, (14336, 14336)): [1, 4, 8, 32, 33, 64],  # Llama-3.1-8B
+          (8192, (8192, 1024, 1024)): MS, (8192, (28672, 28672)): [1, 4, 8, 32]}  # -70B
+
+
+@pytest.mark.parametrize("k,ns", GROUPS)
+def test_every_group_launch_compiles_and_groups_where_it_measured_faster(k, ns, monkeypatch):
+    """Llama-3.1-8B's and -70B's q/k/v and gate/up as one launch (an H200: sm_90a, 132 multiprocessors) at the
+    token counts where that measured faster (cuda_gemm.group_tile): q/k/v always (k and v alone split K), gate/up
+    up to 8 tokens and where the summed width takes the wgmma kernel while a layer alone would not, or would split
+    K. Every such launch compiles, without spills up to 8 tokens and on the wgmma kernel."""
+    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(cuda_gemm, "_capability", lambda device: (9, 0))
+    grouped = []
+    for m in MS:
+        t = cuda_gemm.group_tile(m, ns, k, None)
+        if t is not None:
+            grouped.append(m)
+        if isinstance(t, cuda_wgmma.WgmmaTile):
+            built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 0, False, group=True), "sm_90a")
+            assert built.spilled == 0 and built.registers * t.threads <= 65536, (m, t, built.registers)
+        elif t is not None:
+            source = cuda_gemm.kernel_source(t, cuda_gemm.n8_tiles(m), 32, 0, 0, False, group=True)
+            built = nvrtc.compile_cubin(source, "sm_90")
+            assert 0 < built.registers <= 255 and (m > 8 or built.spilled == 0), (m, t, built.spilled)
+    assert grouped == GROUPS[k, ns]

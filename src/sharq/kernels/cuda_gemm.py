@@ -32,7 +32,9 @@ placement:
 
 On Hopper, 33-64 tokens of layers with more than 2^24 weights (25-64 where N >= 4 K) go to the wgmma kernel
 instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there; the
-launch plan below picks it, with the same arguments.
+launch plan below picks it, with the same arguments. Either kernel also has a group entry (nvfp4_mma_group): up to
+three layers that read one activation (q/k/v, gate/up), each with its own weight, scale, bias and output, in one
+launch whose blocks take the rows of the layer they fall in, where `group_tile` says that measured faster.
 
 Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant, and
 launched by cuLaunchKernel itself (kernels/launch.py) with the launch worked out once per shape (`_launch`). Where
@@ -50,7 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cuda_wgmma
-from .cuda_source import DEVICE_HELPERS
+from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
 from .launch import DriverKernel
 
 _SOURCE = DEVICE_HELPERS + r"""
@@ -359,20 +361,8 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
   gemm_block(codes, scales, a, y, sx, sw, bias, M, N, Kp, lda, chunks_per_split, blockIdx.x, blockIdx.y);
 }
 #else
-// up to three layers that read one activation (q/k/v, gate/up) in one launch, each with its own weight, weight
-// scale, bias and output: the first blocks0 block columns take layer 0's rows, the next blocks1 layer 1's, the
-// rest layer 2's (no K split over blocks: SPLIT is 0)
-extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma_group(
-    const U4* c0, const U4* c1, const U4* c2, const u8* s0, const u8* s1, const u8* s2, void* y0, void* y1,
-    void* y2, const float* w0, const float* w1, const float* w2, const void* b0, const void* b1, const void* b2,
-    const u16* __restrict__ a, const float* __restrict__ sx, int M, int Kp, int lda, int blocks0, int blocks1,
-    int n0, int n1, int n2) {
-  const int bx = blockIdx.x, l = bx < blocks0 ? 0 : bx < blocks0 + blocks1 ? 1 : 2;
-  gemm_block(l == 0 ? c0 : l == 1 ? c1 : c2, l == 0 ? s0 : l == 1 ? s1 : s2, a, l == 0 ? y0 : l == 1 ? y1 : y2, sx,
-             l == 0 ? w0 : l == 1 ? w1 : w2, l == 0 ? b0 : l == 1 ? b1 : b2, M, l == 0 ? n0 : l == 1 ? n1 : n2, Kp,
-             lda, Kp >> 7, bx - (l > 0 ? blocks0 : 0) - (l > 1 ? blocks1 : 0), 0);
-}
-#endif
+""" + GROUP_ENTRY.replace("NAME", "sharq_nvfp4_mma_group").replace("BOUNDS", "WN * WK * 32, MIN_BLOCKS").replace(
+    "BLOCK_FN", "gemm_block") + r"""#endif
 """
 
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -574,34 +564,56 @@ class _GroupLaunch:
 GROUP_MAX = 3  # layers one group launch takes (q/k/v)
 
 
+def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> CudaTile | cuda_wgmma.WgmmaTile | None:
+    """The launch for layers of widths `ns` that read one activation [m, k] as one group: the tile the launch plan
+    picks for their summed width (the wgmma kernel's where cuda_wgmma.choose_tile takes it, else choose_tile's),
+    where that measured faster than a launch per layer (H200, `python benchmarks/bench_gemm.py --groups`): on the
+    decode kernel up to 8 tokens (8B q/k/v at one token 17.4 -> 9.7 µs, gate/up 35.8 -> 29.1), and above 8 where
+    a layer alone would split K over blocks (q/k/v: 24.7 -> 14.0 µs at 16 tokens; wide layers such as gate/up lost
+    up to 12 % at 16-24); on the wgmma kernel where a layer alone would split K or not run on it (8B gate/up at 32
+    tokens 71.0 -> 56.8 µs, at 64 76.4 -> 63.8; 70B gate/up, whose layers alone fill the GPU, lost 2-3 % at 48-64,
+    and 10 % at 32, which this rule still groups). None elsewhere (the layers launch one by one)."""
+    if not 2 <= len(ns) <= GROUP_MAX:
+        return None
+    n = sum(ns)
+    if not _wgmma_broken:
+        capability, mps = _capability(device), _multiprocessors(device)
+        wgmma = cuda_wgmma.choose_tile(m, n, k, capability, mps)
+        if wgmma is not None:
+            alone = [cuda_wgmma.choose_tile(m, w, k, capability, mps) for w in ns]
+            return wgmma if any(t is None or t.splits > 1 for t in alone) else None
+    if m > 8 and all(choose_tile(m, w, k, device).splits == 1 for w in ns):
+        return None
+    return choose_tile(m, n, k, device)
+
+
 @functools.lru_cache(maxsize=1024)
 def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, out: int, bias: int, sx_row: bool,
-                  tile: CudaTile | None) -> _GroupLaunch | None:
-    """One launch for layers of widths `ns` that read one activation, with the decode kernel's tile for their
-    summed width (choose_tile, or `tile`), where that measured faster than a launch per layer (H200, `python
-    benchmarks/bench_gemm.py --groups`): up to 8 tokens (8B q/k/v at one token 17.4 -> 9.7 µs, gate/up 35.8 ->
-    29.1), and above 8 tokens where a layer alone would split K over blocks (q/k/v: 24.7 -> 14.0 µs at 16
-    tokens; wide layers such as gate/up lost up to 12 % at 16-24). None elsewhere, and where the launch would not be
-    the decode kernel's with one K split (the wgmma kernel's shapes; a K split over blocks, whose fp32 partials are
-    per layer) or a layer is not a whole number of blocks: then the layers launch one by one."""
+                  tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _GroupLaunch | None:
+    """One launch for layers of widths `ns` that read one activation, with `tile` or group_tile's, or None where
+    group_tile says none or a layer is not a whole number of the tile's blocks. With a K split over blocks each
+    layer gets its own fp32 partials."""
+    t = tile or group_tile(m, ns, k, torch.device("cuda", device))
+    if t is None or not 2 <= len(ns) <= GROUP_MAX:
+        return None
     n = sum(ns)
-    gpu = torch.device("cuda", device)
-    if not 2 <= len(ns) <= GROUP_MAX or tile is None and m > 8 and all(
-            choose_tile(m, w, k, gpu).splits == 1 for w in ns):
-        return None
-    if tile is None and not _wgmma_broken and cuda_wgmma.choose_tile(m, n, k, _capability(device),
-                                                                    _multiprocessors(device)) is not None:
-        return None
-    t = tile or choose_tile(m, n, k, gpu)
-    rows = 16 * t.rt * t.wn
-    if t.splits > 1 or any(w % rows for w in ns):
+    wgmma = isinstance(t, cuda_wgmma.WgmmaTile)
+    rows = t.rows if wgmma else 16 * t.rt * t.wn
+    if any(w % rows for w in ns):
         return None
     programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
-    mt = n8_tiles(m)
-    kernel = _compile(device, kernel_source(t, mt, block, out, bias, sx_row, group=True),
-                      _shared_bytes(t, mt, block), "sharq_nvfp4_mma_group")
-    launch = _Launch(DriverKernel(kernel.func.value, "p" * 17 + "i" * 8, programmatic), device, (n // rows, 1, 1),
-                     (32 * t.wk * t.wn, 1, 1), _shared_bytes(t, mt, block), 1, k // 128)
+    if wgmma:
+        source, shared, name, arch = (cuda_wgmma.kernel_source(t, block, out, bias, sx_row, group=True),
+                                      cuda_wgmma.shared_bytes(t), cuda_wgmma.GROUP_NAME, "a")
+        threads = t.threads
+    else:
+        mt = n8_tiles(m)
+        source, shared, name, arch = (kernel_source(t, mt, block, out, bias, sx_row, group=True),
+                                      _shared_bytes(t, mt, block), "sharq_nvfp4_mma_group", "")
+        threads = 32 * t.wk * t.wn
+    kernel = _compile(device, source, shared, name, arch)
+    launch = _Launch(DriverKernel(kernel.func.value, "p" * 17 + "i" * 9, programmatic), device,
+                     (n // rows, t.splits, 1), (threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
     return _GroupLaunch(launch, tuple(w // rows for w in ns))
 
 
@@ -634,9 +646,9 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                     biases: list[torch.Tensor | None], block: int, sx: torch.Tensor, out_dtype: torch.dtype,
-                    tile: CudaTile | None = None) -> list[torch.Tensor] | None:
+                    tile: CudaTile | cuda_wgmma.WgmmaTile | None = None) -> list[torch.Tensor] | None:
     """[α_i · (a · Ŵ_iᵀ) + bias_i] for the layers' weights ((codes, scales, sw) each) in one launch, with `tile`
-    (default: choose_tile's for their summed width), or None where one launch does not take them."""
+    (default: the launch plan's for their summed width), or None where one launch does not take them."""
     m, k = a.shape
     plan = _group_launch(a.get_device(), m, tuple(c.shape[0] for c, _, _ in weights), k, block, _OUT[out_dtype],
                          _BIAS[None if biases[0] is None else biases[0].dtype], sx.numel() > 1, tile)
@@ -645,14 +657,18 @@ def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
 
 def _run_group(plan: _GroupLaunch, a: torch.Tensor, weights, biases, sx: torch.Tensor, out_dtype: torch.dtype
                ) -> list[torch.Tensor]:
+    from .epilogue import reduce_scale_and_bias
+
     m, launch = a.shape[0], plan.launch
-    ys = [torch.empty((m, c.shape[0]), dtype=out_dtype, device=a.device) for c, _, _ in weights]
+    split = launch.splits > 1
+    ys = [torch.empty((launch.splits, m, c.shape[0]) if split else (m, c.shape[0]),
+                      dtype=torch.float32 if split else out_dtype, device=a.device) for c, _, _ in weights]
     pad = GROUP_MAX - len(weights)
     columns = [[t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights)]  # codes, scales, sw
     ptrs = (*columns[0], *columns[1], *[y.data_ptr() for y in ys], *[0] * pad, *columns[2],
             *[(b if b is not None else sx).data_ptr() for b in biases], *[0] * pad, a.data_ptr(), sx.data_ptr())
-    ints = (m, a.shape[1], a.stride(0), plan.blocks[0], plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30,
-            *[c.shape[0] for c, _, _ in weights], *[0] * pad)
+    ints = (m, a.shape[1], a.stride(0), launch.chunks_per_split, plan.blocks[0],
+            plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30, *[c.shape[0] for c, _, _ in weights], *[0] * pad)
     if launch.device == torch.cuda.current_device():
         launch.kernel(launch.grid, launch.block, launch.shared_bytes,
                       torch._C._cuda_getCurrentRawStream(launch.device), ptrs, ints)
@@ -660,6 +676,8 @@ def _run_group(plan: _GroupLaunch, a: torch.Tensor, weights, biases, sx: torch.T
         with torch.cuda.device(launch.device):
             launch.kernel(launch.grid, launch.block, launch.shared_bytes,
                           torch._C._cuda_getCurrentRawStream(launch.device), ptrs, ints)
+    if split:
+        return [reduce_scale_and_bias(y, sx, sw, b, out_dtype) for y, (_, _, sw), b in zip(ys, weights, biases)]
     return ys
 
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .cuda_source import DEVICE_HELPERS
+from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
 
 NAME = "sharq_nvfp4_wgmma"
+GROUP_NAME = "sharq_nvfp4_wgmma_group"
 TOKENS = 64  # wgmma's N: every launch computes 64 token columns
 ROWS = 64  # weight rows a warpgroup
 
@@ -83,11 +84,12 @@ def shared_bytes(t: WgmmaTile) -> int:
     return t.slots * (TOKENS * 128 * 2 + 16)
 
 
-def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool) -> str:
+def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, group: bool = False) -> str:
     """The CUDA source of tile t's kernel for block-`block` weights, output and bias dtype codes (cuda_gemm._OUT,
-    _BIAS) and a scale per token or not."""
+    _BIAS) and a scale per token or not, for one layer (NAME) or a group of layers that read one activation
+    (GROUP_NAME)."""
     defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=TOKENS // 8, BLOCK=block,
-                   OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1))
+                   OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function()
             + _SOURCE)
 
@@ -125,14 +127,15 @@ __device__ __forceinline__ unsigned long long b_desc(u32 addr) {
        | ((unsigned long long)(128 >> 4) << 32);
 }
 
-extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_wgmma(
+// one block's 64 * WG rows (block column bx) and K split (by) of one weight
+__device__ __forceinline__ void wgmma_block(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
     const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
-    int Kp, int lda, int chunks_per_split) {
+    int Kp, int lda, int chunks_per_split, int bx, int by) {
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr u32 STEP = 2 * NTG * 128, CHUNK = 8 * STEP;  // bytes of one step's and one chunk's activation
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const int c_begin = blockIdx.y * chunks_per_split;
+  const int c_begin = by * chunks_per_split;
   const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
   const u32 base = smem_addr(smem), full = base + XS * CHUNK, empty = full + XS * 8;
   if (tid == 0)
@@ -198,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_
     return;
   }
   // consumer: warp w of warpgroup wg takes rows n0 .. n0 + 15, rows g and g + 8 of them in this thread
-  const int n0 = blockIdx.x * (64 * WG) + warp * 16;
+  const int n0 = bx * (64 * WG) + warp * 16;
   const U4* wrow[2];
   const u8* srow[2];
 #pragma unroll
@@ -285,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_
       if (m >= M) continue;
       const float v = acc[t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
 #if SPLIT
-      store(y, ((long)blockIdx.y * M + m) * N + n, v);
+      store(y, ((long)by * M + m) * N + n, v);
 #else
       const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
 #if BIAS
@@ -296,4 +299,13 @@ extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_
 #endif
     }
 }
-"""
+#if !GROUP
+extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_wgmma(
+    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
+    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
+    int Kp, int lda, int chunks_per_split) {
+  wgmma_block(codes, scales, a, y, sx, sw, bias, M, N, Kp, lda, chunks_per_split, blockIdx.x, blockIdx.y);
+}
+#else
+""" + GROUP_ENTRY.replace("NAME", "sharq_nvfp4_wgmma_group").replace("BOUNDS", "WG * 128 + PW * 32, 1").replace(
+    "BLOCK_FN", "wgmma_block") + "#endif\n"
