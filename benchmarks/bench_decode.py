@@ -11,8 +11,8 @@ random prompts: the prefill, and the decode step (DecodeSession.step + the greed
 graph and eager, as CUDA-event medians of --reps runs; with --compile also the graph path with the decode forward
 compiled by torch.compile before the capture. Peak memory is that of one sharq.generate call; weights are
 sharq.models.weight_bytes. The check column: the graph path's first 8 greedy tokens equal the eager path's (same
-cache size, so the same kernels; a difference means the replay is wrong). "x bf16" is bf16's graph ms/token over
-the variant's, from this run.
+cache size, so the same kernels; a difference means the replay is wrong). "speedup vs bf16" is bf16's graph
+ms/token over the variant's, from this run; "compiled vs bf16" the same for the compiled paths (--compile).
 """
 
 from __future__ import annotations
@@ -149,13 +149,13 @@ def table(rows: list[dict]) -> str:
 
     return markdown_table(
         ["variant", "batch", "prefill ms", "graph ms/tok", "graph tok/s", "eager ms/tok", "eager tok/s",
-         "compiled ms/tok", "compile s", "speedup vs bf16", "peak GB", "weights GB",
+         "compiled ms/tok", "compile s", "speedup vs bf16", "compiled vs bf16", "peak GB", "weights GB",
          f"graph = eager ({CHECKED_TOKENS} tok)"],
         [[r["variant"], str(r["batch"]), ms(r["prefill_ms"]), ms(r["graph_ms"]), tokens_per_s(r, "graph_ms"),
           ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]),
           "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f}",
           "-" if r["over_bf16"] is None else f"{r['over_bf16']:.2f}",
-          gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
+          "-" if r.get("compiled_over_bf16") is None else f"{r['compiled_over_bf16']:.2f}", gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
 
 
 def main() -> int:
@@ -200,9 +200,12 @@ def main() -> int:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    bf16 = {r["batch"]: r["graph_ms"] for r in rows if r["variant"] == "bf16"}
+    bf16 = {r["batch"]: r for r in rows if r["variant"] == "bf16"}
     for r in rows:
-        r["over_bf16"] = bf16[r["batch"]] / r["graph_ms"] if r["batch"] in bf16 else None
+        base = bf16.get(r["batch"])
+        r["over_bf16"] = None if base is None else base["graph_ms"] / r["graph_ms"]
+        r["compiled_over_bf16"] = (None if base is None or base["compiled_ms"] is None or r["compiled_ms"] is None
+                                   else base["compiled_ms"] / r["compiled_ms"])
     name = "tiny Llama (2 layers, hidden 256), CPU" if args.tiny else (
         f"Llama-3.1-{args.shape.upper()}-shaped, {layers} layers, random bf16 weights, {torch.cuda.get_device_name()}")
     print(f"{name}; prompt {args.prompt}, {args.new_tokens} new tokens "
