@@ -155,7 +155,8 @@ def table(rows: list[dict]) -> str:
           ms(r["eager_ms"]), tokens_per_s(r, "eager_ms"), ms(r["compiled_ms"]),
           "-" if r.get("compile_s") is None else f"{r['compile_s']:.0f}",
           "-" if r["over_bf16"] is None else f"{r['over_bf16']:.2f}",
-          "-" if r.get("compiled_over_bf16") is None else f"{r['compiled_over_bf16']:.2f}", gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
+          "-" if r.get("compiled_over_bf16") is None else f"{r['compiled_over_bf16']:.2f}",
+          gb(r["peak_bytes"]), gb(r["weight_bytes"]), "yes" if r["graph_equals_eager"] else "NO"] for r in rows])
 
 
 def main() -> int:

@@ -520,8 +520,8 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 8, 16)) -> list[dict]:
             act.values, ws, [None] * len(ws), r.weight_block, sx, torch.bfloat16, tile=t) for ws in sets], reps=10)
             for cap in (0, 3, 4, 6, 7, 8)}
         rows.append({"K": k, "N": list(ns), "M": 1, "group_min_blocks_us": capped})
-        print(f"group K={k} N={'+'.join(map(str, ns))} M=1: " + ", ".join(f"cap {c} {v:.1f}" for c, v in capped.items()),
-              flush=True)
+        print(f"group K={k} N={'+'.join(map(str, ns))} M=1: "
+              + ", ".join(f"cap {c} {v:.1f}" for c, v in capped.items()), flush=True)
     return rows
 
 
