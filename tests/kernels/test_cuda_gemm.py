@@ -313,3 +313,23 @@ def test_a_group_launch_is_refused_where_one_launch_per_layer_measured_faster_or
     odd = [(q.codes[:48], q.scales[:48], one), (q.codes, q.scales, one)]  # 48 rows: not whole 2-row-tile blocks
     assert cuda_gemm.nvfp4_mma_group(_x(1, 4096, 5), odd, [None, None], 32, one, torch.bfloat16,
                                      tile=cuda_gemm.CudaTile(2, 4, 1, 1, 3, direct=True)) is None
+
+
+@pytest.mark.parametrize("k,ns", [(2048, (2048, 512, 512)), (2048, (4608, 4608)), (2048, (2048, 2048, 2048))])
+def test_a_layers_output_does_not_depend_on_the_batch_where_groups_come_and_go(k, ns):
+    """As a model runs them (group_launcher where it takes the layers, else one launch each): a token's output is
+    the same bits at every M of the decode kernel's range, also where the group gives way to single launches."""
+    a = _x(24, k, 61)
+    qs = [_payload(n, k, 16, 62 + i) for i, n in enumerate(ns)]
+    one = torch.ones(1, device="cuda")
+
+    def outputs(m):
+        run = cuda_gemm.group_launcher([(q.codes, q.scales, one) for q in qs], [None] * len(ns), "nvfp4", 16, m,
+                                       False, torch.bfloat16)
+        if run is not None:
+            return run(a[:m], one)
+        return [cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 16, one, one, None, torch.bfloat16) for q in qs]
+
+    want = outputs(24)
+    for m in (1, 2, 8, 9, 16, 17, 23):
+        assert all(torch.equal(y, w[:m]) for y, w in zip(outputs(m), want)), m

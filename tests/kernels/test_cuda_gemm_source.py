@@ -147,3 +147,22 @@ def test_every_group_launch_compiles_and_groups_where_it_measured_faster(k, ns, 
             built = nvrtc.compile_cubin(source, "sm_90")
             assert 0 < built.registers <= 255 and (m > 8 or built.spilled == 0), (m, t, built.spilled)
     assert grouped == GROUPS[k, ns]
+
+
+@pytest.mark.parametrize("k,ns", [*GROUPS, (4096, (4096, 4096, 4096)), (3072, (3072, 3072, 3072)),
+                                  (2048, (2048, 512, 512)), (8192, (8192, 8192))])
+def test_where_the_group_choice_changes_with_the_tokens_the_sums_do_not(k, ns, monkeypatch):
+    """Batch invariance within the decode kernel's tokens: where a group launches at some M and its layers one by
+    one at another, each layer alone adds its products in the group's order (same K partition), so a token's output
+    is the same bits either way. (Llama-2-style q/k/v of equal widths: alone 8 warps split K, grouped 4, so they
+    group at every M.)"""
+    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(cuda_gemm, "_capability", lambda device: (9, 0))
+    decode = [m for m in range(1, cuda_gemm.MAX_M + 1)
+              if not isinstance(cuda_gemm.group_tile(m, ns, k, None), cuda_wgmma.WgmmaTile)
+              and cuda_wgmma.choose_tile(m, sum(ns), k, (9, 0), 132) is None]
+    tiles = {m: cuda_gemm.group_tile(m, ns, k, None) for m in decode}
+    grouped = [t for t in tiles.values() if t is not None]
+    for m, t in tiles.items():
+        if t is None:
+            assert all(cuda_gemm._same_sums(cuda_gemm.choose_tile(m, w, k, None), g) for w in ns for g in grouped), m

@@ -568,11 +568,13 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
     """The launch for layers of widths `ns` that read one activation [m, k] as one group: the tile the launch plan
     picks for their summed width (the wgmma kernel's where cuda_wgmma.choose_tile takes it, else choose_tile's),
     where that measured faster than a launch per layer (H200, `python benchmarks/bench_gemm.py --groups`): on the
-    decode kernel up to 8 tokens (8B q/k/v at one token 17.4 -> 9.7 µs, gate/up 35.8 -> 29.1), and above 8 where
-    a layer alone would split K over blocks (q/k/v: 24.7 -> 14.0 µs at 16 tokens; wide layers such as gate/up lost
-    up to 12 % at 16-24); on the wgmma kernel where a layer alone would split K or not run on it (8B gate/up at 32
-    tokens 71.0 -> 56.8 µs, at 64 76.4 -> 63.8; 70B gate/up, whose layers alone fill the GPU, lost 2-3 % at 48-64,
-    and 10 % at 32, which this rule still groups). None elsewhere (the layers launch one by one)."""
+    decode kernel up to 8 tokens (8B q/k/v at one token 17.4 -> 9.7 µs, gate/up 35.8 -> 29.1), and above 8 unless
+    every layer alone would sum in the group's order (the same warps splitting K, no K split over blocks: wide
+    layers such as gate/up, which lost up to 12 % grouped at 16-24; q/k/v, whose narrow k and v split K alone, won:
+    24.7 -> 14.0 µs at 16 tokens), so that where the choice changes with M the outputs do not (batch invariance);
+    on the wgmma kernel where a layer alone would split K or not run on it (8B gate/up at 32 tokens 71.0 -> 56.8
+    µs, at 64 76.4 -> 63.8; 70B gate/up, whose layers alone fill the GPU, lost 2-3 % at 48-64, and 10 % at 32,
+    which this rule still groups). None elsewhere (the layers launch one by one)."""
     if not 2 <= len(ns) <= GROUP_MAX:
         return None
     n = sum(ns)
@@ -582,9 +584,16 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
         if wgmma is not None:
             alone = [cuda_wgmma.choose_tile(m, w, k, capability, mps) for w in ns]
             return wgmma if any(t is None or t.splits > 1 for t in alone) else None
-    if m > 8 and all(choose_tile(m, w, k, device).splits == 1 for w in ns):
+    group = choose_tile(m, n, k, device)
+    if m > 8 and all(_same_sums(choose_tile(m, w, k, device), group) for w in ns):
         return None
-    return choose_tile(m, n, k, device)
+    return group
+
+
+def _same_sums(a: CudaTile, b: CudaTile) -> bool:
+    """Whether two decode-kernel launches add a token's products in the same order (same K partition): the rest of
+    a tile (row tiles, stages, ring, row groups, where the activation is read) changes no bit (GPU tests)."""
+    return (a.wk, a.splits) == (b.wk, b.splits)
 
 
 @functools.lru_cache(maxsize=1024)
