@@ -119,9 +119,8 @@ def _(values, scale, codes, scales, weight_scales, biases, recipe, backend, out_
 def matmul_group(act: QActivation, qweights: list[QWeight], biases: list[torch.Tensor | None],
                  out_dtype: torch.dtype, recipe: Recipe, backend: str) -> list[torch.Tensor]:
     """The outputs of layers that read one activation (q/k/v, gate/up) with packed weights, from one launch where
-    `backend`'s group plan has one (else one per layer). One custom op under torch.compile: each member of a group
-    calls it with the same arguments and takes its own output, and the compiler's common-subexpression pass
-    leaves one call."""
+    `backend`'s group plan has one (else one per layer): what SharedActivation.compiled_output calls once per group
+    under torch.compile, as one custom op (the group plan gets the packed weights alone)."""
     codes, scales = [w.packed.codes for w in qweights], [w.packed.scales for w in qweights]
     return torch.ops.sharq.matmul_group(act.values, act.scale, codes, scales, [w.scale for w in qweights], biases,
                                         recipe.key, backend, out_dtype)
