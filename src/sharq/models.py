@@ -151,7 +151,8 @@ def quantize_model(
 
     `options` go to the recipe (e.g. scale_granularity="token"). Calibrated recipes (outlier-channels) need
     `calibration`, the statistics of sharq.calibrate. `target_modules` overrides the family's module names for
-    architectures sharq does not know. With share_inputs, q/k/v (and gate/up) prepare their common input once.
+    architectures sharq does not know. With share_inputs, q/k/v (and gate/up) prepare their common input once, and
+    on the packed backend at decode sizes multiply it in one launch where that measured faster (nn.SharedActivation).
     strict=True raises a ValueError naming the layer when a weight or an input holds NaN/Inf (SPEC §8); the
     default lets them through as NaN so the problem stays visible. `backend="auto"` runs packed 4-bit kernels on
     CUDA where the recipe allows (functional.Backend).
