@@ -385,6 +385,15 @@ class CudaTile:
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
 
+    @property
+    def rows(self) -> int:
+        """Weight rows a block takes."""
+        return 16 * self.rt * self.wn
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.wk * self.wn
+
 
 def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
          bias: torch.Tensor | None, out_dtype: torch.dtype) -> bool:
@@ -459,9 +468,11 @@ def _compile(device_index: int, source: str, shared_bytes: int, name: str = "sha
         return kernel
 
 
-def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool):
-    return _compile(device_index, kernel_source(t, mt, block, out, bias, sx_row),
-                    _shared_bytes(t, mt, block))
+def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool,
+            group: bool = False):
+    """The decode kernel compiled for tile t (kernel_source's arguments), its shared memory allowed."""
+    return _compile(device_index, kernel_source(t, mt, block, out, bias, sx_row, group), _shared_bytes(t, mt, block),
+                    "sharq_nvfp4_mma_group" if group else "sharq_nvfp4_mma")
 
 
 def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
@@ -511,46 +522,67 @@ class _Launch:
     splits: int
     chunks_per_split: int
 
+    def output(self, m: int, n: int, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """What the kernel writes for one layer: y [m, n], or its fp32 partials [splits, m, n] with a K split."""
+        split = self.splits > 1
+        return torch.empty((self.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
+                           device=device)
+
+    def start(self, ptrs: tuple[int, ...], ints: tuple[int, ...]) -> None:
+        """cuLaunchKernel on the launch's device's current stream."""
+        if self.device == torch.cuda.current_device():
+            self.kernel(self.grid, self.block, self.shared_bytes, torch._C._cuda_getCurrentRawStream(self.device),
+                        ptrs, ints)
+        else:  # a model spread over several GPUs: launch in that device's context
+            with torch.cuda.device(self.device):
+                self.kernel(self.grid, self.block, self.shared_bytes,
+                            torch._C._cuda_getCurrentRawStream(self.device), ptrs, ints)
+
+
+def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: int, block: int, out: int,
+           bias: int, sx_row: bool, group: bool = False) -> _Launch:
+    """Tile t's launch (either kernel; one layer's entry or the group entry) for m tokens of width n, its kernel
+    compiled: programmatic (it may start while the prepare kernel before it runs: launch.PROGRAMMATIC_LAUNCH) on
+    Hopper and later where that measured faster: K <= 4096, N > K, or more than 16 tokens (H200, 9 shapes x M =
+    1..32: 0.1-1.5 µs, up to 8 %, less a layer). On long rows with N <= K at up to 16 tokens the early start cost
+    2-28 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started
+    beside the prepare's leave part of the GEMM's first wave for a second."""
+    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
+    if isinstance(t, cuda_wgmma.WgmmaTile):
+        shared = cuda_wgmma.shared_bytes(t)
+        kernel = _compile(device, cuda_wgmma.kernel_source(t, block, out, bias, sx_row, group), shared,
+                          cuda_wgmma.GROUP_NAME if group else cuda_wgmma.NAME, "a")
+    else:
+        mt = n8_tiles(m)
+        shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
+    params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
+    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, 1),
+                   (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
+
 
 @functools.lru_cache(maxsize=4096)
 def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
             tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _Launch:
-    """The launch, programmatic (it may start while the prepare kernel before it runs: launch.PROGRAMMATIC_LAUNCH)
-    on Hopper and later where that measured faster: K <= 4096, N > K, or more than 16 tokens (H200, 9 shapes x
-    M = 1..32: 0.1-1.5 µs, up to 8 %, less a layer). On long rows with N <= K at up to 16 tokens the early start
-    cost 2-28 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started
-    beside the prepare's leave part of the GEMM's first wave for a second. Where cuda_wgmma.choose_tile takes the
-    shape (25-64 tokens on large layers, Hopper) or `tile` is a WgmmaTile, the wgmma kernel: same arguments."""
-    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
+    """The launch for one layer (_build): choose_tile's, or where cuda_wgmma.choose_tile takes the shape (25-64
+    tokens on large layers, Hopper) or `tile` is a WgmmaTile, the wgmma kernel's, with the same arguments."""
     asked = isinstance(tile, cuda_wgmma.WgmmaTile)
     w = tile if asked else None if tile or _wgmma_broken else cuda_wgmma.choose_tile(
         m, n, k, _capability(device), _multiprocessors(device))
     if w is not None:
         if n % w.rows or m > cuda_wgmma.TOKENS:
             raise ValueError(f"{w} needs N a multiple of {w.rows} and at most {cuda_wgmma.TOKENS} tokens")
-        shared = cuda_wgmma.shared_bytes(w)
         try:
-            kernel = _compile(device, cuda_wgmma.kernel_source(w, block, out, bias, sx_row), shared,
-                              cuda_wgmma.NAME, "a")
+            return _build(device, w, m, n, k, block, out, bias, sx_row)
         except Exception as e:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: the decode kernel takes these shapes
             if asked:
                 raise
             _wgmma_broken.append(f"{type(e).__name__}: {e}")
             warnings.warn(f"sharq: the wgmma GEMM could not be compiled ({_wgmma_broken[0][:300]}); using the "
                           "decode kernel for 25-64 tokens", stacklevel=4)
-        else:
-            return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
-                           (n // w.rows, w.splits, 1), (w.threads, 1, 1), shared, w.splits,
-                           -(-(k // 128) // w.splits))
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
-    rows = 16 * t.rt * t.wn
-    if n % rows:
-        raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {rows}, got {n}")
-    mt = n8_tiles(m)
-    kernel = _kernel(device, t, mt, block, out, bias, sx_row)
-    return _Launch(DriverKernel(kernel.func.value, "p" * 7 + "i" * 5, programmatic), device,
-                   (n // rows, t.splits, 1), (32 * t.wk * t.wn, 1, 1),
-                   _shared_bytes(t, mt, block), t.splits, -(-(k // 128) // t.splits))
+    if n % t.rows:
+        raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {t.rows}, got {n}")
+    return _build(device, t, m, n, k, block, out, bias, sx_row)
 
 
 @dataclass(frozen=True)
@@ -605,25 +637,10 @@ def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, 
     t = tile or group_tile(m, ns, k, torch.device("cuda", device))
     if t is None or not 2 <= len(ns) <= GROUP_MAX:
         return None
-    n = sum(ns)
-    wgmma = isinstance(t, cuda_wgmma.WgmmaTile)
-    rows = t.rows if wgmma else 16 * t.rt * t.wn
-    if any(w % rows for w in ns):
+    if any(w % t.rows for w in ns):
         return None
-    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
-    if wgmma:
-        source, shared, name, arch = (cuda_wgmma.kernel_source(t, block, out, bias, sx_row, group=True),
-                                      cuda_wgmma.shared_bytes(t), cuda_wgmma.GROUP_NAME, "a")
-        threads = t.threads
-    else:
-        mt = n8_tiles(m)
-        source, shared, name, arch = (kernel_source(t, mt, block, out, bias, sx_row, group=True),
-                                      _shared_bytes(t, mt, block), "sharq_nvfp4_mma_group", "")
-        threads = 32 * t.wk * t.wn
-    kernel = _compile(device, source, shared, name, arch)
-    launch = _Launch(DriverKernel(kernel.func.value, "p" * 17 + "i" * 9, programmatic), device,
-                     (n // rows, t.splits, 1), (threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
-    return _GroupLaunch(launch, tuple(w // rows for w in ns))
+    return _GroupLaunch(_build(device, t, m, sum(ns), k, block, out, bias, sx_row, group=True),
+                        tuple(w // t.rows for w in ns))
 
 
 def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], biases: list[torch.Tensor | None],
@@ -669,23 +686,15 @@ def _run_group(plan: _GroupLaunch, a: torch.Tensor, weights, biases, sx: torch.T
     from .epilogue import reduce_scale_and_bias
 
     m, launch = a.shape[0], plan.launch
-    split = launch.splits > 1
-    ys = [torch.empty((launch.splits, m, c.shape[0]) if split else (m, c.shape[0]),
-                      dtype=torch.float32 if split else out_dtype, device=a.device) for c, _, _ in weights]
+    ys = [launch.output(m, c.shape[0], out_dtype, a.device) for c, _, _ in weights]
     pad = GROUP_MAX - len(weights)
     columns = [[t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights)]  # codes, scales, sw
     ptrs = (*columns[0], *columns[1], *[y.data_ptr() for y in ys], *[0] * pad, *columns[2],
             *[(b if b is not None else sx).data_ptr() for b in biases], *[0] * pad, a.data_ptr(), sx.data_ptr())
     ints = (m, a.shape[1], a.stride(0), launch.chunks_per_split, plan.blocks[0],
             plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30, *[c.shape[0] for c, _, _ in weights], *[0] * pad)
-    if launch.device == torch.cuda.current_device():
-        launch.kernel(launch.grid, launch.block, launch.shared_bytes,
-                      torch._C._cuda_getCurrentRawStream(launch.device), ptrs, ints)
-    else:
-        with torch.cuda.device(launch.device):
-            launch.kernel(launch.grid, launch.block, launch.shared_bytes,
-                          torch._C._cuda_getCurrentRawStream(launch.device), ptrs, ints)
-    if split:
+    launch.start(ptrs, ints)
+    if launch.splits > 1:
         return [reduce_scale_and_bias(y, sx, sw, b, out_dtype) for y, (_, _, sw), b in zip(ys, weights, biases)]
     return ys
 
@@ -720,20 +729,12 @@ def _run(plan: _Launch, a: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
          sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     from .epilogue import reduce_scale_and_bias
 
-    (m, k), n, device = a.shape, codes.shape[0], plan.device
-    split = plan.splits > 1
-    y = torch.empty((plan.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
-                    device=a.device)
+    (m, k), n = a.shape, codes.shape[0]
+    y = plan.output(m, n, out_dtype, a.device)
     ptrs = (codes.data_ptr(), scales.data_ptr(), a.data_ptr(), y.data_ptr(), sx.data_ptr(), sw.data_ptr(),
             (bias if bias is not None else sx).data_ptr())
-    ints = (m, n, k, a.stride(0), plan.chunks_per_split)
-    if device == torch.cuda.current_device():
-        plan.kernel(plan.grid, plan.block, plan.shared_bytes, torch._C._cuda_getCurrentRawStream(device), ptrs, ints)
-    else:  # a model spread over several GPUs: launch in a's device's context, on its current stream
-        with torch.cuda.device(device):
-            plan.kernel(plan.grid, plan.block, plan.shared_bytes, torch._C._cuda_getCurrentRawStream(device), ptrs,
-                        ints)
-    return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if split else y
+    plan.start(ptrs, (m, n, k, a.stride(0), plan.chunks_per_split))
+    return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if plan.splits > 1 else y
 
 
 def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
