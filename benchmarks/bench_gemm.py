@@ -446,6 +446,40 @@ GROUPS = [(4096, (4096, 1024, 1024)), (4096, (14336, 14336)),  # Llama-3.1-8B q/
           (8192, (8192, 1024, 1024)), (8192, (28672, 28672))]  # Llama-3.1-70B
 
 
+@dataclass
+class GroupCase:
+    """Layers that read one activation (widths ns, K = k) at m tokens, set up for timing their CUDA GEMMs: the
+    prepared activation and enough copies of the layers' payloads ((codes, scales, s_w) each) to stream from memory."""
+
+    act: object
+    sx: torch.Tensor
+    block: int
+    sets: list
+
+    @classmethod
+    def make(cls, recipe: str, k: int, ns: tuple[int, ...], m: int, x: torch.Tensor | None = None) -> GroupCase:
+        r = sharq.get_recipe(recipe)
+        layers = [payload(recipe, n, k, seed=i + 1)[:2] for i, n in enumerate(ns)]
+        act = get_backend("packed").prepare(outlier_x(m, k) if x is None else x, r, None)
+        sets = [[(p.codes.clone(), p.scales.clone(), sw.reshape(-1).float()) for p, sw in layers]
+                for _ in range(copies(sum(p.codes.numel() + p.scales.numel() for p, _ in layers)))]
+        return cls(act, act.scale.reshape(-1).float(), r.weight_block, sets)
+
+    def alone(self, ws, tile=None) -> list[torch.Tensor]:
+        """Each layer's own launch (its tile by the launch plan, or `tile`), bf16 out."""
+        return [cuda_gemm.nvfp4_mma(self.act.values, c, s, self.block, self.sx, sw, None, torch.bfloat16, tile=tile)
+                for c, s, sw in ws]
+
+    def group(self, ws, tile=None) -> list[torch.Tensor] | None:
+        """One group launch (cuda_gemm.group_tile's, or `tile`), bf16 out; None where there is none."""
+        return cuda_gemm.nvfp4_mma_group(self.act.values, ws, [None] * len(ws), self.block, self.sx, torch.bfloat16,
+                                         tile=tile)
+
+    def us(self, launch, tile=None) -> float:
+        """GPU µs of launch(ws, tile) (alone or group) over the payloads' copies in one CUDA graph."""
+        return 1e3 * graph_ms([lambda ws=ws: launch(ws, tile) for ws in self.sets], reps=10)
+
+
 def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32, 48, 64), recipe: str = "sharq") -> list[dict]:
     """Layers that read one activation (q/k/v, gate/up) launched one by one against one group launch
     (cuda_gemm.nvfp4_mma_group), GPU µs of all the layers' products, beside BF16 cuBLAS one by one and on the
@@ -462,33 +496,21 @@ def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32, 48, 64), recipe: str = "s
         del ws, w
         bf16_fused = 1e3 * graph_ms([lambda t=t: F.linear(x, t) for t in cat])
         del cat
-        r = sharq.get_recipe(recipe)
-        layers = [payload(recipe, n, k, seed=i + 1)[:2] for i, n in enumerate(ns)]
-        act = get_backend("packed").prepare(x, r, None)
-        sx = act.scale.reshape(-1).float()
-        sets = [[(p.codes.clone(), p.scales.clone(), sw.reshape(-1).float()) for p, sw in layers]
-                for _ in range(copies(sum(p.codes.numel() + p.scales.numel() for p, _ in layers)))]
-        block = r.weight_block
-
-        def alone(ws, tile=None):
-            return [cuda_gemm.nvfp4_mma(act.values, c, s, block, sx, sw, None, torch.bfloat16, tile=tile)
-                    for c, s, sw in ws]
-
-        def group(ws, tile=None):
-            return cuda_gemm.nvfp4_mma_group(act.values, ws, [None] * len(ws), block, sx, torch.bfloat16, tile=tile)
-
+        case = GroupCase.make(recipe, k, ns, m, x)
         row = {"K": k, "N": list(ns), "M": m, "bf16_alone_us": bf16_alone, "bf16_fused_us": bf16_fused,
-               "alone_us": 1e3 * graph_ms([lambda ws=ws: alone(ws) for ws in sets], reps=10)}
-        if group(sets[0]) is not None:
+               "alone_us": case.us(case.alone)}
+        if case.group(case.sets[0]) is not None:
             tile = cuda_gemm.group_tile(m, ns, k, x.device)
-            row["group_equal"] = all(torch.equal(a, b) for a, b in zip(group(sets[0]), alone(sets[0], tile)))
-            row["group_us"] = 1e3 * graph_ms([lambda ws=ws: group(ws) for ws in sets], reps=10)
+            row["group_equal"] = all(torch.equal(a, b) for a, b in zip(case.group(case.sets[0]),
+                                                                       case.alone(case.sets[0], tile)))
+            row["group_us"] = case.us(case.group)
         rows.append(row)
         print(f"K={k} N={'+'.join(map(str, ns))} M={m}: bf16 alone {bf16_alone:.1f} us, fused {bf16_fused:.1f}; "
               f"sharq alone {row['alone_us']:.1f}" + (f", group {row['group_us']:.1f} (equal: {row['group_equal']});"
                                                       f" group x bf16 alone {bf16_alone / row['group_us']:.2f}, "
                                                       f"x bf16 fused {bf16_fused / row['group_us']:.2f}"
                                                       if "group_us" in row else ", no group launch"), flush=True)
+        del case
     return rows
 
 
@@ -508,20 +530,13 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 8, 16)) -> list[dict]:
               + ", ".join(f"{key} {v:.1f}" for key, v in row.items() if key.startswith("wk")), flush=True)
         del case
     for k, ns in GROUPS:
-        x = outlier_x(1, k)
-        r = sharq.get_recipe("sharq")
-        layers = [payload("sharq", n, k, seed=i + 1)[:2] for i, n in enumerate(ns)]
-        act = get_backend("packed").prepare(x, r, None)
-        sx = act.scale.reshape(-1).float()
-        sets = [[(p.codes.clone(), p.scales.clone(), sw.reshape(-1).float()) for p, sw in layers]
-                for _ in range(copies(sum(p.codes.numel() + p.scales.numel() for p, _ in layers)))]
-        base = cuda_gemm.group_tile(1, ns, k, x.device)
-        capped = {cap: 1e3 * graph_ms([lambda ws=ws, t=replace(base, min_blocks=cap): cuda_gemm.nvfp4_mma_group(
-            act.values, ws, [None] * len(ws), r.weight_block, sx, torch.bfloat16, tile=t) for ws in sets], reps=10)
-            for cap in (0, 3, 4, 6, 7, 8)}
+        case = GroupCase.make("sharq", k, ns, 1)
+        base = cuda_gemm.group_tile(1, ns, k, case.sx.device)
+        capped = {cap: case.us(case.group, replace(base, min_blocks=cap)) for cap in (0, 3, 4, 6, 7, 8)}
         rows.append({"K": k, "N": list(ns), "M": 1, "group_min_blocks_us": capped})
         print(f"group K={k} N={'+'.join(map(str, ns))} M=1: "
               + ", ".join(f"cap {c} {v:.1f}" for c, v in capped.items()), flush=True)
+        del case
     return rows
 
 
@@ -564,6 +579,21 @@ def host_us(calls: int = 200) -> dict:
     return out
 
 
+# the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
+# its rows in the results file)
+ONLY = {"groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups"),
+        "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition"),
+        "wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode"),
+        "wgmma_sweep": ((25, 32, 33, 48, 64), wgmma_sweep, "wgmma_sweep")}
+
+
+def save(out: dict, path: str | None) -> None:
+    """The results as JSON at `path` (nothing without one)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,4,16,64,256,2048,8192")
@@ -591,23 +621,11 @@ def main() -> int:
         print("bench_gemm needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
-    if args.groups or args.k_partition:
-        ms = ((1, 4, 8, 16, 24, 32, 48, 64) if args.groups else (1, 8, 16)) if args.ms == p.get_default("ms") else \
-            tuple(map(int, args.ms.split(",")))
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        out.update({"groups": groups(ms)} if args.groups else {"k_partition": k_partition_sweep(ms)})
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
-        return 0
-    if args.wgmma or args.wgmma_sweep:
-        default = (16, 17, 24, 32, 33, 48, 64) if args.wgmma else (25, 32, 33, 48, 64)
+    only = next((mode for mode in ONLY if getattr(args, mode)), None)
+    if only is not None:
+        default, run, key = ONLY[only]
         ms = default if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-        out.update({"wgmma_vs_decode": wgmma_vs_decode(ms)} if args.wgmma else {"wgmma_sweep": wgmma_sweep(ms)})
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+        save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, key: run(ms)}, args.json)
         return 0
     if args.crossover or args.cuda_sweep:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,
@@ -615,15 +633,11 @@ def main() -> int:
         out.update({"crossover": crossover()} if args.crossover else
                    {"cuda_sweep": cuda_sweep(tuple(int(m) for m in args.ms.split(",")),
                                              tuple(args.sweep_recipes.split(",")))})
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+        save(out, args.json)
         return 0
     if args.host:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host_us": host_us()}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=1)
+        save(out, args.json)
         return 0
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     out["checks"] = {f"{recipe} M={m} K={k} N={n}": check(m, k, n, recipe)
@@ -638,15 +652,11 @@ def main() -> int:
     if args.sweep:
         out["sweep"] = sweep()
         if args.sweep_only:
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(out, f, indent=1)
+            save(out, args.json)
             return 0
     recipes = tuple(dict.fromkeys(["nvfp4", "sharq", *args.recipes.split(",")]))
     out["rows"] = [time_shape(k, n, m, caps, recipes) for (k, n) in SHAPES for m in map(int, args.ms.split(","))]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    save(out, args.json)
     print(render(out))
     ok = out["codes_exact"] and all(v <= 1 for v in out["checks"].values())
     return 0 if ok else 1
