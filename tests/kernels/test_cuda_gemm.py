@@ -118,6 +118,9 @@ def test_warps_on_more_rows_and_the_activation_read_where_used_change_nothing(bl
 
 _SLOW_WRITE = r"""
 extern "C" __global__ void slow_write(const unsigned short* src, unsigned short* dst, int n, int cycles) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // as the prepare kernel: a programmatic GEMM may start now
+#endif
   const long long t0 = clock64();
   while (clock64() - t0 < cycles) {}
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) dst[i] = src[i];
@@ -126,11 +129,13 @@ extern "C" __global__ void slow_write(const unsigned short* src, unsigned short*
 
 
 @pytest.mark.parametrize("programmatic", [False, True])
-@pytest.mark.parametrize("m,n", [(8, 1024), (40, 8192)])  # the decode kernel; on Hopper the wgmma kernel
+# the decode kernel (weight staged in registers; through the cp.async ring; two row tiles); on Hopper the wgmma kernel
+@pytest.mark.parametrize("m,n", [(8, 1024), (1, 8192), (16, 2048), (40, 8192)])
 def test_a_programmatic_launch_waits_for_the_kernel_that_writes_its_activation(programmatic, m, n, monkeypatch):
-    """Launched programmatically (inside a CUDA graph, on Hopper: this shape is one _launch takes it for), the GEMM
-    may start while the kernel before it runs; it must still read the activation that kernel writes (a kernel that
-    spins ~50 µs before writing it). Eager calls and plain launches are checked alike."""
+    """Launched programmatically (inside a CUDA graph, on Hopper: these shapes are ones _launch takes it for), the
+    GEMM starts while the kernel before it runs (which lets it, as the prepare kernel does), issues its first weight
+    chunks and must still read the activation that kernel writes (a kernel that spins ~50 µs before writing it).
+    Eager calls and plain launches are checked alike."""
     from sharq.kernels import launch
 
     monkeypatch.setattr(launch, "PROGRAMMATIC_LAUNCH", programmatic)
@@ -304,14 +309,14 @@ def test_a_group_on_the_wgmma_kernels_shapes_takes_it():
 def test_a_group_launch_is_refused_where_one_launch_per_layer_measured_faster_or_cannot_take_them():
     """Above 8 tokens on layers that alone do not split K, and layers that are not whole blocks of the tile: None
     (each layer then launches on its own)."""
-    q = _payload(4096, 4096, 32, 3)
+    q = _payload(8192, 1024, 32, 3)
     one = torch.ones(1, device="cuda")
-    wide = [(q.codes, q.scales, one)] * 2  # 4096 rows each: no K split alone
-    assert cuda_gemm.nvfp4_mma_group(_x(16, 4096, 4), wide, [None, None], 32, one, torch.bfloat16) is None
+    wide = [(q.codes, q.scales, one)] * 2  # 8192 rows each: alone the group's K partition (4 warps, no K split)
+    assert cuda_gemm.nvfp4_mma_group(_x(16, 1024, 4), wide, [None, None], 32, one, torch.bfloat16) is None
     assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, 16, False, torch.bfloat16) is None
     assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, 8, False, torch.bfloat16) is not None
     odd = [(q.codes[:48], q.scales[:48], one), (q.codes, q.scales, one)]  # 48 rows: not whole 2-row-tile blocks
-    assert cuda_gemm.nvfp4_mma_group(_x(1, 4096, 5), odd, [None, None], 32, one, torch.bfloat16,
+    assert cuda_gemm.nvfp4_mma_group(_x(1, 1024, 5), odd, [None, None], 32, one, torch.bfloat16,
                                      tile=cuda_gemm.CudaTile(2, 4, 1, 1, 3, direct=True)) is None
 
 

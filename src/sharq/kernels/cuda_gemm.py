@@ -27,8 +27,9 @@ placement:
   there are too few blocks for the GPU, K is also split over blocks, whose fp32 partials the epilogue kernel adds
   in order.
 - On Hopper, inside a CUDA graph, launched with programmatic dependent launch where that measured faster
-  (`_launch`): the blocks start while the prepare kernel still runs and wait (`griddepcontrol.wait`) before
-  reading anything, so the launch and set-up overlap the prepare.
+  (`_programmatic`): the blocks start while the prepare kernel still runs, issue their first weight chunks (which
+  no kernel of the forward writes) and wait (`griddepcontrol.wait`) before reading the activation, so the launch,
+  the set-up and the first weight bytes overlap the prepare.
 
 On Hopper, 33-64 tokens of layers with more than 2^24 weights (25-64 where N >= 4 K) go to the wgmma kernel
 instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there; the
@@ -126,7 +127,6 @@ __device__ __forceinline__ void gemm_block(
   // this warp's chunks: c_begin + warp, + WK, ... (neighbouring warps read neighbouring chunks of each row)
   const int mine = c_end - c_begin > wk ? (c_end - c_begin - wk + WK - 1) / WK : 0;
   auto chunk = [&](int u) { return c_begin + wk + u * WK; };  // this warp's u-th chunk
-  wait_prior_grid();
   auto ld_x = [&](int mt, int c, int v) {  // 16 bytes of token mt * 8 + g's activation at chunk c
     return xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
   };
@@ -139,7 +139,7 @@ __device__ __forceinline__ void gemm_block(
 #endif
   };
 #if !RING  // the weight staged in registers: STAGES chunks in flight
-  auto load = [&](Stage& s, int c) {
+  auto load_w = [&](Stage& s, int c) {
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -151,7 +151,6 @@ __device__ __forceinline__ void gemm_block(
         s.s[rt][h] = *(const u16*)(srow[rt][h] + c * 8);
 #endif
       }
-    load_x(s, c);
   };
 #endif
   // the activation pair matching weight pair 2j + h of a chunk (MMA j): elements (8v + i, 8v + i + 4) of the
@@ -251,6 +250,7 @@ __device__ __forceinline__ void gemm_block(
     if (u < mine) issue(u);
     cp_async_commit();
   }
+  wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
   Stage cur;
   if (mine > 0) load_x(cur, chunk(0));
   for (int u = 0; u < mine; ++u) {
@@ -288,13 +288,20 @@ __device__ __forceinline__ void gemm_block(
   Stage st[STAGES];
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)
-    if (u < mine) load(st[u], chunk(u));
+    if (u < mine) load_w(st[u], chunk(u));
+  wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
+#pragma unroll
+  for (int u = 0; u < STAGES; ++u)
+    if (u < mine) load_x(st[u], chunk(u));
   for (int s0 = 0; s0 < mine; s0 += STAGES) {
 #pragma unroll
     for (int u = 0; u < STAGES; ++u) {
       if (s0 + u < mine) {
         compute(st[u], chunk(s0 + u));
-        if (s0 + u + STAGES < mine) load(st[u], chunk(s0 + u + STAGES));
+        if (s0 + u + STAGES < mine) {
+          load_w(st[u], chunk(s0 + u + STAGES));
+          load_x(st[u], chunk(s0 + u + STAGES));
+        }
       }
     }
   }
@@ -542,12 +549,8 @@ class _Launch:
 def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: int, block: int, out: int,
            bias: int, sx_row: bool, group: bool = False) -> _Launch:
     """Tile t's launch (either kernel; one layer's entry or the group entry) for m tokens of width n, its kernel
-    compiled: programmatic (it may start while the prepare kernel before it runs: launch.PROGRAMMATIC_LAUNCH) on
-    Hopper and later where that measured faster: K <= 4096, N > K, or more than 16 tokens (H200, 9 shapes x M =
-    1..32: 0.1-1.5 µs, up to 8 %, less a layer). On long rows with N <= K at up to 16 tokens the early start cost
-    2-28 % (14336 x 4096, M = 1: 21.7 -> 26.5 µs; 28672 x 8192: 64 -> 79 µs), likely because blocks started
-    beside the prepare's leave part of the GEMM's first wave for a second."""
-    programmatic = _capability(device) >= (9, 0) and (k <= 4096 or n > k or m > 16)
+    compiled, programmatic (launch.PROGRAMMATIC_LAUNCH) where _programmatic says."""
+    programmatic = _programmatic(device, m, n, k)
     if isinstance(t, cuda_wgmma.WgmmaTile):
         shared = cuda_wgmma.shared_bytes(t)
         kernel = _compile(device, cuda_wgmma.kernel_source(t, block, out, bias, sx_row, group), shared,
@@ -558,6 +561,16 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
     return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, 1),
                    (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
+
+
+def _programmatic(device: int, m: int, n: int, k: int) -> bool:
+    """Whether a launch for m tokens of an [n, k] weight may start while the prepare kernel before it runs
+    (programmatic dependent launch, Hopper and later): where that measured faster, K <= 4096, N >= 2 K, or more
+    than 8 tokens (H200, `scratch` A/B of the 8B and 70B shapes at M = 1..64, prepare + GEMM in a graph: up to
+    12 % less a layer, 8192 x 28672 at 8 tokens 67.9 -> 59.9 µs). Deep layers at up to 8 tokens lost: 8192 x
+    10240 at one token 26.2 -> 31.2 µs, 14336 x 4096 20.4 -> 24.6, 28672 x 8192 62.5 -> 98.7, likely because
+    blocks started beside the prepare's leave part of the GEMM's first wave for a second."""
+    return _capability(device) >= (9, 0) and (k <= 4096 or n >= 2 * k or m > 8)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -604,9 +617,10 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
     every layer alone would sum in the group's order (the same warps splitting K, no K split over blocks: wide
     layers such as gate/up, which lost up to 12 % grouped at 16-24; q/k/v, whose narrow k and v split K alone, won:
     24.7 -> 14.0 µs at 16 tokens), so that where the choice changes with M the outputs do not (batch invariance);
-    on the wgmma kernel where a layer alone would split K or not run on it (8B gate/up at 32 tokens 71.0 -> 56.8
-    µs, at 64 76.4 -> 63.8; 70B gate/up, whose layers alone fill the GPU, lost 2-3 % at 48-64, and 10 % at 32,
-    which this rule still groups). None elsewhere (the layers launch one by one)."""
+    on the wgmma kernel where a layer alone would split K, or would not run on it and has at most 2^26 weights
+    (8B gate/up at 32 tokens 71.7 -> 57.4 µs, at 64 76.4 -> 64.1; 70B gate/up, whose layers alone fill the GPU,
+    lost 11 % at 32 tokens, where its layers alone take the decode kernel at 1.1 TB/s, and 2-3 % at 48-64). None
+    elsewhere (the layers launch one by one)."""
     if not 2 <= len(ns) <= GROUP_MAX:
         return None
     n = sum(ns)
@@ -615,7 +629,7 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
         wgmma = cuda_wgmma.choose_tile(m, n, k, capability, mps)
         if wgmma is not None:
             alone = [cuda_wgmma.choose_tile(m, w, k, capability, mps) for w in ns]
-            return wgmma if any(t is None or t.splits > 1 for t in alone) else None
+            return wgmma if any(t.splits > 1 if t else w * k <= 1 << 26 for t, w in zip(alone, ns)) else None
     group = choose_tile(m, n, k, device)
     if m > 8 and all(_same_sums(choose_tile(m, w, k, device), group) for w in ns):
         return None

@@ -15,8 +15,10 @@ __device__ __forceinline__ U4 ld_stream(const U4* p) {  // read once: keep it ou
   return v;
 }
 // programmatic dependent launch (Hopper): wait here until the kernel before this one (the prepare, which wrote the
-// activation) has finished and its writes are visible; a no-op in a plain launch. Nothing is read before it, so
-// the weight, the bias and the scales may come from any earlier kernel too.
+// activation and its scale) has finished and its writes are visible; a no-op in a plain launch. The kernels issue
+// their first weight chunks (codes and block scales) before it, so those stream while the prepare runs: the weight
+// must not be written by the kernel launched just before the GEMM in the same CUDA graph (a model's weights are
+// written when it is loaded, never in its forward). The bias and the weight scale are read after it.
 __device__ __forceinline__ void wait_prior_grid() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

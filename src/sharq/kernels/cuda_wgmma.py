@@ -144,8 +144,8 @@ __device__ __forceinline__ void wgmma_block(
       mbar_init(empty + 8 * s, WG * 128);
     }
   __syncthreads();
-  wait_prior_grid();
   if (warp >= WG * 4) {
+    wait_prior_grid();
     // producer: chunk c of the activation into buffer c % XS. Load l of a chunk takes token tg * 8 + r, elements
     // qq * 32 + 8 v .. + 7 (16 bytes); pair i of them (elements i, i + 4) is k slots 2 qq, 2 qq + 1 of step
     // 2 v + (i >> 1), k half i & 1: word qq of row r of core matrix ((step * 2 + k half) * NTG + tg)
@@ -254,6 +254,7 @@ __device__ __forceinline__ void wgmma_block(
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)
     if (u < chunks) load_w(st[u]);
+  wait_prior_grid();  // the weight's first chunks are on their way (sx, read at the end, comes from the prepare)
   for (int u0 = 0; u0 < chunks; u0 += STAGES) {
 #pragma unroll
     for (int s = 0; s < STAGES; ++s) {
