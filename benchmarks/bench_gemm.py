@@ -540,6 +540,63 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 8, 16)) -> list[dict]:
     return rows
 
 
+def programmatic(ms: tuple[int, ...] = (1, 4, 8, 12, 16, 32, 64)) -> list[dict]:
+    """Where a CUDA GEMM should start early (cuda_gemm._programmatic): the layer (prepare + GEMM, or the group
+    launch for q/k/v and gate/up) in a CUDA graph with plain launches, with the rule's choice, and programmatic
+    everywhere, on the 8B and 70B shapes (sharq weights); GPU µs over weight copies."""
+    prepare = get_backend("packed").prepare
+    rule = cuda_gemm._programmatic
+    modes = {"plain": (rule, False), "rule": (rule, True), "always": (lambda d, *_: cuda_gemm._capability(d) >= (9, 0), True)}
+
+    def timed(fns: list) -> dict:
+        """Each mode's GPU µs, after two timings thrown away: on the largest shapes the first two after a set-up
+        read up to 12 % slow (H200), whichever mode they time."""
+        out = {}
+        graph_ms(fns, reps=30)
+        graph_ms(fns, reps=30)
+        try:
+            for mode, (decide, allowed) in modes.items():
+                cuda_gemm._programmatic, launch.PROGRAMMATIC_LAUNCH = decide, allowed
+                cuda_gemm._launch.cache_clear()
+                cuda_gemm._group_launch.cache_clear()
+                out[f"{mode}_us"] = 1e3 * graph_ms(fns, reps=30)
+        finally:
+            cuda_gemm._programmatic, launch.PROGRAMMATIC_LAUNCH = rule, True
+            cuda_gemm._launch.cache_clear()
+            cuda_gemm._group_launch.cache_clear()
+        return out
+
+    rows = []
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        p, sw, r = payload("sharq", n, k)
+        x = outlier_x(m, k)
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
+
+        def layer(c, s, r=r, sw=sw, x=x):
+            a = prepare(x, r, None)
+            return gemm.packed_matmul(a.values, c, s, r.weight_fmt, r.weight_block, a.scale, sw, None, torch.bfloat16)
+        rows.append({"K": k, "N": n, "M": m, "programmatic": rule(0, m, n, k),
+                     **timed([lambda c=c, s=s: layer(c, s) for c, s in ps])})
+        del ps
+    for (k, ns), m in itertools.product(GROUPS, ms):
+        case = GroupCase.make("sharq", k, ns, m)
+        if case.group(case.sets[0]) is None:
+            continue
+        r, x = sharq.get_recipe("sharq"), outlier_x(m, k)
+
+        def group(ws, case=case, r=r, x=x):
+            a = prepare(x, r, None)
+            return cuda_gemm.nvfp4_mma_group(a.values, ws, [None] * len(ws), case.block, a.scale.reshape(-1).float(),
+                                             torch.bfloat16)
+        rows.append({"K": k, "N": list(ns), "M": m, "programmatic": rule(0, m, sum(ns), k),
+                     **timed([lambda ws=ws: group(ws) for ws in case.sets])})
+        del case
+    for row in rows:
+        print(f"K={row['K']} N={row['N']} M={row['M']} (rule: {'early' if row['programmatic'] else 'plain'}): "
+              + ", ".join(f"{mode} {row[mode + '_us']:.2f}" for mode in modes), flush=True)
+    return rows
+
+
 def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
     bias, `block`-element blocks): local memory above 0 means spills."""
@@ -584,7 +641,8 @@ def host_us(calls: int = 200) -> dict:
 ONLY = {"groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups"),
         "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition"),
         "wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode"),
-        "wgmma_sweep": ((25, 32, 33, 48, 64), wgmma_sweep, "wgmma_sweep")}
+        "wgmma_sweep": ((25, 32, 33, 48, 64), wgmma_sweep, "wgmma_sweep"),
+        "programmatic": ((1, 4, 8, 12, 16, 32, 64), programmatic, "programmatic")}
 
 
 def save(out: dict, path: str | None) -> None:
@@ -613,6 +671,8 @@ def main() -> int:
                    "launched one by one against one group launch (8B and 70B; then exit)")
     p.add_argument("--k-partition", action="store_true", help="only the decode kernel's K split over warps and "
                    "the group launch's register cap, which choose_tile keeps fixed (then exit)")
+    p.add_argument("--programmatic", action="store_true", help="only the layers with plain launches, the "
+                   "programmatic-launch rule's choice and programmatic everywhere (8B and 70B; then exit)")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)

@@ -566,10 +566,10 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
 def _programmatic(device: int, m: int, n: int, k: int) -> bool:
     """Whether a launch for m tokens of an [n, k] weight may start while the prepare kernel before it runs
     (programmatic dependent launch, Hopper and later): where that measured faster, K <= 4096, N >= 2 K, or more
-    than 8 tokens (H200, `scratch` A/B of the 8B and 70B shapes at M = 1..64, prepare + GEMM in a graph: up to
-    12 % less a layer, 8192 x 28672 at 8 tokens 67.9 -> 59.9 µs). Deep layers at up to 8 tokens lost: 8192 x
-    10240 at one token 26.2 -> 31.2 µs, 14336 x 4096 20.4 -> 24.6, 28672 x 8192 62.5 -> 98.7, likely because
-    blocks started beside the prepare's leave part of the GEMM's first wave for a second."""
+    than 8 tokens (H200, `python benchmarks/bench_gemm.py --programmatic`, prepare + GEMM in a graph on the 8B and
+    70B shapes: 0.5-1.6 µs less a layer, 4096 x 28672 at 8 tokens 38.9 -> 35.7). Deep layers at up to 8 tokens
+    lost: 8192 x 10240 at one token 26.3 -> 31.4 µs, 14336 x 4096 20.5 -> 24.6, 28672 x 8192 62.7 -> 99.1, likely
+    because blocks started beside the prepare's leave part of the GEMM's first wave for a second."""
     return _capability(device) >= (9, 0) and (k <= 4096 or n >= 2 * k or m > 8)
 
 
