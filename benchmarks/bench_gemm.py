@@ -119,6 +119,17 @@ def check_codes() -> bool:
     return ok
 
 
+def packed_layer(x: torch.Tensor, r, sw: torch.Tensor):
+    """A packed layer's eager call on x (the activation kernel, then the GEMM) as a function of one weight copy
+    (codes, scales): what a model runs per linear, bf16 out."""
+    prepare = get_backend("packed").prepare
+
+    def layer(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        a = prepare(x, r, None)
+        return gemm.packed_matmul(a.values, c, s, r.weight_fmt, r.weight_block, a.scale, sw, None, torch.bfloat16)
+    return layer
+
+
 def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("nvfp4", "sharq")) -> dict:
     """Every variant at one (K, N, M); ms from graph replays over rotating weight copies."""
     x = outlier_x(m, k)
@@ -136,16 +147,13 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
         p, sw, r = payload(recipe, n, k)
         nbytes = p.codes.numel() + p.scales.numel()
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(nbytes))]
-        prepare = get_backend("packed").prepare
-        act = prepare(x, r, None)
+        act = get_backend("packed").prepare(x, r, None)
 
         def gemm_only(c, s, act=act, r=r, sw=sw):
             return gemm.packed_matmul(act.values, c, s, r.weight_fmt, r.weight_block, act.scale, sw, None,
                                       torch.bfloat16)
 
-        def layer(c, s, r=r, sw=sw):
-            a = prepare(x, r, None)
-            return gemm.packed_matmul(a.values, c, s, r.weight_fmt, r.weight_block, a.scale, sw, None, torch.bfloat16)
+        layer = packed_layer(x, r, sw)
 
         row[f"{recipe}_gemm_ms"] = graph_ms([lambda c=c, s=s: gemm_only(c, s) for c, s in ps])
         row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
@@ -546,45 +554,44 @@ def programmatic(ms: tuple[int, ...] = (1, 4, 8, 12, 16, 32, 64)) -> list[dict]:
     everywhere, on the 8B and 70B shapes (sharq weights); GPU µs over weight copies."""
     prepare = get_backend("packed").prepare
     rule = cuda_gemm._programmatic
-    modes = {"plain": (rule, False), "rule": (rule, True), "always": (lambda d, *_: cuda_gemm._capability(d) >= (9, 0), True)}
+    modes = {"plain": (rule, False), "rule": (rule, True),
+             "always": (lambda d, *_: cuda_gemm._capability(d) >= (9, 0), True)}
+
+    def use(decide, allowed: bool) -> None:  # the launches are worked out again under the mode
+        cuda_gemm._programmatic, launch.PROGRAMMATIC_LAUNCH = decide, allowed
+        cuda_gemm._launch.cache_clear()
+        cuda_gemm._group_launch.cache_clear()
 
     def timed(fns: list) -> dict:
         """Each mode's GPU µs, after two timings thrown away: on the largest shapes the first two after a set-up
         read up to 12 % slow (H200), whichever mode they time."""
+        graph_ms(fns, reps=30)
+        graph_ms(fns, reps=30)
         out = {}
-        graph_ms(fns, reps=30)
-        graph_ms(fns, reps=30)
         try:
             for mode, (decide, allowed) in modes.items():
-                cuda_gemm._programmatic, launch.PROGRAMMATIC_LAUNCH = decide, allowed
-                cuda_gemm._launch.cache_clear()
-                cuda_gemm._group_launch.cache_clear()
+                use(decide, allowed)
                 out[f"{mode}_us"] = 1e3 * graph_ms(fns, reps=30)
         finally:
-            cuda_gemm._programmatic, launch.PROGRAMMATIC_LAUNCH = rule, True
-            cuda_gemm._launch.cache_clear()
-            cuda_gemm._group_launch.cache_clear()
+            use(rule, True)
         return out
 
     rows = []
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         p, sw, r = payload("sharq", n, k)
-        x = outlier_x(m, k)
+        layer = packed_layer(outlier_x(m, k), r, sw)
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(p.codes.numel() + p.scales.numel()))]
-
-        def layer(c, s, r=r, sw=sw, x=x):
-            a = prepare(x, r, None)
-            return gemm.packed_matmul(a.values, c, s, r.weight_fmt, r.weight_block, a.scale, sw, None, torch.bfloat16)
         rows.append({"K": k, "N": n, "M": m, "programmatic": rule(0, m, n, k),
                      **timed([lambda c=c, s=s: layer(c, s) for c, s in ps])})
         del ps
+    r = sharq.get_recipe("sharq")
     for (k, ns), m in itertools.product(GROUPS, ms):
-        case = GroupCase.make("sharq", k, ns, m)
+        x = outlier_x(m, k)
+        case = GroupCase.make("sharq", k, ns, m, x)
         if case.group(case.sets[0]) is None:
             continue
-        r, x = sharq.get_recipe("sharq"), outlier_x(m, k)
 
-        def group(ws, case=case, r=r, x=x):
+        def group(ws, case=case, x=x):
             a = prepare(x, r, None)
             return cuda_gemm.nvfp4_mma_group(a.values, ws, [None] * len(ws), case.block, a.scale.reshape(-1).float(),
                                              torch.bfloat16)
@@ -637,12 +644,17 @@ def host_us(calls: int = 200) -> dict:
 
 
 # the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
-# its rows in the results file)
-ONLY = {"groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups"),
-        "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition"),
-        "wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode"),
-        "wgmma_sweep": ((25, 32, 33, 48, 64), wgmma_sweep, "wgmma_sweep"),
-        "programmatic": ((1, 4, 8, 12, 16, 32, 64), programmatic, "programmatic")}
+# its rows in the results file, what the option times)
+ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode",
+                  "the wgmma kernel against the decode kernel where it takes over (8B and 70B shapes)"),
+        "wgmma_sweep": ((25, 32, 33, 48, 64), wgmma_sweep, "wgmma_sweep", "the wgmma kernel's launch options where it "
+                        "takes over (how cuda_wgmma.choose_tile's defaults were chosen)"),
+        "groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups", "layers that read one activation (q/k/v, "
+                   "gate/up) launched one by one against one group launch (8B and 70B)"),
+        "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition", "the decode kernel's K split over warps and the "
+                        "group launch's register cap, which choose_tile keeps fixed"),
+        "programmatic": ((1, 4, 8, 12, 16, 32, 64), programmatic, "programmatic", "the layers with plain launches, "
+                         "the programmatic-launch rule's choice and programmatic everywhere (8B and 70B)")}
 
 
 def save(out: dict, path: str | None) -> None:
@@ -663,16 +675,8 @@ def main() -> int:
                    "M = 16..64 (where gemm.SMALL_M belongs; then exit)")
     p.add_argument("--cuda-sweep", action="store_true", help="only the CUDA kernel's launch shapes at M <= 64 "
                    "(how cuda_gemm.choose_tile was chosen; then exit)")
-    p.add_argument("--wgmma", action="store_true", help="only the wgmma kernel against the decode kernel where it "
-                   "takes over (8B and 70B shapes; then exit)")
-    p.add_argument("--wgmma-sweep", action="store_true", help="only the wgmma kernel's launch options where it "
-                   "takes over (how cuda_wgmma.choose_tile's defaults were chosen; then exit)")
-    p.add_argument("--groups", action="store_true", help="only layers that read one activation (q/k/v, gate/up) "
-                   "launched one by one against one group launch (8B and 70B; then exit)")
-    p.add_argument("--k-partition", action="store_true", help="only the decode kernel's K split over warps and "
-                   "the group launch's register cap, which choose_tile keeps fixed (then exit)")
-    p.add_argument("--programmatic", action="store_true", help="only the layers with plain launches, the "
-                   "programmatic-launch rule's choice and programmatic everywhere (8B and 70B; then exit)")
+    for mode, (*_, what) in ONLY.items():
+        p.add_argument("--" + mode.replace("_", "-"), action="store_true", help=f"only {what} (then exit)")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
@@ -683,7 +687,7 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     only = next((mode for mode in ONLY if getattr(args, mode)), None)
     if only is not None:
-        default, run, key = ONLY[only]
+        default, run, key, _ = ONLY[only]
         ms = default if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
         save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, key: run(ms)}, args.json)
         return 0
