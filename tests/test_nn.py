@@ -159,10 +159,15 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
     ((32, 512), True, torch.bfloat16, "nvfp4", {}),
     ((7, 512), False, torch.float32, "sharq", {"scale_granularity": "token"}),
     ((1, 512), True, torch.bfloat16, "sharq-plus", {}),
+    ((100, 512), True, torch.bfloat16, "sharq", {}),  # prefill sizes: the decode into the scratch weight + cuBLAS
+    ((2, 70, 512), False, torch.float16, "sharq-plus", {}),
+    ((130, 512), True, torch.float32, "sharq", {"scale_granularity": "token"}),
+    ((80, 512), True, torch.bfloat16, "mxfp4", {}),
 ])
 def test_the_eager_plan_computes_what_prepare_and_multiply_compute(shape, bias, dtype, recipe, options):
-    """An eager call on the packed backend runs the layer's launch plan, which must give the general path's bits,
-    and be made anew when the weight scale, the bias or the dtype change."""
+    """An eager call on the packed backend runs the layer's launch plan (at decode sizes the CUDA GEMM's, above
+    them the decode into the scratch weight), which must give the general path's bits, and be made anew when the
+    weight scale, the bias or the dtype change."""
     torch.manual_seed(len(shape) + shape[0])
     layer = SharQLinear.from_linear(nn.Linear(512, 256, bias=bias, device="cuda", dtype=dtype), recipe,
                                     backend="packed", **options)
@@ -191,7 +196,10 @@ def test_calls_the_plan_does_not_cover_take_the_general_path():
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
     assert layer.eager_plan(x) is not None
     above = torch.randn(cuda_gemm.MAX_M + 1, 512, device="cuda", dtype=torch.bfloat16)
-    assert layer.eager_plan(above) is None  # above the CUDA kernel's tokens
+    assert layer.eager_plan(above) is not None  # above the CUDA kernel's tokens: the decode into the scratch weight
+    mx = SharQLinear.from_linear(nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16), "mxfp4", backend="packed")
+    assert mx.eager_plan(x) is None  # MXFP4 weights at 4 tokens: the Triton kernels, by the general path
+    assert mx.eager_plan(above) is not None
     assert layer.eager_plan(torch.randn(512, 4, device="cuda", dtype=torch.bfloat16).T) is None  # not contiguous
     assert layer.eager_plan(x.clone().requires_grad_()) is None  # a gradient to carry
     assert layer.eager_plan(x.to(torch.int32)) is None  # as_rows' TypeError, not a kernel's garbage
@@ -199,6 +207,20 @@ def test_calls_the_plan_does_not_cover_take_the_general_path():
         assert layer.eager_plan(x.clone().requires_grad_()) is not None
     layer.strict = True
     assert layer.eager_plan(x) is None
+
+
+@cuda_only
+def test_a_layer_keeps_a_bounded_number_of_eager_plans():
+    """Prefill makes a plan per prompt length: a long-running server must not grow them without end."""
+    from sharq import nn as sharq_nn
+
+    layer = SharQLinear.from_linear(nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16), "sharq",
+                                    backend="packed")
+    with torch.no_grad():
+        for m in range(1, sharq_nn._MAX_PLANS + 40):
+            x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(layer(x), layer.multiply(layer.prepare(x), None, torch.bfloat16))
+    assert 0 < len(layer._plans) <= sharq_nn._MAX_PLANS
 
 
 class _GroupMember:

@@ -22,6 +22,8 @@ from .functional import (
 from .quant import QTensor, as_rows, dequantize_blocks
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
+_MAX_PLANS = 64  # eager launch plans a layer keeps (decode needs one per batch size; prefill one per prompt length)
+
 
 class SharedActivation:
     """Lets the layers of one block that read the same input (q/k/v in attention, gate/up in the MLP) prepare it
@@ -390,6 +392,8 @@ class SharQLinear(nn.Module):
         key = (x.shape, x.dtype, x.get_device())
         plans = self.__dict__["_plans"]
         if key not in plans:
+            if len(plans) >= _MAX_PLANS:  # prefill makes one per prompt length: keep the memory bounded
+                plans.clear()
             make = get_backend(self.backend).eager_plan
             weight = self.forward_weight()
             plans[key] = None if make is None or x.device != weight.scale.device else make(

@@ -32,9 +32,12 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
 
 def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: int, x_dtype: torch.dtype,
                out_dtype: torch.dtype) -> EagerPlan | None:
-    """Decode sizes on NVFP4 weights the CUDA GEMM runs: the fused prepare launch and the GEMM launch, each worked
-    out once, with the packed_matmul's checks done here (the same kernels and launch shapes as prepare + matmul)."""
+    """The fused prepare launch and the GEMM's, each worked out once, with packed_matmul's checks done here (the
+    same kernels and launch shapes as prepare + matmul): at decode sizes where the CUDA GEMM runs the weight, and
+    above SMALL_M tokens the decode into the scratch weight + cuBLAS (prefill, whose eager calls were host-bound).
+    None in between (the Triton kernels at up to SMALL_M tokens, on weights the CUDA GEMM does not take)."""
     from ..kernels import cuda_gemm
+    from ..kernels import gemm as kg
     from ..kernels import prepare as kp
 
     p = qweight.packed
@@ -45,6 +48,8 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: i
         return None
     gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, m,
                               recipe.tensor_scale_per_row, out_dtype)
+    if gemm is None and m > kg.SMALL_M and kg.supports(p.fmt, p.block_size):
+        gemm = kg.decoded_launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale, bias, out_dtype)
     if gemm is None:
         return None
     run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, p.codes.device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -309,7 +310,7 @@ _scratch_lock = threading.Lock()
 
 def _scratch_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
     """A bf16 [n, k] view of the current stream's scratch buffer on `device` (call under _scratch_lock)."""
-    key = (device, 0 if INTERPRETED else torch.cuda.current_stream(device).stream_id)
+    key = (device, 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device.index))
     buf = _scratch.get(key)
     if buf is None or buf.numel() < n * k:
         _scratch.pop(key, None)
@@ -387,6 +388,16 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
         else:
             y = (a @ w.T).to(out_dtype)
     return scale_and_bias_(y, sx, sw, bias)
+
+
+def decoded_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """decoded_matmul with this weight, its checks done once: an eager layer's plan above the CUDA kernel's
+    tokens (prefill), whose caller guarantees a contiguous bf16 activation [M, K] (K the payload's) and its fp32
+    scale. Returns (a, sx) -> y, the bits packed_matmul gives."""
+    sw = flat_f32(sw)
+    return lambda a, sx: decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
 
 
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
