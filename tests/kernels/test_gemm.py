@@ -77,6 +77,24 @@ def test_packed_matmul_is_the_exact_product_up_to_accumulation(recipe, m, k, n, 
 
 
 @pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_decoded_launcher_gives_packed_matmuls_bits(recipe, out_dtype, rng):
+    """Above SMALL_M an eager layer's plan (decoded_launcher: the checks done once) computes what packed_matmul
+    computes on the same weight, bit for bit, for any activation it is given later."""
+    m, k, n = gemm.SMALL_M + 7, 160, 40
+    packed, sw, r = _payload(rng, n, k, recipe)
+    bias = torch.randn(n, generator=rng).to(torch.bfloat16) if out_dtype != torch.float16 else None
+    codes, scales = packed.codes.to(DEVICE), packed.scales.to(DEVICE)
+    b = None if bias is None else bias.to(DEVICE)
+    run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype)
+    for per_row in (False, True):
+        a = outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE)
+        sx = (torch.rand(m if per_row else 1, 1, generator=rng) + 0.01).to(DEVICE)
+        want = gemm.packed_matmul(a, codes, scales, r.weight_fmt, r.weight_block, sx, sw.to(DEVICE), b, out_dtype)
+        assert torch.equal(run(a, sx), want)
+
+
+@pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])
 @pytest.mark.parametrize("tile", [gemm.Tile(64, 16, 128, 1), gemm.Tile(64, 16, 128, 3), gemm.Tile(32, 32, 128, 2),
                                   gemm.Tile(32, 1, 256, 1, kernel="gemv"), gemm.Tile(16, 1, 64, 3, kernel="gemv")])
 def test_tiles_and_split_k_agree(recipe, tile, rng):
