@@ -219,7 +219,7 @@ def test_a_layer_keeps_a_bounded_number_of_eager_plans():
     with torch.no_grad():
         for m in range(1, sharq_nn._MAX_PLANS + 40):
             x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
-            assert torch.equal(layer(x), layer.multiply(layer.prepare(x), None, torch.bfloat16))
+            assert torch.equal(layer(x), layer.multiply(layer.prepare(x), layer.bias, torch.bfloat16))
     assert 0 < len(layer._plans) <= sharq_nn._MAX_PLANS
 
 
