@@ -375,6 +375,7 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _BIAS = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 MAX_M = 64  # tokens per launch: up to eight n8 tiles
+_RING_WEIGHTS = 1 << 24  # up to 8 tokens, larger weights stream through the cp.async ring (choose_tile)
 
 
 @dataclass(frozen=True)
@@ -500,7 +501,7 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
-    if m <= 8 and n * kp > 1 << 24:
+    if m <= 8 and n * kp > _RING_WEIGHTS:
         rt, stages, ring, direct = (2 if two_rows and n >= 2 * kp else 1), 1, 3, True
     elif m <= 8:
         rt, stages, ring, direct = 1, 2, 0, True
@@ -565,12 +566,14 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
 
 def _programmatic(device: int, m: int, n: int, k: int) -> bool:
     """Whether a launch for m tokens of an [n, k] weight may start while the prepare kernel before it runs
-    (programmatic dependent launch, Hopper and later): where that measured faster, K <= 4096, N >= 2 K, or more
-    than 8 tokens (H200, `python benchmarks/bench_gemm.py --programmatic`, prepare + GEMM in a graph on the 8B and
-    70B shapes: 0.5-1.6 µs less a layer, 4096 x 28672 at 8 tokens 38.9 -> 35.7). Deep layers at up to 8 tokens
-    lost: 8192 x 10240 at one token 26.3 -> 31.4 µs, 14336 x 4096 20.5 -> 24.6, 28672 x 8192 62.7 -> 99.1, likely
-    because blocks started beside the prepare's leave part of the GEMM's first wave for a second."""
-    return _capability(device) >= (9, 0) and (k <= 4096 or n >= 2 * k or m > 8)
+    (programmatic dependent launch, Hopper and later): where that measured faster, more than 8 tokens, or up to
+    8 on the kernels that stage a chunk in registers (at most 2^24 weights) or give a warp two row tiles (N >= 2 K)
+    (H200, `python benchmarks/bench_gemm.py --programmatic`, prepare + GEMM in a graph on the 8B and 70B shapes:
+    0.5-1.9 µs less a layer, 4096 x 28672 at 8 tokens 38.9 -> 35.7). The one-row-tile cp.async ring never gained
+    and lost on deep layers: 8192 x 10240 at one token 25.9 -> 31.1 µs, 28672 x 8192 62.6 -> 98.9, and 4096 x 6144
+    at 4 and 6 tokens 13.3 -> 16.1 and 15.9 -> 18.9, likely because blocks started beside the prepare's leave part
+    of the GEMM's first wave for a second."""
+    return _capability(device) >= (9, 0) and (m > 8 or n * k <= _RING_WEIGHTS or n >= 2 * k)
 
 
 @functools.lru_cache(maxsize=4096)
