@@ -230,8 +230,7 @@ __device__ __forceinline__ void wgmma_block(
   for (int i = 0; i < NTG * 4; ++i) acc[i] = 0.f;
   u32 frag[2][4][4];  // the A fragments of half a chunk (4 steps); one half in flight while the other is decoded
   // step j's A fragment: pairs 2j (k slots 2q, 2q + 1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
-  auto decode = [&](const Stage& s, int half, u32 (&af)[4][4]) {
-    u32 sc[2][2];
+  auto scales_of = [&](const Stage& s, u32 (&sc)[2][2]) {  // once a chunk: both halves use them
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #if BLOCK == 32
@@ -241,6 +240,8 @@ __device__ __forceinline__ void wgmma_block(
       sc[h][1] = scale_pair(s.s[h] >> 8);
 #endif
     }
+  };
+  auto decode = [&](const Stage& s, const u32 (&sc)[2][2], int half, u32 (&af)[4][4]) {
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
       const int j = half * 4 + jj, v = j >> 1, i = (j & 1) * 2;
@@ -262,14 +263,16 @@ __device__ __forceinline__ void wgmma_block(
       if (u < chunks) {
         const int buffer = u % XS;
         mbar_wait(full + 8 * buffer, (u / XS) & 1);
-        const u32 b = base + buffer * CHUNK;
+        const unsigned long long b = b_desc(base + buffer * CHUNK);  // + 16-byte units: no carry out of the field
+        u32 sc[2][2];
+        scales_of(st[s], sc);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          decode(st[s], half, frag[half]);
+          decode(st[s], sc, half, frag[half]);
           if (half == 1 && u + STAGES < chunks) load_w(st[s]);
           wg_fence();
 #pragma unroll
-          for (int jj = 0; jj < 4; ++jj) wgmma(acc, frag[half][jj], b_desc(b + (half * 4 + jj) * STEP));
+          for (int jj = 0; jj < 4; ++jj) wgmma(acc, frag[half][jj], b + (half * 4 + jj) * (STEP >> 4));
           wg_commit();
           wg_wait_one();  // the previous half's MMAs are done: its fragments may be overwritten
           if (half == 0 && u > 0) mbar_arrive(empty + 8 * ((u - 1) % XS));  // and chunk u - 1's buffer is free
