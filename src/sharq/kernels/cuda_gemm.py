@@ -160,14 +160,7 @@ __device__ __forceinline__ void gemm_block(
   };
   auto scale_pairs = [&](const Stage& s, int rt, u32 (&sc)[2][2]) {  // [row half][16-element half of the 32]
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#if BLOCK == 32
-      sc[h][0] = sc[h][1] = scale_pair(s.s[rt][h]);
-#else
-      sc[h][0] = scale_pair(s.s[rt][h] & 0xFFu);
-      sc[h][1] = scale_pair(s.s[rt][h] >> 8);
-#endif
-    }
+    for (int h = 0; h < 2; ++h) row_scale_pairs(s.s[rt][h], sc[h]);
   };
   // MMA j's A fragment of row tile rt: pairs 2j (k-slots 2q, 2q+1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
   auto a_frag = [](const Stage& s, int rt, int j, const u32 (&sc)[2][2], u32 (&a)[4]) {

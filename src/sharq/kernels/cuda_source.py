@@ -51,6 +51,16 @@ __device__ __forceinline__ u32 scale_pair(u32 code) {
   u32 b = __float_as_uint(f) >> 16;
   return b | (b << 16);
 }
+// a row's scale codes for a thread's 32 elements (one byte, or two for 16-element blocks) as the bf16 pairs of
+// its two 16-element halves
+__device__ __forceinline__ void row_scale_pairs(u32 codes, u32 (&sc)[2]) {
+#if BLOCK == 32
+  sc[0] = sc[1] = scale_pair(codes);
+#else
+  sc[0] = scale_pair(codes & 0xFFu);
+  sc[1] = scale_pair(codes >> 8);
+#endif
+}
 __device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {  // a * b + (-0): the exact product, its sign kept
   u32 d;
   asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));

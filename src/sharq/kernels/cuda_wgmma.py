@@ -230,17 +230,6 @@ __device__ __forceinline__ void wgmma_block(
   for (int i = 0; i < NTG * 4; ++i) acc[i] = 0.f;
   u32 frag[2][4][4];  // the A fragments of half a chunk (4 steps); one half in flight while the other is decoded
   // step j's A fragment: pairs 2j (k slots 2q, 2q + 1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
-  auto scales_of = [&](const Stage& s, u32 (&sc)[2][2]) {  // once a chunk: both halves use them
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#if BLOCK == 32
-      sc[h][0] = sc[h][1] = scale_pair(s.s[h]);
-#else
-      sc[h][0] = scale_pair(s.s[h] & 0xFFu);
-      sc[h][1] = scale_pair(s.s[h] >> 8);
-#endif
-    }
-  };
   auto decode = [&](const Stage& s, const u32 (&sc)[2][2], int half, u32 (&af)[4][4]) {
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
@@ -264,8 +253,9 @@ __device__ __forceinline__ void wgmma_block(
         const int buffer = u % XS;
         mbar_wait(full + 8 * buffer, (u / XS) & 1);
         const unsigned long long b = b_desc(base + buffer * CHUNK);  // + 16-byte units: no carry out of the field
-        u32 sc[2][2];
-        scales_of(st[s], sc);
+        u32 sc[2][2];  // decoded once a chunk: both halves use them
+#pragma unroll
+        for (int h = 0; h < 2; ++h) row_scale_pairs(st[s].s[h], sc[h]);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           decode(st[s], sc, half, frag[half]);
