@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -244,7 +243,7 @@ def sweep(ms: tuple[int, ...] = (1, 2, 4, 16)) -> list[dict]:
                     mine[t] = ms
             best[family] = min(mine, key=mine.get)
             results.update(mine)
-        if auto not in results and (ms := time(auto)) is not None:
+        if auto not in results and (ms := timed(auto)) is not None:
             results[auto] = ms
         row = {"K": k, "N": n, "M": m, "auto": str(auto), "auto_ms": results.get(auto),
                "all": {str(t): ms for t, ms in sorted(results.items(), key=lambda kv: kv[1])[:16]}}
@@ -619,30 +618,6 @@ def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def host_us(calls: int = 200) -> dict:
-    """Host time per eager call of one 4096 → 4096 layer at M = 1, in µs: the calls are queued behind a long GPU
-    sleep, so the CPU time of the loop is the launch path alone (Python, dispatch, kernel launches)."""
-    from sharq.nn import SharQLinear
-
-    x = outlier_x(1, 4096)
-    linear = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
-    layers = {"bf16": linear, **{r: SharQLinear.from_linear(linear, r, "packed") for r in ("nvfp4", "sharq")}}
-    out = {}
-    with torch.inference_mode():
-        for name, layer in layers.items():
-            for _ in range(3):
-                layer(x)  # compile, warm up
-            torch.cuda.synchronize()
-            torch.cuda._sleep(int(2e9))  # ~1 s of GPU time: the launches below only queue
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                layer(x)
-            out[name] = (time.perf_counter() - t0) / calls * 1e6
-            torch.cuda.synchronize()
-    print("host µs per eager call (4096 → 4096, M = 1): " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()))
-    return out
-
-
 # the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
 # its rows in the results file, what the option times)
 ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode",
@@ -668,7 +643,6 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--ms", default="1,4,16,64,256,2048,8192")
     p.add_argument("--sweep", action="store_true")
-    p.add_argument("--host", action="store_true", help="only the host time per eager call (then exit)")
     p.add_argument("--recipes", default="nvfp4,sharq", help="packed variants timed (nvfp4 and sharq always)")
     p.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep")
     p.add_argument("--crossover", action="store_true", help="only the MMA kernel against decode + cuBLAS at "
@@ -697,10 +671,6 @@ def main() -> int:
         out.update({"crossover": crossover()} if args.crossover else
                    {"cuda_sweep": cuda_sweep(tuple(int(m) for m in args.ms.split(",")),
                                              tuple(args.sweep_recipes.split(",")))})
-        save(out, args.json)
-        return 0
-    if args.host:
-        out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host_us": host_us()}
         save(out, args.json)
         return 0
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
