@@ -82,7 +82,6 @@ def test_the_wgmma_kernel_takes_large_layers_at_25_to_64_tokens_on_hopper_alone(
     assert tile(64, 28672, 4096).splits == 1
 
 
-
 def test_a_launch_starts_early_where_that_measured_faster(monkeypatch):
     """Programmatic launch on Hopper (docs/PERF.md): above 8 tokens, or on the register-staged kernel (up to 2^24
     weights) or two row tiles a warp (N >= 2 K); never on the one-row-tile cp.async ring at up to 8 tokens, which
@@ -97,6 +96,7 @@ def test_a_launch_starts_early_where_that_measured_faster(monkeypatch):
     assert ring_one_row and not any(cuda_gemm._programmatic(0, m, n, k) for k, n in ring_one_row for m in range(1, 9))
     monkeypatch.setattr(cuda_gemm, "_capability", lambda device: (8, 0))
     assert not any(cuda_gemm._programmatic(0, m, n, k) for k, n in SHAPES for m in (1, 16, 64))
+
 
 def test_registers_and_spills_read_from_the_cubin_are_ptxas_report():
     """compile_cubin reads them from the cubin's ELF (some NVRTC builds give no report); where the log has the
