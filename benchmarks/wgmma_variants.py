@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 import torch
 
-from bench_gemm import SHAPES, SHAPES_70B, CudaCase  # benchmarks/, beside this script
+from bench_gemm import SHAPES, SHAPES_70B, CudaCase, save  # benchmarks/, beside this script
 from sharq.kernels import cuda_gemm, cuda_wgmma
 
 _FEW_TOKENS = ("ok[it] = l < NTG * 8 * 16 && t < M;", "ok[it] = l < NTG * 8 * 16 && t < min(M, 8);")
@@ -76,9 +75,7 @@ def main() -> int:
     finally:
         cuda_wgmma._SOURCE = original
         cuda_gemm._launch.cache_clear()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, args.json)
     return 0
 
 
