@@ -86,7 +86,7 @@ def test_the_decoded_launcher_gives_packed_matmuls_bits(recipe, out_dtype, rng):
     bias = torch.randn(n, generator=rng).to(torch.bfloat16) if out_dtype != torch.float16 else None
     codes, scales = packed.codes.to(DEVICE), packed.scales.to(DEVICE)
     b = None if bias is None else bias.to(DEVICE)
-    run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype)
+    run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype, m)
     for per_row in (False, True):
         a = outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE)
         sx = (torch.rand(m if per_row else 1, 1, generator=rng) + 0.01).to(DEVICE)

@@ -115,6 +115,47 @@ def test_direct_launches_compute_what_triton_launches_compute(offset):
     assert len(mine) == 1 and (torch.float32, offset == 0) in next(iter(mine))
 
 
+def _bound_epilogue_args(g, device):
+    y = torch.randn(7, 300, device=device, generator=g)
+    sx, sw = torch.rand(7, 1, device=device, generator=g) + 0.5, torch.rand(1, device=device, generator=g)
+    bias = torch.randn(300, device=device, generator=g)
+    return (y, y.clone(), sx, sw, bias, 7, 300, 0, 300, 300), _expected(y[None], sx, sw, bias, torch.float32)
+
+
+def test_a_bound_launch_computes_what_triton_computes_and_an_unbound_one_never_binds():
+    """On every device (the interpreter here): a TritonLaunch is launch_triton as a callable of the arguments."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=device).manual_seed(7)
+    flags = launch.Constexprs(SPLITS=1, SX_PER_ROW=True, SW_PER_COL=False, HAS_BIAS=True, BM=32, BN=256, num_warps=4)
+    for bound in (False, True):
+        run = launch.TritonLaunch(_epilogue_kernel, (1, 2), flags, bound=bound)
+        for _ in range(3):
+            args, want = _bound_epilogue_args(g, device)
+            run(args)
+            torch.testing.assert_close(args[1], want, rtol=2e-6, atol=1e-6)
+        assert run._direct is False or (bound and device == "cuda")
+
+
+@cuda
+def test_a_bound_launch_goes_to_the_driver_once_resolved_and_steps_aside_for_a_hook(monkeypatch):
+    g = torch.Generator(device="cuda").manual_seed(8)
+    flags = launch.Constexprs(SPLITS=1, SX_PER_ROW=True, SW_PER_COL=False, HAS_BIAS=True, BM=32, BN=256, num_warps=4)
+    run = launch.TritonLaunch(_epilogue_kernel, (1, 2), flags, bound=True)
+    args, want = _bound_epilogue_args(g, "cuda")
+    run(args)
+    assert isinstance(run._direct, launch._TritonDirect)  # resolved by its first call
+    calls = []
+    monkeypatch.setattr(launch, "launch_triton", lambda *a: calls.append(a))
+    for hooked in (False, True):
+        if hooked and launch._RUNTIME is not None:
+            monkeypatch.setattr(launch._RUNTIME, "launch_enter_hook", lambda *a: None)
+        args, want = _bound_epilogue_args(g, "cuda")
+        run(args)
+        if not hooked:  # straight to the driver: launch_triton is not called, the output is written
+            torch.testing.assert_close(args[1], want, rtol=2e-6, atol=1e-6)
+    assert len(calls) == (1 if launch._RUNTIME is not None else 0)
+
+
 @cuda
 @pytest.mark.skipif(not cuda_gemm.available(), reason="needs torch.cuda._compile_kernel")
 def test_the_cuda_gemm_launched_from_several_threads_gives_each_its_own_product():

@@ -10,13 +10,14 @@ partial products of a split-K GEMM (kernels/gemm.py) before scaling them.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from .common import cast_rne, flat_f32, require_cuda
-from .launch import Constexprs, launch_triton
+from .launch import Constexprs, TritonLaunch, launch_triton
 
 
 @triton.jit
@@ -67,6 +68,24 @@ def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: t
     [M, 1], s_w [] / [1] or [N], bias [N] or None."""
     require_cuda(y, "scale_and_bias_", "it is the triton backend's epilogue")
     return _launch(y, y, sx, sw, bias, 1)
+
+
+def scale_and_bias_launcher(m: int, n: int, sw: torch.Tensor, bias: torch.Tensor | None
+                            ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """scale_and_bias_ for one layer's outputs [m, n] (contiguous) with its s_w (one value) and bias, worked out
+    once: an eager layer's plan, whose caller guarantees a fresh output and s_x ([1, 1] or [m, 1], fp32
+    contiguous). Returns (y, sx) -> y, its launches bound (TritonLaunch)."""
+    sw = flat_f32(sw)
+    grid = (triton.cdiv(m, 32), triton.cdiv(n, 256))
+    launches = {per_row: TritonLaunch(_epilogue_kernel, grid, _constexprs(1, per_row, False, bias is not None),
+                                      bound=True) for per_row in (False, True)}
+    b = bias if bias is not None else sw
+
+    def run(y: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        launches[sx.shape[0] > 1]((y, y, sx, sw, b, m, n, 0, n, n))
+        return y
+
+    return run
 
 
 def reduce_scale_and_bias(partials: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,

@@ -32,8 +32,8 @@ import triton.language as tl
 
 from . import cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
-from .epilogue import reduce_scale_and_bias, scale_and_bias_
-from .launch import Constexprs, launch_triton
+from .epilogue import reduce_scale_and_bias, scale_and_bias_, scale_and_bias_launcher
+from .launch import Constexprs, TritonLaunch, launch_triton
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 # up to here the Triton small-M kernels (MXFP4 weights and the shapes the CUDA kernel does not take; it runs NVFP4
@@ -304,18 +304,24 @@ def _multiprocessors(device: torch.device) -> int:
 # that stream: kernels on one stream run in launch order, so a layer's decode and GEMM never meet another layer's
 # writes; a second stream (or a CUDA graph being captured on one) gets its own buffer. Host threads that share a
 # stream take _scratch_lock across their decode + GEMM launches, so the two launches stay adjacent in the stream.
-_scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+# Each buffer keeps the [n, k] views of it that layers asked for (and their transposes), made once per buffer.
+_scratch: dict[tuple[torch.device, int], tuple[torch.Tensor, dict]] = {}
 _scratch_lock = threading.Lock()
 
 
-def _scratch_weight(n: int, k: int, device: torch.device) -> torch.Tensor:
-    """A bf16 [n, k] view of the current stream's scratch buffer on `device` (call under _scratch_lock)."""
+def _scratch_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 [n, k] view of the current stream's scratch buffer on `device`, and its transpose (call under
+    _scratch_lock)."""
     key = (device, 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device.index))
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < n * k:
+    entry = _scratch.get(key)
+    if entry is None or entry[0].numel() < n * k:
         _scratch.pop(key, None)
-        buf = _scratch[key] = torch.empty(n * k, dtype=torch.bfloat16, device=device)
-    return buf[: n * k].view(n, k)
+        entry = _scratch[key] = (torch.empty(n * k, dtype=torch.bfloat16, device=device), {})
+    views = entry[1].get((n, k))
+    if views is None:
+        w = entry[0][: n * k].view(n, k)
+        views = entry[1][n, k] = (w, w.T)
+    return views
 
 
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int,
@@ -382,22 +388,50 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
     Arguments as packed_matmul's, already checked there (sx, sw flat fp32)."""
     k = a.shape[1]
     with _scratch_lock:
-        w = dequantize_packed(codes, scales, fmt, block, k, out=_scratch_weight(codes.shape[0], k, a.device))
-        if out_dtype == torch.float32:
-            y = torch.mm(a, w.T, out_dtype=torch.float32) if not INTERPRETED else (a.float() @ w.float().T)
-        else:
-            y = (a @ w.T).to(out_dtype)
+        w, wt = _scratch_weight(codes.shape[0], k, a.device)
+        dequantize_packed(codes, scales, fmt, block, k, out=w)
+        y = _product(a, wt, out_dtype)
     return scale_and_bias_(y, sx, sw, bias)
 
 
+def _product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a · wt by cuBLAS, in out_dtype: fp32 straight from the fp32 accumulator, else rounded to bf16 first."""
+    if out_dtype == torch.float32:
+        return torch.mm(a, wt, out_dtype=torch.float32) if not INTERPRETED else a.float() @ wt.float()
+    y = torch.mm(a, wt)
+    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+
+
+class _DecodedLaunch:
+    """decoded_matmul with one weight for activations [m, K], worked out once (an eager layer's plan above the
+    CUDA kernel's tokens, prefill): the decode's and the epilogue's launches bound, the scratch views kept, so a
+    call is the decode launch, one cuBLAS call and the epilogue launch."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, m: int):
+        self.codes, self.scales, self.out_dtype = codes, scales, out_dtype
+        self.n, self.k = codes.shape[0], codes.shape[1] * 2
+        flags = _DEQUANTIZE[fmt, block]
+        self.dequantize = TritonLaunch(_dequantize_kernel, (triton.cdiv(self.n, flags["BN"]),
+                                                            triton.cdiv(self.k, flags["BK"])), flags, bound=True)
+        self.epilogue = scale_and_bias_launcher(m, self.n, sw, bias)
+
+    def __call__(self, a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        with _scratch_lock:
+            w, wt = _scratch_weight(self.n, self.k, self.codes.device)
+            self.dequantize((self.codes, self.scales, w, self.n, self.k, self.k))
+            y = _product(a, wt, self.out_dtype)
+        return self.epilogue(y, sx)
+
+
 def decoded_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, m: int
                      ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """decoded_matmul with this weight, its checks done once: an eager layer's plan above the CUDA kernel's
-    tokens (prefill), whose caller guarantees a contiguous bf16 activation [M, K] (K the payload's) and its fp32
-    scale. Returns (a, sx) -> y, the bits packed_matmul gives."""
-    sw = flat_f32(sw)
-    return lambda a, sx: decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
+    """decoded_matmul with this weight for activations [m, K], its checks done once: an eager layer's plan above
+    the CUDA kernel's tokens (prefill), whose caller guarantees a contiguous bf16 activation [m, K] (K the
+    payload's) and its fp32 scale ([1, 1] or [m, 1], contiguous), both fresh from the prepare kernel. Returns
+    (a, sx) -> y, the bits packed_matmul gives."""
+    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, m)
 
 
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,

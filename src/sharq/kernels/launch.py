@@ -9,7 +9,9 @@ library and builds ctypes objects for each argument on every call. Here:
   everything its specialization can depend on (each tensor's dtype and 16-byte alignment, each integer's value,
   the constexprs, the device), and launches it on later calls through the driver itself (below) where its
   parameters are plain pointers and 32-bit ints, else through Triton's launcher. The first call of a key, calls
-  under a launch hook (profilers) and Triton's interpreter take Triton's own path.
+  under a launch hook (profilers) and Triton's interpreter take Triton's own path. `TritonLaunch(..., bound=True)`
+  is a launch plan's: it skips even the key once its kernel is resolved (its caller guarantees one
+  specialization).
 - `DriverKernel` launches a CUDA function (`CUfunction`) through `cuLaunchKernel`, its argument block built once
   per thread and refilled in place. The driver library is loaded with ctypes.PyDLL, which keeps the GIL over the
   few-µs call instead of releasing and re-taking it.
@@ -82,6 +84,37 @@ def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: Constexpr
             direct(g[:3], stream, args)
         return
     kernel.run(g[0], g[1], g[2], stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail)
+
+
+class TritonLaunch:
+    """launch_triton(fn, grid, args, constexprs) as a callable of `args`, for calls whose grid and constexprs are
+    fixed. `bound=True` is for a launch plan's calls, which all share one specialization (the same ints and
+    dtypes, tensors aligned alike: its caller guarantees it, e.g. checking an outside input's alignment): once a
+    call has resolved the compiled kernel, later calls launch it through the driver with no key to build, no
+    lookup and no argument re-inspection (an eager decode step's linears each save microseconds). Calls under a
+    launch hook, on another device, in the interpreter, or of a kernel the driver path does not take still go
+    through launch_triton."""
+
+    __slots__ = ("fn", "grid", "constexprs", "_grid3", "_direct", "_device")
+
+    def __init__(self, fn, grid: Sequence[int], constexprs: Constexprs, bound: bool = False):
+        self.fn, self.grid, self.constexprs = fn, tuple(grid), constexprs
+        self._grid3 = (*self.grid, 1, 1)[:3]
+        # False: always launch_triton (an empty grid launches nothing there; the driver would refuse it)
+        self._direct = None if bound and not INTERPRETED and all(self.grid) else False
+        self._device = -1
+
+    def __call__(self, args: Sequence) -> None:
+        direct = self._direct
+        if direct and self._device == torch.cuda.current_device() and not _hooks_set():
+            direct(self._grid3, torch._C._cuda_getCurrentRawStream(self._device), args)
+            return
+        launch_triton(self.fn, self.grid, args, self.constexprs)
+        if direct is None and not _hooks_set():  # resolved by that call (or an earlier one) where it can be
+            self._device = torch.cuda.current_device()
+            hit = _compiled.get(_key(self.fn, self._device, self.constexprs.key, args))
+            if hit is not None:
+                self._direct = hit[2] or False
 
 
 def ptx_entry_params(ptx: str) -> int:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -49,7 +49,7 @@ from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
 from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
-from .launch import Constexprs, launch_triton
+from .launch import Constexprs, TritonLaunch
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -429,6 +429,8 @@ class _Plan:
     mask: str | None
     idx_bytes: int
     constexprs: Constexprs
+    amax_launch: TritonLaunch | None  # the amax pass's launch, if any, and the main kernel's
+    main_launch: TritonLaunch
 
 
 def _check_supported(recipe: Recipe) -> None:
@@ -458,10 +460,20 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
         BLOCK1=stages[0].block, TWO_STAGES=len(stages) == 2, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt],
         BM=bm, H=h, PACKED=packed, SELF_AMAX=self_amax, AMAX_BM=amax_bm, AMAX_BK=SELF_AMAX_TILE // amax_bm,
         KC=k if self_amax else 0, PDL=pdl, num_warps=warps)
-    return _Plan(per_row, tensor_scale, self_amax, amax_grid, (triton.cdiv(m, bm), triton.cdiv(k, 16 * h)),
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, 16 * h))
+    return _Plan(per_row, tensor_scale, self_amax, amax_grid, grid,
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
-                 -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs)
+                 -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs,
+                 None if amax_grid is None else TritonLaunch(_amax_kernel, amax_grid, _AMAX[per_row]),
+                 TritonLaunch(_prepare_kernel, grid, constexprs))
+
+
+def _bound(plan: _Plan) -> _Plan:
+    """The plan with its launches bound (TritonLaunch): for one caller whose calls share one specialization."""
+    return replace(plan, main_launch=TritonLaunch(_prepare_kernel, plan.grid, plan.constexprs, bound=True),
+                   amax_launch=None if plan.amax_grid is None else TritonLaunch(
+                       _amax_kernel, plan.amax_grid, _AMAX[plan.per_row], bound=True))
 
 
 @functools.lru_cache
@@ -509,7 +521,7 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
         elif plan.amax_grid is not None:
             amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
                          else torch.zeros(1, dtype=torch.int32, device=dev))
-            launch_triton(_amax_kernel, plan.amax_grid, (x, amax_bits, m, k, x.stride(0)), _AMAX[plan.per_row])
+            plan.amax_launch((x, amax_bits, m, k, x.stride(0)))
     else:
         scale = amax_bits = torch.ones(1, 1, dtype=torch.float32, device=dev)  # a placeholder the kernel skips
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
@@ -517,9 +529,8 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
                for kpad, block in zip(plan.kp, plan.blocks)]
     indices = torch.empty(m, plan.idx_bytes, dtype=torch.uint8, device=dev) if packed and plan.mask else out
     codes2, scales2 = payload[-1]
-    launch_triton(_prepare_kernel, plan.grid, (x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0),
-                                               payload[0][0], payload[0][1], indices, codes2, scales2, plan.kp[0],
-                                               plan.kp[-1], plan.idx_bytes), plan.constexprs)
+    plan.main_launch((x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0), payload[0][0], payload[0][1],
+                      indices, codes2, scales2, plan.kp[0], plan.kp[-1], plan.idx_bytes))
     parts = ()
     if packed:
         parts = tuple(
@@ -531,14 +542,19 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
 
 def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device
                          ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, tuple]]:
-    """prepare_dequantized's launches for inputs [m, k] of x_dtype with unit column stride on `device` (bf16
-    values), worked out once: an eager layer's plan, whose caller guarantees the input. Returns x -> (values,
-    scale, ())."""
+    """prepare_dequantized's launches for contiguous inputs [m, k] of x_dtype on `device` (bf16 values), worked
+    out once: an eager layer's plan, whose caller guarantees the input. Returns x -> (values, scale, ()). Its
+    launches are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches."""
     _check_supported(recipe)
     tile = _default_tile(m)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
                  _device(device), False)
-    return functools.partial(_run, plan, out_dtype=torch.bfloat16, packed=False, amax=None)
+    bound = _bound(plan)
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        return _run(plan if x.data_ptr() & 15 else bound, x, torch.bfloat16, False, None)
+
+    return run
 
 
 def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32,
