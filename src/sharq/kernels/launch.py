@@ -104,6 +104,10 @@ class TritonLaunch:
         self._direct = None if bound and not INTERPRETED and all(self.grid) else False
         self._device = -1
 
+    def bound(self) -> TritonLaunch:
+        """This launch, bound (a new object: for one caller whose calls share one specialization)."""
+        return TritonLaunch(self.fn, self.grid, self.constexprs, bound=True)
+
     def __call__(self, args: Sequence) -> None:
         direct = self._direct
         if direct and self._device == torch.cuda.current_device() and not _hooks_set():

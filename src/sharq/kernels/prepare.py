@@ -471,9 +471,8 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
 
 def _bound(plan: _Plan) -> _Plan:
     """The plan with its launches bound (TritonLaunch): for one caller whose calls share one specialization."""
-    return replace(plan, main_launch=TritonLaunch(_prepare_kernel, plan.grid, plan.constexprs, bound=True),
-                   amax_launch=None if plan.amax_grid is None else TritonLaunch(
-                       _amax_kernel, plan.amax_grid, _AMAX[plan.per_row], bound=True))
+    return replace(plan, main_launch=plan.main_launch.bound(),
+                   amax_launch=None if plan.amax_launch is None else plan.amax_launch.bound())
 
 
 @functools.lru_cache
