@@ -14,10 +14,13 @@ from . import Backend, EagerPlan, register, simulator
 
 
 def supports(recipe: Recipe) -> bool:
+    """NVFP4 weights only with NVFP4 activations: the small-M Triton kernel multiplies those in fp16, which holds
+    an NVFP4 activation exactly, and another format's (an E8M0 scale's range) not."""
     from ..kernels.gemm import supports as gemm_supports
     from ..kernels.prepare import supports as prepare_supports
 
-    return gemm_supports(recipe.weight_fmt, recipe.weight_block) and prepare_supports(recipe)
+    return (gemm_supports(recipe.weight_fmt, recipe.weight_block) and prepare_supports(recipe)
+            and (recipe.weight_fmt != "nvfp4" or all(s.fmt == "nvfp4" for s in recipe.stages)))
 
 
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype,
