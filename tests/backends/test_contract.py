@@ -131,10 +131,10 @@ def test_the_packed_backend_refuses_nvfp4_weights_with_other_activations():
     """NVFP4 weights with MXFP4 activations (a recipe option) gave NaN on the packed backend: its small-M kernel
     multiplies NVFP4 weights in fp16, where an E8M0-scaled activation does not fit. It now refuses the recipe by
     name, and auto takes a backend that runs it."""
+    packed = backends.get_backend("packed")
     mixed = sharq.get_recipe("mxfp4", weight_fmt="nvfp4", weight_block=16)
-    assert not backends.get_backend("packed").supports(mixed)
-    assert all(backends.get_backend("packed").supports(sharq.get_recipe(n)) for n in ("nvfp4", "sharq", "sharq-plus", "mxfp4",
-                                                                              "sharq-mxfp4", "sparse-only",
-                                                                              "dense-dense"))
+    assert not packed.supports(mixed)
+    assert all(packed.supports(sharq.get_recipe(name)) for name in ("nvfp4", "sharq", "sharq-plus", "mxfp4",
+                                                                     "sharq-mxfp4", "sparse-only", "dense-dense"))
     with pytest.raises(ValueError, match="backend 'packed' does not run recipe 'mxfp4'"):
         backends.resolve_backend("packed", mixed, "cuda", (64, 64), torch.bfloat16)
