@@ -2,6 +2,8 @@
 what fp32 accumulation and the output's rounding can err by (`_check` derives the bound). Runs under the Triton
 interpreter without CUDA (small shapes)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -74,6 +76,38 @@ def test_packed_matmul_is_the_exact_product_up_to_accumulation(recipe, m, k, n, 
                                r.weight_block, sx.to(DEVICE), sw.to(DEVICE),
                                None if bias is None else bias.to(DEVICE), out_dtype)
         _check(y, a, packed, sx, sw, bias, out_dtype)
+
+
+def _weight_options() -> list[tuple[str, str, int]]:
+    """(recipe, weight format, weight block) for every built-in recipe and weight option the packed backend takes."""
+    from sharq.backends import get_backend
+
+    out = []
+    for name, fmt, block in itertools.product(sharq.list_recipes(compat=True), ("nvfp4", "mxfp4"), (16, 32)):
+        try:
+            recipe = sharq.get_recipe(name, weight_fmt=fmt, weight_block=block)
+        except ValueError:  # not a block this format has
+            continue
+        if get_backend("packed").supports(recipe):
+            out.append((name, fmt, block))
+    return out
+
+
+@pytest.mark.parametrize("name,fmt,block", _weight_options())
+def test_every_weight_option_the_packed_backend_takes_is_the_exact_product(name, fmt, block, rng):
+    """Weight formats and blocks other than a recipe's own (a recipe option) through the packed backend's kernels,
+    at a small-M kernel's size and above SMALL_M, on loud inputs: within the fp32-accumulation bound of the exact
+    product (NVFP4 weights with MXFP4 activations gave NaN here; the backend now refuses that pairing)."""
+    from sharq.kernels.prepare import prepare_dequantized
+
+    r = sharq.get_recipe(name, weight_fmt=fmt, weight_block=block)
+    qw = r.prepare_weight(torch.randn(48, 128, generator=rng))
+    for m in (3, gemm.SMALL_M + 8):
+        x = outlier_activations(rng, m, 128) * 1e4
+        a, sx = prepare_dequantized(x.to(DEVICE), r, torch.bfloat16)
+        y = gemm.packed_matmul(a, qw.packed.codes.to(DEVICE), qw.packed.scales.to(DEVICE), fmt, block, sx,
+                               qw.scale.to(DEVICE), None, torch.float32)
+        _check(y, a, qw.packed, sx, qw.scale, None, torch.float32)
 
 
 @pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])
