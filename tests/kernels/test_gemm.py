@@ -44,7 +44,8 @@ def _check(y, a, packed, sx, sw, bias, out_dtype):
     attains the rounding term up to a factor 1/(1 + u): random inputs reach 0.98 of this bound."""
     w = dequantize_blocks(packed).double().cpu()  # the exact Ŵ [N, K]
     a = a.double().cpu()
-    alpha = (sx.double() * sw.double()).reshape(-1, 1) if sx.numel() > 1 else sx.double() * sw.double()
+    sx, sw = sx.double().cpu(), sw.double().cpu()
+    alpha = (sx * sw).reshape(-1, 1) if sx.numel() > 1 else sx * sw
     k = a.shape[1]
     gamma = k * 2.0**-23 / (1 - k * 2.0**-23)
     s, total = a @ w.T, a.abs() @ w.abs().T
