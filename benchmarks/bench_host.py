@@ -41,6 +41,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.recipe} on {layer.backend}")
     for m in [int(v) for v in args.m.split(",")]:
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        x3 = x.view(1, m, 4096)  # as a model calls its linears: [batch, tokens, features]
         with torch.no_grad():
             act = layer.prepare(x)
             pieces = [("F.linear (bf16)", lambda: F.linear(x, lin.weight)),
@@ -49,7 +50,8 @@ def main() -> int:
                       ("layer.prepare", lambda: layer.prepare(x)),
                       (f"{layer.backend} matmul", lambda: backend.matmul(act, qweight, None, torch.bfloat16,
                                                                          layer._layout)),
-                      ("SharQLinear forward", lambda: layer(x))]
+                      ("SharQLinear forward", lambda: layer(x)),
+                      ("SharQLinear forward, x [1, M, K]", lambda: layer(x3))]
             for name, fn in pieces:
                 print(f"M = {m:<5d} {name:34s} {min(cpu_us(fn, 100, sleep_gpu=True) for _ in range(3)):7.1f} µs")
     if args.profile:

@@ -248,7 +248,7 @@ class _GroupMember:
 
 
 def _group_backend(counts):
-    def group_plan(weights, biases, recipe, m, out_dtype):
+    def group_plan(weights, biases, recipe, lead, out_dtype):
         counts["plans"] += 1
 
         def run(act):
@@ -312,9 +312,13 @@ def test_a_quantized_llama_launches_q_k_v_and_gate_up_as_one_group_each(tokens, 
     sharq.quantize_model(model, "sharq", backend="packed")
     ids = torch.randint(0, 256, (1, tokens), device="cuda")
     launches = []
-    run_group = cuda_gemm._run_group
-    monkeypatch.setattr(cuda_gemm, "_run_group", lambda plan, a, *args: launches.append(len(plan.blocks))
-                        or run_group(plan, a, *args))
+    group_run = cuda_gemm._group_run
+
+    def counted(plan, *args):  # a group plan's launches, counted as they run
+        run = group_run(plan, *args)
+        return lambda a, sx: launches.append(len(plan.blocks)) or run(a, sx)
+
+    monkeypatch.setattr(cuda_gemm, "_group_run", counted)
     with torch.no_grad():
         grouped = model(ids).logits.float()
         assert launches == [3, 2] * config.num_hidden_layers

@@ -105,7 +105,7 @@ def _matmul_group_op(values: torch.Tensor, scale: torch.Tensor, codes: list[torc
     act = QActivation((), values, scale)
     qweights = [QWeight(None, s_w, QTensor(c, s, r.weight_fmt, r.weight_block, (c.shape[0], values.shape[1])))
                 for c, s, s_w in zip(codes, scales, weight_scales)]
-    run = b.group_plan(qweights, biases, r, values.shape[0], out_dtype)
+    run = b.group_plan(qweights, biases, r, (values.shape[0],), out_dtype)
     if run is not None:
         return run(act)
     return [b.matmul(act, w, bias, out_dtype) for w, bias in zip(qweights, biases)]

@@ -90,17 +90,16 @@ class SharedActivation:
         return act
 
     def output(self, layer: SharQLinear, x: torch.Tensor, plan: EagerPlan) -> torch.Tensor:
-        """`layer`'s output for x [..., K] by its eager plan: from the group launch where every member has an
-        eager plan for x and their backend a group plan for them, else from the shared activation."""
-        x2d = x.view(-1, layer.in_features)
+        """`layer`'s output [..., N] for x [..., K] by its eager plan: from the group launch where every member
+        has an eager plan for x and their backend a group plan for them, else from the shared activation."""
         if not self._open:
-            return plan.matmul(plan.prepare(x2d))
+            return plan.matmul(plan.prepare(x))
         if self._same_input(x) and layer.group_position in self._outputs:
             y = self._outputs.pop(layer.group_position)
             self._release_if_done()
             return y
         if self._act is None:
-            self._act = plan.prepare(x2d)
+            self._act = plan.prepare(x)
         act = self._act
         group = self._group_plan(x) if not self._outputs else None
         if group is None:
@@ -120,8 +119,8 @@ class SharedActivation:
             same = all(m.backend == layers[0].backend and m.recipe.key == layers[0].recipe.key
                        and m.eager_plan(x) is not None for m in layers)
             self._group_plans[key] = None if make is None or len(layers) != self.members or not same else make(
-                [m.forward_weight() for m in layers], [m.bias for m in layers], layers[0].recipe,
-                x.numel() // layers[0].in_features, x.dtype)
+                [m.forward_weight() for m in layers], [m.bias for m in layers], layers[0].recipe, x.shape[:-1],
+                x.dtype)
         return self._group_plans[key]
 
     def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
@@ -397,17 +396,15 @@ class SharQLinear(nn.Module):
             make = get_backend(self.backend).eager_plan
             weight = self.forward_weight()
             plans[key] = None if make is None or x.device != weight.scale.device else make(
-                weight, self.bias, self.recipe, x.numel() // self.in_features, x.dtype, x.dtype)
+                weight, self.bias, self.recipe, x.shape[:-1], x.dtype, x.dtype)
         return plans[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         plan = self.eager_plan(x)
-        if plan is not None:
-            y = (plan.matmul(plan.prepare(x.view(-1, self.in_features))) if self.shared is None
-                 else self.shared.output(self, x, plan))
-            return y.view(*x.shape[:-1], self.out_features)
+        if plan is not None:  # a plan reads x as it is and writes y [..., N]: no views to make per call
+            return plan.matmul(plan.prepare(x)) if self.shared is None else self.shared.output(self, x, plan)
         weight = self.forward_weight()
         if x.device != weight.scale.device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {weight.scale.device}")

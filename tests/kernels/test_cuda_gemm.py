@@ -313,8 +313,8 @@ def test_a_group_launch_is_refused_where_one_launch_per_layer_measured_faster_or
     one = torch.ones(1, device="cuda")
     wide = [(q.codes, q.scales, one)] * 2  # 8192 rows each: alone the group's K partition (4 warps, no K split)
     assert cuda_gemm.nvfp4_mma_group(_x(16, 1024, 4), wide, [None, None], 32, one, torch.bfloat16) is None
-    assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, 16, False, torch.bfloat16) is None
-    assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, 8, False, torch.bfloat16) is not None
+    assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, (16,), False, torch.bfloat16) is None
+    assert cuda_gemm.group_launcher(wide, [None, None], "nvfp4", 32, (8,), False, torch.bfloat16) is not None
     odd = [(q.codes[:48], q.scales[:48], one), (q.codes, q.scales, one)]  # 48 rows: not whole 2-row-tile blocks
     assert cuda_gemm.nvfp4_mma_group(_x(1, 1024, 5), odd, [None, None], 32, one, torch.bfloat16,
                                      tile=cuda_gemm.CudaTile(2, 4, 1, 1, 3, direct=True)) is None
@@ -329,7 +329,7 @@ def test_a_layers_output_does_not_depend_on_the_batch_where_groups_come_and_go(k
     one = torch.ones(1, device="cuda")
 
     def outputs(m):
-        run = cuda_gemm.group_launcher([(q.codes, q.scales, one) for q in qs], [None] * len(ns), "nvfp4", 16, m,
+        run = cuda_gemm.group_launcher([(q.codes, q.scales, one) for q in qs], [None] * len(ns), "nvfp4", 16, (m,),
                                        False, torch.bfloat16)
         if run is not None:
             return run(a[:m], one)

@@ -115,18 +115,20 @@ def test_every_weight_option_the_packed_backend_takes_is_the_exact_product(name,
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_the_decoded_launcher_gives_packed_matmuls_bits(recipe, out_dtype, rng):
     """Above SMALL_M an eager layer's plan (decoded_launcher: the checks done once) computes what packed_matmul
-    computes on the same weight, bit for bit, for any activation it is given later."""
+    computes on the same weight, bit for bit, for any activation it is given later, into the input's leading
+    shape."""
     m, k, n = gemm.SMALL_M + 7, 160, 40
     packed, sw, r = _payload(rng, n, k, recipe)
     bias = torch.randn(n, generator=rng).to(torch.bfloat16) if out_dtype != torch.float16 else None
     codes, scales = packed.codes.to(DEVICE), packed.scales.to(DEVICE)
     b = None if bias is None else bias.to(DEVICE)
-    run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype, m)
+    run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype, (1, m))
     for per_row in (False, True):
         a = outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE)
         sx = (torch.rand(m if per_row else 1, 1, generator=rng) + 0.01).to(DEVICE)
         want = gemm.packed_matmul(a, codes, scales, r.weight_fmt, r.weight_block, sx, sw.to(DEVICE), b, out_dtype)
-        assert torch.equal(run(a, sx), want)
+        assert torch.equal(run(a, sx), want[None])
+
 
 
 @pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])

@@ -1,6 +1,8 @@
 """The fused Triton preparation kernel against the reference cascade, bit for bit. On a machine without CUDA it
 runs under the Triton interpreter (TRITON_INTERPRET=1, small shapes)."""
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ import triton.language as tl  # noqa: E402
 
 import sharq  # noqa: E402
 from sharq.kernels.common import div_ieee  # noqa: E402
-from sharq.kernels.prepare import _FMT, _block_scale, prepare_dequantized, supports  # noqa: E402
+from sharq.kernels.prepare import _FMT, _block_scale, dequantized_launcher, prepare_dequantized, supports  # noqa: E402
 from sharq.quant import quantize_blocks  # noqa: E402
 
 from ..conftest import outlier_activations  # noqa: E402
@@ -68,6 +70,22 @@ def test_kernel_takes_the_whole_inputs_amax_for_a_k_slice(granularity, rng):
     values, scale = prepare_dequantized(half.to(DEVICE), recipe, amax=amax.to(DEVICE))
     assert torch.equal(scale.cpu(), ref.scale) and torch.equal(values.cpu(), ref.values)
     assert not torch.equal(prepare_dequantized(half.to(DEVICE), recipe)[1].cpu(), ref.scale)
+
+
+@pytest.mark.parametrize("name,granularity", [("sharq", "tensor"), ("nvfp4", "token"), ("mxfp4", "tensor")])
+@pytest.mark.parametrize("lead", [(3,), (2, 1, 5), (1, 40)])
+def test_the_eager_launcher_takes_the_input_as_it_comes(name, granularity, lead, rng):
+    """An eager layer's prepare (dequantized_launcher) reads x [*lead, K] as the layer gets it, with no view
+    per call, aligned (its bound launches) or not (the general ones), and gives prepare_dequantized's bf16
+    values [M, K] and scale on x's rows, bit for bit."""
+    recipe = sharq.get_recipe(name, scale_granularity=granularity)
+    k, m = 64, math.prod(lead)
+    run = dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device(DEVICE))
+    base = outlier_activations(rng, m * k + 1, 1).reshape(-1).to(torch.bfloat16).to(DEVICE)
+    for x in (base[: m * k].view(*lead, k), base[1:].view(*lead, k)):  # 16-byte aligned, and 2 bytes off
+        values, scale, _ = run(x)
+        want_values, want_scale = prepare_dequantized(x.reshape(m, k), recipe, torch.bfloat16)
+        assert values.shape == (m, k) and torch.equal(values, want_values) and torch.equal(scale, want_scale)
 
 
 @pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4", "nvfp4"])

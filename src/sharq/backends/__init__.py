@@ -37,9 +37,10 @@ class WeightLayout:
 @dataclass(frozen=True)
 class EagerPlan:
     """An eager call's launches for inputs of one shape, dtype and device, worked out once per layer: decode calls
-    every layer once per token, so what depends only on the layer and M (launch shapes, compiled kernels, checks)
-    must not be redone per call. `prepare(x2d)` and `matmul(act)` compute what the backend's prepare and matmul
-    compute, bit for bit."""
+    every layer once per token, so what depends only on the layer and the shape (launch shapes, compiled kernels,
+    checks, the output's shape) must not be redone per call. `prepare(x)` takes the layer's input x [..., K] as
+    it comes (contiguous) and `matmul(act)` gives y [..., N]: they compute what the backend's prepare and matmul
+    compute on x's rows, bit for bit, with no view made per call."""
 
     prepare: Callable[[torch.Tensor], QActivation]
     matmul: Callable[[QActivation], torch.Tensor]
@@ -59,12 +60,13 @@ class Backend:
     - `to_layout(packed, scale, bias)` / `from_layout(layout, block)`: the canonical payload (a QTensor) to the
       backend's layout, and back to the canonical codes and scale codes, exactly (None: the backend reads the
       canonical payload);
-    - `eager_plan(qweight, bias, recipe, m, x_dtype, out_dtype)` -> an EagerPlan for inputs [m, K] of x_dtype
-      (contiguous, on the weight's device), or None where the backend has none for them (then prepare and matmul
-      run). A layer keeps its plans until its weight, bias or backend changes;
-    - `group_plan(qweights, biases, recipe, m, out_dtype)` -> a function of one prepared activation [m, K] (an
-      eager plan's) returning the outputs of several layers that read it (q/k/v, gate/up) from one launch, or
-      None where the backend has none for them (then each layer multiplies on its own)."""
+    - `eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype)` -> an EagerPlan for inputs [*lead, K] of
+      x_dtype (contiguous, on the weight's device), or None where the backend has none for them (then prepare and
+      matmul run). A layer keeps its plans until its weight, bias or backend changes;
+    - `group_plan(qweights, biases, recipe, lead, out_dtype)` -> a function of one prepared activation (of M =
+      prod(lead) rows: an eager plan's) returning the outputs [*lead, N_i] of several layers that read it (q/k/v,
+      gate/up) from one launch, or None where the backend has none for them (then each layer multiplies on its
+      own)."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None, torch.Tensor | None], QActivation]
     matmul: Callable[..., torch.Tensor]

@@ -5,6 +5,7 @@ runs every such recipe at every shape and dtype, and is what CPU CI runs in Trit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -33,8 +34,8 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
                          out_dtype)
 
 
-def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: int, x_dtype: torch.dtype,
-               out_dtype: torch.dtype) -> EagerPlan | None:
+def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead: tuple[int, ...],
+               x_dtype: torch.dtype, out_dtype: torch.dtype) -> EagerPlan | None:
     """The fused prepare launch and the GEMM's, each worked out once, with packed_matmul's checks done here (the
     same kernels and launch shapes as prepare + matmul): at decode sizes where the CUDA GEMM runs the weight, and
     above SMALL_M tokens the decode into the scratch weight + cuBLAS (prefill, whose eager calls were host-bound).
@@ -43,28 +44,28 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, m: i
     from ..kernels import gemm as kg
     from ..kernels import prepare as kp
 
-    p = qweight.packed
+    p, m = qweight.packed, math.prod(lead)
     if p is None or not kp.supports(recipe) or not p.codes.is_cuda:
         return None
     k = p.codes.shape[1] * 2
     if p.shape[1] != k or bias is not None and bias.device != p.codes.device:
         return None
-    gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, m,
+    gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, lead,
                               recipe.tensor_scale_per_row, out_dtype)
     if gemm is None and m > kg.SMALL_M and kg.supports(p.fmt, p.block_size):
-        gemm = kg.decoded_launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale, bias, out_dtype, m)
+        gemm = kg.decoded_launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale, bias, out_dtype, lead)
     if gemm is None:
         return None
     run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, p.codes.device)
 
-    def prepare(x2d: torch.Tensor) -> QActivation:
-        values, scale, _ = run_prepare(x2d)
+    def prepare(x: torch.Tensor) -> QActivation:
+        values, scale, _ = run_prepare(x)
         return QActivation((), values, scale)
 
     return EagerPlan(prepare, lambda act: gemm(act.values, act.scale))
 
 
-def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recipe: Recipe, m: int,
+def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recipe: Recipe, lead: tuple[int, ...],
                out_dtype: torch.dtype) -> Callable[[QActivation], list[torch.Tensor]] | None:
     """Layers that read one activation (q/k/v, gate/up) in one launch of the CUDA GEMM (cuda_gemm.group_launcher),
     where it runs them: fewer launches at decode sizes, and no K split over blocks for narrow layers (k/v)."""
@@ -74,7 +75,7 @@ def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recip
     if any(p is None or p.fmt != packed[0].fmt or p.block_size != packed[0].block_size for p in packed):
         return None
     run = cuda_gemm.group_launcher([(p.codes, p.scales, w.scale.reshape(-1)) for p, w in zip(packed, qweights)],
-                                   biases, packed[0].fmt, packed[0].block_size, m, recipe.tensor_scale_per_row,
+                                   biases, packed[0].fmt, packed[0].block_size, lead, recipe.tensor_scale_per_row,
                                    out_dtype)
     return None if run is None else lambda act: run(act.values, act.scale)
 

@@ -46,6 +46,7 @@ product on the H200 (tests/kernels/test_cuda_gemm.py)."""
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -523,11 +524,12 @@ class _Launch:
     splits: int
     chunks_per_split: int
 
-    def output(self, m: int, n: int, out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """What the kernel writes for one layer: y [m, n], or its fp32 partials [splits, m, n] with a K split."""
-        split = self.splits > 1
-        return torch.empty((self.splits, m, n) if split else (m, n), dtype=torch.float32 if split else out_dtype,
-                           device=device)
+    def output(self, shape: tuple[int, ...], out_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """What the kernel writes for one layer's y of `shape` [..., n]: y itself, or with a K split its fp32
+        partials [splits, M, n]."""
+        if self.splits > 1:
+            return torch.empty((self.splits, math.prod(shape[:-1]), shape[-1]), dtype=torch.float32, device=device)
+        return torch.empty(shape, dtype=out_dtype, device=device)
 
     def start(self, ptrs: tuple[int, ...], ints: tuple[int, ...]) -> None:
         """cuLaunchKernel on the launch's device's current stream."""
@@ -654,12 +656,14 @@ def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, 
 
 
 def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], biases: list[torch.Tensor | None],
-                   fmt: str, block: int, m: int, sx_rows: bool, out_dtype: torch.dtype
+                   fmt: str, block: int, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype
                    ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
-    """The products of one activation [m, K] with several layers' weights ((codes, scales, sw) each; the layers
-    that read one input, as q/k/v) in one launch, worked out once: (a, sx) -> [y per layer], each as `launcher`'s
-    would be for its layer with the group's tile. None where one launch does not run them (_group_launch; the
-    layers disagree in K, device or bias dtype; a weight the kernel does not take)."""
+    """The products of one activation [M, K] (M = prod(lead), contiguous) with several layers' weights ((codes,
+    scales, sw) each; the layers that read one input, as q/k/v) in one launch, worked out once: (a, sx) -> [y per
+    layer, [*lead, N_i]], each as `launcher`'s would be for its layer with the group's tile. None where one launch
+    does not run them (_group_launch; the layers disagree in K, device or bias dtype; a weight the kernel does not
+    take)."""
+    m = math.prod(lead)
     codes0 = weights[0][0]
     bias_dtypes = {None if b is None else b.dtype for b in biases}
     if (len(bias_dtypes) > 1 or any(c.shape[1] != codes0.shape[1] or c.device != codes0.device
@@ -677,7 +681,7 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return None
     if plan is None:
         return None
-    return lambda a, sx: _run_group(plan, a, weights, biases, sx, out_dtype)
+    return _group_run(plan, weights, biases, lead, out_dtype)
 
 
 def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -688,25 +692,34 @@ def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
     m, k = a.shape
     plan = _group_launch(a.get_device(), m, tuple(c.shape[0] for c, _, _ in weights), k, block, _OUT[out_dtype],
                          _BIAS[None if biases[0] is None else biases[0].dtype], sx.numel() > 1, tile)
-    return None if plan is None else _run_group(plan, a, weights, biases, sx, out_dtype)
+    return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype)(a, sx)
 
 
-def _run_group(plan: _GroupLaunch, a: torch.Tensor, weights, biases, sx: torch.Tensor, out_dtype: torch.dtype
-               ) -> list[torch.Tensor]:
+def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_dtype: torch.dtype
+               ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """(a, sx) -> [y per layer, each [*lead, N_i]] for activations a [M, K] (M = prod(lead), unit column stride):
+    the group's pointers and sizes, which depend on the weights alone, worked out once."""
     from .epilogue import reduce_scale_and_bias
 
-    m, launch = a.shape[0], plan.launch
-    ys = [launch.output(m, c.shape[0], out_dtype, a.device) for c, _, _ in weights]
-    pad = GROUP_MAX - len(weights)
-    columns = [[t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights)]  # codes, scales, sw
-    ptrs = (*columns[0], *columns[1], *[y.data_ptr() for y in ys], *[0] * pad, *columns[2],
-            *[(b if b is not None else sx).data_ptr() for b in biases], *[0] * pad, a.data_ptr(), sx.data_ptr())
-    ints = (m, a.shape[1], a.stride(0), launch.chunks_per_split, plan.blocks[0],
-            plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30, *[c.shape[0] for c, _, _ in weights], *[0] * pad)
-    launch.start(ptrs, ints)
-    if launch.splits > 1:
-        return [reduce_scale_and_bias(y, sx, sw, b, out_dtype) for y, (_, _, sw), b in zip(ys, weights, biases)]
-    return ys
+    launch, m, pad = plan.launch, math.prod(lead), GROUP_MAX - len(weights)
+    shapes = [(*lead, c.shape[0]) for c, _, _ in weights]
+    codes, scales, sws = ([t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights))
+    sizes = (launch.chunks_per_split, plan.blocks[0], plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30,
+             *[c.shape[0] for c, _, _ in weights], *[0] * pad)
+    biased = [None if b is None else b.data_ptr() for b in biases]
+
+    def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
+        ys = [launch.output(shape, out_dtype, a.device) for shape in shapes]
+        sx_ptr = sx.data_ptr()
+        launch.start((*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
+                      *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr),
+                     (m, a.shape[1], a.stride(0), *sizes))
+        if launch.splits > 1:
+            return [reduce_scale_and_bias(y, sx, sw, b, out_dtype).view(shape)
+                    for y, (_, _, sw), b, shape in zip(ys, weights, biases, shapes)]
+        return ys
+
+    return run
 
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
@@ -717,7 +730,7 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
     (m, k), n = a.shape, codes.shape[0]
     plan = _try_launch(a.get_device(), m, n, k, block, out_dtype, None if bias is None else bias.dtype,
                        sx.numel() > 1, tile)
-    return None if plan is None else _run(plan, a, codes, scales, sx, sw, bias, out_dtype)
+    return None if plan is None else _single_run(plan, codes, scales, sw, bias, (m,), out_dtype)(a, sx)
 
 
 def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype,
@@ -735,24 +748,34 @@ def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torc
         return None
 
 
-def _run(plan: _Launch, a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, sx: torch.Tensor,
-         sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: torch.Tensor,
+                bias: torch.Tensor | None, lead: tuple[int, ...], out_dtype: torch.dtype
+                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(a, sx) -> y [*lead, N] for activations a [M, K] (M = prod(lead), unit column stride): the pointers that
+    depend on the weight alone worked out once, so a call allocates y and launches."""
     from .epilogue import reduce_scale_and_bias
 
-    (m, k), n = a.shape, codes.shape[0]
-    y = plan.output(m, n, out_dtype, a.device)
-    ptrs = (codes.data_ptr(), scales.data_ptr(), a.data_ptr(), y.data_ptr(), sx.data_ptr(), sw.data_ptr(),
-            (bias if bias is not None else sx).data_ptr())
-    plan.start(ptrs, (m, n, k, a.stride(0), plan.chunks_per_split))
-    return reduce_scale_and_bias(y, sx, sw, bias, out_dtype) if plan.splits > 1 else y
+    n, m = codes.shape[0], math.prod(lead)
+    shape, weight, sw_ptr = (*lead, n), (codes.data_ptr(), scales.data_ptr()), sw.data_ptr()
+    bias_ptr = None if bias is None else bias.data_ptr()
+
+    def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
+        y = plan.output(shape, out_dtype, a.device)
+        sx_ptr = sx.data_ptr()
+        plan.start((*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr),
+                   (m, n, a.shape[1], a.stride(0), plan.chunks_per_split))
+        return reduce_scale_and_bias(y, sx, sw, bias, out_dtype).view(shape) if plan.splits > 1 else y
+
+    return run
 
 
 def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-             bias: torch.Tensor | None, m: int, sx_rows: bool, out_dtype: torch.dtype
+             bias: torch.Tensor | None, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype
              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    """The product with this weight for activations [m, K] (bf16, contiguous, 16-byte aligned: a prepare
-    kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y, sx the activation scale (fp32
-    [m, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight."""
+    """The product with this weight for activations [M, K] (M = prod(lead); bf16, contiguous, 16-byte aligned: a
+    prepare kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y [*lead, N], sx the
+    activation scale (fp32 [M, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight."""
+    m = math.prod(lead)
     if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
@@ -760,4 +783,4 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw
                        None if bias is None else bias.dtype, sx_rows and m > 1, None)
     if plan is None:
         return None
-    return lambda a, sx: _run(plan, a, codes, scales, sx, sw, bias, out_dtype)
+    return _single_run(plan, codes, scales, sw, bias, lead, out_dtype)

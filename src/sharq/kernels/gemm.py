@@ -22,6 +22,7 @@ Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -403,14 +404,16 @@ def _product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch
 
 
 class _DecodedLaunch:
-    """decoded_matmul with one weight for activations [m, K], worked out once (an eager layer's plan above the
+    """decoded_matmul with one weight for activations [M, K], worked out once (an eager layer's plan above the
     CUDA kernel's tokens, prefill): the decode's and the epilogue's launches bound, the scratch views kept, so a
-    call is the decode launch, one cuBLAS call and the epilogue launch."""
+    call is the decode launch, one cuBLAS call and the epilogue launch, into an output [*lead, N]."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype, m: int):
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...]):
         self.codes, self.scales, self.out_dtype = codes, scales, out_dtype
         self.n, self.k = codes.shape[0], codes.shape[1] * 2
+        self.shape = (*lead, self.n)
+        m = math.prod(lead)
         flags = _DEQUANTIZE[fmt, block]
         self.dequantize = TritonLaunch(_dequantize_kernel, (triton.cdiv(self.n, flags["BN"]),
                                                             triton.cdiv(self.k, flags["BK"])), flags, bound=True)
@@ -421,17 +424,17 @@ class _DecodedLaunch:
             w, wt = _scratch_weight(self.n, self.k, self.codes.device)
             self.dequantize((self.codes, self.scales, w, self.n, self.k, self.k))
             y = _product(a, wt, self.out_dtype)
-        return self.epilogue(y, sx)
+        return self.epilogue(y, sx).view(self.shape)
 
 
 def decoded_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype, m: int
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...]
                      ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """decoded_matmul with this weight for activations [m, K], its checks done once: an eager layer's plan above
-    the CUDA kernel's tokens (prefill), whose caller guarantees a contiguous bf16 activation [m, K] (K the
-    payload's) and its fp32 scale ([1, 1] or [m, 1], contiguous), both fresh from the prepare kernel. Returns
-    (a, sx) -> y, the bits packed_matmul gives."""
-    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, m)
+    """decoded_matmul with this weight for activations [M, K] (M = prod(lead)), its checks done once: an eager
+    layer's plan above the CUDA kernel's tokens (prefill), whose caller guarantees a contiguous bf16 activation
+    [M, K] (K the payload's) and its fp32 scale ([1, 1] or [M, 1], contiguous), both fresh from the prepare
+    kernel. Returns (a, sx) -> y [*lead, N], the bits packed_matmul gives."""
+    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, lead)
 
 
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,

@@ -504,13 +504,14 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     tile = tile or _default_tile(m)
     plan = _plan(recipe, m, k, x.dtype != torch.bfloat16, packed, (tile["BM"], tile["H"], tile["num_warps"]),
                  self_amax, _device(x.device), amax is not None)
-    return _run(plan, x, out_dtype, packed, amax)
+    return _run(plan, x, m, k, x.stride(0), out_dtype, packed, amax)
 
 
-def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, amax: torch.Tensor | None
-         ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
-    """The launches of a plan on x [M, K] (unit column stride), its arguments checked by the caller."""
-    (m, k), dev = x.shape, x.device
+def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype: torch.dtype, packed: bool,
+         amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+    """The launches of a plan on x, m rows of k elements `stride_xm` apart (unit column stride), its arguments
+    checked by the caller."""
+    dev = x.device
     out = torch.empty(m, k, dtype=out_dtype, device=dev)
     if plan.tensor_scale:  # s_x is written by the main kernel
         scale = torch.empty(m if plan.per_row else 1, 1, dtype=torch.float32, device=dev)
@@ -520,7 +521,7 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
         elif plan.amax_grid is not None:
             amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
                          else torch.zeros(1, dtype=torch.int32, device=dev))
-            plan.amax_launch((x, amax_bits, m, k, x.stride(0)))
+            plan.amax_launch((x, amax_bits, m, k, stride_xm))
     else:
         scale = amax_bits = torch.ones(1, 1, dtype=torch.float32, device=dev)  # a placeholder the kernel skips
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
@@ -528,7 +529,7 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
                for kpad, block in zip(plan.kp, plan.blocks)]
     indices = torch.empty(m, plan.idx_bytes, dtype=torch.uint8, device=dev) if packed and plan.mask else out
     codes2, scales2 = payload[-1]
-    plan.main_launch((x, amax_bits, scale, out, m, k, x.stride(0), out.stride(0), payload[0][0], payload[0][1],
+    plan.main_launch((x, amax_bits, scale, out, m, k, stride_xm, k, payload[0][0], payload[0][1],
                       indices, codes2, scales2, plan.kp[0], plan.kp[-1], plan.idx_bytes))
     parts = ()
     if packed:
@@ -541,9 +542,10 @@ def _run(plan: _Plan, x: torch.Tensor, out_dtype: torch.dtype, packed: bool, ama
 
 def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device
                          ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, tuple]]:
-    """prepare_dequantized's launches for contiguous inputs [m, k] of x_dtype on `device` (bf16 values), worked
-    out once: an eager layer's plan, whose caller guarantees the input. Returns x -> (values, scale, ()). Its
-    launches are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches."""
+    """prepare_dequantized's launches for contiguous inputs [..., k] of m rows, of x_dtype on `device` (bf16
+    values [m, k]), worked out once: an eager layer's plan, whose caller guarantees the input (its leading dims
+    are not flattened by a view: the kernel reads rows k apart). Returns x -> (values, scale, ()). Its launches
+    are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches."""
     _check_supported(recipe)
     tile = _default_tile(m)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
@@ -551,7 +553,7 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     bound = _bound(plan)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        return _run(plan if x.data_ptr() & 15 else bound, x, torch.bfloat16, False, None)
+        return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None)
 
     return run
 
