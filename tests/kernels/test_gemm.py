@@ -122,13 +122,15 @@ def test_the_decoded_launcher_gives_packed_matmuls_bits(recipe, out_dtype, rng):
     bias = torch.randn(n, generator=rng).to(torch.bfloat16) if out_dtype != torch.float16 else None
     codes, scales = packed.codes.to(DEVICE), packed.scales.to(DEVICE)
     b = None if bias is None else bias.to(DEVICE)
-    run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype, (1, m))
     for per_row in (False, True):
-        a = outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE)
-        sx = (torch.rand(m if per_row else 1, 1, generator=rng) + 0.01).to(DEVICE)
-        want = gemm.packed_matmul(a, codes, scales, r.weight_fmt, r.weight_block, sx, sw.to(DEVICE), b, out_dtype)
-        assert torch.equal(run(a, sx), want[None])
-
+        run = gemm.decoded_launcher(codes, scales, r.weight_fmt, r.weight_block, sw.to(DEVICE), b, out_dtype,
+                                    (1, m), per_row)
+        for _ in range(2):
+            a = outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE)
+            sx = (torch.rand(m if per_row else 1, 1, generator=rng) + 0.01).to(DEVICE)
+            want = gemm.packed_matmul(a, codes, scales, r.weight_fmt, r.weight_block, sx, sw.to(DEVICE), b,
+                                      out_dtype)
+            assert torch.equal(run(a, sx), want[None])
 
 
 @pytest.mark.parametrize("recipe", ["sharq", "nvfp4", "mxfp4"])

@@ -53,7 +53,8 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
     gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, lead,
                               recipe.tensor_scale_per_row, out_dtype)
     if gemm is None and m > kg.SMALL_M and kg.supports(p.fmt, p.block_size):
-        gemm = kg.decoded_launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale, bias, out_dtype, lead)
+        gemm = kg.decoded_launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale, bias, out_dtype, lead,
+                                   recipe.tensor_scale_per_row)
     if gemm is None:
         return None
     run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, p.codes.device)

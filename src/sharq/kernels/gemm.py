@@ -409,7 +409,7 @@ class _DecodedLaunch:
     call is the decode launch, one cuBLAS call and the epilogue launch, into an output [*lead, N]."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...]):
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool):
         self.codes, self.scales, self.out_dtype = codes, scales, out_dtype
         self.n, self.k = codes.shape[0], codes.shape[1] * 2
         self.shape = (*lead, self.n)
@@ -417,7 +417,7 @@ class _DecodedLaunch:
         flags = _DEQUANTIZE[fmt, block]
         self.dequantize = TritonLaunch(_dequantize_kernel, (triton.cdiv(self.n, flags["BN"]),
                                                             triton.cdiv(self.k, flags["BK"])), flags, bound=True)
-        self.epilogue = scale_and_bias_launcher(m, self.n, sw, bias)
+        self.epilogue = scale_and_bias_launcher(m, self.n, sw, bias, sx_rows)
 
     def __call__(self, a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         with _scratch_lock:
@@ -428,13 +428,13 @@ class _DecodedLaunch:
 
 
 def decoded_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...]
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool
                      ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """decoded_matmul with this weight for activations [M, K] (M = prod(lead)), its checks done once: an eager
     layer's plan above the CUDA kernel's tokens (prefill), whose caller guarantees a contiguous bf16 activation
-    [M, K] (K the payload's) and its fp32 scale ([1, 1] or [M, 1], contiguous), both fresh from the prepare
-    kernel. Returns (a, sx) -> y [*lead, N], the bits packed_matmul gives."""
-    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, lead)
+    [M, K] (K the payload's) and its fp32 scale ([M, 1] if `sx_rows`, else [1, 1]; contiguous), both fresh from
+    the prepare kernel. Returns (a, sx) -> y [*lead, N], the bits packed_matmul gives."""
+    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, lead, sx_rows)
 
 
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
