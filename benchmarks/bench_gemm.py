@@ -436,7 +436,7 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
             t = cuda_wgmma.WgmmaTile(**option)
             if n % t.rows:
                 continue
-            t = replace(t, splits=cuda_wgmma.k_splits(n, k, t.rows, sms))
+            t = replace(t, splits=cuda_wgmma.k_splits(n // t.rows, k, sms))
             error = ((case.output(t, torch.float32) - want).abs().max() / want.abs().max()).item()
             timed[str(t)] = (case.cuda_us(t), error)
         best = min((v for v in timed.items() if v[1][1] < 1e-5), key=lambda kv: kv[1][0])
@@ -446,6 +446,57 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
               + ", ".join(f"{key.removeprefix('WgmmaTile')} {us:.1f}" + (" WRONG" if err >= 1e-5 else "")
                           for key, (us, err) in timed.items()), flush=True)
         del case
+    return rows
+
+
+def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = False) -> list[dict]:
+    """The wgmma kernel's token tiles above 64 tokens (kernels/cuda_wgmma.py) against what those sizes run otherwise
+    (decode into the scratch weight + cuBLAS) and BF16 cuBLAS, on the 8B shapes (sharq weights, bf16 out): 64 or 128
+    tokens a block (wgmma's N), K split over 1-8 blocks (and k_splits' choice); with `wider` (--wide-options) instead
+    the launch options that measured slower (one consumer warpgroup, 192 and 256 tokens, 2 chunks in flight), each
+    with no K split and k_splits' choice. GPU µs each, and each launch's largest difference from decode + cuBLAS's fp32 output relative to its largest
+    output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and WIDE_MAX_M were chosen."""
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    options = [dict(tokens=64), dict(tokens=128)]
+    if wider:
+        options += [dict(tokens=128, warpgroups=1), dict(tokens=192, slots=3), dict(tokens=128, stages=2),
+                    dict(tokens=256, warpgroups=1, slots=3, stages=2)]
+    for (k, n), m in itertools.product(SHAPES, ms):
+        case = CudaCase.make("sharq", k, n, m)
+        a, block, sx, sw = case.act.values, case.r.weight_block, case.sx, case.swf
+        row: dict = {"K": k, "N": n, "M": m, "bf16_us": case.bf16_us}
+        want = gemm.decoded_matmul(a, case.p.codes, case.p.scales, "nvfp4", block, sx, sw, None, torch.float32)
+        row["decoded_us"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
+            a, c, s, "nvfp4", block, sx, sw, None, torch.bfloat16) for c, s in case.ps], reps=10)
+        timed = {}
+        for option in options:
+            try:
+                tile = cuda_wgmma.WgmmaTile(**option)
+            except ValueError as e:
+                print(f"  {option}: {e}", file=sys.stderr)
+                continue
+            if n % tile.rows:
+                continue
+            chosen = cuda_wgmma.k_splits(n // tile.rows * cuda_wgmma.token_tiles(m, tile), k, sms)
+            for splits in sorted({1, chosen, *(s for s in (2, 4, 8) if k // 128 // s >= 4 and not wider)}):
+                t = replace(tile, splits=splits)
+                try:
+                    error = ((case.output(t, torch.float32) - want).abs().max() / want.abs().max()).item()
+                    timed[str(t)] = (case.cuda_us(t), error)
+                except Exception as e:  # noqa: BLE001 - a launch that does not compile or fit is reported, skipped
+                    print(f"  {t}: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+        good = [kv for kv in timed.items() if kv[1][1] < 1e-5]
+        best = min(good, key=lambda kv: kv[1][0]) if good else (None, (float("nan"), None))
+        row.update(all=timed, best=best[0], best_us=best[1][0])
+        rows.append(row)
+        print(f"K={k} N={n} M={m}: bf16 {row['bf16_us']:.1f} us, decode + cuBLAS {row['decoded_us']:.1f} "
+              f"(x bf16 {row['bf16_us'] / row['decoded_us']:.2f}), best wide {row['best_us']:.1f} (x bf16 "
+              f"{row['bf16_us'] / row['best_us']:.2f}); "
+              + ", ".join(f"{key.removeprefix('WgmmaTile')} {us:.1f}" + (" WRONG" if err >= 1e-5 else "")
+                          for key, (us, err) in timed.items()), flush=True)
+        del case
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -624,6 +675,8 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                   "the wgmma kernel against the decode kernel where it takes over (8B and 70B shapes)"),
         "wgmma_sweep": ((25, 32, 33, 48, 64), wgmma_sweep, "wgmma_sweep", "the wgmma kernel's launch options where it "
                         "takes over (how cuda_wgmma.choose_tile's defaults were chosen)"),
+        "wide": ((96, 128, 192, 256, 384), wide_sweep, "wide_sweep", "the wgmma kernel's token tiles above 64 "
+                 "tokens against decode + cuBLAS (how cuda_wgmma.WIDE_TOKENS and WIDE_MAX_M were chosen)"),
         "groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups", "layers that read one activation (q/k/v, "
                    "gate/up) launched one by one against one group launch (8B and 70B)"),
         "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition", "the decode kernel's K split over warps and the "
@@ -651,6 +704,7 @@ def main() -> int:
                    "(how cuda_gemm.choose_tile was chosen; then exit)")
     for mode, (*_, what) in ONLY.items():
         p.add_argument("--" + mode.replace("_", "-"), action="store_true", help=f"only {what} (then exit)")
+    p.add_argument("--wide-options", action="store_true", help="with --wide: the token tiles' other launch options")
     p.add_argument("--sweep-recipes", default="sharq", help="with --cuda-sweep: the weights timed (NVFP4 recipes: "
                    "sharq has 32-element blocks, sharq-plus and nvfp4 16)")
     p.add_argument("--json", default=None)
@@ -663,7 +717,8 @@ def main() -> int:
     if only is not None:
         default, run, key, _ = ONLY[only]
         ms = default if args.ms == p.get_default("ms") else tuple(map(int, args.ms.split(",")))
-        save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, key: run(ms)}, args.json)
+        options = {"wider": True} if only == "wide" and args.wide_options else {}
+        save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, key: run(ms, **options)}, args.json)
         return 0
     if args.crossover or args.cuda_sweep:
         out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "small_m": gemm.SMALL_M,

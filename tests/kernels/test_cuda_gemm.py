@@ -1,5 +1,5 @@
-"""The CUDA small-M GEMM (kernels/cuda_gemm.py, and the wgmma kernel it hands 25-64 tokens of large layers to,
-kernels/cuda_wgmma.py) against the exact product on the dequantized Ŵ. GPU only: the kernels are compiled by NVRTC,
+"""The CUDA small-M GEMM (kernels/cuda_gemm.py, and the wgmma kernel it hands 25-64 tokens of large layers to and,
+in token tiles, prefill sizes up to its WIDE_MAX_M; kernels/cuda_wgmma.py) against the exact product on the dequantized Ŵ. GPU only: the kernels are compiled by NVRTC,
 which CPU CI does not have (the Triton kernels they stand in for are checked there; their sources compile there)."""
 
 from __future__ import annotations
@@ -217,19 +217,84 @@ def test_where_the_wgmma_kernel_does_not_compile_the_decode_kernel_takes_its_sha
         return compile_(device, source, shared, name, arch_suffix)
 
     m, n, k = 40, 8192, 4096
-    q, a = _payload(n, k, 32, 41), _x(m, k, 42)
+    q, a = _payload(n, k, 32, 41), _x(100, k, 42)
     one = torch.ones(1, device="cuda")
-    want = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32,
+    want = cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 32, one, one, None, torch.float32,
                                tile=cuda_gemm.choose_tile(m, n, k, a.device))
     monkeypatch.setattr(cuda_gemm, "_compile", failing)
     monkeypatch.setattr(cuda_gemm, "_wgmma_broken", [])
+    monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 128)
     cuda_gemm._launch.cache_clear()
     try:
         with pytest.warns(UserWarning, match="wgmma GEMM could not be compiled"):
-            y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32)
+            y = cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 32, one, one, None, torch.float32)
         assert torch.equal(y, want) and cuda_gemm.available()
+        # above 64 tokens no CUDA launch: packed_matmul decodes for cuBLAS (the Triton kernels stay available)
+        assert not cuda_gemm.fits(a, q.codes, q.scales, "nvfp4", 32, None, torch.float32)
+        assert cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, one, one, None, torch.float32) is None
+        assert cuda_gemm.available()
     finally:
         cuda_gemm._launch.cache_clear()
+
+
+@hopper
+@pytest.mark.parametrize("tile", [cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2),
+                                  cuda_wgmma.WgmmaTile(tokens=128, warpgroups=1, stages=2),
+                                  cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3)])
+@pytest.mark.parametrize("block,out_dtype,bias_dtype", [(32, torch.bfloat16, torch.bfloat16), (16, torch.float32, None)])
+def test_token_tiles_match_the_exact_product_and_a_tokens_output_does_not_depend_on_the_batch(
+        tile, block, out_dtype, bias_dtype):
+    """Above 64 tokens the wgmma kernel takes M in tiles of tile.tokens (grid z), the last one partly beyond M: the
+    exact product's bound at 300 tokens (one scale each, with and without a bias and a K split), and with the same
+    launch a token's output is the same bits at every M (its column of the MMA sums in an order of its own)."""
+    n, k = 256, 2048
+    q, a = _payload(n, k, block, 61 + block), _x(300, k, 62)
+    sx, sw = torch.rand(300, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
+    bias = None if bias_dtype is None else torch.randn(n, device="cuda").to(bias_dtype)
+    y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, out_dtype, tile=tile)
+    assert y.shape == (300, n) and _bound_ok(y, a, q, sx[:, None] * sw, bias, out_dtype) <= 1
+    for m in (1, 65, 129, 200):
+        got = cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, block, sx[:m], sw, bias, out_dtype, tile=tile)
+        assert torch.equal(got, y[:m]), m
+
+
+@hopper
+def test_a_group_launch_on_token_tiles_gives_each_layer_its_own_launch_bit_for_bit():
+    m, k, ns = 150, 2048, (512, 128, 128)
+    a, sx = _x(m, k, 71), torch.rand(m, device="cuda") + 0.5
+    qs = [_payload(n, k, 16, 72 + i) for i, n in enumerate(ns)]
+    sws = [torch.rand(1, device="cuda") + 0.5 for _ in ns]
+    biases = [torch.randn(n, device="cuda").to(torch.bfloat16) for n in ns]
+    for tile in (cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2)):
+        ys = cuda_gemm.nvfp4_mma_group(a, [(q.codes, q.scales, sw) for q, sw in zip(qs, sws)], biases, 16, sx,
+                                       torch.bfloat16, tile=tile)
+        for y, q, sw, bias in zip(ys, qs, sws, biases):
+            assert torch.equal(y, cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 16, sx, sw, bias, torch.bfloat16,
+                                                      tile=tile))
+            assert _bound_ok(y, a, q, sx[:, None] * sw, bias, torch.bfloat16) <= 1
+
+
+@hopper
+def test_packed_matmul_and_eager_plans_take_token_tiles_up_to_wide_max_m(monkeypatch):
+    """From 65 to WIDE_MAX_M tokens a layer of at least 2^24 weights runs on the wgmma kernel's token tiles (the
+    launch choose_tile gives), one-off and as an eager plan; above, packed_matmul decodes for cuBLAS and the CUDA
+    plan declines (the packed backend's eager plan then decodes too)."""
+    monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 256)
+    n, k = 4096, 4096
+    q, a = _payload(n, k, 32, 81), _x(257, k, 82)
+    one = torch.ones(1, device="cuda")
+    mps = torch.cuda.get_device_properties(0).multi_processor_count
+    for m in (65, 256):
+        t = cuda_wgmma.choose_tile(m, n, k, (9, 0), mps)
+        assert t is not None and t.tokens == cuda_wgmma.WIDE_TOKENS
+        y = gemm.packed_matmul(a[:m], q.codes, q.scales, "nvfp4", 32, one, one, None, torch.bfloat16)
+        assert torch.equal(y, cuda_gemm.nvfp4_mma(a[:m], q.codes, q.scales, 32, one, one, None, torch.bfloat16,
+                                                  tile=t))
+        plan = cuda_gemm.launcher(q.codes, q.scales, "nvfp4", 32, one, None, (m,), False, torch.bfloat16)
+        assert plan is not None and torch.equal(plan(a[:m].contiguous(), one.reshape(1, 1)), y)
+    y = gemm.packed_matmul(a, q.codes, q.scales, "nvfp4", 32, one, one, None, torch.bfloat16)
+    assert torch.equal(y, gemm.decoded_matmul(a, q.codes, q.scales, "nvfp4", 32, one, one, None, torch.bfloat16))
+    assert cuda_gemm.launcher(q.codes, q.scales, "nvfp4", 32, one, None, (257,), False, torch.bfloat16) is None
 
 
 @pytest.mark.parametrize("m", [4, 48])

@@ -82,6 +82,46 @@ def test_the_wgmma_kernel_takes_large_layers_at_25_to_64_tokens_on_hopper_alone(
     assert tile(64, 28672, 4096).splits == 1
 
 
+@pytest.mark.parametrize("option", [{"tokens": 128}, {"tokens": 128, "warpgroups": 1}, {"tokens": 128, "stages": 2},
+                                    {"tokens": 64, "warpgroups": 1}])
+def test_the_token_tile_options_compile_without_spills(option):
+    """The token tiles above 64 tokens that bench_gemm.py --wide times and that do not spill (wider ones, whose
+    producers hold two chunks of 24-32 token groups, do), as one layer's and as a group's kernel."""
+    t = cuda_wgmma.WgmmaTile(**option)
+    for group in (False, True):
+        built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 1, True, group), "sm_90a")
+        assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
+
+
+def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
+    """wgmma's N is 8-256 in steps of 8; producer warps come in whole warpgroups that share the token groups evenly;
+    the activation buffers fit a block's shared memory."""
+    for bad in [{"tokens": 0}, {"tokens": 100}, {"tokens": 264}, {"producers": 6}, {"producers": 8, "tokens": 72},
+                {"tokens": 256, "slots": 4}]:
+        with pytest.raises(ValueError, match="WgmmaTile"):
+            cuda_wgmma.WgmmaTile(**bad)
+    assert cuda_wgmma.shared_bytes(cuda_wgmma.WgmmaTile(tokens=256, slots=3)) <= cuda_wgmma.SHARED_LIMIT
+
+
+def test_token_tiles_take_65_to_wide_max_m_tokens_of_large_layers(monkeypatch):
+    """Above 64 tokens the wgmma kernel takes layers of at least 2^24 weights in tiles of WIDE_TOKENS up to
+    WIDE_MAX_M tokens (none while it is 0), with the K split counting row blocks x token tiles; never off Hopper."""
+    def tile(m, n, k, capability=(9, 0)):
+        return cuda_wgmma.choose_tile(m, n, k, capability, 132)
+
+    monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 0)
+    assert not any(tile(m, 6144, 4096) for m in (65, 128, 2048))
+    monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 1024)
+    monkeypatch.setattr(cuda_wgmma, "WIDE_TOKENS", 128)
+    assert all(tile(m, 4096, 4096).tokens == 128 for m in (65, 300, 1024))
+    assert tile(1025, 4096, 4096) is None and tile(300, 4096, 2048) is None  # 2^23 weights
+    assert tile(300, 4096, 4096, (8, 0)) is None and tile(300, 4096 + 64, 4096) is None
+    # 32 row blocks of 128 (14336 / 128 = 112 chunks): doubled until 132 blocks, one token tile 8 splits, two 4,
+    # three 2, five none
+    assert [tile(m, 4096, 14336).splits for m in (128, 129, 256, 257, 640)] == [8, 4, 4, 2, 1]
+    assert cuda_wgmma.token_tiles(257, tile(257, 4096, 14336)) == 3
+
+
 def test_a_launch_starts_early_where_that_measured_faster(monkeypatch):
     """Programmatic launch on Hopper (docs/PERF.md): above 8 tokens, or on the register-staged kernel (up to 2^24
     weights) or two row tiles a warp (N >= 2 K); never on the one-row-tile cp.async ring at up to 8 tokens, which

@@ -409,14 +409,15 @@ def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, b
 def weight_fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, m: int) -> bool:
     """Whether the kernel runs this weight for M = m tokens: NVFP4 weights, whole 128-element chunks, whole
-    16-row tiles, at most MAX_M tokens, 16-byte aligned rows (8-byte aligned scale rows: the ring copies them in
+    16-row tiles, at most MAX_M tokens (more where the wgmma kernel's token tiles take them), 16-byte aligned rows (8-byte aligned scale rows: the ring copies them in
     4 or 8 bytes), on a GPU with bf16 tensor cores."""
     n, kp = codes.shape[0], codes.shape[1] * 2
-    return (fmt == "nvfp4" and block in (16, 32) and 0 < m <= MAX_M and kp % 128 == 0 and n % 16 == 0
+    return (fmt == "nvfp4" and block in (16, 32) and 0 < m and kp % 128 == 0 and n % 16 == 0
             and codes.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS)
             and codes.is_contiguous() and scales.is_contiguous() and scales.data_ptr() % 8 == 0
             and codes.data_ptr() % 16 == 0 and (bias is None or bias.is_contiguous())
-            and _capability(codes.device) >= (8, 0) and available())
+            and _capability(codes.device) >= (8, 0) and available()
+            and (m <= MAX_M or _wgmma_tile(m, n, kp, codes.device) is not None))
 
 
 @functools.lru_cache
@@ -427,6 +428,11 @@ def _capability(device: torch.device) -> tuple[int, int]:
 @functools.lru_cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _wgmma_tile(m: int, n: int, kp: int, device: torch.device) -> cuda_wgmma.WgmmaTile | None:
+    """cuda_wgmma.choose_tile's launch on this device, None where it takes none or the kernel failed to compile."""
+    return None if _wgmma_broken else cuda_wgmma.choose_tile(m, n, kp, _capability(device), _multiprocessors(device))
 
 
 _broken: list[str] = []  # why the kernel could not be compiled here (then packed_matmul keeps to Triton)
@@ -555,7 +561,8 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
         mt = n8_tiles(m)
         shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
-    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, 1),
+    tiles = cuda_wgmma.token_tiles(m, t) if isinstance(t, cuda_wgmma.WgmmaTile) else 1
+    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, tiles),
                    (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
 
 
@@ -571,17 +578,21 @@ def _programmatic(device: int, m: int, n: int, k: int) -> bool:
     return _capability(device) >= (9, 0) and (m > 8 or n * k <= _RING_WEIGHTS or n >= 2 * k)
 
 
+class _NoWgmma(RuntimeError):
+    """More than MAX_M tokens and no wgmma launch for them: the caller decodes the weight for cuBLAS instead."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
             tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _Launch:
     """The launch for one layer (_build): choose_tile's, or where cuda_wgmma.choose_tile takes the shape (25-64
-    tokens on large layers, Hopper) or `tile` is a WgmmaTile, the wgmma kernel's, with the same arguments."""
+    tokens on large layers and its token tiles above, Hopper) or `tile` is a WgmmaTile, the wgmma kernel's, with
+    the same arguments. The decode kernel takes at most MAX_M tokens."""
     asked = isinstance(tile, cuda_wgmma.WgmmaTile)
-    w = tile if asked else None if tile or _wgmma_broken else cuda_wgmma.choose_tile(
-        m, n, k, _capability(device), _multiprocessors(device))
+    w = tile if asked else None if tile else _wgmma_tile(m, n, k, torch.device("cuda", device))
     if w is not None:
-        if n % w.rows or m > cuda_wgmma.TOKENS:
-            raise ValueError(f"{w} needs N a multiple of {w.rows} and at most {cuda_wgmma.TOKENS} tokens")
+        if n % w.rows:
+            raise ValueError(f"{w} needs N a multiple of {w.rows}")
         try:
             return _build(device, w, m, n, k, block, out, bias, sx_row)
         except Exception as e:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: the decode kernel takes these shapes
@@ -589,7 +600,11 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
                 raise
             _wgmma_broken.append(f"{type(e).__name__}: {e}")
             warnings.warn(f"sharq: the wgmma GEMM could not be compiled ({_wgmma_broken[0][:300]}); using the "
-                          "decode kernel for 25-64 tokens", stacklevel=4)
+                          "decode kernel up to 64 tokens and decode + cuBLAS above", stacklevel=4)
+    if m > MAX_M:
+        if tile is not None:
+            raise ValueError(f"the decode kernel takes at most {MAX_M} tokens, got {m} for {tile}")
+        raise _NoWgmma(f"no wgmma launch for {m} tokens")
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
     if n % t.rows:
         raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {t.rows}, got {n}")
@@ -617,8 +632,8 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
     24.7 -> 14.0 µs at 16 tokens), so that where the choice changes with M the outputs do not (batch invariance);
     on the wgmma kernel where a layer alone would split K, or would not run on it and has at most 2^26 weights
     (8B gate/up at 32 tokens 71.7 -> 57.4 µs, at 64 76.4 -> 64.1; 70B gate/up, whose layers alone fill the GPU,
-    lost 11 % at 32 tokens, where its layers alone take the decode kernel at 1.1 TB/s, and 2-3 % at 48-64). None
-    elsewhere (the layers launch one by one)."""
+    lost 11 % at 32 tokens, where its layers alone take the decode kernel at 1.1 TB/s, and 2-3 % at 48-64), the
+    same rule for its token tiles above MAX_M. None elsewhere (the layers launch one by one)."""
     if not 2 <= len(ns) <= GROUP_MAX:
         return None
     n = sum(ns)
@@ -628,6 +643,8 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
         if wgmma is not None:
             alone = [cuda_wgmma.choose_tile(m, w, k, capability, mps) for w in ns]
             return wgmma if any(t.splits > 1 if t else w * k <= 1 << 26 for t, w in zip(alone, ns)) else None
+    if m > MAX_M:
+        return None
     group = choose_tile(m, n, k, device)
     if m > 8 and all(_same_sums(choose_tile(m, w, k, device), group) for w in ns):
         return None
@@ -741,6 +758,8 @@ def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torc
         return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile)
     except ValueError:
         raise
+    except _NoWgmma:
+        return None
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
         _broken.append(f"{type(e).__name__}: {e}")
         warnings.warn(f"sharq: the CUDA GEMM could not be compiled ({_broken[0][:300]}); using the Triton kernels",

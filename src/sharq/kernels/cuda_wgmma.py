@@ -16,7 +16,11 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
   m16n8k16 A in each warp), and start 4 wgmmas per half chunk, one half in flight while the next is decoded; once
   a chunk's MMAs are done its buffer's "empty" mbarrier is signalled. No block-wide barrier in the loop.
 - fp32 accumulation in the tensor cores, K split over blocks (partials added in order by the epilogue kernel) by
-  the layer's shape alone, and a fixed N of 64 tokens: a token's output is the same at every M this kernel takes.
+  the layer's shape alone, and a fixed N of 64 tokens: a token's output is the same at every M up to 64.
+- Above 64 tokens (prefill) a launch takes M in tiles of `tokens` (wgmma's N, up to 256; grid z), each block
+  decoding its rows' weight again: the decode is spread over `tokens` tokens, where the decode into a bf16
+  scratch weight + cuBLAS (what those sizes run otherwise) writes and reads 4.5 bytes a weight. There the K split
+  also counts the token tiles, so it depends on M.
 
 Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
 (benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
@@ -32,20 +36,38 @@ from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
 
 NAME = "sharq_nvfp4_wgmma"
 GROUP_NAME = "sharq_nvfp4_wgmma_group"
-TOKENS = 64  # wgmma's N: every launch computes 64 token columns
+TOKENS = 64  # wgmma's N up to 64 tokens: every launch there computes 64 token columns
 ROWS = 64  # weight rows a warpgroup
+MAX_TOKENS = 256  # wgmma's largest N
+SHARED_LIMIT = 227 * 1024  # a Hopper block's dynamic shared memory
+# Above cuda_gemm.MAX_M tokens: tiles of WIDE_TOKENS tokens up to WIDE_MAX_M tokens (0: none; the decode into the
+# scratch weight + cuBLAS takes those sizes)
+WIDE_TOKENS = 128
+WIDE_MAX_M = 0
 
 
 @dataclass(frozen=True)
 class WgmmaTile:
     """A launch of the wgmma kernel: consumer warpgroups a block (64 rows each), weight chunks in flight per
-    thread, K splits over blocks, producer warps and activation buffers."""
+    thread, K splits over blocks, producer warps, activation buffers, and the tokens a block takes (wgmma's N; a
+    launch covers M in tiles of that many, grid z)."""
 
     warpgroups: int = 2
     stages: int = 4  # H200 sweep (docs/PERF.md): 4 chunks ahead 0-12 % faster than 2 on 20 of 23 shapes x M
     splits: int = 1
     producers: int = 4
     slots: int = 4
+    tokens: int = TOKENS
+
+    def __post_init__(self):
+        if not (8 <= self.tokens <= MAX_TOKENS and self.tokens % 8 == 0):
+            raise ValueError(f"WgmmaTile(tokens={self.tokens}): wgmma takes 8 to {MAX_TOKENS} tokens in steps of 8")
+        if self.producers % 4 or (self.tokens // 8) % (self.producers // 4):
+            raise ValueError(f"WgmmaTile(producers={self.producers}): whole warpgroups of producer warps, sharing "
+                             f"{self.tokens // 8} groups of 8 tokens evenly")
+        if shared_bytes(self) > SHARED_LIMIT:
+            raise ValueError(f"{self}: {shared_bytes(self)} bytes of activation buffers, more than a block's "
+                             f"{SHARED_LIMIT}")
 
     @property
     def rows(self) -> int:
@@ -57,50 +79,65 @@ class WgmmaTile:
 
 
 def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiprocessors: int) -> WgmmaTile | None:
-    """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where the decode kernel measured faster
-    or this one does not run: 33-64 tokens on more than 2^24 weights, 25-64 where N >= 4 K (H200, the 8B and
-    70B shapes: 1.07-1.70 x the decode kernel at 33-64 tokens, 1.15 x at 32 on 4096 x 28672, level at 24, 7 %
-    slower at 17), N a multiple of 128, Hopper; K split by k_splits."""
-    wide = n >= 4 * kp and n * kp > 1 << 24
-    if capability != (9, 0) or not (33 <= m <= TOKENS and n * kp > 1 << 24 or 25 <= m <= TOKENS and wide):
+    """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where another path measured faster or
+    this kernel does not run: 33-64 tokens on more than 2^24 weights, 25-64 where N >= 4 K (H200, the 8B and 70B
+    shapes: 1.07-1.70 x the decode kernel at 33-64 tokens, 1.15 x at 32 on 4096 x 28672, level at 24, 7 % slower
+    at 17), and tiles of WIDE_TOKENS from 65 to WIDE_MAX_M tokens on at least 2^24 weights; N a multiple of 128,
+    Hopper. K split by k_splits."""
+    if capability != (9, 0) or kp % 128:
         return None
-    t = WgmmaTile()
-    if n % t.rows or kp % 128:
+    if m > TOKENS:
+        if m > WIDE_MAX_M or n * kp < 1 << 24:
+            return None
+        t = WgmmaTile(tokens=WIDE_TOKENS)
+    else:
+        wide = n >= 4 * kp and n * kp > 1 << 24
+        if not (33 <= m and n * kp > 1 << 24 or 25 <= m and wide):
+            return None
+        t = WgmmaTile()
+    if n % t.rows:
         return None
-    return replace(t, splits=k_splits(n, kp, t.rows, multiprocessors))
+    return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors))
 
 
-def k_splits(n: int, kp: int, rows: int, multiprocessors: int) -> int:
-    """K splits over blocks of `rows` weight rows: doubled until the multiprocessors have a block each, keeping at
-    least 4 chunks of 128 a split. The shape's alone, so a token's output does not depend on the batch."""
-    blocks, chunks, splits = n // rows, kp // 128, 1
+def token_tiles(m: int, t: WgmmaTile) -> int:
+    """Blocks along M (grid z) of a launch for m tokens."""
+    return -(-m // t.tokens)
+
+
+def k_splits(blocks: int, kp: int, multiprocessors: int) -> int:
+    """K splits over `blocks` blocks: doubled until the multiprocessors have a block each, keeping at least 4 chunks
+    of 128 a split. Up to 64 tokens the blocks are the layer's row blocks alone, so a token's output does not
+    depend on the batch there."""
+    chunks, splits = kp // 128, 1
     while blocks * splits < multiprocessors and chunks // (splits * 2) >= 4:
         splits *= 2
     return splits
 
 
 def shared_bytes(t: WgmmaTile) -> int:
-    """The activation buffers (64 tokens x 128 elements of bf16 each) and their two mbarriers."""
-    return t.slots * (TOKENS * 128 * 2 + 16)
+    """The activation buffers (t.tokens x 128 elements of bf16 each) and their two mbarriers."""
+    return t.slots * (t.tokens * 128 * 2 + 16)
 
 
 def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, group: bool = False) -> str:
     """The CUDA source of tile t's kernel for block-`block` weights, output and bias dtype codes (cuda_gemm._OUT,
     _BIAS) and a scale per token or not, for one layer (NAME) or a group of layers that read one activation
     (GROUP_NAME)."""
-    defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=TOKENS // 8, BLOCK=block,
+    defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=t.tokens // 8, BLOCK=block,
                    OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group))
-    return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function()
+    return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function(t.tokens)
             + _SOURCE)
 
 
-def _wgmma_function() -> str:
-    """wgmma m64n64k16, A (4 registers of bf16 pairs) from registers, B (K-major, no swizzle) by descriptor."""
-    nd = TOKENS // 2
+def _wgmma_function(tokens: int) -> str:
+    """wgmma m64nNk16 (N = tokens), A (4 registers of bf16 pairs) from registers, B (K-major, no swizzle) by
+    descriptor."""
+    nd = tokens // 2
     d = ", ".join(f"%{i}" for i in range(nd))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
     return (f"__device__ __forceinline__ void wgmma(float (&d)[{nd}], const u32 (&a)[4], unsigned long long b) {{\n"
-            f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{TOKENS}k16.f32.bf16.bf16 {{{d}}}, '
+            f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16 {{{d}}}, '
             f'{{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"\n'
             f'      : {outs}\n      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));\n}}\n')
 
@@ -135,7 +172,7 @@ __device__ __forceinline__ void wgmma_block(
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr u32 STEP = 2 * NTG * 128, CHUNK = 8 * STEP;  // bytes of one step's and one chunk's activation
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-  const int c_begin = by * chunks_per_split;
+  const int c_begin = by * chunks_per_split, m0 = blockIdx.z * (NTG * 8);  // the block's first token
   const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
   const u32 base = smem_addr(smem), full = base + XS * CHUNK, empty = full + XS * 8;
   if (tid == 0)
@@ -146,35 +183,29 @@ __device__ __forceinline__ void wgmma_block(
   __syncthreads();
   if (warp >= WG * 4) {
     wait_prior_grid();
-    // producer: chunk c of the activation into buffer c % XS. Load l of a chunk takes token tg * 8 + r, elements
-    // qq * 32 + 8 v .. + 7 (16 bytes); pair i of them (elements i, i + 4) is k slots 2 qq, 2 qq + 1 of step
-    // 2 v + (i >> 1), k half i & 1: word qq of row r of core matrix ((step * 2 + k half) * NTG + tg)
-    constexpr int PT = PW * 32, LOADS = (NTG * 8 * 16 + PT - 1) / PT;
-    const int p = tid - WG * 128;
-    const u16* src[LOADS];
-    u32 dst[LOADS];
-    bool ok[LOADS];
-#pragma unroll
-    for (int it = 0; it < LOADS; ++it) {
-      const int l = it * PT + p, grp = l >> 5, tg = grp >> 2, v = grp & 3, r = (l & 31) >> 2, qq = l & 3;
-      const int t = tg * 8 + r;
-      ok[it] = l < NTG * 8 * 16 && t < M;
-      src[it] = a + (long)(ok[it] ? t : 0) * lda + c_begin * 128 + qq * 32 + 8 * v;
-      dst[it] = l < NTG * 8 * 16 ? (u32)((4 * v * NTG + tg) * 128 + r * 16 + qq * 4) : 0xFFFFFFFFu;
-    }
+    // producer: chunk c of the activation into buffer c % XS. Producer warp pw takes 8 elements qq * 32 + 8 v ..
+    // + 7 (16 bytes; v = pw % 4, qq = lane % 4) of token r = lane / 4 of token groups tg = pw / 4 + it * PW / 4;
+    // pair i of them (elements i, i + 4) is k slots 2 qq, 2 qq + 1 of step 2 v + (i >> 1), k half i & 1: word qq
+    // of row r of core matrix ((step * 2 + k half) * NTG + tg). Load it is load 0 moved by it * PW / 4 token
+    // groups: one pointer and one offset for all of them.
+    constexpr int TG_STEP = PW / 4, LOADS = NTG / TG_STEP;
+    const int pw = warp - WG * 4, v = pw & 3, tg0 = pw >> 2, r = lane >> 2, qq = lane & 3;
+    const u16* src = a + (long)(m0 + tg0 * 8 + r) * lda + c_begin * 128 + qq * 32 + 8 * v;
+    const long src_step = (long)TG_STEP * 8 * lda;
+    const u32 dst = (u32)((4 * v * NTG + tg0) * 128 + r * 16 + qq * 4);
+    const int left = M - (m0 + tg0 * 8 + r);  // load it reads a token below M where it * TG_STEP * 8 < left
     U4 x[2][LOADS];  // two chunks in flight
     auto load = [&](U4 (&xs)[LOADS]) {
 #pragma unroll
-      for (int it = 0; it < LOADS; ++it) {
-        xs[it] = ok[it] ? ld_shared_by_blocks((const U4*)src[it]) : U4{0u, 0u, 0u, 0u};
-        src[it] += 128;
-      }
+      for (int it = 0; it < LOADS; ++it)
+        xs[it] = it * TG_STEP * 8 < left ? ld_shared_by_blocks((const U4*)(src + it * src_step))
+                                         : U4{0u, 0u, 0u, 0u};
+      src += 128;
     };
     auto put = [&](const U4 (&xs)[LOADS], u32 buffer) {
 #pragma unroll
       for (int it = 0; it < LOADS; ++it) {
-        if (dst[it] == 0xFFFFFFFFu) continue;
-        const u32 at = buffer + dst[it];
+        const u32 at = buffer + dst + it * TG_STEP * 128;
         asm volatile("st.shared.b32 [%0], %1;" :: "r"(at), "r"(prmt(xs[it].x, xs[it].z, 0x5410u)));
         asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + NTG * 128), "r"(prmt(xs[it].x, xs[it].z, 0x7632u)));
         asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + STEP), "r"(prmt(xs[it].y, xs[it].w, 0x5410u)));
@@ -278,7 +309,7 @@ __device__ __forceinline__ void wgmma_block(
   for (int t = 0; t < NTG; ++t)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int n = n0 + g + (i >> 1) * 8, m = t * 8 + 2 * q + (i & 1);
+      const int n = n0 + g + (i >> 1) * 8, m = m0 + t * 8 + 2 * q + (i & 1);
       if (m >= M) continue;
       const float v = acc[t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
 #if SPLIT
