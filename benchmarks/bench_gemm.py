@@ -454,8 +454,8 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
     (decode into the scratch weight + cuBLAS) and BF16 cuBLAS, on the 8B shapes (sharq weights, bf16 out): 64 or 128
     tokens a block (wgmma's N), K split over 1-8 blocks (and k_splits' choice); with `wider` (--wide-options) instead
     the launch options that measured slower (one consumer warpgroup, 192 and 256 tokens, 2 chunks in flight), each
-    with no K split and k_splits' choice. GPU µs each, and each launch's largest difference from decode + cuBLAS's fp32 output relative to its largest
-    output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and WIDE_MAX_M were chosen."""
+    with no K split and k_splits' choice. GPU µs each, and each launch's largest difference from decode + cuBLAS's
+    fp32 output relative to its largest output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and WIDE_MAX_M were chosen."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     options = [dict(tokens=64), dict(tokens=128)]
@@ -478,7 +478,7 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
                 continue
             if n % tile.rows:
                 continue
-            chosen = cuda_wgmma.k_splits(n // tile.rows * cuda_wgmma.token_tiles(m, tile), k, sms)
+            chosen = cuda_wgmma.k_splits(n // tile.rows * cuda_wgmma.token_tiles(m, tile), k, sms, one_wave=True)
             for splits in sorted({1, chosen, *(s for s in (2, 4, 8) if k // 128 // s >= 4 and not wider)}):
                 t = replace(tile, splits=splits)
                 try:

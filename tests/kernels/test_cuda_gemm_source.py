@@ -76,7 +76,7 @@ def test_the_wgmma_kernel_takes_large_layers_at_25_to_64_tokens_on_hopper_alone(
     assert [m for m in range(1, 65) if tile(m, 6144, 4096)] == list(range(33, 65))
     assert [m for m in range(1, 65) if tile(m, 28672, 4096)] == list(range(25, 65))
     assert not any(tile(m, 4096, 4096) for m in range(1, 65))  # 2^24 weights: the decode kernel throughout
-    assert tile(64, 6144 + 64, 4096) is None and tile(65, 6144, 4096) is None
+    assert tile(64, 6144 + 64, 4096) is None and tile(65, 6144, 4096).tokens > 64  # above 64: token tiles
     assert tile(64, 6144, 4096, (8, 0)) is None and tile(64, 6144, 4096, (10, 0)) is None
     assert {tile(m, 4096, 14336).splits for m in range(33, 65)} == {8}  # 32 blocks of 128 rows, 112 chunks
     assert tile(64, 28672, 4096).splits == 1
@@ -105,10 +105,12 @@ def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
 
 def test_token_tiles_take_65_to_wide_max_m_tokens_of_large_layers(monkeypatch):
     """Above 64 tokens the wgmma kernel takes layers of at least 2^24 weights in tiles of WIDE_TOKENS up to
-    WIDE_MAX_M tokens (none while it is 0), with the K split counting row blocks x token tiles; never off Hopper."""
+    WIDE_MAX_M tokens (where it measured faster than decode + cuBLAS: 256 on the H200), none while that is 0; its
+    K split keeps row blocks x token tiles x splits within one wave; never off Hopper."""
     def tile(m, n, k, capability=(9, 0)):
         return cuda_wgmma.choose_tile(m, n, k, capability, 132)
 
+    assert tile(256, 4096, 4096).tokens == cuda_wgmma.WIDE_TOKENS and tile(257, 4096, 4096) is None
     monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 0)
     assert not any(tile(m, 6144, 4096) for m in (65, 128, 2048))
     monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 1024)
@@ -116,10 +118,11 @@ def test_token_tiles_take_65_to_wide_max_m_tokens_of_large_layers(monkeypatch):
     assert all(tile(m, 4096, 4096).tokens == 128 for m in (65, 300, 1024))
     assert tile(1025, 4096, 4096) is None and tile(300, 4096, 2048) is None  # 2^23 weights
     assert tile(300, 4096, 4096, (8, 0)) is None and tile(300, 4096 + 64, 4096) is None
-    # 32 row blocks of 128 (14336 / 128 = 112 chunks): doubled until 132 blocks, one token tile 8 splits, two 4,
-    # three 2, five none
-    assert [tile(m, 4096, 14336).splits for m in (128, 129, 256, 257, 640)] == [8, 4, 4, 2, 1]
+    # 32 row blocks of 128 (14336 / 128 = 112 chunks): one token tile splits K in 4 (128 blocks), two and more
+    # tiles in 2 while that keeps 132 blocks or fewer, then none
+    assert [tile(m, 4096, 14336).splits for m in (128, 129, 256, 257, 640)] == [4, 2, 2, 1, 1]
     assert cuda_wgmma.token_tiles(257, tile(257, 4096, 14336)) == 3
+    assert tile(128, 28672, 4096).splits == 1  # 224 row blocks: more than a wave already
 
 
 def test_a_launch_starts_early_where_that_measured_faster(monkeypatch):

@@ -40,10 +40,11 @@ TOKENS = 64  # wgmma's N up to 64 tokens: every launch there computes 64 token c
 ROWS = 64  # weight rows a warpgroup
 MAX_TOKENS = 256  # wgmma's largest N
 SHARED_LIMIT = 227 * 1024  # a Hopper block's dynamic shared memory
-# Above cuda_gemm.MAX_M tokens: tiles of WIDE_TOKENS tokens up to WIDE_MAX_M tokens (0: none; the decode into the
-# scratch weight + cuBLAS takes those sizes)
+# Above cuda_gemm.MAX_M tokens: tiles of WIDE_TOKENS tokens up to WIDE_MAX_M tokens; more go to the decode into the
+# scratch weight + cuBLAS. H200, the 8B shapes (`python benchmarks/bench_gemm.py --wide`, docs/PERF.md): 1.04-2.33 x
+# decode + cuBLAS at 96-256 tokens, 0.58-0.91 x at 384, 0.55-0.59 x at 2048
 WIDE_TOKENS = 128
-WIDE_MAX_M = 0
+WIDE_MAX_M = 256
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
         t = WgmmaTile()
     if n % t.rows:
         return None
-    return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors))
+    return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors, one_wave=m > TOKENS))
 
 
 def token_tiles(m: int, t: WgmmaTile) -> int:
@@ -105,12 +106,16 @@ def token_tiles(m: int, t: WgmmaTile) -> int:
     return -(-m // t.tokens)
 
 
-def k_splits(blocks: int, kp: int, multiprocessors: int) -> int:
-    """K splits over `blocks` blocks: doubled until the multiprocessors have a block each, keeping at least 4 chunks
-    of 128 a split. Up to 64 tokens the blocks are the layer's row blocks alone, so a token's output does not
-    depend on the batch there."""
+def k_splits(blocks: int, kp: int, multiprocessors: int, one_wave: bool = False) -> int:
+    """K splits over `blocks` blocks, keeping at least 4 chunks of 128 a split: doubled until the multiprocessors
+    have a block each, or with `one_wave` while the blocks still fit one wave (a block a multiprocessor). Up to 64
+    tokens the former (the blocks are the layer's row blocks alone, so a token's output does not depend on the
+    batch there); the token tiles the latter, which was the fastest split or within 4 % of it at every shape and M
+    of the H200 sweep (`python benchmarks/bench_gemm.py --wide`, 96-256 tokens), where filling the GPU was up to
+    31 % slower."""
     chunks, splits = kp // 128, 1
-    while blocks * splits < multiprocessors and chunks // (splits * 2) >= 4:
+    while chunks // (splits * 2) >= 4 and (blocks * splits * 2 <= multiprocessors if one_wave
+                                           else blocks * splits < multiprocessors):
         splits *= 2
     return splits
 
