@@ -32,8 +32,9 @@ placement:
   the set-up and the first weight bytes overlap the prepare.
 
 On Hopper, 33-64 tokens of layers with more than 2^24 weights (25-64 where N >= 4 K) go to the wgmma kernel
-instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there; the
-launch plan below picks it, with the same arguments. Either kernel also has a group entry (nvfp4_mma_group): up to
+instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there, and
+so do 65-256 tokens of layers of at least 2^24 weights, in its tiles of 128 tokens (faster than the decode into a
+scratch weight + cuBLAS that larger M takes); the launch plan below picks it, with the same arguments. Either kernel also has a group entry (nvfp4_mma_group): up to
 three layers that read one activation (q/k/v, gate/up), each with its own weight, scale, bias and output, in one
 launch whose blocks take the rows of the layer they fall in, where `group_tile` says that measured faster.
 

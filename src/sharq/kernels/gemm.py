@@ -7,7 +7,8 @@ payload is 4.25–4.5 bits per weight instead of bf16's 16. Each code times its 
 is the reference's up to fp32 accumulation order.
 
 - `packed_matmul` at small M (decode) on NVFP4 weights: the CUDA kernel of kernels/cuda_gemm.py (tensor cores fed
-  from registers) where it compiles and the shape fits; otherwise the Triton kernels below.
+  from registers) where it compiles and the shape fits (on Hopper also 65-256 tokens of large layers, in the wgmma
+  kernel's token tiles); otherwise the Triton kernels below.
 - `_packed_mm_kernel`, "swap AB": a program computes a [BN, BM] tile of yᵀ as
   Ŵ-tile · Aᵀ-tile, so the weight rows fill the MMA's large side and the few tokens its small one. Where the
   output has too few tiles to keep every multiprocessor streaming, K is split over programs that write fp32
@@ -38,7 +39,8 @@ from .launch import Constexprs, TritonLaunch, launch_triton
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 # up to here the Triton small-M kernels (MXFP4 weights and the shapes the CUDA kernel does not take; it runs NVFP4
-# weights up to cuda_gemm.MAX_M); above, decode to scratch + cuBLAS (decoded_matmul). docs/PERF.md,
+# weights up to cuda_gemm.MAX_M, on Hopper more where cuda_gemm.fits says); above, decode to scratch + cuBLAS
+# (decoded_matmul). docs/PERF.md,
 # bench_gemm.py --crossover on the H200: the Triton MMA kernel is faster at M <= 32 on every shape, slower from 48
 SMALL_M = 32
 
