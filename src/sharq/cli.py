@@ -377,6 +377,7 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
     machine lacks (before a model is read), results that cannot be written (an existing --json file is
     overwritten), nothing to evaluate, a budget below one window; and the evaluation's own refusals that are
     about a flag, in the flag's words."""
+    from .backends import get_backend
     from .checkpoint import is_checkpoint
     from .eval.run import position_limit, recipes_for
     from .hf import model_source, resolve_model
@@ -386,6 +387,8 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
     from .eval.data import check_text
 
     check_device(args.device)  # before any model is read
+    if args.backend != "auto":
+        get_backend(args.backend)  # an unknown name, before the model's config is read (a GGUF is converted for it)
     model = resolve_model(args.model)
     recipes_for(model, args.recipes, _recipe_options(args))  # the rule every command shares, before reading more
     for text in ([] if args.no_ppl else [args.text]) + ([args.calib_text] if args.calib_text else []):
