@@ -453,8 +453,7 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
     """The wgmma kernel's token tiles above 64 tokens (kernels/cuda_wgmma.py) against what those sizes run otherwise
     (decode into the scratch weight + cuBLAS) and BF16 cuBLAS, on the 8B shapes (sharq weights, bf16 out): 64 or 128
     tokens a block (wgmma's N), K split over 1-8 blocks (and k_splits' choice); with `wider` (--wide-options) instead
-    the launch options that measured slower (one consumer warpgroup, 192 and 256 tokens, 2 chunks in flight, two
-    row tiles a warpgroup), each
+    the launch options that measured slower (one consumer warpgroup, 192 and 256 tokens, 2 chunks in flight), each
     with no K split and k_splits' choice. GPU µs each, and each launch's largest difference from decode + cuBLAS's
     fp32 output relative to its largest output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and WIDE_MAX_M were chosen."""
     rows = []
@@ -462,7 +461,7 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
     options = [dict(tokens=64), dict(tokens=128)]
     if wider:
         options += [dict(tokens=128, warpgroups=1), dict(tokens=192, slots=3), dict(tokens=128, stages=2),
-                    dict(tokens=256, warpgroups=1, slots=3, stages=2), dict(tokens=64, row_tiles=2, stages=2)]
+                    dict(tokens=256, warpgroups=1, slots=3, stages=2)]
     for (k, n), m in itertools.product(SHAPES, ms):
         case = CudaCase.make("sharq", k, n, m)
         a, block, sx, sw = case.act.values, case.r.weight_block, case.sx, case.swf

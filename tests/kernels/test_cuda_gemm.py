@@ -240,9 +240,7 @@ def test_where_the_wgmma_kernel_does_not_compile_the_decode_kernel_takes_its_sha
 @hopper
 @pytest.mark.parametrize("tile", [cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2),
                                   cuda_wgmma.WgmmaTile(tokens=128, warpgroups=1, stages=2),
-                                  cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3),
-                                  cuda_wgmma.WgmmaTile(row_tiles=2, stages=2),
-                                  cuda_wgmma.WgmmaTile(row_tiles=2, stages=2, splits=2)])
+                                  cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3)])
 @pytest.mark.parametrize("block,out_dtype,bias_dtype", [(32, torch.bfloat16, torch.bfloat16), (16, torch.float32, None)])
 def test_token_tiles_match_the_exact_product_and_a_tokens_output_does_not_depend_on_the_batch(
         tile, block, out_dtype, bias_dtype):

@@ -83,7 +83,7 @@ def test_the_wgmma_kernel_takes_large_layers_at_25_to_64_tokens_on_hopper_alone(
 
 
 @pytest.mark.parametrize("option", [{"tokens": 128}, {"tokens": 128, "warpgroups": 1}, {"tokens": 128, "stages": 2},
-                                    {"tokens": 64, "warpgroups": 1}, {"row_tiles": 2, "stages": 2}])
+                                    {"tokens": 64, "warpgroups": 1}])
 def test_the_token_tile_options_compile_without_spills(option):
     """The token tiles above 64 tokens that bench_gemm.py --wide times and that do not spill (wider ones, whose
     producers hold two chunks of 24-32 token groups, do), as one layer's and as a group's kernel."""
@@ -95,9 +95,9 @@ def test_the_token_tile_options_compile_without_spills(option):
 
 def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
     """wgmma's N is 8-256 in steps of 8; producer warps come in whole warpgroups that share the token groups evenly;
-    the activation buffers fit a block's shared memory; one or two row tiles a warpgroup."""
+    the activation buffers fit a block's shared memory."""
     for bad in [{"tokens": 0}, {"tokens": 100}, {"tokens": 264}, {"producers": 6}, {"producers": 8, "tokens": 72},
-                {"tokens": 256, "slots": 4}, {"row_tiles": 3}]:
+                {"tokens": 256, "slots": 4}]:
         with pytest.raises(ValueError, match="WgmmaTile"):
             cuda_wgmma.WgmmaTile(**bad)
     assert cuda_wgmma.shared_bytes(cuda_wgmma.WgmmaTile(tokens=256, slots=3)) <= cuda_wgmma.SHARED_LIMIT

@@ -59,11 +59,8 @@ class WgmmaTile:
     producers: int = 4
     slots: int = 4
     tokens: int = TOKENS
-    row_tiles: int = 1  # 64-row tiles a warpgroup, each multiplying the same staged activation
 
     def __post_init__(self):
-        if self.row_tiles not in (1, 2):
-            raise ValueError(f"WgmmaTile(row_tiles={self.row_tiles}): 1 or 2 tiles of 64 rows a warpgroup")
         if not (8 <= self.tokens <= MAX_TOKENS and self.tokens % 8 == 0):
             raise ValueError(f"WgmmaTile(tokens={self.tokens}): wgmma takes 8 to {MAX_TOKENS} tokens in steps of 8")
         if self.producers % 4 or (self.tokens // 8) % (self.producers // 4):
@@ -75,7 +72,7 @@ class WgmmaTile:
 
     @property
     def rows(self) -> int:
-        return ROWS * self.warpgroups * self.row_tiles
+        return ROWS * self.warpgroups
 
     @property
     def threads(self) -> int:
@@ -132,8 +129,7 @@ def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, g
     """The CUDA source of tile t's kernel for block-`block` weights, output and bias dtype codes (cuda_gemm._OUT,
     _BIAS) and a scale per token or not, for one layer (NAME) or a group of layers that read one activation
     (GROUP_NAME)."""
-    defines = dict(WG=t.warpgroups, RT=t.row_tiles, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=t.tokens // 8,
-                   BLOCK=block,
+    defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=t.tokens // 8, BLOCK=block,
                    OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function(t.tokens)
             + _SOURCE)
@@ -240,22 +236,21 @@ __device__ __forceinline__ void wgmma_block(
     }
     return;
   }
-  // consumer: warp w of warpgroup wg takes rows n0 + r * 64 * WG .. + 15 of each row tile r (rows g and g + 8 of
-  // them in this thread); every row tile multiplies the same staged activation
-  const int n0 = bx * (64 * WG * RT) + warp * 16;
-  const U4* wrow[RT * 2];
-  const u8* srow[RT * 2];
+  // consumer: warp w of warpgroup wg takes rows n0 .. n0 + 15, rows g and g + 8 of them in this thread
+  const int n0 = bx * (64 * WG) + warp * 16;
+  const U4* wrow[2];
+  const u8* srow[2];
 #pragma unroll
-  for (int h = 0; h < RT * 2; ++h) {
-    const long n = n0 + (h >> 1) * 64 * WG + (h & 1) * 8 + g;
+  for (int h = 0; h < 2; ++h) {
+    const long n = n0 + h * 8 + g;
     wrow[h] = codes + n * (Kp >> 5) + q + c_begin * 4;
     srow[h] = scales + n * (Kp / BLOCK) + q * (32 / BLOCK) + c_begin * (128 / BLOCK);
   }
-  struct Stage { U4 w[RT * 2]; u32 s[RT * 2]; };
+  struct Stage { U4 w[2]; u32 s[2]; };
   Stage st[STAGES];
-  auto load_w = [&](Stage& s) {  // the next chunk's codes and scale codes of the thread's rows
+  auto load_w = [&](Stage& s) {  // the next chunk's codes and scale codes of the thread's two rows
 #pragma unroll
-    for (int h = 0; h < RT * 2; ++h) {
+    for (int h = 0; h < 2; ++h) {
       s.w[h] = ld_stream(wrow[h]);
 #if BLOCK == 32
       s.s[h] = *srow[h];
@@ -266,18 +261,16 @@ __device__ __forceinline__ void wgmma_block(
       srow[h] += 128 / BLOCK;
     }
   };
-  float acc[RT][NTG * 4];
+  float acc[NTG * 4];
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int i = 0; i < NTG * 4; ++i) acc[r][i] = 0.f;
+  for (int i = 0; i < NTG * 4; ++i) acc[i] = 0.f;
   u32 frag[2][4][4];  // the A fragments of half a chunk (4 steps); one half in flight while the other is decoded
-  // step j's A fragment: pairs 2j (k slots 2q, 2q + 1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8 (row tile r)
-  auto decode = [&](const Stage& s, int r, const u32 (&sc)[2][2], int half, u32 (&af)[4][4]) {
+  // step j's A fragment: pairs 2j (k slots 2q, 2q + 1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
+  auto decode = [&](const Stage& s, const u32 (&sc)[2][2], int half, u32 (&af)[4][4]) {
 #pragma unroll
     for (int jj = 0; jj < 4; ++jj) {
       const int j = half * 4 + jj, v = j >> 1, i = (j & 1) * 2;
-      const u32 w0 = word(s.w[2 * r], v), w1 = word(s.w[2 * r + 1], v);
+      const u32 w0 = word(s.w[0], v), w1 = word(s.w[1], v);
       af[jj][0] = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
       af[jj][1] = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
       af[jj][2] = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
@@ -296,22 +289,19 @@ __device__ __forceinline__ void wgmma_block(
         const int buffer = u % XS;
         mbar_wait(full + 8 * buffer, (u / XS) & 1);
         const unsigned long long b = b_desc(base + buffer * CHUNK);  // + 16-byte units: no carry out of the field
+        u32 sc[2][2];  // decoded once a chunk: both halves use them
 #pragma unroll
-        for (int r = 0; r < RT; ++r) {
-          u32 sc[2][2];  // decoded once a chunk: both halves use them
+        for (int h = 0; h < 2; ++h) row_scale_pairs(st[s].s[h], sc[h]);
 #pragma unroll
-          for (int h = 0; h < 2; ++h) row_scale_pairs(st[s].s[2 * r + h], sc[h]);
+        for (int half = 0; half < 2; ++half) {
+          decode(st[s], sc, half, frag[half]);
+          if (half == 1 && u + STAGES < chunks) load_w(st[s]);
+          wg_fence();
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            decode(st[s], r, sc, half, frag[half]);
-            if (r == RT - 1 && half == 1 && u + STAGES < chunks) load_w(st[s]);
-            wg_fence();
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj) wgmma(acc[r], frag[half][jj], b + (half * 4 + jj) * (STEP >> 4));
-            wg_commit();
-            wg_wait_one();  // the previous group's MMAs are done: its fragments may be overwritten
-            if (r == 0 && half == 0 && u > 0) mbar_arrive(empty + 8 * ((u - 1) % XS));  // chunk u - 1's buffer too
-          }
+          for (int jj = 0; jj < 4; ++jj) wgmma(acc, frag[half][jj], b + (half * 4 + jj) * (STEP >> 4));
+          wg_commit();
+          wg_wait_one();  // the previous half's MMAs are done: its fragments may be overwritten
+          if (half == 0 && u > 0) mbar_arrive(empty + 8 * ((u - 1) % XS));  // and chunk u - 1's buffer is free
         }
       }
     }
@@ -321,25 +311,23 @@ __device__ __forceinline__ void wgmma_block(
   const float sw0 = sw[0];
 #endif
 #pragma unroll
-  for (int r = 0; r < RT; ++r)
+  for (int t = 0; t < NTG; ++t)
 #pragma unroll
-    for (int t = 0; t < NTG; ++t)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = n0 + r * 64 * WG + g + (i >> 1) * 8, m = m0 + t * 8 + 2 * q + (i & 1);
-        if (m >= M) continue;
-        const float v = acc[r][t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
+    for (int i = 0; i < 4; ++i) {
+      const int n = n0 + g + (i >> 1) * 8, m = m0 + t * 8 + 2 * q + (i & 1);
+      if (m >= M) continue;
+      const float v = acc[t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
 #if SPLIT
-        store(y, ((long)by * M + m) * N + n, v);
+      store(y, ((long)by * M + m) * N + n, v);
 #else
-        const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+      const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
 #if BIAS
-        store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
+      store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
 #else
-        store(y, (long)m * N + n, v * alpha);
+      store(y, (long)m * N + n, v * alpha);
 #endif
 #endif
-      }
+    }
 }
 #if !GROUP
 extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_wgmma(
