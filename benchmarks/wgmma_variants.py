@@ -1,4 +1,4 @@
-"""Where the wgmma GEMM's time goes at 25-64 tokens (kernels/cuda_wgmma.py): the kernel as it is, then with one
+"""Where the wgmma GEMM's time goes (kernels/cuda_wgmma.py, at any M it takes): the kernel as it is, then with one
 cost taken out at a time by editing its source. The variants compute wrong outputs on purpose; only their times
 mean something. Each shape where the packed backend runs the wgmma kernel, GEMM alone (the activation prepared
 once), over copies of the weight in one CUDA graph (benchmarks/bench_gemm.py's timing), beside BF16 cuBLAS; the
@@ -6,8 +6,8 @@ best of two interleaved passes.
 
     python benchmarks/wgmma_variants.py [--ms 64,33] [--json out.json]
 
-- "8 tokens": the producers read 8 tokens of the activation and store zeros for the rest (the activation's L2
-  and L1 traffic, an eighth of it);
+- "8 tokens": the producers read 8 tokens of each token tile of the activation and store zeros for the rest (the
+  activation's L2 and L1 traffic, an eighth of it at 64 tokens a tile, a sixteenth at 128);
 - "weight from L2": every block streams the same 128 weight rows, which then come from L2 (the weight's memory
   latency and bandwidth);
 - "both": the two together;
@@ -26,7 +26,7 @@ import torch
 from bench_gemm import SHAPES, SHAPES_70B, CudaCase, save  # benchmarks/, beside this script
 from sharq.kernels import cuda_gemm, cuda_wgmma
 
-_FEW_TOKENS = ("ok[it] = l < NTG * 8 * 16 && t < M;", "ok[it] = l < NTG * 8 * 16 && t < min(M, 8);")
+_FEW_TOKENS = ("const int left = M - (m0 + tg0 * 8 + r);", "const int left = min(M, m0 + 8) - (m0 + tg0 * 8 + r);")
 _SAME_ROWS = ("const long n = n0 + h * 8 + g;", "const long n = (n0 + h * 8 + g) % 128;")
 _NO_MMA = [("for (int jj = 0; jj < 4; ++jj) wgmma(acc, frag[half][jj], b + (half * 4 + jj) * (STEP >> 4));",
             "for (int jj = 0; jj < 4; ++jj) acc[jj] += __int_as_float(frag[half][jj][0] + frag[half][jj][1]"
