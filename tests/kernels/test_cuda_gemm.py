@@ -1,6 +1,7 @@
 """The CUDA small-M GEMM (kernels/cuda_gemm.py, and the wgmma kernel it hands 25-64 tokens of large layers to and,
-in token tiles, prefill sizes up to its WIDE_MAX_M; kernels/cuda_wgmma.py) against the exact product on the dequantized Ŵ. GPU only: the kernels are compiled by NVRTC,
-which CPU CI does not have (the Triton kernels they stand in for are checked there; their sources compile there)."""
+in token tiles, prefill sizes up to its WIDE_MAX_M; kernels/cuda_wgmma.py) against the exact product on the
+dequantized Ŵ. GPU only: the kernels are compiled by NVRTC, which CPU CI does not have (the Triton kernels they
+stand in for are checked there; their sources compile there)."""
 
 from __future__ import annotations
 
@@ -241,7 +242,8 @@ def test_where_the_wgmma_kernel_does_not_compile_the_decode_kernel_takes_its_sha
 @pytest.mark.parametrize("tile", [cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2),
                                   cuda_wgmma.WgmmaTile(tokens=128, warpgroups=1, stages=2),
                                   cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3)])
-@pytest.mark.parametrize("block,out_dtype,bias_dtype", [(32, torch.bfloat16, torch.bfloat16), (16, torch.float32, None)])
+@pytest.mark.parametrize("block,out_dtype,bias_dtype", [(32, torch.bfloat16, torch.bfloat16),
+                                                      (16, torch.float32, None)])
 def test_token_tiles_match_the_exact_product_and_a_tokens_output_does_not_depend_on_the_batch(
         tile, block, out_dtype, bias_dtype):
     """Above 64 tokens the wgmma kernel takes M in tiles of tile.tokens (grid z), the last one partly beyond M: the

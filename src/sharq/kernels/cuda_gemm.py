@@ -34,9 +34,10 @@ placement:
 On Hopper, 33-64 tokens of layers with more than 2^24 weights (25-64 where N >= 4 K) go to the wgmma kernel
 instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there, and
 so do 65-256 tokens of layers of at least 2^24 weights, in its tiles of 128 tokens (faster than the decode into a
-scratch weight + cuBLAS that larger M takes); the launch plan below picks it, with the same arguments. Either kernel also has a group entry (nvfp4_mma_group): up to
-three layers that read one activation (q/k/v, gate/up), each with its own weight, scale, bias and output, in one
-launch whose blocks take the rows of the layer they fall in, where `group_tile` says that measured faster.
+scratch weight + cuBLAS that larger M takes); the launch plan below picks it, with the same arguments. Either
+kernel also has a group entry (nvfp4_mma_group): up to three layers that read one activation (q/k/v, gate/up), each
+with its own weight, scale, bias and output, in one launch whose blocks take the rows of the layer they fall in,
+where `group_tile` says that measured faster.
 
 Compiled at first use by NVRTC through PyTorch (`torch.cuda._compile_kernel`), one binary per launch variant, and
 launched by cuLaunchKernel itself (kernels/launch.py) with the launch worked out once per shape (`_launch`). Where
@@ -410,8 +411,8 @@ def fits(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, b
 def weight_fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, bias: torch.Tensor | None,
                 out_dtype: torch.dtype, m: int) -> bool:
     """Whether the kernel runs this weight for M = m tokens: NVFP4 weights, whole 128-element chunks, whole
-    16-row tiles, at most MAX_M tokens (more where the wgmma kernel's token tiles take them), 16-byte aligned rows (8-byte aligned scale rows: the ring copies them in
-    4 or 8 bytes), on a GPU with bf16 tensor cores."""
+    16-row tiles, at most MAX_M tokens (more where the wgmma kernel's token tiles take them), 16-byte aligned rows
+    (8-byte aligned scale rows: the ring copies them in 4 or 8 bytes), on a GPU with bf16 tensor cores."""
     n, kp = codes.shape[0], codes.shape[1] * 2
     return (fmt == "nvfp4" and block in (16, 32) and 0 < m and kp % 128 == 0 and n % 16 == 0
             and codes.is_cuda and out_dtype in _OUT and (bias is None or bias.dtype in _BIAS)

@@ -1,5 +1,5 @@
-"""The packed NVFP4 GEMM for 25 to 64 tokens on Hopper's warpgroup MMA (wgmma): the decoded weight as the register A
-operand, the activation staged once per block in shared memory as the B operand.
+"""The packed NVFP4 GEMM for 25 to 256 tokens on Hopper's warpgroup MMA (wgmma): the decoded weight as the register
+A operand, the activation staged once per block in shared memory as the B operand.
 
 The decode kernel (kernels/cuda_gemm.py) gives every warp its own 16-32 weight rows and has each read the whole
 activation, which at 33-64 tokens is 3.6-7 times the weight's bytes, and its accumulators cap it at 8 warps a
@@ -24,9 +24,9 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
 
 Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
 (benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
-a scheduler). It takes over from the decode kernel where
-that measured faster: 33-64 tokens on layers of more than 2^24 weights, and 25-64 on layers at least four times
-wider than deep. Hopper only (wgmma is sm_90a)."""
+a scheduler). It takes over from the decode kernel where that measured faster: 33-64 tokens on layers of more
+than 2^24 weights, and 25-64 on layers at least four times wider than deep; and from decode + cuBLAS at 65-256
+tokens on layers of at least 2^24 weights (choose_tile). Hopper only (wgmma is sm_90a)."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def k_splits(blocks: int, kp: int, multiprocessors: int, one_wave: bool = False)
     """K splits over `blocks` blocks, keeping at least 4 chunks of 128 a split: doubled until the multiprocessors
     have a block each, or with `one_wave` while the blocks still fit one wave (a block a multiprocessor). Up to 64
     tokens the former (the blocks are the layer's row blocks alone, so a token's output does not depend on the
-    batch there); the token tiles the latter, which was the fastest split or within 4 % of it at every shape and M
+    batch there); the token tiles the latter, which was the fastest split or within 3.3 % of it at every shape and M
     of the H200 sweep (`python benchmarks/bench_gemm.py --wide`, 96-256 tokens), where filling the GPU was up to
     31 % slower."""
     chunks, splits = kp // 128, 1
