@@ -103,6 +103,13 @@ def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
     assert cuda_wgmma.shared_bytes(cuda_wgmma.WgmmaTile(tokens=256, slots=3)) <= cuda_wgmma.SHARED_LIMIT
 
 
+def test_more_token_tiles_than_a_grid_holds_are_refused_before_anything_is_compiled():
+    """A launch's token tiles are its grid's z, at most 65535 (reachable only with a tile given by hand)."""
+    t = cuda_wgmma.WgmmaTile(tokens=8)
+    with pytest.raises(ValueError, match="65535"):
+        cuda_gemm._build(0, t, 8 * 65535 + 1, 128, 128, 32, 0, 0, False)
+
+
 def test_token_tiles_take_65_to_wide_max_m_tokens_of_large_layers(monkeypatch):
     """Above 64 tokens the wgmma kernel takes layers of at least 2^24 weights in tiles of WIDE_TOKENS up to
     WIDE_MAX_M tokens (where it measured faster than decode + cuBLAS: 256 on the H200), none while that is 0; its

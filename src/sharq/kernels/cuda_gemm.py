@@ -554,6 +554,9 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
            bias: int, sx_row: bool, group: bool = False) -> _Launch:
     """Tile t's launch (either kernel; one layer's entry or the group entry) for m tokens of width n, its kernel
     compiled, programmatic (launch.PROGRAMMATIC_LAUNCH) where _programmatic says."""
+    tiles = cuda_wgmma.token_tiles(m, t) if isinstance(t, cuda_wgmma.WgmmaTile) else 1
+    if tiles > 65535:  # the grid's z limit
+        raise ValueError(f"{t} takes {m} tokens in {tiles} token tiles, more than a grid's 65535: use wider tiles")
     programmatic = _programmatic(device, m, n, k)
     if isinstance(t, cuda_wgmma.WgmmaTile):
         shared = cuda_wgmma.shared_bytes(t)
@@ -563,7 +566,6 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
         mt = n8_tiles(m)
         shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
-    tiles = cuda_wgmma.token_tiles(m, t) if isinstance(t, cuda_wgmma.WgmmaTile) else 1
     return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, tiles),
                    (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
 
@@ -597,6 +599,8 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
             raise ValueError(f"{w} needs N a multiple of {w.rows}")
         try:
             return _build(device, w, m, n, k, block, out, bias, sx_row)
+        except ValueError:
+            raise
         except Exception as e:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: the decode kernel takes these shapes
             if asked:
                 raise
