@@ -686,7 +686,7 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                          "the programmatic-launch rule's choice and programmatic everywhere (8B and 70B)")}
 
 
-def save(out: dict, path: str | None) -> None:
+def save(out: dict | list, path: str | None) -> None:
     """The results as JSON at `path` (nothing without one)."""
     if path:
         with open(path, "w") as f:

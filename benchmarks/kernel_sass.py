@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 
 import bench_gemm  # benchmarks/bench_gemm.py, beside this script
@@ -81,9 +80,7 @@ def main() -> int:
          "loads", "HMMA", "other"],
         [[f"{r['K']} × {r['N']}", str(r["M"]), r["tile"].replace("CudaTile", ""), "yes" if r["chosen"] else "",
           str(r["registers"]), str(r["spilled"])] + [f"{r[key]:.4f}" for key in keys] for r in rows]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    bench_gemm.save(rows, args.json)
     return 0
 
 

@@ -13,7 +13,6 @@ weights (bench_model.llama_8b_shaped), quantized onto the GPU with the default b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -21,7 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import sharq
-from bench_model import llama_8b_shaped  # benchmarks/, beside this script
+from bench_gemm import save  # benchmarks/, beside this script
+from bench_model import llama_8b_shaped
 from sharq._format import format_table
 from sharq.generate import DecodeSession
 
@@ -82,9 +82,7 @@ def main() -> int:
               f"{r['host_ms']:.2f} ms, GPU busy {r['gpu_busy_ms']:.2f} ms, {r['launches']:.0f} launches a step")
         print(format_table(["operator (self host time)", "µs a step", "calls a step"],
                            [[t["op"][:60], f"{t['self_cpu_us']:.0f}", f"{t['calls']:.0f}"] for t in r["top"]]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    save(out, args.json)
     return 0
 
 

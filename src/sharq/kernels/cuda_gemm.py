@@ -643,12 +643,10 @@ def group_tile(m: int, ns: tuple[int, ...], k: int, device: torch.device) -> Cud
     if not 2 <= len(ns) <= GROUP_MAX:
         return None
     n = sum(ns)
-    if not _wgmma_broken:
-        capability, mps = _capability(device), _multiprocessors(device)
-        wgmma = cuda_wgmma.choose_tile(m, n, k, capability, mps)
-        if wgmma is not None:
-            alone = [cuda_wgmma.choose_tile(m, w, k, capability, mps) for w in ns]
-            return wgmma if any(t.splits > 1 if t else w * k <= 1 << 26 for t, w in zip(alone, ns)) else None
+    wgmma = _wgmma_tile(m, n, k, device)
+    if wgmma is not None:
+        alone = [_wgmma_tile(m, w, k, device) for w in ns]
+        return wgmma if any(t.splits > 1 if t else w * k <= 1 << 26 for t, w in zip(alone, ns)) else None
     if m > MAX_M:
         return None
     group = choose_tile(m, n, k, device)
