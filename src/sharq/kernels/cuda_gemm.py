@@ -10,11 +10,13 @@ placement:
   agree, so the thread that owns k-slots {2q, 2q+1, 2q+8, 2q+9} of each of a chunk's eight MMAs takes the 32
   consecutive elements q·32 … q·32+31 of its rows (one 32-element scale block, or two 16-element ones), and
   loads the activation at the same 32 elements.
-- Decode: nibbles i and i+4 of a 32-bit word become one bf16 pair by one shift and two masks (sign to bit 15,
-  the two exponent bits and the mantissa bit to bits 8..6: the E2M1 value times 2^-126, a bf16 subnormal for
-  0.5), then one bf16x2 multiply by the block scale times 2^118, which is exact (the product, code · scale ·
-  2^-8, has at most 6 significant bits and lies in [2^-18, 10.5]); the activation elements are paired to match
-  with one byte permute per pair.
+- Decode: nibbles i and i+4 of a 32-bit word become one bf16 pair (sign to bit 15, the two exponent bits and the
+  mantissa bit to bits 8..6: the E2M1 value times 2^-126, a bf16 subnormal for 0.5) by a mask that keeps the
+  two nibbles, one multiply that places two copies of each (shifted for the sign and for the rest; they do not
+  overlap, so nothing carries) and a mask that keeps the right bits of each copy, then one bf16x2 multiply by
+  the block scale times 2^118, which is exact (the product, code · scale · 2^-8, has at most 6 significant bits
+  and lies in [2^-18, 10.5]). The block scales are looked up in a table of all 256 UE4M3 codes each block builds
+  in shared memory at its start. The activation elements are paired to match with one byte permute per pair.
 - The weight goes global -> shared memory by cp.async, a ring of three chunks per warp, so more bytes are in
   flight without registers to hold them, or is staged in registers (`choose_tile` says where each measured
   faster). Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
@@ -99,6 +101,7 @@ __device__ __forceinline__ void gemm_block(
   // activation's loads in L1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int wk = warp % WK, wn = warp / WK;
+  __shared__ u32 scale_table[256];  // built once the first chunks are on their way
   const int n0 = (bx * WN + wn) * (16 * RT);
   const int c_begin = by * chunks_per_split;
   const int c_end = min(c_begin + chunks_per_split, Kp >> 7);
@@ -112,13 +115,11 @@ __device__ __forceinline__ void gemm_block(
       wrow[rt][h] = codes + n * (Kp >> 5) + q;
       srow[rt][h] = scales + n * (Kp / BLOCK) + q * (32 / BLOCK);
     }
+  // token mt * 8 + g's activation, or token 0's where there is no such token: its MMA column is never stored, and
+  // columns do not mix, so an unpredicated load is safe and costs the loop no select
   const U4* xrow[MT];
-  bool xok[MT];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    xok[mt] = mt * 8 + g < M;
-    xrow[mt] = (const U4*)(a + (long)(xok[mt] ? mt * 8 + g : 0) * lda) + q * 4;
-  }
+  for (int mt = 0; mt < MT; ++mt) xrow[mt] = (const U4*)(a + (long)(mt * 8 + g < M ? mt * 8 + g : 0) * lda) + q * 4;
   float acc[RT][MT][4];
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
@@ -131,7 +132,7 @@ __device__ __forceinline__ void gemm_block(
   const int mine = c_end - c_begin > wk ? (c_end - c_begin - wk + WK - 1) / WK : 0;
   auto chunk = [&](int u) { return c_begin + wk + u * WK; };  // this warp's u-th chunk
   auto ld_x = [&](int mt, int c, int v) {  // 16 bytes of token mt * 8 + g's activation at chunk c
-    return xok[mt] ? ld_shared_by_blocks(xrow[mt] + c * 16 + v) : U4{0u, 0u, 0u, 0u};
+    return ld_shared_by_blocks(xrow[mt] + c * 16 + v);
   };
   auto load_x = [&](Stage& s, int c) {  // the activation at chunk c
 #if !XDIRECT
@@ -163,7 +164,7 @@ __device__ __forceinline__ void gemm_block(
   };
   auto scale_pairs = [&](const Stage& s, int rt, u32 (&sc)[2][2]) {  // [row half][16-element half of the 32]
 #pragma unroll
-    for (int h = 0; h < 2; ++h) row_scale_pairs(s.s[rt][h], sc[h]);
+    for (int h = 0; h < 2; ++h) row_scale_pairs(scale_table, s.s[rt][h], sc[h]);
   };
   // MMA j's A fragment of row tile rt: pairs 2j (k-slots 2q, 2q+1) and 2j + 1 (2q + 8, 2q + 9) of rows g, g + 8
   auto a_frag = [](const Stage& s, int rt, int j, const u32 (&sc)[2][2], u32 (&a)[4]) {
@@ -246,6 +247,8 @@ __device__ __forceinline__ void gemm_block(
     if (u < mine) issue(u);
     cp_async_commit();
   }
+  build_scale_table(scale_table);
+  __syncthreads();
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
   Stage cur;
   if (mine > 0) load_x(cur, chunk(0));
@@ -285,6 +288,8 @@ __device__ __forceinline__ void gemm_block(
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)
     if (u < mine) load_w(st[u], chunk(u));
+  build_scale_table(scale_table);
+  __syncthreads();
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)

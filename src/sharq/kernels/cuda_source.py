@@ -3,6 +3,8 @@ weight streamed past L1, the programmatic-launch wait, the activation read throu
 bf16 by bit placement (exact: see cuda_gemm's docstring) and the output stored in its dtype. A kernel's source is
 its #defines (OUT, BIAS, SPLIT among them), then DEVICE_HELPERS, then its own code."""
 
+SCALE_TABLE_BYTES = 256 * 4  # the static shared memory of build_scale_table's table, in every kernel
+
 DEVICE_HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -36,10 +38,13 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
   return d;
 }
-// nibbles i and i + 4 of x as a bf16 pair: the E2M1 values times 2^-126
+// nibbles i and i + 4 of x as a bf16 pair: the E2M1 values times 2^-126. The two nibbles, kept by a mask, are
+// multiplied by 2^a + 2^b: one copy of each with its sign at bit 15 (31), one with its other bits at 8..6
+// (24..22); the copies do not overlap, so nothing carries, and the last mask keeps those bits (nibbles 2 and 3
+// are first moved down to 0 and 1, since a multiply cannot shift right)
 __device__ __forceinline__ u32 e2m1_pair(u32 x, int i) {
-  u32 y = x << (12 - 4 * i);
-  return (y & 0x80008000u) | ((y >> 6) & 0x01C001C0u);
+  const u32 t = (i < 2 ? x : x >> 8) & (0x000F000Fu << 4 * (i & 1));
+  return (t * ((1u << (12 - 4 * (i & 1))) + (1u << (6 - 4 * (i & 1))))) & 0x81C081C0u;
 }
 // a UE4M3 scale code (float8_e4m3fn bits) times 2^118 as a bf16 pair; exact (4 significant bits, below 2^127)
 __device__ __forceinline__ u32 scale_pair(u32 code) {
@@ -51,14 +56,19 @@ __device__ __forceinline__ u32 scale_pair(u32 code) {
   u32 b = __float_as_uint(f) >> 16;
   return b | (b << 16);
 }
+// every UE4M3 code's scale_pair, built by each block before its loop: a chunk's scale codes are then looked up (a
+// shared load) rather than converted (a dozen instructions, for every row of every chunk)
+__device__ __forceinline__ void build_scale_table(u32* table) {
+  for (u32 c = threadIdx.x; c < 256; c += blockDim.x) table[c] = scale_pair(c);
+}
 // a row's scale codes for a thread's 32 elements (one byte, or two for 16-element blocks) as the bf16 pairs of
 // its two 16-element halves
-__device__ __forceinline__ void row_scale_pairs(u32 codes, u32 (&sc)[2]) {
+__device__ __forceinline__ void row_scale_pairs(const u32* table, u32 codes, u32 (&sc)[2]) {
 #if BLOCK == 32
-  sc[0] = sc[1] = scale_pair(codes);
+  sc[0] = sc[1] = table[codes];
 #else
-  sc[0] = scale_pair(codes & 0xFFu);
-  sc[1] = scale_pair(codes >> 8);
+  sc[0] = table[codes & 0xFFu];
+  sc[1] = table[codes >> 8];
 #endif
 }
 __device__ __forceinline__ u32 mul_bf16x2(u32 a, u32 b) {  // a * b + (-0): the exact product, its sign kept

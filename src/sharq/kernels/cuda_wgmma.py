@@ -32,14 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
+from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY, SCALE_TABLE_BYTES
 
 NAME = "sharq_nvfp4_wgmma"
 GROUP_NAME = "sharq_nvfp4_wgmma_group"
 TOKENS = 64  # wgmma's N up to 64 tokens: every launch there computes 64 token columns
 ROWS = 64  # weight rows a warpgroup
 MAX_TOKENS = 256  # wgmma's largest N
-SHARED_LIMIT = 227 * 1024  # a Hopper block's dynamic shared memory
+SHARED_LIMIT = 227 * 1024  # a Hopper block's shared memory (the scale table's static bytes and the buffers)
 # Above cuda_gemm.MAX_M tokens: tiles of WIDE_TOKENS tokens up to WIDE_MAX_M tokens; more go to the decode into the
 # scratch weight + cuBLAS. H200, the 8B shapes (`python benchmarks/bench_gemm.py --wide`, docs/PERF.md): 1.04-2.33 x
 # decode + cuBLAS at 96-256 tokens, 0.58-0.91 x at 384, 0.55-0.59 x at 2048
@@ -66,9 +66,9 @@ class WgmmaTile:
         if self.producers % 4 or (self.tokens // 8) % (self.producers // 4):
             raise ValueError(f"WgmmaTile(producers={self.producers}): whole warpgroups of producer warps, sharing "
                              f"{self.tokens // 8} groups of 8 tokens evenly")
-        if shared_bytes(self) > SHARED_LIMIT:
-            raise ValueError(f"{self}: {shared_bytes(self)} bytes of activation buffers, more than a block's "
-                             f"{SHARED_LIMIT}")
+        if shared_bytes(self) + SCALE_TABLE_BYTES > SHARED_LIMIT:
+            raise ValueError(f"{self}: {shared_bytes(self)} bytes of activation buffers and a {SCALE_TABLE_BYTES}-byte "
+                             f"scale table, more than a block's {SHARED_LIMIT}")
 
     @property
     def rows(self) -> int:
@@ -180,11 +180,13 @@ __device__ __forceinline__ void wgmma_block(
   const int c_begin = by * chunks_per_split, m0 = blockIdx.z * (NTG * 8);  // the block's first token
   const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
   const u32 base = smem_addr(smem), full = base + XS * CHUNK, empty = full + XS * 8;
+  __shared__ u32 scale_table[256];
   if (tid == 0)
     for (int s = 0; s < XS; ++s) {
       mbar_init(full + 8 * s, PW * 32);
       mbar_init(empty + 8 * s, WG * 128);
     }
+  build_scale_table(scale_table);
   __syncthreads();
   if (warp >= WG * 4) {
     wait_prior_grid();
@@ -291,7 +293,7 @@ __device__ __forceinline__ void wgmma_block(
         const unsigned long long b = b_desc(base + buffer * CHUNK);  // + 16-byte units: no carry out of the field
         u32 sc[2][2];  // decoded once a chunk: both halves use them
 #pragma unroll
-        for (int h = 0; h < 2; ++h) row_scale_pairs(st[s].s[h], sc[h]);
+        for (int h = 0; h < 2; ++h) row_scale_pairs(scale_table, st[s].s[h], sc[h]);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           decode(st[s], sc, half, frag[half]);
