@@ -76,8 +76,10 @@ struct Stage {
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src));
 }
-__device__ __forceinline__ void cp_async_scales(void* dst, const void* src) {  // one row's scale codes of a chunk
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(smem_addr(dst)), "l"(src), "n"(512 / BLOCK / 4));
+// one row's scale codes of a chunk, where `copy` (one lane a row): a predicated copy, no branch around it
+__device__ __forceinline__ void cp_async_scales(void* dst, const void* src, bool copy) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %2, 0;\n@p cp.async.ca.shared.global [%0], [%1], %3;\n}"
+               :: "r"(smem_addr(dst)), "l"(src), "r"((u32)copy), "n"(512 / BLOCK / 4));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_ring() { asm volatile("cp.async.wait_group %0;" :: "n"(RING - 1)); }
@@ -231,20 +233,20 @@ __device__ __forceinline__ void gemm_block(
 #if RING
   extern __shared__ __align__(16) unsigned char smem[];
   Slot* ring = (Slot*)smem + warp * RING;
-  auto issue = [&](int u) {
-    Slot& sl = ring[u % RING];
+  auto issue = [&](int u, int slot) {  // this warp's u-th chunk into ring slot `slot` (u % RING)
+    Slot& sl = ring[slot];
     const int c = chunk(u);
 #pragma unroll
     for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         cp_async16(&sl.w[rt][h][lane], wrow[rt][h] + c * 4);
-        if (q == 0) cp_async_scales(&sl.s[rt][h][g][0], srow[rt][h] + c * (128 / BLOCK));
+        cp_async_scales(&sl.s[rt][h][g][0], srow[rt][h] + c * (128 / BLOCK), q == 0);
       }
   };
 #pragma unroll
   for (int u = 0; u < RING - 1; ++u) {
-    if (u < mine) issue(u);
+    if (u < mine) issue(u, u);
     cp_async_commit();
   }
   build_scale_table(scale_table);
@@ -252,36 +254,42 @@ __device__ __forceinline__ void gemm_block(
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
   Stage cur;
   if (mine > 0) load_x(cur, chunk(0));
-  for (int u = 0; u < mine; ++u) {
-    __syncwarp();  // every lane is done with the slot the next copy overwrites
-    if (u + RING - 1 < mine) issue(u + RING - 1);
-    cp_async_commit();
-    cp_async_wait_ring();
-    __syncwarp();  // and the scale codes other lanes copied are visible
-    const Slot& sl = ring[u % RING];
+  for (int u0 = 0; u0 < mine; u0 += RING) {  // RING chunks an iteration: every slot index a constant
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+    for (int r = 0; r < RING; ++r) {
+      const int u = u0 + r;
+      if (u < mine) {
+        __syncwarp();  // every lane is done with the slot the next copy overwrites
+        if (u + RING - 1 < mine) issue(u + RING - 1, (r + RING - 1) % RING);
+        cp_async_commit();
+        cp_async_wait_ring();
+        __syncwarp();  // and the scale codes other lanes copied are visible
+        const Slot& sl = ring[r];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        cur.w[rt][h] = sl.w[rt][h][lane];
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            cur.w[rt][h] = sl.w[rt][h][lane];
 #if BLOCK == 32
-        cur.s[rt][h] = ((const u8*)sl.s[rt][h][g])[q];
+            cur.s[rt][h] = ((const u8*)sl.s[rt][h][g])[q];
 #else
-        cur.s[rt][h] = ((const u16*)sl.s[rt][h][g])[q];
+            cur.s[rt][h] = ((const u16*)sl.s[rt][h][g])[q];
+#endif
+          }
+#if XNEXT
+        Stage nxt;
+        if (u + 1 < mine) load_x(nxt, chunk(u + 1));
+        compute(cur, chunk(u));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) cur.x[mt][v] = nxt.x[mt][v];
+#else
+        compute(cur, chunk(u));
+        if (u + 1 < mine) load_x(cur, chunk(u + 1));
 #endif
       }
-#if XNEXT
-    Stage nxt;
-    if (u + 1 < mine) load_x(nxt, chunk(u + 1));
-    compute(cur, chunk(u));
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) cur.x[mt][v] = nxt.x[mt][v];
-#else
-    compute(cur, chunk(u));
-    if (u + 1 < mine) load_x(cur, chunk(u + 1));
-#endif
+    }
   }
 #else
   Stage st[STAGES];
