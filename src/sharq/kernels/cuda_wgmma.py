@@ -194,12 +194,15 @@ __device__ __forceinline__ void wgmma_block(
     // + 7 (16 bytes; v = pw % 4, qq = lane % 4) of token r = lane / 4 of token groups tg = pw / 4 + it * PW / 4;
     // pair i of them (elements i, i + 4) is k slots 2 qq, 2 qq + 1 of step 2 v + (i >> 1), k half i & 1: word qq
     // of row r of core matrix ((step * 2 + k half) * NTG + tg). Load it is load 0 moved by it * PW / 4 token
-    // groups: one pointer and one offset for all of them.
+    // groups: one pointer and one offset for all of them. A load's four words (steps 2 v, 2 v + 1 x k halves)
+    // are one stmatrix of four 8 x 8 matrices: lane l holds word l % 4 of row l / 4 of each, which is the
+    // fragment stmatrix stores, and gives the address of row l % 8 of matrix l / 8.
     constexpr int TG_STEP = PW / 4, LOADS = NTG / TG_STEP;
     const int pw = warp - WG * 4, v = pw & 3, tg0 = pw >> 2, r = lane >> 2, qq = lane & 3;
     const u16* src = a + (long)(m0 + tg0 * 8 + r) * lda + c_begin * 128 + qq * 32 + 8 * v;
     const long src_step = (long)TG_STEP * 8 * lda;
-    const u32 dst = (u32)((4 * v * NTG + tg0) * 128 + r * 16 + qq * 4);
+    const u32 dst = (u32)((4 * v * NTG + tg0) * 128 + (lane & 7) * 16 + ((lane >> 3) & 1) * NTG * 128
+                          + (lane >> 4) * STEP);
     const int left = M - (m0 + tg0 * 8 + r);  // load it reads a token below M where it * TG_STEP * 8 < left
     U4 x[2][LOADS];  // two chunks in flight
     auto load = [&](U4 (&xs)[LOADS]) {
@@ -212,11 +215,9 @@ __device__ __forceinline__ void wgmma_block(
     auto put = [&](const U4 (&xs)[LOADS], u32 buffer) {
 #pragma unroll
       for (int it = 0; it < LOADS; ++it) {
-        const u32 at = buffer + dst + it * TG_STEP * 128;
-        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at), "r"(prmt(xs[it].x, xs[it].z, 0x5410u)));
-        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + NTG * 128), "r"(prmt(xs[it].x, xs[it].z, 0x7632u)));
-        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + STEP), "r"(prmt(xs[it].y, xs[it].w, 0x5410u)));
-        asm volatile("st.shared.b32 [%0], %1;" :: "r"(at + STEP + NTG * 128),
+        asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
+                     :: "r"(buffer + dst + it * TG_STEP * 128), "r"(prmt(xs[it].x, xs[it].z, 0x5410u)),
+                     "r"(prmt(xs[it].x, xs[it].z, 0x7632u)), "r"(prmt(xs[it].y, xs[it].w, 0x5410u)),
                      "r"(prmt(xs[it].y, xs[it].w, 0x7632u)));
       }
     };
