@@ -33,7 +33,8 @@ CLASSES = {"HMMA": "mma", "HGMMA": "mma", "HFMA2": "scale", "HMUL2": "scale", "L
 def analyse(t: cuda_gemm.CudaTile | cuda_wgmma.WgmmaTile, m: int) -> dict:
     """Registers, spills and the main loop's warp instructions per weight, in total and by class, of tile t's
     kernel at m tokens (32-element blocks, bf16 out, no bias). The wgmma kernel's main loop is its consumers'
-    (8 HGMMAs a 128-element chunk of a warp's 16 rows); its producer warps' loop is not counted."""
+    (8 HGMMAs a 128-element chunk of a warp's 16 rows); its producer warps' loop is counted apart, as the warp
+    instructions all of a block's producers issue a weight of the block's."""
     if isinstance(t, cuda_wgmma.WgmmaTile):
         built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 0, False), "sm_90a")
         marker, per_chunk, rows = "HGMMA", 8, 16
@@ -41,11 +42,18 @@ def analyse(t: cuda_gemm.CudaTile | cuda_wgmma.WgmmaTile, m: int) -> dict:
         mt = cuda_gemm.n8_tiles(m)
         built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, mt, 32, 0, 0, False))
         marker, per_chunk, rows = "HMMA", 8 * t.rt * mt, 16 * t.rt
-    loop = nvrtc.main_loop(nvrtc.disassemble(built.cubin), marker)
+    sass = nvrtc.disassemble(built.cubin)
+    loop = nvrtc.main_loop(sass, marker)
     chunks, weights = loop.count(marker) / per_chunk, nvrtc.weights_per_loop(loop, marker, per_chunk, rows)
     by_class = collections.Counter(CLASSES.get(op, "other") for op in loop)
+    producers = None
+    if isinstance(t, cuda_wgmma.WgmmaTile):  # its producer warps' loop: one stmatrix a 16-byte load
+        ploop = nvrtc.main_loop(sass, "STSM")
+        loads = t.tokens // 8 // (t.producers // 4)  # a producer thread's loads a chunk
+        producers = t.producers * len(ploop) / (ploop.count("STSM") / loads) / (t.rows * 128)
     return {"tile": str(t), "M": m, "registers": built.registers, "spilled": built.spilled,
             "loop_instructions": len(loop), "chunks_per_iteration": chunks, "per_weight": len(loop) / weights,
+            "producer_per_weight": producers,
             **{f"{c}_per_weight": by_class[c] / weights for c in ("integer", "scale", "permute", "load", "mma",
                                                                   "other")}}
 
@@ -77,9 +85,10 @@ def main() -> int:
             "mma_per_weight", "other_per_weight")
     print(format_table(
         ["K × N", "M", "launch", "chosen", "regs", "spill B", "instr/weight", "LOP3/SHF/IMAD", "HMUL2", "PRMT",
-         "loads", "HMMA", "other"],
+         "loads", "HMMA", "other", "producers"],
         [[f"{r['K']} × {r['N']}", str(r["M"]), r["tile"].replace("CudaTile", ""), "yes" if r["chosen"] else "",
-          str(r["registers"]), str(r["spilled"])] + [f"{r[key]:.4f}" for key in keys] for r in rows]))
+          str(r["registers"]), str(r["spilled"])] + [f"{r[key]:.4f}" for key in keys]
+         + ["" if r["producer_per_weight"] is None else f"{r['producer_per_weight']:.4f}"] for r in rows]))
     bench_gemm.save(rows, args.json)
     return 0
 

@@ -204,12 +204,13 @@ __device__ __forceinline__ void wgmma_block(
     const u32 dst = (u32)((4 * v * NTG + tg0) * 128 + (lane & 7) * 16 + ((lane >> 3) & 1) * NTG * 128
                           + (lane >> 4) * STEP);
     const int left = M - (m0 + tg0 * 8 + r);  // load it reads a token below M where it * TG_STEP * 8 < left
-    U4 x[2][LOADS];  // two chunks in flight
+    // two chunks in flight; a token beyond M is never loaded, so its slots stay the zeros they start as (no
+    // zeroing per load)
+    U4 x[2][LOADS] = {};
     auto load = [&](U4 (&xs)[LOADS]) {
 #pragma unroll
       for (int it = 0; it < LOADS; ++it)
-        xs[it] = it * TG_STEP * 8 < left ? ld_shared_by_blocks((const U4*)(src + it * src_step))
-                                         : U4{0u, 0u, 0u, 0u};
+        if (it * TG_STEP * 8 < left) xs[it] = ld_shared_by_blocks((const U4*)(src + it * src_step));
       src += 128;
     };
     auto put = [&](const U4 (&xs)[LOADS], u32 buffer) {
