@@ -14,6 +14,7 @@
    bf16), X and Y; achieved GB/s against the copy bandwidth. FLOPs for M ≥ 2048: 2·M·N·K, against the matrix rate.
 --sweep first times the small-M kernels' launch shapes at M ∈ {1, 2, 4, 16} (how gemm.choose_tile was chosen).
 --crossover times only the MMA kernel against decode + cuBLAS at M = 16..64 (where gemm.SMALL_M belongs).
+--decode times only the decode into the scratch weight (the CUDA kernel against the Triton one).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 import sharq
 from sharq._format import format_table
 from sharq.backends import WeightLayout, available, get_backend, humming
-from sharq.kernels import cuda_gemm, cuda_wgmma, gemm, launch
+from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
 from timing import median_ms  # benchmarks/timing.py, beside this script
@@ -501,6 +502,38 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
     return rows
 
 
+def scratch_decode(ms: tuple[int, ...] = ()) -> list[dict]:
+    """The decode into the bf16 scratch weight that decode + cuBLAS runs above the GEMM kernels' tokens: the CUDA
+    kernel (kernels/cuda_dequantize.py) against the Triton one, on the 8B and 70B shapes, for 32- and 16-element
+    blocks (sharq, sharq-plus), each over weight copies streamed from memory in one CUDA graph. GB/s counts the
+    payload read and the bf16 written; the two outputs must be equal bit for bit. (`ms` is not used.)"""
+    rows, copy = [], ceilings()["copy_GBps"]
+    for (k, n), recipe in itertools.product(SHAPES + SHAPES_70B, ("sharq", "sharq-plus")):
+        p, _, r = payload(recipe, n, k)
+        nbytes = p.codes.numel() + p.scales.numel() + 2 * n * k
+        ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(nbytes))]
+        w = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+        flags = gemm._DEQUANTIZE["nvfp4", r.weight_block]
+        grid = (-(-n // flags["BN"]), -(-k // flags["BK"]))
+        cuda = [(lambda run=cuda_dequantize.launcher(c, sc, "nvfp4", r.weight_block, k): run(w)) for c, sc in ps]
+        triton = [(lambda c=c, sc=sc: launch.launch_triton(gemm._dequantize_kernel, grid, (c, sc, w, n, k, k),
+                                                           flags)) for c, sc in ps]
+        cuda[0]()
+        got = w.clone()
+        triton[0]()
+        row = {"K": k, "N": n, "recipe": recipe, "equal": torch.equal(got.view(torch.int16), w.view(torch.int16))}
+        for name, fns in (("cuda", cuda), ("triton", triton)):
+            us = 1e3 * graph_ms(fns)
+            row[f"{name}_us"], row[f"{name}_GBps"] = us, nbytes / us / 1e3
+        rows.append(row)
+        print(f"K={k} N={n} {recipe}: CUDA {row['cuda_us']:.1f} us ({row['cuda_GBps']:.0f} GB/s, "
+              f"{row['cuda_GBps'] / copy:.0%} of copy), Triton {row['triton_us']:.1f} us ({row['triton_GBps']:.0f} "
+              f"GB/s, {row['triton_GBps'] / copy:.0%}); equal bits: {row['equal']}", flush=True)
+        del ps
+        torch.cuda.empty_cache()
+    return rows
+
+
 GROUPS = [(4096, (4096, 1024, 1024)), (4096, (14336, 14336)),  # Llama-3.1-8B q/k/v, gate/up (K, layer widths)
           (8192, (8192, 1024, 1024)), (8192, (28672, 28672))]  # Llama-3.1-70B
 
@@ -683,7 +716,9 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
         "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition", "the decode kernel's K split over warps and the "
                         "group launch's register cap, which choose_tile keeps fixed"),
         "programmatic": ((1, 4, 8, 12, 16, 32, 64), programmatic, "programmatic", "the layers with plain launches, "
-                         "the programmatic-launch rule's choice and programmatic everywhere (8B and 70B)")}
+                         "the programmatic-launch rule's choice and programmatic everywhere (8B and 70B)"),
+        "decode": ((), scratch_decode, "scratch_decode", "the decode into the scratch weight, the CUDA kernel against "
+                   "the Triton one (8B and 70B)")}
 
 
 def save(out: dict | list, path: str | None) -> None:

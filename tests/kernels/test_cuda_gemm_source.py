@@ -1,7 +1,7 @@
-"""The CUDA GEMMs' sources (kernels/cuda_gemm.py, kernels/cuda_wgmma.py) compiled on the CPU by NVRTC
-(kernels/nvrtc.py), for every launch the packed backend makes: a kernel change that does not compile, or that
-spills where it did not, fails here rather than on the first GPU it meets. Needs NVRTC (the nvidia-cuda-nvrtc
-package of the test extra), not a GPU."""
+"""The CUDA kernels' sources (kernels/cuda_gemm.py, kernels/cuda_wgmma.py, kernels/cuda_dequantize.py) compiled
+on the CPU by NVRTC (kernels/nvrtc.py), for every launch the packed backend makes: a kernel change that does not
+compile, or that spills where it did not, fails here rather than on the first GPU it meets. Needs NVRTC (the
+nvidia-cuda-nvrtc package of the test extra), not a GPU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from sharq.kernels import cuda_gemm, cuda_wgmma, nvrtc
+from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, nvrtc
 
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 
@@ -234,3 +234,12 @@ def test_where_the_group_choice_changes_with_the_tokens_the_sums_do_not(k, ns, m
     for m, t in tiles.items():
         if t is None:
             assert all(cuda_gemm._same_sums(cuda_gemm.choose_tile(m, w, k, None), g) for w in ns for g in grouped), m
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("block", [32, 16])
+def test_the_weight_decode_compiles_without_spills(arch, block):
+    """The scratch-weight decode (kernels/cuda_dequantize.py) on every GPU the CUDA kernels take, both block sizes:
+    a streaming kernel that spilled would lose what it is for."""
+    built = nvrtc.compile_cubin(cuda_dequantize.kernel_source(block), arch)
+    assert 0 < built.registers <= 64 and built.spilled == 0 and built.cubin

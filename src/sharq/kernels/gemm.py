@@ -15,8 +15,9 @@ is the reference's up to fp32 accumulation order.
   partials, summed with α and the bias by the epilogue kernel; otherwise α and the bias are applied in-kernel.
 - at M <= GEMV_M (batch-1 decode) `_packed_gemv_kernel`: the same payload decoded into fused multiply-adds on the
   CUDA cores, one program row per token, K split the same way (about 2× the MMA kernel there, docs/PERF.md).
-- at large M (prefill) the weight is decoded once into a bf16 scratch buffer reused by every layer
-  (`_dequantize_kernel`), then multiplied by cuBLAS: the decode is a small extra next to the GEMM there.
+- at large M (prefill) the weight is decoded once into a bf16 scratch buffer reused by every layer (the CUDA
+  kernel of kernels/cuda_dequantize.py for NVFP4 where it runs, else `_dequantize_kernel`), then multiplied by
+  cuBLAS: the decode is a small extra next to the GEMM there.
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 """
 
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_gemm
+from . import cuda_dequantize, cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_, scale_and_bias_launcher
 from .launch import Constexprs, TritonLaunch, launch_triton
@@ -334,10 +335,20 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block
     n = codes.shape[0]
     w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device) if out is None else out
     if n and k:
-        flags = _DEQUANTIZE[fmt, block]
-        launch_triton(_dequantize_kernel, (triton.cdiv(n, flags["BN"]), triton.cdiv(k, flags["BK"])),
-                      (codes, scales, w, n, k, codes.shape[1] * 2), flags)
+        _dequantizer(codes, scales, fmt, block, k, bound=False)(w)
     return w
+
+
+def _dequantizer(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int, bound: bool
+                 ) -> Callable[[torch.Tensor], None]:
+    """w -> None, decoding the payload into w (bf16 [N, k], contiguous): the CUDA kernel where it takes the payload
+    (kernels/cuda_dequantize.py, the same bits), else the Triton kernel (a `bound` launch: for a plan's calls)."""
+    if w_out := cuda_dequantize.launcher(codes, scales, fmt, block, k):
+        return w_out
+    n, flags = codes.shape[0], _DEQUANTIZE[fmt, block]
+    launch = TritonLaunch(_dequantize_kernel, (triton.cdiv(n, flags["BN"]), triton.cdiv(k, flags["BK"])), flags,
+                          bound=bound)
+    return lambda w: launch((codes, scales, w, n, k, codes.shape[1] * 2))
 
 
 _DEQUANTIZE = {(fmt, block): Constexprs(BLOCK=block, FMT=code, BN=32, BK=256, num_warps=4)
@@ -412,19 +423,17 @@ class _DecodedLaunch:
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
                  bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool):
-        self.codes, self.scales, self.out_dtype = codes, scales, out_dtype
+        self.device, self.out_dtype = codes.device, out_dtype
         self.n, self.k = codes.shape[0], codes.shape[1] * 2
         self.shape = (*lead, self.n)
         m = math.prod(lead)
-        flags = _DEQUANTIZE[fmt, block]
-        self.dequantize = TritonLaunch(_dequantize_kernel, (triton.cdiv(self.n, flags["BN"]),
-                                                            triton.cdiv(self.k, flags["BK"])), flags, bound=True)
+        self.dequantize = _dequantizer(codes, scales, fmt, block, self.k, bound=True)
         self.epilogue = scale_and_bias_launcher(m, self.n, sw, bias, sx_rows)
 
     def __call__(self, a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         with _scratch_lock:
-            w, wt = _scratch_weight(self.n, self.k, self.codes.device)
-            self.dequantize((self.codes, self.scales, w, self.n, self.k, self.k))
+            w, wt = _scratch_weight(self.n, self.k, self.device)
+            self.dequantize(w)
             y = _product(a, wt, self.out_dtype)
         return self.epilogue(y, sx).view(self.shape)
 

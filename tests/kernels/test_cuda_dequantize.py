@@ -1,0 +1,55 @@
+"""The CUDA weight decode (kernels/cuda_dequantize.py) against the Triton decode and quant.py, bit for bit. GPU
+only (NVRTC compiles it there; its source compiles on the CPU in test_cuda_gemm_source.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharq.kernels import cuda_dequantize, cuda_gemm, gemm
+from sharq.kernels.launch import launch_triton
+from sharq.quant import QTensor, dequantize_blocks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
+                                reason="needs a CUDA GPU and torch.cuda._compile_kernel")
+
+
+def _triton(codes: torch.Tensor, scales: torch.Tensor, block: int, k: int) -> torch.Tensor:
+    n, flags = codes.shape[0], gemm._DEQUANTIZE["nvfp4", block]
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device)
+    launch_triton(gemm._dequantize_kernel, ((n + flags["BN"] - 1) // flags["BN"], (k + flags["BK"] - 1) // flags["BK"]),
+                  (codes, scales, w, n, k, k), flags)
+    return w
+
+
+@pytest.mark.parametrize("block", [32, 16])
+@pytest.mark.parametrize("n,k", [(1, 32), (37, 96), (256, 4096), (4099, 4096)])
+def test_it_gives_the_triton_decode_bit_for_bit(block, n, k):
+    """Random codes and every scale code (NaN and sign bits included), at group counts that leave the grid's
+    last pass ragged; the plan's launch and the one-off call alike."""
+    g = torch.Generator().manual_seed(n * k + block)
+    codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
+    scales = torch.randint(0, 256, (n, k // block), generator=g, dtype=torch.uint8).cuda()
+    run = cuda_dequantize.launcher(codes, scales, "nvfp4", block, k)
+    assert run is not None
+    w = torch.full((n, k), 7.0, dtype=torch.bfloat16, device="cuda")
+    run(w)
+    want = _triton(codes, scales, block, k)
+    assert torch.equal(w.view(torch.int16), want.view(torch.int16))
+    assert torch.equal(gemm.dequantize_packed(codes, scales, "nvfp4", block, k).view(torch.int16),
+                       want.view(torch.int16))
+    ref = dequantize_blocks(QTensor(codes.cpu(), scales.cpu(), "nvfp4", block, (n, k))).to(torch.bfloat16)
+    assert torch.equal(w.cpu().isnan(), ref.isnan()) and torch.equal(w.cpu().nan_to_num(), ref.nan_to_num())
+
+
+def test_payloads_it_does_not_take_go_to_the_triton_decode():
+    """MXFP4, a K short of the payload's, a misaligned view: no CUDA launch, and dequantize_packed still exact."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (64, 64), generator=g, dtype=torch.uint8).cuda()
+    scales = torch.randint(0, 0x7F, (64, 4), generator=g, dtype=torch.uint8).cuda()
+    assert cuda_dequantize.launcher(codes, scales, "mxfp4", 32, 128) is None
+    assert cuda_dequantize.launcher(codes, scales, "nvfp4", 32, 96) is None
+    assert cuda_dequantize.launcher(codes[:, 1:33], scales[:, :2], "nvfp4", 32, 64) is None
+    w = gemm.dequantize_packed(codes, scales, "nvfp4", 32, 96)
+    ref = dequantize_blocks(QTensor(codes.cpu(), scales.cpu(), "nvfp4", 32, (64, 128))).to(torch.bfloat16)[:, :96]
+    assert torch.equal(w.cpu(), ref)
