@@ -43,7 +43,8 @@ def test_it_gives_the_triton_decode_bit_for_bit(block, n, k):
 
 
 def test_payloads_it_does_not_take_go_to_the_triton_decode():
-    """MXFP4, a K short of the payload's, a misaligned view: no CUDA launch, and dequantize_packed still exact."""
+    """MXFP4, a K short of the payload's, misaligned codes or output: no CUDA launch, and dequantize_packed still
+    exact."""
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 256, (64, 64), generator=g, dtype=torch.uint8).cuda()
     scales = torch.randint(0, 0x7F, (64, 4), generator=g, dtype=torch.uint8).cuda()
@@ -53,3 +54,7 @@ def test_payloads_it_does_not_take_go_to_the_triton_decode():
     w = gemm.dequantize_packed(codes, scales, "nvfp4", 32, 96)
     ref = dequantize_blocks(QTensor(codes.cpu(), scales.cpu(), "nvfp4", 32, (64, 128))).to(torch.bfloat16)[:, :96]
     assert torch.equal(w.cpu(), ref)
+    out = torch.empty(64 * 128 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(64, 128)  # 2 bytes off
+    gemm.dequantize_packed(codes, scales, "nvfp4", 32, 128, out=out)
+    full = dequantize_blocks(QTensor(codes.cpu(), scales.cpu(), "nvfp4", 32, (64, 128))).to(torch.bfloat16)
+    assert torch.equal(out.cpu(), full)

@@ -335,16 +335,17 @@ def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block
     n = codes.shape[0]
     w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device) if out is None else out
     if n and k:
-        _dequantizer(codes, scales, fmt, block, k, bound=False)(w)
+        _dequantizer(codes, scales, fmt, block, k, bound=False, cuda=w.is_contiguous() and w.data_ptr() % 16 == 0)(w)
     return w
 
 
-def _dequantizer(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int, bound: bool
-                 ) -> Callable[[torch.Tensor], None]:
-    """w -> None, decoding the payload into w (bf16 [N, k], contiguous): the CUDA kernel where it takes the payload
-    (kernels/cuda_dequantize.py, the same bits), else the Triton kernel (a `bound` launch: for a plan's calls)."""
-    if w_out := cuda_dequantize.launcher(codes, scales, fmt, block, k):
-        return w_out
+def _dequantizer(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int, bound: bool,
+                 cuda: bool = True) -> Callable[[torch.Tensor], None]:
+    """w -> None, decoding the payload into w (bf16 [N, k], contiguous): the CUDA kernel where `cuda` (w 16-byte
+    aligned) and it takes the payload (kernels/cuda_dequantize.py, the same bits), else the Triton kernel (a `bound`
+    launch: for a plan's calls)."""
+    if cuda and (run := cuda_dequantize.launcher(codes, scales, fmt, block, k)):
+        return run
     n, flags = codes.shape[0], _DEQUANTIZE[fmt, block]
     launch = TritonLaunch(_dequantize_kernel, (triton.cdiv(n, flags["BN"]), triton.cdiv(k, flags["BK"])), flags,
                           bound=bound)
