@@ -13,7 +13,6 @@ so the buffer is the Triton kernel's bit for bit (and NaN where a scale code is 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -110,9 +109,7 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k:
     try:
         plan = _launch(codes.get_device(), groups, block)
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton decode runs instead
-        _broken.append(f"{type(e).__name__}: {e}")
-        warnings.warn(f"sharq: the CUDA weight decode could not be compiled ({_broken[0][:300]}); using the Triton "
-                      "decode", stacklevel=3)
+        cuda_gemm.compile_failed(_broken, e, "the CUDA weight decode", "using the Triton decode", stacklevel=3)
         return None
     weight = (codes.data_ptr(), scales.data_ptr())
 

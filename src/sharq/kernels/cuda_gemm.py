@@ -454,6 +454,13 @@ _broken: list[str] = []  # why the kernel could not be compiled here (then packe
 _wgmma_broken: list[str] = []  # why the wgmma kernel could not be (then the decode kernel takes its shapes)
 
 
+def compile_failed(broken: list[str], e: Exception, what: str, instead: str, stacklevel: int) -> None:
+    """Remember in `broken` why a kernel could not be compiled here (its caller's path is then off) and say so in
+    a warning, which names what runs instead."""
+    broken.append(f"{type(e).__name__}: {e}")
+    warnings.warn(f"sharq: {what} could not be compiled ({broken[0][:300]}); {instead}", stacklevel=stacklevel + 1)
+
+
 def available() -> bool:
     """Whether this torch can compile the kernel (NVRTC through torch.cuda._compile_kernel) and it has not failed."""
     return hasattr(torch.cuda, "_compile_kernel") and not _broken
@@ -617,9 +624,8 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
         except Exception as e:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: the decode kernel takes these shapes
             if asked:
                 raise
-            _wgmma_broken.append(f"{type(e).__name__}: {e}")
-            warnings.warn(f"sharq: the wgmma GEMM could not be compiled ({_wgmma_broken[0][:300]}); using the "
-                          "decode kernel up to 64 tokens and decode + cuBLAS above", stacklevel=4)
+            compile_failed(_wgmma_broken, e, "the wgmma GEMM",
+                           "using the decode kernel up to 64 tokens and decode + cuBLAS above", stacklevel=4)
     if m > MAX_M:
         if tile is not None:
             raise ValueError(f"the decode kernel takes at most {MAX_M} tokens, got {m} for {tile}")
@@ -778,9 +784,7 @@ def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torc
     except _NoWgmma:
         return None
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
-        _broken.append(f"{type(e).__name__}: {e}")
-        warnings.warn(f"sharq: the CUDA GEMM could not be compiled ({_broken[0][:300]}); using the Triton kernels",
-                      stacklevel=4)
+        compile_failed(_broken, e, "the CUDA GEMM", "using the Triton kernels", stacklevel=4)
         return None
 
 
