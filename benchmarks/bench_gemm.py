@@ -513,11 +513,9 @@ def scratch_decode(ms: tuple[int, ...] = ()) -> list[dict]:
         nbytes = p.codes.numel() + p.scales.numel() + 2 * n * k
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(nbytes))]
         w = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
-        flags = gemm._DEQUANTIZE["nvfp4", r.weight_block]
-        grid = (-(-n // flags["BN"]), -(-k // flags["BK"]))
         cuda = [(lambda run=cuda_dequantize.launcher(c, sc, "nvfp4", r.weight_block, k): run(w)) for c, sc in ps]
-        triton = [(lambda c=c, sc=sc: launch.launch_triton(gemm._dequantize_kernel, grid, (c, sc, w, n, k, k),
-                                                           flags)) for c, sc in ps]
+        triton = [(lambda run=gemm._dequantizer(c, sc, "nvfp4", r.weight_block, k, bound=False, cuda=False): run(w))
+                  for c, sc in ps]
         cuda[0]()
         got = w.clone()
         triton[0]()

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sharq.kernels import cuda_dequantize, cuda_gemm, gemm
-from sharq.kernels.launch import launch_triton
 from sharq.quant import QTensor, dequantize_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
@@ -15,10 +14,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.a
 
 
 def _triton(codes: torch.Tensor, scales: torch.Tensor, block: int, k: int) -> torch.Tensor:
-    n, flags = codes.shape[0], gemm._DEQUANTIZE["nvfp4", block]
-    w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device)
-    launch_triton(gemm._dequantize_kernel, ((n + flags["BN"] - 1) // flags["BN"], (k + flags["BK"] - 1) // flags["BK"]),
-                  (codes, scales, w, n, k, k), flags)
+    w = torch.empty(codes.shape[0], k, dtype=torch.bfloat16, device=codes.device)
+    gemm._dequantizer(codes, scales, "nvfp4", block, k, bound=False, cuda=False)(w)
     return w
 
 
