@@ -241,7 +241,11 @@ def test_where_the_wgmma_kernel_does_not_compile_the_decode_kernel_takes_its_sha
 @hopper
 @pytest.mark.parametrize("tile", [cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2),
                                   cuda_wgmma.WgmmaTile(tokens=128, warpgroups=1, stages=2),
-                                  cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3)])
+                                  cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3),
+                                  # the staged kernel: the weight decoded into shared memory by the producers
+                                  cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=8),
+                                  cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=4, splits=2),
+                                  cuda_wgmma.WgmmaTile(tokens=64, staged=True, producers=8, warpgroups=1, splits=3)])
 @pytest.mark.parametrize("block,out_dtype,bias_dtype", [(32, torch.bfloat16, torch.bfloat16),
                                                       (16, torch.float32, None)])
 def test_token_tiles_match_the_exact_product_and_a_tokens_output_does_not_depend_on_the_batch(
@@ -267,7 +271,8 @@ def test_a_group_launch_on_token_tiles_gives_each_layer_its_own_launch_bit_for_b
     qs = [_payload(n, k, 16, 72 + i) for i, n in enumerate(ns)]
     sws = [torch.rand(1, device="cuda") + 0.5 for _ in ns]
     biases = [torch.randn(n, device="cuda").to(torch.bfloat16) for n in ns]
-    for tile in (cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2)):
+    for tile in (cuda_wgmma.WgmmaTile(tokens=128), cuda_wgmma.WgmmaTile(tokens=128, splits=2),
+                 cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=8, splits=2)):
         ys = cuda_gemm.nvfp4_mma_group(a, [(q.codes, q.scales, sw) for q, sw in zip(qs, sws)], biases, 16, sx,
                                        torch.bfloat16, tile=tile)
         for y, q, sw, bias in zip(ys, qs, sws, biases):

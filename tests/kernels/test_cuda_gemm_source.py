@@ -94,11 +94,32 @@ def test_the_token_tile_options_compile_without_spills(option):
         assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
 
 
+STAGED = [{"tokens": 128, "staged": True, "slots": 3, "producers": 8},
+          {"tokens": 128, "staged": True, "slots": 3, "producers": 4},
+          {"tokens": 128, "staged": True, "slots": 3, "producers": 4, "warpgroups": 1},
+          {"tokens": 64, "staged": True, "producers": 8}]
+
+
+@pytest.mark.parametrize("option", STAGED)
+@pytest.mark.parametrize("block", [16, 32])
+def test_the_staged_tiles_compile_without_spills(option, block):
+    """The staged kernel (the producers decode the weight into shared memory; bench_gemm.py --staged times it), as
+    one layer's and as a group's kernel, with and without a K split: no spills, a block a multiprocessor."""
+    for t in (cuda_wgmma.WgmmaTile(**option), cuda_wgmma.WgmmaTile(**option, splits=2)):
+        for group in (False, True):
+            built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, block, 0, 1, True, group), "sm_90a")
+            assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, group, built.registers)
+
+
 def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
-    """wgmma's N is 8-256 in steps of 8; producer warps come in whole warpgroups that share the token groups evenly;
-    the activation buffers fit a block's shared memory."""
+    """wgmma's N is 8-256 in steps of 8; producer warps come in whole warpgroups that share the token groups evenly
+    (staged: 1, 2 or 4 producer threads a weight row, the activation's 16-byte pieces shared evenly, and three
+    buffers or more, since the consumers' MMAs read two while the producers fill one); the buffers fit a block's
+    shared memory."""
     for bad in [{"tokens": 0}, {"tokens": 100}, {"tokens": 264}, {"producers": 6}, {"producers": 8, "tokens": 72},
-                {"tokens": 256, "slots": 4}]:
+                {"tokens": 256, "slots": 4}, {"staged": True, "slots": 2}, {"staged": True, "producers": 12},
+                {"staged": True, "warpgroups": 3, "producers": 4, "slots": 3}, {"staged": True, "tokens": 8, "producers": 8},
+                {"staged": True, "tokens": 256, "slots": 3}]:
         with pytest.raises(ValueError, match="WgmmaTile"):
             cuda_wgmma.WgmmaTile(**bad)
     assert (cuda_wgmma.shared_bytes(cuda_wgmma.WgmmaTile(tokens=256, slots=3)) + cuda_wgmma.SCALE_TABLE_BYTES

@@ -22,6 +22,12 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
   scratch weight + cuBLAS (what those sizes run otherwise) writes and reads 4.5 bytes a weight. There the K split
   also counts the token tiles, so it depends on M.
 
+The staged kernel (`WgmmaTile.staged`; not routed to yet: `python benchmarks/bench_gemm.py --staged` times it) is
+the warp-specialized form for prefill sizes, where the loop above is latency bound: the producers (8 warps)
+decode the weight into shared memory as wgmma's K-major A tile, each element in its place (no K permutation), and
+copy the activation in as it is (cp.async, zeros beyond M), so the consumers only issue MMAs with both operands
+in shared memory, and the decode of one chunk runs beside the MMAs of the two before it (three buffers).
+
 Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
 (benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
 a scheduler). It takes over from the decode kernel where that measured faster: 33-64 tokens on layers of more
@@ -59,15 +65,24 @@ class WgmmaTile:
     producers: int = 4
     slots: int = 4
     tokens: int = TOKENS
+    staged: bool = False  # the producers decode the weight into shared memory too (both MMA operands there)
 
     def __post_init__(self):
         if not (8 <= self.tokens <= MAX_TOKENS and self.tokens % 8 == 0):
             raise ValueError(f"WgmmaTile(tokens={self.tokens}): wgmma takes 8 to {MAX_TOKENS} tokens in steps of 8")
-        if self.producers % 4 or (self.tokens // 8) % (self.producers // 4):
+        if self.staged:
+            parts = self.producers * 32 // self.rows if self.producers * 32 % self.rows == 0 else 0
+            if self.producers % 4 or parts not in (1, 2, 4) or self.tokens % (2 * self.producers):
+                raise ValueError(f"WgmmaTile(producers={self.producers}, staged=True): whole warpgroups of producer "
+                                 f"threads, 1, 2 or 4 a weight row of the block's {self.rows}, and {self.tokens} "
+                                 f"tokens a multiple of twice the producer warps")
+            if self.slots < 3:  # the producers fill a slot while the consumers' MMAs read two
+                raise ValueError(f"WgmmaTile(slots={self.slots}, staged=True): at least 3 buffers")
+        elif self.producers % 4 or (self.tokens // 8) % (self.producers // 4):
             raise ValueError(f"WgmmaTile(producers={self.producers}): whole warpgroups of producer warps, sharing "
                              f"{self.tokens // 8} groups of 8 tokens evenly")
         if shared_bytes(self) + SCALE_TABLE_BYTES > SHARED_LIMIT:
-            raise ValueError(f"{self}: {shared_bytes(self)} bytes of activation buffers and a {SCALE_TABLE_BYTES}-byte "
+            raise ValueError(f"{self}: {shared_bytes(self)} bytes of buffers and a {SCALE_TABLE_BYTES}-byte "
                              f"scale table, more than a block's {SHARED_LIMIT}")
 
     @property
@@ -121,8 +136,9 @@ def k_splits(blocks: int, kp: int, multiprocessors: int, one_wave: bool = False)
 
 
 def shared_bytes(t: WgmmaTile) -> int:
-    """The activation buffers (t.tokens x 128 elements of bf16 each) and their two mbarriers."""
-    return t.slots * (t.tokens * 128 * 2 + 16)
+    """The buffers (a chunk of 128 elements of t.tokens activation rows in bf16, and of t.rows decoded weight rows
+    where t.staged) and their two mbarriers."""
+    return t.slots * ((t.tokens + (t.rows if t.staged else 0)) * 128 * 2 + 16)
 
 
 def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, group: bool = False) -> str:
@@ -130,21 +146,26 @@ def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, g
     _BIAS) and a scale per token or not, for one layer (NAME) or a group of layers that read one activation
     (GROUP_NAME)."""
     defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=t.tokens // 8, BLOCK=block,
-                   OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group))
+                   OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group),
+                   STAGED=int(t.staged))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function(t.tokens)
             + _SOURCE)
 
 
 def _wgmma_function(tokens: int) -> str:
-    """wgmma m64nNk16 (N = tokens), A (4 registers of bf16 pairs) from registers, B (K-major, no swizzle) by
-    descriptor."""
+    """wgmma m64nNk16 (N = tokens) with B (K-major, no swizzle) by descriptor: `wgmma`, A (4 registers of bf16
+    pairs) from registers; `wgmma_ss`, A (K-major, no swizzle) by descriptor too."""
     nd = tokens // 2
     d = ", ".join(f"%{i}" for i in range(nd))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
+    head = f"wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16 {{{d}}}, "
     return (f"__device__ __forceinline__ void wgmma(float (&d)[{nd}], const u32 (&a)[4], unsigned long long b) {{\n"
-            f'  asm volatile("wgmma.mma_async.sync.aligned.m64n{tokens}k16.f32.bf16.bf16 {{{d}}}, '
-            f'{{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"\n'
-            f'      : {outs}\n      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));\n}}\n')
+            f'  asm volatile("{head}{{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"\n'
+            f'      : {outs}\n      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));\n}}\n'
+            f"__device__ __forceinline__ void wgmma_ss(float (&d)[{nd}], unsigned long long a, unsigned long long b) "
+            f"{{\n"
+            f'  asm volatile("{head}%{nd}, %{nd + 1}, 1, 1, 1, 0, 0;"\n'
+            f'      : {outs}\n      : "l"(a), "l"(b));\n}}\n')
 
 
 _SOURCE = r"""
@@ -169,6 +190,177 @@ __device__ __forceinline__ unsigned long long b_desc(u32 addr) {
        | ((unsigned long long)(128 >> 4) << 32);
 }
 
+// a consumer thread's accumulators (rows n0 + g and n0 + g + 8, tokens m0 + 8 t + 2 q and + 1) into y: K split by's
+// fp32 partials, or the output with alpha = s_x s_w and the bias applied
+__device__ __forceinline__ void store_tile(const float (&acc)[NTG * 4], void* __restrict__ y,
+                                           const float* __restrict__ sx, const float* __restrict__ sw,
+                                           const void* __restrict__ bias, int M, int N, int n0, int m0, int by,
+                                           int g, int q) {
+#if !SPLIT
+  const float sw0 = sw[0];
+#endif
+#pragma unroll
+  for (int t = 0; t < NTG; ++t)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int n = n0 + g + (i >> 1) * 8, m = m0 + t * 8 + 2 * q + (i & 1);
+      if (m >= M) continue;
+      const float v = acc[t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
+#if SPLIT
+      store(y, ((long)by * M + m) * N + n, v);
+#else
+      const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+#if BIAS
+      store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
+#else
+      store(y, (long)m * N + n, v * alpha);
+#endif
+#endif
+    }
+}
+#if STAGED
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) {  // bytes < 16: zeros after them
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// A of one step, the decoded weight: core matrices of 8 rows x 8 k, the two k halves WG * 8 * 128 bytes apart (the
+// block's row groups), row groups 128 bytes apart
+__device__ __forceinline__ unsigned long long a_desc(u32 addr) {
+  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(WG * 8 * 128 >> 4) << 16)
+       | ((unsigned long long)(128 >> 4) << 32);
+}
+
+// one block's 64 * WG rows (block column bx) and K split (by) of one weight, both MMA operands in shared memory:
+// the producers decode the weight there (each element in its place: no K permutation) and copy the activation in
+// as it is; the consumers only issue MMAs
+__device__ __forceinline__ void wgmma_block(
+    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
+    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
+    int Kp, int lda, int chunks_per_split, int bx, int by) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr int ROWS = 64 * WG;
+  constexpr u32 BSTEP = 2 * NTG * 128, ASTEP = 2 * WG * 8 * 128;  // bytes of one step's activation, weight
+  constexpr u32 ACHUNK = 8 * ASTEP, SLOT = ACHUNK + 8 * BSTEP;    // a slot: the weight chunk, then the activation's
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int c_begin = by * chunks_per_split, m0 = blockIdx.z * (NTG * 8);  // the block's first token
+  const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
+  const u32 base = smem_addr(smem), full = base + XS * SLOT, empty = full + XS * 8;
+  __shared__ u32 scale_table[256];
+  if (tid == 0)
+    for (int s = 0; s < XS; ++s) {
+      mbar_init(full + 8 * s, PW * 32);
+      mbar_init(empty + 8 * s, WG * 128);
+    }
+  build_scale_table(scale_table);
+  __syncthreads();
+  if (warp >= WG * 4) {
+    // producer thread pt: part `part` (128 / PARTS elements, L 16-byte loads) of weight row r of each chunk, decoded
+    // and scaled, pairs put back in element order (the decode pairs elements i and i + 4 of each 8), each 8
+    // elements (k group kg of the chunk) one 16-byte row of a core matrix: ((kg * WG * 8) + r / 8) * 128 + r % 8 * 16.
+    // The activation: 16-byte pieces p = pt + i * PT of a chunk, piece p being k group kg (bits 0, 4, 5, 6 of p)
+    // of token t (bits 1-3, then 7 up), so a warp reads 64 contiguous bytes of 8 tokens and writes four whole core
+    // matrices; the copies of tokens beyond M read nothing and write zeros.
+    constexpr int PT = PW * 32, PARTS = PT / ROWS, L = 4 / PARTS, SB = 128 / BLOCK / PARTS, PIECES = NTG * 8 * 16 / PT;
+    const int pt = tid - WG * 128, r = pt % ROWS, part = pt / ROWS;
+    const long n = (long)bx * ROWS + r;
+    const U4* wp = codes + n * (Kp >> 5) + c_begin * 4 + part * L;
+    const u8* sp = scales + n * (Kp / BLOCK) + c_begin * (128 / BLOCK) + part * SB;
+    const u32 a_dst = (u32)((part * (16 / PARTS) * WG * 8 + (r >> 3)) * 128 + (r & 7) * 16);
+    const int kg = (pt & 1) | ((pt >> 3) & 14), t0 = ((pt >> 1) & 7) | ((pt >> 7) << 3);
+    const int a_left = M - (m0 + t0);  // piece i reads a token below M where i * PT / 16 < a_left
+    // piece 0's source in the next chunk to copy (a token below M: the pointer moves on only to such tokens)
+    const u16* a_next = a + (long)min(m0 + t0, M - 1) * lda + c_begin * 128 + kg * 8;
+    const long a_step = (long)(PT / 16) * lda;
+    const u32 b_dst = ACHUNK + (u32)((kg * NTG + (t0 >> 3)) * 128 + (t0 & 7) * 16);
+    struct Part { U4 w[L]; unsigned long long s; };
+    Part st[STAGES];
+    auto load_w = [&](Part& p) {  // the next chunk's codes and scale codes of the thread's part of its row
+#pragma unroll
+      for (int i = 0; i < L; ++i) p.w[i] = ld_stream(wp + i);
+      if (SB == 8) p.s = *(const unsigned long long*)sp;
+      else if (SB == 4) p.s = *(const u32*)sp;
+      else if (SB == 2) p.s = *(const u16*)sp;
+      else p.s = *sp;
+      wp += 4;
+      sp += 128 / BLOCK;
+    };
+    auto copy_act = [&](u32 slot) {  // the next chunk's activation
+      const u16* src = a_next;
+#pragma unroll
+      for (int i = 0; i < PIECES; ++i) {
+        cp_async16(slot + b_dst + i * (PT / 128) * 128, src, i * (PT / 16) < a_left ? 16u : 0u);
+        if ((i + 1) * (PT / 16) < a_left) src += a_step;
+      }
+      a_next += 128;
+    };
+    auto put = [&](const Part& p, u32 slot) {
+      u32 block_scale[SB];  // the bf16 pairs of the part's block scales
+#pragma unroll
+      for (int b = 0; b < SB; ++b) block_scale[b] = scale_table[(u32)(p.s >> (8 * b)) & 0xFFu];
+#pragma unroll
+      for (int i = 0; i < L; ++i)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const int lw = 4 * i + v;  // the part's word lw: elements 8 lw .. 8 lw + 7 of it
+          const u32 x = word(p.w[i], v), sc = block_scale[lw * 8 / BLOCK];
+          const u32 p0 = mul_bf16x2(e2m1_pair(x, 0), sc), p1 = mul_bf16x2(e2m1_pair(x, 1), sc);
+          const u32 p2 = mul_bf16x2(e2m1_pair(x, 2), sc), p3 = mul_bf16x2(e2m1_pair(x, 3), sc);
+          asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};"
+                       :: "r"(slot + a_dst + lw * (WG * 8 * 128)), "r"(prmt(p0, p1, 0x5410u)),
+                       "r"(prmt(p2, p3, 0x5410u)), "r"(prmt(p0, p1, 0x7632u)), "r"(prmt(p2, p3, 0x7632u))
+                       : "memory");
+        }
+    };
+#pragma unroll
+    for (int u = 0; u < STAGES; ++u)
+      if (u < chunks) load_w(st[u]);
+    wait_prior_grid();  // the weight's first chunks are on their way; the activation comes from the prepare
+    if (chunks > 0) copy_act(base);
+    cp_async_commit();
+    for (int u0 = 0; u0 < chunks; u0 += STAGES) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s) {
+        const int c = u0 + s;
+        if (c < chunks) {
+          if (c + 1 < chunks) {  // the next chunk's activation into its slot, once that slot's MMAs are done
+            const int s1 = (c + 1) % XS;
+            if (c + 1 >= XS) mbar_wait(empty + 8 * s1, ((c + 1) / XS + 1) & 1);
+            copy_act(base + s1 * SLOT);
+          }
+          cp_async_commit();
+          put(st[s], base + (c % XS) * SLOT);  // the slot was waited for with its activation
+          if (c + STAGES < chunks) load_w(st[s]);
+          cp_async_wait_one();  // chunk c's activation is in (only the next chunk's may be on its way)
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // both visible to wgmma (the async proxy)
+          mbar_arrive(full + 8 * (c % XS));
+        }
+      }
+    }
+    return;
+  }
+  // consumer: warpgroup wg takes rows 64 wg .. 64 wg + 63 of the block; warp w of the block rows n0 .. n0 + 15
+  const int g = lane >> 2, q = lane & 3, n0 = bx * ROWS + warp * 16;
+  const u32 a_rows = (u32)((warp >> 2) * 8 * 128);
+  float acc[NTG * 4];
+#pragma unroll
+  for (int i = 0; i < NTG * 4; ++i) acc[i] = 0.f;
+  for (int c = 0; c < chunks; ++c) {
+    const int s = c % XS;
+    mbar_wait(full + 8 * s, (c / XS) & 1);
+    const unsigned long long ad = a_desc(base + s * SLOT + a_rows), bd = b_desc(base + s * SLOT + ACHUNK);
+    wg_fence();
+#pragma unroll
+    for (int j = 0; j < 8; ++j) wgmma_ss(acc, ad + j * (ASTEP >> 4), bd + j * (BSTEP >> 4));
+    wg_commit();
+    wg_wait_one();  // chunk c - 1's MMAs are done: its slot is free
+    if (c > 0) mbar_arrive(empty + 8 * ((c - 1) % XS));
+  }
+  wait_prior_grid();  // s_x comes from the prepare
+  wg_wait_all();
+  store_tile(acc, y, sx, sw, bias, M, N, n0, m0, by, g, q);
+}
+#else
 // one block's 64 * WG rows (block column bx) and K split (by) of one weight
 __device__ __forceinline__ void wgmma_block(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
@@ -311,28 +503,9 @@ __device__ __forceinline__ void wgmma_block(
     }
   }
   wg_wait_all();
-#if !SPLIT
-  const float sw0 = sw[0];
-#endif
-#pragma unroll
-  for (int t = 0; t < NTG; ++t)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int n = n0 + g + (i >> 1) * 8, m = m0 + t * 8 + 2 * q + (i & 1);
-      if (m >= M) continue;
-      const float v = acc[t * 4 + i] * 256.f;  // the 2^-8 of the decoded weight
-#if SPLIT
-      store(y, ((long)by * M + m) * N + n, v);
-#else
-      const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
-#if BIAS
-      store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
-#else
-      store(y, (long)m * N + n, v * alpha);
-#endif
-#endif
-    }
+  store_tile(acc, y, sx, sw, bias, M, N, n0, m0, by, g, q);
 }
+#endif
 #if !GROUP
 extern "C" __global__ void __launch_bounds__(WG * 128 + PW * 32, 1) sharq_nvfp4_wgmma(
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
