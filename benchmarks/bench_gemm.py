@@ -453,7 +453,8 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
 
 
 # the staged kernel's launch options (kernels/cuda_wgmma.py, WgmmaTile.staged), which --staged times
-STAGED = [dict(tokens=128, staged=True, slots=3, producers=8), dict(tokens=128, staged=True, slots=3, producers=4),
+STAGED = [dict(tokens=128, staged=True, slots=3, producers=8), dict(tokens=128, staged=True, slots=2, producers=8),
+          dict(tokens=128, staged=True, slots=3, producers=4), dict(tokens=256, staged=True, slots=2, producers=4),
           dict(tokens=128, staged=True, slots=3, producers=4, warpgroups=1), dict(tokens=64, staged=True, producers=8)]
 
 

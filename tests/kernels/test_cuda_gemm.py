@@ -244,7 +244,8 @@ def test_where_the_wgmma_kernel_does_not_compile_the_decode_kernel_takes_its_sha
                                   cuda_wgmma.WgmmaTile(tokens=64, warpgroups=1, splits=3),
                                   # the staged kernel: the weight decoded into shared memory by the producers
                                   cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=8),
-                                  cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=4, splits=2),
+                                  cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=2, producers=4, splits=2),
+                                  cuda_wgmma.WgmmaTile(tokens=256, staged=True, slots=2, producers=4),
                                   cuda_wgmma.WgmmaTile(tokens=64, staged=True, producers=8, warpgroups=1, splits=3)])
 @pytest.mark.parametrize("block,out_dtype,bias_dtype", [(32, torch.bfloat16, torch.bfloat16),
                                                       (16, torch.float32, None)])

@@ -95,6 +95,8 @@ def test_the_token_tile_options_compile_without_spills(option):
 
 
 STAGED = [{"tokens": 128, "staged": True, "slots": 3, "producers": 8},
+          {"tokens": 128, "staged": True, "slots": 2, "producers": 8},
+          {"tokens": 256, "staged": True, "slots": 2, "producers": 4},
           {"tokens": 128, "staged": True, "slots": 3, "producers": 4},
           {"tokens": 128, "staged": True, "slots": 3, "producers": 4, "warpgroups": 1},
           {"tokens": 64, "staged": True, "producers": 8}]
@@ -113,11 +115,11 @@ def test_the_staged_tiles_compile_without_spills(option, block):
 
 def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
     """wgmma's N is 8-256 in steps of 8; producer warps come in whole warpgroups that share the token groups evenly
-    (staged: 1, 2 or 4 producer threads a weight row, the activation's 16-byte pieces shared evenly, and three
-    buffers or more, since the consumers' MMAs read two while the producers fill one); the buffers fit a block's
-    shared memory."""
+    (staged: 1, 2 or 4 producer threads a weight row, the activation's 16-byte pieces shared evenly, and two
+    buffers or more, since the consumers' MMAs read one while the producers fill another); the buffers fit a
+    block's shared memory."""
     for bad in [{"tokens": 0}, {"tokens": 100}, {"tokens": 264}, {"producers": 6}, {"producers": 8, "tokens": 72},
-                {"tokens": 256, "slots": 4}, {"staged": True, "slots": 2}, {"staged": True, "producers": 12},
+                {"tokens": 256, "slots": 4}, {"staged": True, "slots": 1}, {"staged": True, "producers": 12},
                 {"staged": True, "warpgroups": 3, "producers": 4, "slots": 3}, {"staged": True, "tokens": 8, "producers": 8},
                 {"staged": True, "tokens": 256, "slots": 3}]:
         with pytest.raises(ValueError, match="WgmmaTile"):

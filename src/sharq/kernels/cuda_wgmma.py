@@ -26,7 +26,7 @@ The staged kernel (`WgmmaTile.staged`; not routed to yet: `python benchmarks/ben
 the warp-specialized form for prefill sizes, where the loop above is latency bound: the producers (8 warps)
 decode the weight into shared memory as wgmma's K-major A tile, each element in its place (no K permutation), and
 copy the activation in as it is (cp.async, zeros beyond M), so the consumers only issue MMAs with both operands
-in shared memory, and the decode of one chunk runs beside the MMAs of the two before it (three buffers).
+in shared memory, and the decode of one chunk runs beside the MMAs of the one before it (two buffers or more).
 
 Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
 (benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
@@ -76,8 +76,8 @@ class WgmmaTile:
                 raise ValueError(f"WgmmaTile(producers={self.producers}, staged=True): whole warpgroups of producer "
                                  f"threads, 1, 2 or 4 a weight row of the block's {self.rows}, and {self.tokens} "
                                  f"tokens a multiple of twice the producer warps")
-            if self.slots < 3:  # the producers fill a slot while the consumers' MMAs read two
-                raise ValueError(f"WgmmaTile(slots={self.slots}, staged=True): at least 3 buffers")
+            if self.slots < 2:  # the producers fill a slot while the consumers' MMAs read another
+                raise ValueError(f"WgmmaTile(slots={self.slots}, staged=True): at least 2 buffers")
         elif self.producers % 4 or (self.tokens // 8) % (self.producers // 4):
             raise ValueError(f"WgmmaTile(producers={self.producers}): whole warpgroups of producer warps, sharing "
                              f"{self.tokens // 8} groups of 8 tokens evenly")
@@ -223,7 +223,7 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 // A of one step, the decoded weight: core matrices of 8 rows x 8 k, the two k halves WG * 8 * 128 bytes apart (the
 // block's row groups), row groups 128 bytes apart
 __device__ __forceinline__ unsigned long long a_desc(u32 addr) {
@@ -285,7 +285,7 @@ __device__ __forceinline__ void wgmma_block(
       wp += 4;
       sp += 128 / BLOCK;
     };
-    auto copy_act = [&](u32 slot) {  // the next chunk's activation
+    auto copy_act = [&](u32 slot) {  // the next chunk's activation into slot
       const u16* src = a_next;
 #pragma unroll
       for (int i = 0; i < PIECES; ++i) {
@@ -316,24 +316,19 @@ __device__ __forceinline__ void wgmma_block(
     for (int u = 0; u < STAGES; ++u)
       if (u < chunks) load_w(st[u]);
     wait_prior_grid();  // the weight's first chunks are on their way; the activation comes from the prepare
-    if (chunks > 0) copy_act(base);
-    cp_async_commit();
     for (int u0 = 0; u0 < chunks; u0 += STAGES) {
 #pragma unroll
       for (int s = 0; s < STAGES; ++s) {
-        const int c = u0 + s;
+        const int c = u0 + s, slot = c % XS;
         if (c < chunks) {
-          if (c + 1 < chunks) {  // the next chunk's activation into its slot, once that slot's MMAs are done
-            const int s1 = (c + 1) % XS;
-            if (c + 1 >= XS) mbar_wait(empty + 8 * s1, ((c + 1) / XS + 1) & 1);
-            copy_act(base + s1 * SLOT);
-          }
+          if (c >= XS) mbar_wait(empty + 8 * slot, (c / XS + 1) & 1);  // chunk c - XS's MMAs are done
+          copy_act(base + slot * SLOT);  // on its way while the weight is decoded
           cp_async_commit();
-          put(st[s], base + (c % XS) * SLOT);  // the slot was waited for with its activation
+          put(st[s], base + slot * SLOT);
           if (c + STAGES < chunks) load_w(st[s]);
-          cp_async_wait_one();  // chunk c's activation is in (only the next chunk's may be on its way)
+          cp_async_wait_all();
           asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // both visible to wgmma (the async proxy)
-          mbar_arrive(full + 8 * (c % XS));
+          mbar_arrive(full + 8 * slot);
         }
       }
     }
