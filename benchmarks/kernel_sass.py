@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+from dataclasses import replace
 
 import bench_gemm  # benchmarks/bench_gemm.py, beside this script
 
@@ -44,13 +45,18 @@ def analyse(t: cuda_gemm.CudaTile | cuda_wgmma.WgmmaTile, m: int) -> dict:
         marker, per_chunk, rows = "HMMA", 8 * t.rt * mt, 16 * t.rt
     sass = nvrtc.disassemble(built.cubin)
     loop = nvrtc.main_loop(sass, marker)
-    chunks, weights = loop.count(marker) / per_chunk, nvrtc.weights_per_loop(loop, marker, per_chunk, rows)
-    by_class = collections.Counter(CLASSES.get(op, "other") for op in loop)
     producers = None
-    if isinstance(t, cuda_wgmma.WgmmaTile):  # its producer warps' loop: one stmatrix a 16-byte load
+    if isinstance(t, cuda_wgmma.WgmmaTile) and t.staged:  # its producers' loop: one 16-byte store a code word
+        loop = nvrtc.main_loop(sass, marker, exclude="STS")
+        ploop = nvrtc.main_loop(sass, "STS")
+        words = 16 * t.rows // (t.producers * 32)  # a producer thread's code words a chunk
+        producers = t.producers * len(ploop) / (ploop.count("STS") / words) / (t.rows * 128)
+    elif isinstance(t, cuda_wgmma.WgmmaTile):  # its producer warps' loop: one stmatrix a 16-byte load
         ploop = nvrtc.main_loop(sass, "STSM")
         loads = t.tokens // 8 // (t.producers // 4)  # a producer thread's loads a chunk
         producers = t.producers * len(ploop) / (ploop.count("STSM") / loads) / (t.rows * 128)
+    chunks, weights = loop.count(marker) / per_chunk, nvrtc.weights_per_loop(loop, marker, per_chunk, rows)
+    by_class = collections.Counter(CLASSES.get(op, "other") for op in loop)
     return {"tile": str(t), "M": m, "registers": built.registers, "spilled": built.spilled,
             "loop_instructions": len(loop), "chunks_per_iteration": chunks, "per_weight": len(loop) / weights,
             "producer_per_weight": producers,
@@ -64,6 +70,8 @@ def main() -> int:
     p.add_argument("--shapes", default="8b")
     p.add_argument("--multiprocessors", type=int, default=132, help="the GPU choose_tile plans for (H200: 132)")
     p.add_argument("--variants", action="store_true", help="every launch bench_gemm.py --cuda-sweep times")
+    p.add_argument("--staged", action="store_true", help="also the staged wgmma kernel's launch options "
+                   "(bench_gemm.STAGED) at each shape and M of at least 64")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not nvrtc.available() or nvrtc.nvdisasm() is None:
@@ -78,6 +86,12 @@ def main() -> int:
                 auto = cuda_wgmma.choose_tile(m, n, k, (9, 0), args.multiprocessors) or decode
                 variants = [auto] if not args.variants else list(dict.fromkeys(
                     [auto, *bench_gemm.sweep_tiles(m, n, decode)]))
+                if auto is decode and m > cuda_gemm.MAX_M:  # the backend decodes for cuBLAS there
+                    variants = []
+                if args.staged and m >= 64:
+                    variants += [replace(cuda_wgmma.WgmmaTile(**option), splits=cuda_wgmma.k_splits(
+                        n // 64 // option.get("warpgroups", 2) * -(-m // option["tokens"]), k, args.multiprocessors,
+                        one_wave=True)) for option in bench_gemm.STAGED if n % (64 * option.get("warpgroups", 2)) == 0]
                 for t in variants:
                     row = {"K": k, "N": n, **analyse(t, m), "chosen": t == auto}
                     rows.append(row)

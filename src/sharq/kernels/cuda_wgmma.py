@@ -154,7 +154,8 @@ def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, g
 
 def _wgmma_function(tokens: int) -> str:
     """wgmma m64nNk16 (N = tokens) with B (K-major, no swizzle) by descriptor: `wgmma`, A (4 registers of bf16
-    pairs) from registers; `wgmma_ss`, A (K-major, no swizzle) by descriptor too."""
+    pairs) from registers; `wgmma_ss`, A (K-major, no swizzle) by descriptor too, both descriptors given by their
+    low words (a_desc_lo, b_desc_lo; the high word is the 128-byte stride of either)."""
     nd = tokens // 2
     d = ", ".join(f"%{i}" for i in range(nd))
     outs = ", ".join(f'"+f"(d[{i}])' for i in range(nd))
@@ -162,10 +163,10 @@ def _wgmma_function(tokens: int) -> str:
     return (f"__device__ __forceinline__ void wgmma(float (&d)[{nd}], const u32 (&a)[4], unsigned long long b) {{\n"
             f'  asm volatile("{head}{{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"\n'
             f'      : {outs}\n      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));\n}}\n'
-            f"__device__ __forceinline__ void wgmma_ss(float (&d)[{nd}], unsigned long long a, unsigned long long b) "
-            f"{{\n"
-            f'  asm volatile("{head}%{nd}, %{nd + 1}, 1, 1, 1, 0, 0;"\n'
-            f'      : {outs}\n      : "l"(a), "l"(b));\n}}\n')
+            f"__device__ __forceinline__ void wgmma_ss(float (&d)[{nd}], u32 a, u32 b) {{\n"
+            f'  asm volatile("{{\\n.reg .b64 da, db;\\nmov.b64 da, {{%{nd}, %{nd + 2}}};\\n'
+            f'mov.b64 db, {{%{nd + 1}, %{nd + 2}}};\\n{head}da, db, 1, 1, 1, 0, 0;\\n}}"\n'
+            f'      : {outs}\n      : "r"(a), "r"(b), "r"(128u >> 4));\n}}\n')
 
 
 _SOURCE = r"""
@@ -224,12 +225,11 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) 
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-// A of one step, the decoded weight: core matrices of 8 rows x 8 k, the two k halves WG * 8 * 128 bytes apart (the
-// block's row groups), row groups 128 bytes apart
-__device__ __forceinline__ unsigned long long a_desc(u32 addr) {
-  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | ((unsigned long long)(WG * 8 * 128 >> 4) << 16)
-       | ((unsigned long long)(128 >> 4) << 32);
-}
+// the low words of the descriptors of one step's A (the decoded weight: core matrices of 8 rows x 8 k, the two k
+// halves WG * 8 * 128 bytes apart, the block's row groups) and B (as b_desc); both high words are the 128 bytes
+// between row (token) groups. Moved by a step in 16-byte units, the address field (14 bits) does not carry.
+__device__ __forceinline__ u32 a_desc_lo(u32 addr) { return ((addr & 0x3FFFFu) >> 4) | ((WG * 8 * 128 >> 4) << 16); }
+__device__ __forceinline__ u32 b_desc_lo(u32 addr) { return ((addr & 0x3FFFFu) >> 4) | ((NTG * 128 >> 4) << 16); }
 
 // one block's 64 * WG rows (block column bx) and K split (by) of one weight, both MMA operands in shared memory:
 // the producers decode the weight there (each element in its place: no K permutation) and copy the activation in
@@ -269,7 +269,7 @@ __device__ __forceinline__ void wgmma_block(
     const u32 a_dst = (u32)((part * (16 / PARTS) * WG * 8 + (r >> 3)) * 128 + (r & 7) * 16);
     const int kg = (pt & 1) | ((pt >> 3) & 14), t0 = ((pt >> 1) & 7) | ((pt >> 7) << 3);
     const int a_left = M - (m0 + t0);  // piece i reads a token below M where i * PT / 16 < a_left
-    // piece 0's source in the next chunk to copy (a token below M: the pointer moves on only to such tokens)
+    // piece 0's source in the next chunk to copy; a piece of a token beyond M reads nothing (a copy of 0 bytes)
     const u16* a_next = a + (long)min(m0 + t0, M - 1) * lda + c_begin * 128 + kg * 8;
     const long a_step = (long)(PT / 16) * lda;
     const u32 b_dst = ACHUNK + (u32)((kg * NTG + (t0 >> 3)) * 128 + (t0 & 7) * 16);
@@ -290,7 +290,7 @@ __device__ __forceinline__ void wgmma_block(
 #pragma unroll
       for (int i = 0; i < PIECES; ++i) {
         cp_async16(slot + b_dst + i * (PT / 128) * 128, src, i * (PT / 16) < a_left ? 16u : 0u);
-        if ((i + 1) * (PT / 16) < a_left) src += a_step;
+        src += a_step;
       }
       a_next += 128;
     };
@@ -321,10 +321,11 @@ __device__ __forceinline__ void wgmma_block(
       for (int s = 0; s < STAGES; ++s) {
         const int c = u0 + s, slot = c % XS;
         if (c < chunks) {
+          const u32 buffer = base + slot * SLOT;
           if (c >= XS) mbar_wait(empty + 8 * slot, (c / XS + 1) & 1);  // chunk c - XS's MMAs are done
-          copy_act(base + slot * SLOT);  // on its way while the weight is decoded
+          copy_act(buffer);  // on its way while the weight is decoded
           cp_async_commit();
-          put(st[s], base + slot * SLOT);
+          put(st[s], buffer);
           if (c + STAGES < chunks) load_w(st[s]);
           cp_async_wait_all();
           asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // both visible to wgmma (the async proxy)
@@ -336,20 +337,24 @@ __device__ __forceinline__ void wgmma_block(
   }
   // consumer: warpgroup wg takes rows 64 wg .. 64 wg + 63 of the block; warp w of the block rows n0 .. n0 + 15
   const int g = lane >> 2, q = lane & 3, n0 = bx * ROWS + warp * 16;
-  const u32 a_rows = (u32)((warp >> 2) * 8 * 128);
+  // the warpgroup's rows, from lane 0: seen as uniform, the descriptors are built in uniform registers
+  const u32 a_rows = (u32)(__shfl_sync(0xffffffffu, warp >> 2, 0) * 8 * 128);
   float acc[NTG * 4];
 #pragma unroll
   for (int i = 0; i < NTG * 4; ++i) acc[i] = 0.f;
+  int slot = 0, last = XS - 1;  // chunk c's buffer and chunk c - 1's
+  u32 phase = 0;
   for (int c = 0; c < chunks; ++c) {
-    const int s = c % XS;
-    mbar_wait(full + 8 * s, (c / XS) & 1);
-    const unsigned long long ad = a_desc(base + s * SLOT + a_rows), bd = b_desc(base + s * SLOT + ACHUNK);
+    mbar_wait(full + 8 * slot, phase);
+    const u32 ad = a_desc_lo(base + slot * SLOT + a_rows), bd = b_desc_lo(base + slot * SLOT + ACHUNK);
     wg_fence();
 #pragma unroll
     for (int j = 0; j < 8; ++j) wgmma_ss(acc, ad + j * (ASTEP >> 4), bd + j * (BSTEP >> 4));
     wg_commit();
-    wg_wait_one();  // chunk c - 1's MMAs are done: its slot is free
-    if (c > 0) mbar_arrive(empty + 8 * ((c - 1) % XS));
+    wg_wait_one();  // chunk c - 1's MMAs are done: its buffer is free
+    if (c > 0) mbar_arrive(empty + 8 * last);
+    last = slot;
+    if (++slot == XS) slot = 0, phase ^= 1;
   }
   wait_prior_grid();  // s_x comes from the prepare
   wg_wait_all();

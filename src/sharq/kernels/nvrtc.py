@@ -127,9 +127,10 @@ def disassemble(cubin: bytes) -> list[str]:
         return subprocess.run([str(tool), "-c", f.name], check=True, capture_output=True, text=True).stdout.splitlines()
 
 
-def main_loop(sass: list[str], marker: str = "HMMA") -> list[str]:
+def main_loop(sass: list[str], marker: str = "HMMA", exclude: str | None = None) -> list[str]:
     """The opcodes (without modifiers) of the loop, a backward branch's range, with the most `marker`
-    instructions: a GEMM's main loop."""
+    instructions (and no `exclude` instruction, where given: one warp role's loop of a warp-specialized kernel):
+    a GEMM's main loop."""
     labels: dict[str, int] = {}
     best: list[str] = []
     for i, line in enumerate(sass):
@@ -137,7 +138,7 @@ def main_loop(sass: list[str], marker: str = "HMMA") -> list[str]:
             labels[label.group(1)] = i
         elif (branch := _BRANCH.search(line)) and branch.group(1) in labels:
             body = [op.group(1) for x in sass[labels[branch.group(1)]:i + 1] if (op := _INSTRUCTION.search(x))]
-            if body.count(marker) > best.count(marker):
+            if body.count(marker) > best.count(marker) and (exclude is None or exclude not in body):
                 best = body
     return best
 
