@@ -214,6 +214,21 @@ def test_the_batch_1_main_loop_stays_lean(k, n, monkeypatch):
     assert len(loop) / nvrtc.weights_per_loop(loop, "HMMA", 8 * t.rt, 16 * t.rt) <= 0.14
 
 
+def test_the_staged_kernels_consumers_only_issue_mmas_and_its_producers_stay_lean():
+    """The staged kernel's two loops apart (nvrtc.main_loop, one without the producers' stores): the consumers' has
+    8 HGMMAs a chunk and nothing of the decode, at most 0.04 warp instructions a weight (0.031 with NVRTC 13.5:
+    descriptors in uniform registers, where they were built per lane and moved over at 0.060), and the producers'
+    one 16-byte store a code word, at most 0.15 warp instructions a weight of the block (0.129), so they issue less
+    than the block's MMAs take at 128 tokens (a quarter of a cycle a weight)."""
+    t = cuda_wgmma.WgmmaTile(**STAGED[0])
+    sass = nvrtc.disassemble(nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 0, False), "sm_90a").cubin)
+    consumers, producers = nvrtc.main_loop(sass, "HGMMA", exclude="STS"), nvrtc.main_loop(sass, "STS")
+    assert consumers.count("HGMMA") % 8 == 0 and not {"HMUL2", "PRMT", "STS"} & set(consumers)
+    assert len(consumers) / nvrtc.weights_per_loop(consumers, "HGMMA", 8, 16) <= 0.04
+    words = 16 * t.rows // (t.producers * 32)  # a producer thread's code words a chunk
+    assert t.producers * len(producers) / (producers.count("STS") / words) / (t.rows * 128) <= 0.15
+
+
 def test_the_variant_scripts_edits_still_apply_and_compile(monkeypatch):
     """benchmarks/wgmma_variants.py takes one cost out of a kernel at a time by editing its source: every edit is
     still there exactly once and every variant compiles, so a kernel change that moves those lines fails here
