@@ -15,7 +15,7 @@
 --sweep first times the small-M kernels' launch shapes at M ∈ {1, 2, 4, 16} (how gemm.choose_tile was chosen).
 --crossover times only the MMA kernel against decode + cuBLAS at M = 16..64 (where gemm.SMALL_M belongs).
 --decode times only the decode into the scratch weight (the CUDA kernel against the Triton one).
---staged times only the staged wgmma kernel (the weight decoded into shared memory) at 128-4096 tokens.
+--staged times only the staged wgmma kernel (the weight decoded into shared memory) at 64-4096 tokens.
 """
 
 from __future__ import annotations
@@ -463,13 +463,13 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
     (decode into the scratch weight + cuBLAS) and BF16 cuBLAS, on the 8B shapes (sharq weights, bf16 out): 64 or 128
     tokens a block (wgmma's N), K split over 1-8 blocks (and k_splits' choice); with `wider` (--wide-options) instead
     the launch options that measured slower (one consumer warpgroup, 192 and 256 tokens, 2 chunks in flight), and
-    with `staged` (--staged) the staged kernel's options beside the 128-token tiles, each with no K split and
-    k_splits' choice. GPU µs each, and each launch's largest difference from decode + cuBLAS's fp32 output relative
+    with `staged` (--staged) also the staged kernel's options, each with no K split and k_splits' choices (within
+    one wave, and filling the GPU). GPU µs each, and each launch's largest difference from decode + cuBLAS's fp32 output relative
     to its largest output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and WIDE_MAX_M were
     chosen."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    options = [dict(tokens=64), dict(tokens=128)] if not staged else [dict(tokens=128), *STAGED]
+    options = [dict(tokens=64), dict(tokens=128), *(STAGED if staged else [])]
     if wider:
         options += [dict(tokens=128, warpgroups=1), dict(tokens=192, slots=3), dict(tokens=128, stages=2),
                     dict(tokens=256, warpgroups=1, slots=3, stages=2)]
@@ -489,8 +489,11 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
                 continue
             if n % tile.rows:
                 continue
-            chosen = cuda_wgmma.k_splits(n // tile.rows * cuda_wgmma.token_tiles(m, tile), k, sms, one_wave=True)
-            for splits in sorted({1, chosen, *(s for s in (2, 4, 8) if k // 128 // s >= 4 and not (wider or staged))}):
+            blocks = n // tile.rows * cuda_wgmma.token_tiles(m, tile)
+            chosen = {cuda_wgmma.k_splits(blocks, k, sms, one_wave=True)}
+            if staged:  # also the split that fills the GPU, as up to 64 tokens
+                chosen.add(cuda_wgmma.k_splits(blocks, k, sms))
+            for splits in sorted({1, *chosen, *(s for s in (2, 4, 8) if k // 128 // s >= 4 and not (wider or staged))}):
                 t = replace(tile, splits=splits)
                 try:
                     error = ((case.output(t, torch.float32) - want).abs().max() / want.abs().max()).item()
@@ -718,9 +721,9 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                         "takes over (how cuda_wgmma.choose_tile's defaults were chosen)"),
         "wide": ((96, 128, 192, 256, 384), wide_sweep, "wide_sweep", "the wgmma kernel's token tiles above 64 "
                  "tokens against decode + cuBLAS (how cuda_wgmma.WIDE_TOKENS and WIDE_MAX_M were chosen)"),
-        "staged": ((128, 256, 512, 1024, 2048, 4096), functools.partial(wide_sweep, staged=True), "staged_sweep",
+        "staged": ((64, 128, 256, 512, 2048, 4096), functools.partial(wide_sweep, staged=True), "staged_sweep",
                    "the staged wgmma kernel (the weight decoded into shared memory) against the token tiles and "
-                   "decode + cuBLAS, 128-4096 tokens"),
+                   "decode + cuBLAS, 64-4096 tokens"),
         "groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups", "layers that read one activation (q/k/v, "
                    "gate/up) launched one by one against one group launch (8B and 70B)"),
         "k_partition": ((1, 8, 16), k_partition_sweep, "k_partition", "the decode kernel's K split over warps and the "
