@@ -464,9 +464,9 @@ def wide_sweep(ms: tuple[int, ...] = (96, 128, 192, 256, 384), wider: bool = Fal
     tokens a block (wgmma's N), K split over 1-8 blocks (and k_splits' choice); with `wider` (--wide-options) instead
     the launch options that measured slower (one consumer warpgroup, 192 and 256 tokens, 2 chunks in flight), and
     with `staged` (--staged) also the staged kernel's options, each with no K split and k_splits' choices (within
-    one wave, and filling the GPU). GPU µs each, and each launch's largest difference from decode + cuBLAS's fp32 output relative
-    to its largest output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and WIDE_MAX_M were
-    chosen."""
+    one wave, and filling the GPU). GPU µs each, and each launch's largest difference from decode + cuBLAS's fp32
+    output relative to its largest output (a launch that is wrong shows > 1e-5). How cuda_wgmma's WIDE_TOKENS and
+    WIDE_MAX_M were chosen."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     options = [dict(tokens=64), dict(tokens=128), *(STAGED if staged else [])]

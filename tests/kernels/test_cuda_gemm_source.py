@@ -120,7 +120,8 @@ def test_a_wgmma_tile_refuses_what_the_kernel_cannot_take():
     block's shared memory."""
     for bad in [{"tokens": 0}, {"tokens": 100}, {"tokens": 264}, {"producers": 6}, {"producers": 8, "tokens": 72},
                 {"tokens": 256, "slots": 4}, {"staged": True, "slots": 1}, {"staged": True, "producers": 12},
-                {"staged": True, "warpgroups": 3, "producers": 4, "slots": 3}, {"staged": True, "tokens": 8, "producers": 8},
+                {"staged": True, "warpgroups": 3, "producers": 4, "slots": 3},
+                {"staged": True, "tokens": 8, "producers": 8},
                 {"staged": True, "tokens": 256, "slots": 3}]:
         with pytest.raises(ValueError, match="WgmmaTile"):
             cuda_wgmma.WgmmaTile(**bad)
