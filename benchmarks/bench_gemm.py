@@ -16,6 +16,7 @@
 --crossover times only the MMA kernel against decode + cuBLAS at M = 16..64 (where gemm.SMALL_M belongs).
 --decode times only the decode into the scratch weight (the CUDA kernel against the Triton one).
 --staged times only the staged wgmma kernel (the weight decoded into shared memory) at 64-4096 tokens.
+--placed times only the CUDA kernels on codes in the placed layout against canonical codes.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import sharq
 from sharq._format import format_table
 from sharq.backends import WeightLayout, available, get_backend, humming
 from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
+from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
 from timing import median_ms  # benchmarks/timing.py, beside this script
@@ -544,6 +546,69 @@ def scratch_decode(ms: tuple[int, ...] = ()) -> list[dict]:
     return rows
 
 
+def placed_sweep(ms: tuple[int, ...] = (1, 16, 64, 128, 256, 2048)) -> list[dict]:
+    """The CUDA kernels on codes in kernels/placed.py's layout against the same launches on canonical codes, on the
+    8B shapes (sharq weights, bf16 out): at each M the launch the packed backend makes (decode kernel or wgmma
+    kernel), from 128 tokens also the staged kernel (128- and 256-token tiles), and once per shape the decode into
+    the scratch weight. GPU µs each over weight copies streamed from memory; each placed launch's output against
+    the canonical one's (fp32 out, largest difference relative to the largest output: > 1e-5 is wrong) and the
+    placed scratch decode's bits against the canonical one's. Whether the placed layout's fewer instructions a
+    weight (docs/PERF.md) make the kernels faster, which decides whether it becomes the packed backend's layout."""
+    rows = []
+    capability = torch.cuda.get_device_capability()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for k, n in SHAPES:
+        p, _, r = payload("sharq", n, k)
+        placed_codes = place_codes(p.codes)
+        w = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
+        copies_ = [(p.codes.clone(), placed_codes.clone(), p.scales.clone())
+                   for _ in range(copies(p.codes.numel() + p.scales.numel() + 2 * n * k))]
+        runs = {placed: [(lambda run=cuda_dequantize.launcher(c1 if placed else c0, sc, "nvfp4", r.weight_block, k,
+                                                                placed=placed), w=w: run(w)) for c0, c1, sc in copies_]
+                for placed in (False, True)}
+        runs[False][0]()
+        want = w.clone()
+        runs[True][0]()
+        row = {"K": k, "N": n, "kernel": "scratch decode", "equal": torch.equal(want.view(torch.int16),
+                                                                                w.view(torch.int16))}
+        row.update({f"{'placed' if placed else 'canonical'}_us": 1e3 * graph_ms(fns) for placed, fns in runs.items()})
+        rows.append(row)
+        print(f"K={k} N={n} scratch decode: canonical {row['canonical_us']:.1f} us, placed {row['placed_us']:.1f} "
+              f"(x {row['canonical_us'] / row['placed_us']:.2f}); equal bits: {row['equal']}", flush=True)
+        del copies_, runs, w, want
+        for m in ms:
+            case = CudaCase.make("sharq", k, n, m)
+            placed_ps = [(place_codes(c), s) for c, s in case.ps]
+            tiles = []
+            wgmma = cuda_wgmma.choose_tile(m, n, k, capability, sms)
+            if wgmma is not None:
+                tiles.append(wgmma)
+            elif m <= cuda_gemm.MAX_M:
+                tiles.append(cuda_gemm.choose_tile(m, n, k, case.act.values.device))
+            if m >= 128 and capability == (9, 0):
+                for option in (STAGED[0], STAGED[3]):
+                    t = cuda_wgmma.WgmmaTile(**option)
+                    blocks = n // t.rows * cuda_wgmma.token_tiles(m, t)
+                    tiles.append(replace(t, splits=cuda_wgmma.k_splits(blocks, k, sms, one_wave=True)))
+            for tile in tiles:
+                ptile = replace(tile, placed=True)
+                want = case.output(tile, torch.float32)
+                got = case.output(ptile, torch.float32, codes=placed_ps[0][0], scales=placed_ps[0][1])
+                row = {"K": k, "N": n, "M": m, "kernel": str(tile), "bf16_us": case.bf16_us,
+                       "error": ((got - want).abs().max() / want.abs().max()).item(),
+                       "canonical_us": case.cuda_us(tile),
+                       "placed_us": 1e3 * graph_ms([lambda c=c, sc=sc, case=case, t=ptile: case.output(
+                           t, codes=c, scales=sc) for c, sc in placed_ps], reps=10)}
+                rows.append(row)
+                print(f"K={k} N={n} M={m} {row['kernel']}: canonical {row['canonical_us']:.1f} us (x bf16 "
+                      f"{case.bf16_us / row['canonical_us']:.2f}), placed {row['placed_us']:.1f} (x bf16 "
+                      f"{case.bf16_us / row['placed_us']:.2f})" + (" WRONG" if row["error"] > 1e-5 else ""),
+                      flush=True)
+            del case, placed_ps
+            torch.cuda.empty_cache()
+    return rows
+
+
 GROUPS = [(4096, (4096, 1024, 1024)), (4096, (14336, 14336)),  # Llama-3.1-8B q/k/v, gate/up (K, layer widths)
           (8192, (8192, 1024, 1024)), (8192, (28672, 28672))]  # Llama-3.1-70B
 
@@ -731,7 +796,9 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
         "programmatic": ((1, 4, 8, 12, 16, 32, 64), programmatic, "programmatic", "the layers with plain launches, "
                          "the programmatic-launch rule's choice and programmatic everywhere (8B and 70B)"),
         "decode": ((), scratch_decode, "scratch_decode", "the decode into the scratch weight, the CUDA kernel against "
-                   "the Triton one (8B and 70B)")}
+                   "the Triton one (8B and 70B)"),
+        "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
+                   "placed layout (kernels/placed.py) against canonical codes (8B)")}
 
 
 def save(out: dict | list, path: str | None) -> None:

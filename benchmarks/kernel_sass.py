@@ -2,7 +2,8 @@
 main loop found in the SASS, and its instructions counted per weight (docs/PERF.md).
 
     pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm
-    python benchmarks/kernel_sass.py [--ms 1,8,16,32,64] [--shapes 8b,70b] [--variants] [--json out.json]
+    python benchmarks/kernel_sass.py [--ms 1,8,16,32,64] [--shapes 8b,70b] [--variants] [--staged] [--placed]
+        [--json out.json]
 
 A warp's main loop streams chunks of 128 K-elements of 16·rt weight rows (its HMMAs: 8 per chunk per row tile
 per 8 tokens), so warp instructions per weight = loop instructions / (chunks · 128 · 16 · rt); in the wgmma kernel
@@ -72,6 +73,8 @@ def main() -> int:
     p.add_argument("--variants", action="store_true", help="every launch bench_gemm.py --cuda-sweep times")
     p.add_argument("--staged", action="store_true", help="also the staged wgmma kernel's launch options "
                    "(bench_gemm.STAGED) at each shape and M of at least 64")
+    p.add_argument("--placed", action="store_true", help="every launch also reading codes in kernels/placed.py's "
+                   "layout")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not nvrtc.available() or nvrtc.nvdisasm() is None:
@@ -92,6 +95,8 @@ def main() -> int:
                     variants += [replace(cuda_wgmma.WgmmaTile(**option), splits=cuda_wgmma.k_splits(
                         n // 64 // option.get("warpgroups", 2) * -(-m // option["tokens"]), k, args.multiprocessors,
                         one_wave=True)) for option in bench_gemm.STAGED if n % (64 * option.get("warpgroups", 2)) == 0]
+                if args.placed:
+                    variants = [v for t in variants for v in (t, replace(t, placed=True))]
                 for t in variants:
                     row = {"K": k, "N": n, **analyse(t, m), "chosen": t == auto}
                     rows.append(row)

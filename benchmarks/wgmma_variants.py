@@ -41,7 +41,7 @@ _NO_MMA = [("for (int jj = 0; jj < 4; ++jj) wgmma(acc, frag[half][jj], b + (half
            ("          wg_commit();\n          wg_wait_one();", "")]
 WGMMA = {"as is": [], "8 tokens": [_FEW_TOKENS], "weight from L2": [_SAME_ROWS],
          "both": [_FEW_TOKENS, _SAME_ROWS], "no MMA": _NO_MMA}
-_NO_DECODE = [(f"    a[{i}] = mul_bf16x2(e2m1_pair(w{i % 2}, i{' + 1' if i > 1 else ''}), sc[{i % 2}][v >> 1]);",
+_NO_DECODE = [(f"    a[{i}] = mul_bf16x2(decode_pair(w{i % 2}, i{' + 1' if i > 1 else ''}), sc[{i % 2}][v >> 1]);",
                f"    a[{i}] = w{i % 2}{f' ^ sc[{i % 2}][v >> 1]' if i > 1 else ''};") for i in range(4)]
 _DECODE_NO_MMA = [("""  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sharq.kernels import cuda_dequantize, cuda_gemm, gemm
+from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
@@ -23,7 +24,7 @@ def _triton(codes: torch.Tensor, scales: torch.Tensor, block: int, k: int) -> to
 @pytest.mark.parametrize("n,k", [(1, 32), (37, 96), (256, 4096), (4099, 4096)])
 def test_it_gives_the_triton_decode_bit_for_bit(block, n, k):
     """Random codes and every scale code (NaN and sign bits included), at group counts that leave the grid's
-    last pass ragged; the plan's launch and the one-off call alike."""
+    last pass ragged; the plan's launch and the one-off call alike, and the placed codes' kernel."""
     g = torch.Generator().manual_seed(n * k + block)
     codes = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8).cuda()
     scales = torch.randint(0, 256, (n, k // block), generator=g, dtype=torch.uint8).cuda()
@@ -37,6 +38,11 @@ def test_it_gives_the_triton_decode_bit_for_bit(block, n, k):
                        want.view(torch.int16))
     ref = dequantize_blocks(QTensor(codes.cpu(), scales.cpu(), "nvfp4", block, (n, k))).to(torch.bfloat16)
     assert torch.equal(w.cpu().isnan(), ref.isnan()) and torch.equal(w.cpu().nan_to_num(), ref.nan_to_num())
+    # the same payload in the placed layout (kernels/placed.py), read by the placed kernel: the same bits
+    placed = cuda_dequantize.launcher(place_codes(codes), scales, "nvfp4", block, k, placed=True)
+    w.fill_(7.0)
+    placed(w)
+    assert torch.equal(w.view(torch.int16), want.view(torch.int16))
 
 
 def test_payloads_it_does_not_take_go_to_the_triton_decode():

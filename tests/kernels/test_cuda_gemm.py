@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sharq.kernels import cuda_gemm, cuda_wgmma, gemm
+from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
@@ -80,6 +81,31 @@ def test_every_launch_shape_output_and_bias(tile, out_dtype, bias_dtype):
     y = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, 32, sx, sw, bias, out_dtype, tile=tile)
     assert y.dtype == out_dtype and y.shape == (m, n)
     assert _bound_ok(y, a, q, sx[:, None] * sw, bias, out_dtype) <= 1
+
+
+@pytest.mark.parametrize("tile", [cuda_gemm.CudaTile(1, 8, 4, 1, placed=True),
+                                  cuda_gemm.CudaTile(2, 4, 1, 2, 3, wn=2, direct=True, placed=True),
+                                  cuda_gemm.CudaTile(1, 4, 1, 1, 4, placed=True),
+                                  pytest.param(cuda_wgmma.WgmmaTile(placed=True), marks=hopper),
+                                  pytest.param(cuda_wgmma.WgmmaTile(tokens=128, splits=2, placed=True), marks=hopper),
+                                  pytest.param(cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=8,
+                                                                    placed=True), marks=hopper)])
+@pytest.mark.parametrize("block", [16, 32])
+def test_placed_codes_give_the_exact_product(tile, block):
+    """The kernels reading codes in kernels/placed.py's layout (`placed=True`), given the placed payload: the
+    exact product's bound at 1, 13 and 150 tokens (the wgmma launches from 13 up), with a bias and a scale per
+    token."""
+    n, k = 256, 2048
+    q = _payload(n, k, block, 90 + block)
+    codes = place_codes(q.codes)
+    for m in (1, 13, 150):
+        if isinstance(tile, cuda_gemm.CudaTile) and m > cuda_gemm.MAX_M or isinstance(tile, cuda_wgmma.WgmmaTile) \
+                and m == 1:
+            continue
+        a, sx = _x(m, k, 91 + m), torch.rand(m, device="cuda") + 0.5
+        sw, bias = torch.rand(1, device="cuda") + 0.5, torch.randn(n, device="cuda").to(torch.bfloat16)
+        y = cuda_gemm.nvfp4_mma(a, codes, q.scales, block, sx, sw, bias, torch.bfloat16, tile=tile)
+        assert _bound_ok(y, a, q, sx[:, None] * sw, bias, torch.bfloat16) <= 1, m
 
 
 @pytest.mark.parametrize("block", [16, 32])

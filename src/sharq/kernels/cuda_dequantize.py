@@ -7,7 +7,8 @@ H200 (61-67 % of copy bandwidth, docs/PERF.md). Here a thread takes a 32-element
 16-byte load of codes, its one or two scale codes), decodes it the GEMM kernels' way (kernels/cuda_source.py: bit
 placement, the block scale from a table of all 256 codes, one bf16x2 multiply; then one by 2^8 for the 2^-8 the
 placement leaves, exact), puts the pairs (elements i, i + 4) back in order with two byte permutes a pair of pairs
-and stores 64 bytes in four 16-byte stores, two groups in flight a thread. Every value is the exact code × scale,
+(placed codes, kernels/placed.py, decode in order) and stores 64 bytes in four 16-byte stores, two groups in
+flight a thread. Every value is the exact code × scale,
 so the buffer is the Triton kernel's bit for bit (and NaN where a scale code is NaN)."""
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ __device__ __forceinline__ void dequantize_group(const u32* table, const U4& c, 
 #pragma unroll
   for (int v = 0; v < 4; ++v) {  // elements 8 v .. 8 v + 7
     const u32 x = word(c, v);
-    u32 p[4];  // p[i]: elements i and i + 4, exact code times scale
+    u32 p[4];  // p[i]: pair i (decode_pair), exact code times scale
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = mul_bf16x2(mul_bf16x2(e2m1_pair(x, i), sc[v >> 1]), 0x43804380u);
-    out[v] = U4{prmt(p[0], p[1], 0x5410u), prmt(p[2], p[3], 0x5410u), prmt(p[0], p[1], 0x7632u),
-                prmt(p[2], p[3], 0x7632u)};
+    for (int i = 0; i < 4; ++i) p[i] = mul_bf16x2(mul_bf16x2(decode_pair(x, i), sc[v >> 1]), 0x43804380u);
+    out[v] = in_order(p[0], p[1], p[2], p[3]);
   }
 }
 __device__ __forceinline__ u32 group_scales(const u8* scales, int i) {
@@ -72,9 +72,9 @@ extern "C" __global__ void __launch_bounds__(256) sharq_nvfp4_dequantize(
 """
 
 
-def kernel_source(block: int) -> str:
-    """The kernel's CUDA source for block-`block` scales."""
-    return f"#define BLOCK {block}\n" + DEVICE_HELPERS + _SOURCE
+def kernel_source(block: int, placed: bool = False) -> str:
+    """The kernel's CUDA source for block-`block` scales, reading canonical codes or placed ones (kernels/placed.py)."""
+    return f"#define BLOCK {block}\n#define PLACED {int(placed)}\n" + DEVICE_HELPERS + _SOURCE
 
 
 def fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int) -> bool:
@@ -89,25 +89,25 @@ def fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int
 
 
 @functools.lru_cache(maxsize=64)
-def _launch(device: int, groups: int, block: int) -> cuda_gemm._Launch:
-    """The launch for `groups` 32-element groups, its kernel compiled (once per block size and device)."""
-    kernel = cuda_gemm._compile(device, kernel_source(block), 0, NAME)
+def _launch(device: int, groups: int, block: int, placed: bool = False) -> cuda_gemm._Launch:
+    """The launch for `groups` 32-element groups, its kernel compiled (once per block size, layout and device)."""
+    kernel = cuda_gemm._compile(device, kernel_source(block, placed), 0, NAME)
     blocks = min(-(-groups // (2 * THREADS)), BLOCKS_PER_MULTIPROCESSOR * cuda_gemm._multiprocessors(
         torch.device("cuda", device)))
     return cuda_gemm._Launch(DriverKernel(kernel.func.value, "pppi"), device, (blocks, 1, 1), (THREADS, 1, 1), 0,
                              1, 0)
 
 
-def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int
+def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int, placed: bool = False
              ) -> Callable[[torch.Tensor], None] | None:
     """w -> None, decoding the payload into w (bf16 [N, k], contiguous, 16-byte aligned), worked out once; None
     where the kernel does not take the payload or cannot be compiled here (then the Triton decode runs; a warning
-    says why, once)."""
+    says why, once). `placed`: the codes are in kernels/placed.py's layout."""
     if not fits(codes, scales, fmt, block, k):
         return None
     groups = codes.shape[0] * k // 32
     try:
-        plan = _launch(codes.get_device(), groups, block)
+        plan = _launch(codes.get_device(), groups, block, placed)
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton decode runs instead
         cuda_gemm.compile_failed(_broken, e, "the CUDA weight decode", "using the Triton decode", stacklevel=3)
         return None

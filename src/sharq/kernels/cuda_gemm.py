@@ -159,11 +159,9 @@ __device__ __forceinline__ void gemm_block(
       }
   };
 #endif
-  // the activation pair matching weight pair 2j + h of a chunk (MMA j): elements (8v + i, 8v + i + 4) of the
-  // thread's 32, v = j / 2, i = 2 (j % 2) + h, from the 16 bytes x = s.x[mt][v]
-  auto bpair = [](const U4& x, int j, int h) {
-    return prmt(j & 1 ? x.y : x.x, j & 1 ? x.w : x.z, h ? 0x7632u : 0x5410u);
-  };
+  // the activation pair matching weight pair i = 2 (j % 2) + h of word v = j / 2 of a chunk (MMA j), from the 16
+  // bytes x = s.x[mt][v] (elements 8v + i, 8v + i + 4 of the thread's 32; placed codes: 8v + 2i, + 1)
+  auto bpair = [](const U4& x, int j, int h) { return x_pair(x, 2 * (j & 1) + h); };
   auto scale_pairs = [&](const Stage& s, int rt, u32 (&sc)[2][2]) {  // [row half][16-element half of the 32]
 #pragma unroll
     for (int h = 0; h < 2; ++h) row_scale_pairs(scale_table, s.s[rt][h], sc[h]);
@@ -172,10 +170,10 @@ __device__ __forceinline__ void gemm_block(
   auto a_frag = [](const Stage& s, int rt, int j, const u32 (&sc)[2][2], u32 (&a)[4]) {
     const int v = j >> 1, i = (j & 1) * 2;
     const u32 w0 = word(s.w[rt][0], v), w1 = word(s.w[rt][1], v);
-    a[0] = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
-    a[1] = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
-    a[2] = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
-    a[3] = mul_bf16x2(e2m1_pair(w1, i + 1), sc[1][v >> 1]);
+    a[0] = mul_bf16x2(decode_pair(w0, i), sc[0][v >> 1]);
+    a[1] = mul_bf16x2(decode_pair(w1, i), sc[1][v >> 1]);
+    a[2] = mul_bf16x2(decode_pair(w0, i + 1), sc[0][v >> 1]);
+    a[3] = mul_bf16x2(decode_pair(w1, i + 1), sc[1][v >> 1]);
   };
 #if XDIRECT
   // many tokens: the activation is read where it is used, 16 bytes a token at a time, rather than held for the
@@ -401,6 +399,7 @@ class CudaTile:
     wn: int = 1
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
+    placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (not yet a backend's)
 
     @property
     def rows(self) -> int:
@@ -480,7 +479,8 @@ def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row:
     min_blocks = t.min_blocks or (2 if mt <= 2 and t.wn == 1 else 1)
     defines = dict(RT=t.rt, MT=mt, WK=t.wk, WN=t.wn, STAGES=t.stages, BLOCK=block, OUT=out, BIAS=bias,
                    SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), RING=t.ring, XDIRECT=int(t.direct),
-                   XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks, GROUP=int(group))
+                   XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks, GROUP=int(group),
+                   PLACED=int(t.placed))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 

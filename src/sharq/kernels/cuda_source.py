@@ -1,7 +1,9 @@
 """CUDA device code shared by the packed NVFP4 GEMM kernels (kernels/cuda_gemm.py, kernels/cuda_wgmma.py): the
 weight streamed past L1, the programmatic-launch wait, the activation read through L1, E2M1 and UE4M3 decoded to
 bf16 by bit placement (exact: see cuda_gemm's docstring) and the output stored in its dtype. A kernel's source is
-its #defines (OUT, BIAS, SPLIT among them), then DEVICE_HELPERS, then its own code."""
+its #defines (OUT, BIAS, SPLIT, PLACED among them), then DEVICE_HELPERS, then its own code."""
+
+from .placed import DECODE_SOURCE
 
 SCALE_TABLE_BYTES = 256 * 4  # the static shared memory of build_scale_table's table, in every kernel
 
@@ -45,6 +47,32 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 __device__ __forceinline__ u32 e2m1_pair(u32 x, int i) {
   const u32 t = (i < 2 ? x : x >> 8) & (0x000F000Fu << 4 * (i & 1));
   return (t * ((1u << (12 - 4 * (i & 1))) + (1u << (6 - 4 * (i & 1))))) & 0x81C081C0u;
+}
+""" + DECODE_SOURCE + r"""
+// what a kernel reads in either code layout (PLACED: kernels/placed.py's, else the canonical one). Pair i of a word
+// of codes as bf16 bits: elements i and i + 4 of its 8 (canonical), or 2i and 2i + 1 (placed); the activation's
+// pair of the same elements from 16 bytes x holding elements 0 .. 7; and four decoded pairs in element order
+// (bf16 elements 0 .. 7 as four words)
+__device__ __forceinline__ u32 decode_pair(u32 x, int i) {
+#if PLACED
+  return e2m1_placed(x, i);
+#else
+  return e2m1_pair(x, i);
+#endif
+}
+__device__ __forceinline__ u32 x_pair(const U4& x, int i) {
+#if PLACED
+  return word(x, i);
+#else
+  return prmt(i & 2 ? x.y : x.x, i & 2 ? x.w : x.z, i & 1 ? 0x7632u : 0x5410u);
+#endif
+}
+__device__ __forceinline__ U4 in_order(u32 p0, u32 p1, u32 p2, u32 p3) {
+#if PLACED
+  return U4{p0, p1, p2, p3};
+#else
+  return U4{prmt(p0, p1, 0x5410u), prmt(p2, p3, 0x5410u), prmt(p0, p1, 0x7632u), prmt(p2, p3, 0x7632u)};
+#endif
 }
 // a UE4M3 scale code (float8_e4m3fn bits) times 2^118 as a bf16 pair; exact (4 significant bits, below 2^127)
 __device__ __forceinline__ u32 scale_pair(u32 code) {

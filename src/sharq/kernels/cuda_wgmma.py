@@ -66,6 +66,7 @@ class WgmmaTile:
     slots: int = 4
     tokens: int = TOKENS
     staged: bool = False  # the producers decode the weight into shared memory too (both MMA operands there)
+    placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (not yet a backend's)
 
     def __post_init__(self):
         if not (8 <= self.tokens <= MAX_TOKENS and self.tokens % 8 == 0):
@@ -147,7 +148,7 @@ def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, g
     (GROUP_NAME)."""
     defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=t.tokens // 8, BLOCK=block,
                    OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group),
-                   STAGED=int(t.staged))
+                   STAGED=int(t.staged), PLACED=int(t.placed))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function(t.tokens)
             + _SOURCE)
 
@@ -304,11 +305,10 @@ __device__ __forceinline__ void wgmma_block(
         for (int v = 0; v < 4; ++v) {
           const int lw = 4 * i + v;  // the part's word lw: elements 8 lw .. 8 lw + 7 of it
           const u32 x = word(p.w[i], v), sc = block_scale[lw * 8 / BLOCK];
-          const u32 p0 = mul_bf16x2(e2m1_pair(x, 0), sc), p1 = mul_bf16x2(e2m1_pair(x, 1), sc);
-          const u32 p2 = mul_bf16x2(e2m1_pair(x, 2), sc), p3 = mul_bf16x2(e2m1_pair(x, 3), sc);
+          const U4 e = in_order(mul_bf16x2(decode_pair(x, 0), sc), mul_bf16x2(decode_pair(x, 1), sc),
+                                mul_bf16x2(decode_pair(x, 2), sc), mul_bf16x2(decode_pair(x, 3), sc));
           asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};"
-                       :: "r"(slot + a_dst + lw * (WG * 8 * 128)), "r"(prmt(p0, p1, 0x5410u)),
-                       "r"(prmt(p2, p3, 0x5410u)), "r"(prmt(p0, p1, 0x7632u)), "r"(prmt(p2, p3, 0x7632u))
+                       :: "r"(slot + a_dst + lw * (WG * 8 * 128)), "r"(e.x), "r"(e.y), "r"(e.z), "r"(e.w)
                        : "memory");
         }
     };
@@ -409,9 +409,8 @@ __device__ __forceinline__ void wgmma_block(
 #pragma unroll
       for (int it = 0; it < LOADS; ++it) {
         asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
-                     :: "r"(buffer + dst + it * TG_STEP * 128), "r"(prmt(xs[it].x, xs[it].z, 0x5410u)),
-                     "r"(prmt(xs[it].x, xs[it].z, 0x7632u)), "r"(prmt(xs[it].y, xs[it].w, 0x5410u)),
-                     "r"(prmt(xs[it].y, xs[it].w, 0x7632u)));
+                     :: "r"(buffer + dst + it * TG_STEP * 128), "r"(x_pair(xs[it], 0)), "r"(x_pair(xs[it], 1)),
+                     "r"(x_pair(xs[it], 2)), "r"(x_pair(xs[it], 3)));
       }
     };
     if (chunks > 0) load(x[0]);
@@ -467,10 +466,10 @@ __device__ __forceinline__ void wgmma_block(
     for (int jj = 0; jj < 4; ++jj) {
       const int j = half * 4 + jj, v = j >> 1, i = (j & 1) * 2;
       const u32 w0 = word(s.w[0], v), w1 = word(s.w[1], v);
-      af[jj][0] = mul_bf16x2(e2m1_pair(w0, i), sc[0][v >> 1]);
-      af[jj][1] = mul_bf16x2(e2m1_pair(w1, i), sc[1][v >> 1]);
-      af[jj][2] = mul_bf16x2(e2m1_pair(w0, i + 1), sc[0][v >> 1]);
-      af[jj][3] = mul_bf16x2(e2m1_pair(w1, i + 1), sc[1][v >> 1]);
+      af[jj][0] = mul_bf16x2(decode_pair(w0, i), sc[0][v >> 1]);
+      af[jj][1] = mul_bf16x2(decode_pair(w1, i), sc[1][v >> 1]);
+      af[jj][2] = mul_bf16x2(decode_pair(w0, i + 1), sc[0][v >> 1]);
+      af[jj][3] = mul_bf16x2(decode_pair(w1, i + 1), sc[1][v >> 1]);
     }
   };
 #pragma unroll
