@@ -191,3 +191,33 @@ def test_gradients_are_those_of_the_unquantized_linear(name, rng):
     torch.nn.functional.linear(x, w, b).backward(dy)
     for g, t in zip(got, (x, w, b)):
         torch.testing.assert_close(g, t.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "packed", "packed-placed"])
+def test_the_custom_ops_fakes_give_what_the_ops_return(backend, rng):
+    """What torch.compile sees of a layer (functional's custom ops) must describe what they return, dtype, shape
+    and strides alike (torch.library.opcheck): the prepare's fake once gave the packed backend's bf16 values as
+    fp32, and inductor put a buffer of twice their size on their storage (a heap overflow, on the GPU a write
+    past the allocation). In Triton's interpreter for the kernels' backends."""
+    from sharq import functional
+    from sharq.nn import SharQLinear
+
+    layers = [SharQLinear.from_linear(torch.nn.Linear(64, n), "sharq", backend=backend) for n in (64, 32, 32)]
+    x = outlier_activations(rng, 5, 64)
+    r = layers[0].recipe
+    with torch.no_grad():
+        torch.library.opcheck(torch.ops.sharq.prepare_activation, (x, r.key, backend, None, None))
+        values, scale, dense = torch.ops.sharq.prepare_activation(x, r.key, backend, None, None)
+        ws, layouts = [m.forward_weight() for m in layers], [m._layout for m in layers]
+        for w, layout, m in zip(ws, layouts, layers):
+            p = w.packed
+            torch.library.opcheck(torch.ops.sharq.matmul, (
+                values, scale, dense, w.values, None if p is None else p.codes, None if p is None else p.scales,
+                w.scale, None, m.bias, [] if layout is None else list(layout.tensors),
+                "" if layout is None else layout.meta, r.key, backend, m.out_features, torch.float32))
+        if backend.startswith("packed"):
+            codes = [(w.packed.codes, w.packed.scales) if lo is None else lo.tensors for w, lo in zip(ws, layouts)]
+            torch.library.opcheck(torch.ops.sharq.matmul_group, (
+                values, scale, [c for c, _ in codes], [s for _, s in codes], [w.scale for w in ws],
+                [m.bias for m in layers], r.key, backend, torch.float32, "" if layouts[0] is None else "placed"))
+    assert functional.prepare(x, r, backend).values.dtype == values.dtype

@@ -562,7 +562,8 @@ def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(r
     compiler keeps one call a group; the logits are the eager ones (which multiply layer by layer here)."""
     calls = []
 
-    def group_plan(qweights, biases, recipe, lead, out_dtype):  # group plans get the packed weights alone
+    def group_plan(qweights, biases, recipe, lead, out_dtype, layouts):  # the packed weights (no layouts here)
+        assert layouts == [None] * len(qweights)
         values = [dequantize_blocks(w.packed).to(torch.bfloat16) for w in qweights]
 
         def run(act):

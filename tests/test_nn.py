@@ -228,6 +228,7 @@ class _GroupMember:
 
     def __init__(self, shared, w, counts, backend):
         self.in_features, self.weight, self.counts, self.backend, self.bias = w.shape[1], w, counts, backend, None
+        self._layout = None
         self.recipe = sharq.get_recipe("nvfp4")
         self.group_position = len(shared.layers)
         shared.layers.append(self)
@@ -248,7 +249,7 @@ class _GroupMember:
 
 
 def _group_backend(counts):
-    def group_plan(weights, biases, recipe, lead, out_dtype):
+    def group_plan(weights, biases, recipe, lead, out_dtype, layouts):
         counts["plans"] += 1
 
         def run(act):

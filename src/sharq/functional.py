@@ -49,18 +49,24 @@ def _recipe(recipe_json: str) -> Recipe:
     return Recipe.from_dict(json.loads(recipe_json))
 
 
-@torch.library.custom_op("sharq::prepare", mutates_args=())
+# (named sharq::prepare until its fake gave the packed backend's bf16 values as fp32: inductor then planned a
+# buffer of twice their size on their storage; the new name keeps graphs cached with the old fake from being reused)
+@torch.library.custom_op("sharq::prepare_activation", mutates_args=())
 def _prepare_op(x2d: torch.Tensor, recipe: str, backend: str, channels: torch.Tensor | None,
                 amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     act = get_backend(backend).prepare(x2d, _recipe(recipe), channels, amax)
-    dense = act.dense if act.dense is not None else act.values.new_empty(x2d.shape[0], 0)
+    dense = act.dense if act.dense is not None else x2d.new_empty(x2d.shape[0], 0, dtype=torch.float32)
     return act.values, act.scale, dense
 
 
 @_prepare_op.register_fake
 def _(x2d, recipe, backend, channels, amax):
+    from .backends import simulator
+
     r = _recipe(recipe)
-    from_kernel = backend == "triton" and channels is None and x2d.is_cuda and _kernel_supports(r)
+    # the fused kernel's bf16 values: the backends that prepare with it (triton, packed), where it runs the recipe;
+    # a dtype other than the real op's would have inductor plan the buffer wrong
+    from_kernel = get_backend(backend).prepare is simulator.prepare and channels is None and _kernel_supports(r)
     values = x2d.new_empty(x2d.shape, dtype=torch.bfloat16 if from_kernel else torch.float32)
     per_row = r.tensor_scale_per_row or any(s.block is None for s in r.stages)
     scale = x2d.new_empty((x2d.shape[0] if per_row else 1, 1), dtype=torch.float32)
@@ -100,30 +106,42 @@ def _(values, scale, dense, weight_values, weight_codes, weight_scales, weight_s
 def _matmul_group_op(values: torch.Tensor, scale: torch.Tensor, codes: list[torch.Tensor],
                      scales: list[torch.Tensor], weight_scales: list[torch.Tensor],
                      biases: list[torch.Tensor | None], recipe: str, backend: str,
-                     out_dtype: torch.dtype) -> list[torch.Tensor]:
+                     out_dtype: torch.dtype, layout_meta: str) -> list[torch.Tensor]:
     r, b = _recipe(recipe), get_backend(backend)
     act = QActivation((), values, scale)
-    qweights = [QWeight(None, s_w, QTensor(c, s, r.weight_fmt, r.weight_block, (c.shape[0], values.shape[1])))
-                for c, s, s_w in zip(codes, scales, weight_scales)]
-    run = b.group_plan(qweights, biases, r, (values.shape[0],), out_dtype)
+    k = values.shape[1]
+    if layout_meta:  # (codes, scales) of each layer's layout
+        layouts = [WeightLayout((c, s), layout_meta, (c.shape[0], c.shape[1] * 2)) for c, s in zip(codes, scales)]
+        qweights = [QWeight(None, s_w, None) for s_w in weight_scales]
+    else:
+        layouts = [None] * len(codes)
+        qweights = [QWeight(None, s_w, QTensor(c, s, r.weight_fmt, r.weight_block, (c.shape[0], k)))
+                    for c, s, s_w in zip(codes, scales, weight_scales)]
+    run = b.group_plan(qweights, biases, r, (values.shape[0],), out_dtype, layouts)
     if run is not None:
         return run(act)
-    return [b.matmul(act, w, bias, out_dtype) for w, bias in zip(qweights, biases)]
+    return [b.matmul(act, w, bias, out_dtype, layout) for w, bias, layout in zip(qweights, biases, layouts)]
 
 
 @_matmul_group_op.register_fake
-def _(values, scale, codes, scales, weight_scales, biases, recipe, backend, out_dtype):
+def _(values, scale, codes, scales, weight_scales, biases, recipe, backend, out_dtype, layout_meta):
     return [values.new_empty((values.shape[0], c.shape[0]), dtype=out_dtype) for c in codes]
 
 
 def matmul_group(act: QActivation, qweights: list[QWeight], biases: list[torch.Tensor | None],
-                 out_dtype: torch.dtype, recipe: Recipe, backend: str) -> list[torch.Tensor]:
+                 out_dtype: torch.dtype, recipe: Recipe, backend: str,
+                 layouts: list[WeightLayout | None] | None = None) -> list[torch.Tensor]:
     """The outputs of layers that read one activation (q/k/v, gate/up) with packed weights, from one launch where
     `backend`'s group plan has one (else one per layer): what SharedActivation.compiled_output calls once per group
-    under torch.compile, as one custom op (the group plan gets the packed weights alone)."""
-    codes, scales = [w.packed.codes for w in qweights], [w.packed.scales for w in qweights]
+    under torch.compile, as one custom op (the group plan gets the packed weights alone, or the layers' layouts of
+    two tensors each, codes and scales, of one kind)."""
+    if layouts and layouts[0] is not None:
+        codes, scales = [layout.tensors[0] for layout in layouts], [layout.tensors[1] for layout in layouts]
+        meta = layouts[0].meta
+    else:
+        codes, scales, meta = [w.packed.codes for w in qweights], [w.packed.scales for w in qweights], ""
     return torch.ops.sharq.matmul_group(act.values, act.scale, codes, scales, [w.scale for w in qweights], biases,
-                                        recipe.key, backend, out_dtype)
+                                        recipe.key, backend, out_dtype, meta)
 
 
 def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Tensor | None = None,
@@ -131,7 +149,7 @@ def prepare(x2d: torch.Tensor, recipe: Recipe, backend: str, channels: torch.Ten
     """The activation of x [M, K] as `backend` prepares it for `recipe`; `amax`: the whole input's, when x2d is a
     K-slice of it (Recipe.prepare_activation)."""
     if torch.compiler.is_compiling():
-        values, scale, dense = torch.ops.sharq.prepare(x2d, recipe.key, backend, channels, amax)
+        values, scale, dense = torch.ops.sharq.prepare_activation(x2d, recipe.key, backend, channels, amax)
         return QActivation((), values, scale, dense if channels is not None else None)
     return get_backend(backend).prepare(x2d, recipe, channels, amax)
 

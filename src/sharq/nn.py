@@ -120,25 +120,28 @@ class SharedActivation:
                        and m.eager_plan(x) is not None for m in layers)
             self._group_plans[key] = None if make is None or len(layers) != self.members or not same else make(
                 [m.forward_weight() for m in layers], [m.bias for m in layers], layers[0].recipe, x.shape[:-1],
-                x.dtype)
+                x.dtype, [m._layout for m in layers])
         return self._group_plans[key]
 
     def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
         """Under torch.compile: `layer`'s output from the group's one custom op (functional.matmul_group), called
         by the first member in the block call and taken by the others (the trace records the hand-over; the last
         member clears it, so nothing outlives the call); None outside a block call or where the members do not run
-        as a group (a backend without a group plan, calibrated channels, a layout of the backend's own). Unlike
-        eagerly, an in-place write to x between members goes unseen here (a trace has no version counter); the
-        model families quantize_model groups never write their block's input."""
+        as a group (a backend without a group plan, calibrated channels, layouts of the backend's own other than
+        one kind of (codes, scales)). Unlike eagerly, an in-place write to x between members goes unseen here (a
+        trace has no version counter); the model families quantize_model groups never write their block's input."""
         layers = self.layers
+        # the members' weights: all canonical payloads, or all layouts of one kind made of (codes, scales)
+        kinds = {None if m._layout is None else (m._layout.meta, len(m._layout.tensors)) for m in layers}
         if not self._open or len(layers) != self.members or get_backend(layer.backend).group_plan is None or any(
                 m.backend != layer.backend or m.recipe.key != layer.recipe.key or m.channels is not None
-                or m._layout is not None or m.in_features != layer.in_features for m in layers):
+                or m.in_features != layer.in_features for m in layers) or len(kinds) != 1 or (
+                kinds.pop() or ("", 2))[1] != 2:
             return None
         if self._x is not x or not self._outputs:
             self._clear()
             ys = matmul_group(layer.prepare(x2d), [m.forward_weight() for m in layers], [m.bias for m in layers],
-                              x.dtype, layer.recipe, layer.backend)
+                              x.dtype, layer.recipe, layer.backend, [m._layout for m in layers])
             self._x, self._outputs = x, dict(enumerate(ys))
         y = self._outputs[layer.group_position]
         self._release_if_done()
@@ -396,7 +399,7 @@ class SharQLinear(nn.Module):
             make = get_backend(self.backend).eager_plan
             weight = self.forward_weight()
             plans[key] = None if make is None or x.device != weight.scale.device else make(
-                weight, self.bias, self.recipe, x.shape[:-1], x.dtype, x.dtype)
+                weight, self.bias, self.recipe, x.shape[:-1], x.dtype, x.dtype, self._layout)
         return plans[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

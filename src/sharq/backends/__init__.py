@@ -60,13 +60,13 @@ class Backend:
     - `to_layout(packed, scale, bias)` / `from_layout(layout, block)`: the canonical payload (a QTensor) to the
       backend's layout, and back to the canonical codes and scale codes, exactly (None: the backend reads the
       canonical payload);
-    - `eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype)` -> an EagerPlan for inputs [*lead, K] of
-      x_dtype (contiguous, on the weight's device), or None where the backend has none for them (then prepare and
-      matmul run). A layer keeps its plans until its weight, bias or backend changes;
-    - `group_plan(qweights, biases, recipe, lead, out_dtype)` -> a function of one prepared activation (of M =
-      prod(lead) rows: an eager plan's) returning the outputs [*lead, N_i] of several layers that read it (q/k/v,
-      gate/up) from one launch, or None where the backend has none for them (then each layer multiplies on its
-      own)."""
+    - `eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout)` -> an EagerPlan for inputs [*lead, K]
+      of x_dtype (contiguous, on the weight's device), or None where the backend has none for them (then prepare
+      and matmul run); `layout` as matmul's. A layer keeps its plans until its weight, bias or backend changes;
+    - `group_plan(qweights, biases, recipe, lead, out_dtype, layouts)` -> a function of one prepared activation (of
+      M = prod(lead) rows: an eager plan's) returning the outputs [*lead, N_i] of several layers that read it
+      (q/k/v, gate/up) from one launch, or None where the backend has none for them (then each layer multiplies on
+      its own); `layouts` the layers' own weights (or Nones)."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None, torch.Tensor | None], QActivation]
     matmul: Callable[..., torch.Tensor]

@@ -1,7 +1,13 @@
-"""The "packed" backend: real 4-bit inference with sharq's own Triton kernels. The weight lives only as its
-canonical packed payload (4.25–4.5 bits per weight) and kernels/gemm.py decodes it in registers; for recipes
-whose weights are NVFP4 or MXFP4 in blocks of 16/32 and whose activation cascade the fused kernel implements. It
-runs every such recipe at every shape and dtype, and is what CPU CI runs in Triton's interpreter."""
+"""The "packed" backend: real 4-bit inference with sharq's own kernels. The weight lives only as its packed payload
+(4.25–4.5 bits per weight), decoded in registers by the CUDA kernels (kernels/cuda_gemm.py, cuda_wgmma.py) and
+the Triton ones (kernels/gemm.py); for recipes whose weights are NVFP4 or MXFP4 in blocks of 16/32 and whose
+activation cascade the fused kernel implements. It runs every such recipe at every shape and dtype, and is what
+CPU CI runs in Triton's interpreter.
+
+"packed-placed" is the same backend holding NVFP4 codes in kernels/placed.py's layout (each word's bits where the
+decode wants them: 21–26 % fewer instructions a weight in the CUDA kernels' loops), made when a layer is built,
+loaded or moved and put back for saves and exports (to_layout / from_layout). Opt-in (backend="packed-placed")
+until an H200 shows it faster (docs/PERF.md, `python benchmarks/bench_gemm.py --placed`)."""
 
 from __future__ import annotations
 
@@ -10,8 +16,11 @@ from collections.abc import Callable
 
 import torch
 
+from ..quant import QTensor
 from ..recipes import QActivation, QWeight, Recipe
-from . import Backend, EagerPlan, register, simulator
+from . import Backend, EagerPlan, WeightLayout, register, simulator
+
+PLACED = "placed"  # the layout's meta
 
 
 def supports(recipe: Recipe) -> bool:
@@ -24,18 +33,27 @@ def supports(recipe: Recipe) -> bool:
             and (recipe.weight_fmt != "nvfp4" or all(s.fmt == "nvfp4" for s in recipe.stages)))
 
 
+def _payload(qweight: QWeight, layout: WeightLayout | None) -> tuple[torch.Tensor, torch.Tensor, str, int, int, bool]:
+    """(codes, scales, format, block, K, placed) of the weight: its canonical payload, or its placed layout."""
+    if layout is None:
+        p = qweight.packed
+        return p.codes, p.scales, p.fmt, p.block_size, p.shape[1], False
+    codes, scales = layout.tensors
+    return codes, scales, "nvfp4", layout.shape[1] // scales.shape[1], layout.shape[1], True
+
+
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype,
-           layout=None) -> torch.Tensor:
+           layout: WeightLayout | None = None) -> torch.Tensor:
     """The kernel's bf16 activation times the packed Ŵ, decoded in registers (kernels/gemm.py)."""
     from ..kernels.gemm import packed_matmul
 
-    p = qweight.packed
-    return packed_matmul(act.values, p.codes, p.scales, p.fmt, p.block_size, act.scale, qweight.scale, bias,
-                         out_dtype)
+    codes, scales, fmt, block, _, placed = _payload(qweight, layout)
+    return packed_matmul(act.values, codes, scales, fmt, block, act.scale, qweight.scale, bias, out_dtype,
+                         placed=placed)
 
 
 def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead: tuple[int, ...],
-               x_dtype: torch.dtype, out_dtype: torch.dtype) -> EagerPlan | None:
+               x_dtype: torch.dtype, out_dtype: torch.dtype, layout: WeightLayout | None = None) -> EagerPlan | None:
     """The fused prepare launch and the GEMM's, each worked out once, with packed_matmul's checks done here (the
     same kernels and launch shapes as prepare + matmul): at decode sizes where the CUDA GEMM runs the weight, and
     above SMALL_M tokens the decode into the scratch weight + cuBLAS (prefill, whose eager calls were host-bound).
@@ -44,20 +62,20 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
     from ..kernels import gemm as kg
     from ..kernels import prepare as kp
 
-    p, m = qweight.packed, math.prod(lead)
-    if p is None or not kp.supports(recipe) or not p.codes.is_cuda:
+    if layout is None and qweight.packed is None or not kp.supports(recipe):
         return None
-    k = p.codes.shape[1] * 2
-    if p.shape[1] != k or bias is not None and bias.device != p.codes.device:
+    codes, scales, fmt, block, k_logical, placed = _payload(qweight, layout)
+    m, k = math.prod(lead), codes.shape[1] * 2
+    if not codes.is_cuda or k_logical != k or bias is not None and bias.device != codes.device:
         return None
-    gemm = cuda_gemm.launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale.reshape(-1), bias, lead,
-                              recipe.tensor_scale_per_row, out_dtype)
-    if gemm is None and m > kg.SMALL_M and kg.supports(p.fmt, p.block_size):
-        gemm = kg.decoded_launcher(p.codes, p.scales, p.fmt, p.block_size, qweight.scale, bias, out_dtype, lead,
-                                   recipe.tensor_scale_per_row)
+    gemm = cuda_gemm.launcher(codes, scales, fmt, block, qweight.scale.reshape(-1), bias, lead,
+                              recipe.tensor_scale_per_row, out_dtype, placed)
+    if gemm is None and m > kg.SMALL_M and kg.supports(fmt, block):
+        gemm = kg.decoded_launcher(codes, scales, fmt, block, qweight.scale, bias, out_dtype, lead,
+                                   recipe.tensor_scale_per_row, placed)
     if gemm is None:
         return None
-    run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, p.codes.device)
+    run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, codes.device)
 
     def prepare(x: torch.Tensor) -> QActivation:
         values, scale, _ = run_prepare(x)
@@ -67,21 +85,54 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
 
 
 def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recipe: Recipe, lead: tuple[int, ...],
-               out_dtype: torch.dtype) -> Callable[[QActivation], list[torch.Tensor]] | None:
+               out_dtype: torch.dtype, layouts: list[WeightLayout | None] | None = None
+               ) -> Callable[[QActivation], list[torch.Tensor]] | None:
     """Layers that read one activation (q/k/v, gate/up) in one launch of the CUDA GEMM (cuda_gemm.group_launcher),
     where it runs them: fewer launches at decode sizes, and no K split over blocks for narrow layers (k/v)."""
     from ..kernels import cuda_gemm
 
-    packed = [w.packed for w in qweights]
-    if any(p is None or p.fmt != packed[0].fmt or p.block_size != packed[0].block_size for p in packed):
+    layouts = layouts or [None] * len(qweights)
+    if any(layout is None and w.packed is None for w, layout in zip(qweights, layouts)):
         return None
-    run = cuda_gemm.group_launcher([(p.codes, p.scales, w.scale.reshape(-1)) for p, w in zip(packed, qweights)],
-                                   biases, packed[0].fmt, packed[0].block_size, lead, recipe.tensor_scale_per_row,
-                                   out_dtype)
+    weights = [_payload(w, layout) for w, layout in zip(qweights, layouts)]
+    if len({(fmt, block, placed) for _, _, fmt, block, _, placed in weights}) != 1:
+        return None
+    _, _, fmt, block, _, placed = weights[0]
+    run = cuda_gemm.group_launcher([(c, s, w.scale.reshape(-1)) for (c, s, *_), w in zip(weights, qweights)],
+                                   biases, fmt, block, lead, recipe.tensor_scale_per_row, out_dtype, placed)
     return None if run is None else lambda act: run(act.values, act.scale)
 
 
+def supports_placed(recipe: Recipe) -> bool:
+    """The placed layout is NVFP4's."""
+    return recipe.weight_fmt == "nvfp4" and supports(recipe)
+
+
+def accepts_placed(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Layers whose K needs no padding to a block (a multiple of 32), so the layout's K is the layer's."""
+    return k % 32 == 0
+
+
+def to_layout(p: QTensor, sw: torch.Tensor, bias: torch.Tensor | None) -> WeightLayout:
+    """The payload with its codes placed (kernels/placed.py); scales as they are."""
+    from ..kernels.placed import place_codes
+
+    return WeightLayout((place_codes(p.codes), p.scales), PLACED, (p.codes.shape[0], p.codes.shape[1] * 2))
+
+
+def from_layout(layout: WeightLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical codes and scale codes back, exactly."""
+    from ..kernels.placed import unplace_codes
+
+    codes, scales = layout.tensors
+    return unplace_codes(codes), scales
+
+
+_HINT = "pip install 'sharq[gpu]' (or use backend='reference')"
 register("packed", Backend(simulator.prepare, matmul, supports, keeps_values=False, eager_plan=eager_plan,
-                           group_plan=group_plan, runs_on=("cuda",), needs="triton",
-                           install_hint="pip install 'sharq[gpu]' (or use backend='reference')"),
+                           group_plan=group_plan, runs_on=("cuda",), needs="triton", install_hint=_HINT),
          auto_rank=1)
+register("packed-placed", Backend(simulator.prepare, matmul, supports_placed, keeps_values=False,
+                                  accepts=accepts_placed, to_layout=to_layout, from_layout=from_layout,
+                                  eager_plan=eager_plan, group_plan=group_plan, runs_on=("cuda",), needs="triton",
+                                  install_hint=_HINT))

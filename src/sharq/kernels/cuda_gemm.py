@@ -53,7 +53,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -608,12 +608,15 @@ class _NoWgmma(RuntimeError):
 
 @functools.lru_cache(maxsize=4096)
 def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
-            tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _Launch:
+            tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _Launch:
     """The launch for one layer (_build): choose_tile's, or where cuda_wgmma.choose_tile takes the shape (25-64
     tokens on large layers and its token tiles above, Hopper) or `tile` is a WgmmaTile, the wgmma kernel's, with
-    the same arguments. The decode kernel takes at most MAX_M tokens."""
+    the same arguments. The decode kernel takes at most MAX_M tokens. `placed`: the codes are in
+    kernels/placed.py's layout (the tile's kernel variant that reads it)."""
     asked = isinstance(tile, cuda_wgmma.WgmmaTile)
     w = tile if asked else None if tile else _wgmma_tile(m, n, k, torch.device("cuda", device))
+    if w is not None and placed:
+        w = replace(w, placed=True)
     if w is not None:
         if n % w.rows:
             raise ValueError(f"{w} needs N a multiple of {w.rows}")
@@ -633,7 +636,7 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     t = tile or choose_tile(m, n, k, torch.device("cuda", device))
     if n % t.rows:
         raise ValueError(f"CudaTile rt={t.rt} wn={t.wn} needs N a multiple of {t.rows}, got {n}")
-    return _build(device, t, m, n, k, block, out, bias, sx_row)
+    return _build(device, replace(t, placed=True) if placed else t, m, n, k, block, out, bias, sx_row)
 
 
 @dataclass(frozen=True)
@@ -682,27 +685,28 @@ def _same_sums(a: CudaTile, b: CudaTile) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, out: int, bias: int, sx_row: bool,
-                  tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _GroupLaunch | None:
+                  tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _GroupLaunch | None:
     """One launch for layers of widths `ns` that read one activation, with `tile` or group_tile's, or None where
     group_tile says none or a layer is not a whole number of the tile's blocks. With a K split over blocks each
-    layer gets its own fp32 partials."""
+    layer gets its own fp32 partials. `placed` as _launch."""
     t = tile or group_tile(m, ns, k, torch.device("cuda", device))
     if t is None or not 2 <= len(ns) <= GROUP_MAX:
         return None
     if any(w % t.rows for w in ns):
         return None
+    t = replace(t, placed=True) if placed else t
     return _GroupLaunch(_build(device, t, m, sum(ns), k, block, out, bias, sx_row, group=True),
                         tuple(w // t.rows for w in ns))
 
 
 def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], biases: list[torch.Tensor | None],
-                   fmt: str, block: int, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype
-                   ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
+                   fmt: str, block: int, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
+                   placed: bool = False) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
     """The products of one activation [M, K] (M = prod(lead), contiguous) with several layers' weights ((codes,
     scales, sw) each; the layers that read one input, as q/k/v) in one launch, worked out once: (a, sx) -> [y per
     layer, [*lead, N_i]], each as `launcher`'s would be for its layer with the group's tile. None where one launch
     does not run them (_group_launch; the layers disagree in K, device or bias dtype; a weight the kernel does not
-    take)."""
+    take). `placed`: the codes are in kernels/placed.py's layout."""
     m = math.prod(lead)
     codes0 = weights[0][0]
     bias_dtypes = {None if b is None else b.dtype for b in biases}
@@ -714,7 +718,7 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     device = codes0.get_device()
     try:
         plan = _group_launch(device, m, tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2, block,
-                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, None)
+                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, None, placed)
     except Exception as e:  # noqa: BLE001 - as _try_launch: no NVRTC here, the layers launch one by one
         warnings.warn(f"sharq: the CUDA group GEMM could not be compiled ({type(e).__name__}: {str(e)[:300]})",
                       stacklevel=2)
@@ -726,12 +730,14 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                     biases: list[torch.Tensor | None], block: int, sx: torch.Tensor, out_dtype: torch.dtype,
-                    tile: CudaTile | cuda_wgmma.WgmmaTile | None = None) -> list[torch.Tensor] | None:
+                    tile: CudaTile | cuda_wgmma.WgmmaTile | None = None, placed: bool = False
+                    ) -> list[torch.Tensor] | None:
     """[α_i · (a · Ŵ_iᵀ) + bias_i] for the layers' weights ((codes, scales, sw) each) in one launch, with `tile`
-    (default: the launch plan's for their summed width), or None where one launch does not take them."""
+    (default: the launch plan's for their summed width), or None where one launch does not take them. `placed`:
+    the codes are in kernels/placed.py's layout."""
     m, k = a.shape
     plan = _group_launch(a.get_device(), m, tuple(c.shape[0] for c, _, _ in weights), k, block, _OUT[out_dtype],
-                         _BIAS[None if biases[0] is None else biases[0].dtype], sx.numel() > 1, tile)
+                         _BIAS[None if biases[0] is None else biases[0].dtype], sx.numel() > 1, tile, placed)
     return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype)(a, sx)
 
 
@@ -764,21 +770,22 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
 
 def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block: int, sx: torch.Tensor,
               sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-              tile: CudaTile | cuda_wgmma.WgmmaTile | None = None) -> torch.Tensor | None:
+              tile: CudaTile | cuda_wgmma.WgmmaTile | None = None, placed: bool = False) -> torch.Tensor | None:
     """α · (a · Ŵᵀ) + bias [M, N] in out_dtype, as gemm.packed_matmul (arguments checked there; sx, sw flat fp32),
-    or None where the kernel cannot be compiled here (a warning says why, once)."""
+    or None where the kernel cannot be compiled here (a warning says why, once). `placed`: the codes are in
+    kernels/placed.py's layout."""
     (m, k), n = a.shape, codes.shape[0]
     plan = _try_launch(a.get_device(), m, n, k, block, out_dtype, None if bias is None else bias.dtype,
-                       sx.numel() > 1, tile)
+                       sx.numel() > 1, tile, placed)
     return None if plan is None else _single_run(plan, codes, scales, sw, bias, (m,), out_dtype)(a, sx)
 
 
 def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype,
                 bias_dtype: torch.dtype | None, sx_row: bool,
-                tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> _Launch | None:
+                tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _Launch | None:
     """_launch, or None where the kernel cannot be compiled here (a warning says why, once)."""
     try:
-        return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile)
+        return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile, placed)
     except ValueError:
         raise
     except _NoWgmma:
@@ -810,17 +817,18 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
 
 
 def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-             bias: torch.Tensor | None, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype
-             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+             bias: torch.Tensor | None, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
+             placed: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """The product with this weight for activations [M, K] (M = prod(lead); bf16, contiguous, 16-byte aligned: a
     prepare kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y [*lead, N], sx the
-    activation scale (fp32 [M, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight."""
+    activation scale (fp32 [M, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight.
+    `placed`: the codes are in kernels/placed.py's layout."""
     m = math.prod(lead)
     if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
     plan = _try_launch(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,
-                       None if bias is None else bias.dtype, sx_rows and m > 1, None)
+                       None if bias is None else bias.dtype, sx_rows and m > 1, None, placed)
     if plan is None:
         return None
     return _single_run(plan, codes, scales, sw, bias, lead, out_dtype)

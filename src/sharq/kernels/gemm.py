@@ -37,6 +37,7 @@ from . import cuda_dequantize, cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_, scale_and_bias_launcher
 from .launch import Constexprs, TritonLaunch, launch_triton
+from .placed import unplace_codes
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 # up to here the Triton small-M kernels (MXFP4 weights and the shapes the CUDA kernel does not take; it runs NVFP4
@@ -329,26 +330,31 @@ def _scratch_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor,
 
 
 def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Ŵ [N, k] in bf16 from a packed payload (codes [N, Kp/2], scales [N, Kp/block])."""
+                      out: torch.Tensor | None = None, placed: bool = False) -> torch.Tensor:
+    """Ŵ [N, k] in bf16 from a packed payload (codes [N, Kp/2], in kernels/placed.py's layout where `placed`;
+    scales [N, Kp/block])."""
     require_cuda(codes, "dequantize_packed", "use quant.dequantize_blocks on the CPU")
     n = codes.shape[0]
     w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device) if out is None else out
     if n and k:
-        _dequantizer(codes, scales, fmt, block, k, bound=False, cuda=w.is_contiguous() and w.data_ptr() % 16 == 0)(w)
+        _dequantizer(codes, scales, fmt, block, k, bound=False, cuda=w.is_contiguous() and w.data_ptr() % 16 == 0,
+                     placed=placed)(w)
     return w
 
 
 def _dequantizer(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int, bound: bool,
-                 cuda: bool = True) -> Callable[[torch.Tensor], None]:
+                 cuda: bool = True, placed: bool = False) -> Callable[[torch.Tensor], None]:
     """w -> None, decoding the payload into w (bf16 [N, k], contiguous): the CUDA kernel where `cuda` (w 16-byte
     aligned) and it takes the payload (kernels/cuda_dequantize.py, the same bits), else the Triton kernel (a `bound`
-    launch: for a plan's calls)."""
-    if cuda and (run := cuda_dequantize.launcher(codes, scales, fmt, block, k)):
+    launch: for a plan's calls). Placed codes the Triton kernel reads put back each call (a fallback: the CUDA
+    decode takes every NVFP4 payload of whole K where NVRTC runs)."""
+    if cuda and (run := cuda_dequantize.launcher(codes, scales, fmt, block, k, placed)):
         return run
     n, flags = codes.shape[0], _DEQUANTIZE[fmt, block]
     launch = TritonLaunch(_dequantize_kernel, (triton.cdiv(n, flags["BN"]), triton.cdiv(k, flags["BK"])), flags,
                           bound=bound)
+    if placed:
+        return lambda w: launch((unplace_codes(codes), scales, w, n, k, codes.shape[1] * 2))
     return lambda w: launch((codes, scales, w, n, k, codes.shape[1] * 2))
 
 
@@ -397,14 +403,14 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> Tile:
 
 
 def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
-                   sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
-                   ) -> torch.Tensor:
+                   sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                   placed: bool = False) -> torch.Tensor:
     """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLAS.
     Arguments as packed_matmul's, already checked there (sx, sw flat fp32)."""
     k = a.shape[1]
     with _scratch_lock:
         w, wt = _scratch_weight(codes.shape[0], k, a.device)
-        dequantize_packed(codes, scales, fmt, block, k, out=w)
+        dequantize_packed(codes, scales, fmt, block, k, out=w, placed=placed)
         y = _product(a, wt, out_dtype)
     return scale_and_bias_(y, sx, sw, bias)
 
@@ -423,12 +429,13 @@ class _DecodedLaunch:
     call is the decode launch, one cuBLAS call and the epilogue launch, into an output [*lead, N]."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool):
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool,
+                 placed: bool):
         self.device, self.out_dtype = codes.device, out_dtype
         self.n, self.k = codes.shape[0], codes.shape[1] * 2
         self.shape = (*lead, self.n)
         m = math.prod(lead)
-        self.dequantize = _dequantizer(codes, scales, fmt, block, self.k, bound=True)
+        self.dequantize = _dequantizer(codes, scales, fmt, block, self.k, bound=True, placed=placed)
         self.epilogue = scale_and_bias_launcher(m, self.n, sw, bias, sx_rows)
 
     def __call__(self, a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
@@ -440,21 +447,23 @@ class _DecodedLaunch:
 
 
 def decoded_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool
-                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool,
+                     placed: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """decoded_matmul with this weight for activations [M, K] (M = prod(lead)), its checks done once: an eager
     layer's plan above the CUDA kernel's tokens (prefill), whose caller guarantees a contiguous bf16 activation
     [M, K] (K the payload's) and its fp32 scale ([M, 1] if `sx_rows`, else [1, 1]; contiguous), both fresh from
     the prepare kernel. Returns (a, sx) -> y [*lead, N], the bits packed_matmul gives."""
-    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, lead, sx_rows)
+    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, lead, sx_rows, placed)
 
 
 def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
                   sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                  tile: Tile | None = None) -> torch.Tensor:
+                  tile: Tile | None = None, placed: bool = False) -> torch.Tensor:
     """α · (a · Ŵᵀ) + bias [M, N] in out_dtype; a bf16 [M, K], Ŵ the packed payload (codes [N, Kp/2], scales
     [N, Kp/block], format nvfp4 or mxfp4), α = s_x ([1, 1] or [M, 1]) · s_w ([] or [1]). A `tile` runs the
-    packed kernel with that launch shape at any M (benchmarks, tests)."""
+    packed kernel with that launch shape at any M (benchmarks, tests). `placed`: NVFP4 codes in
+    kernels/placed.py's layout, which the CUDA kernels read as they are; the Triton kernels (a fallback where
+    those do not run) get them put back for the call."""
     require_cuda(a, "packed_matmul", "use backend='reference' on the CPU")
     if a.dtype != torch.bfloat16 or a.dim() != 2 or a.stride(-1) != 1:
         raise ValueError(f"packed_matmul takes a contiguous bf16 [M, K] activation, got {a.dtype} {tuple(a.shape)}")
@@ -468,12 +477,16 @@ def packed_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fm
         raise ValueError("packed_matmul takes one weight scale s_w per layer")
     if m == 0 or n == 0:
         return torch.zeros(m, n, dtype=out_dtype, device=a.device) + (0 if bias is None else bias.to(out_dtype))
+    if placed and fmt != "nvfp4":
+        raise ValueError(f"placed codes are NVFP4's, not {fmt}'s")
     if tile is None and not INTERPRETED and cuda_gemm.fits(a, codes, scales, fmt, block, bias, out_dtype):
-        y = cuda_gemm.nvfp4_mma(a, codes, scales, block, sx, sw, bias, out_dtype)
+        y = cuda_gemm.nvfp4_mma(a, codes, scales, block, sx, sw, bias, out_dtype, placed=placed)
         if y is not None:
             return y
     if m > SMALL_M and tile is None:
-        return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype)
+        return decoded_matmul(a, codes, scales, fmt, block, sx, sw, bias, out_dtype, placed)
+    if placed:
+        codes = unplace_codes(codes)
     t = tile or choose_tile(m, n, kp, a.device)
     if t.kernel not in ("mma", "gemv") or t.bk % block:
         raise ValueError(f"bad tile {t}: kernel 'mma' or 'gemv', bk a multiple of the weight block {block}")
