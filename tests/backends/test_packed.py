@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import transformers
 from torch import nn
 
 import sharq
@@ -52,6 +51,7 @@ def test_placed_refuses_mxfp4_and_leaves_padded_layers_to_auto():
 def test_a_placed_model_compiles_saves_and_loads_bit_identical(rng, tmp_path):
     """A small Llama on packed-placed: its logits are the packed backend's, compiled too (q/k/v and gate/up through
     the group custom op with their layouts), and a save and load gives them back."""
+    transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                       num_key_value_heads=2, num_hidden_layers=1, vocab_size=64)
     torch.manual_seed(0)
