@@ -8,8 +8,8 @@ H200 (61-67 % of copy bandwidth, docs/PERF.md). Here a thread takes a 32-element
 placement, the block scale from a table of all 256 codes, one bf16x2 multiply; then one by 2^8 for the 2^-8 the
 placement leaves, exact), puts the pairs (elements i, i + 4) back in order with two byte permutes a pair of pairs
 (placed codes, kernels/placed.py, decode in order) and stores 64 bytes in four 16-byte stores, two groups in
-flight a thread. Every value is the exact code × scale,
-so the buffer is the Triton kernel's bit for bit (and NaN where a scale code is NaN)."""
+flight a thread. Every value is the exact code × scale, so the buffer is the Triton kernel's bit for bit, and NaN
+where a scale code is NaN (the multiply's canonical NaN: its payload bits may differ from the Triton kernel's)."""
 
 from __future__ import annotations
 
