@@ -220,6 +220,17 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NTG * 4], void* __
 #endif
     }
 }
+// before any warp takes up its role: each buffer's "full" mbarrier (every producer thread arrives) and "empty"
+// one (every consumer thread), and the block's scale table
+__device__ __forceinline__ void block_setup(u32 full, u32 empty, u32* scale_table) {
+  if (threadIdx.x == 0)
+    for (int s = 0; s < XS; ++s) {
+      mbar_init(full + 8 * s, PW * 32);
+      mbar_init(empty + 8 * s, WG * 128);
+    }
+  build_scale_table(scale_table);
+  __syncthreads();
+}
 #if STAGED
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 bytes) {  // bytes < 16: zeros after them
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
@@ -248,13 +259,7 @@ __device__ __forceinline__ void wgmma_block(
   const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
   const u32 base = smem_addr(smem), full = base + XS * SLOT, empty = full + XS * 8;
   __shared__ u32 scale_table[256];
-  if (tid == 0)
-    for (int s = 0; s < XS; ++s) {
-      mbar_init(full + 8 * s, PW * 32);
-      mbar_init(empty + 8 * s, WG * 128);
-    }
-  build_scale_table(scale_table);
-  __syncthreads();
+  block_setup(full, empty, scale_table);
   if (warp >= WG * 4) {
     // producer thread pt: part `part` (128 / PARTS elements, L 16-byte loads) of weight row r of each chunk, decoded
     // and scaled, pairs put back in element order (the decode pairs elements i and i + 4 of each 8), each 8
@@ -373,13 +378,7 @@ __device__ __forceinline__ void wgmma_block(
   const int chunks = min(c_begin + chunks_per_split, Kp >> 7) - c_begin;
   const u32 base = smem_addr(smem), full = base + XS * CHUNK, empty = full + XS * 8;
   __shared__ u32 scale_table[256];
-  if (tid == 0)
-    for (int s = 0; s < XS; ++s) {
-      mbar_init(full + 8 * s, PW * 32);
-      mbar_init(empty + 8 * s, WG * 128);
-    }
-  build_scale_table(scale_table);
-  __syncthreads();
+  block_setup(full, empty, scale_table);
   if (warp >= WG * 4) {
     wait_prior_grid();
     // producer: chunk c of the activation into buffer c % XS. Producer warp pw takes 8 elements qq * 32 + 8 v ..
