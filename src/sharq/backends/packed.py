@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -128,11 +129,9 @@ def from_layout(layout: WeightLayout, block: int) -> tuple[torch.Tensor, torch.T
     return unplace_codes(codes), scales
 
 
-_HINT = "pip install 'sharq[gpu]' (or use backend='reference')"
-register("packed", Backend(simulator.prepare, matmul, supports, keeps_values=False, eager_plan=eager_plan,
-                           group_plan=group_plan, runs_on=("cuda",), needs="triton", install_hint=_HINT),
-         auto_rank=1)
-register("packed-placed", Backend(simulator.prepare, matmul, supports_placed, keeps_values=False,
-                                  accepts=accepts_placed, to_layout=to_layout, from_layout=from_layout,
-                                  eager_plan=eager_plan, group_plan=group_plan, runs_on=("cuda",), needs="triton",
-                                  install_hint=_HINT))
+PACKED = Backend(simulator.prepare, matmul, supports, keeps_values=False, eager_plan=eager_plan,
+                 group_plan=group_plan, runs_on=("cuda",), needs="triton",
+                 install_hint="pip install 'sharq[gpu]' (or use backend='reference')")
+register("packed", PACKED, auto_rank=1)
+register("packed-placed", replace(PACKED, supports=supports_placed, accepts=accepts_placed, to_layout=to_layout,
+                                  from_layout=from_layout))
