@@ -2,12 +2,13 @@
 
     python benchmarks/bench_decode.py [--layers 32] [--prompt 512] [--new-tokens 128] [--batches 1,8]
         [--recipes nvfp4,sharq] [--backend packed] [--compile] [--json out.json]
+    python benchmarks/bench_decode.py --recipes sharq,sharq@packed-placed --compile   # two backends, one run
     python benchmarks/bench_decode.py --tiny --new-tokens 4 --prompt 16      # CPU smoke test (reference backend)
     python benchmarks/bench_decode.py --shape 70b --batches 1 --recipes sharq  # 70B-shaped, quantized onto one GPU
 
 The model is Llama-3.1-8B-shaped (bench_model.llama_8b_shaped: random weights, bf16; only the time matters),
-built afresh for each variant: bf16, then each recipe quantized with --backend. For each variant and batch of
-random prompts: the prefill, and the decode step (DecodeSession.step + the greedy argmax) replayed from its CUDA
+built afresh for each variant: bf16, then each recipe quantized with --backend (or the backend named after an @:
+`sharq@packed-placed`, so backends compare in one run). For each variant and batch of random prompts: the prefill, and the decode step (DecodeSession.step + the greedy argmax) replayed from its CUDA
 graph and eager, as CUDA-event medians of --reps runs; with --compile also the graph path with the decode forward
 compiled by torch.compile before the capture. Peak memory is that of one sharq.generate call; weights are
 sharq.models.weight_bytes. The check column: the graph path's first 8 greedy tokens equal the eager path's (same
@@ -168,7 +169,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed on the graph path")
     p.add_argument("--eager-tokens", type=int, default=16, help="decode steps timed eagerly (slower: fewer)")
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--recipes", default="nvfp4,sharq")
+    p.add_argument("--recipes", default="nvfp4,sharq", help="recipes timed, each optionally @backend")
     p.add_argument("--backend", default=None, help="quantized layers' backend (default: auto; reference with --tiny)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time the graph path with a torch.compile'd forward")
@@ -194,7 +195,8 @@ def main() -> int:
         else:
             model = llama_8b_shaped(layers)
         if variant != "bf16":
-            sharq.quantize_model(model, variant, backend=backend, device="cpu" if args.tiny else "cuda")
+            recipe, _, own_backend = variant.partition("@")
+            sharq.quantize_model(model, recipe, backend=own_backend or backend, device="cpu" if args.tiny else "cuda")
         size = weight_bytes(model)
         rows += [dict(measure(model, variant, batch, args), weight_bytes=size) for batch in batches]
         del model
