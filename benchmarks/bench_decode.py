@@ -6,15 +6,15 @@
     python benchmarks/bench_decode.py --tiny --new-tokens 4 --prompt 16      # CPU smoke test (reference backend)
     python benchmarks/bench_decode.py --shape 70b --batches 1 --recipes sharq  # 70B-shaped, quantized onto one GPU
 
-The model is Llama-3.1-8B-shaped (bench_model.llama_8b_shaped: random weights, bf16; only the time matters),
-built afresh for each variant: bf16, then each recipe quantized with --backend (or the backend named after an @:
-`sharq@packed-placed`, so backends compare in one run). For each variant and batch of random prompts: the prefill, and the decode step (DecodeSession.step + the greedy argmax) replayed from its CUDA
-graph and eager, as CUDA-event medians of --reps runs; with --compile also the graph path with the decode forward
-compiled by torch.compile before the capture. Peak memory is that of one sharq.generate call; weights are
-sharq.models.weight_bytes. The check column: the graph path's first 8 greedy tokens equal the eager path's (same
-cache size, so the same kernels; a difference means the replay is wrong). "speedup vs bf16" is bf16's graph
-ms/token over the variant's, from this run; "compiled vs bf16" the same for the compiled paths (--compile).
-"""
+The model is Llama-3.1-8B-shaped (bench_model.llama_8b_shaped: random weights, bf16; only the time matters), built
+afresh for each variant: bf16, then each recipe quantized with --backend (or the backend named after an @:
+`sharq@packed-placed`, so backends compare in one run). For each variant and batch of random prompts: the prefill,
+and the decode step (DecodeSession.step + the greedy argmax) replayed from its CUDA graph and eager, as CUDA-event
+medians of --reps runs; with --compile also the graph path with the decode forward compiled by torch.compile before
+the capture. Peak memory is that of one sharq.generate call; weights are sharq.models.weight_bytes. The check
+column: the graph path's first 8 greedy tokens equal the eager path's (same cache size, so the same kernels; a
+difference means the replay is wrong). "speedup vs bf16" is bf16's graph ms/token over the variant's, from this
+run; "compiled vs bf16" the same for the compiled paths (--compile)."""
 
 from __future__ import annotations
 
