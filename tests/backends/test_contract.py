@@ -83,18 +83,20 @@ def test_a_model_on_a_layout_backend_saves_and_loads_bit_identical(flipped, tmp_
 
 def test_auto_takes_the_first_installed_backend_that_runs_the_recipe_shape_and_dtype(monkeypatch):
     r = sharq.get_recipe("sharq")
-    monkeypatch.setattr(backends, "available", lambda name: name != "packed")
+    monkeypatch.setattr(backends, "available", lambda name: not name.startswith("packed"))
     assert backends.resolve_backend("auto", r, "cuda", (128, 64), torch.bfloat16) == "triton"
     monkeypatch.setattr(backends, "available", lambda name: True)
     # humming is installed and fits the layer, but its outputs vary from call to call: auto never takes it
-    assert backends.resolve_backend("auto", r, "cuda", (128, 64), torch.bfloat16) == "packed"
+    assert backends.resolve_backend("auto", r, "cuda", (128, 64), torch.bfloat16) == "packed-placed"
+    assert backends.resolve_backend("auto", r, "cuda", (128, 48), torch.bfloat16) == "packed"  # K not a block's
     assert backends.resolve_backend("humming", r, "cuda", (128, 64), torch.bfloat16) == "humming"
     # a named backend leaves the layers and devices it does not take to auto's choice
-    assert backends.resolve_backend("humming", r, "cuda", (192, 64), torch.bfloat16) == "packed"  # partial tiles
-    assert backends.resolve_backend("humming", r, "cuda", (128, 64), torch.float32) == "packed"  # it writes bf16
+    partial_tiles, float32_out = ((192, 64), torch.bfloat16), ((128, 64), torch.float32)  # it writes bf16
+    assert backends.resolve_backend("humming", r, "cuda", *partial_tiles) == "packed-placed"
+    assert backends.resolve_backend("humming", r, "cuda", *float32_out) == "packed-placed"
     assert backends.resolve_backend("humming", r, "cpu", (128, 64), torch.bfloat16) == "reference"
     token = sharq.get_recipe("sharq", scale_granularity="token")
-    assert backends.resolve_backend("auto", token, "cuda", (128, 64), torch.bfloat16) == "packed"
+    assert backends.resolve_backend("auto", token, "cuda", (128, 64), torch.bfloat16) == "packed-placed"
     assert backends.resolve_backend("auto", sharq.get_recipe("sharq-mxfp4"), "cuda", (128, 64)) == "packed"
     assert backends.resolve_backend("auto", sharq.get_recipe("hif4"), "cuda", (128, 64)) == "triton"
     assert backends.resolve_backend("auto", r, "cpu", (128, 64)) == "reference"

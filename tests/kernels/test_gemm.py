@@ -206,10 +206,12 @@ def test_bad_arguments_are_clear_errors(rng):
 
 # --- the packed backend -------------------------------------------------------------------------------------------
 def test_auto_resolves_packed_then_triton_on_cuda_and_reference_elsewhere():
-    """humming, installed or not, is never auto's choice (it is opt-in: its outputs vary from call to call)."""
+    """NVFP4 weights on the placed layout, MXFP4 on the canonical one; humming, installed or not, is never auto's
+    choice (it is opt-in: its outputs vary from call to call)."""
     from sharq.backends import resolve_backend
 
-    for name, want in [("sharq", "packed"), ("nvfp4", "packed"), ("sharq-plus", "packed"), ("dense-dense", "packed"),
+    for name, want in [("sharq", "packed-placed"), ("nvfp4", "packed-placed"), ("sharq-plus", "packed-placed"),
+                       ("dense-dense", "packed-placed"),
                        ("sharq-mxfp4", "packed"), ("hif4", "triton"), ("fp8", "triton"), ("bf16", "triton"),
                        ("outlier-channels", "triton")]:
         for dtype in (torch.bfloat16, torch.float32):
