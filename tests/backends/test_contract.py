@@ -91,9 +91,9 @@ def test_auto_takes_the_first_installed_backend_that_runs_the_recipe_shape_and_d
     assert backends.resolve_backend("auto", r, "cuda", (128, 48), torch.bfloat16) == "packed"  # K not a block's
     assert backends.resolve_backend("humming", r, "cuda", (128, 64), torch.bfloat16) == "humming"
     # a named backend leaves the layers and devices it does not take to auto's choice
-    partial_tiles, float32_out = ((192, 64), torch.bfloat16), ((128, 64), torch.float32)  # it writes bf16
-    assert backends.resolve_backend("humming", r, "cuda", *partial_tiles) == "packed-placed"
-    assert backends.resolve_backend("humming", r, "cuda", *float32_out) == "packed-placed"
+    partial_tiles = backends.resolve_backend("humming", r, "cuda", (192, 64), torch.bfloat16)
+    float32_out = backends.resolve_backend("humming", r, "cuda", (128, 64), torch.float32)  # humming writes bf16
+    assert partial_tiles == float32_out == "packed-placed"
     assert backends.resolve_backend("humming", r, "cpu", (128, 64), torch.bfloat16) == "reference"
     token = sharq.get_recipe("sharq", scale_granularity="token")
     assert backends.resolve_backend("auto", token, "cuda", (128, 64), torch.bfloat16) == "packed-placed"

@@ -7,9 +7,9 @@ CPU CI runs in Triton's interpreter.
 "packed-placed" is the same backend holding NVFP4 codes in kernels/placed.py's layout (each word's bits where the
 decode wants them: 21–26 % fewer instructions a weight in the CUDA kernels' loops), made when a layer is built,
 loaded or moved and put back for saves and exports (to_layout / from_layout). It is auto's first choice on CUDA
-for the layers it takes (NVFP4 weights, K a multiple of 32; "packed" takes the rest): on an H200 its kernels are
-0-14 % faster at 1-64 tokens and an 8B-shaped compiled decode 4 % faster at batch 1 (docs/PERF.md, eighteenth
-run)."""
+for the layers it takes (NVFP4 weights, K a multiple of 32; "packed" takes the rest): on an H200 its kernels take
+2–12 % less time at 1–16 tokens (within 3 % at 64–256) and an 8B-shaped compiled decode is 4 % faster at batch 1
+(docs/PERF.md, eighteenth run)."""
 
 from __future__ import annotations
 
