@@ -73,7 +73,7 @@ def _scale_value(code, FMT: tl.constexpr):
         e = (code >> 3) & 15
         normal = ((e + 120) << 23) | ((code & 7) << 20)
         s = tl.where(e > 0, normal.to(tl.float32, bitcast=True), (code & 7).to(tl.float32) * 0.001953125)
-        s = tl.where(code >= 0x80, -s, s)
+        s = (s.to(tl.int32, bitcast=True) | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)  # -0 for 0x80
         return tl.where((code & 0x7F) == 0x7F, float("nan"), s)
     else:
         bits = tl.where(code > 0, code << 23, 0x00400000)  # code 0 is 2^-127, an fp32 subnormal
