@@ -13,8 +13,9 @@ bits and no fourth fits what is left (an exhaustive search, docs/PERF.md sixteen
 
 `place_codes` / `unplace_codes` turn a canonical payload (docs/FORMAT.md: element 2i in the low nibble of byte i)
 into this layout and back, exactly; `DECODE_SOURCE` is the device function, generated from the same table, and is
-plain C (compiled for the host by the CPU tests). Not yet a backend's layout: the kernels take it where they are
-asked to (`placed=True`), which `python benchmarks/bench_gemm.py --placed` times."""
+plain C (compiled for the host by the CPU tests). The packed-placed backend (backends/packed.py) holds NVFP4 codes
+in this layout; the kernels read it where they are asked to (`placed=True`), and `python benchmarks/bench_gemm.py
+--placed` times it against the canonical codes."""
 
 from __future__ import annotations
 
