@@ -399,7 +399,7 @@ class CudaTile:
     wn: int = 1
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
-    placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (not yet a backend's)
+    placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
 
     @property
     def rows(self) -> int:

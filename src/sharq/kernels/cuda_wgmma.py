@@ -66,7 +66,7 @@ class WgmmaTile:
     slots: int = 4
     tokens: int = TOKENS
     staged: bool = False  # the producers decode the weight into shared memory too (both MMA operands there)
-    placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (not yet a backend's)
+    placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
 
     def __post_init__(self):
         if not (8 <= self.tokens <= MAX_TOKENS and self.tokens % 8 == 0):
