@@ -182,3 +182,33 @@ def test_the_cuda_gemm_launched_from_several_threads_gives_each_its_own_product(
         t.join()
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
+
+
+def test_plan_buffers_are_made_once_a_stream_and_only_while_small():
+    """A plan's scratch tensors: the same ones call after call (on one stream), made at the first call; above
+    PLAN_BUFFER_BYTES made anew every call."""
+    made = []
+
+    def make():
+        made.append(torch.empty(4))
+        return made[-1]
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    get = launch.plan_buffers(make, 16, device)
+    assert not made
+    assert get() is get() is made[0] and len(made) == 1
+    big = launch.plan_buffers(make, launch.PLAN_BUFFER_BYTES + 1, device)
+    assert big() is not big() and len(made) == 3
+
+
+@cuda
+def test_plan_buffers_give_each_stream_its_own_tensors():
+    """Calls on another stream are not ordered after this stream's kernels, so they get tensors of their own."""
+    get = launch.plan_buffers(lambda: torch.empty(4, device="cuda"), 16, torch.cuda.current_device())
+    here = get()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        there = get()
+        assert get() is there
+    assert there is not here and get() is here
+

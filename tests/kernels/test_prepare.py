@@ -77,15 +77,19 @@ def test_kernel_takes_the_whole_inputs_amax_for_a_k_slice(granularity, rng):
 def test_the_eager_launcher_takes_the_input_as_it_comes(name, granularity, lead, rng):
     """An eager layer's prepare (dequantized_launcher) reads x [*lead, K] as the layer gets it, with no view
     per call, aligned (its bound launches) or not (the general ones), and gives prepare_dequantized's bf16
-    values [M, K] and scale on x's rows, bit for bit."""
+    values [M, K] and scale on x's rows, bit for bit, written into the same tensors call after call."""
     recipe = sharq.get_recipe(name, scale_granularity=granularity)
     k, m = 64, math.prod(lead)
     run = dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device(DEVICE))
     base = outlier_activations(rng, m * k + 1, 1).reshape(-1).to(torch.bfloat16).to(DEVICE)
-    for x in (base[: m * k].view(*lead, k), base[1:].view(*lead, k)):  # 16-byte aligned, and 2 bytes off
+    other = outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE).view(*lead, k)
+    outputs = set()
+    for x in (base[: m * k].view(*lead, k), base[1:].view(*lead, k), other):  # 16-byte aligned, 2 bytes off
         values, scale, _ = run(x)
+        outputs.add((values.data_ptr(), scale.data_ptr()))
         want_values, want_scale = prepare_dequantized(x.reshape(m, k), recipe, torch.bfloat16)
         assert values.shape == (m, k) and torch.equal(values, want_values) and torch.equal(scale, want_scale)
+    assert len(outputs) == 1  # launch.plan_buffers: the plan's tensors, rewritten by each call
 
 
 @pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4", "nvfp4"])

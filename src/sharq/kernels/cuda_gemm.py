@@ -59,7 +59,7 @@ import torch
 
 from . import cuda_wgmma
 from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
-from .launch import DriverKernel
+from .launch import DriverKernel, plan_buffers
 
 _SOURCE = DEVICE_HELPERS + r"""
 struct Stage {
@@ -749,13 +749,20 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
 
     launch, m, pad = plan.launch, math.prod(lead), GROUP_MAX - len(weights)
     shapes = [(*lead, c.shape[0]) for c, _, _ in weights]
+    device = weights[0][0].device
+
+    def outputs() -> list[torch.Tensor]:
+        return [launch.output(shape, out_dtype, device) for shape in shapes]
+
+    if launch.splits > 1:  # the fp32 partials the epilogue reads: the same tensors call after call
+        outputs = plan_buffers(outputs, 4 * launch.splits * m * sum(s[-1] for s in shapes), launch.device)
     codes, scales, sws = ([t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights))
     sizes = (launch.chunks_per_split, plan.blocks[0], plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30,
              *[c.shape[0] for c, _, _ in weights], *[0] * pad)
     biased = [None if b is None else b.data_ptr() for b in biases]
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
-        ys = [launch.output(shape, out_dtype, a.device) for shape in shapes]
+        ys = outputs()
         sx_ptr = sx.data_ptr()
         launch.start((*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
                       *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr),
@@ -799,15 +806,19 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
                 bias: torch.Tensor | None, lead: tuple[int, ...], out_dtype: torch.dtype
                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(a, sx) -> y [*lead, N] for activations a [M, K] (M = prod(lead), unit column stride): the pointers that
-    depend on the weight alone worked out once, so a call allocates y and launches."""
+    depend on the weight alone worked out once, so a call allocates y (with a K split, reuses its fp32 partials)
+    and launches."""
     from .epilogue import reduce_scale_and_bias
 
     n, m = codes.shape[0], math.prod(lead)
     shape, weight, sw_ptr = (*lead, n), (codes.data_ptr(), scales.data_ptr()), sw.data_ptr()
     bias_ptr = None if bias is None else bias.data_ptr()
+    output = functools.partial(plan.output, shape, out_dtype, codes.device)
+    if plan.splits > 1:
+        output = plan_buffers(output, 4 * plan.splits * m * n, plan.device)
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
-        y = plan.output(shape, out_dtype, a.device)
+        y = output()
         sx_ptr = sx.data_ptr()
         plan.start((*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr),
                    (m, n, a.shape[1], a.stride(0), plan.chunks_per_split))

@@ -15,6 +15,8 @@ library and builds ctypes objects for each argument on every call. Here:
 - `DriverKernel` launches a CUDA function (`CUfunction`) through `cuLaunchKernel`, its argument block built once
   per thread and refilled in place. The driver library is loaded with ctypes.PyDLL, which keeps the GIL over the
   few-µs call instead of releasing and re-taking it.
+- `plan_buffers` hands a plan the scratch tensors its kernels pass each other (an activation, K-split partials),
+  made once per stream instead of allocated every call.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import ctypes
 import functools
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 import triton
@@ -32,6 +35,7 @@ from .common import INTERPRETED
 
 _MAX_KERNELS = 4096  # compiled-kernel keys kept (a model has a few dozen: layer shapes x token counts)
 _compiled: dict[tuple, tuple] = {}
+T = TypeVar("T")
 
 
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # None before Triton 3.4: always Triton's path
@@ -52,6 +56,31 @@ class Constexprs(dict):
     def __init__(self, **values):
         super().__init__(values)
         self.key = tuple(sorted(values.items()))
+
+
+PLAN_BUFFER_BYTES = 1 << 18  # plan_buffers keeps tensors up to this size (a token's activation, its partials)
+
+
+def plan_buffers(make: Callable[[], T], nbytes: int, device: int) -> Callable[[], T]:
+    """A launch plan's scratch tensors (what its kernels write and read within one call: the activation between
+    the prepare and the GEMM, a K split's fp32 partials), `make`d at its first call on a CUDA stream and given
+    back to its later calls there. A later call's kernels queue behind this call's on that stream, so they
+    overwrite the tensors only once they have been read; a decode step, which calls each layer once a token,
+    spares an allocation (a few µs of host) per tensor per call. Tensors of more than PLAN_BUFFER_BYTES (`nbytes`
+    in all) are made anew each call, so the memory a model's plans keep stays small (prefill-sized plans keep
+    none). Streams are told apart by their handle (PyTorch's streams come from pools and are never destroyed)."""
+    if nbytes > PLAN_BUFFER_BYTES:
+        return make
+    by_stream: dict[int, T] = {}
+
+    def get() -> T:
+        stream = 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device)
+        buffers = by_stream.get(stream)
+        if buffers is None:
+            buffers = by_stream[stream] = make()
+        return buffers
+
+    return get
 
 
 def _key(fn, device: int, constexpr_key: tuple, args: Sequence) -> tuple:

@@ -49,7 +49,7 @@ from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
 from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
-from .launch import Constexprs, TritonLaunch
+from .launch import Constexprs, TritonLaunch, plan_buffers
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -507,23 +507,31 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     return _run(plan, x, m, k, x.stride(0), out_dtype, packed, amax)
 
 
+def _outputs(plan: _Plan, m: int, k: int, out_dtype: torch.dtype, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the main kernel writes: the values [m, k] and s_x ([m, 1] or [1, 1]; without a tensor scale a 1 the
+    kernel skips)."""
+    out = torch.empty(m, k, dtype=out_dtype, device=device)
+    if plan.tensor_scale:
+        return out, torch.empty(m if plan.per_row else 1, 1, dtype=torch.float32, device=device)
+    return out, torch.ones(1, 1, dtype=torch.float32, device=device)
+
+
 def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype: torch.dtype, packed: bool,
-         amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+         amax: torch.Tensor | None, outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """The launches of a plan on x, m rows of k elements `stride_xm` apart (unit column stride), its arguments
-    checked by the caller."""
+    checked by the caller; into `outputs` (_outputs' tensors, reused by a launch plan) where given."""
     dev = x.device
-    out = torch.empty(m, k, dtype=out_dtype, device=dev)
+    out, scale = outputs or _outputs(plan, m, k, out_dtype, dev)
+    amax_bits = scale  # a placeholder the kernel does not read (self_amax, or no tensor scale)
     if plan.tensor_scale:  # s_x is written by the main kernel
-        scale = torch.empty(m if plan.per_row else 1, 1, dtype=torch.float32, device=dev)
-        amax_bits = scale  # a placeholder the kernel does not read (self_amax)
         if amax is not None:  # the kernel reads an amax as the bits of a non-negative float
             amax_bits = amax.to(device=dev, dtype=torch.float32).reshape(-1).contiguous().view(torch.int32)
         elif plan.amax_grid is not None:
             amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
                          else torch.zeros(1, dtype=torch.int32, device=dev))
             plan.amax_launch((x, amax_bits, m, k, stride_xm))
-    else:
-        scale = amax_bits = torch.ones(1, 1, dtype=torch.float32, device=dev)  # a placeholder the kernel skips
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
                 torch.empty(m, kpad // block, dtype=torch.uint8, device=dev)) if packed else (out, out)
                for kpad, block in zip(plan.kp, plan.blocks)]
@@ -545,15 +553,20 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     """prepare_dequantized's launches for contiguous inputs [..., k] of m rows, of x_dtype on `device` (bf16
     values [m, k]), worked out once: an eager layer's plan, whose caller guarantees the input (its leading dims
     are not flattened by a view: the kernel reads rows k apart). Returns x -> (values, scale, ()). Its launches
-    are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches."""
+    are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches. The values and
+    scale are written into the same tensors call after call on a stream (launch.plan_buffers; decode sizes): the
+    caller reads them before its next call on that stream."""
     _check_supported(recipe)
     tile = _default_tile(m)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
                  _device(device), False)
     bound = _bound(plan)
+    device = torch.device(device)
+    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device), 2 * m * k + 4 * m,
+                           device.index or 0)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None)
+        return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None, outputs())
 
     return run
 
