@@ -68,7 +68,9 @@ def plan_buffers(make: Callable[[], T], nbytes: int, device: int) -> Callable[[]
     overwrite the tensors only once they have been read; a decode step, which calls each layer once a token,
     spares an allocation (a few µs of host) per tensor per call. Tensors of more than PLAN_BUFFER_BYTES (`nbytes`
     in all) are made anew each call, so the memory a model's plans keep stays small (prefill-sized plans keep
-    none). Streams are told apart by their handle (PyTorch's streams come from pools and are never destroyed)."""
+    none). Streams are told apart by their handle (PyTorch's streams come from pools and are never destroyed);
+    CUDA graphs captured on one stream share the tensors made there, so such graphs are replayed one after
+    another (on one stream), as a decode loop does, not at once on several."""
     if nbytes > PLAN_BUFFER_BYTES:
         return make
     by_stream: dict[int, T] = {}
