@@ -211,4 +211,3 @@ def test_plan_buffers_give_each_stream_its_own_tensors():
         there = get()
         assert get() is there
     assert there is not here and get() is here
-
