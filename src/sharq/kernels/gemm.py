@@ -73,7 +73,8 @@ def _scale_value(code, FMT: tl.constexpr):
         e = (code >> 3) & 15
         normal = ((e + 120) << 23) | ((code & 7) << 20)
         s = tl.where(e > 0, normal.to(tl.float32, bitcast=True), (code & 7).to(tl.float32) * 0.001953125)
-        s = (s.to(tl.int32, bitcast=True) | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)  # -0 for 0x80
+        # the sign by its bit, so 0x80 is -0: Triton 3.6 compiles -s as 0 - s, +0 for s = +0
+        s = (s.to(tl.int32, bitcast=True) | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)
         return tl.where((code & 0x7F) == 0x7F, float("nan"), s)
     else:
         bits = tl.where(code > 0, code << 23, 0x00400000)  # code 0 is 2^-127, an fp32 subnormal
