@@ -195,3 +195,26 @@ def test_cuda_graph_replay_gives_the_eager_tokens(family, quantized, rng):
                                                generator=torch.Generator("cuda").manual_seed(1)))
     with pytest.raises(ValueError, match="the generator is on cpu, the model on cuda"):
         sharq.generate(model, ids, NEW, temperature=0.7, generator=torch.Generator())
+
+
+@cuda
+def test_a_failed_capture_falls_back_and_leaves_the_device_random_generator_usable(rng):
+    model, ids = model_for("llama", False, "cuda"), prompts(rng).cuda()
+    session = DecodeSession(model, 2, PROMPT + NEW)
+    forward, calls = session._decode, []
+
+    def syncing_forward():  # the second call is the capture: a host sync there invalidates it
+        calls.append(1)
+        logits = forward()
+        if len(calls) == 2:
+            logits.sum().item()
+        return logits
+
+    session._decode = syncing_forward
+    logits = session.prefill(ids)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the decode step failed"):
+        session.step(logits.argmax(-1))
+    assert session.graph is None and not session.use_graph
+    torch.empty(64, device="cuda").uniform_()  # raised "Offset increment outside graph capture" before the fix
+    torch.cuda.synchronize()
+    assert torch.equal(sharq.generate(model, ids, NEW), sharq.generate(model, ids, NEW, cuda_graph=False))

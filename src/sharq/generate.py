@@ -125,9 +125,18 @@ class DecodeSession:
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {str(e)[:160]}); "
                           "decoding eagerly", RuntimeWarning, stacklevel=3)
             self.use_graph, self.logits = False, None
+            _clear_capture_mark(self.device)
         else:
             self.graph = graph
         return logits
+
+
+def _clear_capture_mark(device: torch.device) -> None:
+    """A capture that CUDA invalidates fails in torch's capture_end before torch tells the device's random
+    generator the capture is over (torch 2.11), and every later random op on that device then raises "Offset
+    increment outside graph capture". An empty capture that ends cleanly clears the mark."""
+    with torch.cuda.device(device), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        pass
 
 
 def _select(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -139,12 +139,12 @@ def test_more_token_tiles_than_a_grid_holds_are_refused_before_anything_is_compi
 
 def test_token_tiles_take_65_to_wide_max_m_tokens_of_large_layers(monkeypatch):
     """Above 64 tokens the wgmma kernel takes layers of at least 2^24 weights in tiles of WIDE_TOKENS up to
-    WIDE_MAX_M tokens (where it measured faster than decode + cuBLAS: 256 on the H200), none while that is 0; its
+    WIDE_MAX_M tokens (where it measured faster than decode + cuBLAS: 512 on the 8B shapes), none while that is 0; its
     K split keeps row blocks x token tiles x splits within one wave; never off Hopper."""
     def tile(m, n, k, capability=(9, 0)):
         return cuda_wgmma.choose_tile(m, n, k, capability, 132)
 
-    assert tile(256, 4096, 4096).tokens == cuda_wgmma.WIDE_TOKENS and tile(257, 4096, 4096) is None
+    assert tile(512, 4096, 4096).tokens == cuda_wgmma.WIDE_TOKENS and tile(513, 4096, 4096) is None
     monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 0)
     assert not any(tile(m, 6144, 4096) for m in (65, 128, 2048))
     monkeypatch.setattr(cuda_wgmma, "WIDE_MAX_M", 1024)

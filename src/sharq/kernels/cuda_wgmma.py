@@ -47,10 +47,11 @@ ROWS = 64  # weight rows a warpgroup
 MAX_TOKENS = 256  # wgmma's largest N
 SHARED_LIMIT = 227 * 1024  # a Hopper block's shared memory (the scale table's static bytes and the buffers)
 # Above cuda_gemm.MAX_M tokens: tiles of WIDE_TOKENS tokens up to WIDE_MAX_M tokens; more go to the decode into the
-# scratch weight + cuBLAS. H200, the 8B shapes (`python benchmarks/bench_gemm.py --wide`, docs/PERF.md): 1.04-2.33 x
-# decode + cuBLAS at 96-256 tokens, 0.58-0.91 x at 384, 0.55-0.59 x at 2048
+# scratch weight + cuBLAS. The 8B shapes (`python benchmarks/bench_gemm.py --wide --ms 256,384,512,768,1024`,
+# docs/PERF.md), H100: 1.57-2.10 x decode + cuBLAS at 256 tokens; at 512 1.22-1.30 x on three shapes and level on
+# 4096 x 6144 (0.95 x at 384); 0.73-1.01 x at 768. The H200 had 1.10-1.18 x and 0.91 x at 512
 WIDE_TOKENS = 128
-WIDE_MAX_M = 256
+WIDE_MAX_M = 512
 
 
 @dataclass(frozen=True)
