@@ -135,8 +135,10 @@ def _clear_capture_mark(device: torch.device) -> None:
     """A capture that CUDA invalidates fails in torch's capture_end before torch tells the device's random
     generator the capture is over (torch 2.11), and every later random op on that device then raises "Offset
     increment outside graph capture". An empty capture that ends cleanly clears the mark."""
-    with torch.cuda.device(device), torch.cuda.graph(torch.cuda.CUDAGraph()):
-        pass
+    with warnings.catch_warnings(), torch.cuda.device(device):
+        warnings.filterwarnings("ignore", "The CUDA Graph is empty")  # what torch says of an empty capture
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pass
 
 
 def _select(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

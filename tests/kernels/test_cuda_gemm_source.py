@@ -15,6 +15,7 @@ import torch
 from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, nvrtc
 
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
+needs_nvdisasm = pytest.mark.skipif(nvrtc.nvdisasm() is None, reason="needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),  # Llama-3.1-8B (K, N)
           (8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192),  # Llama-3.1-70B
@@ -200,7 +201,7 @@ def test_a_source_that_does_not_compile_says_why():
         nvrtc.compile_cubin(broken)
 
 
-@pytest.mark.skipif(nvrtc.nvdisasm() is None, reason="needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
+@needs_nvdisasm
 @pytest.mark.parametrize("k,n", SHAPES[:4])
 def test_the_batch_1_main_loop_stays_lean(k, n, monkeypatch):
     """The machine code of the batch-1 launch: its main loop (found by nvrtc.main_loop) has 8 HMMAs per 128-element
@@ -216,6 +217,7 @@ def test_the_batch_1_main_loop_stays_lean(k, n, monkeypatch):
     assert len(loop) / nvrtc.weights_per_loop(loop, "HMMA", 8 * t.rt, 16 * t.rt) <= 0.14
 
 
+@needs_nvdisasm
 def test_the_staged_kernels_consumers_only_issue_mmas_and_its_producers_stay_lean():
     """The staged kernel's two loops apart (nvrtc.main_loop, one without the producers' stores): the consumers' has
     8 HGMMAs a chunk and nothing of the decode, at most 0.04 warp instructions a weight (0.031 with NVRTC 13.5:
@@ -237,6 +239,7 @@ def _loop_per_weight(source: str, arch: str, marker: str, per_chunk: int, rows: 
     return built.spilled, len(loop) / nvrtc.weights_per_loop(loop, marker, per_chunk, rows)
 
 
+@needs_nvdisasm
 @pytest.mark.parametrize("k,n", [(4096, 4096), (14336, 4096)])
 @pytest.mark.parametrize("m", [1, 16])
 def test_placed_codes_take_a_fifth_fewer_instructions_in_the_decode_kernel(k, n, m, monkeypatch):
@@ -250,6 +253,7 @@ def test_placed_codes_take_a_fifth_fewer_instructions_in_the_decode_kernel(k, n,
     assert counts[1][0] == 0 and counts[1][1] <= 0.85 * counts[0][1], counts
 
 
+@needs_nvdisasm
 def test_placed_codes_take_fewer_instructions_in_the_wgmma_kernels_and_the_scratch_decode():
     """The same for the wgmma kernel's consumers (64 and 128 tokens; 0.81-0.83 with NVRTC 13.5), the staged
     kernel's producers (0.76) and the scratch decode's loop (0.74): each at most 0.9 of the canonical count, no
