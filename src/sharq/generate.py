@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ._cuda_graph import capture, warm_up
 from ._format import plural
 
 
@@ -109,36 +110,15 @@ class DecodeSession:
         return self._capture()
 
     def _capture(self) -> torch.Tensor:
-        """This step eagerly on a side stream (the warm-up, outside the capture), then the capture of the same
-        forward, which records the kernels without running them; this step's logits."""
-        stream = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(stream)
-        with torch.cuda.stream(side):
-            logits = self._decode()
-        stream.wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
+        """This step eagerly (the warm-up), then captured; this step's logits."""
+        logits = warm_up(self._decode, self.device)
         try:
-            with torch.cuda.graph(graph):
-                self.logits = self._decode()
+            self.graph, self.logits = capture(self._decode, self.device)
         except Exception as e:  # noqa: BLE001 - any capture failure: fall back, visibly
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {str(e)[:160]}); "
                           "decoding eagerly", RuntimeWarning, stacklevel=3)
-            self.use_graph, self.logits = False, None
-            _clear_capture_mark(self.device)
-        else:
-            self.graph = graph
+            self.use_graph = False
         return logits
-
-
-def _clear_capture_mark(device: torch.device) -> None:
-    """A capture that CUDA invalidates fails in torch's capture_end before torch tells the device's random
-    generator the capture is over (torch 2.11), and every later random op on that device then raises "Offset
-    increment outside graph capture". An empty capture that ends cleanly clears the mark."""
-    with warnings.catch_warnings(), torch.cuda.device(device):
-        warnings.filterwarnings("ignore", "The CUDA Graph is empty")  # what torch says of an empty capture
-        with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            pass
 
 
 def _select(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:

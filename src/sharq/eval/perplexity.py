@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._cuda_graph import capture, warm_up
 from .._format import plural
 from ..models import input_device, is_dispatched
 from .distributed import process_rank
@@ -92,14 +93,8 @@ class GraphedForward:
 
     def _capture(self, ids: torch.Tensor):
         static_ids = ids.clone()
-        side = torch.cuda.Stream(ids.device)
-        side.wait_stream(torch.cuda.current_stream(ids.device))
-        with torch.cuda.stream(side):  # warm up (kernel compilation, lazy buffers) outside the capture
-            self._eager(static_ids)
-        torch.cuda.current_stream(ids.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._eager(static_ids)
+        warm_up(lambda: self._eager(static_ids), ids.device)
+        graph, logits = capture(lambda: self._eager(static_ids), ids.device)
         return graph, static_ids, logits
 
 
