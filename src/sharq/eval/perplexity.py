@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass
@@ -93,8 +94,9 @@ class GraphedForward:
 
     def _capture(self, ids: torch.Tensor):
         static_ids = ids.clone()
-        warm_up(lambda: self._eager(static_ids), ids.device)
-        graph, logits = capture(lambda: self._eager(static_ids), ids.device)
+        forward = functools.partial(self._eager, static_ids)
+        warm_up(forward, ids.device)
+        graph, logits = capture(forward, ids.device)
         return graph, static_ids, logits
 
 
