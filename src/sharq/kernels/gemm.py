@@ -36,7 +36,7 @@ import triton.language as tl
 from . import cuda_dequantize, cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_, scale_and_bias_launcher
-from .launch import Constexprs, TritonLaunch, launch_triton
+from .launch import Constexprs, TritonLaunch, launch_triton, stream_key
 from .placed import unplace_codes
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
@@ -318,7 +318,7 @@ _scratch_lock = threading.Lock()
 def _scratch_weight(n: int, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A bf16 [n, k] view of the current stream's scratch buffer on `device`, and its transpose (call under
     _scratch_lock)."""
-    key = (device, 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device.index))
+    key = (device, stream_key(device.index))
     entry = _scratch.get(key)
     if entry is None or entry[0].numel() < n * k:
         _scratch.pop(key, None)

@@ -58,6 +58,12 @@ class Constexprs(dict):
         self.key = tuple(sorted(values.items()))
 
 
+def stream_key(device: int) -> int:
+    """The current CUDA stream's handle on `device` (0 under Triton's interpreter): what tells apart the streams
+    that per-stream scratch tensors belong to."""
+    return 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device)
+
+
 PLAN_BUFFER_BYTES = 1 << 18  # plan_buffers keeps tensors up to this size (a token's activation, its partials)
 
 
@@ -76,7 +82,7 @@ def plan_buffers(make: Callable[[], T], nbytes: int, device: int) -> Callable[[]
     by_stream: dict[int, T] = {}
 
     def get() -> T:
-        stream = 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device)
+        stream = stream_key(device)
         buffers = by_stream.get(stream)
         if buffers is None:
             buffers = by_stream[stream] = make()
