@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prepare.py [--quick] [--sweep] [--json results.json]
     python benchmarks/bench_prepare.py --small-m      # decode sizes: the default launch against its alternatives
+    python benchmarks/bench_prepare.py --small-m-tiles  # 1-16 tokens: the default tile against a sweep of tiles
 
 1. Checks, bit for bit: the kernel (dequantized and packed modes) against the reference on the GPU for every kernel
    recipe, and the GPU reference against the CPU reference.
@@ -20,6 +21,7 @@ rate plus its kernel's bytes over the bandwidth.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -150,6 +152,27 @@ def small_m() -> list[list[str]]:
     return rows
 
 
+def small_m_tiles() -> list[list[str]]:
+    """1-16 tokens: µs per call of the default launch against tiles of 1 or min(M, 8) rows × 64-256 columns and
+    4 or 8 warps, each with every program finding the amax itself (where X is small enough) or the amax pass: the
+    four fastest. What `_default_tile` at decode sizes rests on (a layer there is prepare + GEMM, docs/PERF.md)."""
+    recipe = sharq.get_recipe("sharq")
+    rows = []
+    for k in (4096, 14336):
+        for m in (1, 4, 8, 16):
+            x = outlier_x(m, k)
+            timed = {}
+            for bm, h, warps in itertools.product(sorted({1, min(m, 8)}), (4, 8, 16), (4, 8)):
+                for self_amax in (True, False) if m * k <= 4 * kp.SELF_AMAX_ELEMENTS else (False,):
+                    tile = dict(BM=bm, H=h, num_warps=warps)
+                    timed[f"{bm}x{16 * h} {warps}w {'self' if self_amax else 'pass'}"] = 1e3 * graph_ms(
+                        lambda: kp._launch(x, recipe, torch.bfloat16, False, tile, self_amax), calls=20)
+            default = 1e3 * graph_ms(lambda: kp._launch(x, recipe, torch.bfloat16, False), calls=20)
+            best = sorted(timed.items(), key=lambda kv: kv[1])[:4]
+            rows.append([str(k), str(m), f"{default:.2f}"] + [f"{name} {us:.2f}" for name, us in best])
+    return rows
+
+
 def bench(quick: bool, ceil: dict) -> list[dict]:
     ks = (4096, 14336)
     ns = (4096,) if quick else (4096, 6144, 14336, 28672)
@@ -231,6 +254,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="a reduced grid (N=4096, M in {2048, 8192})")
     p.add_argument("--sweep", action="store_true", help="time the kernel's tile shapes first")
     p.add_argument("--small-m", action="store_true", help="only the decode sizes (M <= 64) and their launch choices")
+    p.add_argument("--small-m-tiles", action="store_true", help="only 1-16 tokens: the default tile against others")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
@@ -245,6 +269,9 @@ def main() -> int:
     if args.small_m:
         print(format_table(["K", "M", "copy µs", "default µs", "self-amax µs", "amax pass µs", "8x128 tile µs"],
                            small_m()))
+        return 0
+    if args.small_m_tiles:
+        print(format_table(["K", "M", "default µs", "fastest", "2nd", "3rd", "4th"], small_m_tiles()))
         return 0
     checks = check()
     print(format_table(["recipe", "shape", "dequantized", "packed", "GPU ref = CPU ref"], checks))

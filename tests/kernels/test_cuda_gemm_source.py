@@ -298,6 +298,19 @@ def test_the_variant_scripts_edits_still_apply_and_compile(monkeypatch):
             assert built.cubin
 
 
+def test_the_weight_read_ceilings_kernels_compile_without_spills(monkeypatch):
+    """benchmarks/weight_read.py's loads-only kernels, every variant it times, compile for Hopper and hold their
+    loads in registers (a spill would time local memory, not the weight's read)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import weight_read
+
+    sources = [weight_read.tile_source(*v) for v in weight_read.TILE_VARIANTS]
+    sources += [weight_read.stream_source(unroll) for unroll, _ in weight_read.STREAM_VARIANTS]
+    for source in dict.fromkeys(sources):
+        built = nvrtc.compile_cubin(source, "sm_90")
+        assert built.cubin and built.spilled == 0, source[:120]
+
+
 GROUPS = {(4096, (4096, 1024, 1024)): MS, (4096, (14336, 14336)): [1, 4, 8, 32, 33, 64],  # Llama-3.1-8B
           (8192, (8192, 1024, 1024)): MS, (8192, (28672, 28672)): [1, 4, 8]}  # -70B
 
