@@ -58,7 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import cuda_wgmma
-from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
+from .cuda_source import DEVICE_HELPERS, GROUP_PARAMS, GROUP_ROWS
 from .launch import DriverKernel, plan_buffers
 
 _SOURCE = DEVICE_HELPERS + r"""
@@ -94,29 +94,34 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// one block's rows (block column bx) and K split (by) of one weight
-__device__ __forceinline__ void gemm_block(
-    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
-    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
-    int Kp, int lda, int chunks_per_split, int bx, int by) {
+// the block's row tiles and K split (by): tile i of `count` is rows_of(first + i * step) (Rows, cuda_source.py);
+// one tile, or with PERSIST the tiles blockIdx.x, + gridDim.x, ... (block_tiles), whose chunks the ring streams
+// back to back
+template <class RowsOf>
+__device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int step, int count,
+                                           const u16* __restrict__ a, const float* __restrict__ sx, int M, int Kp,
+                                           int lda, int chunks_per_split, int by) {
   // warps wk = 0 .. WK-1 of a block split K; WN such groups take neighbouring row tiles (and share the
   // activation's loads in L1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int wk = warp % WK, wn = warp / WK;
   __shared__ u32 scale_table[256];  // built once the first chunks are on their way
-  const int n0 = (bx * WN + wn) * (16 * RT);
+  extern __shared__ __align__(16) unsigned char smem[];
   const int c_begin = by * chunks_per_split;
   const int c_end = min(c_begin + chunks_per_split, Kp >> 7);
-  const U4* wrow[RT][2];
+  const U4* wrow[RT][2];  // the rows this warp reads of the tile being loaded
   const u8* srow[RT][2];
+  auto point = [&](const Rows& r) {
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const long n = n0 + rt * 16 + h * 8 + g;
-      wrow[rt][h] = codes + n * (Kp >> 5) + q;
-      srow[rt][h] = scales + n * (Kp / BLOCK) + q * (32 / BLOCK);
-    }
+      for (int h = 0; h < 2; ++h) {
+        const long n = (r.bx * WN + wn) * (16 * RT) + rt * 16 + h * 8 + g;
+        wrow[rt][h] = r.codes + n * (Kp >> 5) + q;
+        srow[rt][h] = r.scales + n * (Kp / BLOCK) + q * (32 / BLOCK);
+      }
+  };
+  point(rows_of(first));
   // token mt * 8 + g's activation, or token 0's where there is no such token: its MMA column is never stored, and
   // columns do not mix, so an unpredicated load is safe and costs the loop no select
   const U4* xrow[MT];
@@ -228,10 +233,81 @@ __device__ __forceinline__ void gemm_block(
     }
   };
 #endif
+  // a tile's sums: the warps' added in warp order, then scaled and stored (with a K split, stored as partials)
+  auto store_tile = [&](const Rows& r) {
+    const int n0 = (r.bx * WN + wn) * (16 * RT);
+#if !SPLIT
+    const float sw0 = r.sw[0];
+#endif
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int n = n0 + rt * 16 + g + (i >> 1) * 8, m = mt * 8 + 2 * q + (i & 1);
+          if (m >= M) continue;
+          const float v = acc[rt][mt][i] * 256.f;  // the 2^-8 of the decoded weight
+#if SPLIT
+          store(r.y, ((long)by * M + m) * r.N + n, v);
+#else
+          const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+#if BIAS
+          store(r.y, (long)m * r.N + n, fmaf(v, alpha, to_float(r.bias, n)));
+#else
+          store(r.y, (long)m * r.N + n, v * alpha);
+#endif
+#endif
+        }
+  };
+  auto finish = [&](const Rows& r) {
+#if WK > 1
+#if PERSIST  // beside the rings, which already stream the next tile
+    float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])(smem + sizeof(Slot) * WN * WK * RING) + wn * (WK - 1);
+#else
 #if RING
-  extern __shared__ __align__(16) unsigned char smem[];
+    __syncthreads();  // every warp is done with its ring, which now holds the warps' sums
+#endif
+    float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem + wn * (WK - 1);
+#endif
+    if (wk > 0) {
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[wk - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
+    }
+    __syncthreads();
+    if (wk == 0) {
+#pragma unroll
+      for (int w = 0; w < WK - 1; ++w)
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[rt][mt][i] += red[w][(rt * MT + mt) * 4 + i][lane];
+      store_tile(r);
+    }
+#if PERSIST
+    __syncthreads();  // the sums are read before the next tile's are written
+#endif
+#else
+    store_tile(r);
+#endif
+#if PERSIST
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.f;
+#endif
+  };
+#if RING
   Slot* ring = (Slot*)smem + warp * RING;
-  auto issue = [&](int u, int slot) {  // this warp's u-th chunk into ring slot `slot` (u % RING)
+  auto issue = [&](int u, int slot) {  // the loaded tile's u-th chunk of this warp into ring slot `slot`
     Slot& sl = ring[slot];
     const int c = chunk(u);
 #pragma unroll
@@ -242,23 +318,43 @@ __device__ __forceinline__ void gemm_block(
         cp_async_scales(&sl.s[rt][h][g][0], srow[rt][h] + c * (128 / BLOCK), q == 0);
       }
   };
+  // this warp's items: chunk u of tile i for i < count, u < mine (one tile: item e is chunk e), loaded RING - 1
+  // items ahead, across tiles
+  const int items = count * mine;
+#if PERSIST
+  int load_u = 0, load_i = 0;  // the next item to load
+#endif
+  auto issue_item = [&](int e, int slot) {
+#if PERSIST
+    if (load_u == mine) load_u = 0, point(rows_of(first + ++load_i * step));
+    issue(load_u++, slot);
+#else
+    issue(e, slot);
+#endif
+  };
 #pragma unroll
-  for (int u = 0; u < RING - 1; ++u) {
-    if (u < mine) issue(u, u);
+  for (int e = 0; e < RING - 1; ++e) {
+    if (e < items) issue_item(e, e);
     cp_async_commit();
   }
   build_scale_table(scale_table);
   __syncthreads();
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
   Stage cur;
-  if (mine > 0) load_x(cur, chunk(0));
-  for (int u0 = 0; u0 < mine; u0 += RING) {  // RING chunks an iteration: every slot index a constant
+  if (items > 0) load_x(cur, chunk(0));
+#if PERSIST
+  int u = 0, tile = 0;  // the item being multiplied: chunk u of tile `tile`
+#endif
+  for (int e0 = 0; e0 < items; e0 += RING) {  // RING items an iteration: every slot index a constant
 #pragma unroll
     for (int r = 0; r < RING; ++r) {
-      const int u = u0 + r;
-      if (u < mine) {
+      const int e = e0 + r;
+#if !PERSIST
+      const int u = e;
+#endif
+      if (e < items) {
         __syncwarp();  // every lane is done with the slot the next copy overwrites
-        if (u + RING - 1 < mine) issue(u + RING - 1, (r + RING - 1) % RING);
+        if (e + RING - 1 < items) issue_item(e + RING - 1, (r + RING - 1) % RING);
         cp_async_commit();
         cp_async_wait_ring();
         __syncwarp();  // and the scale codes other lanes copied are visible
@@ -274,9 +370,10 @@ __device__ __forceinline__ void gemm_block(
             cur.s[rt][h] = ((const u16*)sl.s[rt][h][g])[q];
 #endif
           }
+        const int next = PERSIST && u + 1 == mine ? 0 : u + 1;  // the next item's chunk (the next tile's first)
 #if XNEXT
         Stage nxt;
-        if (u + 1 < mine) load_x(nxt, chunk(u + 1));
+        if (e + 1 < items) load_x(nxt, chunk(next));
         compute(cur, chunk(u));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -284,11 +381,20 @@ __device__ __forceinline__ void gemm_block(
           for (int v = 0; v < 4; ++v) cur.x[mt][v] = nxt.x[mt][v];
 #else
         compute(cur, chunk(u));
-        if (u + 1 < mine) load_x(cur, chunk(u + 1));
+        if (e + 1 < items) load_x(cur, chunk(next));
+#endif
+#if PERSIST
+        if (++u == mine) {
+          finish(rows_of(first + tile++ * step));
+          u = 0;
+        }
 #endif
       }
     }
   }
+#if !PERSIST
+  finish(rows_of(first));  // (with a K split, a split without chunks stores zeros)
+#endif
 #else
   Stage st[STAGES];
 #pragma unroll
@@ -312,59 +418,17 @@ __device__ __forceinline__ void gemm_block(
       }
     }
   }
-
+  finish(rows_of(first));  // one tile (PERSIST needs the ring)
 #endif
-
-  // the warps' sums, added in warp order
-#if WK > 1
-#if RING
-  __syncthreads();  // every warp is done with its ring, which now holds the warps' sums
+}
+// the tiles a block takes of `total`: its own block column, or with PERSIST (a grid smaller than the tiles) every
+// gridDim.x-th from it
+__device__ __forceinline__ int block_tiles(int total) {
+#if PERSIST
+  return (int)blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
 #else
-  extern __shared__ __align__(16) unsigned char smem[];
+  return 1;
 #endif
-  float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem + wn * (WK - 1);
-  if (wk > 0) {
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[wk - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
-  }
-  __syncthreads();
-  if (wk > 0) return;
-#pragma unroll
-  for (int w = 0; w < WK - 1; ++w)
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[rt][mt][i] += red[w][(rt * MT + mt) * 4 + i][lane];
-#endif
-#if !SPLIT
-  const float sw0 = sw[0];
-#endif
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int n = n0 + rt * 16 + g + (i >> 1) * 8, m = mt * 8 + 2 * q + (i & 1);
-        if (m >= M) continue;
-        const float v = acc[rt][mt][i] * 256.f;  // the 2^-8 of the decoded weight
-#if SPLIT
-        store(y, ((long)by * M + m) * N + n, v);
-#else
-        const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
-#if BIAS
-        store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
-#else
-        store(y, (long)m * N + n, v * alpha);
-#endif
-#endif
-      }
 }
 // MIN_BLOCKS: blocks a multiprocessor must fit, which caps the registers a thread (CudaTile.min_blocks)
 #if !GROUP
@@ -372,11 +436,18 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
     const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
     int Kp, int lda, int chunks_per_split) {
-  gemm_block(codes, scales, a, y, sx, sw, bias, M, N, Kp, lda, chunks_per_split, blockIdx.x, blockIdx.y);
+  gemm_block([&](int bx) { return Rows{codes, scales, y, sw, bias, N, bx}; }, blockIdx.x, gridDim.x,
+             block_tiles(N / (16 * RT * WN)), a, sx, M, Kp, lda, chunks_per_split, blockIdx.y);
 }
 #else
-""" + GROUP_ENTRY.replace("NAME", "sharq_nvfp4_mma_group").replace("BOUNDS", "WN * WK * 32, MIN_BLOCKS").replace(
-    "BLOCK_FN", "gemm_block") + r"""#endif
+extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma_group(""" + GROUP_PARAMS + r""") {
+  gemm_block(""" + GROUP_ROWS + r""", blockIdx.x, gridDim.x, block_tiles((n0 + n1 + n2) / (16 * RT * WN)), a, sx, M,
+             Kp, lda, chunks_per_split, blockIdx.y);
+}
+#endif
+#if PERSIST && !RING
+#error "persistent blocks stream their tiles through the cp.async ring"
+#endif
 """
 
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -400,6 +471,11 @@ class CudaTile:
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
     placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
+    persist: int = 0  # > 0: this many blocks a multiprocessor, each streaming every gridDim.x-th row tile (the ring)
+
+    def __post_init__(self):
+        if self.persist and (not self.ring or self.splits > 1):
+            raise ValueError(f"{self}: persistent blocks need the cp.async ring and no K split over blocks")
 
     @property
     def rows(self) -> int:
@@ -480,7 +556,7 @@ def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row:
     defines = dict(RT=t.rt, MT=mt, WK=t.wk, WN=t.wn, STAGES=t.stages, BLOCK=block, OUT=out, BIAS=bias,
                    SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), RING=t.ring, XDIRECT=int(t.direct),
                    XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks, GROUP=int(group),
-                   PLACED=int(t.placed))
+                   PLACED=int(t.placed), PERSIST=int(t.persist > 0))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
@@ -506,9 +582,11 @@ def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias:
 
 
 def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
-    """Dynamic shared memory of a launch: the warps' rings (if any), which the warps' sums reuse at the end."""
+    """Dynamic shared memory of a launch: the warps' rings (if any) and the warps' sums, which reuse the rings at
+    the end of a block's one tile, and lie beside them where persistent blocks stream their next tile meanwhile."""
     slot = t.rt * 2 * 32 * 16 + t.rt * 2 * 8 * 4 * (2 if block == 16 else 1)
-    return max(t.wn * t.wk * t.ring * slot, t.wn * (t.wk - 1) * t.rt * mt * 4 * 32 * 4)
+    rings, sums = t.wn * t.wk * t.ring * slot, t.wn * (t.wk - 1) * t.rt * mt * 4 * 32 * 4
+    return rings + sums if t.persist else max(rings, sums)
 
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
@@ -586,7 +664,12 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
         mt = n8_tiles(m)
         shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
-    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, tiles),
+    columns = n // t.rows  # block columns; persistent blocks take them in turn
+    if isinstance(t, CudaTile) and t.persist:
+        if k // 128 < t.wk:
+            raise ValueError(f"{t}: persistent blocks need a chunk of K for each of their {t.wk} warps, K = {k}")
+        columns = min(columns, t.persist * _multiprocessors(torch.device("cuda", device)))
+    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (columns, t.splits, tiles),
                    (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
 
 
