@@ -317,6 +317,19 @@ def test_persistent_ring_launches_compile_without_spills_and_multiply_as_often(k
             assert loops[1].count("HMMA") == loops[0].count("HMMA") > 0
 
 
+def test_persistent_blocks_are_off_by_default_and_a_switch_away_for_ring_launches(monkeypatch):
+    """choose_tile gives no launch persistent blocks until cuda_gemm.PERSIST_BLOCKS says how many (how a benchmark
+    times them end to end); then its ring launches up to 8 tokens take them, and nothing else changes."""
+    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
+    launches = {(m, k, n): cuda_gemm.choose_tile(m, n, k, None) for k, n in SHAPES for m in MS}
+    assert not any(t.persist for t in launches.values())
+    monkeypatch.setattr(cuda_gemm, "PERSIST_BLOCKS", 2)
+    for (m, k, n), t in launches.items():
+        now = cuda_gemm.choose_tile(m, n, k, None)
+        assert now == replace(t, persist=2 if m <= 8 and t.ring and t.splits == 1 else 0)
+    assert any(t.persist for t in (cuda_gemm.choose_tile(1, n, k, None) for k, n in SHAPES))
+
+
 def test_persistent_blocks_need_the_ring_and_no_k_split_over_blocks():
     with pytest.raises(ValueError, match="persistent"):
         cuda_gemm.CudaTile(1, 8, 2, 1, 0, persist=1)

@@ -454,6 +454,8 @@ _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _BIAS = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 MAX_M = 64  # tokens per launch: up to eight n8 tiles
 _RING_WEIGHTS = 1 << 24  # up to 8 tokens, larger weights stream through the cp.async ring (choose_tile)
+PERSIST_BLOCKS = 0  # > 0: choose_tile's ring launches up to 8 tokens take persistent blocks, this many a
+# multiprocessor (CudaTile.persist); off until timed on a GPU (`python benchmarks/bench_gemm.py --persistent`)
 
 
 @dataclass(frozen=True)
@@ -614,7 +616,8 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
     while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
         splits *= 2
-    return CudaTile(rt, wk, stages, splits, ring, direct=direct)
+    persist = PERSIST_BLOCKS if m <= 8 and ring and splits == 1 and chunks >= wk else 0
+    return CudaTile(rt, wk, stages, splits, ring, direct=direct, persist=persist)
 
 
 @dataclass(frozen=True)
