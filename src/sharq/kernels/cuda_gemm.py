@@ -19,7 +19,10 @@ placement:
   in shared memory at its start. The activation elements are paired to match with one byte permute per pair.
 - The weight goes global -> shared memory by cp.async, a ring of three chunks per warp, so more bytes are in
   flight without registers to hold them, or is staged in registers (`choose_tile` says where each measured
-  faster). Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
+  faster). Either way each thread gets the same 16 bytes, so the result is the same bit for bit. With the ring,
+  blocks may be persistent (`CudaTile.persist`, opt-in until timed: PERSIST_BLOCKS): a few a multiprocessor, each
+  taking every gridDim.x-th row tile, its ring loading the next tile's chunks while it finishes one; who computes
+  a tile changes, not its sums.
 - A warp either holds its chunk's activation in registers or reads 16 bytes of one token where the MMAs use them
   (`CudaTile.direct`: how 33 to 64 tokens fit in the registers, and faster at 9 to 16), and a block may hold
   several groups of warps on neighbouring rows (`CudaTile.wn`) so that they share the activation's loads in L1.
@@ -616,7 +619,7 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
     while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
         splits *= 2
-    persist = PERSIST_BLOCKS if m <= 8 and ring and splits == 1 and chunks >= wk else 0
+    persist = PERSIST_BLOCKS if m <= 8 and ring and splits == 1 and chunks % wk == 0 else 0
     return CudaTile(rt, wk, stages, splits, ring, direct=direct, persist=persist)
 
 
@@ -669,8 +672,9 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
     columns = n // t.rows  # block columns; persistent blocks take them in turn
     if isinstance(t, CudaTile) and t.persist:
-        if k // 128 < t.wk:
-            raise ValueError(f"{t}: persistent blocks need a chunk of K for each of their {t.wk} warps, K = {k}")
+        if (k // 128) % t.wk:  # every warp then ends each tile at the same point, where the block's warps meet
+            raise ValueError(f"{t}: persistent blocks need K's 128-element chunks a multiple of their {t.wk} warps, "
+                             f"K = {k}")
         columns = min(columns, t.persist * _multiprocessors(torch.device("cuda", device)))
     return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (columns, t.splits, tiles),
                    (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
