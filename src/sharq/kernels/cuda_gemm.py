@@ -476,7 +476,8 @@ class CudaTile:
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
     placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
-    persist: int = 0  # > 0: this many blocks a multiprocessor, each streaming every gridDim.x-th row tile (the ring)
+    persist: int = 0  # > 0: this many blocks a multiprocessor, each streaming every gridDim.x-th row tile (the ring);
+    # more than fit a multiprocessor at once (registers, shared memory) would start late and finish last
 
     def __post_init__(self):
         if self.persist and (not self.ring or self.splits > 1):
