@@ -779,7 +779,6 @@ def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     return out[0], out[1]
 
 
-
 def persistent_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
     """The decode kernel's ring launches (up to 8 tokens, weights of more than 2^24 elements) with persistent blocks
     (CudaTile.persist: 1-4 blocks a multiprocessor, each streaming every gridDim.x-th row tile, its ring loading the
@@ -824,6 +823,7 @@ def persistent_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
                           for per_sm in options), flush=True)
         del case
     return rows
+
 
 # the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
 # its rows in the results file, what the option times)
