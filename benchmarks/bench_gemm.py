@@ -779,7 +779,7 @@ def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def persistent_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
+def persistent_sweep(ms: tuple[int, ...] = (1, 8)) -> list[dict]:
     """The decode kernel's ring launches (up to 8 tokens, weights of more than 2^24 elements) with persistent blocks
     (CudaTile.persist: 1-4 blocks a multiprocessor, each streaming every gridDim.x-th row tile, its ring loading the
     next tile's chunks while it finishes one) against one block a row tile, as choose_tile launches them: each
@@ -846,7 +846,7 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                    "the Triton one (8B and 70B)"),
         "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
                    "placed layout (kernels/placed.py) against canonical codes (8B)"),
-        "persistent": ((1, 4, 8), persistent_sweep, "persistent_sweep", "the decode kernel's ring launches with "
+        "persistent": ((1, 8), persistent_sweep, "persistent_sweep", "the decode kernel's ring launches with "
                        "persistent blocks against a block a row tile (8B and 70B, alone and grouped)")}
 
 
