@@ -147,6 +147,18 @@ def test_persistent_blocks_give_a_block_a_tiles_result_bit_for_bit(block, m, rt,
     assert _bound_ok(got, a, q, sx[:, None] * sw, bias, torch.bfloat16) <= 1
 
 
+def test_a_persistent_grid_asks_for_no_more_blocks_than_a_multiprocessor_holds():
+    """Blocks beyond what a multiprocessor holds at once would start only when the first ones finish all their
+    tiles: the grid is capped by the driver's occupancy for the kernel (8 warps a block: at most 8 fit)."""
+    n, k = 65536, 2048
+    tile = cuda_gemm.CudaTile(1, 8, 1, 1, 3, direct=True, persist=16)
+    launch = cuda_gemm._launch(torch.cuda.current_device(), 1, n, k, 16, cuda_gemm._OUT[torch.bfloat16], 0, False,
+                               tile)
+    fits = launch.kernel.blocks_per_multiprocessor(tile.threads, launch.shared_bytes)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert 0 < fits <= 8 and launch.grid[0] == min(n // tile.rows, fits * sms)
+
+
 @pytest.mark.parametrize("m", [1, 8])
 @pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336), (256, 768)])
 def test_a_persistent_group_launch_gives_the_group_launchs_result_bit_for_bit(m, ns):

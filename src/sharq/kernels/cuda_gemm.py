@@ -476,8 +476,8 @@ class CudaTile:
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
     placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
-    persist: int = 0  # > 0: this many blocks a multiprocessor, each streaming every gridDim.x-th row tile (the ring);
-    # more than fit a multiprocessor at once (registers, shared memory) would start late and finish last
+    persist: int = 0  # > 0: this many blocks a multiprocessor (at most what fits one at once), each streaming every
+    # gridDim.x-th row tile through its ring
 
     def __post_init__(self):
         if self.persist and (not self.ring or self.splits > 1):
@@ -671,14 +671,16 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
         mt = n8_tiles(m)
         shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
+    driver = DriverKernel(kernel.func.value, params, programmatic)
     columns = n // t.rows  # block columns; persistent blocks take them in turn
     if isinstance(t, CudaTile) and t.persist:
         if (k // 128) % t.wk:  # every warp then ends each tile at the same point, where the block's warps meet
             raise ValueError(f"{t}: persistent blocks need K's 128-element chunks a multiple of their {t.wk} warps, "
                              f"K = {k}")
-        columns = min(columns, t.persist * _multiprocessors(torch.device("cuda", device)))
-    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (columns, t.splits, tiles),
-                   (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
+        per_sm = min(t.persist, driver.blocks_per_multiprocessor(t.threads, shared))  # more would start late
+        columns = min(columns, per_sm * _multiprocessors(torch.device("cuda", device)))
+    return _Launch(driver, device, (columns, t.splits, tiles), (t.threads, 1, 1), shared, t.splits,
+                   -(-(k // 128) // t.splits))
 
 
 def _programmatic(device: int, m: int, n: int, k: int) -> bool:
