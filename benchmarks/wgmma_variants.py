@@ -19,6 +19,7 @@ memory, which decides whether fewer instructions a weight can still make it fast
 - "no decode": each A fragment is its raw code words mixed with the scale pair (two logic ops for the E2M1 bit
   placement and scale multiplies of four pairs);
 - "no MMA": each MMA replaced by a logic op and an add of its operands into the accumulator;
+- "loads only": both (what benchmarks/weight_read.py's loads-only kernels bound);
 - "weight from L2": every block streams the same 128 weight rows.
 """
 
@@ -48,7 +49,7 @@ _DECODE_NO_MMA = [("""  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));""",
                    "  d[0] += __int_as_float(a0 ^ a1 ^ a2 ^ a3 ^ b0 ^ b1);")]
-DECODE = {"as is": [], "no decode": _NO_DECODE, "no MMA": _DECODE_NO_MMA,
+DECODE = {"as is": [], "no decode": _NO_DECODE, "no MMA": _DECODE_NO_MMA, "loads only": _NO_DECODE + _DECODE_NO_MMA,
           "weight from L2": [("        const long n = (r.bx * WN + wn) * (16 * RT) + rt * 16 + h * 8 + g;",
                               "        const long n = ((r.bx * WN + wn) * (16 * RT) + rt * 16 + h * 8 + g) % 128;")]}
 KERNELS = {"wgmma": (cuda_wgmma, WGMMA, "64,33"), "decode": (cuda_gemm, DECODE, "1,16")}
