@@ -786,41 +786,37 @@ def persistent_sweep(ms: tuple[int, ...] = (1, 8)) -> list[dict]:
     8B and 70B shape alone and the groups (q/k/v, gate/up), sharq weights, bf16 out, GPU µs over weight copies,
     with the outputs checked equal bit for bit (the sums' order is the same). Whether the batch-1 GEMM's waves and
     per-block ramp-up are what holds it at about 0.55 of copy bandwidth (docs/PERF.md)."""
-    rows = []
-    options = (1, 2, 3, 4)
+    rows, counts = [], (1, 2, 3, 4)
+
+    def timed(row: dict, label: str, base: cuda_gemm.CudaTile, us, equal) -> None:
+        """row with one block a tile's time and each persistent count's time and equality (us(tile), equal(tile))."""
+        row.update(tile=str(base), grid_us=us(base))
+        for per_sm in counts:
+            tile = replace(base, persist=per_sm)
+            row[f"equal_p{per_sm}"], row[f"p{per_sm}_us"] = equal(tile), us(tile)
+        rows.append(row)
+        print(f"{label}: a block a tile {row['grid_us']:.1f} us; persistent " + ", ".join(
+            f"{per_sm}/SM {row[f'p{per_sm}_us']:.1f}" + ("" if row[f"equal_p{per_sm}"] else " WRONG")
+            for per_sm in counts), flush=True)
+
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         case = CudaCase.make("sharq", k, n, m)
         base = cuda_gemm.choose_tile(m, n, k, case.act.values.device)
-        if not base.ring or base.splits > 1:
-            del case
-            continue
-        want = case.output(base)
-        row = {"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "tile": str(base), "grid_us": case.cuda_us(base)}
-        for per_sm in options:
-            tile = replace(base, persist=per_sm)
-            row[f"equal_p{per_sm}"] = torch.equal(case.output(tile), want)
-            row[f"p{per_sm}_us"] = case.cuda_us(tile)
-        rows.append(row)
-        print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, a block a tile {row['grid_us']:.1f}; persistent "
-              + ", ".join(f"{per_sm}/SM {row[f'p{per_sm}_us']:.1f}" + ("" if row[f"equal_p{per_sm}"] else " WRONG")
-                          for per_sm in options), flush=True)
+        if base.ring and base.splits == 1:
+            want = case.output(base)
+            timed({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us},
+                  f"K={k} N={n} M={m} (bf16 {case.bf16_us:.1f} us)", base, case.cuda_us,
+                  lambda tile, case=case, want=want: torch.equal(case.output(tile), want))
         del case
     for (k, ns), m in itertools.product(GROUPS, ms):
         case = GroupCase.make("sharq", k, ns, m)
         base = cuda_gemm.group_tile(m, ns, k, case.act.values.device)
-        if not isinstance(base, cuda_gemm.CudaTile) or not base.ring or base.splits > 1:
-            del case
-            continue
-        want = case.group(case.sets[0], base)
-        row = {"K": k, "N": list(ns), "M": m, "tile": str(base), "grid_us": case.us(case.group, base)}
-        for per_sm in options:
-            tile = replace(base, persist=per_sm)
-            row[f"equal_p{per_sm}"] = all(torch.equal(a, b) for a, b in zip(case.group(case.sets[0], tile), want))
-            row[f"p{per_sm}_us"] = case.us(case.group, tile)
-        rows.append(row)
-        print(f"K={k} N={'+'.join(map(str, ns))} M={m} (group): a block a tile {row['grid_us']:.1f} us; persistent "
-              + ", ".join(f"{per_sm}/SM {row[f'p{per_sm}_us']:.1f}" + ("" if row[f"equal_p{per_sm}"] else " WRONG")
-                          for per_sm in options), flush=True)
+        if isinstance(base, cuda_gemm.CudaTile) and base.ring and base.splits == 1:
+            want = case.group(case.sets[0], base)
+            timed({"K": k, "N": list(ns), "M": m}, f"K={k} N={'+'.join(map(str, ns))} M={m} (group)", base,
+                  lambda tile, case=case: case.us(case.group, tile),
+                  lambda tile, case=case, want=want: all(torch.equal(a, b)
+                                                         for a, b in zip(case.group(case.sets[0], tile), want)))
         del case
     return rows
 

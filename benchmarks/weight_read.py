@@ -19,7 +19,8 @@ contiguous bytes): the limit is in how the weight is read, not in the decode. Th
 - *stream*: a grid-stride read of the whole buffer, UNROLL loads in flight a thread (what reading bytes can reach).
 
 GB/s of the codes read (scales left out), GPU time from CUDA-graph replays over copies of the weight larger than
-the L2 together (benchmarks/bench_gemm.py's method)."""
+the L2 together (benchmarks/bench_gemm.py's method and copy count); the kernels compiled as the GEMM's are
+(cuda_gemm._compile)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import sys
 
 import torch
 
-from bench_gemm import SHAPES, SHAPES_70B, graph_ms, save  # benchmarks/, beside this script
+from bench_gemm import SHAPES, SHAPES_70B, copies, graph_ms, save  # benchmarks/, beside this script
+from sharq.kernels import cuda_gemm
 
 SOURCE = r"""
 typedef unsigned int u32;
@@ -127,39 +129,33 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("weight_read needs a CUDA GPU", file=sys.stderr)
         return 2
-    major, minor = torch.cuda.get_device_capability()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    compiled = {}
-
-    def kernel(src: str, name: str):
-        if src not in compiled:
-            compiled[src] = torch.cuda._compile_kernel(src, name, compute_capability=f"{major}{minor}")
-        return compiled[src]
-
+    device = torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     sink = torch.zeros(1, dtype=torch.int32, device="cuda")
     rows = []
     for k, n in SHAPES + SHAPES_70B:
         kb, nbytes = k // 2, n * k // 2
-        copies = max(2, -(-400_000_000 // nbytes))  # together several times the L2
         ws = [torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
-              for _ in range(copies)]
+              for _ in range(copies(nbytes))]
         dst = torch.empty_like(ws[0])
+
+        def gbps(src: str, name: str, grid: int, threads: int, *args) -> float:
+            """GB/s of the codes read by kernel `name` of `src` (compiled once) over the copies."""
+            f = cuda_gemm._compile(device, src, 0, name)
+            return nbytes / graph_ms([lambda w=w: f(grid=(grid, 1, 1), block=(threads, 1, 1), args=[w, sink, *args])
+                                      for w in ws]) / 1e6
+
         row = {"K": k, "N": n, "MB": nbytes / 1e6,
-               "copy_GBps": 2 * nbytes / (1e3 * graph_ms([lambda w=w: dst.copy_(w) for w in ws])) / 1e3}
+               "copy_GBps": 2 * nbytes / graph_ms([lambda w=w: dst.copy_(w) for w in ws]) / 1e6}
         for unroll, per_sm in STREAM_VARIANTS:
-            f = kernel(stream_source(unroll), "read_stream")
-            ms = graph_ms([lambda w=w: f(grid=(sms * per_sm, 1, 1), block=(256, 1, 1), args=[w, sink, nbytes // 16])
-                           for w in ws])
-            row[f"stream_u{unroll}_p{per_sm}"] = nbytes / ms / 1e6
+            row[f"stream_u{unroll}_p{per_sm}"] = gbps(stream_source(unroll), "read_stream", sms * per_sm, 256,
+                                                      nbytes // 16)
         for tiled, per_sm, warps, depth in TILE_VARIANTS:
             if (k // 128) % warps:
                 continue
-            f = kernel(tile_source(tiled, per_sm, warps, depth), "read_tiles")
-            grid = min(n // 32, sms * per_sm) if per_sm else n // 32
-            ms = graph_ms([lambda w=w: f(grid=(grid, 1, 1), block=(32 * warps, 1, 1), args=[w, sink, kb, n // 32])
-                           for w in ws])
-            row[f"{'tiled' if tiled else 'rows'}_{f'p{per_sm}' if per_sm else 'grid'}_w{warps}_d{depth}"] = \
-                nbytes / ms / 1e6
+            name = f"{'tiled' if tiled else 'rows'}_{f'p{per_sm}' if per_sm else 'grid'}_w{warps}_d{depth}"
+            row[name] = gbps(tile_source(tiled, per_sm, warps, depth), "read_tiles",
+                             min(n // 32, sms * per_sm) if per_sm else n // 32, 32 * warps, kb, n // 32)
         rows.append(row)
         del ws, dst
         torch.cuda.empty_cache()

@@ -443,7 +443,8 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
              block_tiles(N / (16 * RT * WN)), a, sx, M, Kp, lda, chunks_per_split, blockIdx.y);
 }
 #else
-extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma_group(""" + GROUP_PARAMS + r""") {
+extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma_group(
+""" + GROUP_PARAMS + r""") {
   gemm_block(""" + GROUP_ROWS + r""", blockIdx.x, gridDim.x, block_tiles((n0 + n1 + n2) / (16 * RT * WN)), a, sx, M,
              Kp, lda, chunks_per_split, blockIdx.y);
 }
