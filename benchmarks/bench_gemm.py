@@ -17,7 +17,6 @@
 --decode times only the decode into the scratch weight (the CUDA kernel against the Triton one).
 --staged times only the staged wgmma kernel (the weight decoded into shared memory) at 64-4096 tokens.
 --placed times only the CUDA kernels on codes in the placed layout against canonical codes.
---persistent times only the decode kernel's ring launches with persistent blocks against a block a row tile.
 """
 
 from __future__ import annotations
@@ -779,48 +778,6 @@ def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def persistent_sweep(ms: tuple[int, ...] = (1, 8)) -> list[dict]:
-    """The decode kernel's ring launches (up to 8 tokens, weights of more than 2^24 elements) with persistent blocks
-    (CudaTile.persist: 1-4 blocks a multiprocessor, each streaming every gridDim.x-th row tile, its ring loading the
-    next tile's chunks while it finishes one) against one block a row tile, as choose_tile launches them: each
-    8B and 70B shape alone and the groups (q/k/v, gate/up), sharq weights, bf16 out, GPU µs over weight copies,
-    with the outputs checked equal bit for bit (the sums' order is the same). Whether the batch-1 GEMM's waves and
-    per-block ramp-up are what holds it at about 0.55 of copy bandwidth (docs/PERF.md)."""
-    rows, counts = [], (1, 2, 3, 4)
-
-    def timed(row: dict, label: str, base: cuda_gemm.CudaTile, us, equal) -> None:
-        """row with one block a tile's time and each persistent count's time and equality (us(tile), equal(tile))."""
-        row.update(tile=str(base), grid_us=us(base))
-        for per_sm in counts:
-            tile = replace(base, persist=per_sm)
-            row[f"equal_p{per_sm}"], row[f"p{per_sm}_us"] = equal(tile), us(tile)
-        rows.append(row)
-        print(f"{label}: a block a tile {row['grid_us']:.1f} us; persistent " + ", ".join(
-            f"{per_sm}/SM {row[f'p{per_sm}_us']:.1f}" + ("" if row[f"equal_p{per_sm}"] else " WRONG")
-            for per_sm in counts), flush=True)
-
-    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
-        case = CudaCase.make("sharq", k, n, m)
-        base = cuda_gemm.choose_tile(m, n, k, case.act.values.device)
-        if base.ring and base.splits == 1:
-            want = case.output(base)
-            timed({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us},
-                  f"K={k} N={n} M={m} (bf16 {case.bf16_us:.1f} us)", base, case.cuda_us,
-                  lambda tile, case=case, want=want: torch.equal(case.output(tile), want))
-        del case
-    for (k, ns), m in itertools.product(GROUPS, ms):
-        case = GroupCase.make("sharq", k, ns, m)
-        base = cuda_gemm.group_tile(m, ns, k, case.act.values.device)
-        if isinstance(base, cuda_gemm.CudaTile) and base.ring and base.splits == 1:
-            want = case.group(case.sets[0], base)
-            timed({"K": k, "N": list(ns), "M": m}, f"K={k} N={'+'.join(map(str, ns))} M={m} (group)", base,
-                  lambda tile, case=case: case.us(case.group, tile),
-                  lambda tile, case=case, want=want: all(torch.equal(a, b)
-                                                         for a, b in zip(case.group(case.sets[0], tile), want)))
-        del case
-    return rows
-
-
 # the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
 # its rows in the results file, what the option times)
 ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode",
@@ -841,9 +798,7 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
         "decode": ((), scratch_decode, "scratch_decode", "the decode into the scratch weight, the CUDA kernel against "
                    "the Triton one (8B and 70B)"),
         "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
-                   "placed layout (kernels/placed.py) against canonical codes (8B)"),
-        "persistent": ((1, 8), persistent_sweep, "persistent_sweep", "the decode kernel's ring launches with "
-                       "persistent blocks against a block a row tile (8B and 70B, alone and grouped)")}
+                   "placed layout (kernels/placed.py) against canonical codes (8B)")}
 
 
 def save(out: dict | list, path: str | None) -> None:

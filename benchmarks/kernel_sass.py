@@ -3,7 +3,7 @@ main loop found in the SASS, and its instructions counted per weight (docs/PERF.
 
     pip install nvidia-cuda-nvrtc nvidia-cuda-nvdisasm
     python benchmarks/kernel_sass.py [--ms 1,8,16,32,64] [--shapes 8b,70b] [--variants] [--staged] [--placed]
-        [--persistent P] [--json out.json]
+        [--json out.json]
 
 A warp's main loop streams chunks of 128 K-elements of 16·rt weight rows (its HMMAs: 8 per chunk per row tile
 per 8 tokens), so warp instructions per weight = loop instructions / (chunks · 128 · 16 · rt); in the wgmma kernel
@@ -75,8 +75,6 @@ def main() -> int:
                    "(bench_gemm.STAGED) at each shape and M of at least 64")
     p.add_argument("--placed", action="store_true", help="every launch also reading codes in kernels/placed.py's "
                    "layout")
-    p.add_argument("--persistent", type=int, default=0, metavar="P", help="every ring launch up to 8 tokens also "
-                   "with P persistent blocks a multiprocessor (CudaTile.persist)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not nvrtc.available() or nvrtc.nvdisasm() is None:
@@ -99,9 +97,6 @@ def main() -> int:
                         one_wave=True)) for option in bench_gemm.STAGED if n % (64 * option.get("warpgroups", 2)) == 0]
                 if args.placed:
                     variants = [v for t in variants for v in (t, replace(t, placed=True))]
-                if args.persistent and m <= 8:
-                    variants += [replace(t, persist=args.persistent) for t in variants
-                                 if isinstance(t, cuda_gemm.CudaTile) and t.ring and t.splits == 1]
                 for t in variants:
                     row = {"K": k, "N": n, **analyse(t, m), "chosen": t == auto}
                     rows.append(row)

@@ -50,8 +50,8 @@ _DECODE_NO_MMA = [("""  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));""",
                    "  d[0] += __int_as_float(a0 ^ a1 ^ a2 ^ a3 ^ b0 ^ b1);")]
 DECODE = {"as is": [], "no decode": _NO_DECODE, "no MMA": _DECODE_NO_MMA, "loads only": _NO_DECODE + _DECODE_NO_MMA,
-          "weight from L2": [("        const long n = (r.bx * WN + wn) * (16 * RT) + rt * 16 + h * 8 + g;",
-                              "        const long n = ((r.bx * WN + wn) * (16 * RT) + rt * 16 + h * 8 + g) % 128;")]}
+          "weight from L2": [("      const long n = n0 + rt * 16 + h * 8 + g;",
+                              "      const long n = (n0 + rt * 16 + h * 8 + g) % 128;")]}
 KERNELS = {"wgmma": (cuda_wgmma, WGMMA, "64,33"), "decode": (cuda_gemm, DECODE, "1,16")}
 
 

@@ -126,57 +126,6 @@ def test_the_cp_async_ring_gives_the_register_stages_result_bit_for_bit(block, m
 
 
 @pytest.mark.parametrize("block", [16, 32])
-@pytest.mark.parametrize("m", [1, 5, 8, 13])
-@pytest.mark.parametrize("rt,wk,ring,n,per_sm", [(2, 4, 3, 8192, 1), (1, 8, 4, 4096, 1), (1, 4, 4, 2048, 3),
-                                                 (2, 2, 2, 65536, 1), (1, 8, 3, 48, 4)])
-def test_persistent_blocks_give_a_block_a_tiles_result_bit_for_bit(block, m, rt, wk, ring, n, per_sm):
-    """Persistent blocks (each taking every gridDim.x-th row tile, its ring loading the next tile while it
-    finishes one) change who computes a tile, not its sums: the outputs equal the one-block-a-tile launch's bit
-    for bit, with blocks that take many tiles or uneven counts of them, a ring that loads ahead into a block's
-    next tile before its first is multiplied (2 chunks a warp a tile, 3 loaded ahead), and a grid of one block a
-    tile (fewer tiles than the blocks asked for)."""
-    k = 2048
-    q, a = _payload(n, k, block, 7 * m + n), _x(m, k, m + 3)
-    sx, sw = torch.rand(m, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
-    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
-    tile = cuda_gemm.CudaTile(rt, wk, 1, 1, ring, direct=m <= 8)
-    want = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.bfloat16, tile=tile)
-    got = cuda_gemm.nvfp4_mma(a, q.codes, q.scales, block, sx, sw, bias, torch.bfloat16,
-                              tile=cuda_gemm.CudaTile(rt, wk, 1, 1, ring, direct=m <= 8, persist=per_sm))
-    assert torch.equal(got, want)
-    assert _bound_ok(got, a, q, sx[:, None] * sw, bias, torch.bfloat16) <= 1
-
-
-def test_a_persistent_grid_asks_for_no_more_blocks_than_a_multiprocessor_holds():
-    """Blocks beyond what a multiprocessor holds at once would start only when the first ones finish all their
-    tiles: the grid is capped by the driver's occupancy for the kernel (8 warps a block: at most 8 fit)."""
-    n, k = 65536, 2048
-    tile = cuda_gemm.CudaTile(1, 8, 1, 1, 3, direct=True, persist=16)
-    launch = cuda_gemm._launch(torch.cuda.current_device(), 1, n, k, 16, cuda_gemm._OUT[torch.bfloat16], 0, False,
-                               tile)
-    fits = launch.kernel.blocks_per_multiprocessor(tile.threads, launch.shared_bytes)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert 0 < fits <= 8 and launch.grid[0] == min(n // tile.rows, fits * sms)
-
-
-@pytest.mark.parametrize("m", [1, 8])
-@pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336), (256, 768)])
-def test_a_persistent_group_launch_gives_the_group_launchs_result_bit_for_bit(m, ns):
-    """Persistent blocks walk the row tiles of every layer of a group (q/k/v, gate/up) in turn, the tiles of one
-    block crossing from one layer into the next: each layer's output is the plain group launch's bit for bit."""
-    k, block = 1024, 16
-    a = _x(m, k, 50 + m)
-    qs = [_payload(n, k, block, 60 + i) for i, n in enumerate(ns)]
-    weights = [(q.codes, q.scales, torch.rand(1, device="cuda") + 0.5) for q in qs]
-    sx = torch.rand(1, device="cuda") + 0.5
-    tile = cuda_gemm.CudaTile(2, 4, 1, 1, 3, direct=True)
-    want = cuda_gemm.nvfp4_mma_group(a, weights, [None] * len(ns), block, sx, torch.bfloat16, tile=tile)
-    got = cuda_gemm.nvfp4_mma_group(a, weights, [None] * len(ns), block, sx, torch.bfloat16,
-                                    tile=cuda_gemm.CudaTile(2, 4, 1, 1, 3, direct=True, persist=1))
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
-
-
-@pytest.mark.parametrize("block", [16, 32])
 @pytest.mark.parametrize("m", [1, 9, 32])
 @pytest.mark.parametrize("rt,wk,ring,splits,wn", [(1, 8, 3, 1, 2), (2, 4, 0, 2, 2), (1, 4, 3, 1, 1), (2, 2, 0, 1, 1)])
 def test_warps_on_more_rows_and_the_activation_read_where_used_change_nothing(block, m, rt, wk, ring, splits, wn):

@@ -298,46 +298,6 @@ def test_the_variant_scripts_edits_still_apply_and_compile(monkeypatch):
             assert built.cubin
 
 
-@pytest.mark.parametrize("k,n", SHAPES[:8])
-def test_persistent_ring_launches_compile_without_spills_and_multiply_as_often(k, n, monkeypatch):
-    """choose_tile's ring launches up to 8 tokens with persistent blocks (CudaTile.persist), alone and as a group
-    entry, compile for Hopper without spills, and their main loop holds the same MMAs as the plain launch's (what
-    it adds is a tile's end, taken once per tile)."""
-    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
-    for m in (1, 8):
-        t = cuda_gemm.choose_tile(m, n, k, None)
-        if not t.ring or t.splits > 1:
-            continue
-        for group in (False, True):
-            loops = []
-            for tile in (t, replace(t, persist=2)):
-                built = nvrtc.compile_cubin(cuda_gemm.kernel_source(tile, 1, 32, 0, 0, False, group), "sm_90")
-                assert built.spilled == 0, (m, tile, group)
-                loops.append(nvrtc.main_loop(nvrtc.disassemble(built.cubin)))
-            assert loops[1].count("HMMA") == loops[0].count("HMMA") > 0
-
-
-def test_persistent_blocks_are_off_by_default_and_a_switch_away_for_ring_launches(monkeypatch):
-    """choose_tile gives no launch persistent blocks until cuda_gemm.PERSIST_BLOCKS says how many (how a benchmark
-    times them end to end); then its ring launches up to 8 tokens take them, and nothing else changes."""
-    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
-    launches = {(m, k, n): cuda_gemm.choose_tile(m, n, k, None) for k, n in SHAPES for m in MS}
-    assert not any(t.persist for t in launches.values())
-    monkeypatch.setattr(cuda_gemm, "PERSIST_BLOCKS", 2)
-    for (m, k, n), t in launches.items():
-        now = cuda_gemm.choose_tile(m, n, k, None)
-        assert now == replace(t, persist=2 if m <= 8 and t.ring and t.splits == 1 and (k // 128) % t.wk == 0 else 0)
-    assert any(t.persist for t in (cuda_gemm.choose_tile(1, n, k, None) for k, n in SHAPES))
-
-
-def test_persistent_blocks_need_the_ring_and_no_k_split_over_blocks():
-    with pytest.raises(ValueError, match="persistent"):
-        cuda_gemm.CudaTile(1, 8, 2, 1, 0, persist=1)
-    with pytest.raises(ValueError, match="persistent"):
-        cuda_gemm.CudaTile(1, 8, 1, 2, 3, persist=1)
-    assert cuda_gemm.CudaTile(1, 8, 1, 1, 3, persist=2).persist == 2
-
-
 def test_the_weight_read_ceilings_kernels_compile_without_spills(monkeypatch):
     """benchmarks/weight_read.py's loads-only kernels, every variant it times, compile for Hopper and hold their
     loads in registers (a spill would time local memory, not the weight's read)."""

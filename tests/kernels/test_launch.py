@@ -94,30 +94,6 @@ def test_driver_kernel_parameters_are_pointers_and_ints():
         launch.DriverKernel(0, "ppf")
 
 
-def test_the_occupancy_query_asks_the_driver_for_the_kernel_and_says_why_it_failed(monkeypatch):
-    """DriverKernel.blocks_per_multiprocessor (how many persistent blocks a launch may ask for) passes the kernel,
-    its threads and shared memory to cuOccupancyMaxActiveBlocksPerMultiprocessor, and an error code becomes an
-    exception with the driver's message."""
-    asked = []
-
-    class FakeDriver:
-        cuLaunchKernelEx = None
-
-        def cuOccupancyMaxActiveBlocksPerMultiprocessor(self, n, handle, threads, shared):
-            asked.append((handle, threads, shared))
-            n._obj.value = 5
-            return 0 if threads <= 1024 else 1
-
-        def cuGetErrorString(self, err, msg):
-            msg._obj.value = b"CUDA_ERROR_INVALID_VALUE"
-
-    monkeypatch.setattr(launch, "_driver", FakeDriver)
-    kernel = launch.DriverKernel(1234, "pi")
-    assert kernel.blocks_per_multiprocessor(256, 4096) == 5 and asked == [(1234, 256, 4096)]
-    with pytest.raises(RuntimeError, match="occupancy query failed: CUDA_ERROR_INVALID_VALUE"):
-        kernel.blocks_per_multiprocessor(2048, 0)
-
-
 def _expected(partials, sx, sw, bias, out_dtype):
     y = partials.sum(0) * (sx.reshape(-1, 1) * sw.reshape(1, -1))
     return (y + bias.float() if bias is not None else y).to(out_dtype)

@@ -19,10 +19,7 @@ placement:
   in shared memory at its start. The activation elements are paired to match with one byte permute per pair.
 - The weight goes global -> shared memory by cp.async, a ring of three chunks per warp, so more bytes are in
   flight without registers to hold them, or is staged in registers (`choose_tile` says where each measured
-  faster). Either way each thread gets the same 16 bytes, so the result is the same bit for bit. With the ring,
-  blocks may be persistent (`CudaTile.persist`, opt-in until timed: PERSIST_BLOCKS): a few a multiprocessor, each
-  taking every gridDim.x-th row tile, its ring loading the next tile's chunks while it finishes one; who computes
-  a tile changes, not its sums.
+  faster). Either way each thread gets the same 16 bytes, so the result is the same bit for bit.
 - A warp either holds its chunk's activation in registers or reads 16 bytes of one token where the MMAs use them
   (`CudaTile.direct`: how 33 to 64 tokens fit in the registers, and faster at 9 to 16), and a block may hold
   several groups of warps on neighbouring rows (`CudaTile.wn`) so that they share the activation's loads in L1.
@@ -61,7 +58,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import cuda_wgmma
-from .cuda_source import DEVICE_HELPERS, GROUP_PARAMS, GROUP_ROWS
+from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
 from .launch import DriverKernel, plan_buffers
 
 _SOURCE = DEVICE_HELPERS + r"""
@@ -97,34 +94,29 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// the block's row tiles and K split (by): tile i of `count` is rows_of(first + i * step) (Rows, cuda_source.py);
-// one tile, or with PERSIST the tiles blockIdx.x, + gridDim.x, ... (block_tiles), whose chunks the ring streams
-// back to back
-template <class RowsOf>
-__device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int step, int count,
-                                           const u16* __restrict__ a, const float* __restrict__ sx, int M, int Kp,
-                                           int lda, int chunks_per_split, int by) {
+// one block's rows (block column bx) and K split (by) of one weight
+__device__ __forceinline__ void gemm_block(
+    const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
+    const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
+    int Kp, int lda, int chunks_per_split, int bx, int by) {
   // warps wk = 0 .. WK-1 of a block split K; WN such groups take neighbouring row tiles (and share the
   // activation's loads in L1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int wk = warp % WK, wn = warp / WK;
   __shared__ u32 scale_table[256];  // built once the first chunks are on their way
-  extern __shared__ __align__(16) unsigned char smem[];
+  const int n0 = (bx * WN + wn) * (16 * RT);
   const int c_begin = by * chunks_per_split;
   const int c_end = min(c_begin + chunks_per_split, Kp >> 7);
-  const U4* wrow[RT][2];  // the rows this warp reads of the tile being loaded
+  const U4* wrow[RT][2];
   const u8* srow[RT][2];
-  auto point = [&](const Rows& r) {
 #pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
+  for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const long n = (r.bx * WN + wn) * (16 * RT) + rt * 16 + h * 8 + g;
-        wrow[rt][h] = r.codes + n * (Kp >> 5) + q;
-        srow[rt][h] = r.scales + n * (Kp / BLOCK) + q * (32 / BLOCK);
-      }
-  };
-  point(rows_of(first));
+    for (int h = 0; h < 2; ++h) {
+      const long n = n0 + rt * 16 + h * 8 + g;
+      wrow[rt][h] = codes + n * (Kp >> 5) + q;
+      srow[rt][h] = scales + n * (Kp / BLOCK) + q * (32 / BLOCK);
+    }
   // token mt * 8 + g's activation, or token 0's where there is no such token: its MMA column is never stored, and
   // columns do not mix, so an unpredicated load is safe and costs the loop no select
   const U4* xrow[MT];
@@ -236,81 +228,10 @@ __device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int
     }
   };
 #endif
-  // a tile's sums: the warps' added in warp order, then scaled and stored (with a K split, stored as partials)
-  auto store_tile = [&](const Rows& r) {
-    const int n0 = (r.bx * WN + wn) * (16 * RT);
-#if !SPLIT
-    const float sw0 = r.sw[0];
-#endif
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int n = n0 + rt * 16 + g + (i >> 1) * 8, m = mt * 8 + 2 * q + (i & 1);
-          if (m >= M) continue;
-          const float v = acc[rt][mt][i] * 256.f;  // the 2^-8 of the decoded weight
-#if SPLIT
-          store(r.y, ((long)by * M + m) * r.N + n, v);
-#else
-          const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
-#if BIAS
-          store(r.y, (long)m * r.N + n, fmaf(v, alpha, to_float(r.bias, n)));
-#else
-          store(r.y, (long)m * r.N + n, v * alpha);
-#endif
-#endif
-        }
-  };
-  auto finish = [&](const Rows& r) {
-#if WK > 1
-#if PERSIST  // beside the rings, which already stream the next tile
-    float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])(smem + sizeof(Slot) * WN * WK * RING) + wn * (WK - 1);
-#else
 #if RING
-    __syncthreads();  // every warp is done with its ring, which now holds the warps' sums
-#endif
-    float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem + wn * (WK - 1);
-#endif
-    if (wk > 0) {
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) red[wk - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
-    }
-    __syncthreads();
-    if (wk == 0) {
-#pragma unroll
-      for (int w = 0; w < WK - 1; ++w)
-#pragma unroll
-        for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[rt][mt][i] += red[w][(rt * MT + mt) * 4 + i][lane];
-      store_tile(r);
-    }
-#if PERSIST
-    __syncthreads();  // the sums are read before the next tile's are written
-#endif
-#else
-    store_tile(r);
-#endif
-#if PERSIST
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[rt][mt][i] = 0.f;
-#endif
-  };
-#if RING
+  extern __shared__ __align__(16) unsigned char smem[];
   Slot* ring = (Slot*)smem + warp * RING;
-  auto issue = [&](int u, int slot) {  // the loaded tile's u-th chunk of this warp into ring slot `slot`
+  auto issue = [&](int u, int slot) {  // this warp's u-th chunk into ring slot `slot` (u % RING)
     Slot& sl = ring[slot];
     const int c = chunk(u);
 #pragma unroll
@@ -321,43 +242,23 @@ __device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int
         cp_async_scales(&sl.s[rt][h][g][0], srow[rt][h] + c * (128 / BLOCK), q == 0);
       }
   };
-  // this warp's items: chunk u of tile i for i < count, u < mine (one tile: item e is chunk e), loaded RING - 1
-  // items ahead, across tiles
-  const int items = count * mine;
-#if PERSIST
-  int load_u = 0, load_i = 0;  // the next item to load
-#endif
-  auto issue_item = [&](int e, int slot) {
-#if PERSIST
-    if (load_u == mine) load_u = 0, point(rows_of(first + ++load_i * step));
-    issue(load_u++, slot);
-#else
-    issue(e, slot);
-#endif
-  };
 #pragma unroll
-  for (int e = 0; e < RING - 1; ++e) {
-    if (e < items) issue_item(e, e);
+  for (int u = 0; u < RING - 1; ++u) {
+    if (u < mine) issue(u, u);
     cp_async_commit();
   }
   build_scale_table(scale_table);
   __syncthreads();
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
   Stage cur;
-  if (items > 0) load_x(cur, chunk(0));
-#if PERSIST
-  int u = 0, tile = 0;  // the item being multiplied: chunk u of tile `tile`
-#endif
-  for (int e0 = 0; e0 < items; e0 += RING) {  // RING items an iteration: every slot index a constant
+  if (mine > 0) load_x(cur, chunk(0));
+  for (int u0 = 0; u0 < mine; u0 += RING) {  // RING chunks an iteration: every slot index a constant
 #pragma unroll
     for (int r = 0; r < RING; ++r) {
-      const int e = e0 + r;
-#if !PERSIST
-      const int u = e;
-#endif
-      if (e < items) {
+      const int u = u0 + r;
+      if (u < mine) {
         __syncwarp();  // every lane is done with the slot the next copy overwrites
-        if (e + RING - 1 < items) issue_item(e + RING - 1, (r + RING - 1) % RING);
+        if (u + RING - 1 < mine) issue(u + RING - 1, (r + RING - 1) % RING);
         cp_async_commit();
         cp_async_wait_ring();
         __syncwarp();  // and the scale codes other lanes copied are visible
@@ -373,10 +274,9 @@ __device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int
             cur.s[rt][h] = ((const u16*)sl.s[rt][h][g])[q];
 #endif
           }
-        const int next = PERSIST && u + 1 == mine ? 0 : u + 1;  // the next item's chunk (the next tile's first)
 #if XNEXT
         Stage nxt;
-        if (e + 1 < items) load_x(nxt, chunk(next));
+        if (u + 1 < mine) load_x(nxt, chunk(u + 1));
         compute(cur, chunk(u));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -384,20 +284,11 @@ __device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int
           for (int v = 0; v < 4; ++v) cur.x[mt][v] = nxt.x[mt][v];
 #else
         compute(cur, chunk(u));
-        if (e + 1 < items) load_x(cur, chunk(next));
-#endif
-#if PERSIST
-        if (++u == mine) {
-          finish(rows_of(first + tile++ * step));
-          u = 0;
-        }
+        if (u + 1 < mine) load_x(cur, chunk(u + 1));
 #endif
       }
     }
   }
-#if !PERSIST
-  finish(rows_of(first));  // (with a K split, a split without chunks stores zeros)
-#endif
 #else
   Stage st[STAGES];
 #pragma unroll
@@ -421,17 +312,59 @@ __device__ __forceinline__ void gemm_block(const RowsOf& rows_of, int first, int
       }
     }
   }
-  finish(rows_of(first));  // one tile (PERSIST needs the ring)
+
 #endif
-}
-// the tiles a block takes of `total`: its own block column, or with PERSIST (a grid smaller than the tiles) every
-// gridDim.x-th from it
-__device__ __forceinline__ int block_tiles(int total) {
-#if PERSIST
-  return (int)blockIdx.x < total ? (total - blockIdx.x + gridDim.x - 1) / gridDim.x : 0;
+
+  // the warps' sums, added in warp order
+#if WK > 1
+#if RING
+  __syncthreads();  // every warp is done with its ring, which now holds the warps' sums
 #else
-  return 1;
+  extern __shared__ __align__(16) unsigned char smem[];
 #endif
+  float(*red)[RT * MT * 4][32] = (float(*)[RT * MT * 4][32])smem + wn * (WK - 1);
+  if (wk > 0) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[wk - 1][(rt * MT + mt) * 4 + i][lane] = acc[rt][mt][i];
+  }
+  __syncthreads();
+  if (wk > 0) return;
+#pragma unroll
+  for (int w = 0; w < WK - 1; ++w)
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[rt][mt][i] += red[w][(rt * MT + mt) * 4 + i][lane];
+#endif
+#if !SPLIT
+  const float sw0 = sw[0];
+#endif
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int n = n0 + rt * 16 + g + (i >> 1) * 8, m = mt * 8 + 2 * q + (i & 1);
+        if (m >= M) continue;
+        const float v = acc[rt][mt][i] * 256.f;  // the 2^-8 of the decoded weight
+#if SPLIT
+        store(y, ((long)by * M + m) * N + n, v);
+#else
+        const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+#if BIAS
+        store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
+#else
+        store(y, (long)m * N + n, v * alpha);
+#endif
+#endif
+      }
 }
 // MIN_BLOCKS: blocks a multiprocessor must fit, which caps the registers a thread (CudaTile.min_blocks)
 #if !GROUP
@@ -439,27 +372,17 @@ extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvf
     const U4* __restrict__ codes, const u8* __restrict__ scales, const u16* __restrict__ a, void* __restrict__ y,
     const float* __restrict__ sx, const float* __restrict__ sw, const void* __restrict__ bias, int M, int N,
     int Kp, int lda, int chunks_per_split) {
-  gemm_block([&](int bx) { return Rows{codes, scales, y, sw, bias, N, bx}; }, blockIdx.x, gridDim.x,
-             block_tiles(N / (16 * RT * WN)), a, sx, M, Kp, lda, chunks_per_split, blockIdx.y);
+  gemm_block(codes, scales, a, y, sx, sw, bias, M, N, Kp, lda, chunks_per_split, blockIdx.x, blockIdx.y);
 }
 #else
-extern "C" __global__ void __launch_bounds__(WN * WK * 32, MIN_BLOCKS) sharq_nvfp4_mma_group(
-""" + GROUP_PARAMS + r""") {
-  gemm_block(""" + GROUP_ROWS + r""", blockIdx.x, gridDim.x, block_tiles((n0 + n1 + n2) / (16 * RT * WN)), a, sx, M,
-             Kp, lda, chunks_per_split, blockIdx.y);
-}
-#endif
-#if PERSIST && !RING
-#error "persistent blocks stream their tiles through the cp.async ring"
-#endif
+""" + GROUP_ENTRY.replace("NAME", "sharq_nvfp4_mma_group").replace("BOUNDS", "WN * WK * 32, MIN_BLOCKS").replace(
+    "BLOCK_FN", "gemm_block") + r"""#endif
 """
 
 _OUT = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _BIAS = {None: 0, torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 MAX_M = 64  # tokens per launch: up to eight n8 tiles
 _RING_WEIGHTS = 1 << 24  # up to 8 tokens, larger weights stream through the cp.async ring (choose_tile)
-PERSIST_BLOCKS = 0  # > 0: choose_tile's ring launches up to 8 tokens take persistent blocks, this many a
-# multiprocessor (CudaTile.persist); off until timed on a GPU (`python benchmarks/bench_gemm.py --persistent`)
 
 
 @dataclass(frozen=True)
@@ -477,12 +400,6 @@ class CudaTile:
     direct: bool = False
     min_blocks: int = 0  # blocks a multiprocessor must hold (a register cap); 0: 2 up to 16 tokens with wn = 1, else 1
     placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
-    persist: int = 0  # > 0: this many blocks a multiprocessor (at most what fits one at once), each streaming every
-    # gridDim.x-th row tile through its ring
-
-    def __post_init__(self):
-        if self.persist and (not self.ring or self.splits > 1):
-            raise ValueError(f"{self}: persistent blocks need the cp.async ring and no K split over blocks")
 
     @property
     def rows(self) -> int:
@@ -563,7 +480,7 @@ def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row:
     defines = dict(RT=t.rt, MT=mt, WK=t.wk, WN=t.wn, STAGES=t.stages, BLOCK=block, OUT=out, BIAS=bias,
                    SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), RING=t.ring, XDIRECT=int(t.direct),
                    XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks, GROUP=int(group),
-                   PLACED=int(t.placed), PERSIST=int(t.persist > 0))
+                   PLACED=int(t.placed))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
@@ -589,11 +506,9 @@ def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias:
 
 
 def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
-    """Dynamic shared memory of a launch: the warps' rings (if any) and the warps' sums, which reuse the rings at
-    the end of a block's one tile, and lie beside them where persistent blocks stream their next tile meanwhile."""
+    """Dynamic shared memory of a launch: the warps' rings (if any), which the warps' sums reuse at the end."""
     slot = t.rt * 2 * 32 * 16 + t.rt * 2 * 8 * 4 * (2 if block == 16 else 1)
-    rings, sums = t.wn * t.wk * t.ring * slot, t.wn * (t.wk - 1) * t.rt * mt * 4 * 32 * 4
-    return rings + sums if t.persist else max(rings, sums)
+    return max(t.wn * t.wk * t.ring * slot, t.wn * (t.wk - 1) * t.rt * mt * 4 * 32 * 4)
 
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
@@ -621,8 +536,7 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     rows, chunks, splits = n // 16, kp // 128, 1  # counted in 16-row tiles, whatever rt: the same K split at every M
     while rows * splits < _multiprocessors(device) and chunks // (splits * 2) >= 2 * wk:
         splits *= 2
-    persist = PERSIST_BLOCKS if m <= 8 and ring and splits == 1 and chunks % wk == 0 else 0
-    return CudaTile(rt, wk, stages, splits, ring, direct=direct, persist=persist)
+    return CudaTile(rt, wk, stages, splits, ring, direct=direct)
 
 
 @dataclass(frozen=True)
@@ -672,16 +586,8 @@ def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: i
         mt = n8_tiles(m)
         shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
-    driver = DriverKernel(kernel.func.value, params, programmatic)
-    columns = n // t.rows  # block columns; persistent blocks take them in turn
-    if isinstance(t, CudaTile) and t.persist:
-        if (k // 128) % t.wk:  # every warp then ends each tile at the same point, where the block's warps meet
-            raise ValueError(f"{t}: persistent blocks need K's 128-element chunks a multiple of their {t.wk} warps, "
-                             f"K = {k}")
-        per_sm = min(t.persist, driver.blocks_per_multiprocessor(t.threads, shared))  # more would start late
-        columns = min(columns, per_sm * _multiprocessors(torch.device("cuda", device)))
-    return _Launch(driver, device, (columns, t.splits, tiles), (t.threads, 1, 1), shared, t.splits,
-                   -(-(k // 128) // t.splits))
+    return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, tiles),
+                   (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
 
 
 def _programmatic(device: int, m: int, n: int, k: int) -> bool:

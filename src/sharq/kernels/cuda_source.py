@@ -115,31 +115,6 @@ __device__ __forceinline__ float to_float(const void* p, long i) {
   return ((const float*)p)[i];
 #endif
 }
-// the rows of one layer a block takes: the layer's payload, output, weight scale, bias and width, and the block's
-// column in it
-struct Rows {
-  const U4* codes;
-  const u8* scales;
-  void* y;
-  const float* sw;
-  const void* bias;
-  int N, bx;
-};
-// a group launch's block columns (GROUP_PARAMS): a function of the column, bx -> Rows
-struct group_rows {
-  const U4 *c0, *c1, *c2;
-  const u8 *s0, *s1, *s2;
-  void *y0, *y1, *y2;
-  const float *w0, *w1, *w2;
-  const void *b0, *b1, *b2;
-  int blocks0, blocks1, n0, n1, n2;
-  __device__ __forceinline__ Rows operator()(int bx) const {
-    const int l = bx < blocks0 ? 0 : bx < blocks0 + blocks1 ? 1 : 2;
-    return Rows{l == 0 ? c0 : l == 1 ? c1 : c2, l == 0 ? s0 : l == 1 ? s1 : s2, l == 0 ? y0 : l == 1 ? y1 : y2,
-                l == 0 ? w0 : l == 1 ? w1 : w2, l == 0 ? b0 : l == 1 ? b1 : b2, l == 0 ? n0 : l == 1 ? n1 : n2,
-                bx - (l > 0 ? blocks0 : 0) - (l > 1 ? blocks1 : 0)};
-  }
-};
 __device__ __forceinline__ void store(void* y, long i, float v) {
 #if SPLIT || OUT == 2
   ((float*)y)[i] = v;
@@ -156,21 +131,20 @@ __device__ __forceinline__ void store(void* y, long i, float v) {
 
 """
 
-# Up to three layers that read one activation (q/k/v, gate/up) in one launch, each with its own weight, weight
-# scale, bias and output (or fp32 partials, with a K split): the first blocks0 block columns take layer 0's rows,
-# the next blocks1 layer 1's, the rest layer 2's (group_rows). GROUP_PARAMS are a group kernel's parameters;
-# GROUP_ENTRY is the entry of a kernel whose block takes one block column: NAME, BOUNDS (its __launch_bounds__) and
-# BLOCK_FN (its one-block function, which takes the layer's arguments and the block's column and split) are filled
-# in by the kernel.
-GROUP_PARAMS = """
+# A kernel's entry for up to three layers that read one activation (q/k/v, gate/up) in one launch, each with its
+# own weight, weight scale, bias and output (or fp32 partials, with a K split): the first blocks0 block columns take
+# layer 0's rows, the next blocks1 layer 1's, the rest layer 2's. NAME, BOUNDS (its __launch_bounds__) and
+# BLOCK_FN (the kernel's one-block function, which takes the layer's arguments and the block's column and split)
+# are filled in by each kernel.
+GROUP_ENTRY = r"""
+extern "C" __global__ void __launch_bounds__(BOUNDS) NAME(
     const U4* c0, const U4* c1, const U4* c2, const u8* s0, const u8* s1, const u8* s2, void* y0, void* y1,
     void* y2, const float* w0, const float* w1, const float* w2, const void* b0, const void* b1, const void* b2,
     const u16* __restrict__ a, const float* __restrict__ sx, int M, int Kp, int lda, int chunks_per_split,
-    int blocks0, int blocks1, int n0, int n1, int n2"""
-GROUP_ROWS = "group_rows{c0, c1, c2, s0, s1, s2, y0, y1, y2, w0, w1, w2, b0, b1, b2, blocks0, blocks1, n0, n1, n2}"
-GROUP_ENTRY = r"""
-extern "C" __global__ void __launch_bounds__(BOUNDS) NAME(""" + GROUP_PARAMS + r""") {
-  const Rows r = """ + GROUP_ROWS + r"""(blockIdx.x);
-  BLOCK_FN(r.codes, r.scales, a, r.y, sx, r.sw, r.bias, M, r.N, Kp, lda, chunks_per_split, r.bx, blockIdx.y);
+    int blocks0, int blocks1, int n0, int n1, int n2) {
+  const int bx = blockIdx.x, l = bx < blocks0 ? 0 : bx < blocks0 + blocks1 ? 1 : 2;
+  BLOCK_FN(l == 0 ? c0 : l == 1 ? c1 : c2, l == 0 ? s0 : l == 1 ? s1 : s2, a, l == 0 ? y0 : l == 1 ? y1 : y2, sx,
+           l == 0 ? w0 : l == 1 ? w1 : w2, l == 0 ? b0 : l == 1 ? b1 : b2, M, l == 0 ? n0 : l == 1 ? n1 : n2, Kp,
+           lda, chunks_per_split, bx - (l > 0 ? blocks0 : 0) - (l > 1 ? blocks1 : 0), blockIdx.y);
 }
 """

@@ -242,16 +242,7 @@ def _driver() -> ctypes.PyDLL:
                                          ctypes.c_void_p]
         lib.cuLaunchKernelEx.restype = ctypes.c_int
     lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-    lib.cuOccupancyMaxActiveBlocksPerMultiprocessor.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p,
-                                                                 ctypes.c_int, ctypes.c_size_t]
     return lib
-
-
-def _check(err: int, what: str) -> None:
-    if err:
-        msg = ctypes.c_char_p()
-        _driver().cuGetErrorString(err, ctypes.byref(msg))
-        raise RuntimeError(f"{what} failed: {msg.value.decode() if msg.value else err}")
 
 
 class DriverKernel:
@@ -296,12 +287,7 @@ class DriverKernel:
         else:
             err = _driver().cuLaunchKernel(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
                                            shared_bytes, stream, params, None)
-        _check(err, "cuLaunchKernel")
-
-    def blocks_per_multiprocessor(self, threads: int, shared_bytes: int) -> int:
-        """How many blocks of `threads` threads with `shared_bytes` of dynamic shared memory a multiprocessor holds
-        at once (registers, shared memory, threads)."""
-        n = ctypes.c_int()
-        _check(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), self.handle, threads,
-                                                                      shared_bytes), "the occupancy query")
-        return n.value
+        if err:
+            msg = ctypes.c_char_p()
+            _driver().cuGetErrorString(err, ctypes.byref(msg))
+            raise RuntimeError(f"cuLaunchKernel failed: {msg.value.decode() if msg.value else err}")
