@@ -298,6 +298,24 @@ def test_the_variant_scripts_edits_still_apply_and_compile(monkeypatch):
             assert built.cubin
 
 
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_two_row_tile_ring_launches_fit_32_warps_a_multiprocessor(k, n, monkeypatch):
+    """Up to 8 tokens the ring launches with two row tiles are capped so that 32 warps fit a multiprocessor
+    (64 registers a thread: the whole grid of 4096 x 28672 in one wave), without spilling, whatever the block
+    size, output, bias and scales."""
+    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
+    for m in (1, 4, 8):
+        t = cuda_gemm.choose_tile(m, n, k, None)
+        if not (t.ring and t.rt == 2):
+            continue
+        assert t.min_blocks * t.wk == 32
+        for block, out, bias, per_token in [(32, torch.bfloat16, None, False),
+                                            (16, torch.float16, torch.bfloat16, True)]:
+            built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, cuda_gemm.n8_tiles(m), block, cuda_gemm._OUT[out],
+                                                                cuda_gemm._BIAS[bias], per_token), "sm_90")
+            assert built.registers * t.threads * t.min_blocks <= 65536 and built.spilled == 0, (m, t, block)
+
+
 def test_the_weight_read_ceilings_kernels_compile_without_spills(monkeypatch):
     """benchmarks/weight_read.py's loads-only kernels, every variant it times, compile for Hopper and hold their
     loads in registers (a spill would time local memory, not the weight's read)."""
