@@ -139,14 +139,14 @@ def main() -> int:
               for _ in range(copies(nbytes))]
         dst = torch.empty_like(ws[0])
 
-        def gbps(src: str, name: str, grid: int, threads: int, *args) -> float:
+        def gbps(src: str, name: str, grid: int, threads: int, *args, ws=ws, nbytes=nbytes) -> float:
             """GB/s of the codes read by kernel `name` of `src` (compiled once) over the copies."""
             f = cuda_gemm._compile(device, src, 0, name)
             return nbytes / graph_ms([lambda w=w: f(grid=(grid, 1, 1), block=(threads, 1, 1), args=[w, sink, *args])
                                       for w in ws]) / 1e6
 
         row = {"K": k, "N": n, "MB": nbytes / 1e6,
-               "copy_GBps": 2 * nbytes / graph_ms([lambda w=w: dst.copy_(w) for w in ws]) / 1e6}
+               "copy_GBps": 2 * nbytes / graph_ms([lambda w=w, dst=dst: dst.copy_(w) for w in ws]) / 1e6}
         for unroll, per_sm in STREAM_VARIANTS:
             row[f"stream_u{unroll}_p{per_sm}"] = gbps(stream_source(unroll), "read_stream", sms * per_sm, 256,
                                                       nbytes // 16)
