@@ -690,8 +690,9 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 8, 16)) -> list[dict]:
         case = CudaCase.make("sharq", k, n, m)
         base = cuda_gemm.choose_tile(m, n, k, case.act.values.device)
         row = {"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "tile": str(base)}
-        row.update({f"wk{wk}": case.cuda_us(replace(base, wk=wk)) for wk in (2, 4, 8, 16)
-                    if (k // 128) // base.splits >= wk})
+        # a register cap keeps its warps a multiprocessor (blocks scaled with the warps a block)
+        row.update({f"wk{wk}": case.cuda_us(replace(base, wk=wk, min_blocks=base.min_blocks * base.wk // wk))
+                    for wk in (2, 4, 8, 16) if (k // 128) // base.splits >= wk})
         rows.append(row)
         print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, choose_tile wk={base.wk}; "
               + ", ".join(f"{key} {v:.1f}" for key, v in row.items() if key.startswith("wk")), flush=True)
