@@ -17,6 +17,7 @@
 --decode times only the decode into the scratch weight (the CUDA kernel against the Triton one).
 --staged times only the staged wgmma kernel (the weight decoded into shared memory) at 64-4096 tokens.
 --placed times only the CUDA kernels on codes in the placed layout against canonical codes.
+--ring times only the decode kernel's ring launches up to 8 tokens (how choose_tile's were chosen).
 """
 
 from __future__ import annotations
@@ -779,6 +780,56 @@ def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def ring_variants(n: int, auto: cuda_gemm.CudaTile) -> list[cuda_gemm.CudaTile]:
+    """choose_tile's launch, then the ring launches around it: 3, 4, 6 or 8 chunks a warp, one or two row tiles,
+    with and without a register cap for 32 warps a multiprocessor (8 chunks only capped); another warp count only
+    uncapped at 3 and 4 chunks (it changes the K partition, so it would have to hold at every M)."""
+    tiles = [auto]
+    for wk, rt, ring, cap in itertools.product((4, 8), (1, 2), (3, 4, 6, 8), (False, True)):
+        if n % (16 * rt) or ring == 8 and not cap or wk != auto.wk and (ring > 4 or cap):
+            continue
+        tiles.append(cuda_gemm.CudaTile(rt, wk, 1, auto.splits, ring, direct=True, min_blocks=32 // wk if cap else 0))
+    return list(dict.fromkeys(tiles))
+
+
+def blocks_per_multiprocessor(t: cuda_gemm.CudaTile, registers: int, shared: int) -> int:
+    """Blocks a Hopper multiprocessor holds at once, estimated: 64K registers (allocated by 8 a thread), 228 KB of
+    shared memory (1 KB of it reserved a block, plus the kernel's 1 KB scale table), 64 warps, 32 blocks."""
+    return min(65536 // (-(-registers // 8) * 8 * t.threads), 233472 // (shared + 2048), 64 // (t.threads // 32), 32)
+
+
+def ring_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
+    """The decode kernel's ring launches at a few tokens on the 8B and 70B shapes (ring_variants; sharq weights,
+    bf16 out): GPU µs, GB/s of the payload, registers and local memory, blocks a multiprocessor and waves. How
+    choose_tile's ring launches up to 8 tokens were chosen."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        case = CudaCase.make("sharq", k, n, m)
+        auto = cuda_gemm.choose_tile(m, n, k, case.act.values.device)
+        nbytes = case.p.codes.numel() + case.p.scales.numel()
+        timed = []
+        for t in ring_variants(n, auto):
+            us = case.cuda_us(t)
+            registers, local = kernel_resources(t, m, case.r.weight_block)
+            per_sm = blocks_per_multiprocessor(t, registers, cuda_gemm._shared_bytes(t, cuda_gemm.n8_tiles(m),
+                                                                                      case.r.weight_block))
+            timed.append({"tile": str(t), "us": us, "GBps": nbytes / us / 1e3, "registers": registers,
+                          "local_bytes": local, "blocks_per_sm": per_sm,
+                          "waves": n // t.rows * t.splits / (per_sm * sms), "chosen": t == auto})
+        timed.sort(key=lambda r: r["us"])
+        chosen = next(r for r in timed if r["chosen"])
+        print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us; chosen {chosen['us']:.1f} us", flush=True)
+        for r in timed[:6]:
+            print(f"   {r['us']:6.1f} us {r['GBps']:5.0f} GB/s x{case.bf16_us / r['us']:.2f} {r['registers']:3d} "
+                  f"registers, {r['local_bytes']} B local, {r['blocks_per_sm']}/SM, {r['waves']:.2f} waves "
+                  f"{r['tile'].replace('CudaTile', '')}", flush=True)
+        rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "variants": timed})
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
 # the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
 # its rows in the results file, what the option times)
 ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode",
@@ -799,7 +850,9 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
         "decode": ((), scratch_decode, "scratch_decode", "the decode into the scratch weight, the CUDA kernel against "
                    "the Triton one (8B and 70B)"),
         "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
-                   "placed layout (kernels/placed.py) against canonical codes (8B)")}
+                   "placed layout (kernels/placed.py) against canonical codes (8B)"),
+        "ring": ((1, 4, 8), ring_sweep, "ring_sweep", "the decode kernel's ring launches up to 8 tokens: depth, row "
+                 "tiles, warps, register cap (8B and 70B)")}
 
 
 def save(out: dict | list, path: str | None) -> None:

@@ -522,7 +522,7 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     used (with one row tile, N not a multiple of 32: staged, two chunks in flight up to 16 tokens; the ring
     above 32). 17 to 32: the ring, the activation staged, two row tiles where N > 2048. From the sweeps of
     `bench_gemm.py --cuda-sweep` (docs/PERF.md), H200; up to 8 tokens on the ring from
-    `benchmarks/ring_sweep.py` (H100). The K partition (wk, splits) depends on the layer's shape
+    `bench_gemm.py --ring` (H100). The K partition (wk, splits) depends on the layer's shape
     alone, so a token's output does not change with the batch."""
     wk = 8 if n <= 4096 else 4
     two_rows = n % 32 == 0
