@@ -869,8 +869,8 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                    "decode + cuBLAS, 64-4096 tokens"),
         "groups": ((1, 4, 8, 16, 24, 32, 48, 64), groups, "groups", "layers that read one activation (q/k/v, "
                    "gate/up) launched one by one against one group launch (8B and 70B)"),
-        "k_partition": ((1, 4, 8, 16, 24, 32), k_partition_sweep, "k_partition", "the decode kernel's K split over warps and the "
-                        "group launch's register cap, which choose_tile keeps fixed"),
+        "k_partition": ((1, 4, 8, 16, 24, 32), k_partition_sweep, "k_partition", "the decode kernel's K split over "
+                        "warps (with its ring and row-tile options) and the group launch's register cap"),
         "programmatic": ((1, 4, 8, 12, 16, 32, 64), programmatic, "programmatic", "the layers with plain launches, "
                          "the programmatic-launch rule's choice and programmatic everywhere (8B and 70B)"),
         "decode": ((), scratch_decode, "scratch_decode", "the decode into the scratch weight, the CUDA kernel against "
@@ -925,9 +925,9 @@ def main() -> int:
         save(out, args.json)
         return 0
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    checked = ((1, 4096, 4096), (1, 14336, 1000), (16, 14336, 1024), (7, 4160, 336), (2048, 4096, 4096))
     out["checks"] = {f"{recipe} M={m} K={k} N={n}": check(m, k, n, recipe)
-                     for recipe in ("sharq", "nvfp4", "mxfp4") for m, k, n in ((1, 4096, 4096), (1, 14336, 1000), (16, 14336, 1024),
-                                                                               (7, 4160, 336), (2048, 4096, 4096))}
+                     for recipe in ("sharq", "nvfp4", "mxfp4") for m, k, n in checked}
     out["codes_exact"] = check_codes()
     print("checks (error / fp32-accumulation bound, pass <= 1):",
           json.dumps({key: round(v, 3) for key, v in out["checks"].items()}), "codes exact:", out["codes_exact"])

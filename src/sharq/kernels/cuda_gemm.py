@@ -513,7 +513,7 @@ def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
 
 def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     """Blocks of 8 warps (4 for layers wider than 4096 and than K, which have blocks enough; 8 warps on 70B's
-    8192 x 8192 and 28672 x 8192 ran 1.2-1.4 x faster at 16 tokens and up to 1.08 x at 1-4), K split over blocks
+    8192 x 8192 and 28672 x 8192 ran 1.2-1.3 x faster at 16 tokens, 1.03-1.09 x at one), K split over blocks
     until the multiprocessors have a 16-row tile each. Up to 8 tokens the activation is read where it is used; a
     weight of more than 2^24 elements goes through a cp.async ring per warp: two row tiles a warp where N is at least
     twice K, 3 chunks, and at most 64 registers a thread (32 warps a multiprocessor: 896 blocks of 4096 x 28672 in
