@@ -28,7 +28,9 @@ import itertools
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -341,17 +343,17 @@ class CudaCase:
                               reps=10)
 
 
-def best_of(case: CudaCase, tiles: dict, rounds: int = 2) -> dict:
-    """GPU µs of each launch in `tiles` (name -> tile) on `case`, the best of `rounds` rounds, after two timings
-    thrown away: the first timings after a set-up read up to 8 % slow (H100, the same tile timed twice in a row),
-    which would favour whichever launch is timed last."""
+def best_of(time: Callable[[Any], float], tiles: dict, rounds: int = 2) -> dict:
+    """GPU µs of each launch in `tiles` (name -> tile) by `time` (e.g. CudaCase.cuda_us), the best of `rounds`
+    rounds, after two timings thrown away: the first timings after a set-up read up to 8 % slow (H100, the same
+    tile timed twice in a row), which would favour whichever launch is timed last."""
     first = next(iter(tiles.values()))
-    case.cuda_us(first)
-    case.cuda_us(first)
+    time(first)
+    time(first)
     us: dict = {}
     for _ in range(rounds):
         for key, t in tiles.items():
-            us[key] = min(us.get(key, math.inf), case.cuda_us(t))
+            us[key] = min(us.get(key, math.inf), time(t))
     return us
 
 
@@ -701,8 +703,8 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32)) -> list[dict]
     """What choose_tile keeps fixed per shape (batch invariance), timed anyway: the decode kernel's launch with the K
     split over 4 or 8 warps a block (a register cap keeps its warps a multiprocessor), each with a ring of 3 or 4
     chunks where it rings and with the other number of row tiles up to 8 tokens, on the 8B and 70B shapes at every
-    M the kernel takes (best of two rounds, `best_of`); and the group launch (q/k/v, gate/up) at one token with a
-    register cap of 3-8 blocks a multiprocessor (CudaTile.min_blocks); GPU µs."""
+    M the kernel takes; and the group launch (q/k/v, gate/up) at one token with a register cap of 3-8 blocks a
+    multiprocessor (CudaTile.min_blocks); GPU µs, best of two rounds (`best_of`)."""
     rows = []
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         case = CudaCase.make("sharq", k, n, m)
@@ -716,8 +718,8 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32)) -> list[dict]
             if m <= 8 and t.ring and n % 32 == 0:
                 other = 3 - t.rt  # the other number of row tiles: capped to 32 warps a multiprocessor with two
                 tiles[f"wk{wk}_rt{other}"] = replace(t, rt=other, ring=3, min_blocks=32 // wk if other == 2 else 0)
-        us = best_of(case, tiles)
-        rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "tile": str(base), "us": us,
+        us = best_of(case.cuda_us, tiles)
+        rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "us": us,
                      "tiles": {key: str(t) for key, t in tiles.items()}})
         fastest = min(us, key=us.get)
         print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, chosen (wk={base.wk}) {us['chosen']:.1f}; "
@@ -727,7 +729,8 @@ def k_partition_sweep(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32)) -> list[dict]
     for k, ns in GROUPS:
         case = GroupCase.make("sharq", k, ns, 1)
         base = cuda_gemm.group_tile(1, ns, k, case.sx.device)
-        capped = {cap: case.us(case.group, replace(base, min_blocks=cap)) for cap in (0, 3, 4, 6, 7, 8)}
+        capped = best_of(functools.partial(case.us, case.group),
+                         {cap: replace(base, min_blocks=cap) for cap in (0, 3, 4, 6, 7, 8)})
         rows.append({"K": k, "N": list(ns), "M": 1, "group_min_blocks_us": capped})
         print(f"group K={k} N={'+'.join(map(str, ns))} M=1: "
               + ", ".join(f"cap {c} {v:.1f}" for c, v in capped.items()), flush=True)
@@ -836,7 +839,7 @@ def ring_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
         nbytes = case.p.codes.numel() + case.p.scales.numel()
         timed = []
         variants = ring_variants(n, auto)
-        for t, us in zip(variants, best_of(case, dict(enumerate(variants))).values()):
+        for t, us in zip(variants, best_of(case.cuda_us, dict(enumerate(variants))).values()):
             registers, local = kernel_resources(t, m, case.r.weight_block)
             per_sm = blocks_per_multiprocessor(t, registers, cuda_gemm._shared_bytes(t, cuda_gemm.n8_tiles(m),
                                                                                       case.r.weight_block))
