@@ -18,6 +18,7 @@
 --staged times only the staged wgmma kernel (the weight decoded into shared memory) at 64-4096 tokens.
 --placed times only the CUDA kernels on codes in the placed layout against canonical codes.
 --ring times only the decode kernel's ring launches up to 8 tokens (how choose_tile's were chosen).
+--bulk times only the wgmma kernel fed by bulk copies of a tiled activation against its producer warps.
 """
 
 from __future__ import annotations
@@ -859,6 +860,39 @@ def ring_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
     return rows
 
 
+def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512)) -> list[dict]:
+    """The wgmma kernel with its activation tiled (cuda_wgmma.tiled_activation: each chunk one contiguous image of
+    its shared buffer, filled by one bulk copy from one producer thread) against its launch today (producer warps
+    loading and permuting the activation), at the M the kernel takes, on the 8B and 70B shapes: the same tile and
+    K split, more buffers (slots) or fewer chunks in flight (stages) with the bulk copy; GPU µs, best of two rounds;
+    every bulk launch's output checked bit for bit against today's (the tiling is made outside the timing)."""
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        chosen = cuda_wgmma.choose_tile(m, n, k, (9, 0), sms)
+        if chosen is None:
+            continue
+        case = CudaCase.make("sharq", k, n, m)
+        tiled = cuda_wgmma.tiled_activation(case.act.values, chosen.tokens, placed=False)
+        bulk = replace(chosen, bulk=True, producers=1)
+        tiles = {"today": (chosen, None), "bulk": (bulk, tiled), "bulk_slots6": (replace(bulk, slots=6), tiled),
+                 "bulk_stages2": (replace(bulk, stages=2), tiled)}
+        if chosen.tokens > 64:  # a chunk of 128 tokens is 32 KB: at most 6 buffers
+            tiles["bulk_slots3"] = (replace(bulk, slots=3), tiled)
+        want = case.output(chosen)
+        exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if a is not None}
+        us = best_of(lambda ta: case.cuda_us(*ta), tiles)
+        rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "us": us, "exact": exact,
+                     "tiles": {key: str(t) for key, (t, _) in tiles.items()}})
+        print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, " + ", ".join(f"{key} {v:.1f}" for key, v in us.items())
+              + f"; bulk x{us['today'] / min(v for key, v in us.items() if key != 'today'):.2f}; exact "
+              + ",".join(key for key, ok in exact.items() if ok) + (" MISMATCH" if not all(exact.values()) else ""),
+              flush=True)
+        del case, tiled
+        torch.cuda.empty_cache()
+    return rows
+
+
 # the options that time one thing at token counts of their own and exit: (default token counts, function, the key of
 # its rows in the results file, what the option times)
 ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decode",
@@ -880,6 +914,8 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                    "the Triton one (8B and 70B)"),
         "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
                    "placed layout (kernels/placed.py) against canonical codes (8B)"),
+        "bulk": ((33, 64, 128, 256, 512), bulk_sweep, "bulk_sweep", "the wgmma kernel fed by bulk copies of a "
+                 "tiled activation against its producer warps (8B and 70B)"),
         "ring": ((1, 4, 8), ring_sweep, "ring_sweep", "the decode kernel's ring launches up to 8 tokens: depth, row "
                  "tiles, warps, register cap (8B and 70B)")}
 

@@ -96,6 +96,40 @@ def test_the_token_tile_options_compile_without_spills(option):
         assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
 
 
+@pytest.mark.parametrize("option", [{}, {"tokens": 128}, {"tokens": 128, "slots": 6, "stages": 2}])
+def test_the_bulk_copy_tiles_compile_without_spills(option):
+    """The wgmma kernel fed by bulk copies of the tiled activation (bench_gemm.py --bulk times it), as one layer's
+    and as a group's kernel, on canonical and placed codes."""
+    for placed, group in [(False, False), (True, True)]:
+        t = cuda_wgmma.WgmmaTile(**option, bulk=True, producers=1, placed=placed)
+        built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 1, True, group), "sm_90a")
+        assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
+
+
+def test_the_tiled_activation_is_each_chunk_the_producers_buffer_image():
+    """chunk_order places every (token, element) of a chunk once, where the producer warps put it (kernels'
+    comments: pair i of elements 32 q + 8 v .. + 7 at k slots 2q, 2q + 1 of step 2v + (i >> 1), k half i & 1; a
+    core matrix 8 tokens x 16 bytes); tiled_activation lays out tiles and chunks in order, the last tile padded."""
+    for tokens, placed in [(64, False), (128, True), (8, False)]:
+        order = cuda_wgmma.chunk_order(tokens, placed)
+        assert sorted(order.flatten().tolist()) == list(range(tokens * 128))
+        # token 9, element 32 * 2 + 8 * 1 + w: step 2 or 3, core matrix row 1 of token group 1, slot 4 or 5
+        pairs = [(0, 4), (1, 5), (2, 6), (3, 7)] if not placed else [(0, 1), (2, 3), (4, 5), (6, 7)]
+        for i, (lo, hi) in enumerate(pairs):
+            at = (2 + (i >> 1)) * 16 * tokens + (i & 1) * 8 * tokens + 64 + 8 + 4
+            if tokens > 9:
+                assert order[9, 72 + lo] == at and order[9, 72 + hi] == at + 1
+    g = torch.Generator().manual_seed(91)
+    a = torch.randn(70, 256, generator=g).to(torch.bfloat16)
+    tiled = cuda_wgmma.tiled_activation(a, 64, placed=False).view(2, 2, 64 * 128)
+    order = cuda_wgmma.chunk_order(64, False)
+    for tile, chunk in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        rows = a[64 * tile:64 * tile + 64, 128 * chunk:128 * chunk + 128]
+        image = tiled[tile, chunk]
+        assert torch.equal(image[order[:len(rows)]], rows)
+        assert not image[order[len(rows):]].any()  # the tokens beyond M: zeros
+
+
 STAGED = [{"tokens": 128, "staged": True, "slots": 3, "producers": 8},
           {"tokens": 128, "staged": True, "slots": 2, "producers": 8},
           {"tokens": 256, "staged": True, "slots": 2, "producers": 4},

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY, SCALE_TABLE_BYTES
 
 NAME = "sharq_nvfp4_wgmma"
@@ -68,11 +70,16 @@ class WgmmaTile:
     tokens: int = TOKENS
     staged: bool = False  # the producers decode the weight into shared memory too (both MMA operands there)
     placed: bool = False  # the kernel that reads codes in kernels/placed.py's layout (the packed-placed backend's)
+    bulk: bool = False  # the activation arrives tiled (tiled_activation): one bulk copy a chunk, one producer warp
 
     def __post_init__(self):
         if not (8 <= self.tokens <= MAX_TOKENS and self.tokens % 8 == 0):
             raise ValueError(f"WgmmaTile(tokens={self.tokens}): wgmma takes 8 to {MAX_TOKENS} tokens in steps of 8")
-        if self.staged:
+        if self.bulk:
+            if self.staged or self.producers != 1:
+                raise ValueError(f"WgmmaTile(bulk=True, producers={self.producers}, staged={self.staged}): the bulk "
+                                 f"copies take one producer warp and the register-fed kernel")
+        elif self.staged:
             parts = self.producers * 32 // self.rows if self.producers * 32 % self.rows == 0 else 0
             if self.producers % 4 or parts not in (1, 2, 4) or self.tokens % (2 * self.producers):
                 raise ValueError(f"WgmmaTile(producers={self.producers}, staged=True): whole warpgroups of producer "
@@ -137,6 +144,34 @@ def k_splits(blocks: int, kp: int, multiprocessors: int, one_wave: bool = False)
     return splits
 
 
+def chunk_order(tokens: int, placed: bool) -> torch.Tensor:
+    """Where each (token, element) of a chunk of `tokens` activation rows x 128 elements sits in the register-fed
+    kernel's B buffer (bf16 offsets, [tokens, 128]): core matrices of 8 tokens x 8 k slots, the two k halves of a
+    16-slot step `tokens` * 8 apart, steps 16 * tokens apart; k slots 2q, 2q + 1 (+ 8 for the second half) of
+    step 2v + (i >> 1) hold pair i of elements 32 q + 8 v .. + 7, the pair the weight decode gives (elements i
+    and i + 4 on canonical codes, 2i and 2i + 1 on placed ones)."""
+    t, e = torch.arange(tokens).view(-1, 1), torch.arange(128).view(1, -1)
+    q, v, w = e >> 5, (e >> 3) & 3, e & 7
+    i, b = (w >> 1, w & 1) if placed else (w & 3, w >> 2)
+    step, half, slot = 2 * v + (i >> 1), i & 1, 2 * q + b
+    return step * (16 * tokens) + half * (8 * tokens) + (t >> 3) * 64 + (t & 7) * 8 + slot
+
+
+def tiled_activation(a: torch.Tensor, tokens: int, placed: bool) -> torch.Tensor:
+    """The activation a [M, K] (K a multiple of 128) as the bulk-copy kernel (WgmmaTile.bulk) reads it: M in tiles
+    of `tokens` (the last padded with zeros), each tile's chunks of 128 elements one after another, each chunk
+    the B buffer's image (chunk_order), so one copy of contiguous bytes fills a buffer. Returned as
+    [tiles * tokens, K], the tiles one after another."""
+    m, k = a.shape
+    tiles = -(-m // tokens)
+    x = torch.zeros(tiles * tokens, k, dtype=a.dtype, device=a.device)
+    x[:m] = a
+    x = x.view(tiles, tokens, k // 128, 128).transpose(1, 2).reshape(tiles, k // 128, tokens * 128)
+    out = torch.empty_like(x)
+    out[..., chunk_order(tokens, placed).reshape(-1).to(a.device)] = x
+    return out.view(tiles * tokens, k)
+
+
 def shared_bytes(t: WgmmaTile) -> int:
     """The buffers (a chunk of 128 elements of t.tokens activation rows in bf16, and of t.rows decoded weight rows
     where t.staged) and their two mbarriers."""
@@ -149,7 +184,7 @@ def kernel_source(t: WgmmaTile, block: int, out: int, bias: int, sx_row: bool, g
     (GROUP_NAME)."""
     defines = dict(WG=t.warpgroups, STAGES=t.stages, PW=t.producers, XS=t.slots, NTG=t.tokens // 8, BLOCK=block,
                    OUT=out, BIAS=bias, SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), GROUP=int(group),
-                   STAGED=int(t.staged), PLACED=int(t.placed))
+                   STAGED=int(t.staged), PLACED=int(t.placed), BULK=int(t.bulk))
     return ("".join(f"#define {k} {v}\n" for k, v in defines.items()) + DEVICE_HELPERS + _wgmma_function(t.tokens)
             + _SOURCE)
 
@@ -185,6 +220,12 @@ __device__ __forceinline__ void mbar_arrive(u32 a) {
 __device__ __forceinline__ void mbar_wait(u32 a, u32 parity) {
   asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
                "@!done bra WAIT;\n}" :: "r"(a), "r"(parity) : "memory");
+}
+// `bytes` from global src to shared dst by the async proxy, counted on mbarrier bar (which this thread arrives on)
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
 // B of one 16-element step: core matrices of 8 tokens x 8 k (128 bytes), the two k halves NTG * 128 bytes apart
 // (leading byte offset), token groups 128 bytes apart (stride byte offset), no swizzle
@@ -226,7 +267,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[NTG * 4], void* __
 __device__ __forceinline__ void block_setup(u32 full, u32 empty, u32* scale_table) {
   if (threadIdx.x == 0)
     for (int s = 0; s < XS; ++s) {
-      mbar_init(full + 8 * s, PW * 32);
+      mbar_init(full + 8 * s, BULK ? 1 : PW * 32);
       mbar_init(empty + 8 * s, WG * 128);
     }
   build_scale_table(scale_table);
@@ -380,6 +421,22 @@ __device__ __forceinline__ void wgmma_block(
   const u32 base = smem_addr(smem), full = base + XS * CHUNK, empty = full + XS * 8;
   __shared__ u32 scale_table[256];
   block_setup(full, empty, scale_table);
+#if BULK
+  if (warp >= WG * 4) {
+    // producer: chunk c of the tiled activation (tiled_activation: each chunk of a token tile the buffer's image,
+    // contiguous) into buffer c % XS by one bulk copy, which counts its bytes on the buffer's "full" mbarrier
+    if (lane == 0) {
+      const u16* src = a + ((long)blockIdx.z * (Kp >> 7) + c_begin) * (NTG * 8 * 128);
+      wait_prior_grid();
+      for (int c = 0; c < chunks; ++c) {
+        const int s = c % XS;
+        if (c >= XS) mbar_wait(empty + 8 * s, ((c / XS) + 1) & 1);  // chunk c - XS's MMAs are done
+        bulk_copy(base + s * CHUNK, src + (long)c * (NTG * 8 * 128), CHUNK, full + 8 * s);
+      }
+    }
+    return;
+  }
+#else
   if (warp >= WG * 4) {
     wait_prior_grid();
     // producer: chunk c of the activation into buffer c % XS. Producer warp pw takes 8 elements qq * 32 + 8 v ..
@@ -431,6 +488,7 @@ __device__ __forceinline__ void wgmma_block(
     }
     return;
   }
+#endif
   // consumer: warp w of warpgroup wg takes rows n0 .. n0 + 15, rows g and g + 8 of them in this thread
   const int n0 = bx * (64 * WG) + warp * 16;
   const U4* wrow[2];
