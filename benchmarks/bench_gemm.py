@@ -879,6 +879,10 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512)) -> list[dict]:
                  "bulk_stages2": (replace(bulk, stages=2), tiled)}
         if chosen.tokens > 64:  # a chunk of 128 tokens is 32 KB: at most 6 buffers
             tiles["bulk_slots3"] = (replace(bulk, slots=3), tiled)
+        # blocks of 64 rows, two a multiprocessor (3 buffers of 128 tokens), their K split as choose_tile's
+        one = replace(bulk, warpgroups=1, slots=3 if chosen.tokens > 64 else bulk.slots)
+        tiles["bulk_wg1"] = (replace(one, splits=cuda_wgmma.k_splits(n // one.rows * cuda_wgmma.token_tiles(m, one),
+                                                                      k, sms, one_wave=m > cuda_wgmma.TOKENS)), tiled)
         want = case.output(chosen)
         exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if a is not None}
         us = best_of(lambda ta: case.cuda_us(*ta), tiles)
