@@ -860,16 +860,25 @@ def ring_sweep(ms: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
     return rows
 
 
-def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512)) -> list[dict]:
+def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> list[dict]:
     """The wgmma kernel with its activation tiled (cuda_wgmma.tiled_activation: each chunk one contiguous image of
     its shared buffer, filled by one bulk copy from one producer thread) against its launch today (producer warps
-    loading and permuting the activation), at the M the kernel takes, on the 8B and 70B shapes: the same tile and
-    K split, more buffers (slots) or fewer chunks in flight (stages) with the bulk copy; GPU µs, best of two rounds;
-    every bulk launch's output checked bit for bit against today's (the tiling is made outside the timing)."""
+    loading and permuting the activation), on the 8B and 70B shapes at the M it takes (above WIDE_MAX_M, token
+    tiles of WIDE_TOKENS as if it took them, against decode + cuBLAS): the same tile and K split, more buffers
+    (slots), fewer chunks in flight (stages), one consumer warpgroup a block; GPU µs, best of two rounds; every
+    bulk launch's output checked bit for bit against today's. The GEMM alone (the tiling made outside the timing),
+    then the layer: the prepare writing plain values + today's launch against the prepare writing the tiled ones +
+    the bulk launch with 2 chunks in flight."""
+    from sharq.kernels import prepare as kp
+
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         chosen = cuda_wgmma.choose_tile(m, n, k, (9, 0), sms)
+        if chosen is None and m > cuda_wgmma.WIDE_MAX_M and n % 128 == 0:
+            wide = cuda_wgmma.WgmmaTile(tokens=cuda_wgmma.WIDE_TOKENS)
+            chosen = replace(wide, splits=cuda_wgmma.k_splits(n // wide.rows * cuda_wgmma.token_tiles(m, wide), k,
+                                                              sms, one_wave=True))
         if chosen is None:
             continue
         case = CudaCase.make("sharq", k, n, m)
@@ -886,12 +895,31 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512)) -> list[dict]:
         want = case.output(chosen)
         exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if a is not None}
         us = best_of(lambda ta: case.cuda_us(*ta), tiles)
+        if m > cuda_wgmma.TOKENS:
+            a, block = case.act.values, case.r.weight_block
+            us["decoded"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
+                a, c, s, "nvfp4", block, case.sx, case.swf, None, torch.bfloat16) for c, s in case.ps], reps=10)
+        x, dev = outlier_x(m, k), case.act.values.device
+        prepares = {False: kp.dequantized_launcher(case.r, m, k, x.dtype, dev),
+                    True: kp.dequantized_launcher(case.r, m, k, x.dtype, dev, tiled=(chosen.tokens, False))}
+
+        def layer_us(tile_tiled, case=case, x=x, prepares=prepares) -> float:
+            tile, tiled_values = tile_tiled
+
+            def one(c, s):
+                values, scale, _ = prepares[tiled_values](x)
+                cuda_gemm.nvfp4_mma(values, c, s, case.r.weight_block, scale.reshape(-1), case.swf, None,
+                                    torch.bfloat16, tile=tile)
+            return 1e3 * graph_ms([lambda c=c, s=s: one(c, s) for c, s in case.ps], reps=10)
+
+        layer = best_of(layer_us, {"today": (chosen, False), "bulk_stages2": (replace(bulk, stages=2), True)})
         rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "us": us, "exact": exact,
-                     "tiles": {key: str(t) for key, (t, _) in tiles.items()}})
+                     "layer_us": layer, "tiles": {key: str(t) for key, (t, _) in tiles.items()}})
+        best_bulk = min(v for key, v in us.items() if key.startswith("bulk"))
         print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, " + ", ".join(f"{key} {v:.1f}" for key, v in us.items())
-              + f"; bulk x{us['today'] / min(v for key, v in us.items() if key != 'today'):.2f}; exact "
-              + ",".join(key for key, ok in exact.items() if ok) + (" MISMATCH" if not all(exact.values()) else ""),
-              flush=True)
+              + f"; bulk x{us['today'] / best_bulk:.2f}; layer today {layer['today']:.1f}, bulk "
+              f"{layer['bulk_stages2']:.1f}; exact " + ",".join(key for key, ok in exact.items() if ok)
+              + (" MISMATCH" if not all(exact.values()) else ""), flush=True)
         del case, tiled
         torch.cuda.empty_cache()
     return rows
@@ -918,7 +946,7 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                    "the Triton one (8B and 70B)"),
         "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
                    "placed layout (kernels/placed.py) against canonical codes (8B)"),
-        "bulk": ((33, 64, 128, 256, 512), bulk_sweep, "bulk_sweep", "the wgmma kernel fed by bulk copies of a "
+        "bulk": ((33, 64, 128, 256, 512, 1024, 2048), bulk_sweep, "bulk_sweep", "the wgmma kernel fed by bulk copies of a "
                  "tiled activation against its producer warps (8B and 70B)"),
         "ring": ((1, 4, 8), ring_sweep, "ring_sweep", "the decode kernel's ring launches up to 8 tokens: depth, row "
                  "tiles, warps, register cap (8B and 70B)")}

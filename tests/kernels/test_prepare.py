@@ -37,6 +37,28 @@ def test_kernel_matches_reference_bit_for_bit(name, m, k, rng):
     assert torch.equal(values, ref.values)
 
 
+@pytest.mark.parametrize("tokens,placed", [(64, False), (128, True)])
+@pytest.mark.parametrize("m", [3, 70])
+def test_the_tiled_values_are_the_plain_values_in_the_wgmma_kernels_layout(tokens, placed, m, rng):
+    """With `tiled` the kernel writes the values where kernels/cuda_wgmma.py's tiled_activation puts them (each
+    chunk of a token tile its B buffer's image), the scale unchanged; plain and tiled from the launch plan too."""
+    from sharq.kernels.cuda_wgmma import chunk_order
+
+    k = 256
+    x = outlier_activations(rng, m, k).to(DEVICE)
+    recipe = sharq.get_recipe("sharq")
+    plain, scale = prepare_dequantized(x, recipe, torch.bfloat16)
+    for tiled, tiled_scale in [prepare_dequantized(x, recipe, torch.bfloat16, tiled=(tokens, placed)),
+                               dequantized_launcher(recipe, m, k, x.dtype, x.device, tiled=(tokens, placed))(x)[:2]]:
+        tiles = -(-m // tokens)
+        assert tiled.shape == (tiles * tokens, k) and torch.equal(tiled_scale, scale)
+        images = tiled.reshape(tiles, k // 128, tokens * 128)[..., chunk_order(tokens, placed).to(DEVICE)]
+        back = images.permute(0, 2, 1, 3).reshape(tiles * tokens, k)  # [tile, token, chunk, element]
+        assert torch.equal(back[:m], plain)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        prepare_dequantized(x[:, :96], recipe, torch.bfloat16, tiled=(tokens, placed))
+
+
 @pytest.mark.parametrize("self_amax", [True, False])
 @pytest.mark.parametrize("granularity", ["tensor", "token"])
 @pytest.mark.parametrize("m,k", [(1, 3000), (9, 200), (37, 96)])

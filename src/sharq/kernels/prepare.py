@@ -307,13 +307,29 @@ def _rows_amax_bits(x_ptr, rows, M, stride_xm, BM: tl.constexpr, BK: tl.constexp
 
 
 @triton.jit
+def _tiled_offsets(rows, cols, K, T: tl.constexpr, PLACED: tl.constexpr):
+    """Where (row, col) of the values goes in the wgmma kernel's tiled activation (kernels/cuda_wgmma.py,
+    tiled_activation and chunk_order): tiles of T rows, each tile's chunks of 128 columns one after another, each
+    chunk its B buffer's image."""
+    t, e = rows % T, cols % 128
+    q, v, w = e >> 5, (e >> 3) & 3, e & 7
+    if PLACED:
+        i, b = w >> 1, w & 1
+    else:
+        i, b = w & 3, w >> 2
+    in_chunk = (2 * v + (i >> 1)) * (16 * T) + (i & 1) * (8 * T) + 2 * q + b
+    chunk = (rows // T).to(tl.int64)[:, None] * (K // 128) + (cols // 128)[None, :]
+    return chunk * (T * 128) + ((t >> 3) * 64 + (t & 7) * 8)[:, None] + in_chunk[None, :]
+
+
+@triton.jit
 def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride_om,
                     codes1_ptr, scales1_ptr, idx_ptr, codes2_ptr, scales2_ptr, Kp1, Kp2, idx_bytes,
                     PER_ROW: tl.constexpr, TENSOR_SCALE: tl.constexpr, ROUND_INPUT: tl.constexpr,
                     MASK1: tl.constexpr, BLOCK1: tl.constexpr, TWO_STAGES: tl.constexpr, BLOCK2: tl.constexpr,
                     FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr,
                     SELF_AMAX: tl.constexpr, AMAX_BM: tl.constexpr, AMAX_BK: tl.constexpr, KC: tl.constexpr,
-                    PDL: tl.constexpr):
+                    PDL: tl.constexpr, TILE: tl.constexpr = 0, TILE_PLACED: tl.constexpr = False):
     if PDL:  # a GEMM launched after this kernel with programmatic dependent launch may start now (it waits for
         _launch_dependents()  # this kernel's output itself): its launch and set-up overlap this kernel
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -393,7 +409,11 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
         d0, d1, d2, d3, d4, d5, d6, d7 = d0 + e0, d1 + e1, d2 + e2, d3 + e3, d4 + e4, d5 + e5, d6 + e6, d7 + e7
 
     out = cast_rne(_join8(d0, d1, d2, d3, d4, d5, d6, d7, BM, H), out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], out, mask=inside)
+    if TILE:
+        offsets = _tiled_offsets(rows, cols, K, TILE, TILE_PLACED)
+    else:
+        offsets = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptr + offsets, out, mask=inside)
 
 
 # --- launch ------------------------------------------------------------------------------------------------------
@@ -423,6 +443,7 @@ class _Plan:
     self_amax: bool
     amax_grid: tuple[int, ...] | None  # the separate amax pass, if any
     grid: tuple[int, int]
+    rows: int  # the values' rows: m, or m up to whole tiles of a tiled layout
     kp: tuple[int, ...]  # each stage's K, padded to whole blocks
     blocks: tuple[int, ...]
     fmts: tuple[str, ...]
@@ -440,9 +461,10 @@ def _check_supported(recipe: Recipe) -> None:
 
 @functools.lru_cache(maxsize=4096)
 def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile: tuple, self_amax: bool | None,
-          device: tuple[int, bool], given_amax: bool = False) -> _Plan:
+          device: tuple[int, bool], given_amax: bool = False, tiled: tuple[int, bool] | None = None) -> _Plan:
     """`given_amax`: the caller passes the whole input's amax (x a K-slice of it), so the kernel neither finds it
-    itself nor has a pass find it."""
+    itself nor has a pass find it. `tiled` (tokens, placed): the values in the wgmma kernel's tiled layout
+    (kernels/cuda_wgmma.py's tiled_activation), K a multiple of 128."""
     _check_supported(recipe)  # here, once per recipe and shape (an exception is not cached: every call)
     sms, pdl = device
     bm, h, warps = tile
@@ -459,9 +481,12 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
         PER_ROW=per_row, TENSOR_SCALE=tensor_scale, ROUND_INPUT=round_input, MASK1=_MASK[stages[0].mask],
         BLOCK1=stages[0].block, TWO_STAGES=len(stages) == 2, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt],
         BM=bm, H=h, PACKED=packed, SELF_AMAX=self_amax, AMAX_BM=amax_bm, AMAX_BK=SELF_AMAX_TILE // amax_bm,
-        KC=k if self_amax else 0, PDL=pdl, num_warps=warps)
+        KC=k if self_amax else 0, PDL=pdl, num_warps=warps, TILE=tiled[0] if tiled else 0,
+        TILE_PLACED=bool(tiled and tiled[1]))
+    if tiled and (k % 128 or packed):
+        raise ValueError(f"a tiled activation needs K a multiple of 128 (got {k}) and the values alone")
     grid = (triton.cdiv(m, bm), triton.cdiv(k, 16 * h))
-    return _Plan(per_row, tensor_scale, self_amax, amax_grid, grid,
+    return _Plan(per_row, tensor_scale, self_amax, amax_grid, grid, -(-m // tiled[0]) * tiled[0] if tiled else m,
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
                  -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs,
@@ -485,8 +510,8 @@ def _device(device: torch.device) -> tuple[int, bool]:
 
 
 def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: bool,
-            tile: dict | None = None, self_amax: bool | None = None, amax: torch.Tensor | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+            tile: dict | None = None, self_amax: bool | None = None, amax: torch.Tensor | None = None,
+            tiled: tuple[int, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
     _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
     sizes a launch costs more than re-reading a few KB of X from L2. A given `amax` (the whole input's, x2d a
@@ -503,15 +528,15 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     tile = tile or _default_tile(m)
     plan = _plan(recipe, m, k, x.dtype != torch.bfloat16, packed, (tile["BM"], tile["H"], tile["num_warps"]),
-                 self_amax, _device(x.device), amax is not None)
+                 self_amax, _device(x.device), amax is not None, tiled)
     return _run(plan, x, m, k, x.stride(0), out_dtype, packed, amax)
 
 
 def _outputs(plan: _Plan, m: int, k: int, out_dtype: torch.dtype, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the main kernel writes: the values [m, k] and s_x ([m, 1] or [1, 1]; without a tensor scale a 1 the
-    kernel skips)."""
-    out = torch.empty(m, k, dtype=out_dtype, device=device)
+    """What the main kernel writes: the values [m, k] (tiled: [plan.rows, k], the rows past m never written) and
+    s_x ([m, 1] or [1, 1]; without a tensor scale a 1 the kernel skips)."""
+    out = torch.empty(plan.rows, k, dtype=out_dtype, device=device)
     if plan.tensor_scale:
         return out, torch.empty(m if plan.per_row else 1, 1, dtype=torch.float32, device=device)
     return out, torch.ones(1, 1, dtype=torch.float32, device=device)
@@ -548,22 +573,23 @@ def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype
     return out, scale, parts
 
 
-def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device
+def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device,
+                         tiled: tuple[int, bool] | None = None
                          ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, tuple]]:
     """prepare_dequantized's launches for contiguous inputs [..., k] of m rows, of x_dtype on `device` (bf16
     values [m, k]), worked out once: an eager layer's plan, whose caller guarantees the input (its leading dims
     are not flattened by a view: the kernel reads rows k apart). Returns x -> (values, scale, ()). Its launches
     are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches. The values and
     scale are written into the same tensors call after call on a stream (launch.plan_buffers; decode sizes): the
-    caller reads them before its next call on that stream."""
+    caller reads them before its next call on that stream. `tiled`: as prepare_dequantized's."""
     _check_supported(recipe)
     tile = _default_tile(m)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
-                 _device(device), False)
+                 _device(device), False, tiled)
     bound = _bound(plan)
     device = torch.device(device)
-    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device), 2 * m * k + 4 * m,
-                           device.index or 0)
+    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device),
+                           2 * plan.rows * k + 4 * m, device.index or 0)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None, outputs())
@@ -572,11 +598,13 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
 
 
 def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32,
-                        amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        amax: torch.Tensor | None = None, tiled: tuple[int, bool] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ deq(Qᵢ) [M, K] in out_dtype, activation scale s_x [1, 1] or [M, 1]) — the same as
     recipe.prepare_activation(x2d, amax=amax).values / .scale, from one fused pass (plus the amax pass for s_x,
-    unless the whole input's `amax` is given)."""
-    values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False, amax=amax)
+    unless the whole input's `amax` is given). `tiled` (tokens, placed): the values written in the layout the
+    wgmma kernel's bulk copies read (kernels/cuda_wgmma.py's tiled_activation; rows past M left unwritten)."""
+    values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False, amax=amax, tiled=tiled)
     return values, scale
 
 
