@@ -515,10 +515,12 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     """Blocks of 8 warps (4 for layers wider than 4096 and than K, which have blocks enough; 8 warps on 70B's
     8192 x 8192 and 28672 x 8192 ran 1.2-1.3 x faster at 16 tokens, 1.03-1.09 x at one), K split over blocks
     until the multiprocessors have a 16-row tile each. Up to 8 tokens the activation is read where it is used; a
-    weight of more than 2^24 elements goes through a cp.async ring per warp: two row tiles a warp where N is at least
-    twice K, 3 chunks, and at most 64 registers a thread (32 warps a multiprocessor: 896 blocks of 4096 x 28672 in
-    one wave rather than 1.13); else one row tile, 4 chunks with 4 warps and K > 4096, otherwise 3; smaller weights
-    are staged in registers, two chunks in flight. 9 to 16 and 33 to 64 tokens:
+    weight of more than 2^24 elements goes through a cp.async ring per warp: from 2 tokens two row tiles a warp where
+    N is at least twice K, 3 chunks, and at most 64 registers a thread (32 warps a multiprocessor: 896 blocks of
+    4096 x 28672 in one wave rather than 1.13; at one token one row tile, 3 % faster); at 8 tokens two row tiles,
+    uncapped, on 8-warp layers wider than 4096 (70B's o_proj and down: 1.12 and 1.27 x); else one row tile, 4 chunks
+    with 4 warps and K > 4096, otherwise 3; smaller weights are staged in registers, two chunks in flight. Row tiles
+    change no sum, so they may follow M. 9 to 16 and 33 to 64 tokens:
     two row tiles (the activation's loads serve twice the weight), one chunk in flight, the activation read where
     used (with one row tile, N not a multiple of 32: staged, two chunks in flight up to 16 tokens; the ring
     above 32). 17 to 32: the ring, the activation staged, two row tiles where N > 2048. From the sweeps of
@@ -529,9 +531,10 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     two_rows = n % 32 == 0
     min_blocks = 0
     if m <= 8 and n * kp > _RING_WEIGHTS:
-        rt, stages, direct = (2 if two_rows and n >= 2 * kp else 1), 1, True
+        wide, deep = n >= 2 * kp and m > 1, wk == 8 and n > 4096 and m == 8
+        rt, stages, direct = (2 if two_rows and (wide or deep) else 1), 1, True
         ring = 4 if rt == 1 and wk == 4 and kp > 4096 else 3
-        if rt == 2:
+        if wide:
             min_blocks = 32 // wk
     elif m <= 8:
         rt, stages, ring, direct = 1, 2, 0, True
