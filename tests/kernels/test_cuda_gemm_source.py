@@ -334,20 +334,20 @@ def test_the_variant_scripts_edits_still_apply_and_compile(monkeypatch):
 
 @pytest.mark.parametrize("k,n", SHAPES)
 def test_two_row_tile_ring_launches_fit_32_warps_a_multiprocessor(k, n, monkeypatch):
-    """Up to 8 tokens the ring launches with two row tiles are capped so that 32 warps fit a multiprocessor
-    (64 registers a thread: the whole grid of 4096 x 28672 in one wave), without spilling, whatever the block
-    size, output, bias and scales."""
+    """Up to 8 tokens the ring launches with two row tiles where N >= 2 K are capped so that 32 warps fit a
+    multiprocessor (64 registers a thread: the whole grid of 4096 x 28672 in one wave); those of 8-warp layers at 8
+    tokens are not. Neither spills, whatever the block size, output, bias and scales."""
     monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
     for m in (1, 4, 8):
         t = cuda_gemm.choose_tile(m, n, k, None)
         if not (t.ring and t.rt == 2):
             continue
-        assert t.min_blocks * t.wk == 32
+        assert t.min_blocks * t.wk == (32 if n >= 2 * k else 0), (m, t)
         for block, out, bias, per_token in [(32, torch.bfloat16, None, False),
                                             (16, torch.float16, torch.bfloat16, True)]:
             built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, cuda_gemm.n8_tiles(m), block, cuda_gemm._OUT[out],
                                                                 cuda_gemm._BIAS[bias], per_token), "sm_90")
-            assert built.registers * t.threads * t.min_blocks <= 65536 and built.spilled == 0, (m, t, block)
+            assert built.registers * t.threads * max(t.min_blocks, 1) <= 65536 and built.spilled == 0, (m, t, block)
 
 
 def test_the_weight_read_ceilings_kernels_compile_without_spills(monkeypatch):
