@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import sharq  # noqa: E402
 from sharq import functional  # noqa: E402
 from sharq import nn as snn  # noqa: E402
-from sharq.backends import BACKENDS, get_backend  # noqa: E402
+from sharq.backends import BACKENDS, GroupPlan, get_backend  # noqa: E402
 from sharq.models import target_linears  # noqa: E402
 from sharq.quant import dequantize_blocks  # noqa: E402
 
@@ -562,7 +562,7 @@ def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(r
     compiler keeps one call a group; the logits are the eager ones (which multiply layer by layer here)."""
     calls = []
 
-    def group_plan(qweights, biases, recipe, lead, out_dtype, layouts):  # the packed weights (no layouts here)
+    def group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):  # packed weights, no layouts
         assert layouts == [None] * len(qweights)
         values = [dequantize_blocks(w.packed).to(torch.bfloat16) for w in qweights]
 
@@ -570,7 +570,7 @@ def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(r
             calls.append(len(qweights))
             return [get_backend("reference").matmul(act, dataclasses.replace(w, values=v), b, out_dtype)
                     for w, v, b in zip(qweights, values, biases)]
-        return run
+        return GroupPlan(run)
 
     monkeypatch.setitem(BACKENDS, "grouped", dataclasses.replace(BACKENDS["reference"], group_plan=group_plan))
     model = sharq.quantize_model(tiny("llama"), "sharq", backend="grouped")

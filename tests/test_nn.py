@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import sharq
-from sharq.backends import BACKENDS, EagerPlan
-from sharq.kernels import cuda_gemm
+from sharq.backends import BACKENDS, EagerPlan, GroupPlan
+from sharq.kernels import cuda_gemm, cuda_wgmma
 from sharq.nn import SharedActivation, SharQLinear
 from sharq.recipes import QActivation
 
@@ -223,6 +223,62 @@ def test_a_layer_keeps_a_bounded_number_of_eager_plans():
     assert 0 < len(layer._plans) <= sharq_nn._MAX_PLANS
 
 
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs a Hopper GPU (the wgmma kernel)")
+
+
+@hopper
+@pytest.mark.parametrize("m,backend,options", [(150, "packed", {}), (300, "packed-placed", {}),
+                                               (200, "packed", {"scale_granularity": "token"})])
+def test_a_large_layer_of_its_own_input_takes_the_bulk_copies_with_the_general_paths_bits(m, backend, options):
+    """Above 64 tokens a layer the wgmma kernel's token tiles take, sharing its input with no other, runs their
+    bulk-copy variant: its plan's prepare writes the activation tiled (rows up to whole tiles) and the output is the
+    general path's bit for bit (the same tile and K split)."""
+    torch.manual_seed(m)
+    layer = SharQLinear.from_linear(nn.Linear(4096, 4096, bias=True, device="cuda", dtype=torch.bfloat16), "sharq",
+                                    backend=backend, **options)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        plan = layer.eager_plan(x)
+        assert plan.prepare(x).values.shape == (-(-m // 128) * 128, 4096)  # tiled
+        assert torch.equal(layer(x), layer.multiply(layer.prepare(x), layer.bias, torch.bfloat16))
+
+
+@hopper
+def test_a_quantized_llama_takes_the_bulk_copies_for_its_groups_and_layers_with_the_same_logits(monkeypatch):
+    """At 150 tokens of a model with 8B-wide layers every q/k/v and gate/up group and every o/down layer runs the
+    bulk-copy variant of the wgmma kernel's token tiles (group plans with a prepare of their own), and the logits
+    are those with the producer warps bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=4096, num_attention_heads=32,
+                                      num_key_value_heads=8, num_hidden_layers=2, vocab_size=256)
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    sharq.quantize_model(model, "sharq", backend="packed")
+    ids = torch.randint(0, 256, (1, 150), device="cuda")
+    bulk = []
+    def counted(made, name):  # the bulk-copy launches made, counted
+        def make(*args):
+            run = made(*args)
+            if run is not None:
+                bulk.append(name)
+            return run
+        return make
+
+    for name in ("bulk_launcher", "bulk_group_launcher"):
+        monkeypatch.setattr(cuda_gemm, name, counted(getattr(cuda_gemm, name), name))
+    with torch.no_grad():
+        tiled = model(ids).logits
+        assert bulk.count("bulk_group_launcher") == 2 * config.num_hidden_layers
+        assert bulk.count("bulk_launcher") == 2 * config.num_hidden_layers  # o_proj and down
+        monkeypatch.setattr(cuda_wgmma, "bulk_tile", lambda t: None)
+        for layer in model.modules():
+            if isinstance(layer, SharQLinear):
+                layer._forget_runs()
+        plain = model(ids).logits
+    assert torch.equal(tiled, plain)
+
+
 class _GroupMember:
     """What SharedActivation.output asks of a layer, with an eager plan that counts its calls."""
 
@@ -249,13 +305,13 @@ class _GroupMember:
 
 
 def _group_backend(counts):
-    def group_plan(weights, biases, recipe, lead, out_dtype, layouts):
+    def group_plan(weights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):
         counts["plans"] += 1
 
         def run(act):
             counts["group"] += 1
             return [act.values @ w.T for w in weights]
-        return run
+        return GroupPlan(run)
     return dataclasses.replace(BACKENDS["reference"], group_plan=group_plan)
 
 

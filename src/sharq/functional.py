@@ -117,9 +117,9 @@ def _matmul_group_op(values: torch.Tensor, scale: torch.Tensor, codes: list[torc
         layouts = [None] * len(codes)
         qweights = [QWeight(None, s_w, QTensor(c, s, r.weight_fmt, r.weight_block, (c.shape[0], k)))
                     for c, s, s_w in zip(codes, scales, weight_scales)]
-    run = b.group_plan(qweights, biases, r, (values.shape[0],), out_dtype, layouts)
-    if run is not None:
-        return run(act)
+    plan = b.group_plan(qweights, biases, r, (values.shape[0],), out_dtype, layouts)
+    if plan is not None:
+        return plan.matmul(act)
     return [b.matmul(act, w, bias, out_dtype, layout) for w, bias, layout in zip(qweights, biases, layouts)]
 
 

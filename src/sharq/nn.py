@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .backends import EagerPlan, WeightLayout
+from .backends import EagerPlan, GroupPlan, WeightLayout
 from .functional import (
     check_finite,
     check_output_finite,
@@ -41,7 +41,7 @@ class SharedActivation:
     def __init__(self, members: int) -> None:
         self.members = members
         self.layers: list[SharQLinear] = []  # the members, as they are built (SharQLinear.__init__)
-        self._group_plans: dict[tuple, Callable[[QActivation], list[torch.Tensor]] | None] = {}
+        self._group_plans: dict[tuple, GroupPlan | None] = {}
         self._open = False
         self._clear()
 
@@ -98,20 +98,22 @@ class SharedActivation:
             y = self._outputs.pop(layer.group_position)
             self._release_if_done()
             return y
-        if self._act is None:
-            self._act = plan.prepare(x)
-        act = self._act
         group = self._group_plan(x) if not self._outputs else None
+        if group is not None and group.prepare is not None and self._act is not None:
+            group = None  # the input was prepared already (plainly): the members multiply it one by one
+        if self._act is None:
+            self._act = (plan.prepare if group is None or group.prepare is None else group.prepare)(x)
+        act = self._act
         if group is None:
             y = plan.matmul(act)
         else:
-            ys = group(act)
+            ys = group.matmul(act)
             self._outputs = {i: out for i, out in enumerate(ys) if i != layer.group_position}
             y = ys[layer.group_position]
         self._release_if_done()
         return y
 
-    def _group_plan(self, x: torch.Tensor) -> Callable[[QActivation], list[torch.Tensor]] | None:
+    def _group_plan(self, x: torch.Tensor) -> GroupPlan | None:
         key = (x.shape, x.dtype, x.get_device())
         if key not in self._group_plans:
             layers = self.layers
@@ -120,7 +122,7 @@ class SharedActivation:
                        and m.eager_plan(x) is not None for m in layers)
             self._group_plans[key] = None if make is None or len(layers) != self.members or not same else make(
                 [m.forward_weight() for m in layers], [m.bias for m in layers], layers[0].recipe, x.shape[:-1],
-                x.dtype, [m._layout for m in layers])
+                x.dtype, [m._layout for m in layers], x_dtype=x.dtype)
         return self._group_plans[key]
 
     def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
@@ -399,7 +401,8 @@ class SharQLinear(nn.Module):
             make = get_backend(self.backend).eager_plan
             weight = self.forward_weight()
             plans[key] = None if make is None or x.device != weight.scale.device else make(
-                weight, self.bias, self.recipe, x.shape[:-1], x.dtype, x.dtype, self._layout)
+                weight, self.bias, self.recipe, x.shape[:-1], x.dtype, x.dtype, self._layout,
+                own_input=self.shared is None)
         return plans[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

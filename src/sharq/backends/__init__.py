@@ -47,6 +47,17 @@ class EagerPlan:
 
 
 @dataclass(frozen=True)
+class GroupPlan:
+    """One launch for layers that read one input (q/k/v, gate/up), worked out once: `matmul(act)` gives their
+    outputs [..., N_i]; `prepare(x)`, where the plan has one, is the activation launch its matmul needs (the
+    activation in a layout of the launch's own), else None: matmul takes any prepare's activation (a member's eager
+    plan's)."""
+
+    matmul: Callable[[QActivation], list[torch.Tensor]]
+    prepare: Callable[[torch.Tensor], QActivation] | None = None
+
+
+@dataclass(frozen=True)
 class Backend:
     """How a quantized layer runs.
 
@@ -60,13 +71,17 @@ class Backend:
     - `to_layout(packed, scale, bias)` / `from_layout(layout, block)`: the canonical payload (a QTensor) to the
       backend's layout, and back to the canonical codes and scale codes, exactly (None: the backend reads the
       canonical payload);
-    - `eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout)` -> an EagerPlan for inputs [*lead, K]
-      of x_dtype (contiguous, on the weight's device), or None where the backend has none for them (then prepare
-      and matmul run); `layout` as matmul's. A layer keeps its plans until its weight, bias or backend changes;
-    - `group_plan(qweights, biases, recipe, lead, out_dtype, layouts)` -> a function of one prepared activation (of
-      M = prod(lead) rows: an eager plan's) returning the outputs [*lead, N_i] of several layers that read it
-      (q/k/v, gate/up) from one launch, or None where the backend has none for them (then each layer multiplies on
-      its own); `layouts` the layers' own weights (or Nones)."""
+    - `eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout, own_input=False)` -> an EagerPlan for
+      inputs [*lead, K] of x_dtype (contiguous, on the weight's device), or None where the backend has none for
+      them (then prepare and matmul run); `layout` as matmul's. With `own_input` (the layer shares its input with
+      no other) the plan's prepare feeds its matmul alone, so the two may agree on an activation layout of their
+      own; otherwise its matmul takes any prepare's activation and its prepare gives one any matmul takes. A layer
+      keeps its plans until its weight, bias or backend changes;
+    - `group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None)` -> a GroupPlan for an
+      activation of M = prod(lead) rows, giving the outputs [*lead, N_i] of several layers that read it (q/k/v,
+      gate/up) from one launch, or None where the backend has none for them (then each layer multiplies on its
+      own); `layouts` the layers' own weights (or Nones). With `x_dtype` (eager inputs of that dtype) the plan may
+      bring its own prepare; without, its matmul takes a prepared activation."""
 
     prepare: Callable[[torch.Tensor, Recipe, torch.Tensor | None, torch.Tensor | None], QActivation]
     matmul: Callable[..., torch.Tensor]
@@ -76,7 +91,7 @@ class Backend:
     to_layout: Callable[[QTensor, torch.Tensor, torch.Tensor | None], WeightLayout] | None = None
     from_layout: Callable[[WeightLayout, int], tuple[torch.Tensor, torch.Tensor]] | None = None
     eager_plan: Callable[..., EagerPlan | None] | None = None
-    group_plan: Callable[..., Callable[[QActivation], list[torch.Tensor]] | None] | None = None
+    group_plan: Callable[..., GroupPlan | None] | None = None
     runs_on: tuple[str, ...] = ("cpu", "cuda")  # device types it runs on ("cuda" only: also in the interpreter)
     needs: str | None = None  # the package it imports, checked before any model work
     install_hint: str = ""

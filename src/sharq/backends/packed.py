@@ -21,7 +21,7 @@ import torch
 
 from ..quant import QTensor
 from ..recipes import QActivation, QWeight, Recipe
-from . import Backend, EagerPlan, WeightLayout, register, simulator
+from . import Backend, EagerPlan, GroupPlan, WeightLayout, register, simulator
 
 PLACED = "placed"  # the layout's meta
 
@@ -56,11 +56,14 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
 
 
 def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead: tuple[int, ...],
-               x_dtype: torch.dtype, out_dtype: torch.dtype, layout: WeightLayout | None = None) -> EagerPlan | None:
+               x_dtype: torch.dtype, out_dtype: torch.dtype, layout: WeightLayout | None = None,
+               own_input: bool = False) -> EagerPlan | None:
     """The fused prepare launch and the GEMM's, each worked out once, with packed_matmul's checks done here (the
-    same kernels and launch shapes as prepare + matmul): at decode sizes where the CUDA GEMM runs the weight, and
-    above SMALL_M tokens the decode into the scratch weight + cuBLAS (prefill, whose eager calls were host-bound).
-    None in between (the Triton kernels at up to SMALL_M tokens, on weights the CUDA GEMM does not take)."""
+    same kernels and launch shapes as prepare + matmul, the same bits): at decode sizes where the CUDA GEMM runs the
+    weight, and above SMALL_M tokens the decode into the scratch weight + cuBLAS (prefill, whose eager calls were
+    host-bound). None in between (the Triton kernels at up to SMALL_M tokens, on weights the CUDA GEMM does not
+    take). With `own_input`, where the GEMM is the wgmma kernel's token tiles, the prepare writes the activation
+    tiled and the GEMM takes it by bulk copies (cuda_gemm.bulk_launcher)."""
     from ..kernels import cuda_gemm
     from ..kernels import gemm as kg
     from ..kernels import prepare as kp
@@ -71,27 +74,42 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
     m, k = math.prod(lead), codes.shape[1] * 2
     if not codes.is_cuda or k_logical != k or bias is not None and bias.device != codes.device:
         return None
-    gemm = cuda_gemm.launcher(codes, scales, fmt, block, qweight.scale.reshape(-1), bias, lead,
-                              recipe.tensor_scale_per_row, out_dtype, placed)
+    sw, per_row, tiled = qweight.scale.reshape(-1), recipe.tensor_scale_per_row, None
+    if own_input and (bulk := cuda_gemm.bulk_launcher(codes, scales, fmt, block, sw, bias, lead, per_row,
+                                                      out_dtype, placed)):
+        gemm, tokens = bulk
+        tiled = (tokens, placed)
+    else:
+        gemm = cuda_gemm.launcher(codes, scales, fmt, block, sw, bias, lead, per_row, out_dtype, placed)
     if gemm is None and m > kg.SMALL_M and kg.supports(fmt, block):
-        gemm = kg.decoded_launcher(codes, scales, fmt, block, qweight.scale, bias, out_dtype, lead,
-                                   recipe.tensor_scale_per_row, placed)
+        gemm = kg.decoded_launcher(codes, scales, fmt, block, qweight.scale, bias, out_dtype, lead, per_row, placed)
     if gemm is None:
         return None
-    run_prepare = kp.dequantized_launcher(recipe, m, k, x_dtype, codes.device)
+    return EagerPlan(_prepare_launcher(recipe, m, k, x_dtype, codes.device, tiled),
+                     lambda act: gemm(act.values, act.scale))
+
+
+def _prepare_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device,
+                      tiled: tuple[int, bool] | None) -> Callable[[torch.Tensor], QActivation]:
+    """x -> its QActivation by the fused prepare kernel's launch plan (`tiled`: in the wgmma kernel's layout)."""
+    from ..kernels import prepare as kp
+
+    run = kp.dequantized_launcher(recipe, m, k, x_dtype, device, tiled)
 
     def prepare(x: torch.Tensor) -> QActivation:
-        values, scale, _ = run_prepare(x)
+        values, scale, _ = run(x)
         return QActivation((), values, scale)
 
-    return EagerPlan(prepare, lambda act: gemm(act.values, act.scale))
+    return prepare
 
 
 def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recipe: Recipe, lead: tuple[int, ...],
-               out_dtype: torch.dtype, layouts: list[WeightLayout | None] | None = None
-               ) -> Callable[[QActivation], list[torch.Tensor]] | None:
+               out_dtype: torch.dtype, layouts: list[WeightLayout | None] | None = None,
+               x_dtype: torch.dtype | None = None) -> GroupPlan | None:
     """Layers that read one activation (q/k/v, gate/up) in one launch of the CUDA GEMM (cuda_gemm.group_launcher),
-    where it runs them: fewer launches at decode sizes, and no K split over blocks for narrow layers (k/v)."""
+    where it runs them: fewer launches at decode sizes, and no K split over blocks for narrow layers (k/v). With
+    `x_dtype`, where the launch is the wgmma kernel's token tiles, the plan has its own prepare, which writes the
+    activation tiled for the launch's bulk copies (cuda_gemm.bulk_group_launcher)."""
     from ..kernels import cuda_gemm
 
     layouts = layouts or [None] * len(qweights)
@@ -100,10 +118,16 @@ def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recip
     weights = [_payload(w, layout) for w, layout in zip(qweights, layouts)]
     if len({(fmt, block, placed) for _, _, fmt, block, _, placed in weights}) != 1:
         return None
-    _, _, fmt, block, _, placed = weights[0]
-    run = cuda_gemm.group_launcher([(c, s, w.scale.reshape(-1)) for (c, s, *_), w in zip(weights, qweights)],
-                                   biases, fmt, block, lead, recipe.tensor_scale_per_row, out_dtype, placed)
-    return None if run is None else lambda act: run(act.values, act.scale)
+    _, _, fmt, block, k, placed = weights[0]
+    args = ([(c, s, w.scale.reshape(-1)) for (c, s, *_), w in zip(weights, qweights)], biases, fmt, block, lead,
+            recipe.tensor_scale_per_row, out_dtype, placed)
+    bulk = cuda_gemm.bulk_group_launcher(*args) if x_dtype is not None else None
+    if bulk is not None:
+        run, tokens = bulk
+        prepare = _prepare_launcher(recipe, math.prod(lead), k, x_dtype, weights[0][0].device, (tokens, placed))
+        return GroupPlan(lambda act: run(act.values, act.scale), prepare)
+    run = cuda_gemm.group_launcher(*args)
+    return None if run is None else GroupPlan(lambda act: run(act.values, act.scale))
 
 
 def supports_placed(recipe: Recipe) -> bool:

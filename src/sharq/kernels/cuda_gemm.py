@@ -451,6 +451,7 @@ def _wgmma_tile(m: int, n: int, kp: int, device: torch.device) -> cuda_wgmma.Wgm
 
 _broken: list[str] = []  # why the kernel could not be compiled here (then packed_matmul keeps to Triton)
 _wgmma_broken: list[str] = []  # why the wgmma kernel could not be (then the decode kernel takes its shapes)
+_bulk_broken: list[str] = []  # why its bulk-copy variant could not be (then the producer warps feed it)
 
 
 def compile_failed(broken: list[str], e: Exception, what: str, instead: str, stacklevel: int) -> None:
@@ -712,12 +713,13 @@ def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, 
 
 def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], biases: list[torch.Tensor | None],
                    fmt: str, block: int, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
-                   placed: bool = False) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
+                   placed: bool = False, tile: cuda_wgmma.WgmmaTile | None = None
+                   ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
     """The products of one activation [M, K] (M = prod(lead), contiguous) with several layers' weights ((codes,
     scales, sw) each; the layers that read one input, as q/k/v) in one launch, worked out once: (a, sx) -> [y per
     layer, [*lead, N_i]], each as `launcher`'s would be for its layer with the group's tile. None where one launch
     does not run them (_group_launch; the layers disagree in K, device or bias dtype; a weight the kernel does not
-    take). `placed`: the codes are in kernels/placed.py's layout."""
+    take). `placed`: the codes are in kernels/placed.py's layout; `tile`: bulk_group_launcher's launch."""
     m = math.prod(lead)
     codes0 = weights[0][0]
     bias_dtypes = {None if b is None else b.dtype for b in biases}
@@ -729,7 +731,7 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     device = codes0.get_device()
     try:
         plan = _group_launch(device, m, tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2, block,
-                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, None, placed)
+                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, tile, placed)
     except Exception as e:  # noqa: BLE001 - as _try_launch: no NVRTC here, the layers launch one by one
         warnings.warn(f"sharq: the CUDA group GEMM could not be compiled ({type(e).__name__}: {str(e)[:300]})",
                       stacklevel=2)
@@ -737,6 +739,22 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if plan is None:
         return None
     return _group_run(plan, weights, biases, lead, out_dtype)
+
+
+def bulk_group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        biases: list[torch.Tensor | None], fmt: str, block: int, lead: tuple[int, ...], sx_rows: bool,
+                        out_dtype: torch.dtype, placed: bool = False
+                        ) -> tuple[Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]], int] | None:
+    """`group_launcher` on the wgmma kernel's bulk-copy variant, where the group's launch is the wgmma kernel's
+    and cuda_wgmma.bulk_tile has a variant of it: (run, tokens) as bulk_launcher's; None elsewhere."""
+    codes0 = weights[0][0]
+    if not codes0.is_cuda or _bulk_broken:
+        return None
+    t = group_tile(math.prod(lead), tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2, codes0.device)
+    tile = cuda_wgmma.bulk_tile(t) if isinstance(t, cuda_wgmma.WgmmaTile) else None
+    run = None if tile is None else group_launcher(weights, biases, fmt, block, lead, sx_rows, out_dtype, placed,
+                                                    tile)
+    return None if run is None else (run, tile.tokens)
 
 
 def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -809,6 +827,10 @@ def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torc
     except _NoWgmma:
         return None
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton kernels run instead
+        if isinstance(tile, cuda_wgmma.WgmmaTile) and tile.bulk:  # bulk_launcher's: the caller takes the plain one
+            compile_failed(_bulk_broken, e, "the wgmma kernel's bulk copies", "using its producer warps",
+                           stacklevel=4)
+            return None
         compile_failed(_broken, e, "the CUDA GEMM", "using the Triton kernels", stacklevel=4)
         return None
 
@@ -840,17 +862,34 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
 
 def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
              bias: torch.Tensor | None, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
-             placed: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+             placed: bool = False, tile: cuda_wgmma.WgmmaTile | None = None
+             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """The product with this weight for activations [M, K] (M = prod(lead); bf16, contiguous, 16-byte aligned: a
     prepare kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y [*lead, N], sx the
     activation scale (fp32 [M, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight.
-    `placed`: the codes are in kernels/placed.py's layout."""
+    `placed`: the codes are in kernels/placed.py's layout; `tile`: bulk_launcher's launch instead of the plan's."""
     m = math.prod(lead)
     if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
     plan = _try_launch(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,
-                       None if bias is None else bias.dtype, sx_rows and m > 1, None, placed)
+                       None if bias is None else bias.dtype, sx_rows and m > 1, tile, placed)
     if plan is None:
         return None
     return _single_run(plan, codes, scales, sw, bias, lead, out_dtype)
+
+
+def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
+                  bias: torch.Tensor | None, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
+                  placed: bool = False) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int] | None:
+    """`launcher` on the wgmma kernel's bulk-copy variant, where the launch plan runs the wgmma kernel and
+    cuda_wgmma.bulk_tile has a variant of its launch (same sums): (run, tokens), run reading its activation as
+    cuda_wgmma.tiled_activation lays it out in tiles of `tokens` (the prepare kernel's `tiled` output); None
+    elsewhere (then `launcher`, on the plain activation)."""
+    if not codes.is_cuda or _bulk_broken:
+        return None
+    w = _wgmma_tile(math.prod(lead), codes.shape[0], codes.shape[1] * 2, codes.device)
+    tile = None if w is None else cuda_wgmma.bulk_tile(w)
+    run = None if tile is None else launcher(codes, scales, fmt, block, sw, bias, lead, sx_rows, out_dtype, placed,
+                                              tile)
+    return None if run is None else (run, tile.tokens)

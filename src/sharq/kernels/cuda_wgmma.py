@@ -125,6 +125,17 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
     return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors, one_wave=m > TOKENS))
 
 
+def bulk_tile(t: WgmmaTile) -> WgmmaTile | None:
+    """The bulk-copy variant of launch t (its activation tiled by the prepare kernel, one bulk copy a chunk), where
+    it measured faster with t's tile and K split, so with t's sums bit for bit: t's token tiles above TOKENS tokens,
+    with 2 chunks in flight (H100, `python benchmarks/bench_gemm.py --bulk`, 8B and 70B shapes: 1.28-1.57 x at
+    128-512 tokens); None up to TOKENS, where two consumer warpgroups with the bulk copy lost at 33 tokens on the
+    deep layers (14336 x 4096 35.0 against 33.2 µs, 28672 x 8192 104.7 against 94.0)."""
+    if t.tokens <= TOKENS or t.staged:
+        return None
+    return replace(t, bulk=True, producers=1, stages=2)
+
+
 def token_tiles(m: int, t: WgmmaTile) -> int:
     """Blocks along M (grid z) of a launch for m tokens."""
     return -(-m // t.tokens)
