@@ -518,10 +518,11 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> CudaTile:
     until the multiprocessors have a 16-row tile each. Up to 8 tokens the activation is read where it is used; a
     weight of more than 2^24 elements goes through a cp.async ring per warp: from 2 tokens two row tiles a warp where
     N is at least twice K, 3 chunks, and at most 64 registers a thread (32 warps a multiprocessor: 896 blocks of
-    4096 x 28672 in one wave rather than 1.13; at one token one row tile, 3 % faster); at 8 tokens two row tiles,
-    uncapped, on 8-warp layers wider than 4096 (70B's o_proj and down: 1.12 and 1.27 x); else one row tile, 4 chunks
-    with 4 warps and K > 4096, otherwise 3; smaller weights are staged in registers, two chunks in flight. Row tiles
-    change no sum, so they may follow M. 9 to 16 and 33 to 64 tokens:
+    4096 x 28672 in one wave rather than 1.13; at one token one row tile: prepare + GEMM 1.10 x there, 1.18 x on
+    8192 x 28672); at 8 tokens two row tiles, uncapped, on 8-warp layers wider than 4096 (70B's o_proj and down:
+    1.08 and 1.20 x); else one row tile, 4 chunks with 4 warps and K > 4096, otherwise 3; smaller weights are
+    staged in registers, two chunks in flight. Row tiles change no sum, so they may follow M. 9 to 16 and 33 to 64
+    tokens:
     two row tiles (the activation's loads serve twice the weight), one chunk in flight, the activation read where
     used (with one row tile, N not a multiple of 32: staged, two chunks in flight up to 16 tokens; the ring
     above 32). 17 to 32: the ring, the activation staged, two row tiles where N > 2048. From the sweeps of
