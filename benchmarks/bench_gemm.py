@@ -892,8 +892,13 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
         one = replace(bulk, warpgroups=1, slots=3 if chosen.tokens > 64 else bulk.slots)
         tiles["bulk_wg1"] = (replace(one, splits=cuda_wgmma.k_splits(n // one.rows * cuda_wgmma.token_tiles(m, one),
                                                                       k, sms, one_wave=m > cuda_wgmma.TOKENS)), tiled)
+        if m <= cuda_wgmma.TOKENS:  # the same launch with the producer warps: what a plain activation would run
+            tiles["wg1"] = (replace(tiles["bulk_wg1"][0], bulk=False, producers=chosen.producers), None)
         want = case.output(chosen)
-        exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if a is not None}
+        exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if key != "today"}
+        if "wg1" in tiles:  # its own K split: against the bulk launch of the same tile
+            exact["wg1_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1"][0]), case.output(tiles["bulk_wg1"][0],
+                                                                                               a=tiled)[:m])
         us = best_of(lambda ta: case.cuda_us(*ta), tiles)
         if m > cuda_wgmma.TOKENS:
             a, block = case.act.values, case.r.weight_block
