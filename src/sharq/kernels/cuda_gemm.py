@@ -724,9 +724,11 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     m = math.prod(lead)
     codes0 = weights[0][0]
     bias_dtypes = {None if b is None else b.dtype for b in biases}
+    # each weight as the kernel takes it; the tokens are the group launch's to take (group_tile, on the summed
+    # width: above MAX_M q/k/v's narrow k and v, which no launch of theirs would take alone, join q's token tiles)
     if (len(bias_dtypes) > 1 or any(c.shape[1] != codes0.shape[1] or c.device != codes0.device
                                     or not (sw.numel() == 1 and sw.dtype == torch.float32 and sw.is_contiguous())
-                                    or not weight_fits(c, s, fmt, block, b, out_dtype, m)
+                                    or not weight_fits(c, s, fmt, block, b, out_dtype, min(m, MAX_M))
                                     for (c, s, sw), b in zip(weights, biases))):
         return None
     device = codes0.get_device()
