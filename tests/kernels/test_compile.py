@@ -34,7 +34,8 @@ for mask, packed, per_row, fmt, self_amax in itertools.product((0, 1, 2), (False
         PER_ROW=per_row, TENSOR_SCALE=fmt == 0, ROUND_INPUT=fmt == 1, MASK1=mask, BLOCK1=32 if mask == 2 else 16,
         TWO_STAGES=True, BLOCK2=16 if fmt == 0 else 32, FMT=fmt, BM=8, H=8, PACKED=packed,
         SELF_AMAX=self_amax and fmt == 0, AMAX_BM=8, AMAX_BK=512, KC=4096 if self_amax else 0,
-        PDL=prepare._launch_dependents is not None and mask == 1))
+        PDL=prepare._launch_dependents is not None and mask == 1,
+        TILE=(64 if per_row else 128) if self_amax and not packed else 0, TILE_PLACED=fmt == 0))  # tiled values
 build(prepare._amax_kernel, [("x_ptr", "*bf16"), ("amax_ptr", "*i32"), ("M", "i32"), ("K", "i32"),
                              ("stride_xm", "i32")], dict(PER_ROW=False, BM=8, BK=512))
 for ty, per_row, bias, splits in itertools.product(("*bf16", "*fp32"), (False, True), (False, True), (1, 4)):
