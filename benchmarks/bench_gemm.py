@@ -951,8 +951,8 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
                    "the Triton one (8B and 70B)"),
         "placed": ((1, 16, 64, 128, 256, 2048), placed_sweep, "placed_sweep", "the CUDA kernels on codes in the "
                    "placed layout (kernels/placed.py) against canonical codes (8B)"),
-        "bulk": ((33, 64, 128, 256, 512, 1024, 2048), bulk_sweep, "bulk_sweep", "the wgmma kernel fed by bulk copies of a "
-                 "tiled activation against its producer warps (8B and 70B)"),
+        "bulk": ((33, 64, 128, 256, 512, 1024, 2048), bulk_sweep, "bulk_sweep", "the wgmma kernel fed by bulk "
+                 "copies of a tiled activation against its producer warps (8B and 70B)"),
         "ring": ((1, 4, 8), ring_sweep, "ring_sweep", "the decode kernel's ring launches up to 8 tokens: depth, row "
                  "tiles, warps, register cap (8B and 70B)")}
 
