@@ -22,6 +22,13 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
   scratch weight + cuBLAS (what those sizes run otherwise) writes and reads 4.5 bytes a weight. There the K split
   also counts the token tiles, so it depends on M.
 
+The bulk-copy variant (`WgmmaTile.bulk`) has no producer warps: the prepare kernel writes the activation tiled
+(tiled_activation: each chunk of a token tile the exact image of a B buffer), and one thread fills a buffer with
+one `cp.async.bulk`, its bytes counted on the buffer's "full" mbarrier. The consumers are unchanged, so the sums
+are too. The packed backend runs it for the token tiles where the prepare's activation feeds that launch alone
+(bulk_tile; cuda_gemm.bulk_launcher, bulk_group_launcher): 1.28-1.57 x the producer warps at 128-512 tokens on an
+H100 (docs/PERF.md, twenty-fourth run).
+
 The staged kernel (`WgmmaTile.staged`; not routed to yet: `python benchmarks/bench_gemm.py --staged` times it) is
 the warp-specialized form for prefill sizes, where the loop above is latency bound: the producers (8 warps)
 decode the weight into shared memory as wgmma's K-major A tile, each element in its place (no K permutation), and
