@@ -257,6 +257,7 @@ def test_a_quantized_llama_takes_the_bulk_copies_for_its_groups_and_layers_with_
     sharq.quantize_model(model, "sharq", backend="packed")
     ids = torch.randint(0, 256, (1, 150), device="cuda")
     bulk = []
+
     def counted(made, name):  # the bulk-copy launches made, counted
         def make(*args):
             run = made(*args)
