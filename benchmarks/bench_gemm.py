@@ -876,9 +876,7 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
     for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
         chosen = cuda_wgmma.choose_tile(m, n, k, (9, 0), sms)
         if chosen is None and m > cuda_wgmma.WIDE_MAX_M and n % 128 == 0:
-            wide = cuda_wgmma.WgmmaTile(tokens=cuda_wgmma.WIDE_TOKENS)
-            chosen = replace(wide, splits=cuda_wgmma.k_splits(n // wide.rows * cuda_wgmma.token_tiles(m, wide), k,
-                                                              sms, one_wave=True))
+            chosen = cuda_wgmma.with_splits(cuda_wgmma.WgmmaTile(tokens=cuda_wgmma.WIDE_TOKENS), m, n, k, sms)
         if chosen is None:
             continue
         case = CudaCase.make("sharq", k, n, m)
@@ -890,8 +888,7 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
             tiles["bulk_slots3"] = (replace(bulk, slots=3), tiled)
         # blocks of 64 rows, two a multiprocessor (3 buffers of 128 tokens), their K split as choose_tile's
         one = replace(bulk, warpgroups=1, slots=3 if chosen.tokens > 64 else bulk.slots)
-        tiles["bulk_wg1"] = (replace(one, splits=cuda_wgmma.k_splits(n // one.rows * cuda_wgmma.token_tiles(m, one),
-                                                                      k, sms, one_wave=m > cuda_wgmma.TOKENS)), tiled)
+        tiles["bulk_wg1"] = (cuda_wgmma.with_splits(one, m, n, k, sms), tiled)
         if m <= cuda_wgmma.TOKENS:  # the same launch with the producer warps: what a plain activation would run
             tiles["wg1"] = (replace(tiles["bulk_wg1"][0], bulk=False, producers=chosen.producers), None)
         want = case.output(chosen)

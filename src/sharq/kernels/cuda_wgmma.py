@@ -129,6 +129,12 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
         t = WgmmaTile()
     if n % t.rows:
         return None
+    return with_splits(t, m, n, kp, multiprocessors)
+
+
+def with_splits(t: WgmmaTile, m: int, n: int, kp: int, multiprocessors: int) -> WgmmaTile:
+    """Launch t with choose_tile's K split for m tokens of an [n, kp] weight (k_splits over its blocks: by the
+    shape alone up to TOKENS tokens, within one wave for the token tiles)."""
     return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors, one_wave=m > TOKENS))
 
 
