@@ -128,14 +128,16 @@ def test_the_cp_async_ring_gives_the_register_stages_result_bit_for_bit(block, m
 
 
 @pytest.mark.parametrize("block", [16, 32])
-@pytest.mark.parametrize("n,k,m", [(16384, 2048, 1), (16384, 2048, 4), (16384, 2048, 8), (6144, 5120, 1),
-                                   (6144, 5120, 8), (8192, 8192, 8), (8192, 8192, 4)])
-def test_the_ring_launches_up_to_8_tokens_give_the_plain_rings_result_bit_for_bit(block, n, k, m):
+@pytest.mark.parametrize("n,k,m,launch", [(16384, 2048, 1, (1, 3, 0)), (16384, 2048, 4, (2, 3, 8)),
+                                          (16384, 2048, 8, (2, 3, 8)), (6144, 5120, 1, (1, 4, 0)),
+                                          (6144, 5120, 8, (1, 4, 0)), (8192, 8192, 8, (2, 3, 0)),
+                                          (8192, 8192, 4, (1, 3, 0))])
+def test_the_ring_launches_up_to_8_tokens_give_the_plain_rings_result_bit_for_bit(block, n, k, m, launch):
     """choose_tile's ring launches up to 8 tokens (two row tiles capped at 64 registers where N >= 2 K above one
     token; one row tile of 4 warps with a ring of 4 where K > 4096; two row tiles of 8 warps at 8 tokens) sum exactly
     as the uncapped ring of 3 with the other number of row tiles does: same warps, same K split, same order."""
     t = cuda_gemm.choose_tile(m, n, k, torch.device("cuda"))
-    assert t.ring, t
+    assert (t.rt, t.ring, t.min_blocks) == launch, t  # (row tiles, ring chunks, register cap)
     q, a = _payload(n, k, block, 11 * m + n), _x(m, k, 5 * m)
     sx, sw = torch.rand(m, device="cuda") + 0.5, torch.rand(1, device="cuda") + 0.5
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
