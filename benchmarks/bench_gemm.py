@@ -865,10 +865,12 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
     its shared buffer, filled by one bulk copy from one producer thread) against its launch today (producer warps
     loading and permuting the activation), on the 8B and 70B shapes at the M it takes (above WIDE_MAX_M, token
     tiles of WIDE_TOKENS as if it took them, against decode + cuBLAS): the same tile and K split, more buffers
-    (slots), fewer chunks in flight (stages), one consumer warpgroup a block; GPU µs, best of two rounds; every
-    bulk launch's output checked bit for bit against today's. The GEMM alone (the tiling made outside the timing),
-    then the layer: the prepare writing plain values + today's launch against the prepare writing the tiled ones +
-    the bulk launch with 2 chunks in flight."""
+    (slots), fewer chunks in flight (stages), one consumer warpgroup a block (with its own K split, and up to 64
+    tokens with today's), and the launch cuda_wgmma.bulk_tile routes ("routed"); GPU µs, best of two rounds; every
+    bulk launch's output checked bit for bit against today's (the producer warps' launch, which a plain activation
+    runs). The GEMM alone (the tiling made outside the timing), then the layer: the prepare writing plain values +
+    today's launch against the prepare writing the tiled ones + a bulk launch (2 chunks in flight; one consumer
+    warpgroup with today's split; the routed one)."""
     from sharq.kernels import prepare as kp
 
     rows = []
@@ -891,6 +893,13 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
         tiles["bulk_wg1"] = (cuda_wgmma.with_splits(one, m, n, k, sms), tiled)
         if m <= cuda_wgmma.TOKENS:  # the same launch with the producer warps: what a plain activation would run
             tiles["wg1"] = (replace(tiles["bulk_wg1"][0], bulk=False, producers=chosen.producers), None)
+            # one consumer warpgroup with today's K split: today's sums (the split decides them, not the rows a block)
+            tiles["bulk_wg1_split"] = (replace(one, splits=chosen.splits), tiled)
+            tiles["bulk_wg1_split_stages2"] = (replace(one, splits=chosen.splits, stages=2), tiled)
+            tiles["bulk_wg1_split_slots6"] = (replace(one, splits=chosen.splits, slots=6), tiled)
+        routed = cuda_wgmma.bulk_tile(chosen, n, k, sms)
+        if routed is not None:  # what the packed backend runs (cuda_gemm.bulk_launcher)
+            tiles["routed"] = (routed, tiled)
         want = case.output(chosen)
         exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if key != "today"}
         if "wg1" in tiles:  # its own K split: against the bulk launch of the same tile
@@ -914,13 +923,19 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
                                     torch.bfloat16, tile=tile)
             return 1e3 * graph_ms([lambda c=c, s=s: one(c, s) for c, s in case.ps], reps=10)
 
-        layer = best_of(layer_us, {"today": (chosen, False), "bulk_stages2": (replace(bulk, stages=2), True)})
+        layered = {"today": (chosen, False), "bulk_stages2": (replace(bulk, stages=2), True)}
+        if m <= cuda_wgmma.TOKENS:
+            layered["bulk_wg1_split"] = (tiles["bulk_wg1_split"][0], True)
+        if routed is not None:
+            layered["routed"] = (routed, True)
+        layer = best_of(layer_us, layered)
         rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "us": us, "exact": exact,
                      "layer_us": layer, "tiles": {key: str(t) for key, (t, _) in tiles.items()}})
         best_bulk = min(v for key, v in us.items() if key.startswith("bulk"))
         print(f"K={k} N={n} M={m}: bf16 {case.bf16_us:.1f} us, " + ", ".join(f"{key} {v:.1f}" for key, v in us.items())
-              + f"; bulk x{us['today'] / best_bulk:.2f}; layer today {layer['today']:.1f}, bulk "
-              f"{layer['bulk_stages2']:.1f}; exact " + ",".join(key for key, ok in exact.items() if ok)
+              + f"; bulk x{us['today'] / best_bulk:.2f}; layer "
+              + ", ".join(f"{key} {v:.1f}" for key, v in layer.items()) + "; exact "
+              + ",".join(key for key, ok in exact.items() if ok)
               + (" MISMATCH" if not all(exact.values()) else ""), flush=True)
         del case, tiled
         torch.cuda.empty_cache()

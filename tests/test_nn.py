@@ -229,33 +229,38 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 @hopper
 @pytest.mark.parametrize("m,backend,options", [(150, "packed", {}), (300, "packed-placed", {}),
-                                               (200, "packed", {"scale_granularity": "token"})])
+                                               (200, "packed", {"scale_granularity": "token"}),
+                                               (40, "packed", {}), (64, "packed-placed", {})])
 def test_a_large_layer_of_its_own_input_takes_the_bulk_copies_with_the_general_paths_bits(m, backend, options):
-    """Above 64 tokens a layer the wgmma kernel's token tiles take, sharing its input with no other, runs their
+    """A layer the wgmma kernel takes (above 64 tokens its token tiles), sharing its input with no other, runs its
     bulk-copy variant: its plan's prepare writes the activation tiled (rows up to whole tiles) and the output is the
-    general path's bit for bit (the same tile and K split)."""
+    general path's bit for bit (the same K split)."""
     torch.manual_seed(m)
-    layer = SharQLinear.from_linear(nn.Linear(4096, 4096, bias=True, device="cuda", dtype=torch.bfloat16), "sharq",
+    layer = SharQLinear.from_linear(nn.Linear(4096, 6144, bias=True, device="cuda", dtype=torch.bfloat16), "sharq",
                                     backend=backend, **options)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    tokens = 64 if m <= 64 else 128
     with torch.no_grad():
         plan = layer.eager_plan(x)
-        assert plan.prepare(x).values.shape == (-(-m // 128) * 128, 4096)  # tiled
+        assert plan.prepare(x).values.shape == (-(-m // tokens) * tokens, 4096)  # tiled
         assert torch.equal(layer(x), layer.multiply(layer.prepare(x), layer.bias, torch.bfloat16))
 
 
 @hopper
-def test_a_quantized_llama_takes_the_bulk_copies_for_its_groups_and_layers_with_the_same_logits(monkeypatch):
+@pytest.mark.parametrize("tokens,layers_alone", [(150, 2), (48, 0)])
+def test_a_quantized_llama_takes_the_bulk_copies_for_its_groups_and_layers_with_the_same_logits(tokens, layers_alone,
+                                                                                               monkeypatch):
     """At 150 tokens of a model with 8B-wide layers every q/k/v and gate/up group and every o/down layer runs the
-    bulk-copy variant of the wgmma kernel's token tiles (group plans with a prepare of their own), and the logits
-    are those with the producer warps bit for bit."""
+    bulk-copy variant of the wgmma kernel's token tiles (group plans with a prepare of their own); at 48 the groups
+    run it (o/down, 2^24 weights, take the decode kernel there); the logits are those with the producer warps bit
+    for bit."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=4096, num_attention_heads=32,
                                       num_key_value_heads=8, num_hidden_layers=2, vocab_size=256)
     torch.manual_seed(3)
     model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
     sharq.quantize_model(model, "sharq", backend="packed")
-    ids = torch.randint(0, 256, (1, 150), device="cuda")
+    ids = torch.randint(0, 256, (1, tokens), device="cuda")
     bulk = []
 
     def counted(made, name):  # the bulk-copy launches made, counted
@@ -271,8 +276,8 @@ def test_a_quantized_llama_takes_the_bulk_copies_for_its_groups_and_layers_with_
     with torch.no_grad():
         tiled = model(ids).logits
         assert bulk.count("bulk_group_launcher") == 2 * config.num_hidden_layers
-        assert bulk.count("bulk_launcher") == 2 * config.num_hidden_layers  # o_proj and down
-        monkeypatch.setattr(cuda_wgmma, "bulk_tile", lambda t: None)
+        assert bulk.count("bulk_launcher") == layers_alone * config.num_hidden_layers  # o_proj and down
+        monkeypatch.setattr(cuda_wgmma, "bulk_tile", lambda *args: None)
         for layer in model.modules():
             if isinstance(layer, SharQLinear):
                 layer._forget_runs()

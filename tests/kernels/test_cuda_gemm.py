@@ -332,20 +332,23 @@ def test_a_group_launch_on_token_tiles_gives_each_layer_its_own_launch_bit_for_b
 
 
 @hopper
-@pytest.mark.parametrize("tile", [cuda_wgmma.WgmmaTile(), cuda_wgmma.WgmmaTile(tokens=128, splits=2),
-                                  cuda_wgmma.WgmmaTile(tokens=128, slots=6, stages=2)])
+@pytest.mark.parametrize("tile,bulk_options", [
+    (cuda_wgmma.WgmmaTile(), {}), (cuda_wgmma.WgmmaTile(tokens=128, splits=2), {}),
+    (cuda_wgmma.WgmmaTile(tokens=128, slots=6, stages=2), {}),
+    (cuda_wgmma.WgmmaTile(splits=2), {"warpgroups": 1}), (cuda_wgmma.WgmmaTile(), {"warpgroups": 1, "stages": 2})])
 @pytest.mark.parametrize("placed", [False, True])
-def test_bulk_copies_of_the_tiled_activation_give_the_producer_warps_output_bit_for_bit(tile, placed):
+def test_bulk_copies_of_the_tiled_activation_give_the_producer_warps_output_bit_for_bit(tile, bulk_options, placed):
     """WgmmaTile.bulk reads the activation as tiled_activation lays it out (one bulk copy a chunk) and must give
     what the producer warps give from the plain activation, bit for bit: one layer (M not a multiple of the
-    tile's tokens, a K split, a bias) and a group launch; on canonical and placed codes."""
+    tile's tokens, a K split, a bias) and a group launch; on canonical and placed codes; also with one consumer
+    warpgroup a block (bulk_tile's launch up to 64 tokens: the K split, not the rows a block, orders the sums)."""
     m, k, ns, block = 150 if tile.tokens > 64 else 40, 2048, (512, 128, 128), 16
     a, sx = _x(m, k, 81), torch.rand(1, device="cuda") + 0.5
     qs = [_payload(n, k, block, 82 + i) for i, n in enumerate(ns)]
     codes = [place_codes(q.codes) if placed else q.codes for q in qs]
     sws = [torch.rand(1, device="cuda") + 0.5 for _ in ns]
     biases = [torch.randn(n, device="cuda").to(torch.bfloat16) for n in ns]
-    plain, bulk = replace(tile, placed=placed), replace(tile, placed=placed, bulk=True, producers=1)
+    plain, bulk = replace(tile, placed=placed), replace(tile, placed=placed, bulk=True, producers=1, **bulk_options)
     tiled = cuda_wgmma.tiled_activation(a, tile.tokens, placed)
     want = cuda_gemm.nvfp4_mma(a, codes[0], qs[0].scales, block, sx, sws[0], biases[0], torch.bfloat16, tile=plain)
     got = cuda_gemm.nvfp4_mma(tiled, codes[0], qs[0].scales, block, sx, sws[0], biases[0], torch.bfloat16, tile=bulk)

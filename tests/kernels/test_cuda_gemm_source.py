@@ -96,7 +96,8 @@ def test_the_token_tile_options_compile_without_spills(option):
         assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
 
 
-@pytest.mark.parametrize("option", [{}, {"tokens": 128}, {"tokens": 128, "slots": 6, "stages": 2}])
+@pytest.mark.parametrize("option", [{}, {"tokens": 128}, {"tokens": 128, "slots": 6, "stages": 2},
+                                    {"warpgroups": 1, "stages": 2}, {"warpgroups": 1}])
 def test_the_bulk_copy_tiles_compile_without_spills(option):
     """The wgmma kernel fed by bulk copies of the tiled activation (bench_gemm.py --bulk times it), as one layer's
     and as a group's kernel, on canonical and placed codes."""
@@ -104,6 +105,32 @@ def test_the_bulk_copy_tiles_compile_without_spills(option):
         t = cuda_wgmma.WgmmaTile(**option, bulk=True, producers=1, placed=placed)
         built = nvrtc.compile_cubin(cuda_wgmma.kernel_source(t, 32, 0, 1, True, group), "sm_90a")
         assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
+
+
+def test_the_bulk_copies_take_the_launches_they_measured_faster_on_with_the_same_sums():
+    """bulk_tile keeps the launch's K split (so its sums) and tokens: above 64 tokens the same tile with 2 chunks in
+    flight; up to 64 one consumer warpgroup a block, with 2 chunks in flight where it has at most 3 blocks a
+    multiprocessor, else 4, and none for layers deeper than twice their width (down_proj) or staged launches."""
+    def routed(m, k, n, sms=132):
+        t = cuda_wgmma.choose_tile(m, n, k, (9, 0), sms)
+        return t, cuda_wgmma.bulk_tile(t, n, k, sms)
+
+    # every 8B and 70B shape the wgmma kernel takes up to 64 tokens (4096 x 4096 keeps the decode kernel) but
+    # down_proj, which keeps its producer warps
+    small = [(m, s) for m in (33, 48, 64) for s in SHAPES[:8] if s[0] <= 2 * s[1] and s != (4096, 4096)]
+    for m, (k, n) in small + [(25, (4096, 28672))]:
+        t, b = routed(m, k, n)
+        assert (b.bulk, b.producers, b.warpgroups, b.splits, b.tokens) == (True, 1, 1, t.splits, t.tokens)
+        assert b.stages == (2 if n // 64 * t.splits <= 3 * 132 else 4)
+    assert routed(48, 4096, 6144)[1].stages == 2 and routed(48, 8192, 10240)[1].stages == 2  # 384, 320 blocks
+    assert routed(48, 4096, 28672)[1].stages == 4 and routed(48, 8192, 8192)[1].stages == 4  # 448, 512
+    assert routed(48, 4096, 6144, sms=114)[1].stages == 4  # 384 blocks > 3 x 114
+    assert routed(64, 14336, 4096)[1] is None and routed(33, 28672, 8192)[1] is None
+    for m, (k, n) in [(m, s) for m in (65, 256, 512) for s in SHAPES[:8]]:  # every 8B and 70B shape
+        t, b = routed(m, k, n)
+        assert b == replace(t, bulk=True, producers=1, stages=2)
+    staged = cuda_wgmma.WgmmaTile(tokens=128, staged=True, slots=3, producers=8)
+    assert cuda_wgmma.bulk_tile(staged, 4096, 4096, 132) is None
 
 
 def test_the_tiled_activation_is_each_chunk_the_producers_buffer_image():

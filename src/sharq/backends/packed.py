@@ -62,8 +62,8 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
     same kernels and launch shapes as prepare + matmul, the same bits): at decode sizes where the CUDA GEMM runs the
     weight, and above SMALL_M tokens the decode into the scratch weight + cuBLAS (prefill, whose eager calls were
     host-bound). None in between (the Triton kernels at up to SMALL_M tokens, on weights the CUDA GEMM does not
-    take). With `own_input`, where the GEMM is the wgmma kernel's token tiles, the prepare writes the activation
-    tiled and the GEMM takes it by bulk copies (cuda_gemm.bulk_launcher)."""
+    take). With `own_input`, where the GEMM is a wgmma launch with a bulk-copy variant (cuda_wgmma.bulk_tile), the
+    prepare writes the activation tiled and the GEMM takes it by bulk copies (cuda_gemm.bulk_launcher)."""
     from ..kernels import cuda_gemm
     from ..kernels import gemm as kg
     from ..kernels import prepare as kp
@@ -108,8 +108,8 @@ def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recip
                x_dtype: torch.dtype | None = None) -> GroupPlan | None:
     """Layers that read one activation (q/k/v, gate/up) in one launch of the CUDA GEMM (cuda_gemm.group_launcher),
     where it runs them: fewer launches at decode sizes, and no K split over blocks for narrow layers (k/v). With
-    `x_dtype`, where the launch is the wgmma kernel's token tiles, the plan has its own prepare, which writes the
-    activation tiled for the launch's bulk copies (cuda_gemm.bulk_group_launcher)."""
+    `x_dtype`, where the launch is a wgmma launch with a bulk-copy variant, the plan has its own prepare, which
+    writes the activation tiled for the launch's bulk copies (cuda_gemm.bulk_group_launcher)."""
     from ..kernels import cuda_gemm
 
     layouts = layouts or [None] * len(qweights)

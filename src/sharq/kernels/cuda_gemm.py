@@ -753,8 +753,10 @@ def bulk_group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     codes0 = weights[0][0]
     if not codes0.is_cuda or _bulk_broken:
         return None
-    t = group_tile(math.prod(lead), tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2, codes0.device)
-    tile = cuda_wgmma.bulk_tile(t) if isinstance(t, cuda_wgmma.WgmmaTile) else None
+    ns, kp = tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2
+    t = group_tile(math.prod(lead), ns, kp, codes0.device)
+    tile = cuda_wgmma.bulk_tile(t, sum(ns), kp, _multiprocessors(codes0.device)) if isinstance(
+        t, cuda_wgmma.WgmmaTile) else None
     run = None if tile is None else group_launcher(weights, biases, fmt, block, lead, sx_rows, out_dtype, placed,
                                                     tile)
     return None if run is None else (run, tile.tokens)
@@ -891,8 +893,9 @@ def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: in
     elsewhere (then `launcher`, on the plain activation)."""
     if not codes.is_cuda or _bulk_broken:
         return None
-    w = _wgmma_tile(math.prod(lead), codes.shape[0], codes.shape[1] * 2, codes.device)
-    tile = None if w is None else cuda_wgmma.bulk_tile(w)
+    n, kp = codes.shape[0], codes.shape[1] * 2
+    w = _wgmma_tile(math.prod(lead), n, kp, codes.device)
+    tile = None if w is None else cuda_wgmma.bulk_tile(w, n, kp, _multiprocessors(codes.device))
     run = None if tile is None else launcher(codes, scales, fmt, block, sw, bias, lead, sx_rows, out_dtype, placed,
                                               tile)
     return None if run is None else (run, tile.tokens)

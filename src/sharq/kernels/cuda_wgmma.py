@@ -25,9 +25,10 @@ multiprocessor (docs/PERF.md). Here a block of two warpgroups takes 128 weight r
 The bulk-copy variant (`WgmmaTile.bulk`) has no producer warps: the prepare kernel writes the activation tiled
 (tiled_activation: each chunk of a token tile the exact image of a B buffer), and one thread fills a buffer with
 one `cp.async.bulk`, its bytes counted on the buffer's "full" mbarrier. The consumers are unchanged, so the sums
-are too. The packed backend runs it for the token tiles where the prepare's activation feeds that launch alone
-(bulk_tile; cuda_gemm.bulk_launcher, bulk_group_launcher): 1.28-1.57 x the producer warps at 128-512 tokens on an
-H100 (docs/PERF.md, twenty-fourth run).
+are too. The packed backend runs it where the prepare's activation feeds that launch alone (bulk_tile;
+cuda_gemm.bulk_launcher, bulk_group_launcher): for the token tiles, 1.28-1.57 x the producer warps at 128-512
+tokens on an H100, and up to 64 tokens with one consumer warpgroup a block and the K split of two, 1.03-1.59 x
+(docs/PERF.md, twenty-fourth and twenty-fifth runs).
 
 The staged kernel (`WgmmaTile.staged`; not routed to yet: `python benchmarks/bench_gemm.py --staged` times it) is
 the warp-specialized form for prefill sizes, where the loop above is latency bound: the producers (8 warps)
@@ -138,15 +139,25 @@ def with_splits(t: WgmmaTile, m: int, n: int, kp: int, multiprocessors: int) -> 
     return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors, one_wave=m > TOKENS))
 
 
-def bulk_tile(t: WgmmaTile) -> WgmmaTile | None:
-    """The bulk-copy variant of launch t (its activation tiled by the prepare kernel, one bulk copy a chunk), where
-    it measured faster with t's tile and K split, so with t's sums bit for bit: t's token tiles above TOKENS tokens,
-    with 2 chunks in flight (H100, `python benchmarks/bench_gemm.py --bulk`, 8B and 70B shapes: 1.28-1.57 x at
-    128-512 tokens); None up to TOKENS, where two consumer warpgroups with the bulk copy lost at 33 tokens on the
-    deep layers (14336 x 4096 35.0 against 33.2 µs, 28672 x 8192 104.7 against 94.0)."""
-    if t.tokens <= TOKENS or t.staged:
+def bulk_tile(t: WgmmaTile, n: int, kp: int, multiprocessors: int) -> WgmmaTile | None:
+    """The bulk-copy variant of launch t for an [n, kp] weight (n: a group's summed width; its activation tiled by
+    the prepare kernel, one bulk copy a chunk), where it measured faster with t's K split, so with t's sums bit for
+    bit (the split, not the rows a block, orders a token's sums). H100, `python benchmarks/bench_gemm.py --bulk`,
+    8B and 70B shapes (docs/PERF.md, twenty-fourth and twenty-fifth runs):
+
+    - above TOKENS tokens, t's token tiles with 2 chunks in flight: 1.28-1.57 x at 128-512 tokens;
+    - up to TOKENS, one consumer warpgroup a block (twice the blocks) unless K > 2 N (down_proj, whose layer with
+      the tiled prepare was 2-9 % slower at 33-48 tokens): 0.99-1.59 x the GEMM alone and 0.98-1.21 x the layer
+      at 25-64 tokens; 2 chunks in flight where it has at most 3 blocks a multiprocessor (4096 x 6144, 8192 x
+      10240: 1.20-1.24 x 4 in flight), else 4 (448-512 blocks: 2 in flight 11-17 % slower)."""
+    if t.staged:
         return None
-    return replace(t, bulk=True, producers=1, stages=2)
+    if t.tokens > TOKENS:
+        return replace(t, bulk=True, producers=1, stages=2)
+    if kp > 2 * n:
+        return None
+    one = replace(t, warpgroups=1, bulk=True, producers=1)
+    return replace(one, stages=2 if n // one.rows * one.splits <= 3 * multiprocessors else 4)
 
 
 def token_tiles(m: int, t: WgmmaTile) -> int:
