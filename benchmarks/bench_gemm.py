@@ -439,7 +439,7 @@ def wgmma_vs_decode(ms: tuple[int, ...] = (16, 17, 24, 32, 33, 48, 64)) -> list[
 def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
     """The wgmma kernel's launch options (kernels/cuda_wgmma.py) where choose_tile takes the shape, on the 8B and 70B
     shapes: weight chunks in flight, activation buffers, producer warps, consumer warpgroups a block (1: two blocks
-    a multiprocessor), K split by k_splits for each; GPU µs beside BF16 and the decode kernel, and each launch's
+    a multiprocessor), each with choose_tile's K split for it (with_splits); GPU µs beside BF16 and the decode kernel, and each launch's
     largest difference from the decode kernel's fp32 output relative to its largest output (a launch that is
     wrong shows > 1e-5). How cuda_wgmma.choose_tile's defaults were chosen."""
     rows = []
@@ -460,7 +460,7 @@ def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
             t = cuda_wgmma.WgmmaTile(**option)
             if n % t.rows:
                 continue
-            t = replace(t, splits=cuda_wgmma.k_splits(n // t.rows, k, sms))
+            t = cuda_wgmma.with_splits(t, m, n, k, sms)
             error = ((case.output(t, torch.float32) - want).abs().max() / want.abs().max()).item()
             timed[str(t)] = (case.cuda_us(t), error)
         best = min((v for v in timed.items() if v[1][1] < 1e-5), key=lambda kv: kv[1][0])
@@ -606,9 +606,7 @@ def placed_sweep(ms: tuple[int, ...] = (1, 16, 64, 128, 256, 2048)) -> list[dict
                 tiles.append(cuda_gemm.choose_tile(m, n, k, case.act.values.device))
             if m >= 128 and capability == (9, 0):
                 for option in (STAGED[0], STAGED[3]):
-                    t = cuda_wgmma.WgmmaTile(**option)
-                    blocks = n // t.rows * cuda_wgmma.token_tiles(m, t)
-                    tiles.append(replace(t, splits=cuda_wgmma.k_splits(blocks, k, sms, one_wave=True)))
+                    tiles.append(cuda_wgmma.with_splits(cuda_wgmma.WgmmaTile(**option), m, n, k, sms))
             for tile in tiles:
                 ptile = replace(tile, placed=True)
                 want = case.output(tile, torch.float32)

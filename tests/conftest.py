@@ -33,6 +33,10 @@ def rng(seed) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs a Hopper GPU (the wgmma kernel is sm_90a)")
+
+
 def outlier_activations(g: torch.Generator, m: int, k: int, frac: float = 1 / 64) -> torch.Tensor:
     """LLM-like activations: Gaussian with a few channels 10-60x larger."""
     x = torch.randn(m, k, generator=g)

@@ -10,7 +10,7 @@ from sharq.kernels import cuda_gemm, cuda_wgmma
 from sharq.nn import SharedActivation, SharQLinear
 from sharq.recipes import QActivation
 
-from .conftest import outlier_activations
+from .conftest import hopper, outlier_activations
 
 
 @pytest.mark.parametrize("name", [r for r in sharq.list_recipes() if r != "outlier-channels"])
@@ -221,10 +221,6 @@ def test_a_layer_keeps_a_bounded_number_of_eager_plans():
             x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
             assert torch.equal(layer(x), layer.multiply(layer.prepare(x), layer.bias, torch.bfloat16))
     assert 0 < len(layer._plans) <= sharq_nn._MAX_PLANS
-
-
-hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                            reason="needs a Hopper GPU (the wgmma kernel)")
 
 
 @hopper

@@ -14,10 +14,10 @@ from sharq.kernels import cuda_gemm, cuda_wgmma, gemm
 from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 
+from ..conftest import hopper
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
                                 reason="needs a CUDA GPU and torch.cuda._compile_kernel")
-hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                            reason="the wgmma kernel needs Hopper (sm_90a)")
 
 
 def _payload(n: int, k: int, block: int, seed: int) -> QTensor:
