@@ -439,9 +439,9 @@ def wgmma_vs_decode(ms: tuple[int, ...] = (16, 17, 24, 32, 33, 48, 64)) -> list[
 def wgmma_sweep(ms: tuple[int, ...] = (25, 32, 33, 48, 64)) -> list[dict]:
     """The wgmma kernel's launch options (kernels/cuda_wgmma.py) where choose_tile takes the shape, on the 8B and 70B
     shapes: weight chunks in flight, activation buffers, producer warps, consumer warpgroups a block (1: two blocks
-    a multiprocessor), each with choose_tile's K split for it (with_splits); GPU µs beside BF16 and the decode kernel, and each launch's
-    largest difference from the decode kernel's fp32 output relative to its largest output (a launch that is
-    wrong shows > 1e-5). How cuda_wgmma.choose_tile's defaults were chosen."""
+    a multiprocessor), each with choose_tile's K split for it (with_splits); GPU µs beside BF16 and the decode
+    kernel, and each launch's largest difference from the decode kernel's fp32 output relative to its largest
+    output (a launch that is wrong shows > 1e-5). How cuda_wgmma.choose_tile's defaults were chosen."""
     rows = []
     capability = torch.cuda.get_device_capability()
     sms = torch.cuda.get_device_properties(0).multi_processor_count

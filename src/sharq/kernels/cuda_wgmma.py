@@ -27,8 +27,8 @@ The bulk-copy variant (`WgmmaTile.bulk`) has no producer warps: the prepare kern
 one `cp.async.bulk`, its bytes counted on the buffer's "full" mbarrier. The consumers are unchanged, so the sums
 are too. The packed backend runs it where the prepare's activation feeds that launch alone (bulk_tile;
 cuda_gemm.bulk_launcher, bulk_group_launcher): for the token tiles, 1.28-1.57 x the producer warps at 128-512
-tokens on an H100, and up to 64 tokens with one consumer warpgroup a block and the K split of two, 1.03-1.59 x
-(docs/PERF.md, twenty-fourth and twenty-fifth runs).
+tokens on an H100, and up to 64 tokens with one consumer warpgroup a block and the K split of two, 1.00-1.61 x on
+an H200 (docs/PERF.md, twenty-fourth and twenty-fifth runs).
 
 The staged kernel (`WgmmaTile.staged`; not routed to yet: `python benchmarks/bench_gemm.py --staged` times it) is
 the warp-specialized form for prefill sizes, where the loop above is latency bound: the producers (8 warps)
@@ -142,14 +142,15 @@ def with_splits(t: WgmmaTile, m: int, n: int, kp: int, multiprocessors: int) -> 
 def bulk_tile(t: WgmmaTile, n: int, kp: int, multiprocessors: int) -> WgmmaTile | None:
     """The bulk-copy variant of launch t for an [n, kp] weight (n: a group's summed width; its activation tiled by
     the prepare kernel, one bulk copy a chunk), where it measured faster with t's K split, so with t's sums bit for
-    bit (the split, not the rows a block, orders a token's sums). H100, `python benchmarks/bench_gemm.py --bulk`,
-    8B and 70B shapes (docs/PERF.md, twenty-fourth and twenty-fifth runs):
+    bit (the split, not the rows a block, orders a token's sums). `python benchmarks/bench_gemm.py --bulk`, 8B and
+    70B shapes (docs/PERF.md, twenty-fourth and twenty-fifth runs):
 
-    - above TOKENS tokens, t's token tiles with 2 chunks in flight: 1.28-1.57 x at 128-512 tokens;
+    - above TOKENS tokens, t's token tiles with 2 chunks in flight: 1.28-1.57 x at 128-512 tokens (H100);
     - up to TOKENS, one consumer warpgroup a block (twice the blocks) unless K > 2 N (down_proj, whose layer with
-      the tiled prepare was 2-9 % slower at 33-48 tokens): 0.99-1.59 x the GEMM alone and 0.98-1.21 x the layer
-      at 25-64 tokens; 2 chunks in flight where it has at most 3 blocks a multiprocessor (4096 x 6144, 8192 x
-      10240: 1.20-1.24 x 4 in flight), else 4 (448-512 blocks: 2 in flight 11-17 % slower)."""
+      the tiled prepare was 3-9 % slower at 33-48 tokens on an H100): on an H200 1.00-1.61 x the GEMM alone and
+      0.98-1.49 x the layer at 25-64 tokens; 2 chunks in flight where it has at most 3 blocks a multiprocessor
+      (4096 x 6144, 8192 x 10240: 1.20-1.24 x 4 in flight on an H100), else 4 (448-512 blocks: 2 in flight 11-17 %
+      slower)."""
     if t.staged:
         return None
     if t.tokens > TOKENS:
