@@ -561,7 +561,10 @@ def test_calibrate_is_quiet_unless_asked(capfd):
 def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(rng, monkeypatch):
     """With a backend that has a group plan (the packed one on CUDA; here the reference backend given one), every
     member of q/k/v and gate/up calls the group's custom op with the same arguments under torch.compile, and the
-    compiler keeps one call a group; the logits are the eager ones (which multiply layer by layer here)."""
+    trace keeps one call a group; the logits are the eager ones (which multiply layer by layer here) bit for bit.
+    Compiled by AOTAutograd with eager kernels ("aot_eager"): inductor's fusion of the model's own ops moves an fp32
+    input of a quantized layer by ~1e-7, which an FP4 rounding can turn into a different logit (0.016 at one CI seed;
+    test_compiled_model_gives_the_eager_logits covers inductor)."""
     calls = []
 
     def group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):  # packed weights, no layouts
@@ -578,10 +581,10 @@ def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(r
     model = sharq.quantize_model(tiny("llama"), "sharq", backend="grouped")
     ids = torch.randint(0, 96, (1, 8), generator=rng)
     torch._dynamo.reset()
-    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
+    with torch.no_grad():
         want = model(ids).logits
         assert calls == []  # eager on a CPU: layer by layer
-        got = torch.compile(model, fullgraph=True)(ids).logits
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
     layers = model.config.num_hidden_layers
     assert sorted(calls) == sorted([3, 2] * layers)
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(got, want)
