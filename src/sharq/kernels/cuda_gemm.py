@@ -751,15 +751,22 @@ def bulk_group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Te
     """`group_launcher` on the wgmma kernel's bulk-copy variant, where the group's launch is the wgmma kernel's
     and cuda_wgmma.bulk_tile has a variant of it: (run, tokens) as bulk_launcher's; None elsewhere."""
     codes0 = weights[0][0]
-    if not codes0.is_cuda or _bulk_broken:
+    if not codes0.is_cuda:
         return None
     ns, kp = tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2
-    t = group_tile(math.prod(lead), ns, kp, codes0.device)
-    tile = cuda_wgmma.bulk_tile(t, sum(ns), kp, _multiprocessors(codes0.device)) if isinstance(
-        t, cuda_wgmma.WgmmaTile) else None
+    tile = _bulk_tile(group_tile(math.prod(lead), ns, kp, codes0.device), sum(ns), kp, codes0.device)
     run = None if tile is None else group_launcher(weights, biases, fmt, block, lead, sx_rows, out_dtype, placed,
                                                     tile)
     return None if run is None else (run, tile.tokens)
+
+
+def _bulk_tile(t: CudaTile | cuda_wgmma.WgmmaTile | None, n: int, kp: int, device: torch.device
+               ) -> cuda_wgmma.WgmmaTile | None:
+    """cuda_wgmma.bulk_tile's variant of launch t on this device; None where t is not the wgmma kernel's or the
+    bulk copies failed to compile here."""
+    if _bulk_broken or not isinstance(t, cuda_wgmma.WgmmaTile):
+        return None
+    return cuda_wgmma.bulk_tile(t, n, kp, _multiprocessors(device))
 
 
 def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -891,11 +898,10 @@ def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: in
     cuda_wgmma.bulk_tile has a variant of its launch (same sums): (run, tokens), run reading its activation as
     cuda_wgmma.tiled_activation lays it out in tiles of `tokens` (the prepare kernel's `tiled` output); None
     elsewhere (then `launcher`, on the plain activation)."""
-    if not codes.is_cuda or _bulk_broken:
+    if not codes.is_cuda:
         return None
     n, kp = codes.shape[0], codes.shape[1] * 2
-    w = _wgmma_tile(math.prod(lead), n, kp, codes.device)
-    tile = None if w is None else cuda_wgmma.bulk_tile(w, n, kp, _multiprocessors(codes.device))
+    tile = _bulk_tile(_wgmma_tile(math.prod(lead), n, kp, codes.device), n, kp, codes.device)
     run = None if tile is None else launcher(codes, scales, fmt, block, sw, bias, lead, sx_rows, out_dtype, placed,
                                               tile)
     return None if run is None else (run, tile.tokens)
