@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 import sharq  # noqa: E402
 from sharq import functional  # noqa: E402
 from sharq import nn as snn  # noqa: E402
-from sharq.backends import BACKENDS, GroupPlan, get_backend  # noqa: E402
+from sharq.backends import BACKENDS, EagerPlan, GroupPlan, get_backend  # noqa: E402
 from sharq.models import target_linears  # noqa: E402
 from sharq.quant import dequantize_blocks  # noqa: E402
 
@@ -555,6 +555,43 @@ def test_calibrate_is_quiet_unless_asked(capfd):
     assert capfd.readouterr().err == ""
     sharq.calibrate(model, ["some calibration text"], _Tokens(), seqlen=8, progress=True)
     assert "calibrate" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_torch_compile_layers_and_groups_run_the_launches_of_their_eager_plans(rng, monkeypatch):
+    """With a backend that has eager plans and group plans (the packed one on CUDA; here the reference backend given
+    both, recording each launch), a compiled forward makes the launches the eager one makes: each q/k/v and gate/up
+    group's prepare and group launch, each o/down layer's prepare and GEMM, in the same order."""
+    calls = []
+    ref = BACKENDS["reference"]
+
+    def eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout=None, own_input=False):
+        def prepare(x):
+            calls.append(("prepare", x.shape[-1]))
+            return ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
+
+        def matmul(act):
+            calls.append(("matmul", qweight.out_features))
+            return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
+        return EagerPlan(prepare, matmul)
+
+    def group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):
+        def run(act):
+            calls.append(("group", tuple(w.out_features for w in qweights)))
+            return [ref.matmul(act, w, b, out_dtype).reshape(*lead, -1) for w, b in zip(qweights, biases)]
+        return GroupPlan(run)
+
+    monkeypatch.setitem(BACKENDS, "planned", dataclasses.replace(ref, eager_plan=eager_plan, group_plan=group_plan))
+    model = sharq.quantize_model(tiny("llama"), "sharq", backend="planned")
+    ids = torch.randint(0, 96, (1, 8), generator=rng)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
+        want = model(ids).logits
+        eager, calls[:] = list(calls), []
+        got = torch.compile(model, fullgraph=True)(ids).logits
+    layers = model.config.num_hidden_layers
+    assert [c[0] for c in eager] == ["prepare", "group", "prepare", "matmul"] * 2 * layers and calls == eager
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * want.abs().max().item())
 
 
 @pytest.mark.slow

@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import pytest
@@ -131,6 +132,49 @@ def test_torch_compile_is_bit_identical_to_eager(name, rng):
         got = compiled(x)
         assert torch.equal(got, want)
         assert torch.equal(torch.autograd.grad(got.sum(), x)[0], dx)
+
+
+def _planned_backend(calls: list) -> sharq.backends.Backend:
+    """The reference backend with eager plans that record their calls (what the packed backend has on CUDA)."""
+    ref = BACKENDS["reference"]
+
+    def eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout=None, own_input=False):
+        def prepare(x):
+            calls.append("prepare")
+            return ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
+
+        def matmul(act):
+            calls.append("matmul")
+            return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
+        return EagerPlan(prepare, matmul)
+    return dataclasses.replace(ref, eager_plan=eager_plan)
+
+
+def test_under_torch_compile_a_layer_with_eager_plans_runs_its_plan_as_one_op(rng, monkeypatch):
+    """Where the backend has eager plans, a compiled call is one custom op that runs the layer's eager plan (the
+    launches an eager call makes, so the same bits); a copy has a handle of its own; the op given another layer's
+    tensors under a handle (a graph traced on another model of the same structure) computes from the tensors it
+    was given, not from the handle's plan; strict layers keep the two ops."""
+    calls = []
+    monkeypatch.setitem(BACKENDS, "planned", _planned_backend(calls))
+    layer = SharQLinear.from_linear(nn.Linear(64, 32), "sharq", backend="planned")
+    x = outlier_activations(rng, 5, 64)
+    with torch.no_grad():
+        want = layer(x)
+    assert calls == ["prepare", "matmul"]
+    torch._dynamo.reset()
+    got = torch.compile(layer, fullgraph=True)(x)
+    assert calls[2:] == ["prepare", "matmul"] and torch.equal(got, want)
+    twin = copy.deepcopy(layer)
+    assert twin.plan_handle != layer.plan_handle and sharq.functional._PLANNED[twin.plan_handle] is twin
+    other = SharQLinear.from_linear(nn.Linear(64, 32), "sharq", backend="planned")
+    calls.clear()
+    values, codes, scales, weight_scale, bias = other.plan_tensors()
+    y = torch.ops.sharq.planned_linear(x, values, codes, scales, weight_scale, bias, [], "", other.recipe.key,
+                                       "planned", 32, layer.plan_handle)
+    assert calls == [] and torch.equal(y, other.multiply(other.prepare(x), other.bias, x.dtype))
+    strict = SharQLinear.from_linear(nn.Linear(64, 32), "sharq", backend="planned", strict=True)
+    assert not strict.plannable(x) and layer.plannable(x) and not layer.plannable(x.requires_grad_())
 
 
 def test_the_weight_forward_multiplies_follows_every_change_of_the_payload(rng):

@@ -4,7 +4,9 @@ straight-through gradient, and `simulate_linear`. The backends themselves are in
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -126,6 +128,96 @@ def _matmul_group_op(values: torch.Tensor, scale: torch.Tensor, codes: list[torc
 @_matmul_group_op.register_fake
 def _(values, scale, codes, scales, weight_scales, biases, recipe, backend, out_dtype, layout_meta):
     return [values.new_empty((values.shape[0], c.shape[0]), dtype=out_dtype) for c in codes]
+
+
+# --- planned ops: a layer's eager launch plan under torch.compile ---------------------------------------------------
+# Where the backend has eager plans, a compiled layer (or a group of layers that read one input) is one op that runs
+# the plan the eager call runs, so compiled and eager calls make the same launches, including those whose
+# activation layout belongs to the launch (the wgmma kernel's bulk copies). The op finds its layer by a handle (an
+# int the trace holds as a constant) and is given the layer's weight tensors too: where the handle's layer no
+# longer holds them (a graph traced on another model of the same structure), it runs prepare + matmul on the tensors
+# it was given, which is what the plan computes, bit for bit (EagerPlan).
+_PLANNED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_handles = itertools.count(1)
+
+
+def plan_handle(owner) -> int:
+    """A new handle for `owner` (a layer, or the shared activation of a group): what the planned ops look it up by.
+    Copies get handles of their own (their __setstate__), so a handle always names one object."""
+    handle = next(_handles)
+    _PLANNED[handle] = owner
+    return handle
+
+
+def _holds(tensors: list[torch.Tensor | None], given: list[torch.Tensor | None]) -> bool:
+    """Whether the owner's weight tensors are the ones the op was given (same memory and shape)."""
+    return len(tensors) == len(given) and all(
+        (a is None) == (b is None) and (a is None or (a.data_ptr() == b.data_ptr() and a.shape == b.shape))
+        for a, b in zip(tensors, given))
+
+
+@torch.library.custom_op("sharq::planned_linear", mutates_args=())
+def _planned_linear_op(x2d: torch.Tensor, weight_values: torch.Tensor | None, weight_codes: torch.Tensor | None,
+                       weight_scales: torch.Tensor | None, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                       layout: list[torch.Tensor], layout_meta: str, recipe: str, backend: str, n: int,
+                       handle: int) -> torch.Tensor:
+    x2d = x2d.contiguous()
+    layer = _PLANNED.get(handle)
+    given = [weight_values, weight_codes, weight_scales, weight_scale, bias, *layout]
+    if layer is not None and _holds(layer.plan_tensors(), given):
+        plan = layer.eager_plan(x2d)
+        if plan is not None:
+            return plan.matmul(plan.prepare(x2d))
+    act = get_backend(backend).prepare(x2d, _recipe(recipe), None, None)
+    return _matmul_op(act.values, act.scale, x2d.new_empty(x2d.shape[0], 0), weight_values, weight_codes,
+                      weight_scales, weight_scale, None, bias, layout, layout_meta, recipe, backend, n, x2d.dtype)
+
+
+@_planned_linear_op.register_fake
+def _(x2d, weight_values, weight_codes, weight_scales, weight_scale, bias, layout, layout_meta, recipe, backend, n,
+      handle):
+    return x2d.new_empty((x2d.shape[0], n))
+
+
+@torch.library.custom_op("sharq::planned_group", mutates_args=())
+def _planned_group_op(x2d: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor],
+                      weight_scales: list[torch.Tensor], biases: list[torch.Tensor | None], recipe: str, backend: str,
+                      layout_meta: str, handle: int) -> list[torch.Tensor]:
+    x2d = x2d.contiguous()
+    shared = _PLANNED.get(handle)
+    given = [t for member in zip(codes, scales, weight_scales, biases) for t in member]
+    if shared is not None and _holds(shared.plan_tensors(), given):
+        ys = shared.planned_outputs(x2d)
+        if ys is not None:
+            return ys
+    act = get_backend(backend).prepare(x2d, _recipe(recipe), None, None)
+    return _matmul_group_op(act.values, act.scale, codes, scales, weight_scales, biases, recipe, backend, x2d.dtype,
+                            layout_meta)
+
+
+@_planned_group_op.register_fake
+def _(x2d, codes, scales, weight_scales, biases, recipe, backend, layout_meta, handle):
+    return [x2d.new_empty((x2d.shape[0], c.shape[0])) for c in codes]
+
+
+def planned_linear(x2d: torch.Tensor, tensors: list[torch.Tensor | None], layout_meta: str, recipe: Recipe,
+                   backend: str, n: int, handle: int) -> torch.Tensor:
+    """Under torch.compile: a layer's output [M, N] for x2d [M, K] by its eager plan, as one custom op; `tensors`
+    its plan_tensors() (bf16 Ŵ, codes, scales, weight scale, bias, then its layout's tensors), `handle` its
+    plan_handle."""
+    values, codes, scales, weight_scale, bias, *layout = tensors
+    return torch.ops.sharq.planned_linear(x2d, values, codes, scales, weight_scale, bias, layout, layout_meta,
+                                          recipe.key, backend, n, handle)
+
+
+def planned_group(x2d: torch.Tensor, tensors: list[torch.Tensor | None], layout_meta: str, recipe: Recipe,
+                  backend: str, handle: int) -> list[torch.Tensor]:
+    """Under torch.compile: the outputs of the layers that read x2d (a SharedActivation's) by their eager plans and
+    group plan, as one custom op; `tensors` the group's plan_tensors() (codes, scales, weight scale, bias of each
+    layer, codes and scales from its layout where it has one)."""
+    codes, scales, weight_scales, biases = (tensors[i::4] for i in range(4))
+    return torch.ops.sharq.planned_group(x2d, codes, scales, weight_scales, biases, recipe.key, backend, layout_meta,
+                                         handle)
 
 
 def matmul_group(act: QActivation, qweights: list[QWeight], biases: list[torch.Tensor | None],

@@ -15,6 +15,9 @@ from .functional import (
     get_backend,
     matmul,
     matmul_group,
+    plan_handle,
+    planned_group,
+    planned_linear,
     prepare,
     resolve_backend,
     straight_through,
@@ -35,8 +38,8 @@ class SharedActivation:
     an earlier member prepared (same object, unchanged version) reuses that activation (or its output). Outside a
     block call (a layer run on its own) every layer prepares its own input; under torch.compile the members of a
     group with a group plan hand over their outputs in the trace (compiled_output), the others each prepare their
-    own. Nothing outlives the block call, so a later write to the tensor, even one that bypasses autograd's version
-    counter, can never be missed."""
+    own (on CUDA, each by one op running its eager plan: SharQLinear.plannable). Nothing outlives the block call,
+    so a later write to the tensor, even one that bypasses autograd's version counter, can never be missed."""
 
     def __init__(self, members: int) -> None:
         self.members = members
@@ -44,6 +47,17 @@ class SharedActivation:
         self._group_plans: dict[tuple, GroupPlan | None] = {}
         self._open = False
         self._clear()
+        self.plan_handle = plan_handle(self)  # what the compiled group op finds it by (functional.planned_group)
+
+    def __getstate__(self):
+        """Copies and pickles hold no plans (theirs name this group's tensors) and nothing of a block call."""
+        state = dict(self.__dict__, _group_plans={}, _open=False)
+        state.update(_x=None, _version=None, _act=None, _outputs={}, _served=0)
+        return state
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self.plan_handle = plan_handle(self)
 
     def _clear(self) -> None:
         self._x: torch.Tensor | None = None
@@ -125,9 +139,29 @@ class SharedActivation:
                 x.dtype, [m._layout for m in layers], x_dtype=x.dtype)
         return self._group_plans[key]
 
+    def plan_tensors(self) -> list[torch.Tensor | None]:
+        """Each member's codes, scales (its layout's, where it has one), weight scale and bias, in order: what the
+        compiled group op is given (functional.planned_group)."""
+        return [t for m in self.layers for t in (*(m._layout.tensors if m._layout is not None
+                                                   else (m.weight_codes, m.weight_scales)), m.weight_scale, m.bias)]
+
+    def planned_outputs(self, x2d: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every member's output for x2d [M, K] by the launches an eager block call makes (output): the group
+        plan's, else each member's plan on the first member's activation; None where a member has no plan."""
+        plans = [m.eager_plan(x2d) for m in self.layers]
+        if len(plans) != self.members or any(p is None for p in plans):
+            return None
+        group = self._group_plan(x2d)
+        if group is None:
+            act = plans[0].prepare(x2d)
+            return [p.matmul(act) for p in plans]
+        return group.matmul((group.prepare or plans[0].prepare)(x2d))
+
     def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
-        """Under torch.compile: `layer`'s output from the group's one custom op (functional.matmul_group), called
-        by the first member in the block call and taken by the others (the trace records the hand-over; the last
+        """Under torch.compile: `layer`'s output from the group's one custom op (functional.planned_group, which
+        runs the members' eager plans and group plan, where they may run them: plannable; else
+        functional.matmul_group on a prepared activation), called by the first member in the block call and taken
+        by the others (the trace records the hand-over; the last
         member clears it, so nothing outlives the call); None outside a block call or where the members do not run
         as a group (a backend without a group plan, calibrated channels, layouts of the backend's own other than
         one kind of (codes, scales)). Unlike eagerly, an in-place write to x between members goes unseen here (a
@@ -142,8 +176,12 @@ class SharedActivation:
             return None
         if self._x is not x or not self._outputs:
             self._clear()
-            ys = matmul_group(layer.prepare(x2d), [m.forward_weight() for m in layers], [m.bias for m in layers],
-                              x.dtype, layer.recipe, layer.backend, [m._layout for m in layers])
+            if all(m.plannable(x) for m in layers):
+                ys = planned_group(x2d, self.plan_tensors(), "" if layer._layout is None else layer._layout.meta,
+                                   layer.recipe, layer.backend, self.plan_handle)
+            else:
+                ys = matmul_group(layer.prepare(x2d), [m.forward_weight() for m in layers], [m.bias for m in layers],
+                                  x.dtype, layer.recipe, layer.backend, [m._layout for m in layers])
             self._x, self._outputs = x, dict(enumerate(ys))
         y = self._outputs[layer.group_position]
         self._release_if_done()
@@ -228,6 +266,7 @@ class SharQLinear(nn.Module):
         self.register_buffer("dense_weight", qweight.dense)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_values())
+        self.plan_handle = plan_handle(self)  # what the compiled op finds it by (functional.planned_linear)
         self._configure()
 
     @classmethod
@@ -281,6 +320,10 @@ class SharQLinear(nn.Module):
         state = super().__getstate__()
         state["_plans"] = {}
         return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.plan_handle = plan_handle(self)  # a copy's own
 
     def _forget_runs(self) -> None:
         """The weight forward multiplies and the eager launch plans are made anew (the payload, its layout, the
@@ -384,12 +427,26 @@ class SharQLinear(nn.Module):
         activation (a serving engine's fused q/k/v) or add the bias elsewhere."""
         return matmul(act, self.forward_weight(), bias, out_dtype, self.recipe, self.backend, self._layout)
 
+    def plan_tensors(self) -> list[torch.Tensor | None]:
+        """The bf16 Ŵ, codes, scales, weight scale and bias (each where the layer holds it), then the layout's
+        tensors: what the compiled op is given (functional.planned_linear)."""
+        return [self.weight_values, self.weight_codes, self.weight_scales, self.weight_scale, self.bias,
+                *(() if self._layout is None else self._layout.tensors)]
+
+    def plannable(self, x: torch.Tensor) -> bool:
+        """Whether a call on x may run the eager plan (what eager_plan asks of the call but the trace): under
+        torch.compile such a call is one op running it (functional.planned_linear), so compiled and eager calls
+        make the same launches."""
+        return (not self.strict and self.channels is None and x.is_floating_point()
+                and not (x.requires_grad and torch.is_grad_enabled()) and x.device == self.weight_scale.device
+                and get_backend(self.backend).eager_plan is not None)
+
     def eager_plan(self, x: torch.Tensor) -> EagerPlan | None:
         """The backend's launch plan for an eager call on x (EagerPlan), made at the first call of its shape, dtype
         and device; None where the call needs the general path: a trace, strict checks, a gradient to carry, an
         input that is not contiguous, not floating-point or not on the layer's device, calibrated channels, or a
         backend without one."""
-        if (not x.is_cuda or self.strict or torch.compiler.is_compiling() or self.channels is not None
+        if (self.strict or torch.compiler.is_compiling() or self.channels is not None
                 or (x.requires_grad and torch.is_grad_enabled()) or not x.is_contiguous()
                 or not x.is_floating_point()):
             return None
@@ -419,8 +476,12 @@ class SharQLinear(nn.Module):
         x2d = as_rows(x)
         with torch.no_grad():
             y = None
-            if self.shared is not None and torch.compiler.is_compiling():
-                y = self.shared.compiled_output(self, x, x2d)
+            if torch.compiler.is_compiling():
+                if self.shared is not None:
+                    y = self.shared.compiled_output(self, x, x2d)
+                if y is None and self.plannable(x):
+                    y = planned_linear(x2d, self.plan_tensors(), "" if self._layout is None else self._layout.meta,
+                                       self.recipe, self.backend, self.out_features, self.plan_handle)
             if y is None:
                 act = self.prepare(x2d) if self.shared is None else self.shared.get(x, lambda: self.prepare(x2d))
                 y = self.multiply(act, self.bias, x.dtype)

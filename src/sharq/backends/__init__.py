@@ -76,7 +76,9 @@ class Backend:
       them (then prepare and matmul run); `layout` as matmul's. With `own_input` (the layer shares its input with
       no other) the plan's prepare feeds its matmul alone, so the two may agree on an activation layout of their
       own; otherwise its matmul takes any prepare's activation and its prepare gives one any matmul takes. A layer
-      keeps its plans until its weight, bias or backend changes;
+      keeps its plans until its weight, bias or backend changes; under torch.compile a layer (or a group) whose
+      backend has eager plans runs them by one custom op (functional.planned_linear, planned_group), so compiled
+      and eager calls make the same launches;
     - `group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None)` -> a GroupPlan for an
       activation of M = prod(lead) rows, giving the outputs [*lead, N_i] of several layers that read it (q/k/v,
       gate/up) from one launch, or None where the backend has none for them (then each layer multiplies on its
