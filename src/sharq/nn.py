@@ -38,7 +38,7 @@ class SharedActivation:
     an earlier member prepared (same object, unchanged version) reuses that activation (or its output). Outside a
     block call (a layer run on its own) every layer prepares its own input; under torch.compile the members of a
     group with a group plan hand over their outputs in the trace (compiled_output), the others each prepare their
-    own (on CUDA, each by one op running its eager plan: SharQLinear.plannable). Nothing outlives the block call,
+    own (each by one op running its eager plan, where its backend has them: SharQLinear.plannable). Nothing outlives the block call,
     so a later write to the tensor, even one that bypasses autograd's version counter, can never be missed."""
 
     def __init__(self, members: int) -> None:
@@ -159,12 +159,11 @@ class SharedActivation:
 
     def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
         """Under torch.compile: `layer`'s output from the group's one custom op (functional.planned_group, which
-        runs the members' eager plans and group plan, where they may run them: plannable; else
+        runs the members' eager plans and group plan where they may run them, SharQLinear.plannable; else
         functional.matmul_group on a prepared activation), called by the first member in the block call and taken
-        by the others (the trace records the hand-over; the last
-        member clears it, so nothing outlives the call); None outside a block call or where the members do not run
-        as a group (a backend without a group plan, calibrated channels, layouts of the backend's own other than
-        one kind of (codes, scales)). Unlike eagerly, an in-place write to x between members goes unseen here (a
+        by the others (the trace records the hand-over; the last member clears it, so nothing outlives the call);
+        None outside a block call or where the members do not run as a group (a backend without a group plan,
+        calibrated channels, layouts of the backend's own other than one kind of (codes, scales)). Unlike eagerly, an in-place write to x between members goes unseen here (a
         trace has no version counter); the model families quantize_model groups never write their block's input."""
         layers = self.layers
         # the members' weights: all canonical payloads, or all layouts of one kind made of (codes, scales)
