@@ -163,8 +163,9 @@ class SharedActivation:
         functional.matmul_group on a prepared activation), called by the first member in the block call and taken
         by the others (the trace records the hand-over; the last member clears it, so nothing outlives the call);
         None outside a block call or where the members do not run as a group (a backend without a group plan,
-        calibrated channels, layouts of the backend's own other than one kind of (codes, scales)). Unlike eagerly, an in-place write to x between members goes unseen here (a
-        trace has no version counter); the model families quantize_model groups never write their block's input."""
+        calibrated channels, layouts of the backend's own other than one kind of (codes, scales)). Unlike eagerly,
+        an in-place write to x between members goes unseen here (a trace has no version counter); the model
+        families quantize_model groups never write their block's input."""
         layers = self.layers
         # the members' weights: all canonical payloads, or all layouts of one kind made of (codes, scales)
         kinds = {None if m._layout is None else (m._layout.meta, len(m._layout.tensors)) for m in layers}
