@@ -6,9 +6,12 @@
    bound, for both weight formats, at small and large M; every scale and element code decodes as quant.py does.
 2. Ceilings, measured here: copy bandwidth (a 1 GiB device copy) and the BF16 matrix rate (an 8192³ GEMM).
 3. The grid: Llama-3.1-8B linear shapes (K, N) ∈ {(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)} ×
-   M: BF16 cuBLAS (F.linear), FP8 `torch._scaled_mm` (per-tensor scales, M ≥ 16), the nvfp4 and sharq packed GEMMs
-   alone (on the bf16 activation the prepare kernel writes) and their whole layers (prepare + GEMM; at decode M
-   also with plain launches instead of programmatic dependent launch, kernels/launch.py). GPU times
+   M: BF16 cuBLAS (F.linear), FP8 `torch._scaled_mm` (per-tensor scales, M ≥ 16), and per recipe the layer a
+   model runs: the eager plan of a layer that reads its input alone, on the backend "auto" picks (what eager,
+   graph-replayed and compiled calls launch: placed codes, bulk copies where routed), its GEMM alone (on the
+   activation its prepare writes) and whole (prepare + GEMM; at decode M also with plain launches instead of
+   programmatic dependent launch, kernels/launch.py), and the general path of strict and gradient calls
+   (prepare + packed_matmul on canonical codes). GPU times
    are CUDA-graph replays of several calls, each on its own copy of the weights (together several times the L2,
    so every call streams its weight from memory, as in a model). Bytes for M ≤ 16: the weight (packed payload or
    bf16), X and Y; achieved GB/s against the copy bandwidth. FLOPs for M ≥ 2048: 2·M·N·K, against the matrix rate.
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 import sharq
 from sharq._format import format_table
-from sharq.backends import WeightLayout, available, get_backend, humming
+from sharq.backends import EagerPlan, WeightLayout, available, get_backend, humming, resolve_backend
 from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
 from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
@@ -129,8 +132,8 @@ def check_codes() -> bool:
 
 
 def packed_layer(x: torch.Tensor, r, sw: torch.Tensor):
-    """A packed layer's eager call on x (the activation kernel, then the GEMM) as a function of one weight copy
-    (codes, scales): what a model runs per linear, bf16 out."""
+    """A packed layer's general call on x (the activation kernel, then packed_matmul) as a function of one weight
+    copy (codes, scales): the path where a layer has no eager plan (strict or gradient calls), bf16 out."""
     prepare = get_backend("packed").prepare
 
     def layer(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -139,10 +142,41 @@ def packed_layer(x: torch.Tensor, r, sw: torch.Tensor):
     return layer
 
 
+def layer_plans(p: QTensor, sw: torch.Tensor, r, m: int, n_copies: int) -> tuple[str, list[EagerPlan] | None]:
+    """The backend "auto" gives an [N, K] layer of recipe r on this GPU, and its eager plans for m tokens of a
+    layer that reads its input alone, one per copy of the weight (each copy in the backend's layout where it has
+    one): the launches a model's eager, graph-replayed and compiled calls make for that layer. None for the plans
+    where the backend has none at this size (then the model calls prepare + matmul)."""
+    name = resolve_backend("auto", r, "cuda", tuple(p.shape), torch.bfloat16)
+    b, plans = get_backend(name), []
+    for _ in range(n_copies):
+        q = replace(p, codes=p.codes.clone(), scales=p.scales.clone())
+        layout = b.to_layout(q, sw, None) if b.to_layout is not None else None
+        plan = None if b.eager_plan is None else b.eager_plan(QWeight(None, sw, q), None, r, (m,), torch.bfloat16,
+                                                               torch.bfloat16, layout, own_input=True)
+        if plan is None:
+            return name, None
+        plans.append(plan)
+    return name, plans
+
+
+def route(m: int, n: int, kp: int) -> str:
+    """Which kernel an own-input layer's plan runs for m tokens of an [n, kp] weight on this GPU."""
+    device = torch.device("cuda")
+    t = cuda_gemm._wgmma_tile(m, n, kp, device)
+    if t is not None:
+        b = cuda_gemm._bulk_tile(t, n, kp, device)
+        return "wgmma, bulk copies" if b is not None else "wgmma"
+    return "decode kernel" if m <= cuda_gemm.MAX_M else "scratch + cuBLAS"
+
+
 def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("nvfp4", "sharq")) -> dict:
-    """Every variant at one (K, N, M); ms from graph replays over rotating weight copies."""
+    """Every variant at one (K, N, M); ms from graph replays over rotating weight copies. A recipe's GEMM and
+    layer are its eager plan's (what a model's own-input layer runs, in eager, graph and compiled calls: the
+    backend auto picks, bulk copies where routed), "general" the prepare + packed_matmul path of strict and
+    gradient calls."""
     x = outlier_x(m, k)
-    row: dict = {"K": k, "N": n, "M": m}
+    row: dict = {"K": k, "N": n, "M": m, "route": route(m, n, k)}
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     ws = [w.clone() for _ in range(copies(w.numel() * 2))]
     row["bf16_ms"] = graph_ms([lambda w=w: F.linear(x, w) for w in ws])
@@ -156,24 +190,26 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
         p, sw, r = payload(recipe, n, k)
         nbytes = p.codes.numel() + p.scales.numel()
         ps = [(p.codes.clone(), p.scales.clone()) for _ in range(copies(nbytes))]
-        act = get_backend("packed").prepare(x, r, None)
-
-        def gemm_only(c, s, act=act, r=r, sw=sw):
-            return gemm.packed_matmul(act.values, c, s, r.weight_fmt, r.weight_block, act.scale, sw, None,
-                                      torch.bfloat16)
-
-        layer = packed_layer(x, r, sw)
-
-        row[f"{recipe}_gemm_ms"] = graph_ms([lambda c=c, s=s: gemm_only(c, s) for c, s in ps])
-        row[f"{recipe}_layer_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
-        if m <= cuda_gemm.MAX_M:  # the same layer without programmatic dependent launch, for comparison
-            launch.PROGRAMMATIC_LAUNCH = False
-            try:
-                row[f"{recipe}_layer_plain_launch_ms"] = graph_ms([lambda c=c, s=s: layer(c, s) for c, s in ps])
-            finally:
-                launch.PROGRAMMATIC_LAUNCH = True
-        row[f"{recipe}_weight_bytes"] = nbytes + 4
+        general = packed_layer(x, r, sw)
+        row[f"{recipe}_general_layer_ms"] = graph_ms([lambda c=c, s=s: general(c, s) for c, s in ps])
         del ps
+        backend, plans = layer_plans(p, sw, r, m, copies(nbytes))
+        row[f"{recipe}_backend"] = backend
+        if plans is None:  # no plan at this size: the model runs the general path
+            row[f"{recipe}_layer_ms"] = row[f"{recipe}_general_layer_ms"]
+        else:
+            act = plans[0].prepare(x)
+            row[f"{recipe}_gemm_ms"] = graph_ms([lambda pl=pl: pl.matmul(act) for pl in plans])
+            row[f"{recipe}_layer_ms"] = graph_ms([lambda pl=pl: pl.matmul(pl.prepare(x)) for pl in plans])
+            if m <= cuda_gemm.MAX_M:  # the same layer without programmatic dependent launch, for comparison
+                launch.PROGRAMMATIC_LAUNCH = False
+                try:
+                    row[f"{recipe}_layer_plain_launch_ms"] = graph_ms([lambda pl=pl: pl.matmul(pl.prepare(x))
+                                                                       for pl in plans])
+                finally:
+                    launch.PROGRAMMATIC_LAUNCH = True
+        row[f"{recipe}_weight_bytes"] = nbytes + 4
+        del plans
         if available("humming") and humming.supports(r) and humming.accepts(n, k, torch.bfloat16):
             row.update(time_humming(recipe, x, p, sw, r))
     torch.cuda.empty_cache()
@@ -183,13 +219,15 @@ def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("
         io = (m * k + m * n) * 2
         row["bf16_GBps"] = (n * k * 2 + io) / row["bf16_ms"] / 1e6
         for recipe in recipes:
-            row[f"{recipe}_gemm_GBps"] = (row[f"{recipe}_weight_bytes"] + io) / row[f"{recipe}_gemm_ms"] / 1e6
-            row[f"{recipe}_gemm_of_copy"] = row[f"{recipe}_gemm_GBps"] / caps["copy_GBps"]
+            if f"{recipe}_gemm_ms" in row:
+                row[f"{recipe}_gemm_GBps"] = (row[f"{recipe}_weight_bytes"] + io) / row[f"{recipe}_gemm_ms"] / 1e6
+                row[f"{recipe}_gemm_of_copy"] = row[f"{recipe}_gemm_GBps"] / caps["copy_GBps"]
         row["bf16_of_copy"] = row["bf16_GBps"] / caps["copy_GBps"]
     if m >= 2048:
         flops = 2 * m * n * k
         for key in ("bf16", "sharq_gemm", "sharq_layer", "nvfp4_layer"):
-            row[f"{key}_TFLOPs"] = flops / row[f"{key}_ms"] / 1e9
+            if f"{key}_ms" in row:
+                row[f"{key}_TFLOPs"] = flops / row[f"{key}_ms"] / 1e9
         row["bf16_of_peak"] = row["bf16_TFLOPs"] / caps["bf16_TFLOPs"]
     return row
 
@@ -1035,27 +1073,29 @@ def main() -> int:
 
 def render(out: dict) -> str:
     f = lambda v, fmt=".4f": "" if v is None else format(v, fmt)  # noqa: E731
-    headers = ["K", "N", "M", "bf16 ms", "fp8 ms", "nvfp4 GEMM ms", "sharq GEMM ms", "sharq layer ms",
-               "plain launch", "GEMM × bf16", "layer × bf16", "GB/s (of copy)", "TFLOP/s (of bf16)"]
+    headers = ["K", "N", "M", "sharq route", "bf16 ms", "fp8 ms", "nvfp4 GEMM ms", "sharq GEMM ms", "sharq layer ms",
+               "plain launch", "GEMM × bf16", "layer × bf16", "general layer × bf16", "GB/s (of copy)",
+               "TFLOP/s (of bf16)"]
     rows = []
     for r in out["rows"]:
         bw = f"{r['sharq_gemm_GBps']:.0f} ({r['sharq_gemm_of_copy']:.2f})" if "sharq_gemm_GBps" in r else ""
         fl = f"{r['sharq_layer_TFLOPs']:.0f} ({r['sharq_layer_TFLOPs'] / r['bf16_TFLOPs']:.2f})" \
             if "sharq_layer_TFLOPs" in r else ""
-        rows.append([str(r["K"]), str(r["N"]), str(r["M"]), f(r["bf16_ms"]), f(r.get("fp8_ms")),
-                     f(r["nvfp4_gemm_ms"]), f(r["sharq_gemm_ms"]), f(r["sharq_layer_ms"]),
-                     f(r.get("sharq_layer_plain_launch_ms")), f(r["sharq_gemm_x_bf16"], ".2f"),
-                     f(r["sharq_layer_x_bf16"], ".2f"), bw, fl])
-    extra = sorted({key[: -len("_layer_ms")] for r in out["rows"] for key in r if key.endswith("_layer_ms")}
-                   - {"nvfp4", "sharq"})
-    for name in extra:  # further recipes: GEMM and layer ms and × bf16
-        headers += [f"{name} GEMM ms", f"{name} layer ms", f"{name} layer × bf16"]
+        rows.append([str(r["K"]), str(r["N"]), str(r["M"]), f"{r['route']} ({r['sharq_backend']})", f(r["bf16_ms"]),
+                     f(r.get("fp8_ms")), f(r.get("nvfp4_gemm_ms")), f(r.get("sharq_gemm_ms")), f(r["sharq_layer_ms"]),
+                     f(r.get("sharq_layer_plain_launch_ms")), f(r.get("sharq_gemm_x_bf16"), ".2f"),
+                     f(r["sharq_layer_x_bf16"], ".2f"), f(r["sharq_general_layer_x_bf16"], ".2f"), bw, fl])
+    extra = sorted({key[: -len("_layer_ms")] for r in out["rows"] for key in r
+                    if key.endswith("_layer_ms") and not key.endswith("_general_layer_ms")} - {"nvfp4", "sharq"})
+    for name in extra:  # further recipes, and humming's
+        headers += [f"{name} GEMM × bf16", f"{name} layer × bf16"]
         for row, r in zip(rows, out["rows"]):
-            row += [f(r.get(f"{name}_gemm_ms")), f(r.get(f"{name}_layer_ms")), f(r.get(f"{name}_layer_x_bf16"), ".2f")]
+            row += [f(r.get(f"{name}_gemm_x_bf16"), ".2f"), f(r.get(f"{name}_layer_x_bf16"), ".2f")]
     caps = out["ceilings"]
     return (f"{out['device']}, torch {out['torch']}; copy {caps['copy_GBps']:.0f} GB/s, BF16 "
-            f"{caps['bf16_TFLOPs']:.0f} TFLOP/s; CUDA-graph ms per call, weights streamed from memory\n"
-            + format_table(headers, rows))
+            f"{caps['bf16_TFLOPs']:.0f} TFLOP/s; CUDA-graph ms per call, weights streamed from memory; GEMM and "
+            f"layer: the eager plan of a layer that reads its input alone (eager, graph and compiled calls), "
+            f"general: prepare + packed_matmul (strict and gradient calls)\n" + format_table(headers, rows))
 
 
 if __name__ == "__main__":
