@@ -466,6 +466,8 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
     itself nor has a pass find it. `tiled` (tokens, placed): the values in the wgmma kernel's tiled layout
     (kernels/cuda_wgmma.py's tiled_activation), K a multiple of 128."""
     _check_supported(recipe)  # here, once per recipe and shape (an exception is not cached: every call)
+    if tiled and (k % 128 or packed):
+        raise ValueError(f"a tiled activation needs K a multiple of 128 (got {k}) and the values alone")
     sms, pdl = device
     bm, h, warps = tile
     stages = recipe.stages
@@ -483,8 +485,6 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
         BM=bm, H=h, PACKED=packed, SELF_AMAX=self_amax, AMAX_BM=amax_bm, AMAX_BK=SELF_AMAX_TILE // amax_bm,
         KC=k if self_amax else 0, PDL=pdl, num_warps=warps, TILE=tiled[0] if tiled else 0,
         TILE_PLACED=bool(tiled and tiled[1]))
-    if tiled and (k % 128 or packed):
-        raise ValueError(f"a tiled activation needs K a multiple of 128 (got {k}) and the values alone")
     grid = (triton.cdiv(m, bm), triton.cdiv(k, 16 * h))
     return _Plan(per_row, tensor_scale, self_amax, amax_grid, grid, -(-m // tiled[0]) * tiled[0] if tiled else m,
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
