@@ -156,7 +156,8 @@ def layer_plans(p: QTensor, sw: torch.Tensor, r, m: int, n_copies: int) -> tuple
                                                                torch.bfloat16, layout, own_input=True)
         if plan is None:
             return name, None
-        plans.append(plan)
+        held = (q, layout)  # a plan launches on its weight's pointers: the layer it belongs to holds the weight
+        plans.append(EagerPlan(plan.prepare, lambda act, plan=plan, held=held: plan.matmul(act)))
     return name, plans
 
 

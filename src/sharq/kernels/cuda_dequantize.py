@@ -2,14 +2,16 @@
 above the GEMM kernels' tokens (kernels/gemm.py's decode + cuBLAS, prefill), in place of the Triton decode where it
 runs.
 
-The decode is memory-bound (0.53 bytes read and 2 written a weight), and the Triton kernel moved 2.5-2.8 TB/s on an
-H200 (61-67 % of copy bandwidth, docs/PERF.md). Here a thread takes a 32-element group of a row at a time (one
-16-byte load of codes, its one or two scale codes), decodes it the GEMM kernels' way (kernels/cuda_source.py: bit
-placement, the block scale from a table of all 256 codes, one bf16x2 multiply; then one by 2^8 for the 2^-8 the
-placement leaves, exact), puts the pairs (elements i, i + 4) back in order with two byte permutes a pair of pairs
-(placed codes, kernels/placed.py, decode in order) and stores 64 bytes in four 16-byte stores, two groups in
-flight a thread. Every value is the exact code × scale, so the buffer is the Triton kernel's bit for bit, and NaN
-where a scale code is NaN (the multiply's canonical NaN: its payload bits may differ from the Triton kernel's)."""
+The decode is memory-bound (0.53 bytes read and 2 written a weight). A thread takes one 32-bit word of codes (8
+elements) at a time, UNROLL words in flight, each step's words consecutive across the block's threads, so a warp's
+loads are 128 contiguous bytes and its stores 512 (16 bytes a thread); the word's block scale code is looked up in a
+table of all 256 codes. The decode is the GEMM kernels' (kernels/cuda_source.py: bit placement, one bf16x2 multiply
+by the scale, then one by 2^8 for the 2^-8 the placement leaves, exact) with the pairs (elements i, i + 4) put back
+in order by byte permutes (placed codes, kernels/placed.py, decode in order). The previous kernel took 32 elements
+a thread and stored its 64 bytes as four 16-byte stores 64 bytes apart across a warp: on an H100 it moved 1.45 TB/s
+(49 % of copy bandwidth) on 4096 x 6144 (docs/PERF.md, twenty-sixth run). Every value is the exact code x scale,
+so the buffer is the Triton kernel's bit for bit, and NaN where a scale code is NaN (the multiply's canonical NaN:
+its payload bits may differ from the Triton kernel's)."""
 
 from __future__ import annotations
 
@@ -25,47 +27,44 @@ from .launch import DriverKernel
 
 NAME = "sharq_nvfp4_dequantize"
 THREADS = 256
-BLOCKS_PER_MULTIPROCESSOR = 8  # a grid-stride loop over the groups: 2048 threads a multiprocessor, 64 KB in flight
+UNROLL = 4  # words a thread has in flight
+BLOCKS_PER_MULTIPROCESSOR = 8  # a grid-stride loop over the words: 2048 threads a multiprocessor
 _broken: list[str] = []  # why the kernel could not be compiled here (then the Triton decode runs)
 
 _SOURCE = r"""
-__device__ __forceinline__ void dequantize_group(const u32* table, const U4& c, u32 scale_codes, U4* out) {
-  u32 sc[2];
-  row_scale_pairs(table, scale_codes, sc);
-#pragma unroll
-  for (int v = 0; v < 4; ++v) {  // elements 8 v .. 8 v + 7
-    const u32 x = word(c, v);
-    u32 p[4];  // p[i]: pair i (decode_pair), exact code times scale
-#pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = mul_bf16x2(mul_bf16x2(decode_pair(x, i), sc[v >> 1]), 0x43804380u);
-    out[v] = in_order(p[0], p[1], p[2], p[3]);
-  }
+__device__ __forceinline__ u32 ld_stream_word(const u32* p) {  // read once: keep it out of L1
+  u32 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
 }
-__device__ __forceinline__ u32 group_scales(const u8* scales, int i) {
-#if BLOCK == 32
-  return scales[i];
-#else
-  return ((const u16*)scales)[i];
-#endif
-}
-// group i: elements 32 i .. 32 i + 31 of the payload read as one row-major run (K = Kp), which they are
+// word i: elements 8 i .. 8 i + 7 of the payload read as one row-major run (K = Kp, a multiple of 32, so a block
+// of 16 or 32 elements never spans two rows and the scale codes are one run too)
 extern "C" __global__ void __launch_bounds__(256) sharq_nvfp4_dequantize(
-    const U4* __restrict__ codes, const u8* __restrict__ scales, U4* __restrict__ w, int groups) {
+    const u32* __restrict__ codes, const u8* __restrict__ scales, U4* __restrict__ w, int words) {
   __shared__ u32 scale_table[256];
   build_scale_table(scale_table);
   __syncthreads();
-  const int stride = gridDim.x * blockDim.x;
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < groups; i += 2 * stride) {
-    const int j = i + stride;
-    const U4 c0 = ld_stream(codes + i);
-    const u32 s0 = group_scales(scales, i);
-    if (j < groups) {
-      const U4 c1 = ld_stream(codes + j);
-      const u32 s1 = group_scales(scales, j);
-      dequantize_group(scale_table, c0, s0, w + 4 * (long)i);
-      dequantize_group(scale_table, c1, s1, w + 4 * (long)j);
-    } else {
-      dequantize_group(scale_table, c0, s0, w + 4 * (long)i);
+  const long step = (long)gridDim.x * blockDim.x * UNROLL;
+  for (long base = (long)blockIdx.x * blockDim.x * UNROLL + threadIdx.x; base < words; base += step) {
+    u32 c[UNROLL], s[UNROLL];
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      const long i = base + j * blockDim.x;
+      if (i < words) {
+        c[j] = ld_stream_word(codes + i);
+        s[j] = __ldg(scales + i / (BLOCK / 8));
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < UNROLL; ++j) {
+      const long i = base + j * blockDim.x;
+      if (i < words) {
+        const u32 sc = scale_table[s[j]];
+        u32 p[4];  // p[q]: pair q (decode_pair), exact code times scale
+#pragma unroll
+        for (int q = 0; q < 4; ++q) p[q] = mul_bf16x2(mul_bf16x2(decode_pair(c[j], q), sc), 0x43804380u);
+        w[i] = in_order(p[0], p[1], p[2], p[3]);
+      }
     }
   }
 }
@@ -74,7 +73,7 @@ extern "C" __global__ void __launch_bounds__(256) sharq_nvfp4_dequantize(
 
 def kernel_source(block: int, placed: bool = False) -> str:
     """The kernel's CUDA source for block-`block` scales, reading canonical codes or placed ones (kernels/placed.py)."""
-    return f"#define BLOCK {block}\n#define PLACED {int(placed)}\n" + DEVICE_HELPERS + _SOURCE
+    return f"#define BLOCK {block}\n#define PLACED {int(placed)}\n#define UNROLL {UNROLL}\n" + DEVICE_HELPERS + _SOURCE
 
 
 def fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int) -> bool:
@@ -83,16 +82,16 @@ def fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int
     where the CUDA kernels compile."""
     n = codes.shape[0]
     return (not INTERPRETED and not _broken and codes.is_cuda and fmt == "nvfp4" and block in (16, 32)
-            and k == codes.shape[1] * 2 and k % 32 == 0 and 0 < n * k // 32 < 2**31 and codes.is_contiguous()
+            and k == codes.shape[1] * 2 and k % 32 == 0 and 0 < n * k // 8 < 2**31 and codes.is_contiguous()
             and scales.is_contiguous() and codes.data_ptr() % 16 == 0 and scales.data_ptr() % 2 == 0
             and cuda_gemm._capability(codes.device) >= (8, 0) and cuda_gemm.available())
 
 
 @functools.lru_cache(maxsize=64)
-def _launch(device: int, groups: int, block: int, placed: bool = False) -> cuda_gemm._Launch:
-    """The launch for `groups` 32-element groups, its kernel compiled (once per block size, layout and device)."""
+def _launch(device: int, words: int, block: int, placed: bool = False) -> cuda_gemm._Launch:
+    """The launch for `words` 8-element words, its kernel compiled (once per block size, layout and device)."""
     kernel = cuda_gemm._compile(device, kernel_source(block, placed), 0, NAME)
-    blocks = min(-(-groups // (2 * THREADS)), BLOCKS_PER_MULTIPROCESSOR * cuda_gemm._multiprocessors(
+    blocks = min(-(-words // (UNROLL * THREADS)), BLOCKS_PER_MULTIPROCESSOR * cuda_gemm._multiprocessors(
         torch.device("cuda", device)))
     return cuda_gemm._Launch(DriverKernel(kernel.func.value, "pppi"), device, (blocks, 1, 1), (THREADS, 1, 1), 0,
                              1, 0)
@@ -105,15 +104,15 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k:
     says why, once). `placed`: the codes are in kernels/placed.py's layout."""
     if not fits(codes, scales, fmt, block, k):
         return None
-    groups = codes.shape[0] * k // 32
+    words = codes.shape[0] * k // 8
     try:
-        plan = _launch(codes.get_device(), groups, block, placed)
+        plan = _launch(codes.get_device(), words, block, placed)
     except Exception as e:  # noqa: BLE001 - no NVRTC / headers here: the Triton decode runs instead
         cuda_gemm.compile_failed(_broken, e, "the CUDA weight decode", "using the Triton decode", stacklevel=3)
         return None
     weight = (codes.data_ptr(), scales.data_ptr())
 
     def run(w: torch.Tensor) -> None:
-        plan.start((*weight, w.data_ptr()), (groups,))
+        plan.start((*weight, w.data_ptr()), (words,))
 
     return run
