@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cuda_dequantize, cuda_gemm
+from . import cublaslt, cuda_dequantize, cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
 from .epilogue import reduce_scale_and_bias, scale_and_bias_, scale_and_bias_launcher
 from .launch import Constexprs, TritonLaunch, launch_triton, stream_key
@@ -408,10 +408,14 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
                    placed: bool = False) -> torch.Tensor:
     """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLAS.
     Arguments as packed_matmul's, already checked there (sx, sw flat fp32)."""
-    k = a.shape[1]
+    (m, k), n = a.shape, codes.shape[0]
+    fused = cublaslt.scaled_matmul(m, n, k, out_dtype, sx.numel() > 1, bias, a.device) \
+        if a.data_ptr() % cublaslt.ALIGNMENT == 0 and a.stride(0) == k else None
     with _scratch_lock:
-        w, wt = _scratch_weight(codes.shape[0], k, a.device)
+        w, wt = _scratch_weight(n, k, a.device)
         dequantize_packed(codes, scales, fmt, block, k, out=w, placed=placed)
+        if fused is not None:
+            return fused(a, w, sx, sw, bias, torch.empty(m, n, dtype=out_dtype, device=a.device))
         y = _product(a, wt, out_dtype)
     return scale_and_bias_(y, sx, sw, bias)
 
@@ -426,23 +430,28 @@ def _product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch
 
 class _DecodedLaunch:
     """decoded_matmul with one weight for activations [M, K], worked out once (an eager layer's plan above the
-    CUDA kernel's tokens, prefill): the decode's and the epilogue's launches bound, the scratch views kept, so a
-    call is the decode launch, one cuBLAS call and the epilogue launch, into an output [*lead, N]."""
+    CUDA kernel's tokens, prefill): the decode's launch bound, the product's (cuBLASLt's, or cuBLAS + the
+    epilogue's launch) chosen, the scratch views kept, so a call is the decode launch and the product, into an
+    output [*lead, N]."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
                  bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool,
                  placed: bool):
-        self.device, self.out_dtype = codes.device, out_dtype
+        self.device, self.out_dtype, self.sw, self.bias = codes.device, out_dtype, flat_f32(sw), bias
         self.n, self.k = codes.shape[0], codes.shape[1] * 2
         self.shape = (*lead, self.n)
         m = math.prod(lead)
         self.dequantize = _dequantizer(codes, scales, fmt, block, self.k, bound=True, placed=placed)
-        self.epilogue = scale_and_bias_launcher(m, self.n, sw, bias, sx_rows)
+        self.fused = cublaslt.scaled_matmul(m, self.n, self.k, out_dtype, sx_rows and m > 1, bias, codes.device)
+        self.epilogue = None if self.fused else scale_and_bias_launcher(m, self.n, sw, bias, sx_rows)
 
     def __call__(self, a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         with _scratch_lock:
             w, wt = _scratch_weight(self.n, self.k, self.device)
             self.dequantize(w)
+            if self.fused is not None:
+                y = torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
+                return self.fused(a, w, sx, self.sw, self.bias, y)
             y = _product(a, wt, self.out_dtype)
         return self.epilogue(y, sx).view(self.shape)
 
