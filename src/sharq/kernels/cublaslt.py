@@ -7,8 +7,8 @@ bf16 and ran an epilogue kernel over the output afterwards (kernels/epilogue.py)
 cuBLASLt takes α by device pointer (CUBLASLT_POINTER_MODE_DEVICE) and adds a bias vector in its epilogue
 (CUBLASLT_EPILOGUE_BIAS), so y = α·acc + bias is rounded once, as the CUDA GEMM kernels round it. The library is
 the one torch itself loaded (found among the process's mapped files), called through ctypes; where it is not
-there, or a call is one it does not take (α per token, a bias of another dtype than y), the caller keeps the
-epilogue. Enum values and the heuristic result's layout are cublasLt.h's (CUDA 12 and 13)."""
+there, or a call is one it does not take (α per token, a bias of another dtype than y, an fp16 y, for which
+cuBLASLt has no product of bf16 operands), the caller keeps the epilogue. Enum values and the heuristic result's layout are cublasLt.h's (CUDA 12 and 13)."""
 
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def _matmul(m: int, n: int, k: int, out_dtype: torch.dtype, bias: bool, device: 
 def scaled_matmul(m: int, n: int, k: int, out_dtype: torch.dtype, sx_rows: bool, bias: torch.Tensor | None,
                   device: torch.device) -> ScaledMatmul | None:
     """The fused product for a bf16 [m, k] activation and a bf16 [n, k] weight on `device`, or None where it does
-    not apply: no cuBLASLt here, α per token (`sx_rows`), a bias of another dtype than the output, an output dtype
-    it does not write, or no algorithm for the shape. Operands' addresses must be ALIGNMENT-byte aligned and their
+    not apply: no cuBLASLt here, α per token (`sx_rows`), a bias of another dtype than the output, or no algorithm
+    for the shape and output dtype (fp16: on an H100 the heuristic finds none). Operands' addresses must be ALIGNMENT-byte aligned and their
     rows contiguous (the caller's scratch weight and fresh tensors are)."""
     if (sx_rows or out_dtype not in _DTYPE or device.type != "cuda" or _library() is None
             or bias is not None and (bias.dtype != out_dtype or bias.data_ptr() % ALIGNMENT or not bias.is_contiguous())):
