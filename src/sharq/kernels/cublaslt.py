@@ -8,7 +8,8 @@ cuBLASLt takes α by device pointer (CUBLASLT_POINTER_MODE_DEVICE) and adds a bi
 (CUBLASLT_EPILOGUE_BIAS), so y = α·acc + bias is rounded once, as the CUDA GEMM kernels round it. The library is
 the one torch itself loaded (found among the process's mapped files), called through ctypes; where it is not
 there, or a call is one it does not take (α per token, a bias of another dtype than y, an fp16 y, for which
-cuBLASLt has no product of bf16 operands), the caller keeps the epilogue. Enum values and the heuristic result's layout are cublasLt.h's (CUDA 12 and 13)."""
+cuBLASLt has no product of bf16 operands), the caller keeps the epilogue. Enum values and the heuristic result's
+layout are cublasLt.h's (CUDA 12 and 13)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,14 @@ def _library() -> ctypes.CDLL | None:
         path = _mapped("libcublasLt.so")
     if path is None:
         return None
-    lib = ctypes.CDLL(path)
+    try:
+        return _bind(ctypes.CDLL(path))
+    except (OSError, AttributeError):  # not a cuBLASLt with these functions
+        return None
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib with the argument and result types of the functions called here."""
     p, i, z = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
     pp = ctypes.POINTER(p)
     for name, args in {"cublasLtCreate": [pp], "cublasLtMatmulDescCreate": [pp, i, i],
@@ -55,7 +63,9 @@ def _library() -> ctypes.CDLL | None:
                        "cublasLtMatmulPreferenceCreate": [pp], "cublasLtMatmulPreferenceSetAttribute": [p, i, p, z],
                        "cublasLtMatmulAlgoGetHeuristic": [p, p, p, p, p, p, p, i,
                                                           ctypes.POINTER(_HeuristicResult), ctypes.POINTER(i)],
-                       "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, z, p]}.items():
+                       "cublasLtMatmul": [p, p, p, p, p, p, p, p, p, p, p, p, p, p, z, p],
+                       "cublasLtMatmulDescDestroy": [p], "cublasLtMatrixLayoutDestroy": [p],
+                       "cublasLtMatmulPreferenceDestroy": [p]}.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, ctypes.c_int
     return lib
@@ -93,7 +103,8 @@ class ScaledMatmul:
     α and makes one cublasLtMatmul on the current stream (no workspace: calls on several streams share nothing)."""
 
     def __init__(self, m: int, n: int, k: int, out_dtype: torch.dtype, bias: bool, device: int):
-        lib, self.device, self.bias = _library(), device, bias
+        self.lib = lib = _library()
+        self.device, self.bias = device, bias
         self.lock = threading.Lock()  # the bias pointer is the descriptor's: set and used under it
         self.desc, layouts, pref = ctypes.c_void_p(), [ctypes.c_void_p() for _ in range(3)], ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _DTYPE[torch.float32]), "desc")
@@ -101,7 +112,8 @@ class ScaledMatmul:
                             (_DESC_EPILOGUE, _EPILOGUE_BIAS if bias else _EPILOGUE_DEFAULT)):
             _set(lib.cublasLtMatmulDescSetAttribute, self.desc, attr, ctypes.c_int32(value))
         if bias:
-            _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_BIAS_DATA_TYPE, ctypes.c_int32(_DTYPE[out_dtype]))
+            _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_BIAS_DATA_TYPE,
+                 ctypes.c_int32(_DTYPE[out_dtype]))
         # column-major: yᵀ [N, M] = (w as [K, N])ᵀ · (a as [K, M]), every leading dimension the row length
         for layout, (dtype, rows, cols) in zip(layouts, ((torch.bfloat16, k, n), (torch.bfloat16, k, m),
                                                          (out_dtype, n, m))):
@@ -112,22 +124,36 @@ class ScaledMatmul:
         for attr in _PREF_MIN_ALIGNMENT:
             _set(lib.cublasLtMatmulPreferenceSetAttribute, pref, attr, ctypes.c_uint32(ALIGNMENT))
         result, found = _HeuristicResult(), ctypes.c_int(0)
-        with torch.cuda.device(device):
-            _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), self.desc, self.w_desc, self.a_desc,
-                                                      self.y_desc, self.y_desc, pref, 1, ctypes.byref(result),
-                                                      ctypes.byref(found)), "heuristic")
+        try:
+            with torch.cuda.device(device):
+                _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle(device), self.desc, self.w_desc, self.a_desc,
+                                                          self.y_desc, self.y_desc, pref, 1, ctypes.byref(result),
+                                                          ctypes.byref(found)), "heuristic")
+        finally:
+            lib.cublasLtMatmulPreferenceDestroy(pref)
         if found.value < 1 or result.state != 0:
             raise RuntimeError("cuBLASLt has no algorithm for this product")
         self.algo, self.zero = result, torch.zeros(1, device=torch.device("cuda", device))
 
+    def __del__(self) -> None:
+        for layout in (getattr(self, name, None) for name in ("w_desc", "a_desc", "y_desc")):
+            if layout:
+                self.lib.cublasLtMatrixLayoutDestroy(layout)
+        if self.desc:
+            self.lib.cublasLtMatmulDescDestroy(self.desc)
+
     def __call__(self, a: torch.Tensor, w: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-        lib = _library()
+        if self.device != torch.cuda.current_device():  # a model spread over GPUs: launch in this one's context
+            with torch.cuda.device(self.device):
+                return self(a, w, sx, sw, bias, out)
+        lib = self.lib
         alpha = torch.mul(sx.reshape(1), sw.reshape(1))
         stream = torch.cuda.current_stream(self.device).cuda_stream
         with self.lock:
             if self.bias:
-                _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
+                _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_BIAS_POINTER,
+                     ctypes.c_void_p(bias.data_ptr()))
             _check(lib.cublasLtMatmul(_handle(self.device), self.desc, alpha.data_ptr(), w.data_ptr(), self.w_desc,
                                       a.data_ptr(), self.a_desc, self.zero.data_ptr(), out.data_ptr(), self.y_desc,
                                       out.data_ptr(), self.y_desc, ctypes.byref(self.algo.algo), None, 0, stream),
@@ -146,11 +172,12 @@ def _matmul(m: int, n: int, k: int, out_dtype: torch.dtype, bias: bool, device: 
 def scaled_matmul(m: int, n: int, k: int, out_dtype: torch.dtype, sx_rows: bool, bias: torch.Tensor | None,
                   device: torch.device) -> ScaledMatmul | None:
     """The fused product for a bf16 [m, k] activation and a bf16 [n, k] weight on `device`, or None where it does
-    not apply: no cuBLASLt here, α per token (`sx_rows`), a bias of another dtype than the output, or no algorithm
-    for the shape and output dtype (fp16: on an H100 the heuristic finds none). Operands' addresses must be ALIGNMENT-byte aligned and their
-    rows contiguous (the caller's scratch weight and fresh tensors are)."""
-    if (sx_rows or out_dtype not in _DTYPE or device.type != "cuda" or _library() is None
-            or bias is not None and (bias.dtype != out_dtype or bias.data_ptr() % ALIGNMENT or not bias.is_contiguous())):
+    not apply: no cuBLASLt here, α per token (`sx_rows`), a bias of another dtype than the output or not aligned,
+    or no algorithm for the shape and output dtype (fp16: on an H100 the heuristic finds none). The operands'
+    addresses must be ALIGNMENT-byte aligned and their rows contiguous (the scratch weight and fresh tensors are)."""
+    if sx_rows or out_dtype not in _DTYPE or device.type != "cuda" or _library() is None:
+        return None
+    if bias is not None and (bias.dtype != out_dtype or bias.data_ptr() % ALIGNMENT or not bias.is_contiguous()):
         return None
     return _matmul(m, n, k, out_dtype, bias is not None, device.index if device.index is not None else
                    torch.cuda.current_device())
