@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import sharq
 from sharq._format import format_table
 from sharq.backends import EagerPlan, WeightLayout, available, get_backend, humming, resolve_backend
-from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
+from sharq.kernels import cublaslt, cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
 from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
@@ -168,7 +168,10 @@ def route(m: int, n: int, kp: int) -> str:
     if t is not None:
         b = cuda_gemm._bulk_tile(t, n, kp, device)
         return "wgmma, bulk copies" if b is not None else "wgmma"
-    return "decode kernel" if m <= cuda_gemm.MAX_M else "scratch + cuBLAS"
+    if m <= cuda_gemm.MAX_M:
+        return "decode kernel"
+    fused = cublaslt.scaled_matmul(m, n, kp, torch.bfloat16, False, None, device) is not None
+    return "scratch + cuBLASLt" if fused else "scratch + cuBLAS + epilogue"
 
 
 def time_shape(k: int, n: int, m: int, caps: dict, recipes: tuple[str, ...] = ("nvfp4", "sharq")) -> dict:

@@ -78,12 +78,12 @@ def kernel_source(block: int, placed: bool = False) -> str:
 
 def fits(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, k: int) -> bool:
     """Whether the kernel decodes this payload into [N, k]: NVFP4 in blocks of 16 or 32, k the payload's whole K,
-    contiguous and 16-byte aligned codes (scales 2-byte aligned for 16-element blocks), on a GPU with bf16 math
+    contiguous codes and scales (the codes 4-byte aligned: it loads a word at a time), on a GPU with bf16 math
     where the CUDA kernels compile."""
     n = codes.shape[0]
     return (not INTERPRETED and not _broken and codes.is_cuda and fmt == "nvfp4" and block in (16, 32)
             and k == codes.shape[1] * 2 and k % 32 == 0 and 0 < n * k // 8 < 2**31 and codes.is_contiguous()
-            and scales.is_contiguous() and codes.data_ptr() % 16 == 0 and scales.data_ptr() % 2 == 0
+            and scales.is_contiguous() and codes.data_ptr() % 4 == 0
             and cuda_gemm._capability(codes.device) >= (8, 0) and cuda_gemm.available())
 
 

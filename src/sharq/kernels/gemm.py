@@ -17,7 +17,8 @@ is the reference's up to fp32 accumulation order.
   CUDA cores, one program row per token, K split the same way (about 2× the MMA kernel there, docs/PERF.md).
 - at large M (prefill) the weight is decoded once into a bf16 scratch buffer reused by every layer (the CUDA
   kernel of kernels/cuda_dequantize.py for NVFP4 where it runs, else `_dequantize_kernel`), then multiplied by
-  cuBLAS: the decode is a small extra next to the GEMM there.
+  cuBLASLt with α and the bias in its epilogue (kernels/cublaslt.py; else cuBLAS and the epilogue kernel): the
+  decode is a small extra next to the GEMM there.
 Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 """
 
@@ -406,8 +407,9 @@ def choose_tile(m: int, n: int, kp: int, device: torch.device) -> Tile:
 def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int,
                    sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                    placed: bool = False) -> torch.Tensor:
-    """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLAS.
-    Arguments as packed_matmul's, already checked there (sx, sw flat fp32)."""
+    """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLASLt's
+    product with α and the bias (else cuBLAS and the epilogue). Arguments as packed_matmul's, already checked there
+    (sx, sw flat fp32)."""
     (m, k), n = a.shape, codes.shape[0]
     fused = cublaslt.scaled_matmul(m, n, k, out_dtype, sx.numel() > 1, bias, a.device) \
         if a.data_ptr() % cublaslt.ALIGNMENT == 0 and a.stride(0) == k else None
