@@ -910,7 +910,8 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
     bulk launch's output checked bit for bit against today's (the producer warps' launch, which a plain activation
     runs). The GEMM alone (the tiling made outside the timing), then the layer: the prepare writing plain values +
     today's launch against the prepare writing the tiled ones + a bulk launch (2 chunks in flight; one consumer
-    warpgroup with today's split; the routed one)."""
+    warpgroup with today's split; the routed one). Up to 64 tokens also the decode kernel (its own sums), and on
+    the shapes it takes there (`--ms 17,24,32,48,64`) the wgmma launches as if choose_tile had picked the kernel."""
     from sharq.kernels import prepare as kp
 
     rows = []
@@ -919,6 +920,8 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
         chosen = cuda_wgmma.choose_tile(m, n, k, (9, 0), sms)
         if chosen is None and m > cuda_wgmma.WIDE_MAX_M and n % 128 == 0:
             chosen = cuda_wgmma.with_splits(cuda_wgmma.WgmmaTile(tokens=cuda_wgmma.WIDE_TOKENS), m, n, k, sms)
+        if chosen is None and m <= cuda_wgmma.TOKENS and n % 128 == 0:  # the decode kernel's: as if wgmma took it
+            chosen = cuda_wgmma.with_splits(cuda_wgmma.WgmmaTile(), m, n, k, sms)
         if chosen is None:
             continue
         case = CudaCase.make("sharq", k, n, m)
@@ -940,8 +943,12 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
         routed = cuda_wgmma.bulk_tile(chosen, n, k, sms)
         if routed is not None:  # what the packed backend runs (cuda_gemm.bulk_launcher)
             tiles["routed"] = (routed, tiled)
+        decode_tile = cuda_gemm.choose_tile(m, n, k, case.act.values.device) if m <= cuda_gemm.MAX_M else None
+        if decode_tile is not None:  # the decode kernel (other sums): what these sizes run where wgmma does not
+            tiles["decode_kernel"] = (decode_tile, None)
         want = case.output(chosen)
-        exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items() if key != "today"}
+        exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items()
+                 if key not in ("today", "decode_kernel")}
         if "wg1" in tiles:  # its own K split: against the bulk launch of the same tile
             exact["wg1_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1"][0]), case.output(tiles["bulk_wg1"][0],
                                                                                                a=tiled)[:m])
@@ -968,6 +975,8 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
             layered["bulk_wg1_split"] = (tiles["bulk_wg1_split"][0], True)
         if routed is not None:
             layered["routed"] = (routed, True)
+        if decode_tile is not None:
+            layered["decode_kernel"] = (decode_tile, False)
         layer = best_of(layer_us, layered)
         rows.append({"K": k, "N": n, "M": m, "bf16_us": case.bf16_us, "us": us, "exact": exact,
                      "layer_us": layer, "tiles": {key: str(t) for key, (t, _) in tiles.items()}})
