@@ -68,3 +68,21 @@ def test_it_is_the_exact_product_up_to_accumulation_rounded_once(out_dtype, with
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, y)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_a_product_is_made_outside_graph_captures_only():
+    """Its β = 0 is written by a kernel, which a capture would only record: a shape first asked for inside a
+    capture gets None there (the epilogue path), and its product once asked for outside."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    x, graph = torch.zeros(1, device=device), torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x.add_(1)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        inside = cublaslt.scaled_matmul(40, 64, 96, torch.bfloat16, False, None, device)
+        x.add_(1)
+    assert inside is None
+    assert cublaslt.scaled_matmul(40, 64, 96, torch.bfloat16, False, None, device) is not None

@@ -161,12 +161,24 @@ class ScaledMatmul:
         return out
 
 
-@functools.lru_cache(maxsize=256)
+_PRODUCTS: dict[tuple, ScaledMatmul | None] = {}  # by shape, out dtype, bias, device; None: cuBLASLt has none
+_MAX_PRODUCTS = 256
+
+
 def _matmul(m: int, n: int, k: int, out_dtype: torch.dtype, bias: bool, device: int) -> ScaledMatmul | None:
-    try:
-        return ScaledMatmul(m, n, k, out_dtype, bias, device)
-    except (RuntimeError, OSError, AttributeError):
-        return None
+    """The product for this shape, made outside CUDA graph captures only (its β = 0 is written by a kernel, which a
+    capture would only record): during a capture a shape not made yet gets None (the epilogue path) this once."""
+    key = (m, n, k, out_dtype, bias, device)
+    if key not in _PRODUCTS:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        if len(_PRODUCTS) >= _MAX_PRODUCTS:  # prefill makes one per prompt length: keep the memory bounded
+            _PRODUCTS.clear()
+        try:
+            _PRODUCTS[key] = ScaledMatmul(m, n, k, out_dtype, bias, device)
+        except (RuntimeError, OSError, AttributeError):
+            _PRODUCTS[key] = None
+    return _PRODUCTS[key]
 
 
 def scaled_matmul(m: int, n: int, k: int, out_dtype: torch.dtype, sx_rows: bool, bias: torch.Tensor | None,
