@@ -433,12 +433,17 @@ class SharQLinear(nn.Module):
         return [self.weight_values, self.weight_codes, self.weight_scales, self.weight_scale, self.bias,
                 *(() if self._layout is None else self._layout.tensors)]
 
-    def plannable(self, x: torch.Tensor) -> bool:
-        """Whether a call on x may run the eager plan (what eager_plan asks of the call but the trace): under
-        torch.compile such a call is one op running it (functional.planned_linear), so compiled and eager calls
-        make the same launches."""
+    def _may_plan(self, x: torch.Tensor) -> bool:
+        """Whether the layer and a call on x allow an eager plan at all: no strict checks, no calibrated channels, a
+        floating-point input and no gradient to carry."""
         return (not self.strict and self.channels is None and x.is_floating_point()
-                and not (x.requires_grad and torch.is_grad_enabled()) and x.device == self.weight_scale.device
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def plannable(self, x: torch.Tensor) -> bool:
+        """Whether a call on x may run the eager plan (what eager_plan asks of the call but the trace and x's
+        layout), on the layer's device with a backend that has plans: under torch.compile such a call is one op
+        running it (functional.planned_linear), so compiled and eager calls make the same launches."""
+        return (self._may_plan(x) and x.device == self.weight_scale.device
                 and get_backend(self.backend).eager_plan is not None)
 
     def eager_plan(self, x: torch.Tensor) -> EagerPlan | None:
@@ -446,9 +451,7 @@ class SharQLinear(nn.Module):
         and device; None where the call needs the general path: a trace, strict checks, a gradient to carry, an
         input that is not contiguous, not floating-point or not on the layer's device, calibrated channels, or a
         backend without one."""
-        if (self.strict or torch.compiler.is_compiling() or self.channels is not None
-                or (x.requires_grad and torch.is_grad_enabled()) or not x.is_contiguous()
-                or not x.is_floating_point()):
+        if torch.compiler.is_compiling() or not x.is_contiguous() or not self._may_plan(x):
             return None
         key = (x.shape, x.dtype, x.get_device())
         plans = self.__dict__["_plans"]
