@@ -43,3 +43,31 @@ def outlier_activations(g: torch.Generator, m: int, k: int, frac: float = 1 / 64
     ch = torch.randperm(k, generator=g)[: max(1, int(k * frac))]
     x[:, ch] *= 10 + 50 * torch.rand(len(ch), generator=g)
     return x
+
+
+def recording_plans(calls: list, groups: bool = False):
+    """The reference backend given eager plans (with `groups`, group plans too) that record each launch in
+    `calls` as ("prepare", K), ("matmul", N) or ("group", (N, ...)): what the packed backend has on CUDA."""
+    import dataclasses
+
+    from sharq.backends import BACKENDS, EagerPlan, GroupPlan
+
+    ref = BACKENDS["reference"]
+
+    def eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout=None, own_input=False):
+        def prepare(x):
+            calls.append(("prepare", x.shape[-1]))
+            return ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
+
+        def matmul(act):
+            calls.append(("matmul", qweight.out_features))
+            return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
+        return EagerPlan(prepare, matmul)
+
+    def group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):
+        def run(act):
+            calls.append(("group", tuple(w.out_features for w in qweights)))
+            return [ref.matmul(act, w, b, out_dtype).reshape(*lead, -1) for w, b in zip(qweights, biases)]
+        return GroupPlan(run)
+
+    return dataclasses.replace(ref, eager_plan=eager_plan, group_plan=group_plan if groups else ref.group_plan)

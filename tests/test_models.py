@@ -11,9 +11,11 @@ transformers = pytest.importorskip("transformers")
 import sharq  # noqa: E402
 from sharq import functional  # noqa: E402
 from sharq import nn as snn  # noqa: E402
-from sharq.backends import BACKENDS, EagerPlan, GroupPlan, get_backend  # noqa: E402
+from sharq.backends import BACKENDS, GroupPlan, get_backend  # noqa: E402
 from sharq.models import target_linears  # noqa: E402
 from sharq.quant import dequantize_blocks  # noqa: E402
+
+from .conftest import recording_plans  # noqa: E402
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)
@@ -563,25 +565,7 @@ def test_under_torch_compile_layers_and_groups_run_the_launches_of_their_eager_p
     both, recording each launch), a compiled forward makes the launches the eager one makes: each q/k/v and gate/up
     group's prepare and group launch, each o/down layer's prepare and GEMM, in the same order."""
     calls = []
-    ref = BACKENDS["reference"]
-
-    def eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout=None, own_input=False):
-        def prepare(x):
-            calls.append(("prepare", x.shape[-1]))
-            return ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
-
-        def matmul(act):
-            calls.append(("matmul", qweight.out_features))
-            return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
-        return EagerPlan(prepare, matmul)
-
-    def group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):
-        def run(act):
-            calls.append(("group", tuple(w.out_features for w in qweights)))
-            return [ref.matmul(act, w, b, out_dtype).reshape(*lead, -1) for w, b in zip(qweights, biases)]
-        return GroupPlan(run)
-
-    monkeypatch.setitem(BACKENDS, "planned", dataclasses.replace(ref, eager_plan=eager_plan, group_plan=group_plan))
+    monkeypatch.setitem(BACKENDS, "planned", recording_plans(calls, groups=True))
     model = sharq.quantize_model(tiny("llama"), "sharq", backend="planned")
     ids = torch.randint(0, 96, (1, 8), generator=rng)
     torch._dynamo.reset()

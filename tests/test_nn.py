@@ -11,7 +11,7 @@ from sharq.kernels import cuda_gemm, cuda_wgmma
 from sharq.nn import SharedActivation, SharQLinear
 from sharq.recipes import QActivation
 
-from .conftest import hopper, outlier_activations
+from .conftest import hopper, outlier_activations, recording_plans
 
 
 @pytest.mark.parametrize("name", [r for r in sharq.list_recipes() if r != "outlier-channels"])
@@ -134,37 +134,21 @@ def test_torch_compile_is_bit_identical_to_eager(name, rng):
         assert torch.equal(torch.autograd.grad(got.sum(), x)[0], dx)
 
 
-def _planned_backend(calls: list) -> sharq.backends.Backend:
-    """The reference backend with eager plans that record their calls (what the packed backend has on CUDA)."""
-    ref = BACKENDS["reference"]
-
-    def eager_plan(qweight, bias, recipe, lead, x_dtype, out_dtype, layout=None, own_input=False):
-        def prepare(x):
-            calls.append("prepare")
-            return ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
-
-        def matmul(act):
-            calls.append("matmul")
-            return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
-        return EagerPlan(prepare, matmul)
-    return dataclasses.replace(ref, eager_plan=eager_plan)
-
-
 def test_under_torch_compile_a_layer_with_eager_plans_runs_its_plan_as_one_op(rng, monkeypatch):
     """Where the backend has eager plans, a compiled call is one custom op that runs the layer's eager plan (the
     launches an eager call makes, so the same bits); a copy has a handle of its own; the op given another layer's
     tensors under a handle (a graph traced on another model of the same structure) computes from the tensors it
     was given, not from the handle's plan; strict layers keep the two ops."""
     calls = []
-    monkeypatch.setitem(BACKENDS, "planned", _planned_backend(calls))
+    monkeypatch.setitem(BACKENDS, "planned", recording_plans(calls))
     layer = SharQLinear.from_linear(nn.Linear(64, 32), "sharq", backend="planned")
     x = outlier_activations(rng, 5, 64)
     with torch.no_grad():
         want = layer(x)
-    assert calls == ["prepare", "matmul"]
+    assert calls == [("prepare", 64), ("matmul", 32)]
     torch._dynamo.reset()
     got = torch.compile(layer, fullgraph=True)(x)
-    assert calls[2:] == ["prepare", "matmul"] and torch.equal(got, want)
+    assert calls[2:] == [("prepare", 64), ("matmul", 32)] and torch.equal(got, want)
     twin = copy.deepcopy(layer)
     assert twin.plan_handle != layer.plan_handle and sharq.functional._PLANNED[twin.plan_handle] is twin
     other = SharQLinear.from_linear(nn.Linear(64, 32), "sharq", backend="planned")
