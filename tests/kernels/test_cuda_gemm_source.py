@@ -69,16 +69,22 @@ def test_the_wgmma_launch_options_compile_without_spills(option):
     assert built.spilled == 0 and built.registers * t.threads <= 65536, (t, built.registers)
 
 
-def test_the_wgmma_kernel_takes_large_layers_at_25_to_64_tokens_on_hopper_alone():
-    """Where it measured faster than the decode kernel (docs/PERF.md): 33-64 tokens of more than 2^24 weights, 25-64
-    on layers at least four times wider than deep; never off Hopper, never on N not a multiple of its 128 rows. Its
+def test_the_wgmma_kernel_takes_large_layers_at_17_to_64_tokens_on_hopper_alone():
+    """Where it measured faster than the decode kernel (docs/PERF.md): 33-64 tokens of more than 2^24 weights, 17-64
+    on those wider than deep or above 2^26 weights; never off Hopper, never on N not a multiple of its 128 rows. Its
     K split depends on the shape alone (a token's output does not depend on the batch)."""
     def tile(m, n, k, capability=(9, 0)):
         return cuda_wgmma.choose_tile(m, n, k, capability, 132)
 
-    assert [m for m in range(1, 65) if tile(m, 6144, 4096)] == list(range(33, 65))
-    assert [m for m in range(1, 65) if tile(m, 28672, 4096)] == list(range(25, 65))
+    def takes(n, k):
+        return [m for m in range(1, 65) if tile(m, n, k)]
+
+    for n, k in [(6144, 4096), (28672, 4096), (10240, 8192), (28672, 8192), (8192, 28672)]:
+        assert takes(n, k) == list(range(17, 65)), (n, k)
+    for n, k in [(8192, 8192), (4096, 14336)]:  # not wider than deep, at most 2^26 weights
+        assert takes(n, k) == list(range(33, 65)), (n, k)
     assert not any(tile(m, 4096, 4096) for m in range(1, 65))  # 2^24 weights: the decode kernel throughout
+    assert not any(tile(m, 8192, 2048) for m in range(1, 65))
     assert tile(64, 6144 + 64, 4096) is None and tile(65, 6144, 4096).tokens > 64  # above 64: token tiles
     assert tile(64, 6144, 4096, (8, 0)) is None and tile(64, 6144, 4096, (10, 0)) is None
     assert {tile(m, 4096, 14336).splits for m in range(33, 65)} == {8}  # 32 blocks of 128 rows, 112 chunks
@@ -390,7 +396,7 @@ def test_the_weight_read_ceilings_kernels_compile_without_spills(monkeypatch):
         assert built.cubin and built.spilled == 0, source[:120]
 
 
-GROUPS = {(4096, (4096, 1024, 1024)): MS, (4096, (14336, 14336)): [1, 4, 8, 32, 33, 64],  # Llama-3.1-8B
+GROUPS = {(4096, (4096, 1024, 1024)): MS, (4096, (14336, 14336)): [1, 4, 8, 17, 32, 33, 64],  # Llama-3.1-8B
           (8192, (8192, 1024, 1024)): MS, (8192, (28672, 28672)): [1, 4, 8]}  # -70B
 
 

@@ -33,7 +33,7 @@ placement:
   no kernel of the forward writes) and wait (`griddepcontrol.wait`) before reading the activation, so the launch,
   the set-up and the first weight bytes overlap the prepare.
 
-On Hopper, 33-64 tokens of layers with more than 2^24 weights (25-64 where N >= 4 K) go to the wgmma kernel
+On Hopper, 33-64 tokens of layers with more than 2^24 weights (17-64 where N > K or above 2^26) go to the wgmma kernel
 instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there, and
 so do 65-256 tokens of layers of at least 2^24 weights, in its tiles of 128 tokens (faster than the decode into a
 scratch weight + cuBLAS that larger M takes); the launch plan below picks it, with the same arguments. Either
@@ -622,7 +622,7 @@ class _NoWgmma(RuntimeError):
 @functools.lru_cache(maxsize=4096)
 def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
             tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _Launch:
-    """The launch for one layer (_build): choose_tile's, or where cuda_wgmma.choose_tile takes the shape (25-64
+    """The launch for one layer (_build): choose_tile's, or where cuda_wgmma.choose_tile takes the shape (17-64
     tokens on large layers and its token tiles above, Hopper) or `tile` is a WgmmaTile, the wgmma kernel's, with
     the same arguments. The decode kernel takes at most MAX_M tokens. `placed`: the codes are in
     kernels/placed.py's layout (the tile's kernel variant that reads it)."""

@@ -1,0 +1,108 @@
+"""Where a decode step's time goes, BF16 against the same model quantized by sharq (docs/PERF.md).
+
+    python benchmarks/profile_step.py [--mode eager|graph|compiled] [--batch 1] [--layers 32] [--recipe sharq]
+                                      [--steps 8] [--json out.json]
+
+Each variant's steps run as `--mode` says: eager (a plain `model.generate`, DecodeSession(cuda_graph=False)),
+graph (one CUDA graph a step, the default on CUDA) or compiled (torch.compile over the step, then the graph: what
+`bench_decode.py --compile` times). This times --steps steps with CUDA events (ms a step), then profiles as many
+with torch.profiler and reports per step: the host time the profiler saw, the GPU's busy time (kernels and
+copies, summed), the kernel launches, the kernels that took the most GPU time (by name, so a graph replay's
+kernels are counted one by one) and, eager, the operators that took the most host time of their own (self CPU,
+where an eager step that is host-bound spends it). The model is Llama-3.1-8B-shaped with random weights
+(bench_model.llama_8b_shaped), quantized onto the GPU with the default backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sharq
+from bench_gemm import save  # benchmarks/, beside this script
+from bench_model import llama_8b_shaped
+from sharq._format import format_table
+from sharq.generate import DecodeSession
+
+
+@torch.no_grad()
+def profile_steps(model, batch: int, steps: int, top: int, mode: str) -> dict:
+    """CUDA-event ms a step over `steps` steps, then one profiled run of as many: host ms, GPU busy ms and launches
+    a step, the `top` kernels by GPU time and the `top` operators by self host time (µs a step, calls a step)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+    session = DecodeSession(model, batch, 16 + 3 * steps + 4, cuda_graph=mode != "eager",
+                            compile=mode == "compiled")
+    token = session.prefill(ids).argmax(-1)
+    for _ in range(2):  # warm-up: kernels compiled, launch plans made, the graph captured
+        token = session.step(token).argmax(-1)
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        token = session.step(token).argmax(-1)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            token = session.step(token).argmax(-1)
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name].append(e.time_range.elapsed_us())
+    device_us = sum(sum(v) for v in kernels.values())
+    launches = sum(1 for e in events if "LaunchKernel" in e.name)
+    by_time = sorted(kernels.items(), key=lambda kv: sum(kv[1]), reverse=True)
+    averages = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)
+    host_us = sum(a.self_cpu_time_total for a in averages)
+    return {"step_ms": statistics.median(times), "host_ms": host_us / steps / 1e3,
+            "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,
+            "kernels": [{"kernel": name, "gpu_us": sum(v) / steps, "calls": len(v) / steps}
+                        for name, v in by_time[:top]],
+            "top": [{"op": a.key, "self_cpu_us": a.self_cpu_time_total / steps, "calls": a.count / steps}
+                    for a in averages[:top]]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=("eager", "graph", "compiled"), default="eager")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--recipe", default="sharq")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+           "mode": args.mode}
+    model = llama_8b_shaped(args.layers)
+    out["bf16"] = profile_steps(model, args.batch, args.steps, args.top, args.mode)
+    sharq.quantize_model(model, args.recipe, device="cuda")
+    out[args.recipe] = profile_steps(model, args.batch, args.steps, args.top, args.mode)
+    for variant in ("bf16", args.recipe):
+        r = out[variant]
+        print(f"{variant}, batch {args.batch}, {args.mode}: {r['step_ms']:.2f} ms a step (CUDA events); profiled: "
+              f"host {r['host_ms']:.2f} ms, GPU busy {r['gpu_busy_ms']:.2f} ms, {r['launches']:.0f} launches a step")
+        print(format_table(["kernel", "GPU µs a step", "calls a step"],
+                           [[t["kernel"][:80], f"{t['gpu_us']:.1f}", f"{t['calls']:.0f}"] for t in r["kernels"]]))
+        if args.mode == "eager":
+            print(format_table(["operator (self host time)", "µs a step", "calls a step"],
+                               [[t["op"][:60], f"{t['self_cpu_us']:.0f}", f"{t['calls']:.0f}"] for t in r["top"]]))
+    save(out, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
