@@ -33,7 +33,7 @@ placement:
   no kernel of the forward writes) and wait (`griddepcontrol.wait`) before reading the activation, so the launch,
   the set-up and the first weight bytes overlap the prepare.
 
-On Hopper, 33-64 tokens of layers with more than 2^24 weights (17-64 where N > K or above 2^26) go to the wgmma kernel
+On Hopper, 33-64 tokens of layers with more than 2^24 weights (17-64 above 2^26) go to the wgmma kernel
 instead (kernels/cuda_wgmma.py: 128 rows a block share one staged activation), which measured faster there, and
 so do 65-256 tokens of layers of at least 2^24 weights, in its tiles of 128 tokens (faster than the decode into a
 scratch weight + cuBLAS that larger M takes); the launch plan below picks it, with the same arguments. Either

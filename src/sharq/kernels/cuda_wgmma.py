@@ -39,7 +39,7 @@ in shared memory, and the decode of one chunk runs beside the MMAs of the one be
 Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
 (benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
 a scheduler). It takes over from the decode kernel where that measured faster: 33-64 tokens on layers of more
-than 2^24 weights, and 17-64 on those wider than deep or above 2^26 weights; and from decode + cuBLAS at 65-512
+than 2^24 weights, and 17-64 on those of more than 2^26; and from decode + cuBLAS at 65-512
 tokens on layers of at least 2^24 weights (choose_tile). Hopper only (wgmma is sm_90a)."""
 
 from __future__ import annotations
@@ -113,14 +113,14 @@ class WgmmaTile:
 
 def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiprocessors: int) -> WgmmaTile | None:
     """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where another path measured faster or
-    this kernel does not run: on more than 2^24 weights 33-64 tokens, and 17-64 where N > K or the layer holds more
-    than 2^26 weights; tiles of WIDE_TOKENS from 65 to WIDE_MAX_M tokens on at least 2^24 weights; N a multiple of
-    128, Hopper. K split by k_splits.
+    this kernel does not run: 33-64 tokens on more than 2^24 weights, 17-64 on more than 2^26; tiles of WIDE_TOKENS
+    from 65 to WIDE_MAX_M tokens on at least 2^24 weights; N a multiple of 128, Hopper. K split by k_splits.
 
     17-32 tokens, the layer (prepare + launch, bulk copies where bulk_tile routes) against the decode kernel's on an
     H100 (`python benchmarks/bench_gemm.py --bulk --ms 17,24,32,48,64`, docs/PERF.md, twenty-seventh run): 4096 x
-    6144 1.03-1.09 x, 4096 x 28672 1.30-1.40 x, 8192 x 10240 1.42-1.54 x, 8192 x 28672 1.22-1.31 x, 28672 x 8192
-    1.06-1.10 x; 8192 x 8192 0.97 x at 17 (1.03 x at 32) and 14336 x 4096 0.90-0.93 x keep the decode kernel there."""
+    28672 1.30-1.40 x, 8192 x 10240 1.42-1.54 x, 8192 x 28672 1.22-1.31 x, 28672 x 8192 1.06-1.10 x; 8192 x 8192
+    0.97 x at 17 and 14336 x 4096 0.90-0.93 x keep the decode kernel there, and so does 4096 x 6144 (1.03-1.09 x
+    alone, but the 8B decode step at batch 32 took 2.5 % longer with its q/k/v group on the wgmma kernel)."""
     if capability != (9, 0) or kp % 128:
         return None
     if m > TOKENS:
@@ -128,7 +128,7 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
             return None
         t = WgmmaTile(tokens=WIDE_TOKENS)
     else:
-        if n * kp <= 1 << 24 or m < 17 or m < 33 and n <= kp and n * kp <= 1 << 26:
+        if n * kp <= (1 << 26 if m < 33 else 1 << 24) or m < 17:
             return None
         t = WgmmaTile()
     if n % t.rows:
