@@ -1,12 +1,13 @@
-"""The layer epilogue y ← y·α + bias (one Triton pass) against the same arithmetic in torch. Runs under the Triton
-interpreter without CUDA."""
+"""The layer epilogue y ← y·α + bias (one Triton pass) against the same arithmetic in torch, and a group launch's
+split-K epilogue (every layer in one launch) against one launch per layer. Runs under the Triton interpreter
+without CUDA."""
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from sharq.kernels.epilogue import scale_and_bias_  # noqa: E402
+from sharq.kernels.epilogue import reduce_scale_and_bias, reduce_scale_and_bias_group, scale_and_bias_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -35,3 +36,37 @@ def test_epilogue_is_in_place_and_checks_layout(rng):
     with pytest.raises(ValueError, match="unit stride"):
         scale_and_bias_(torch.randn(64, 4, device=DEVICE).T, torch.ones(1, 1, device=DEVICE),
                         torch.ones((), device=DEVICE))
+
+
+@pytest.mark.parametrize("ns", [(300, 64, 64), (256, 512), (100,), (512, 0, 256)])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_a_groups_epilogue_gives_each_layer_its_own_epilogues_bits(ns, splits, per_row, bias_dtype, out_dtype, rng):
+    """One launch for a group launch's layers (q/k/v: up to three, widths not multiples of the 256-column block,
+    an empty one) sums, scales and biases each layer's split-K partials as a launch of its own would, bit for bit."""
+    m = 33
+    partials = [(torch.randn(splits, m, n, generator=rng) * 30).to(DEVICE) for n in ns]
+    sx = (torch.rand(m if per_row else 1, 1, generator=rng) + 0.01).to(DEVICE)
+    sws = [(torch.rand((), generator=rng) + 0.01).to(DEVICE) for _ in ns]
+    biases = [None if bias_dtype is None else torch.randn(n, generator=rng).to(bias_dtype).to(DEVICE) for n in ns]
+    got = reduce_scale_and_bias_group(partials, sx, sws, biases, out_dtype)
+    for y, p, sw, b in zip(got, partials, sws, biases, strict=True):
+        assert y.dtype == out_dtype and y.shape == p.shape[1:]
+        assert torch.equal(y, reduce_scale_and_bias(p, sx, sw, b, out_dtype))
+
+
+def test_a_groups_epilogue_refuses_what_one_launch_cannot_take(rng):
+    p = torch.randn(2, 4, 64, generator=rng).to(DEVICE)
+    one, sx = torch.ones((), device=DEVICE), torch.ones(1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="1-3 layers"):
+        reduce_scale_and_bias_group([p] * 4, sx, [one] * 4, [None] * 4, torch.float32)
+    with pytest.raises(ValueError, match="1-3 layers"):  # another split count or M
+        reduce_scale_and_bias_group([p, p[:1]], sx, [one] * 2, [None] * 2, torch.float32)
+    with pytest.raises(ValueError, match="contiguous"):
+        reduce_scale_and_bias_group([p, p.transpose(1, 2).contiguous().transpose(1, 2)], sx, [one] * 2,
+                                    [None] * 2, torch.float32)
+    with pytest.raises(ValueError, match="every layer or none"):
+        reduce_scale_and_bias_group([p, p], sx, [one] * 2, [None, torch.zeros(64, device=DEVICE)], torch.float32)
+

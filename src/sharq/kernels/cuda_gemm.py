@@ -786,7 +786,7 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
                ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
     """(a, sx) -> [y per layer, each [*lead, N_i]] for activations a [M, K] (M = prod(lead), unit column stride):
     the group's pointers and sizes, which depend on the weights alone, worked out once."""
-    from .epilogue import reduce_scale_and_bias
+    from .epilogue import reduce_scale_and_bias_group
 
     launch, m, pad = plan.launch, math.prod(lead), GROUP_MAX - len(weights)
     shapes = [(*lead, c.shape[0]) for c, _, _ in weights]
@@ -801,6 +801,7 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
     sizes = (launch.chunks_per_split, plan.blocks[0], plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30,
              *[c.shape[0] for c, _, _ in weights], *[0] * pad)
     biased = [None if b is None else b.data_ptr() for b in biases]
+    weight_scales = [sw for _, _, sw in weights]
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
         ys = outputs()
@@ -808,9 +809,9 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
         launch.start((*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
                       *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr),
                      (m, a.shape[1], a.stride(0), *sizes))
-        if launch.splits > 1:
-            return [reduce_scale_and_bias(y, sx, sw, b, out_dtype).view(shape)
-                    for y, (_, _, sw), b, shape in zip(ys, weights, biases, shapes)]
+        if launch.splits > 1:  # the layers' partials summed, scaled and biased in one launch
+            ys = reduce_scale_and_bias_group(ys, sx, weight_scales, biases, out_dtype)
+            return [y.view(shape) for y, shape in zip(ys, shapes)]
         return ys
 
     return run

@@ -21,11 +21,11 @@ from .launch import Constexprs, TritonLaunch, launch_triton
 
 
 @triton.jit
-def _epilogue_kernel(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_split, stride_sm, stride_ym,
-                     SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, SW_PER_COL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _epilogue_tile(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, pid_n, stride_split, stride_sm, stride_ym,
+                   SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, SW_PER_COL: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     inside = (rows < M)[:, None] & (cols < N)[None, :]
     src = src_ptr + rows[:, None].to(tl.int64) * stride_sm + cols[None, :]
     y = tl.load(src, mask=inside, other=0.0).to(tl.float32)
@@ -40,6 +40,34 @@ def _epilogue_kernel(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_spli
         y = y * alpha
     ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :]
     tl.store(ptrs, cast_rne(y, y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _epilogue_kernel(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_split, stride_sm, stride_ym,
+                     SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, SW_PER_COL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    _epilogue_tile(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, tl.program_id(1), stride_split, stride_sm,
+                   stride_ym, SPLITS, SX_PER_ROW, SW_PER_COL, HAS_BIAS, BM, BN)
+
+
+@triton.jit
+def _group_epilogue_kernel(src0, src1, src2, y0, y1, y2, sx_ptr, sw0, sw1, sw2, bias0, bias1, bias2, M, N0, N1, N2,
+                           SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr):
+    # up to three layers' split-K partials ([SPLITS, M, N_i], contiguous) into their outputs [M, N_i] in one launch:
+    # the column blocks of layer 0, then of layer 1, then of layer 2 (a layer of N_i = 0 has none)
+    pid = tl.program_id(1)
+    blocks0 = tl.cdiv(N0, BN)
+    blocks1 = tl.cdiv(N1, BN)
+    if pid < blocks0:
+        _epilogue_tile(src0, y0, sx_ptr, sw0, bias0, M, N0, pid, M * N0, N0, N0, SPLITS, SX_PER_ROW, False,
+                       HAS_BIAS, BM, BN)
+    elif pid < blocks0 + blocks1:
+        _epilogue_tile(src1, y1, sx_ptr, sw1, bias1, M, N1, pid - blocks0, M * N1, N1, N1, SPLITS, SX_PER_ROW,
+                       False, HAS_BIAS, BM, BN)
+    else:
+        _epilogue_tile(src2, y2, sx_ptr, sw2, bias2, M, N2, pid - blocks0 - blocks1, M * N2, N2, N2, SPLITS,
+                       SX_PER_ROW, False, HAS_BIAS, BM, BN)
 
 
 def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
@@ -93,3 +121,32 @@ def reduce_scale_and_bias(partials: torch.Tensor, sx: torch.Tensor, sw: torch.Te
     require_cuda(partials, "reduce_scale_and_bias", "it is the packed backend's epilogue")
     y = torch.empty(partials.shape[1:], dtype=out_dtype, device=partials.device)
     return _launch(partials, y, sx, sw, bias, partials.shape[0])
+
+
+def reduce_scale_and_bias_group(partials: list[torch.Tensor], sx: torch.Tensor, sws: list[torch.Tensor],
+                                biases: list[torch.Tensor | None], out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """reduce_scale_and_bias for up to three layers of one group launch in one launch (the same bits per layer):
+    partials fp32 [S, M, N_i] each (contiguous), one s_w value per layer, biases all present or all None."""
+    if not 1 <= len(partials) <= 3 or len({p.shape[:2] for p in partials}) != 1:
+        raise ValueError("reduce_scale_and_bias_group takes 1-3 layers' partials of one [S, M]")
+    if any(not p.is_contiguous() for p in partials) or len({b is None for b in biases}) != 1:
+        raise ValueError("the group epilogue needs contiguous partials and a bias for every layer or none")
+    require_cuda(partials[0], "reduce_scale_and_bias_group", "it is the packed backend's epilogue")
+    splits, m = partials[0].shape[:2]
+    ys = [torch.empty(m, p.shape[2], dtype=out_dtype, device=p.device) for p in partials]
+    ns = [p.shape[2] for p in partials]
+    blocks = sum(triton.cdiv(n, 256) for n in ns)
+    if m and blocks:
+        sx, sws = flat_f32(sx), [flat_f32(sw) for sw in sws]
+        pad = 3 - len(partials)
+        biased = [sx if b is None else b for b in biases]
+        launch_triton(_group_epilogue_kernel, (triton.cdiv(m, 32), blocks),
+                      (*partials, *[partials[0]] * pad, *ys, *[ys[0]] * pad, sx, *sws, *[sws[0]] * pad,
+                       *biased, *[biased[0]] * pad, m, *ns, *[0] * pad),
+                      _group_constexprs(splits, sx.numel() > 1, biases[0] is not None))
+    return ys
+
+
+@functools.lru_cache(maxsize=None)
+def _group_constexprs(splits: int, sx_per_row: bool, has_bias: bool) -> Constexprs:
+    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, HAS_BIAS=has_bias, BM=32, BN=256, num_warps=4)
