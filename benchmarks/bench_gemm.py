@@ -910,8 +910,9 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
     bulk launch's output checked bit for bit against today's (the producer warps' launch, which a plain activation
     runs). The GEMM alone (the tiling made outside the timing), then the layer: the prepare writing plain values +
     today's launch against the prepare writing the tiled ones + a bulk launch (2 chunks in flight; one consumer
-    warpgroup with today's split and with its own; the routed one). Up to 64 tokens also the decode kernel (its own sums), and on
-    the shapes it takes there (`--ms 17,24,32,48,64`) the wgmma launches as if choose_tile had picked the kernel."""
+    warpgroup with today's split and with its own; the routed one). Up to 64 tokens also the decode kernel (its own
+    sums), and on the shapes it takes there (`--ms 17,24,32,48,64`) the wgmma launches as if choose_tile had picked
+    the kernel."""
     from sharq.kernels import prepare as kp
 
     rows = []

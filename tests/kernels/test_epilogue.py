@@ -55,6 +55,12 @@ def test_a_groups_epilogue_gives_each_layer_its_own_epilogues_bits(ns, splits, p
     for y, p, sw, b in zip(got, partials, sws, biases, strict=True):
         assert y.dtype == out_dtype and y.shape == p.shape[1:]
         assert torch.equal(y, reduce_scale_and_bias(p, sx, sw, b, out_dtype))
+        summed = p[0].cpu()
+        for s in range(1, splits):  # in split order, in fp32
+            summed = summed + p[s].cpu()
+        alpha = (sx.cpu() * sw.cpu()).double()  # the fp32 product, as the kernel forms it
+        expected = summed.double() * alpha + (0 if b is None else b.cpu().double())  # one rounding: the FMA
+        assert torch.equal(y.cpu(), expected.float().to(out_dtype))
 
 
 def test_a_groups_epilogue_refuses_what_one_launch_cannot_take(rng):
