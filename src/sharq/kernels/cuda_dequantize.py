@@ -32,11 +32,6 @@ BLOCKS_PER_MULTIPROCESSOR = 8  # a grid-stride loop over the words: 2048 threads
 _broken: list[str] = []  # why the kernel could not be compiled here (then the Triton decode runs)
 
 _SOURCE = r"""
-__device__ __forceinline__ u32 ld_stream_word(const u32* p) {  // read once: keep it out of L1
-  u32 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
-  return v;
-}
 // word i: elements 8 i .. 8 i + 7 of the payload read as one row-major run (K = Kp, a multiple of 32, so a block
 // of 16 or 32 elements never spans two rows and the scale codes are one run too)
 extern "C" __global__ void __launch_bounds__(256) sharq_nvfp4_dequantize(
@@ -51,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(256) sharq_nvfp4_dequantize(
     for (int j = 0; j < UNROLL; ++j) {
       const long i = base + j * blockDim.x;
       if (i < words) {
-        c[j] = ld_stream_word(codes + i);
+        c[j] = ld_stream(codes + i);
         s[j] = __ldg(scales + i / (BLOCK / 8));
       }
     }

@@ -18,6 +18,11 @@ __device__ __forceinline__ U4 ld_stream(const U4* p) {  // read once: keep it ou
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
+__device__ __forceinline__ u32 ld_stream(const u32* p) {  // the same, one word
+  u32 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
 // programmatic dependent launch (Hopper): wait here until the kernel before this one (the prepare, which wrote the
 // activation and its scale) has finished and its writes are visible; a no-op in a plain launch. The kernels issue
 // their first weight chunks (codes and block scales) before it, so those stream while the prepare runs: the weight
