@@ -3,14 +3,14 @@
     python benchmarks/profile_step.py [--mode eager|graph|compiled] [--batch 1] [--layers 32] [--recipe sharq]
                                       [--steps 8] [--json out.json]
 
-Each variant's steps run as `--mode` says: eager (a plain `model.generate`, DecodeSession(cuda_graph=False)),
-graph (one CUDA graph a step, the default on CUDA) or compiled (torch.compile over the step, then the graph: what
+Each variant's steps run as `--mode` says: eager (a plain `model.generate`, DecodeSession(cuda_graph=False)), graph
+(one CUDA graph a step, the default on CUDA) or compiled (torch.compile over the step, then the graph: what
 `bench_decode.py --compile` times). This times --steps steps with CUDA events (ms a step), then profiles as many
-with torch.profiler and reports per step: the host time the profiler saw, the GPU's busy time (kernels and
-copies, summed), the kernel launches, the kernels that took the most GPU time (by name, so a graph replay's
-kernels are counted one by one) and, eager, the operators that took the most host time of their own (self CPU,
-where an eager step that is host-bound spends it). The model is Llama-3.1-8B-shaped with random weights
-(bench_model.llama_8b_shaped), quantized onto the GPU with the default backend.
+with torch.profiler and reports per step: the host time the profiler saw, the GPU's busy time (kernels and copies,
+summed), the kernels the host launches (a graph replay's own are not among them), the kernels that took the most GPU
+time (by name, so a graph replay's kernels are counted one by one) and, eager, the operators that took the most host
+time of their own (self CPU, where an eager step that is host-bound spends it). The model is Llama-3.1-8B-shaped
+with random weights (bench_model.llama_8b_shaped), quantized onto the GPU with the default backend.
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ def main() -> int:
     for variant in ("bf16", args.recipe):
         r = out[variant]
         print(f"{variant}, batch {args.batch}, {args.mode}: {r['step_ms']:.2f} ms a step (CUDA events); profiled: "
-              f"host {r['host_ms']:.2f} ms, GPU busy {r['gpu_busy_ms']:.2f} ms, {r['launches']:.0f} launches a step")
+              f"host {r['host_ms']:.2f} ms, GPU busy {r['gpu_busy_ms']:.2f} ms, {r['launches']:.0f} host kernel "
+              f"launches a step")
         print(format_table(["kernel", "GPU µs a step", "calls a step"],
                            [[t["kernel"][:80], f"{t['gpu_us']:.1f}", f"{t['calls']:.0f}"] for t in r["kernels"]]))
         if args.mode == "eager":
