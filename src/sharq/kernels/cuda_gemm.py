@@ -741,7 +741,7 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return None
     if plan is None:
         return None
-    return _group_run(plan, weights, biases, lead, out_dtype)
+    return _group_run(plan, weights, biases, lead, out_dtype, sx_rows and m > 1)
 
 
 def bulk_group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -779,14 +779,15 @@ def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
     m, k = a.shape
     plan = _group_launch(a.get_device(), m, tuple(c.shape[0] for c, _, _ in weights), k, block, _OUT[out_dtype],
                          _BIAS[None if biases[0] is None else biases[0].dtype], sx.numel() > 1, tile, placed)
-    return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype)(a, sx)
+    return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype, sx.numel() > 1)(a, sx)
 
 
-def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_dtype: torch.dtype
+def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool
                ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
-    """(a, sx) -> [y per layer, each [*lead, N_i]] for activations a [M, K] (M = prod(lead), unit column stride):
-    the group's pointers and sizes, which depend on the weights alone, worked out once."""
-    from .epilogue import reduce_scale_and_bias_group
+    """(a, sx) -> [y per layer, each [*lead, N_i]] for activations a [M, K] (M = prod(lead), unit column stride)
+    and sx fp32, contiguous ([M, 1] where `sx_row`, else [1, 1]): the group's pointers and sizes, which depend on
+    the weights alone, and its K-split epilogue worked out once."""
+    from .epilogue import reduce_scale_and_bias_launcher
 
     launch, m, pad = plan.launch, math.prod(lead), GROUP_MAX - len(weights)
     shapes = [(*lead, c.shape[0]) for c, _, _ in weights]
@@ -795,13 +796,15 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
     def outputs() -> list[torch.Tensor]:
         return [launch.output(shape, out_dtype, device) for shape in shapes]
 
+    epilogue = None
     if launch.splits > 1:  # the fp32 partials the epilogue reads: the same tensors call after call
         outputs = plan_buffers(outputs, 4 * launch.splits * m * sum(s[-1] for s in shapes), launch.device)
+        epilogue = reduce_scale_and_bias_launcher(launch.splits, shapes, [sw for _, _, sw in weights], biases,
+                                                  sx_row, out_dtype, device)
     codes, scales, sws = ([t.data_ptr() for t in ts] + [0] * pad for ts in zip(*weights))
     sizes = (launch.chunks_per_split, plan.blocks[0], plan.blocks[1] if len(plan.blocks) > 2 else 1 << 30,
              *[c.shape[0] for c, _, _ in weights], *[0] * pad)
     biased = [None if b is None else b.data_ptr() for b in biases]
-    weight_scales = [sw for _, _, sw in weights]
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
         ys = outputs()
@@ -809,10 +812,7 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
         launch.start((*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
                       *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr),
                      (m, a.shape[1], a.stride(0), *sizes))
-        if launch.splits > 1:  # the layers' partials summed, scaled and biased in one launch
-            ys = reduce_scale_and_bias_group(ys, sx, weight_scales, biases, out_dtype)
-            return [y.view(shape) for y, shape in zip(ys, shapes)]
-        return ys
+        return ys if epilogue is None else epilogue(ys, sx)  # with a K split: the layers' partials in one launch
 
     return run
 
@@ -826,7 +826,8 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
     (m, k), n = a.shape, codes.shape[0]
     plan = _try_launch(a.get_device(), m, n, k, block, out_dtype, None if bias is None else bias.dtype,
                        sx.numel() > 1, tile, placed)
-    return None if plan is None else _single_run(plan, codes, scales, sw, bias, (m,), out_dtype)(a, sx)
+    return None if plan is None else _single_run(plan, codes, scales, sw, bias, (m,), out_dtype,
+                                                 sx.numel() > 1)(a, sx)
 
 
 def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype,
@@ -849,26 +850,29 @@ def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torc
 
 
 def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: torch.Tensor,
-                bias: torch.Tensor | None, lead: tuple[int, ...], out_dtype: torch.dtype
+                bias: torch.Tensor | None, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool
                 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(a, sx) -> y [*lead, N] for activations a [M, K] (M = prod(lead), unit column stride): the pointers that
-    depend on the weight alone worked out once, so a call allocates y (with a K split, reuses its fp32 partials)
-    and launches."""
-    from .epilogue import reduce_scale_and_bias
+    """(a, sx) -> y [*lead, N] for activations a [M, K] (M = prod(lead), unit column stride) and sx fp32,
+    contiguous ([M, 1] where `sx_row`, else [1, 1]): the pointers that depend on the weight alone, and a K split's
+    epilogue, worked out once, so a call allocates y (with a K split, reuses its fp32 partials) and launches."""
+    from .epilogue import reduce_scale_and_bias_launcher
 
     n, m = codes.shape[0], math.prod(lead)
     shape, weight, sw_ptr = (*lead, n), (codes.data_ptr(), scales.data_ptr()), sw.data_ptr()
     bias_ptr = None if bias is None else bias.data_ptr()
     output = functools.partial(plan.output, shape, out_dtype, codes.device)
+    epilogue = None
     if plan.splits > 1:
         output = plan_buffers(output, 4 * plan.splits * m * n, plan.device)
+        epilogue = reduce_scale_and_bias_launcher(plan.splits, [shape], [sw], [bias], sx_row, out_dtype,
+                                                  codes.device)
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         y = output()
         sx_ptr = sx.data_ptr()
         plan.start((*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr),
                    (m, n, a.shape[1], a.stride(0), plan.chunks_per_split))
-        return reduce_scale_and_bias(y, sx, sw, bias, out_dtype).view(shape) if plan.splits > 1 else y
+        return y if epilogue is None else epilogue((y,), sx)[0]
 
     return run
 
@@ -889,7 +893,7 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw
                        None if bias is None else bias.dtype, sx_rows and m > 1, tile, placed)
     if plan is None:
         return None
-    return _single_run(plan, codes, scales, sw, bias, lead, out_dtype)
+    return _single_run(plan, codes, scales, sw, bias, lead, out_dtype, sx_rows and m > 1)
 
 
 def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,

@@ -10,7 +10,8 @@ partial products of a split-K GEMM (kernels/gemm.py) before scaling them.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -123,28 +124,35 @@ def reduce_scale_and_bias(partials: torch.Tensor, sx: torch.Tensor, sw: torch.Te
     return _launch(partials, y, sx, sw, bias, partials.shape[0])
 
 
-def reduce_scale_and_bias_group(partials: list[torch.Tensor], sx: torch.Tensor, sws: list[torch.Tensor],
-                                biases: list[torch.Tensor | None], out_dtype: torch.dtype) -> list[torch.Tensor]:
-    """reduce_scale_and_bias for up to three layers of one group launch in one launch (the same bits per layer):
-    partials fp32 [S, M, N_i] each (contiguous), one s_w value per layer, biases all present or all None."""
-    if not 1 <= len(partials) <= 3 or len({p.shape[:2] for p in partials}) != 1:
-        raise ValueError("reduce_scale_and_bias_group takes 1-3 layers' partials of one [S, M]")
-    if any(not p.is_contiguous() for p in partials) or len({b is None for b in biases}) != 1:
-        raise ValueError("the group epilogue needs contiguous partials and a bias for every layer or none")
-    require_cuda(partials[0], "reduce_scale_and_bias_group", "it is the packed backend's epilogue")
-    splits, m = partials[0].shape[:2]
-    ys = [torch.empty(m, p.shape[2], dtype=out_dtype, device=p.device) for p in partials]
-    ns = [p.shape[2] for p in partials]
-    blocks = sum(triton.cdiv(n, 256) for n in ns)
-    if m and blocks:
-        sx, sws = flat_f32(sx), [flat_f32(sw) for sw in sws]
-        pad = 3 - len(partials)
-        biased = [sx if b is None else b for b in biases]
-        launch_triton(_group_epilogue_kernel, (triton.cdiv(m, 32), blocks),
-                      (*partials, *[partials[0]] * pad, *ys, *[ys[0]] * pad, sx, *sws, *[sws[0]] * pad,
-                       *biased, *[biased[0]] * pad, m, *ns, *[0] * pad),
-                      _group_constexprs(splits, sx.numel() > 1, biases[0] is not None))
-    return ys
+def reduce_scale_and_bias_launcher(splits: int, shapes: Sequence[tuple[int, ...]], sws: Sequence[torch.Tensor],
+                                   biases: Sequence[torch.Tensor | None], sx_per_row: bool, out_dtype: torch.dtype,
+                                   device: torch.device) -> Callable[[Sequence[torch.Tensor], torch.Tensor],
+                                                                     list[torch.Tensor]]:
+    """reduce_scale_and_bias for the 1-3 layers of one launch plan (a layer, or a group launch's layers, as q/k/v),
+    worked out once, in one bound launch (TritonLaunch) whatever the number of layers: an eager plan's K-split
+    epilogue, with no per-call checks. Each layer's y has shape shapes[i] ([*lead, N_i]) in out_dtype; its s_w is
+    one value, the biases are all present or all None. The plan's calls pass its fp32 partials ([S, M, N_i] each,
+    contiguous, M = prod(lead)) and s_x (fp32, contiguous; [M, 1] if `sx_per_row`, else [1, 1]) and get [y_i],
+    each the bits reduce_scale_and_bias would give that layer alone."""
+    if not 1 <= len(shapes) <= 3 or len({s[:-1] for s in shapes}) != 1 or not len(sws) == len(biases) == len(shapes):
+        raise ValueError("reduce_scale_and_bias_launcher takes 1-3 layers of one [*lead], with an s_w and a bias "
+                         "(or None) each")
+    if len({b is None for b in biases}) != 1:
+        raise ValueError("the group epilogue needs a bias for every layer or none")
+    m, ns, pad = math.prod(shapes[0][:-1]), [s[-1] for s in shapes], 3 - len(shapes)
+    sws = [flat_f32(sw) for sw in sws]
+    grid = (triton.cdiv(m, 32), sum(triton.cdiv(n, 256) for n in ns))
+    launch = TritonLaunch(_group_epilogue_kernel, grid,
+                          _group_constexprs(splits, sx_per_row and m > 1, biases[0] is not None), bound=True)
+    tail = (*sws, *sws[:1] * pad, *[sws[0] if b is None else b for b in biases], *sws[:1] * pad, m, *ns, *[0] * pad)
+
+    def run(partials: Sequence[torch.Tensor], sx: torch.Tensor) -> list[torch.Tensor]:
+        ys = [torch.empty(shape, dtype=out_dtype, device=device) for shape in shapes]
+        if all(grid):
+            launch((*partials, *partials[:1] * pad, *ys, *ys[:1] * pad, sx, *tail))
+        return ys
+
+    return run
 
 
 @functools.lru_cache(maxsize=None)
