@@ -912,7 +912,8 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
     today's launch against the prepare writing the tiled ones + a bulk launch (2 chunks in flight; one consumer
     warpgroup with today's split and with its own; the routed one). Up to 64 tokens also the decode kernel (its own
     sums), and on the shapes it takes there (`--ms 17,24,32,48,64`) the wgmma launches as if choose_tile had picked
-    the kernel."""
+    the kernel; and today's launch with the one-warpgroup launch's own split (wg1_own_split: what a plain activation
+    would run if that split were routed; checked against the bulk one-warpgroup launch bit for bit)."""
     from sharq.kernels import prepare as kp
 
     rows = []
@@ -941,6 +942,9 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
             tiles["bulk_wg1_split"] = (replace(one, splits=chosen.splits), tiled)
             tiles["bulk_wg1_split_stages2"] = (replace(one, splits=chosen.splits, stages=2), tiled)
             tiles["bulk_wg1_split_slots6"] = (replace(one, splits=chosen.splits, slots=6), tiled)
+            # today's launch with the one-warpgroup launch's own split: what a plain activation would run if that
+            # split were routed (the same sums as wg1's)
+            tiles["wg1_own_split"] = (replace(chosen, splits=tiles["bulk_wg1"][0].splits), None)
         routed = cuda_wgmma.bulk_tile(chosen, n, k, sms)
         if routed is not None:  # what the packed backend runs (cuda_gemm.bulk_launcher)
             tiles["routed"] = (routed, tiled)
@@ -949,10 +953,11 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
             tiles["decode_kernel"] = (decode_tile, None)
         want = case.output(chosen)
         exact = {key: torch.equal(case.output(t, a=a)[:m], want) for key, (t, a) in tiles.items()
-                 if key not in ("today", "decode_kernel")}
-        if "wg1" in tiles:  # its own K split: against the bulk launch of the same tile
-            exact["wg1_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1"][0]), case.output(tiles["bulk_wg1"][0],
-                                                                                               a=tiled)[:m])
+                 if key not in ("today", "decode_kernel", "wg1_own_split")}
+        if "wg1" in tiles:  # its own K split: against the bulk launch of the same tile, and two warpgroups with it
+            own = case.output(tiles["bulk_wg1"][0], a=tiled)[:m]
+            exact["wg1_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1"][0]), own)
+            exact["wg1_own_split_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1_own_split"][0]), own)
         us = best_of(lambda ta: case.cuda_us(*ta), tiles)
         if m > cuda_wgmma.TOKENS:
             a, block = case.act.values, case.r.weight_block
@@ -975,6 +980,7 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
         if m <= cuda_wgmma.TOKENS:  # one consumer warpgroup with today's K split, and with its own (other sums)
             layered["bulk_wg1_split"] = (tiles["bulk_wg1_split"][0], True)
             layered["bulk_wg1"] = (tiles["bulk_wg1"][0], True)
+            layered["wg1_own_split"] = (tiles["wg1_own_split"][0], False)
         if routed is not None:
             layered["routed"] = (routed, True)
         if decode_tile is not None:
