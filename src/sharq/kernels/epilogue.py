@@ -99,14 +99,15 @@ def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: t
     return _launch(y, y, sx, sw, bias, 1)
 
 
-def scale_and_bias_launcher(m: int, n: int, sw: torch.Tensor, bias: torch.Tensor | None, sx_per_row: bool
-                            ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def scale_and_bias_launcher(m: int, n: int, sw: torch.Tensor, bias: torch.Tensor | None, sx_per_row: bool,
+                            bound: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """scale_and_bias_ for one layer's outputs [m, n] (contiguous) with its s_w (one value) and bias, worked out
     once: an eager layer's plan, whose caller guarantees a fresh output and s_x ([m, 1] if `sx_per_row`, else
-    [1, 1]; fp32, contiguous). Returns (y, sx) -> y, its launch bound (TritonLaunch)."""
+    [1, 1]; fp32, contiguous). Returns (y, sx) -> y, its launch bound (TritonLaunch) unless `bound` is False (one
+    call's)."""
     sw = flat_f32(sw)
     launch = TritonLaunch(_epilogue_kernel, (triton.cdiv(m, 32), triton.cdiv(n, 256)),
-                          _constexprs(1, sx_per_row and m > 1, False, bias is not None), bound=True)
+                          _constexprs(1, sx_per_row and m > 1, False, bias is not None), bound=bound)
     b = bias if bias is not None else sw
 
     def run(y: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:

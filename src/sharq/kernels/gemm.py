@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import cublaslt, cuda_dequantize, cuda_gemm
 from .common import INTERPRETED, NATIVE, cast_rne, flat_f32, require_cuda
-from .epilogue import reduce_scale_and_bias, scale_and_bias_, scale_and_bias_launcher
+from .epilogue import reduce_scale_and_bias, scale_and_bias_launcher
 from .launch import Constexprs, TritonLaunch, launch_triton, stream_key
 from .placed import unplace_codes
 
@@ -409,17 +409,12 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
                    placed: bool = False) -> torch.Tensor:
     """packed_matmul's path above SMALL_M: the payload decoded into the shared bf16 scratch weight, then cuBLASLt's
     product with α and the bias (else cuBLAS and the epilogue). Arguments as packed_matmul's, already checked there
-    (sx, sw flat fp32)."""
-    (m, k), n = a.shape, codes.shape[0]
-    fused = cublaslt.scaled_matmul(m, n, k, out_dtype, sx.numel() > 1, bias, a.device) \
-        if a.data_ptr() % cublaslt.ALIGNMENT == 0 and a.stride(0) == k else None
-    with _scratch_lock:
-        w, wt = _scratch_weight(n, k, a.device)
-        dequantize_packed(codes, scales, fmt, block, k, out=w, placed=placed)
-        if fused is not None:
-            return fused(a, w, sx, sw, bias, torch.empty(m, n, dtype=out_dtype, device=a.device))
-        y = _product(a, wt, out_dtype)
-    return scale_and_bias_(y, sx, sw, bias)
+    (sx, sw flat fp32); a's K may be short of the payload's, and a need not be aligned for cuBLASLt (then cuBLAS and
+    the epilogue)."""
+    m, k = a.shape
+    aligned = a.data_ptr() % cublaslt.ALIGNMENT == 0 and a.stride(0) == k
+    return _DecodedLaunch(codes, scales, fmt, block, sw, bias, out_dtype, (m,), sx.numel() > 1, placed, k=k,
+                          fused=aligned, bound=False)(a, sx)
 
 
 def _product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -438,14 +433,17 @@ class _DecodedLaunch:
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
                  bias: torch.Tensor | None, out_dtype: torch.dtype, lead: tuple[int, ...], sx_rows: bool,
-                 placed: bool):
+                 placed: bool, k: int | None = None, fused: bool = True, bound: bool = True):
+        """`k`: the activation's K (default the payload's); `fused`: cuBLASLt may take the product (the activation
+        is aligned for it); `bound`: the Triton launches are a plan's (bound once), not one call's."""
         self.device, self.out_dtype, self.sw, self.bias = codes.device, out_dtype, flat_f32(sw), bias
-        self.n, self.k = codes.shape[0], codes.shape[1] * 2
+        self.n, self.k = codes.shape[0], k or codes.shape[1] * 2
         self.shape = (*lead, self.n)
         m = math.prod(lead)
-        self.dequantize = _dequantizer(codes, scales, fmt, block, self.k, bound=True, placed=placed)
-        self.fused = cublaslt.scaled_matmul(m, self.n, self.k, out_dtype, sx_rows and m > 1, bias, codes.device)
-        self.epilogue = None if self.fused else scale_and_bias_launcher(m, self.n, sw, bias, sx_rows)
+        self.dequantize = _dequantizer(codes, scales, fmt, block, self.k, bound=bound, placed=placed)
+        self.fused = cublaslt.scaled_matmul(m, self.n, self.k, out_dtype, sx_rows and m > 1, bias, codes.device) \
+            if fused else None
+        self.epilogue = None if self.fused else scale_and_bias_launcher(m, self.n, sw, bias, sx_rows, bound)
 
     def __call__(self, a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         with _scratch_lock:
