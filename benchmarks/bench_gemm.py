@@ -46,19 +46,11 @@ from sharq.kernels import cublaslt, cuda_dequantize, cuda_gemm, cuda_wgmma, gemm
 from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import median_ms, outlier_x  # benchmarks/timing.py, beside this script
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 SHAPES_70B = [(8192, 10240), (8192, 8192), (8192, 28672), (28672, 8192)]
 L2_MULTIPLE = 4  # weight copies per timed graph: together at least this many times the L2
-
-
-def outlier_x(m: int, k: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", generator=g)
-    ch = torch.randperm(k, device="cuda", generator=g)[: k // 64]
-    x[:, ch] *= 10 + 50 * torch.rand(len(ch), device="cuda", generator=g)
-    return x.to(torch.bfloat16)
 
 
 def graph_ms(fns: list, reps: int = 20) -> float:

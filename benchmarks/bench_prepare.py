@@ -34,18 +34,9 @@ from sharq._format import format_table
 from sharq.functional import get_backend
 from sharq.kernels import prepare as kp
 from sharq.kernels.epilogue import scale_and_bias_
-from timing import median_ms  # benchmarks/timing.py, beside this script
+from timing import median_ms, outlier_x  # benchmarks/timing.py, beside this script
 
 KERNEL_RECIPES = ["nvfp4", "mxfp4", "sharq", "sharq-mxfp4", "sparse-only", "dense-dense"]
-
-
-def outlier_x(m: int, k: int, seed: int = 0) -> torch.Tensor:
-    """bf16 activations with a few large channels, as LLM inputs have."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(m, k, device="cuda", generator=g)
-    ch = torch.randperm(k, device="cuda", generator=g)[: k // 64]
-    x[:, ch] *= 10 + 50 * torch.rand(len(ch), device="cuda", generator=g)
-    return x.to(torch.bfloat16)
 
 
 def graph_ms(fn, reps: int = 20, calls: int = 10) -> float:

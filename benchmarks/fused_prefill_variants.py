@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from bench_gemm import copies, graph_ms, outlier_x, payload, save  # benchmarks/, beside this script
+from bench_gemm import copies, graph_ms, payload, save  # benchmarks/, beside this script
+from timing import outlier_x
 from sharq.backends import get_backend
 from sharq.kernels import gemm
 from sharq.kernels.gemm import _E2M1_FP16_ASM, _scale_value
