@@ -3,6 +3,7 @@ what Triton's own launcher computes, keeps specializations apart, and is safe fr
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -92,6 +93,32 @@ def test_a_compiled_kernel_maps_onto_the_driver_parameters_its_specialization_ke
 def test_driver_kernel_parameters_are_pointers_and_ints():
     with pytest.raises(ValueError, match="pointer"):
         launch.DriverKernel(0, "ppf")
+
+
+def test_a_direct_launch_hands_the_driver_each_argument_in_its_parameter_slot(monkeypatch):
+    """What cuLaunchKernel receives (read back by a stand-in driver, no GPU needed): the grid, block, shared bytes
+    and stream as given, and a parameter array whose slots point at the call's pointers (a tensor's data_ptr, then
+    the null scratch pointers Triton appends) and 32-bit ints, in the kernel's parameter order, call after call."""
+    seen = []
+
+    def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        kinds = "pipp" + "ip"  # the parameters of the direct launch below, scratch pointer last
+        values = [ctypes.cast(slots[j], ctypes.POINTER(ctypes.c_uint64 if k == "p" else ctypes.c_int32))[0]
+                  for j, k in enumerate(kinds)]
+        seen.append(((handle, gx, gy, gz, bx, by, bz, shared, stream, extra), values))
+        return 0
+
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
+    driver = type("Driver", (), {"cuLaunchKernel": proto(fake_launch)})()
+    monkeypatch.setattr(launch, "_driver", lambda: driver)
+    # args as a kernel's call gives them: two tensors, ints (one the specialization dropped), a third tensor
+    direct = launch._TritonDirect(launch.DriverKernel(7, "pipp" + "ip"), (128, 1, 1), 4096, (0, 3, 4), (1, 5), 1)
+    for n in (3, 5):
+        a, b, c = torch.empty(n), torch.empty(2 * n), torch.empty(1)
+        direct((4, 2, 1), 99, (a, -n, 1, b, c, 1 << 30))
+        assert seen[-1] == ((7, 4, 2, 1, 128, 1, 1, 4096, 99, None),
+                            [a.data_ptr(), -n, b.data_ptr(), c.data_ptr(), 1 << 30, 0])
 
 
 def _expected(partials, sx, sw, bias, out_dtype):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -174,7 +175,8 @@ class _TritonDirect:
     def __init__(self, kernel: DriverKernel, block: tuple[int, int, int], shared: int, ptr_args: tuple[int, ...],
                  int_args: tuple[int, ...], scratch: int):
         self.kernel, self.block, self.shared = kernel, block, shared
-        self.ptr_args, self.int_args, self.nulls = ptr_args, int_args, (0,) * scratch
+        self.ptr_args, self.int_args, self.nulls = ptr_args, int_args, [0] * scratch
+        self._pick_ptrs, self._pick_ints = _picker(ptr_args), _picker(int_args)
 
     @classmethod
     def of(cls, kernel, n_args: int) -> _TritonDirect | None:
@@ -209,8 +211,19 @@ class _TritonDirect:
             return None
 
     def __call__(self, grid: tuple[int, int, int], stream: int, args: Sequence) -> None:
-        self.kernel(grid, self.block, self.shared, stream, (*[args[i].data_ptr() for i in self.ptr_args],
-                                                             *self.nulls), [args[i] for i in self.int_args])
+        ptrs = list(map(_data_ptr, self._pick_ptrs(args)))
+        self.kernel(grid, self.block, self.shared, stream, ptrs + self.nulls if self.nulls else ptrs,
+                    self._pick_ints(args))
+
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _picker(indices: tuple[int, ...]) -> Callable[[Sequence], tuple]:
+    """args -> (args[i] for i in indices) as a tuple, by one C call (operator.itemgetter) where it takes them."""
+    if len(indices) >= 2:
+        return operator.itemgetter(*indices)
+    return (lambda args: (args[indices[0]],)) if indices else (lambda args: ())
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, then a 64-byte value union
@@ -256,7 +269,12 @@ class DriverKernel:
             raise ValueError(f"parameters are 'p' (pointer) or 'i' (int32), got {params!r}")
         self.handle, self.params = handle, params
         self.programmatic = programmatic and hasattr(_driver(), "cuLaunchKernelEx")
+        self._launch = None  # the driver's cuLaunchKernel, looked up at the first launch
         self._local = threading.local()
+
+    def _bind(self):
+        self._launch = _driver().cuLaunchKernel
+        return self._launch
 
     def _block(self):
         b = getattr(self._local, "block", None)
@@ -285,8 +303,9 @@ class DriverKernel:
             config.shared_bytes, config.stream = shared_bytes, stream
             err = _driver().cuLaunchKernelEx(ctypes.byref(config), self.handle, params, None)
         else:
-            err = _driver().cuLaunchKernel(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                                           shared_bytes, stream, params, None)
+            launch = self._launch or self._bind()
+            err = launch(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_bytes, stream,
+                         params, None)
         if err:
             msg = ctypes.c_char_p()
             _driver().cuGetErrorString(err, ctypes.byref(msg))
