@@ -20,6 +20,8 @@ import triton.language as tl
 from .common import cast_rne, flat_f32, require_cuda
 from .launch import Constexprs, TritonLaunch, launch_triton
 
+_BM, _BN = 32, 256  # rows x columns an epilogue program takes: the kernels' tile, and so their grids
+
 
 @triton.jit
 def _epilogue_tile(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, pid_n, stride_split, stride_sm, stride_ym,
@@ -78,7 +80,7 @@ def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
         raise ValueError("the epilogue needs rows with unit stride")
     if m and n:
         sx, sw = flat_f32(sx), flat_f32(sw)
-        launch_triton(_epilogue_kernel, (triton.cdiv(m, 32), triton.cdiv(n, 256)),
+        launch_triton(_epilogue_kernel, (triton.cdiv(m, _BM), triton.cdiv(n, _BN)),
                       (src, y, sx, sw, bias if bias is not None else sx, m, n, src.stride(0) if splits > 1 else 0,
                        src.stride(-2), y.stride(0)),
                       _constexprs(splits, sx.numel() > 1, sw.numel() > 1, bias is not None))
@@ -87,8 +89,8 @@ def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tens
 
 @functools.lru_cache(maxsize=None)
 def _constexprs(splits: int, sx_per_row: bool, sw_per_col: bool, has_bias: bool) -> Constexprs:
-    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, SW_PER_COL=sw_per_col, HAS_BIAS=has_bias, BM=32, BN=256,
-                num_warps=4)
+    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, SW_PER_COL=sw_per_col, HAS_BIAS=has_bias, BM=_BM,
+                      BN=_BN, num_warps=4)
 
 
 def scale_and_bias_(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None = None
@@ -106,7 +108,7 @@ def scale_and_bias_launcher(m: int, n: int, sw: torch.Tensor, bias: torch.Tensor
     [1, 1]; fp32, contiguous). Returns (y, sx) -> y, its launch bound (TritonLaunch) unless `bound` is False (one
     call's)."""
     sw = flat_f32(sw)
-    launch = TritonLaunch(_epilogue_kernel, (triton.cdiv(m, 32), triton.cdiv(n, 256)),
+    launch = TritonLaunch(_epilogue_kernel, (triton.cdiv(m, _BM), triton.cdiv(n, _BN)),
                           _constexprs(1, sx_per_row and m > 1, False, bias is not None), bound=bound)
     b = bias if bias is not None else sw
 
@@ -142,7 +144,7 @@ def reduce_scale_and_bias_launcher(splits: int, shapes: Sequence[tuple[int, ...]
         raise ValueError("the group epilogue needs a bias for every layer or none")
     m, ns, pad = math.prod(shapes[0][:-1]), [s[-1] for s in shapes], 3 - len(shapes)
     sws = [flat_f32(sw) for sw in sws]
-    grid = (triton.cdiv(m, 32), sum(triton.cdiv(n, 256) for n in ns))
+    grid = (triton.cdiv(m, _BM), sum(triton.cdiv(n, _BN) for n in ns))
     launch = TritonLaunch(_group_epilogue_kernel, grid,
                           _group_constexprs(splits, sx_per_row and m > 1, biases[0] is not None), bound=True)
     tail = (*sws, *sws[:1] * pad, *[sws[0] if b is None else b for b in biases], *sws[:1] * pad, m, *ns, *[0] * pad)
@@ -158,4 +160,4 @@ def reduce_scale_and_bias_launcher(splits: int, shapes: Sequence[tuple[int, ...]
 
 @functools.lru_cache(maxsize=None)
 def _group_constexprs(splits: int, sx_per_row: bool, has_bias: bool) -> Constexprs:
-    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, HAS_BIAS=has_bias, BM=32, BN=256, num_warps=4)
+    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, HAS_BIAS=has_bias, BM=_BM, BN=_BN, num_warps=4)
