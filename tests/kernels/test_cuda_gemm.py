@@ -233,11 +233,12 @@ def test_every_code_and_scale_decodes_exactly(tile):
         assert torch.equal(got.nan_to_num(), ref.nan_to_num())
 
 
-@pytest.mark.parametrize("n,k", [(1024, 4096), (6144, 4096), (16384, 2048)])
+@pytest.mark.parametrize("n,k", [(1024, 4096), (6144, 4096), (16384, 2048), (4096, 8192)])
 def test_outputs_repeat_and_do_not_depend_on_the_batch(n, k):
     """Each kernel sums a token's products in an order fixed by the layer's shape, so a token's output is the same
-    bits at every M the kernel takes: the decode kernel's (1-64 on 1024 x 4096; 1-32 on 6144 x 4096; 1-24 on
-    16384 x 2048) and, on Hopper, the wgmma kernel's (the rest up to 64)."""
+    bits at every M the kernel takes: the decode kernel's (1-64 on 1024 x 4096; 1-32 on 6144 x 4096 and 4096 x
+    8192; 1-24 on 16384 x 2048) and, on Hopper, the wgmma kernel's (the rest up to 64; on 4096 x 8192 with the K
+    split of K >= N)."""
     q, a = _payload(n, k, 16, 11), _x(cuda_gemm.MAX_M, k, 12)
     one = torch.ones(1, device="cuda")
     capability = torch.cuda.get_device_capability()

@@ -70,9 +70,10 @@ def test_the_wgmma_launch_options_compile_without_spills(option):
 
 
 def test_the_wgmma_kernel_takes_large_layers_at_17_to_64_tokens_on_hopper_alone():
-    """Where it measured faster than the decode kernel (docs/PERF.md): 33-64 tokens of more than 2^24 weights, 17-64
-    of more than 2^26; never off Hopper, never on N not a multiple of its 128 rows. Its
-    K split depends on the shape alone (a token's output does not depend on the batch)."""
+    """Where it measured faster than the decode kernel (docs/PERF.md): 33-64 tokens of more than 2^24 weights (2^24
+    where K >= N), 17-64 of more than 2^26; never off Hopper, never on N not a multiple of its 128 rows. Its K split
+    depends on the shape alone (a token's output does not depend on the batch), counted on blocks of one
+    warpgroup's 64 rows where K >= N."""
     def tile(m, n, k, capability=(9, 0)):
         return cuda_wgmma.choose_tile(m, n, k, capability, 132)
 
@@ -83,11 +84,13 @@ def test_the_wgmma_kernel_takes_large_layers_at_17_to_64_tokens_on_hopper_alone(
         assert takes(n, k) == list(range(17, 65)), (n, k)
     for n, k in [(6144, 4096), (8192, 8192), (4096, 14336)]:  # at most 2^26 weights
         assert takes(n, k) == list(range(33, 65)), (n, k)
-    assert not any(tile(m, 4096, 4096) for m in range(1, 65))  # 2^24 weights: the decode kernel throughout
-    assert not any(tile(m, 8192, 2048) for m in range(1, 65))
+    assert takes(4096, 4096) == list(range(33, 65))  # 2^24 weights, K >= N
+    assert not any(tile(m, 8192, 2048) for m in range(1, 65))  # 2^24 weights, K < N: the decode kernel throughout
     assert tile(64, 6144 + 64, 4096) is None and tile(65, 6144, 4096).tokens > 64  # above 64: token tiles
     assert tile(64, 6144, 4096, (8, 0)) is None and tile(64, 6144, 4096, (10, 0)) is None
-    assert {tile(m, 4096, 14336).splits for m in range(33, 65)} == {8}  # 32 blocks of 128 rows, 112 chunks
+    assert {tile(m, 4096, 14336).splits for m in range(33, 65)} == {4}  # K >= N: 64 blocks of 64 rows, 112 chunks
+    assert {tile(m, 6144, 4096).splits for m in range(33, 65)} == {4}  # K < N: 48 blocks of 128 rows, 32 chunks
+    assert {tile(m, 4096, 4096).splits for m in range(33, 65)} == {4}  # 64 blocks of 64 rows (8 on 128 rows)
     assert tile(64, 28672, 4096).splits == 1
 
 
@@ -115,21 +118,22 @@ def test_the_bulk_copy_tiles_compile_without_spills(option):
 
 def test_the_bulk_copies_take_the_launches_they_measured_faster_on_with_the_same_sums():
     """bulk_tile keeps the launch's K split (so its sums) and tokens: above 64 tokens the same tile with 2 chunks in
-    flight; up to 64 one consumer warpgroup a block, with 2 chunks in flight where it has at most 3 blocks a
-    multiprocessor, else 4, and none for layers deeper than twice their width (down_proj) or staged launches."""
+    flight; up to 64 one consumer warpgroup a block, with 2 chunks in flight where it has more than 2 and at most 3
+    blocks a multiprocessor, else 4, and none for layers deeper than twice their width (down_proj) or staged
+    launches."""
     def routed(m, k, n, sms=132):
         t = cuda_wgmma.choose_tile(m, n, k, (9, 0), sms)
         return t, cuda_wgmma.bulk_tile(t, n, k, sms)
 
-    # every 8B and 70B shape the wgmma kernel takes up to 64 tokens (4096 x 4096 keeps the decode kernel) but
-    # down_proj, which keeps its producer warps
-    small = [(m, s) for m in (33, 48, 64) for s in SHAPES[:8] if s[0] <= 2 * s[1] and s != (4096, 4096)]
+    # every 8B and 70B shape the wgmma kernel takes up to 64 tokens but down_proj, which keeps its producer warps
+    small = [(m, s) for m in (33, 48, 64) for s in SHAPES[:8] if s[0] <= 2 * s[1]]
     for m, (k, n) in small + [(25, (4096, 28672))]:
         t, b = routed(m, k, n)
         assert (b.bulk, b.producers, b.warpgroups, b.splits, b.tokens) == (True, 1, 1, t.splits, t.tokens)
-        assert b.stages == (2 if n // 64 * t.splits <= 3 * 132 else 4)
+        assert b.stages == (2 if 2 * 132 < n // 64 * t.splits <= 3 * 132 else 4)
     assert routed(48, 4096, 6144)[1].stages == 2 and routed(48, 8192, 10240)[1].stages == 2  # 384, 320 blocks
-    assert routed(48, 4096, 28672)[1].stages == 4 and routed(48, 8192, 8192)[1].stages == 4  # 448, 512
+    assert routed(48, 4096, 28672)[1].stages == 4  # 448 blocks
+    assert routed(48, 8192, 8192)[1].stages == 4 and routed(48, 4096, 4096)[1].stages == 4  # K >= N: 256 blocks
     assert routed(48, 4096, 6144, sms=114)[1].stages == 4  # 384 blocks > 3 x 114
     assert routed(64, 14336, 4096)[1] is None and routed(33, 28672, 8192)[1] is None
     for m, (k, n) in [(m, s) for m in (65, 256, 512) for s in SHAPES[:8]]:  # every 8B and 70B shape

@@ -39,7 +39,7 @@ in shared memory, and the decode of one chunk runs beside the MMAs of the one be
 Measured on an H200 (docs/PERF.md): m64n64k16 wgmma with these operands reaches 635-870 TFLOP/s
 (benchmarks/wgmma_peak.py), so the MMA is not what limits this kernel; its loop is latency bound (two consumer warps
 a scheduler). It takes over from the decode kernel where that measured faster: 33-64 tokens on layers of more
-than 2^24 weights, and 17-64 on those of more than 2^26; and from decode + cuBLAS at 65-512
+than 2^24 weights (2^24 where K >= N), and 17-64 on those of more than 2^26; and from decode + cuBLAS at 65-512
 tokens on layers of at least 2^24 weights (choose_tile). Hopper only (wgmma is sm_90a)."""
 
 from __future__ import annotations
@@ -113,14 +113,17 @@ class WgmmaTile:
 
 def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiprocessors: int) -> WgmmaTile | None:
     """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where another path measured faster or
-    this kernel does not run: 33-64 tokens on more than 2^24 weights, 17-64 on more than 2^26; tiles of WIDE_TOKENS
+    this kernel does not run: 33-64 tokens on more than 2^24 weights (2^24 where K >= N), 17-64 on more than 2^26;
+    tiles of WIDE_TOKENS
     from 65 to WIDE_MAX_M tokens on at least 2^24 weights; N a multiple of 128, Hopper. K split by k_splits.
 
     17-32 tokens, the layer (prepare + launch, bulk copies where bulk_tile routes) against the decode kernel's on an
     H100 (`python benchmarks/bench_gemm.py --bulk --ms 17,24,32,48,64`, docs/PERF.md, twenty-seventh run): 4096 x
     28672 1.30-1.40 x, 8192 x 10240 1.42-1.54 x, 8192 x 28672 1.22-1.31 x, 28672 x 8192 1.06-1.10 x; 8192 x 8192
     0.97 x at 17 and 14336 x 4096 0.90-0.93 x keep the decode kernel there, and so does 4096 x 6144 (1.03-1.09 x
-    alone, but the 8B decode step at batch 32 took 2.5 % longer with its q/k/v group on the wgmma kernel)."""
+    alone, but the 8B decode step at batch 32 took 2.5 % longer with its q/k/v group on the wgmma kernel; level
+    with the group's epilogue in one launch, twenty-eighth run). 33-64 tokens of 4096 x 4096, with_splits' split:
+    the layer 0.80-0.88 x the decode kernel's (bulk copies, one warpgroup; twenty-eighth run)."""
     if capability != (9, 0) or kp % 128:
         return None
     if m > TOKENS:
@@ -128,7 +131,10 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
             return None
         t = WgmmaTile(tokens=WIDE_TOKENS)
     else:
-        if n * kp <= (1 << 26 if m < 33 else 1 << 24) or m < 17:
+        # 17-32 tokens: more than 2^26 weights; 33-64: more than 2^24, or 2^24 where K >= N (4096 x 4096, with
+        # with_splits' one-warpgroup split)
+        least = 1 << 26 if m < 33 else (1 << 24) - (kp >= n)
+        if m < 17 or n * kp <= least:
             return None
         t = WgmmaTile()
     if n % t.rows:
@@ -138,8 +144,14 @@ def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiproce
 
 def with_splits(t: WgmmaTile, m: int, n: int, kp: int, multiprocessors: int) -> WgmmaTile:
     """Launch t with choose_tile's K split for m tokens of an [n, kp] weight (k_splits over its blocks: by the
-    shape alone up to TOKENS tokens, within one wave for the token tiles)."""
-    return replace(t, splits=k_splits(n // t.rows * token_tiles(m, t), kp, multiprocessors, one_wave=m > TOKENS))
+    shape alone up to TOKENS tokens, within one wave for the token tiles). Up to TOKENS tokens a layer with K ≥ N
+    (square and down projections) counts its blocks as if they had ROWS rows, halving the split of two warpgroups:
+    at 33-64 tokens on an H100 (`python benchmarks/bench_gemm.py --bulk --ms 33,48,64`, docs/PERF.md,
+    twenty-eighth run) the layer took 0.84-0.85 x the time on 14336 x 4096, 0.95-0.98 x on 28672 x 8192 (today's
+    launch, plain activation), 0.93 x on 8192 x 8192 (bulk copies, one warpgroup), where the wider layers
+    (4096 x 6144, 8192 x 10240) were 1.04-1.15 x slower with it."""
+    rows = ROWS if m <= TOKENS and kp >= n else t.rows
+    return replace(t, splits=k_splits(n // rows * token_tiles(m, t), kp, multiprocessors, one_wave=m > TOKENS))
 
 
 def bulk_tile(t: WgmmaTile, n: int, kp: int, multiprocessors: int) -> WgmmaTile | None:
@@ -151,9 +163,10 @@ def bulk_tile(t: WgmmaTile, n: int, kp: int, multiprocessors: int) -> WgmmaTile 
     - above TOKENS tokens, t's token tiles with 2 chunks in flight: 1.28-1.57 x at 128-512 tokens (H100);
     - up to TOKENS, one consumer warpgroup a block (twice the blocks) unless K > 2 N (down_proj, whose layer with
       the tiled prepare was 3-9 % slower at 33-48 tokens on an H100): on an H200 1.00-1.61 x the GEMM alone and
-      0.98-1.49 x the layer at 25-64 tokens; 2 chunks in flight where it has at most 3 blocks a multiprocessor
-      (4096 x 6144, 8192 x 10240: 1.20-1.24 x 4 in flight on an H100), else 4 (448-512 blocks: 2 in flight 11-17 %
-      slower)."""
+      0.98-1.49 x the layer at 25-64 tokens; 2 chunks in flight where it has more than 2 and at most 3 blocks a
+      multiprocessor (4096 x 6144, 8192 x 10240: 1.20-1.24 x 4 in flight on an H100), else 4 (448-512 blocks: 2 in
+      flight 11-17 % slower; 256 blocks, K >= N with with_splits' one-warpgroup split: 4 in flight timed, twenty-
+      eighth run)."""
     if t.staged:
         return None
     if t.tokens > TOKENS:
@@ -161,7 +174,7 @@ def bulk_tile(t: WgmmaTile, n: int, kp: int, multiprocessors: int) -> WgmmaTile 
     if kp > 2 * n:
         return None
     one = replace(t, warpgroups=1, bulk=True, producers=1)
-    return replace(one, stages=2 if n // one.rows * one.splits <= 3 * multiprocessors else 4)
+    return replace(one, stages=2 if 2 * multiprocessors < n // one.rows * one.splits <= 3 * multiprocessors else 4)
 
 
 def token_tiles(m: int, t: WgmmaTile) -> int:

@@ -418,18 +418,24 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
 
 # --- launch ------------------------------------------------------------------------------------------------------
 _TILE = dict(BM=8, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
-SELF_AMAX_ELEMENTS = 32768  # up to here (decode of an 8B model, batch ≤ 8) one launch finds the amax itself
+SELF_AMAX_ELEMENTS = 65536  # up to here (8B decode: batch 16 at K = 4096, 4 at 14336) one launch finds the amax itself
 SELF_AMAX_TILE = 4096  # elements per load of that re-read (rows × columns)
 _AMAX = {per_row: Constexprs(PER_ROW=per_row, BM=8, BK=512, num_warps=4) for per_row in (False, True)}  # the amax pass
 
 
 @functools.lru_cache(maxsize=None)
-def _default_tile(m: int) -> dict:
+def _default_tile(m: int, k: int) -> dict:
     """Below 8 rows, tiles of the next power of two of rows and 256 columns (16 for one row), so no program
-    computes rows that are not there (H200: 2.2 against 3.2 µs at M = 1, 3.2 against 4.2 at M = 4, K = 4096)."""
+    computes rows that are not there (H200: 2.2 against 3.2 µs at M = 1, 3.2 against 4.2 at M = 4, K = 4096).
+    From 4 rows, where every program re-reads more than 16384 elements for the amax (a self-amax X), 8 warps and
+    256 columns up to 8 rows, 128 above (H100, `python benchmarks/bench_prepare.py --small-m-tiles`: 5.13 -> 3.60
+    µs at 8 × 4096, 5.51 -> 5.08 at 16 × 4096, 5.71 -> 4.80 at 4 × 14336, the last two once the amax pass gave way
+    to the re-read)."""
+    bm = min(triton.next_power_of_2(m), _TILE["BM"])
+    if m >= 4 and 16384 < m * k <= SELF_AMAX_ELEMENTS:
+        return dict(BM=bm, H=16 if m <= 8 else 8, num_warps=8)
     if m >= _TILE["BM"]:
         return _TILE
-    bm = triton.next_power_of_2(m)
     return dict(BM=bm, H=max(16 // bm, 4), num_warps=4)
 
 
@@ -526,7 +532,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
         return act.values.to(out_dtype), act.scale, act.parts
     m, k = x2d.shape
     x = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    tile = tile or _default_tile(m)
+    tile = tile or _default_tile(m, k)
     plan = _plan(recipe, m, k, x.dtype != torch.bfloat16, packed, (tile["BM"], tile["H"], tile["num_warps"]),
                  self_amax, _device(x.device), amax is not None, tiled)
     return _run(plan, x, m, k, x.stride(0), out_dtype, packed, amax)
@@ -583,7 +589,7 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     scale are written into the same tensors call after call on a stream (launch.plan_buffers; decode sizes): the
     caller reads them before its next call on that stream. `tiled`: as prepare_dequantized's."""
     _check_supported(recipe)
-    tile = _default_tile(m)
+    tile = _default_tile(m, k)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
                  _device(device), False, tiled)
     bound = _bound(plan)
