@@ -114,8 +114,8 @@ class WgmmaTile:
 def choose_tile(m: int, n: int, kp: int, capability: tuple[int, int], multiprocessors: int) -> WgmmaTile | None:
     """The wgmma launch for m tokens of an [n, kp] NVFP4 weight, or None where another path measured faster or
     this kernel does not run: 33-64 tokens on more than 2^24 weights (2^24 where K >= N), 17-64 on more than 2^26;
-    tiles of WIDE_TOKENS
-    from 65 to WIDE_MAX_M tokens on at least 2^24 weights; N a multiple of 128, Hopper. K split by k_splits.
+    tiles of WIDE_TOKENS from 65 to WIDE_MAX_M tokens on at least 2^24 weights; N a multiple of 128, Hopper. K split
+    by with_splits.
 
     17-32 tokens, the layer (prepare + launch, bulk copies where bulk_tile routes) against the decode kernel's on an
     H100 (`python benchmarks/bench_gemm.py --bulk --ms 17,24,32,48,64`, docs/PERF.md, twenty-seventh run): 4096 x
