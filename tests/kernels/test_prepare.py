@@ -37,6 +37,21 @@ def test_kernel_matches_reference_bit_for_bit(name, m, k, rng):
     assert torch.equal(values, ref.values)
 
 
+@pytest.mark.parametrize("name,granularity", [("sharq", "tensor"), ("sharq", "token"), ("nvfp4", "tensor")])
+@pytest.mark.parametrize("m,k", [(5, 3400), (12, 1400)])
+def test_the_8_warp_tiles_of_4_to_16_tokens_give_the_reference_bits(name, granularity, m, k, rng):
+    """From 4 rows, where each program re-reads more than 16384 elements for the amax, the default tile has 8 warps
+    and 256 columns up to 8 rows, 128 above (here with a partial last tile and rows past M): the reference's bits."""
+    from sharq.kernels.prepare import _default_tile
+
+    assert (_default_tile(m, k)["num_warps"], _default_tile(m, k)["H"]) == (8, 16 if m <= 8 else 8)
+    x = (outlier_activations(rng, m, k) * torch.exp2(torch.randint(-8, 8, (m, 1), generator=rng))).to(DEVICE)
+    recipe = sharq.get_recipe(name, scale_granularity=granularity)
+    values, scale = prepare_dequantized(x, recipe)
+    ref = recipe.prepare_activation(x)
+    assert torch.equal(scale, ref.scale) and torch.equal(values, ref.values)
+
+
 @pytest.mark.parametrize("tokens,placed", [(64, False), (128, True)])
 @pytest.mark.parametrize("m", [3, 70])
 def test_the_tiled_values_are_the_plain_values_in_the_wgmma_kernels_layout(tokens, placed, m, rng):
