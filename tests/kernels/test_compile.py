@@ -49,7 +49,7 @@ for ty, per_row, bias in itertools.product(("*bf16", "*fp32"), (False, True), (F
                                             *[(f"sw{i}", "*fp32") for i in range(3)],
                                             *[(f"bias{i}", "*bf16") for i in range(3)], ("M", "i32"),
                                             ("N0", "i32"), ("N1", "i32"), ("N2", "i32")],
-          dict(SPLITS=4, SX_PER_ROW=per_row, HAS_BIAS=bias, BM=32, BN=256))
+          dict(SPLITS=4, SX_PER_ROW=per_row, SW_PER_COL=False, HAS_BIAS=bias, BM=32, BN=256))
 gemm_args = [("a_ptr", "*bf16"), ("codes_ptr", "*u8"), ("scales_ptr", "*u8"), ("y_ptr", "*bf16"), ("sx_ptr", "*fp32"),
              ("sw_ptr", "*fp32"), ("bias_ptr", "*bf16"), ("M", "i32"), ("N", "i32"), ("K", "i32"), ("Kp", "i32"),
              ("stride_am", "i32"), ("stride_split", "i32"), ("stride_ym", "i32"), ("k_per_split", "i32")]

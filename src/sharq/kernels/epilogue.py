@@ -55,22 +55,22 @@ def _epilogue_kernel(src_ptr, y_ptr, sx_ptr, sw_ptr, bias_ptr, M, N, stride_spli
 
 @triton.jit
 def _group_epilogue_kernel(src0, src1, src2, y0, y1, y2, sx_ptr, sw0, sw1, sw2, bias0, bias1, bias2, M, N0, N1, N2,
-                           SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr):
+                           SPLITS: tl.constexpr, SX_PER_ROW: tl.constexpr, SW_PER_COL: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # up to three layers' split-K partials ([SPLITS, M, N_i], contiguous) into their outputs [M, N_i] in one launch:
     # the column blocks of layer 0, then of layer 1, then of layer 2 (a layer of N_i = 0 has none)
     pid = tl.program_id(1)
     blocks0 = tl.cdiv(N0, BN)
     blocks1 = tl.cdiv(N1, BN)
     if pid < blocks0:
-        _epilogue_tile(src0, y0, sx_ptr, sw0, bias0, M, N0, pid, M * N0, N0, N0, SPLITS, SX_PER_ROW, False,
+        _epilogue_tile(src0, y0, sx_ptr, sw0, bias0, M, N0, pid, M * N0, N0, N0, SPLITS, SX_PER_ROW, SW_PER_COL,
                        HAS_BIAS, BM, BN)
     elif pid < blocks0 + blocks1:
         _epilogue_tile(src1, y1, sx_ptr, sw1, bias1, M, N1, pid - blocks0, M * N1, N1, N1, SPLITS, SX_PER_ROW,
-                       False, HAS_BIAS, BM, BN)
+                       SW_PER_COL, HAS_BIAS, BM, BN)
     else:
         _epilogue_tile(src2, y2, sx_ptr, sw2, bias2, M, N2, pid - blocks0 - blocks1, M * N2, N2, N2, SPLITS,
-                       SX_PER_ROW, False, HAS_BIAS, BM, BN)
+                       SX_PER_ROW, SW_PER_COL, HAS_BIAS, BM, BN)
 
 
 def _launch(src: torch.Tensor, y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
@@ -146,7 +146,7 @@ def reduce_scale_and_bias_launcher(splits: int, shapes: Sequence[tuple[int, ...]
     sws = [flat_f32(sw) for sw in sws]
     grid = (triton.cdiv(m, _BM), sum(triton.cdiv(n, _BN) for n in ns))
     launch = TritonLaunch(_group_epilogue_kernel, grid,
-                          _group_constexprs(splits, sx_per_row and m > 1, biases[0] is not None), bound=True)
+                          _constexprs(splits, sx_per_row and m > 1, False, biases[0] is not None), bound=True)
     tail = (*sws, *sws[:1] * pad, *[sws[0] if b is None else b for b in biases], *sws[:1] * pad, m, *ns, *[0] * pad)
 
     def run(partials: Sequence[torch.Tensor], sx: torch.Tensor) -> list[torch.Tensor]:
@@ -156,8 +156,3 @@ def reduce_scale_and_bias_launcher(splits: int, shapes: Sequence[tuple[int, ...]
         return ys
 
     return run
-
-
-@functools.lru_cache(maxsize=None)
-def _group_constexprs(splits: int, sx_per_row: bool, has_bias: bool) -> Constexprs:
-    return Constexprs(SPLITS=splits, SX_PER_ROW=sx_per_row, HAS_BIAS=has_bias, BM=_BM, BN=_BN, num_warps=4)
