@@ -900,7 +900,8 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
     (slots), fewer chunks in flight (stages), one consumer warpgroup a block (with its own K split, and up to 64
     tokens with today's), and the launch cuda_wgmma.bulk_tile routes ("routed"); GPU µs, best of two rounds; every
     launch with today's K split checked bit for bit against today's (the producer warps' launch, which a plain
-    activation runs), those with the one-warpgroup split against the bulk one-warpgroup launch. The GEMM alone (the tiling made outside the timing), then the layer: the prepare writing plain values +
+    activation runs), those with the one-warpgroup split against the bulk one-warpgroup launch. The GEMM alone (the
+    tiling made outside the timing), then the layer: the prepare writing plain values +
     today's launch against the prepare writing the tiled ones + a bulk launch (2 chunks in flight; one consumer
     warpgroup with today's split and with its own; the routed one). Up to 64 tokens also the decode kernel (its own
     sums), and on the shapes it takes there (`--ms 17,24,32,48,64`) the wgmma launches as if choose_tile had picked
