@@ -3,7 +3,6 @@
     python benchmarks/bench_prepare.py [--quick] [--sweep] [--json results.json]
     python benchmarks/bench_prepare.py --small-m      # decode sizes: the default launch against its alternatives
     python benchmarks/bench_prepare.py --small-m-tiles  # 1-16 tokens: the default tile against a sweep of tiles
-    python benchmarks/bench_prepare.py --cuda        # the CUDA kernel (kernels/cuda_prepare.py) against Triton's
 
 1. Checks, bit for bit: the kernel (dequantized and packed modes) against the reference on the GPU for every kernel
    recipe, and the GPU reference against the CPU reference.
@@ -165,40 +164,6 @@ def small_m_tiles() -> list[list[str]]:
     return rows
 
 
-def cuda_kernel() -> list[list[str]]:
-    """The CUDA kernel against the Triton one, both as a layer calls them (values in bf16): µs per call
-    (CUDA-graph replay), each M x K with the CUDA kernel's default launch and the fastest of its runs (elements a
-    thread) and, where it finds the amax itself, cluster sizes; a device copy of X beside them. Every CUDA launch
-    timed is first checked against the Triton kernel's bits."""
-    from sharq.kernels import cuda_prepare
-
-    recipe = sharq.get_recipe("sharq")
-    rows = []
-    for k in (4096, 14336):
-        for m in (1, 4, 8, 16, 32, 64, 256, 2048, 8192):
-            x = outlier_x(m, k)
-            want = kp.prepare_dequantized(x, recipe, torch.bfloat16)[0]
-            copy = 1e3 * graph_ms(lambda: x.clone(), calls=20)
-            triton_us = 1e3 * graph_ms(lambda: kp._launch(x, recipe, torch.bfloat16, False), calls=20)
-            timed, exact = {}, True
-            for run, cluster in itertools.product(cuda_prepare.RUNS, (None, 1, 2, 4, 8)):
-                v = cuda_prepare.variant(recipe, m, k, x.dtype, torch.bfloat16, False, None, True, run, cluster)
-                if v is None or (cluster is not None and not v.self_amax) or (v.run, v.cluster) in {
-                        (t[0], t[1]) for t in timed}:
-                    continue
-                got = kp.cuda_dequantized(x, recipe, run=run, cluster=cluster)
-                exact &= got is not None and torch.equal(got[0].view(torch.int16), want.view(torch.int16))
-                timed[(v.run, v.cluster, v.threads)] = 1e3 * graph_ms(
-                    lambda: kp.cuda_dequantized(x, recipe, run=run, cluster=cluster), calls=20)
-            default = cuda_prepare.variant(recipe, m, k, x.dtype, torch.bfloat16, False, None, True)
-            best = sorted(timed.items(), key=lambda kv: kv[1])[:3]
-            rows.append([str(k), str(m), f"{copy:.2f}", f"{triton_us:.2f}",
-                         f"{timed[(default.run, default.cluster, default.threads)]:.2f}",
-                         *[f"r{r} c{c} t{t} {us:.2f}" for (r, c, t), us in best],
-                         "bit-exact" if exact else "MISMATCH"])
-    return rows
-
-
 def bench(quick: bool, ceil: dict) -> list[dict]:
     ks = (4096, 14336)
     ns = (4096,) if quick else (4096, 6144, 14336, 28672)
@@ -281,7 +246,6 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="time the kernel's tile shapes first")
     p.add_argument("--small-m", action="store_true", help="only the decode sizes (M <= 64) and their launch choices")
     p.add_argument("--small-m-tiles", action="store_true", help="only 1-16 tokens: the default tile against others")
-    p.add_argument("--cuda", action="store_true", help="the CUDA kernel against the Triton kernel, M = 1-8192")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--report", default=None, metavar="JSON", help="print the tables of a saved run and exit")
     args = p.parse_args()
@@ -296,10 +260,6 @@ def main() -> int:
     if args.small_m:
         print(format_table(["K", "M", "copy µs", "default µs", "self-amax µs", "amax pass µs", "8x128 tile µs"],
                            small_m()))
-        return 0
-    if args.cuda:
-        print(format_table(["K", "M", "copy µs", "Triton µs", "CUDA µs", "fastest", "2nd", "3rd", "check"],
-                           cuda_kernel()))
         return 0
     if args.small_m_tiles:
         print(format_table(["K", "M", "default µs", "fastest", "2nd", "3rd", "4th"], small_m_tiles()))

@@ -48,7 +48,6 @@ except ImportError:
 from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
-from . import cuda_prepare
 from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
 from .launch import Constexprs, TritonLaunch, plan_buffers
 
@@ -613,43 +612,6 @@ def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtyp
     wgmma kernel's bulk copies read (kernels/cuda_wgmma.py's tiled_activation; rows past M left unwritten)."""
     values, scale, _ = _launch(x2d, recipe, out_dtype, packed=False, amax=amax, tiled=tiled)
     return values, scale
-
-
-def cuda_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.bfloat16,
-                     amax: torch.Tensor | None = None, tiled: tuple[int, bool] | None = None, run: int | None = None,
-                     cluster: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """prepare_dequantized's values and scale from the CUDA kernel (kernels/cuda_prepare.py: the same bits), or
-    None where it does not take the call: not a Hopper GPU or no NVRTC, a cascade or dtype it lacks, rows not 16
-    bytes apart and aligned. `run` and `cluster` override its launch (cuda_prepare.variant)."""
-    require_cuda(x2d, "the CUDA prepare", "use prepare_dequantized")
-    m, k = x2d.shape
-    if amax is not None:
-        recipe.check_amax(amax, m)
-    item = x2d.element_size()
-    if (INTERPRETED or m == 0 or x2d.stride(-1) != 1 or (x2d.stride(0) * item) % 16 or x2d.data_ptr() % 16
-            or (k * out_dtype.itemsize) % 16):
-        return None
-    v = cuda_prepare.variant(recipe, m, k, x2d.dtype, out_dtype, amax is not None, tiled, _device(x2d.device)[1],
-                             run, cluster)
-    launch = None if v is None else cuda_prepare.launcher(v, m, k, x2d.device)
-    if launch is None:
-        return None
-    dev = x2d.device
-    out = torch.empty(-(-m // tiled[0]) * tiled[0] if tiled else m, k, dtype=out_dtype, device=dev)
-    per_row = recipe.tensor_scale_per_row
-    scale = (torch.empty(m if per_row else 1, 1, dtype=torch.float32, device=dev) if recipe.uses_tensor_scale
-             else torch.ones(1, 1, dtype=torch.float32, device=dev))
-    bits = None
-    if amax is not None:
-        bits = amax.to(device=dev, dtype=torch.float32).reshape(-1).contiguous().view(torch.int32)
-    elif recipe.uses_tensor_scale and not v.self_amax:
-        bits = torch.empty(m, dtype=torch.int32, device=dev) if per_row else torch.zeros(1, dtype=torch.int32,
-                                                                                          device=dev)
-        grid = (triton.cdiv(m, 8),) if per_row else (min(triton.cdiv(m, 8) * triton.cdiv(k, 512),
-                                                         16 * _device(dev)[0]),)
-        TritonLaunch(_amax_kernel, grid, _AMAX[per_row])((x2d, bits, m, k, x2d.stride(0)))
-    launch(x2d, bits, scale, out, x2d.stride(0), k)
-    return out, scale
 
 
 def prepare_packed(x2d: torch.Tensor, recipe: Recipe) -> QActivation:
