@@ -94,6 +94,57 @@ def test_one_launch_amax_equals_the_amax_pass(self_amax, granularity, m, k, rng)
         assert torch.equal(g.codes.cpu(), r.codes) and torch.equal(g.scales.cpu(), r.scales)
 
 
+def zero_unsigned(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 code bytes with -0 (0b1000) written as 0: SPEC §1 lets a negative value that rounds to zero keep
+    either (the kernel and the reference differ there on values like X's subnormals)."""
+    low, high = codes & 0xF, codes >> 4
+    return torch.where(low == 8, 0, low) | (torch.where(high == 8, 0, high) << 4)
+
+
+def bf16_patterns(rng, m: int, k: int) -> torch.Tensor:
+    """bf16 X [m, k] of random bit patterns, row r's magnitudes below a limit of its own (a subnormal, the smallest
+    normal, 1, the largest finite value, or no limit: NaN and ±Inf among them), one row of ±Inf and NaN alone and
+    one of -0.0: what the amax sees when it works on X's 16 bits."""
+    limits = torch.tensor([0x0002, 0x0080, 0x0081, 0x3F81, 0x7F80, 0x8000])[torch.arange(m - 2) % 6]
+    bits = torch.randint(0, 1 << 30, (m - 2, k), generator=rng) % limits[:, None]
+    bits = bits | (torch.randint(0, 2, (m - 2, k), generator=rng) << 15)  # signs
+    specials = torch.tensor([0x7F80, 0xFF80, 0x7FC1, 0xFFFF])[torch.randint(0, 4, (1, k), generator=rng)]
+    bits = torch.cat([bits, specials, torch.full((1, k), 0x8000)])[torch.randperm(m, generator=rng)]
+    return bits.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_the_amax_pass_on_bf16_bits(per_row, rng):
+    """The amax pass takes bf16 X's finite max |x| on its 16 bits, two a register: the reference's finite_amax to
+    the bit over NaN, ±Inf, subnormals, -0.0 and the largest finite value, rows and tensor alike."""
+    from sharq.kernels.prepare import _amax_kernel
+
+    x = bf16_patterns(rng, 14, 600)
+    ref = sharq.quant.finite_amax(x, per_row).reshape(-1)
+    got = torch.zeros(len(ref), dtype=torch.int32, device=DEVICE)
+    _amax_kernel[(2,) if per_row else (3,)](x.to(DEVICE), got, 14, 600, 600, PER_ROW=per_row, BM=8, BK=512)
+    assert torch.equal(got.cpu().view(torch.float32), ref)
+
+
+@pytest.mark.parametrize("self_amax", [True, False])
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_bf16_inputs_scale_as_the_reference(self_amax, granularity, rng):
+    """bf16 X of every kind of bit pattern (bf16_patterns) gets the reference's tensor scale and payloads, its
+    amax found by the program itself (one launch) or by the amax pass."""
+    from sharq.kernels.prepare import _launch
+
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    for x in (bf16_patterns(rng, 14, 328), bf16_patterns(rng, 8, 328)[:, :200] * 0):  # the second: all zero
+        values, scale, parts = _launch(x.to(DEVICE), recipe, torch.float32, packed=True, self_amax=self_amax)
+        ref = recipe.prepare_activation(x)
+        assert torch.equal(scale.cpu(), ref.scale)
+        assert torch.equal(values.isnan().cpu(), ref.values.isnan())
+        assert torch.equal(values.cpu().nan_to_num(), ref.values.nan_to_num())
+        for g, r in zip(parts, ref.parts):
+            assert torch.equal(zero_unsigned(g.codes.cpu()), zero_unsigned(r.codes))
+            assert torch.equal(g.scales.cpu(), r.scales)
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "token"])
 def test_kernel_takes_the_whole_inputs_amax_for_a_k_slice(granularity, rng):
     """A K-slice (a row-parallel shard) given the whole input's amax: the kernel reads it in place of its own amax
