@@ -110,19 +110,14 @@ def _finite_max_zeros(x_ptr, BM: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _finite_max_step(acc, x):
-    """acc with the finite |x| of a loaded tile x taken in (Inf and NaN left out). For bf16 X two elements a
-    register in 3 instructions, not 5 an element through fp32 (most of a self-amax prepare's instructions at 8-16
-    tokens are this re-read): |x|'s 16 bits + 0x80 puts finite values at 0x80..0x7FFF and Inf/NaN at 0x8000..0x807F,
-    negative as int16, so a signed 16-bit max (PTX max.s16x2, sm_90+) keeps the finite maximum (+ 0x80)."""
+    """acc with the finite |x| of a loaded tile x taken in (Inf and NaN left out). bf16 X stays in its 16 bits:
+    |x|'s bits + 0x80 put finite values at 0x80..0x7FFF and Inf/NaN at 0x8000..0x807F, negative as int16, so a
+    signed int16 maximum keeps the finite one (+ 0x80). The compiler packs it two a register (for Hopper, LOP3 and
+    VIADDMNMX.S16x2 a pair against about 5 instructions an element through fp32): the activation kernel at 8-16
+    tokens, most of whose instructions are this re-read, 0.87-0.94 × the time on an H100 (docs/PERF.md, thirtieth
+    run). Written in plain Triton, not inline PTX, which kept the loads behind their uses and lost."""
     if x.dtype == tl.bfloat16:
-        bits = x.to(tl.int16, bitcast=True)
-        if NATIVE:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t; and.b32 t, $2, 0x7FFF7FFF; add.u32 t, t, 0x00800080; max.s16x2 $0, $1, t; }",
-                "=r,r,r", [acc, bits], dtype=tl.int16, is_pure=True, pack=2)
-        else:
-            a = (bits.to(tl.int32) & 0x7FFF) + 0x80
-            return tl.maximum(acc, tl.where(a < 0x8000, a, -1).to(tl.int16))
+        return tl.maximum(acc, (x.to(tl.int16, bitcast=True) & 0x7FFF) + 0x80)  # int16 arithmetic: wraps
     else:
         a = _abs_bits(x.to(tl.float32))
         return tl.maximum(acc, tl.where(a < _INF_BITS, a, 0))
@@ -328,16 +323,18 @@ def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl
 
 @triton.jit
 def _rows_amax_bits(x_ptr, rows, M, stride_xm, BM: tl.constexpr, BK: tl.constexpr, KC: tl.constexpr):
-    """The finite max |x| of each of `rows` [BM] as int32 bits (0 for rows past M), read BK columns at a time:
-    how a program of a small call finds the tensor scale itself instead of waiting for _amax_kernel. K comes as
-    the constexpr KC so the loop unrolls and every load is in flight at once, not one L2 round trip per step
-    (H200, M = 1, K = 14336: 4.1 against 4.9 µs)."""
+    """The finite max |x| of each of `rows` [BM] as int32 bits (rows past M: row M - 1's), read BK columns at a
+    time: how a program of a small call finds the tensor scale itself instead of waiting for _amax_kernel. K comes
+    as the constexpr KC so the loop unrolls and every load is in flight at once, not one L2 round trip per step
+    (H200, M = 1, K = 14336: 4.1 against 4.9 µs). Reads past the edges are clamped to the last row and column, not
+    masked: a maximum does not mind repeats, and unmasked loads need no zeroed registers to land in."""
     acc = _finite_max_zeros(x_ptr, BM, BK)
-    base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    base = x_ptr + tl.minimum(rows, M - 1)[:, None].to(tl.int64) * stride_xm
     for k0 in tl.static_range(0, KC, BK):
         cols = k0 + tl.arange(0, BK)
-        acc = _finite_max_step(acc, tl.load(base + cols[None, :], mask=(rows < M)[:, None] & (cols < KC)[None, :],
-                                            other=0.0))
+        if k0 + BK > KC:
+            cols = tl.minimum(cols, KC - 1)
+        acc = _finite_max_step(acc, tl.load(base + cols[None, :]))
     return _finite_max_bits(acc, 1)
 
 
