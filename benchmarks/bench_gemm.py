@@ -62,7 +62,7 @@ def graph_ms(fns: list, reps: int = 20) -> float:
             fn()  # compile and warm up outside the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side):  # the warm-up's stream: what the plans keep there, made and zeroed
+    with torch.cuda.graph(graph):
         for fn in fns:
             fn()
     return median_ms(graph.replay, reps) / len(fns)

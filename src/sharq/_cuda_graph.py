@@ -12,29 +12,25 @@ import torch
 T = TypeVar("T")
 
 
-def warm_up(forward: Callable[[], T], device: torch.device) -> tuple[T, torch.cuda.Stream]:
-    """(forward(), the stream it ran on): forward() once eagerly on a side stream, as a capture of it needs first:
-    Triton and cuBLAS initialize and lazy buffers appear outside the capture. Capture on that stream (capture's
-    `stream`) and the capture finds what the launch plans keep per stream (kernels/launch.py, plan_buffers) made
-    and zeroed, instead of recording their making."""
+def warm_up(forward: Callable[[], T], device: torch.device) -> T:
+    """forward() once eagerly on a side stream, as a capture of it needs first: Triton and cuBLAS initialize and
+    lazy buffers appear outside the capture."""
     stream = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(stream)
     with torch.cuda.stream(side):
         out = forward()
     stream.wait_stream(side)
-    return out, side
+    return out
 
 
-def capture(forward: Callable[[], T], device: torch.device, stream: torch.cuda.Stream | None = None
-            ) -> tuple[torch.cuda.CUDAGraph, T]:
-    """(graph, output) of forward() captured after its warm_up, on `stream` (warm_up's; None: torch's capture
-    stream): the capture records the kernels without running them, and the output is the graph's own buffer,
-    written by each replay. A capture that fails (an operation a graph cannot hold, e.g. a host sync) raises and
-    leaves the device usable (_clear_capture_mark)."""
+def capture(forward: Callable[[], T], device: torch.device) -> tuple[torch.cuda.CUDAGraph, T]:
+    """(graph, output) of forward() captured after its warm_up: the capture records the kernels without running
+    them, and the output is the graph's own buffer, written by each replay. A capture that fails (an operation a
+    graph cannot hold, e.g. a host sync) raises and leaves the device usable (_clear_capture_mark)."""
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream):
+        with torch.cuda.device(device), torch.cuda.graph(graph):
             out = forward()
     except Exception:
         _clear_capture_mark(device)

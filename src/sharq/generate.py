@@ -111,9 +111,9 @@ class DecodeSession:
 
     def _capture(self) -> torch.Tensor:
         """This step eagerly (the warm-up), then captured; this step's logits."""
-        logits, stream = warm_up(self._decode, self.device)
+        logits = warm_up(self._decode, self.device)
         try:
-            self.graph, self.logits = capture(self._decode, self.device, stream)
+            self.graph, self.logits = capture(self._decode, self.device)
         except Exception as e:  # noqa: BLE001 - any capture failure: fall back, visibly
             warnings.warn(f"CUDA graph capture of the decode step failed ({type(e).__name__}: {str(e)[:160]}); "
                           "decoding eagerly", RuntimeWarning, stacklevel=3)

@@ -35,17 +35,15 @@ for mask, packed, per_row, fmt, self_amax in itertools.product((0, 1, 2), (False
         TWO_STAGES=True, BLOCK2=16 if fmt == 0 else 32, FMT=fmt, BM=8, H=8, PACKED=packed,
         SELF_AMAX=self_amax and fmt == 0, AMAX_BM=8, AMAX_BK=512, KC=4096 if self_amax else 0,
         PDL=prepare._launch_dependents is not None and mask == 1,
-        TILE=(64 if per_row else 128) if self_amax and not packed else 0, TILE_PLACED=fmt == 0,  # tiled values
-        GDC_WAIT=prepare._wait_for_prior is not None and fmt == 0 and not self_amax))  # after an amax pass
+        TILE=(64 if per_row else 128) if self_amax and not packed else 0, TILE_PLACED=fmt == 0))  # tiled values
 for x_type in ("*fp32", "*fp16"):  # the amax's fp32 path (bf16 X takes its 16 bits), both passes
     build(prepare._prepare_kernel, [(n, x_type if n == "x_ptr" else t) for n, t in args], dict(
         PER_ROW=False, TENSOR_SCALE=True, ROUND_INPUT=True, MASK1=1, BLOCK1=16, TWO_STAGES=True, BLOCK2=16, FMT=0,
         BM=8, H=8, PACKED=False, SELF_AMAX=True, AMAX_BM=8, AMAX_BK=512, KC=3000, PDL=False, TILE=0,
-        TILE_PLACED=False, GDC_WAIT=False))
-for x_type, per_row, pdl in itertools.product(("*bf16", "*fp32"), (False, True), (False, True)):
+        TILE_PLACED=False))
+for x_type, per_row in itertools.product(("*bf16", "*fp32"), (False, True)):
     build(prepare._amax_kernel, [("x_ptr", x_type), ("amax_ptr", "*i32"), ("M", "i32"), ("K", "i32"),
-                                 ("stride_xm", "i32")],
-          dict(PER_ROW=per_row, BM=8, BK=512, PDL=pdl and prepare._launch_dependents is not None))
+                                 ("stride_xm", "i32")], dict(PER_ROW=per_row, BM=8, BK=512))
 for ty, per_row, bias, splits in itertools.product(("*bf16", "*fp32"), (False, True), (False, True), (1, 4)):
     build(epilogue._epilogue_kernel, [("src_ptr", "*fp32" if splits > 1 else ty), ("y_ptr", ty), ("sx_ptr", "*fp32"),
                                       ("sw_ptr", "*fp32"), ("bias_ptr", "*bf16"), ("M", "i32"), ("N", "i32"),

@@ -95,8 +95,8 @@ class GraphedForward:
     def _capture(self, ids: torch.Tensor):
         static_ids = ids.clone()
         forward = functools.partial(self._eager, static_ids)
-        _, stream = warm_up(forward, ids.device)
-        graph, logits = capture(forward, ids.device, stream)
+        warm_up(forward, ids.device)
+        graph, logits = capture(forward, ids.device)
         return graph, static_ids, logits
 
 

@@ -68,7 +68,7 @@ def stream_key(device: int) -> int:
 PLAN_BUFFER_BYTES = 1 << 18  # plan_buffers keeps tensors up to this size (a token's activation, its partials)
 
 
-def plan_buffers(make: Callable[[], T | None], nbytes: int, device: int) -> Callable[[], T | None]:
+def plan_buffers(make: Callable[[], T], nbytes: int, device: int) -> Callable[[], T]:
     """A launch plan's scratch tensors (what its kernels write and read within one call: the activation between
     the prepare and the GEMM, a K split's fp32 partials), `make`d at its first call on a CUDA stream and given
     back to its later calls there. A later call's kernels queue behind this call's on that stream, so they
@@ -77,19 +77,16 @@ def plan_buffers(make: Callable[[], T | None], nbytes: int, device: int) -> Call
     in all) are made anew each call, so the memory a model's plans keep stays small (prefill-sized plans keep
     none). Streams are told apart by their handle (PyTorch's streams come from pools and are never destroyed);
     CUDA graphs captured on one stream share the tensors made there, so such graphs are replayed one after
-    another (on one stream), as a decode loop does, not at once on several. A `make` that gives None (nothing to
-    keep on this stream now) is asked again at the next call."""
+    another (on one stream), as a decode loop does, not at once on several."""
     if nbytes > PLAN_BUFFER_BYTES:
         return make
     by_stream: dict[int, T] = {}
 
-    def get() -> T | None:
+    def get() -> T:
         stream = stream_key(device)
         buffers = by_stream.get(stream)
         if buffers is None:
-            buffers = make()
-            if buffers is not None:
-                by_stream[stream] = buffers
+            buffers = by_stream[stream] = make()
         return buffers
 
     return get
@@ -115,8 +112,7 @@ def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: Constexpr
         kernel = fn[tuple(grid)](*args, **constexprs)
         names = fn.arg_names[len(args):]
         if kernel is not None and all(n in constexprs for n in names) and len(_compiled) < _MAX_KERNELS:
-            _compiled[key] = (kernel, tuple(constexprs[n] for n in names),
-                              _TritonDirect.of(kernel, len(args), bool(constexprs.get(WAITS_CONSTEXPR))))
+            _compiled[key] = (kernel, tuple(constexprs[n] for n in names), _TritonDirect.of(kernel, len(args)))
         return
     kernel, tail, direct = hit
     g = (*grid, 1, 1)
@@ -171,11 +167,6 @@ def ptx_entry_params(ptx: str) -> int:
     return entry.group(1).count(".param")
 
 
-WAITS_CONSTEXPR = "GDC_WAIT"
-"""A Triton kernel whose constexpr of this name is set waits for the kernel before it itself (gdc_wait) before it
-reads that kernel's output: its direct launches are programmatic (DriverKernel, PROGRAMMATIC_LAUNCH)."""
-
-
 class _TritonDirect:
     """A compiled Triton kernel launched by cuLaunchKernel: its parameters are the call's pointer and int
     arguments that the specialization kept (an int equal to 1, say, becomes a constant), in order, then the
@@ -188,10 +179,9 @@ class _TritonDirect:
         self._pick_ptrs, self._pick_ints = _picker(ptr_args), _picker(int_args)
 
     @classmethod
-    def of(cls, kernel, n_args: int, programmatic: bool = False) -> _TritonDirect | None:
+    def of(cls, kernel, n_args: int) -> _TritonDirect | None:
         """The direct launch of `kernel` (a CompiledKernel for calls of n_args arguments), or None where its
-        parameters are not all pointers and i32 or it needs what only Triton's launcher sets up. `programmatic`:
-        the kernel waits for the one before it itself (WAITS_CONSTEXPR)."""
+        parameters are not all pointers and i32 or it needs what only Triton's launcher sets up."""
         try:
             md, types = kernel.metadata, list(kernel.src.signature.values())
             if (not kernel.function or getattr(md, "global_scratch_size", 0) or getattr(md, "profile_scratch_size", 0)
@@ -215,8 +205,8 @@ class _TritonDirect:
             if not 0 <= scratch <= 2:
                 return None
             block = (32 * md.num_warps, 1, 1)
-            return cls(DriverKernel(kernel.function, "".join(layout) + "p" * scratch, programmatic), block,
-                       md.shared, tuple(ptr_args), tuple(int_args), scratch)
+            return cls(DriverKernel(kernel.function, "".join(layout) + "p" * scratch), block, md.shared,
+                       tuple(ptr_args), tuple(int_args), scratch)
         except Exception:  # noqa: BLE001 - another Triton's objects: its own launcher still works
             return None
 

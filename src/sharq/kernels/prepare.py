@@ -9,8 +9,7 @@ once: a program loads BLOCK_M rows × 16·H columns contiguously and splits the 
 elementwise comparisons between the x_j, and the 16- and 32-element block maxima small reductions. Tiles are
 8 × 128 (docs/PERF.md: the kernel is bound by instruction issue, about 53 instructions per element on the H200, so
 every operation below is counted). On Hopper the kernel lets a GEMM launched after it with programmatic dependent
-launch (kernels/cuda_gemm.py) start while it runs, and after an amax pass it is itself launched so inside CUDA
-graphs: it loads its X tile, then waits for the pass before it reads the amax.
+launch (kernels/cuda_gemm.py) start while it runs.
 
 Bit-exactness with the torch reference (quant.py, masks.py) rests on these choices:
 - X / s_x is IEEE (PTX div.rn.f32, subnormals kept), as torch's division is — on CUDA too, since the reference
@@ -41,11 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Triton 3.4+: programmatic dependent launch, a kernel's early start and its wait for the one before it
+try:  # Triton 3.4+: let a kernel launched after this one with programmatic dependent launch start early
     from triton.language.extra.cuda import gdc_launch_dependents as _launch_dependents
-    from triton.language.extra.cuda import gdc_wait as _wait_for_prior
 except ImportError:
-    _launch_dependents = _wait_for_prior = None
+    _launch_dependents = None
 
 from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
@@ -301,15 +299,9 @@ def _stage(x0, x1, x2, x3, x4, x5, x6, x7, amax, codes_ptr, scales_ptr, rows, pi
 
 
 @triton.jit
-def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                 PDL: tl.constexpr = False):
-    """The finite max |x| as int32 bits: per row (one program per BM rows) into amax_ptr[:M], or over the tensor
-    into amax_ptr[0]. Over the tensor, programs stride over the tiles and meet in a state of two words,
-    amax_ptr[1:3], zero when the pass starts: each atomic-maxes its part into amax_ptr[1] and draws a ticket from
-    amax_ptr[2]; the program drawing the last moves the maximum to amax_ptr[0] and zeroes the state again, so a
-    state kept from call to call needs no zeroing launch of its own (one kernel fewer a call)."""
-    if PDL:  # the main kernel, launched after this one with programmatic dependent launch, may start now: it
-        _launch_dependents()  # waits for this pass itself before it reads the amax
+def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """The finite max |x| as int32 bits: per row (one program per BM rows), or over the tensor (programs stride
+    over the tiles, then one atomic max each into a zeroed word)."""
     pid, nprog = tl.program_id(0), tl.num_programs(0)
     nk = tl.cdiv(K, BK)
     if PER_ROW:
@@ -326,11 +318,7 @@ def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl
         rows = pid * BM + tl.arange(0, BM)
         tl.store(amax_ptr + rows, _finite_max_bits(acc, 1), mask=rows < M)
     else:
-        tl.atomic_max(amax_ptr + 1, tl.max(_finite_max_bits(acc, 1), axis=0))
-        # acq_rel: the last ticket's holder sees every program's maximum above
-        if tl.atomic_add(amax_ptr + 2, 1) == nprog - 1:
-            tl.store(amax_ptr, tl.atomic_xchg(amax_ptr + 1, 0))
-            tl.store(amax_ptr + 2, 0)
+        tl.atomic_max(amax_ptr, tl.max(_finite_max_bits(acc, 1), axis=0))
 
 
 @triton.jit
@@ -373,8 +361,7 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
                     MASK1: tl.constexpr, BLOCK1: tl.constexpr, TWO_STAGES: tl.constexpr, BLOCK2: tl.constexpr,
                     FMT: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, PACKED: tl.constexpr,
                     SELF_AMAX: tl.constexpr, AMAX_BM: tl.constexpr, AMAX_BK: tl.constexpr, KC: tl.constexpr,
-                    PDL: tl.constexpr, TILE: tl.constexpr = 0, TILE_PLACED: tl.constexpr = False,
-                    GDC_WAIT: tl.constexpr = False):
+                    PDL: tl.constexpr, TILE: tl.constexpr = 0, TILE_PLACED: tl.constexpr = False):
     if PDL:  # a GEMM launched after this kernel with programmatic dependent launch may start now (it waits for
         _launch_dependents()  # this kernel's output itself): its launch and set-up overlap this kernel
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -390,8 +377,6 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
             if SELF_AMAX:  # each program reads its own rows in full (a small call: one launch instead of two)
                 amax = _rows_amax_bits(x_ptr, rows, M, stride_xm, BM, AMAX_BK, KC).to(tl.float32, bitcast=True)
             else:
-                if GDC_WAIT:  # launched early after the amax pass (programmatic dependent launch): X's tile is
-                    _wait_for_prior()  # in flight; the amax is not written yet
                 amax = tl.load(amax_ptr + rows, mask=rows < M, other=0).to(tl.float32, bitcast=True)
             s = tl.maximum(tl.math.div_rn(amax, _DIVISOR), _FLOOR)
             if pid_k == 0:
@@ -405,8 +390,6 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
                                                             AMAX_BK, KC))
                 amax = tl.max(bits, axis=0).to(tl.float32, bitcast=True)
             else:
-                if GDC_WAIT:
-                    _wait_for_prior()
                 amax = tl.load(amax_ptr).to(tl.float32, bitcast=True)
             s = tl.maximum(tl.math.div_rn(amax, _DIVISOR), _FLOOR)
             if (pid_m == 0) & (pid_k == 0):
@@ -469,8 +452,7 @@ def _prepare_kernel(x_ptr, amax_ptr, scale_ptr, out_ptr, M, K, stride_xm, stride
 _TILE = dict(BM=8, H=8, num_warps=4)  # rows × halves of 16 per program; chosen on the H200 (docs/PERF.md)
 SELF_AMAX_ELEMENTS = 65536  # up to here (8B decode: batch 16 at K = 4096, 4 at 14336) one launch finds the amax itself
 SELF_AMAX_TILE = 4096  # elements per load of that re-read (rows × columns)
-_AMAX = {(per_row, pdl): Constexprs(PER_ROW=per_row, BM=8, BK=512, PDL=pdl, num_warps=4)  # the amax pass
-         for per_row in (False, True) for pdl in (False, True)}
+_AMAX = {per_row: Constexprs(PER_ROW=per_row, BM=8, BK=512, num_warps=4) for per_row in (False, True)}  # the amax pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -544,13 +526,13 @@ def _plan(recipe: Recipe, m: int, k: int, round_input: bool, packed: bool, tile:
         BLOCK1=stages[0].block, TWO_STAGES=len(stages) == 2, BLOCK2=stages[-1].block, FMT=_FMT[stages[0].fmt],
         BM=bm, H=h, PACKED=packed, SELF_AMAX=self_amax, AMAX_BM=amax_bm, AMAX_BK=amax_bk,
         KC=k if self_amax else 0, PDL=pdl, num_warps=warps, TILE=tiled[0] if tiled else 0,
-        TILE_PLACED=bool(tiled and tiled[1]), GDC_WAIT=pdl and amax_grid is not None)
+        TILE_PLACED=bool(tiled and tiled[1]))
     grid = (triton.cdiv(m, bm), triton.cdiv(k, 16 * h))
     return _Plan(per_row, tensor_scale, self_amax, amax_grid, grid, -(-m // tiled[0]) * tiled[0] if tiled else m,
                  tuple(-(-k // st.block) * st.block for st in stages), tuple(st.block for st in stages),
                  tuple(st.fmt for st in stages), str(spec) if spec else None,
                  -(-(-(-k // spec.chunk)) * spec.n // 4) if spec else 0, constexprs,
-                 None if amax_grid is None else TritonLaunch(_amax_kernel, amax_grid, _AMAX[per_row, pdl]),
+                 None if amax_grid is None else TritonLaunch(_amax_kernel, amax_grid, _AMAX[per_row]),
                  TritonLaunch(_prepare_kernel, grid, constexprs))
 
 
@@ -573,7 +555,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
             tile: dict | None = None, self_amax: bool | None = None, amax: torch.Tensor | None = None,
             tiled: tuple[int, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
-    _prepare_kernel find the tensor scale's amax itself, skipping the amax pass and its state's zeroing: at decode
+    _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
     sizes a launch costs more than re-reading a few KB of X from L2. A given `amax` (the whole input's, x2d a
     K-slice of it: Recipe.prepare_activation) takes the place of both."""
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
@@ -602,24 +584,11 @@ def _outputs(plan: _Plan, m: int, k: int, out_dtype: torch.dtype, device: torch.
     return out, torch.ones(1, 1, dtype=torch.float32, device=device)
 
 
-def _amax_state_zeroed(device: torch.device) -> torch.Tensor:
-    """The tensor-wide amax pass's words (_amax_kernel: the amax, then its state of two words), zeroed."""
-    return torch.zeros(3, dtype=torch.int32, device=device)
-
-
-def _kept_amax_state(device: torch.device) -> torch.Tensor | None:
-    """A zeroed amax state for a launch plan to keep on the current stream, or None inside a CUDA-graph capture,
-    where the zeroing would only be recorded, not done: there each call makes its own (a node of the graph)."""
-    return None if not INTERPRETED and torch.cuda.is_current_stream_capturing() else _amax_state_zeroed(device)
-
-
 def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype: torch.dtype, packed: bool,
-         amax: torch.Tensor | None, outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
-         amax_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+         amax: torch.Tensor | None, outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """The launches of a plan on x, m rows of k elements `stride_xm` apart (unit column stride), its arguments
-    checked by the caller; into `outputs` (_outputs' tensors, reused by a launch plan) where given. `amax_state`:
-    the tensor-wide amax pass's words, zeroed by the pass that last used them (a launch plan's, kept on its
-    stream); otherwise _amax_state_zeroed's, made for this call."""
+    checked by the caller; into `outputs` (_outputs' tensors, reused by a launch plan) where given."""
     dev = x.device
     out, scale = outputs or _outputs(plan, m, k, out_dtype, dev)
     amax_bits = scale  # a placeholder the kernel does not read (self_amax, or no tensor scale)
@@ -628,7 +597,7 @@ def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype
             amax_bits = amax.to(device=dev, dtype=torch.float32).reshape(-1).contiguous().view(torch.int32)
         elif plan.amax_grid is not None:
             amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
-                         else _amax_state_zeroed(dev) if amax_state is None else amax_state)
+                         else torch.zeros(1, dtype=torch.int32, device=dev))
             plan.amax_launch((x, amax_bits, m, k, stride_xm))
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
                 torch.empty(m, kpad // block, dtype=torch.uint8, device=dev)) if packed else (out, out)
@@ -654,8 +623,7 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     are not flattened by a view: the kernel reads rows k apart). Returns x -> (values, scale, ()). Its launches
     are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches. The values and
     scale are written into the same tensors call after call on a stream (launch.plan_buffers; decode sizes): the
-    caller reads them before its next call on that stream; so is the tensor-wide amax pass's state, which the pass
-    leaves zeroed (_amax_kernel). `tiled`: as prepare_dequantized's."""
+    caller reads them before its next call on that stream. `tiled`: as prepare_dequantized's."""
     _check_supported(recipe)
     tile = _default_tile(m, k)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
@@ -664,12 +632,9 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     device = torch.device(device)
     outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device),
                            2 * plan.rows * k + 4 * m, device.index or 0)
-    amax_state = (plan_buffers(functools.partial(_kept_amax_state, device), 0, device.index or 0)
-                  if plan.amax_grid is not None and not plan.per_row else lambda: None)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None, outputs(),
-                    amax_state())
+        return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None, outputs())
 
     return run
 
