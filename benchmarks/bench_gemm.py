@@ -951,10 +951,10 @@ def bulk_sweep(ms: tuple[int, ...] = (33, 64, 128, 256, 512, 1024, 2048)) -> lis
             own = case.output(tiles["bulk_wg1"][0], a=tiled)[:m]
             exact["wg1_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1"][0]), own)
             exact["wg1_own_split_as_bulk_wg1"] = torch.equal(case.output(tiles["wg1_own_split"][0]), own)
-        us = best_of(lambda ta: case.cuda_us(*ta), tiles)
+        us = best_of(lambda ta, case=case: case.cuda_us(*ta), tiles)  # case bound: the loop deletes it below
         if m > cuda_wgmma.TOKENS:
             a, block = case.act.values, case.r.weight_block
-            us["decoded"] = 1e3 * graph_ms([lambda c=c, s=s: gemm.decoded_matmul(
+            us["decoded"] = 1e3 * graph_ms([lambda c=c, s=s, case=case: gemm.decoded_matmul(
                 a, c, s, "nvfp4", block, case.sx, case.swf, None, torch.bfloat16) for c, s in case.ps], reps=10)
         x, dev = outlier_x(m, k), case.act.values.device
         prepares = {False: kp.dequantized_launcher(case.r, m, k, x.dtype, dev),
