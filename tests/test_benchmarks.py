@@ -1,0 +1,61 @@
+"""benchmarks/refresh.sh, the script behind the README's GPU numbers, checked without a GPU: the commands it runs
+(a stand-in `python` and `nvidia-smi` on PATH record them) and the options it gives each benchmark, which that
+benchmark must declare."""
+
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REFRESH = BENCHMARKS / "refresh.sh"
+
+
+def _stand_ins(tmp_path: Path, gpu: str) -> dict:
+    """PATH with a `python` that logs its arguments (one line a call) and an `nvidia-smi` naming `gpu`."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir(parents=True)
+    scripts = {"python": f'echo "$@" >> {log}\necho "table of $(basename "$1")"\n',
+               "nvidia-smi": f'echo "{gpu}"\n'}
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_refresh_runs_each_parts_benchmarks_into_files_named_after_the_gpu(tmp_path):
+    env = _stand_ins(tmp_path, "NVIDIA H200")
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(REFRESH), "prefill", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert [c.split()[0] for c in calls] == [str(BENCHMARKS / "bench_decode.py")] * 3
+    for b, call in zip((1, 8, 32), calls):
+        assert f"--batches {b} --prompt 512" in call and call.endswith(f"--json {out}/prefill512_b{b}_h200.json")
+        assert (out / f"prefill512_b{b}_h200.txt").read_text() == "table of bench_decode.py\n"
+    env = _stand_ins(tmp_path / "all", "NVIDIA H100 80GB HBM3")
+    done = subprocess.run(["bash", str(REFRESH), "all", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    names = sorted(p.name for p in out.glob("*_h100.txt"))
+    assert names == sorted(["bench_gemm_h100.txt", "bench_decode_70b_h100.txt",
+                            *[f"bench_decode_b{b}_h100.txt" for b in (1, 8, 32)],
+                            *[f"prefill512_b{b}_h100.txt" for b in (1, 8, 32)]])
+
+
+def test_refresh_refuses_an_unknown_part(tmp_path):
+    done = subprocess.run(["bash", str(REFRESH), "gemms", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown part 'gemms'" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["bench_gemm.py", "bench_decode.py"])
+def test_every_option_refresh_gives_a_benchmark_is_one_it_declares(script):
+    text = REFRESH.read_text().replace("\\\n", " ")
+    given = {"--json"}  # refresh's run() adds it to every call
+    for line in re.findall(rf"run \S+ {re.escape(script)}([^\n;]*)", text):
+        given |= set(re.findall(r"--[a-z][a-z0-9-]*", line))
+    declared = set(re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)"', (BENCHMARKS / script).read_text()))
+    assert len(given) > 2 and given <= declared, given - declared
