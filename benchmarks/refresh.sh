@@ -7,8 +7,9 @@
 # Each command writes its table (.txt) and its rows (.json) under OUT_DIR, named after the part and the GPU, as
 # docs/results/ holds them. Ratios are only compared within one process (each is BF16's on the same path).
 set -uo pipefail
-part=${1:?"usage: bash benchmarks/refresh.sh gemm|decode|70b|prefill|all OUT_DIR"}
-out=${2:?"usage: bash benchmarks/refresh.sh gemm|decode|70b|prefill|all OUT_DIR"}
+usage="usage: bash benchmarks/refresh.sh gemm|decode|70b|prefill|all OUT_DIR"
+part=${1:?$usage}
+out=${2:?$usage}
 case $part in gemm|decode|70b|prefill|all) ;;
   *) echo "unknown part '$part': gemm, decode, 70b, prefill or all" >&2; exit 2 ;;
 esac
