@@ -59,7 +59,9 @@ SHARED_LIMIT = 227 * 1024  # a Hopper block's shared memory (the scale table's s
 # Above cuda_gemm.MAX_M tokens: tiles of WIDE_TOKENS tokens up to WIDE_MAX_M tokens; more go to the decode into the
 # scratch weight + cuBLAS. The 8B shapes (`python benchmarks/bench_gemm.py --wide --ms 256,384,512,768,1024`,
 # docs/PERF.md), H100: 1.57-2.10 x decode + cuBLAS at 256 tokens; at 512 1.22-1.30 x on three shapes and level on
-# 4096 x 6144 (0.95 x at 384); 0.73-1.01 x at 768. The H200 had 1.10-1.18 x and 0.91 x at 512
+# 4096 x 6144 (0.95 x at 384); 0.73-1.01 x at 768. The H200 had 1.10-1.18 x and 0.91 x at 512. Against the rewritten
+# scratch path (`python benchmarks/bench_gemm.py --bulk --ms 768,1024`, H100, thirty-third run) the bulk-copy tiles take
+# 0.99-1.22 x its time at 768 tokens, and a batch-2 prefill of 512 tokens took 1.16 x as long with the limit at 1024
 WIDE_TOKENS = 128
 WIDE_MAX_M = 512
 
