@@ -1,7 +1,7 @@
 """Where a decode step's time goes, BF16 against the same model quantized by sharq (docs/PERF.md).
 
     python benchmarks/profile_step.py [--mode eager|graph|compiled] [--batch 1] [--layers 32] [--recipe sharq]
-                                      [--steps 8] [--json out.json]
+                                      [--steps 8] [--python] [--json out.json]
 
 Each variant's steps run as `--mode` says: eager (a plain `model.generate`, DecodeSession(cuda_graph=False)), graph
 (one CUDA graph a step, the default on CUDA) or compiled (torch.compile over the step, then the graph: what
@@ -9,13 +9,17 @@ Each variant's steps run as `--mode` says: eager (a plain `model.generate`, Deco
 with torch.profiler and reports per step: the host time the profiler saw, the GPU's busy time (kernels and copies,
 summed), the kernels the host launches (a graph replay's own are not among them), the kernels that took the most GPU
 time (by name, so a graph replay's kernels are counted one by one) and, eager, the operators that took the most host
-time of their own (self CPU, where an eager step that is host-bound spends it). The model is Llama-3.1-8B-shaped
+time of their own (self CPU, where an eager step that is host-bound spends it). `--python` also runs as many steps
+under cProfile and reports the Python functions by their own time a step: the host time the operator table cannot
+see (Python between the operators, calls into ctypes, waits in C functions). The model is Llama-3.1-8B-shaped
 with random weights (bench_model.llama_8b_shaped), quantized onto the GPU with the default backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import sys
 from collections import defaultdict
@@ -31,9 +35,10 @@ from sharq.generate import DecodeSession
 
 
 @torch.no_grad()
-def profile_steps(model, batch: int, steps: int, top: int, mode: str) -> dict:
+def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bool = False) -> dict:
     """CUDA-event ms a step over `steps` steps, then one profiled run of as many: host ms, GPU busy ms and launches
-    a step, the `top` kernels by GPU time and the `top` operators by self host time (µs a step, calls a step)."""
+    a step, the `top` kernels by GPU time and the `top` operators by self host time (µs a step, calls a step); with
+    `python`, one more run under cProfile: the `top` Python functions by own time (µs a step, calls a step)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     session = DecodeSession(model, batch, 16 + 3 * steps + 4, cuda_graph=mode != "eager",
@@ -64,12 +69,24 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str) -> dict:
     by_time = sorted(kernels.items(), key=lambda kv: sum(kv[1]), reverse=True)
     averages = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)
     host_us = sum(a.self_cpu_time_total for a in averages)
+    functions = []
+    if python:
+        py = cProfile.Profile()
+        py.enable()
+        for _ in range(steps):
+            token = session.step(token).argmax(-1)
+        torch.cuda.synchronize()
+        py.disable()
+        rows = sorted(pstats.Stats(py).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+        functions = [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us": own * 1e6 / steps,
+                      "cumulative_us": cumulative * 1e6 / steps, "calls": calls / steps}
+                     for (file, line, name), (_, calls, own, cumulative, _) in rows]
     return {"step_ms": statistics.median(times), "host_ms": host_us / steps / 1e3,
             "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,
             "kernels": [{"kernel": name, "gpu_us": sum(v) / steps, "calls": len(v) / steps}
                         for name, v in by_time[:top]],
             "top": [{"op": a.key, "self_cpu_us": a.self_cpu_time_total / steps, "calls": a.count / steps}
-                    for a in averages[:top]]}
+                    for a in averages[:top]], "python": functions}
 
 
 def main() -> int:
@@ -80,6 +97,7 @@ def main() -> int:
     p.add_argument("--recipe", default="sharq")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--python", action="store_true", help="also the Python functions by own time (cProfile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -88,9 +106,9 @@ def main() -> int:
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
            "mode": args.mode}
     model = llama_8b_shaped(args.layers)
-    out["bf16"] = profile_steps(model, args.batch, args.steps, args.top, args.mode)
+    out["bf16"] = profile_steps(model, args.batch, args.steps, args.top, args.mode, args.python)
     sharq.quantize_model(model, args.recipe, device="cuda")
-    out[args.recipe] = profile_steps(model, args.batch, args.steps, args.top, args.mode)
+    out[args.recipe] = profile_steps(model, args.batch, args.steps, args.top, args.mode, args.python)
     for variant in ("bf16", args.recipe):
         r = out[variant]
         print(f"{variant}, batch {args.batch}, {args.mode}: {r['step_ms']:.2f} ms a step (CUDA events); profiled: "
@@ -101,6 +119,10 @@ def main() -> int:
         if args.mode == "eager":
             print(format_table(["operator (self host time)", "µs a step", "calls a step"],
                                [[t["op"][:60], f"{t['self_cpu_us']:.0f}", f"{t['calls']:.0f}"] for t in r["top"]]))
+        if r["python"]:
+            print(format_table(["Python function (cProfile)", "own µs a step", "cumulative µs", "calls a step"],
+                               [[t["function"][:80], f"{t['own_us']:.0f}", f"{t['cumulative_us']:.0f}",
+                                 f"{t['calls']:.0f}"] for t in r["python"]]))
     save(out, args.json)
     return 0
 

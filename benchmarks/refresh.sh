@@ -32,17 +32,17 @@ esac
 case $part in decode|all)  # compiled + graphed decode (and graph, eager) against BF16 on the same paths
   for b in 1 8 32; do
     run "bench_decode_b$b" bench_decode.py --batches "$b" --recipes sharq --compile --reps 2 --new-tokens 32 \
-      --eager-tokens 2
+      --eager-tokens 8
   done ;;
 esac
 case $part in 70b|all)  # a Llama-3.1-70B-shaped model on one GPU
   run bench_decode_70b bench_decode.py --shape 70b --batches 1 --recipes sharq --compile --reps 2 --new-tokens 16 \
-    --eager-tokens 2 --prompt 128 ;;
+    --eager-tokens 8 --prompt 128 ;;
 esac
 case $part in prefill|all)  # a 512-token prompt
   for b in 1 8 32; do
     run "prefill512_b$b" bench_decode.py --batches "$b" --prompt 512 --recipes sharq --reps 3 --new-tokens 4 \
-      --eager-tokens 2
+      --eager-tokens 8
   done ;;
 esac
 exit $status
