@@ -34,6 +34,14 @@ from sharq._format import format_table
 from sharq.generate import DecodeSession
 
 
+def python_functions(profiler: cProfile.Profile, steps: int, top: int) -> list[dict]:
+    """The `top` functions a profiled run of `steps` steps spent the most own time in: µs and calls a step."""
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us": own * 1e6 / steps,
+             "cumulative_us": cumulative * 1e6 / steps, "calls": calls / steps}
+            for (file, line, name), (_, calls, own, cumulative, _) in rows]
+
+
 @torch.no_grad()
 def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bool = False) -> dict:
     """CUDA-event ms a step over `steps` steps, then one profiled run of as many: host ms, GPU busy ms and launches
@@ -77,10 +85,7 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
             token = session.step(token).argmax(-1)
         torch.cuda.synchronize()
         py.disable()
-        rows = sorted(pstats.Stats(py).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-        functions = [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us": own * 1e6 / steps,
-                      "cumulative_us": cumulative * 1e6 / steps, "calls": calls / steps}
-                     for (file, line, name), (_, calls, own, cumulative, _) in rows]
+        functions = python_functions(py, steps, top)
     return {"step_ms": statistics.median(times), "host_ms": host_us / steps / 1e3,
             "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,
             "kernels": [{"kernel": name, "gpu_us": sum(v) / steps, "calls": len(v) / steps}

@@ -59,3 +59,29 @@ def test_every_option_refresh_gives_a_benchmark_is_one_it_declares(script):
         given |= set(re.findall(r"--[a-z][a-z0-9-]*", line))
     declared = set(re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)"', (BENCHMARKS / script).read_text()))
     assert len(given) > 2 and given <= declared, given - declared
+
+
+def test_profile_step_ranks_python_functions_by_own_time_a_step(monkeypatch):
+    """profile_step.py --python's table: the function that spent the most own time first, its calls a step."""
+    import cProfile
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from profile_step import python_functions
+
+    def busy():
+        return sum(i * i for i in range(20000))
+
+    def idle():
+        return 0
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(4):  # four "steps", each calling busy once and idle three times
+        busy()
+        idle(), idle(), idle()
+    profiler.disable()
+    rows = {r["function"].split(" (")[0]: r for r in python_functions(profiler, steps=4, top=50)}
+    assert rows["busy"]["calls"] == 1 and rows["idle"]["calls"] == 3
+    assert rows["busy"]["cumulative_us"] > rows["idle"]["cumulative_us"]
+    ranked = python_functions(profiler, steps=4, top=3)
+    assert len(ranked) == 3 and ranked[0]["own_us"] >= ranked[1]["own_us"] >= ranked[2]["own_us"] > 0
