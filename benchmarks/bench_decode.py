@@ -10,7 +10,8 @@ The model is Llama-3.1-8B-shaped (bench_model.llama_8b_shaped: random weights, b
 afresh for each variant: bf16, then each recipe quantized with --backend (or the backend named after an @:
 `sharq@packed-placed`, so backends compare in one run). For each variant and batch of random prompts: the prefill,
 and the decode step (DecodeSession.step + the greedy argmax) replayed from its CUDA graph and eager, as CUDA-event
-medians of --reps runs; with --compile also the graph path with the decode forward compiled by torch.compile before
+medians of --reps runs, the steps timed from an idle GPU (after the prefill, so no host work of theirs hides behind
+its GPU time); with --compile also the graph path with the decode forward compiled by torch.compile before
 the capture. Peak memory is that of one sharq.generate call; weights are sharq.models.weight_bytes. The check
 column: the graph path's first 8 greedy tokens equal the eager path's (same cache size, so the same kernels; a
 difference means the replay is wrong). "speedup vs bf16" is bf16's graph ms/token over the variant's, from this
