@@ -102,8 +102,8 @@ def time_decode(model, ids: torch.Tensor, steps: int, max_len: int, reps: int, c
         logits = session.prefill(ids)
         prefilled = clock.mark()
         tokens = [logits.argmax(-1)]
-        # the steps start on an idle GPU: else an eager step's host work can hide behind the prefill's GPU time,
-        # the more of it the fewer steps are timed
+        # clock.ms waits for the prefill, so the steps start on an idle GPU: else an eager step's host work can hide
+        # behind the prefill's GPU time, the more of it the fewer steps are timed
         prefills.append(clock.ms(start, prefilled))
         stepping = clock.mark()
         for _ in range(steps - 1):

@@ -63,10 +63,15 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
         end.synchronize()
         times.append(start.elapsed_time(end))
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+
+    def run_steps(token: torch.Tensor) -> torch.Tensor:
         for _ in range(steps):
             token = session.step(token).argmax(-1)
         torch.cuda.synchronize()
+        return token
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        token = run_steps(token)
     events = prof.events()
     kernels: dict[str, list[float]] = defaultdict(list)
     for e in events:
@@ -79,12 +84,8 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
     host_us = sum(a.self_cpu_time_total for a in averages)
     functions = []
     if python:
-        py = cProfile.Profile()
-        py.enable()
-        for _ in range(steps):
-            token = session.step(token).argmax(-1)
-        torch.cuda.synchronize()
-        py.disable()
+        with cProfile.Profile() as py:
+            run_steps(token)
         functions = python_functions(py, steps, top)
     return {"step_ms": statistics.median(times), "host_ms": host_us / steps / 1e3,
             "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,

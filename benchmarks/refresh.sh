@@ -42,7 +42,7 @@ esac
 case $part in prefill|all)  # a 512-token prompt
   for b in 1 8 32; do
     run "prefill512_b$b" bench_decode.py --batches "$b" --prompt 512 --recipes sharq --reps 3 --new-tokens 4 \
-      --eager-tokens 8
+      --eager-tokens 4
   done ;;
 esac
 exit $status
