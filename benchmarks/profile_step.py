@@ -5,8 +5,10 @@
 
 Each variant's steps run as `--mode` says: eager (a plain `model.generate`, DecodeSession(cuda_graph=False)), graph
 (one CUDA graph a step, the default on CUDA) or compiled (torch.compile over the step, then the graph: what
-`bench_decode.py --compile` times). This times --steps steps with CUDA events (ms a step), then profiles as many
-with torch.profiler and reports per step: the host time the profiler saw, the GPU's busy time (kernels and copies,
+`bench_decode.py --compile` times). This times --steps steps with CUDA events (ms a step, each from an idle GPU) and
+the host's wall time in step() (until its last launch returned: where it is the step's time, the step is
+host-bound), then profiles as many with torch.profiler and reports per step: the operators' own host time (which
+the profiler's own cost inflates), the GPU's busy time (kernels and copies,
 summed), the kernels the host launches (a graph replay's own are not among them), the kernels that took the most GPU
 time (by name, so a graph replay's kernels are counted one by one) and, eager, the operators that took the most host
 time of their own (self CPU, where an eager step that is host-bound spends it). `--python` also runs as many steps
@@ -22,6 +24,7 @@ import cProfile
 import pstats
 import statistics
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -44,9 +47,10 @@ def python_functions(profiler: cProfile.Profile, steps: int, top: int) -> list[d
 
 @torch.no_grad()
 def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bool = False) -> dict:
-    """CUDA-event ms a step over `steps` steps, then one profiled run of as many: host ms, GPU busy ms and launches
-    a step, the `top` kernels by GPU time and the `top` operators by self host time (µs a step, calls a step); with
-    `python`, one more run under cProfile: the `top` Python functions by own time (µs a step, calls a step)."""
+    """CUDA-event ms and host wall ms in step() a step over `steps` steps, then one profiled run of as many: the
+    operators' host ms, GPU busy ms and launches a step, the `top` kernels by GPU time and the `top` operators by
+    self host time (µs a step, calls a step); with `python`, one more run under cProfile: the `top` Python
+    functions by own time (µs a step, calls a step)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     session = DecodeSession(model, batch, 16 + 3 * steps + 4, cuda_graph=mode != "eager",
@@ -54,11 +58,14 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
     token = session.prefill(ids).argmax(-1)
     for _ in range(2):  # warm-up: kernels compiled, launch plans made, the graph captured
         token = session.step(token).argmax(-1)
-    times = []
+    times, host_times = [], []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        token = session.step(token).argmax(-1)
+        began = time.perf_counter()
+        logits = session.step(token)
+        host_times.append((time.perf_counter() - began) * 1e3)  # until the step's last launch returned
+        token = logits.argmax(-1)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -87,7 +94,7 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
         with cProfile.Profile() as py:
             run_steps(token)
         functions = python_functions(py, steps, top)
-    return {"step_ms": statistics.median(times), "host_ms": host_us / steps / 1e3,
+    return {"step_ms": statistics.median(times), "host_wall_ms": statistics.median(host_times), "host_ms": host_us / steps / 1e3,
             "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,
             "kernels": [{"kernel": name, "gpu_us": sum(v) / steps, "calls": len(v) / steps}
                         for name, v in by_time[:top]],
@@ -117,7 +124,8 @@ def main() -> int:
     out[args.recipe] = profile_steps(model, args.batch, args.steps, args.top, args.mode, args.python)
     for variant in ("bf16", args.recipe):
         r = out[variant]
-        print(f"{variant}, batch {args.batch}, {args.mode}: {r['step_ms']:.2f} ms a step (CUDA events); profiled: "
+        print(f"{variant}, batch {args.batch}, {args.mode}: {r['step_ms']:.2f} ms a step (CUDA events), the host "
+              f"{r['host_wall_ms']:.2f} ms in step() (wall); profiled: "
               f"host {r['host_ms']:.2f} ms, GPU busy {r['gpu_busy_ms']:.2f} ms, {r['launches']:.0f} host kernel "
               f"launches a step")
         print(format_table(["kernel", "GPU µs a step", "calls a step"],
