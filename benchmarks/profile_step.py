@@ -8,13 +8,13 @@ Each variant's steps run as `--mode` says: eager (a plain `model.generate`, Deco
 `bench_decode.py --compile` times). This times --steps steps with CUDA events (ms a step, each from an idle GPU) and
 the host's wall time in step() (until its last launch returned: where it is the step's time, the step is
 host-bound), then profiles as many with torch.profiler and reports per step: the operators' own host time (which
-the profiler's own cost inflates), the GPU's busy time (kernels and copies,
-summed), the kernels the host launches (a graph replay's own are not among them), the kernels that took the most GPU
-time (by name, so a graph replay's kernels are counted one by one) and, eager, the operators that took the most host
-time of their own (self CPU, where an eager step that is host-bound spends it). `--python` also runs as many steps
-under cProfile and reports the Python functions by their own time a step: the host time the operator table cannot
-see (Python between the operators, calls into ctypes, waits in C functions). The model is Llama-3.1-8B-shaped
-with random weights (bench_model.llama_8b_shaped), quantized onto the GPU with the default backend.
+the profiler's own cost inflates), the GPU's busy time (kernels and copies, summed), the kernels the host launches
+(a graph replay's own are not among them), the kernels that took the most GPU time (by name, so a graph replay's
+kernels are counted one by one) and, eager, the operators that took the most host time of their own (self CPU,
+where an eager step that is host-bound spends it). `--python` also runs as many steps under cProfile and reports
+the Python functions by their own time a step: the host time the operator table cannot see (Python between the
+operators, calls into ctypes, waits in C functions). The model is Llama-3.1-8B-shaped with random weights
+(bench_model.llama_8b_shaped), quantized onto the GPU with the default backend.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
         with cProfile.Profile() as py:
             run_steps(token)
         functions = python_functions(py, steps, top)
-    return {"step_ms": statistics.median(times), "host_wall_ms": statistics.median(host_times), "host_ms": host_us / steps / 1e3,
-            "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,
+    return {"step_ms": statistics.median(times), "host_wall_ms": statistics.median(host_times),
+            "host_ms": host_us / steps / 1e3, "gpu_busy_ms": device_us / steps / 1e3, "launches": launches / steps,
             "kernels": [{"kernel": name, "gpu_us": sum(v) / steps, "calls": len(v) / steps}
                         for name, v in by_time[:top]],
             "top": [{"op": a.key, "self_cpu_us": a.self_cpu_time_total / steps, "calls": a.count / steps}
