@@ -14,8 +14,9 @@ medians of --reps runs, the steps timed from an idle GPU (after the prefill, so 
 its GPU time); with --compile also the graph path with the decode forward compiled by torch.compile before
 the capture. Peak memory is that of one sharq.generate call; weights are sharq.models.weight_bytes. The check
 column: the graph path's first 8 greedy tokens equal the eager path's (same cache size, so the same kernels; a
-difference means the replay is wrong). "speedup vs bf16" is bf16's graph ms/token over the variant's, from this
-run; "compiled vs bf16" the same for the compiled paths (--compile)."""
+difference means the replay is wrong; the exit status is 1 where a quantized variant's differs. BF16's own can
+differ through cuDNN's attention, docs/RELIABILITY.md: shown, not an error). "speedup vs bf16" is bf16's graph
+ms/token over the variant's, from this run; "compiled vs bf16" the same for the compiled paths (--compile)."""
 
 from __future__ import annotations
 
@@ -224,7 +225,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(dict(model=name, prompt=args.prompt, new_tokens=args.new_tokens, eager_tokens=args.eager_tokens,
                            backend=backend, torch=torch.__version__, rows=rows), f, indent=1)
-    return 0 if all(r["graph_equals_eager"] for r in rows) else 1
+    return 0 if all(r["graph_equals_eager"] for r in rows if r["variant"] != "bf16") else 1
 
 
 if __name__ == "__main__":
