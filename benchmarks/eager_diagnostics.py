@@ -21,6 +21,7 @@ import torch
 
 import sharq
 from bench_model import llama_8b_shaped  # benchmarks/, beside this script
+from profile_step import timed_steps
 from sharq.generate import DecodeSession
 
 MODULES = ("LlamaAttention", "LlamaMLP", "LlamaDecoderLayer", "LlamaRMSNorm", "SharQLinear", "Linear")
@@ -40,17 +41,7 @@ def run(model, label: str, steps: int = 12) -> None:
         if mode == "gc off":
             gc.collect()
             gc.disable()
-        host, times = [], []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            began = time.perf_counter()
-            logits = session.step(token)
-            host.append((time.perf_counter() - began) * 1e3)
-            token = logits.argmax(-1)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        token, times, host = timed_steps(session, token, steps)
         gc.enable()
         print(f"{label:6s} {mode:6s} step {statistics.median(times):7.2f} ms  host wall min/med/max "
               f"{min(host):.2f}/{statistics.median(host):.2f}/{max(host):.2f} ms", flush=True)

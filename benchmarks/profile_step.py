@@ -45,6 +45,24 @@ def python_functions(profiler: cProfile.Profile, steps: int, top: int) -> list[d
             for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
+def timed_steps(session: DecodeSession, token: torch.Tensor, steps: int
+                ) -> tuple[torch.Tensor, list[float], list[float]]:
+    """`steps` greedy decode steps, each from an idle GPU: (the last token, CUDA-event ms of each step, the host's
+    wall ms in each step() until its last launch returned: where that is the step's time, the step is host-bound)."""
+    times, host_times = [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        logits = session.step(token)
+        host_times.append((time.perf_counter() - began) * 1e3)
+        token = logits.argmax(-1)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return token, times, host_times
+
+
 @torch.no_grad()
 def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bool = False) -> dict:
     """CUDA-event ms and host wall ms in step() a step over `steps` steps, then one profiled run of as many: the
@@ -58,17 +76,7 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
     token = session.prefill(ids).argmax(-1)
     for _ in range(2):  # warm-up: kernels compiled, launch plans made, the graph captured
         token = session.step(token).argmax(-1)
-    times, host_times = [], []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        began = time.perf_counter()
-        logits = session.step(token)
-        host_times.append((time.perf_counter() - began) * 1e3)  # until the step's last launch returned
-        token = logits.argmax(-1)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    token, times, host_times = timed_steps(session, token, steps)
     torch.cuda.synchronize()
 
     def run_steps(token: torch.Tensor) -> torch.Tensor:
