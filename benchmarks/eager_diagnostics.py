@@ -21,8 +21,8 @@ import torch
 
 import sharq
 from bench_model import llama_8b_shaped  # benchmarks/, beside this script
-from profile_step import timed_steps
 from sharq.generate import DecodeSession
+from timing import timed_steps
 
 MODULES = ("LlamaAttention", "LlamaMLP", "LlamaDecoderLayer", "LlamaRMSNorm", "SharQLinear", "Linear")
 

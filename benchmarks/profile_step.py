@@ -24,7 +24,6 @@ import cProfile
 import pstats
 import statistics
 import sys
-import time
 from collections import defaultdict
 
 import torch
@@ -33,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 import sharq
 from bench_gemm import save  # benchmarks/, beside this script
 from bench_model import llama_8b_shaped
+from timing import timed_steps
 from sharq._format import format_table
 from sharq.generate import DecodeSession
 
@@ -43,24 +43,6 @@ def python_functions(profiler: cProfile.Profile, steps: int, top: int) -> list[d
     return [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "own_us": own * 1e6 / steps,
              "cumulative_us": cumulative * 1e6 / steps, "calls": calls / steps}
             for (file, line, name), (_, calls, own, cumulative, _) in rows]
-
-
-def timed_steps(session: DecodeSession, token: torch.Tensor, steps: int
-                ) -> tuple[torch.Tensor, list[float], list[float]]:
-    """`steps` greedy decode steps, each from an idle GPU: (the last token, CUDA-event ms of each step, the host's
-    wall ms in each step() until its last launch returned: where that is the step's time, the step is host-bound)."""
-    times, host_times = [], []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        began = time.perf_counter()
-        logits = session.step(token)
-        host_times.append((time.perf_counter() - began) * 1e3)
-        token = logits.argmax(-1)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return token, times, host_times
 
 
 @torch.no_grad()

@@ -1,6 +1,8 @@
-"""CUDA-event timing and the test inputs shared by the benchmark scripts."""
+"""CUDA-event timing (of calls, and of decode steps) and the test inputs shared by the benchmark scripts."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -18,6 +20,24 @@ def median_ms(fn, reps: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def timed_steps(session, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[float], list[float]]:
+    """`steps` greedy decode steps of a sharq.generate.DecodeSession, each from an idle GPU: (the last token,
+    CUDA-event ms of each step, the host's wall ms in each step() until its last launch returned: where that is the
+    step's time, the step is host-bound)."""
+    times, host_times = [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        began = time.perf_counter()
+        logits = session.step(token)
+        host_times.append((time.perf_counter() - began) * 1e3)
+        token = logits.argmax(-1)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return token, times, host_times
 
 
 def outlier_x(m: int, k: int, seed: int = 0) -> torch.Tensor:
