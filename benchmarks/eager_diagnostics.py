@@ -1,16 +1,23 @@
 """Why an eager decode step is slower than BF16's: the checks behind docs/PERF.md's eager bullet (thirty-fourth run).
 
-    python benchmarks/eager_diagnostics.py
+    python benchmarks/eager_diagnostics.py [--alternate ROUNDS] [--batches 1,8,32]
 
 On the Llama-3.1-8B-shaped model (random weights, batch 1, a 16-token prompt, DecodeSession(cuda_graph=False)),
 BF16 and then the same model quantized by sharq, each: the step's time by CUDA events (each step from an idle GPU)
 and the host's wall time in step() (min / median / max over 12 steps), with Python's garbage collector on and off;
 the synchronizing operations in one step (torch.cuda.set_sync_debug_mode("warn") warns at each); and the host's
 wall time a step inside each kind of module (timing hooks on them, which add their own cost to every module).
+
+With --alternate ROUNDS, BF16 and a sharq copy of it are both held on the GPU (about 22 GB) and their eager steps
+are timed in turn, ROUNDS rounds at each batch size (which goes first alternating), so the ratio of each round
+compares two models under the same process's host speed: eager steps are host-bound, and a process's host speed
+was seen to vary by as much as the gap between the two (docs/PERF.md).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import gc
 import statistics
 import sys
@@ -75,12 +82,54 @@ def run(model, label: str, steps: int = 12) -> None:
           + ", ".join(f"{k} {v * 1e3 / n:.2f}" for k, v in sorted(inside.items())), flush=True)
 
 
+@torch.no_grad()
+def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps: int = 8) -> None:
+    """Eager steps of each model in turn, `rounds` rounds of `steps` steps: each round's median ms a step and host
+    wall ms in step(), and the first model's step time over each other's (its speed-up) in that round."""
+    names = list(models)
+    sessions, tokens = {}, {}
+    for name, model in models.items():
+        ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
+                            generator=torch.Generator(device="cuda").manual_seed(0))
+        sessions[name] = DecodeSession(model, batch, 16 + (rounds + 1) * steps + 4, cuda_graph=False)
+        token = sessions[name].prefill(ids).argmax(-1)
+        for _ in range(2):  # warm-up: kernels compiled, launch plans made
+            token = sessions[name].step(token).argmax(-1)
+        tokens[name] = token
+    torch.cuda.synchronize()
+    ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
+    for r in range(rounds):
+        step_ms, host_ms = {}, {}
+        for name in names if r % 2 == 0 else names[::-1]:
+            tokens[name], times, host = timed_steps(sessions[name], tokens[name], steps)
+            step_ms[name], host_ms[name] = statistics.median(times), statistics.median(host)
+        for n in names[1:]:
+            ratios[n].append(step_ms[names[0]] / step_ms[n])
+        print(f"batch {batch:2d} round {r}: " + "  ".join(f"{n} {step_ms[n]:.2f} ms (host {host_ms[n]:.2f})"
+                                                        for n in names)
+              + "  " + "  ".join(f"{n} {ratios[n][-1]:.3f}x" for n in names[1:]), flush=True)
+    for n in names[1:]:
+        v = ratios[n]
+        print(f"batch {batch:2d} {n} over {names[0]}: median {statistics.median(v):.3f}x, min {min(v):.3f}, "
+              f"max {max(v):.3f} over {rounds} rounds", flush=True)
+
+
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                   help="time BF16 and sharq in turn, in one process, this many rounds (0: the diagnostics)")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes for --alternate")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         print("eager_diagnostics needs a CUDA GPU", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     model = llama_8b_shaped(32)
+    if args.alternate:
+        quantized = sharq.quantize_model(copy.deepcopy(model), "sharq")
+        for batch in [int(b) for b in args.batches.split(",")]:
+            alternate({"bf16": model, "sharq": quantized}, batch, args.alternate)
+        return 0
     run(model, "bf16")
     sharq.quantize_model(model, "sharq")
     run(model, "sharq")
