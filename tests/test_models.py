@@ -219,6 +219,30 @@ def test_a_deep_copy_shares_within_its_own_blocks(monkeypatch, rng):
     assert len(calls) == 2 * 4
 
 
+def test_a_block_opens_its_shared_activation_around_its_forward_without_hooks(rng):
+    """The blocks whose linears share an input (attention, MLP) get SharedBlockForward as their forward, not
+    forward hooks (which send every call down nn.Module's slower path): the shared activation is open during the
+    call and closed after it, also when the forward raises."""
+    model = sharq.quantize_model(tiny("llama"), "sharq")
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.forward, snn.SharedBlockForward)
+    assert not attention._forward_hooks and not attention._forward_pre_hooks
+    shared = attention.q_proj.shared
+    seen = []
+    hooks = [attention.q_proj.register_forward_pre_hook(lambda *_: seen.append(shared._open))]
+    ids = torch.randint(0, 96, (1, 5), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+        assert seen == [True] and not shared._open and shared._x is None
+        hooks.append(attention.o_proj.register_forward_pre_hook(lambda *_: 1 / 0))  # a member ran, then it raises
+        with pytest.raises(ZeroDivisionError):
+            model(ids)
+        assert not shared._open and shared._x is None and shared._act is None
+        for hook in hooks:
+            hook.remove()
+        assert torch.equal(model(ids).logits, want)
+
+
 def test_unknown_architecture_and_override():
     class Block(nn.Module):
         def __init__(self):
@@ -413,7 +437,8 @@ def _everything(model: nn.Module) -> dict:
         return str(t.device), t.dtype, tuple(t.shape), data
 
     return {
-        "modules": [(n, type(m), len(m._forward_hooks), len(m._forward_pre_hooks)) for n, m in model.named_modules()],
+        "modules": [(n, type(m), len(m._forward_hooks), len(m._forward_pre_hooks), m.__dict__.get("forward"))
+                    for n, m in model.named_modules()],
         "config": model.config.to_json_string(),
         "attributes": {a: getattr(model, a, None) for a in ("sharq_quantization", "hf_quantizer")},
         "state": {n: tensor(t) for n, t in model.state_dict().items()},

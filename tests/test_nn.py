@@ -358,24 +358,24 @@ def test_layers_that_read_one_input_prepare_it_once_and_multiply_in_one_group_la
     x = torch.randn(2, 16)
 
     def block(order, x):
-        shared.open(None, ())
+        shared.open()
         try:
             return {i: shared.output(layers[i], x, layers[i].eager_plan(x)) for i in order}
         finally:
-            shared.close(None, (), None)
+            shared.close()
 
     for order in ([0, 1, 2], [2, 0, 1]):
         ys = block(order, x)
         assert all(torch.equal(ys[i], x @ ws[i].T) for i in range(3))
     assert counts == ({"prepare": 2, "matmul": 0, "group": 2, "plans": 1} if grouped
                       else {"prepare": 2, "matmul": 6, "group": 0, "plans": 0})
-    shared.open(None, ())
+    shared.open()
     y0 = shared.output(layers[0], x, layers[0].eager_plan(x))
     x.mul_(2)  # written in place between members: not served from before
     assert torch.equal(shared.output(layers[1], x, layers[1].eager_plan(x)), x @ ws[1].T)
     x2 = torch.randn(2, 16)  # another tensor: prepared again
     assert torch.equal(shared.output(layers[2], x2, layers[2].eager_plan(x2)), x2 @ ws[2].T)
-    shared.close(None, (), None)
+    shared.close()
     assert torch.equal(y0, x @ ws[0].T / 2)
     before = dict(counts)
     assert torch.equal(shared.output(layers[1], x, layers[1].eager_plan(x)), x @ ws[1].T)  # outside a block call
@@ -401,8 +401,8 @@ def test_a_quantized_llama_launches_q_k_v_and_gate_up_as_one_group_each(tokens, 
     launches = []
     group_run = cuda_gemm._group_run
 
-    def counted(plan, *args):  # a group plan's launches, counted as they run
-        run = group_run(plan, *args)
+    def counted(plan, *args, **kwargs):  # a group plan's launches, counted as they run
+        run = group_run(plan, *args, **kwargs)
         return lambda a, sx: launches.append(len(plan.blocks)) or run(a, sx)
 
     monkeypatch.setattr(cuda_gemm, "_group_run", counted)

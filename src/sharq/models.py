@@ -18,7 +18,7 @@ from torch import nn
 
 from ._format import plural
 from .functional import check_backend, resolve_backend
-from .nn import SharedActivation, SharQExperts, SharQLinear, check_channel_stats
+from .nn import SharedActivation, SharedBlockForward, SharQExperts, SharQLinear, check_channel_stats
 from .quant import as_rows
 from .recipes import Recipe, get_recipe
 
@@ -239,8 +239,7 @@ def quantize_model(
         restore()
         raise
     for block, shared in blocks:
-        block.register_forward_pre_hook(shared.open)
-        block.register_forward_hook(shared.close, always_call=True)
+        block.forward = SharedBlockForward(block, shared, block.__dict__.get("forward"))
     model.sharq_quantization = {
         "recipe": r.to_dict(),
         "target_modules": list(target_modules) if target_modules is not None else None,

@@ -34,12 +34,13 @@ class SharedActivation:
     multiply it with all their weights in one launch: the first member called computes every member's output and
     the others take theirs.
 
-    quantize_model hooks `open` and `close` around the block's forward. In between, a member given the very tensor
-    an earlier member prepared (same object, unchanged version) reuses that activation (or its output). Outside a
-    block call (a layer run on its own) every layer prepares its own input; under torch.compile the members of a
-    group with a group plan hand over their outputs in the trace (compiled_output), the others each prepare their
-    own (each by one op running its eager plan, where its backend has them: SharQLinear.plannable). Nothing outlives the block call,
-    so a later write to the tensor, even one that bypasses autograd's version counter, can never be missed."""
+    quantize_model opens and closes it around the block's forward (SharedBlockForward). In between, a member given
+    the very tensor an earlier member prepared (same object, unchanged version) reuses that activation (or its
+    output). Outside a block call (a layer run on its own) every layer prepares its own input; under torch.compile
+    the members of a group with a group plan hand over their outputs in the trace (compiled_output), the others each
+    prepare their own (each by one op running its eager plan, where its backend has them: SharQLinear.plannable).
+    Nothing outlives the block call, so a later write to the tensor, even one that bypasses autograd's version
+    counter, can never be missed."""
 
     def __init__(self, members: int) -> None:
         self.members = members
@@ -66,13 +67,13 @@ class SharedActivation:
         self._outputs: dict[int, torch.Tensor] = {}  # a member's group_position -> its output from the group launch
         self._served = 0
 
-    def open(self, _block: nn.Module, _args) -> None:
-        """The block's forward pre-hook."""
+    def open(self) -> None:
+        """A call of the block begins."""
         self._open = True
         self._clear()
 
-    def close(self, _block: nn.Module, _args, _output) -> None:
-        """The block's forward hook (always called, also when the forward raises)."""
+    def close(self) -> None:
+        """A call of the block ended (also when its forward raised)."""
         self._open = False
         self._clear()
 
@@ -186,6 +187,27 @@ class SharedActivation:
         y = self._outputs[layer.group_position]
         self._release_if_done()
         return y
+
+
+class SharedBlockForward:
+    """A block's forward with its SharedActivation open around each call: what quantize_model sets as the block's
+    `forward` attribute, which nn.Module's call takes in place of the class's forward. Forward hooks did the same,
+    but a module with any hook takes nn.Module's slower call path: on an H100 the 64 blocks of an 8B-shaped model
+    cost 0.8-1.1 ms more host time an eager decode step with no-op hooks than without (docs/PERF.md). `inner` is a
+    forward the block had as an attribute before (an accelerate hook's), else the class's is called."""
+
+    def __init__(self, block: nn.Module, shared: SharedActivation, inner: Callable | None = None) -> None:
+        self.block, self.shared, self.inner = block, shared, inner
+
+    def __call__(self, *args, **kwargs):
+        shared = self.shared
+        shared.open()
+        try:
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(self.block).forward(self.block, *args, **kwargs)
+        finally:
+            shared.close()
 
 
 def check_channel_stats(stats: torch.Tensor, in_features: int, name: str) -> None:
