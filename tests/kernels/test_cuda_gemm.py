@@ -5,6 +5,7 @@ stand in for are checked there; their sources compile there)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -494,3 +495,41 @@ def test_a_layers_output_does_not_depend_on_the_batch_where_groups_come_and_go(k
     want = outputs(top)
     for m in (m for m in (1, 2, 8, 9, 16, 17, 23) if m < top):
         assert all(torch.equal(y, w[:m]) for y, w in zip(outputs(m), want)), m
+
+
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_plans_fixed_launches_read_each_calls_input_and_write_its_own_output(m, bias):
+    """A launch plan's launches are fixed after a thread's first call on a stream (launch.DriverKernel.fixed): a
+    later call, with other activation and scale tensors, still computes its own product into a fresh output, bit
+    for bit the one-off launch's, one layer or a group, on a side stream and from another thread alike."""
+    k, ns = 1024, (512, 128, 128)
+    qs = [_payload(n, k, 16, 70 + i + m) for i, n in enumerate(ns)]
+    sws = [torch.rand(1, device="cuda") + 0.5 for _ in ns]
+    biases = [torch.randn(n, device="cuda").to(torch.bfloat16) if bias else None for n in ns]
+    weights = [(q.codes, q.scales, sw) for q, sw in zip(qs, sws)]
+    one = cuda_gemm.launcher(qs[0].codes, qs[0].scales, "nvfp4", 16, sws[0], biases[0], (m,), True, torch.bfloat16)
+    group = cuda_gemm.group_launcher(weights, biases, "nvfp4", 16, (m,), True, torch.bfloat16)
+    assert one is not None and group is not None
+    calls = [(_x(m, k, 80 + i), torch.rand(m, 1, device="cuda") + 0.5) for i in range(4)]
+    wants = [(cuda_gemm.nvfp4_mma(a, qs[0].codes, qs[0].scales, 16, sx, sws[0], biases[0], torch.bfloat16),
+              cuda_gemm.nvfp4_mma_group(a, weights, biases, 16, sx, torch.bfloat16)) for a, sx in calls]
+
+    def check(results):
+        for (y, ys), (want, group_want) in zip(results, wants):
+            assert torch.equal(y, want) and all(torch.equal(g, w) for g, w in zip(ys, group_want))
+
+    def run_all():
+        return [(one(a, sx), group(a, sx)) for a, sx in calls]
+
+    check(run_all())
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        on_side = run_all()
+    side.synchronize()
+    check(on_side)
+    from_thread = []
+    worker = threading.Thread(target=lambda: from_thread.append(run_all()) or torch.cuda.synchronize())
+    worker.start()
+    worker.join()
+    check(from_thread[0])

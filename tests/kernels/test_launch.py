@@ -29,9 +29,9 @@ def test_a_launch_hook_sends_launches_through_triton(monkeypatch):
     """A profiler's launch hook must see every launch, so the direct path steps aside while one is installed."""
     if launch._RUNTIME is None:
         pytest.skip("this Triton has no launch hooks (every launch takes Triton's path)")
-    assert not launch._hooks_set()
+    assert not launch.launch_hooks_set()
     monkeypatch.setattr(launch._RUNTIME, "launch_enter_hook", lambda *args: None)
-    assert launch._hooks_set()
+    assert launch.launch_hooks_set()
 
 
 def test_the_key_tells_apart_what_a_specialization_depends_on():
@@ -119,6 +119,35 @@ def test_a_direct_launch_hands_the_driver_each_argument_in_its_parameter_slot(mo
         direct((4, 2, 1), 99, (a, -n, 1, b, c, 1 << 30))
         assert seen[-1] == ((7, 4, 2, 1, 128, 1, 1, 4096, 99, None),
                             [a.data_ptr(), -n, b.data_ptr(), c.data_ptr(), 1 << 30, 0])
+
+
+def test_a_fixed_launch_hands_the_driver_its_arguments_with_the_passed_pointers_in_their_slots(monkeypatch):
+    """DriverKernel.fixed (through _TritonDirect.fixed, read back by a stand-in driver): each call hands the
+    driver the fixed grid, block, shared bytes, stream and arguments, with the pointers it passes in the slots of
+    the arguments named varying, call after call; other slots keep what the first call had. A varying argument
+    that is not a pointer parameter has no fixed launch."""
+    seen = []
+
+    def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+        values = [ctypes.cast(slots[j], ctypes.POINTER(ctypes.c_uint64 if k == "p" else ctypes.c_int32))[0]
+                  for j, k in enumerate("pipp" + "ip")]
+        seen.append(((handle, gx, gy, gz, bx, by, bz, shared, stream, extra), values))
+        return 0
+
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
+    driver = type("Driver", (), {"cuLaunchKernel": proto(fake_launch)})()
+    monkeypatch.setattr(launch, "_driver", lambda: driver)
+    direct = launch._TritonDirect(launch.DriverKernel(7, "pipp" + "ip"), (128, 1, 1), 4096, (0, 3, 4), (1, 5), 1)
+    a, b, c = torch.empty(3), torch.empty(6), torch.empty(1)
+    assert direct.fixed((4, 2, 1), 99, (a, -3, 1, b, c, 1 << 30), (1,)) is None  # args[1] is an int
+    run = direct.fixed((4, 2, 1), 99, (a, -3, 1, b, c, 1 << 30), (4, 0))
+    for n in (5, 2):
+        x, y = torch.empty(n), torch.empty(2 * n)
+        run(y.data_ptr(), x.data_ptr())
+        assert seen[-1] == ((7, 4, 2, 1, 128, 1, 1, 4096, 99, None),
+                            [x.data_ptr(), -3, b.data_ptr(), y.data_ptr(), 1 << 30, 0])
+    assert len(seen) == 2
 
 
 def _expected(partials, sx, sw, bias, out_dtype):

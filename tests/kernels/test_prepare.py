@@ -178,6 +178,38 @@ def test_the_eager_launcher_takes_the_input_as_it_comes(name, granularity, lead,
     assert len(outputs) == 1  # launch.plan_buffers: the plan's tensors, rewritten by each call
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="launches are fixed on a GPU only (the interpreter takes Triton's)")
+@pytest.mark.parametrize("m,k", [(1, 4096), (8, 512)])
+def test_the_eager_launchers_fixed_launch_reads_each_calls_input_on_every_stream_and_thread(m, k, rng):
+    """After a thread's first call on a stream the eager prepare's launch is fixed (launch.DriverKernel.fixed),
+    x's pointer passed by each call: fresh inputs still give prepare_dequantized's bits, on the default stream, a
+    side stream and from another thread (on a stream of its own), each with its own tensors."""
+    import threading
+
+    recipe = sharq.get_recipe("sharq")
+    run = dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device(DEVICE))
+    xs = [outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE) * (i + 1) for i in range(4)]
+    wants = [prepare_dequantized(x, recipe, torch.bfloat16) for x in xs]
+
+    def calls() -> list:
+        out = [tuple(t.clone() for t in run(x)[:2]) for x in xs]
+        torch.cuda.current_stream().synchronize()
+        return out
+
+    side, from_thread = torch.cuda.Stream(), []
+    with torch.cuda.stream(side):
+        on_side = calls()
+    def in_thread():  # on a stream of its own: a fresh thread's first CUDA call makes the device's context current
+        with torch.cuda.stream(torch.cuda.Stream()):
+            from_thread.append(calls())
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    for got in (calls(), on_side, from_thread[0]):
+        assert all(torch.equal(v, wv) and torch.equal(s, ws) for (v, s), (wv, ws) in zip(got, wants))
+
+
 @pytest.mark.parametrize("name", ["sharq", "sharq-mxfp4", "nvfp4"])
 def test_kernel_non_finite_blocks_token_scale_and_ties(name, rng):
     x = torch.randint(-3, 4, (6, 64), generator=rng).float() * 0.5  # tie-heavy

@@ -59,7 +59,7 @@ import torch
 
 from . import cuda_wgmma
 from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
-from .launch import DriverKernel, plan_buffers
+from .launch import DriverKernel, FixedLaunches, plan_buffers
 
 _SOURCE = DEVICE_HELPERS + r"""
 struct Stage {
@@ -572,6 +572,12 @@ class _Launch:
             return torch.empty((self.splits, math.prod(shape[:-1]), shape[-1]), dtype=torch.float32, device=device)
         return torch.empty(shape, dtype=out_dtype, device=device)
 
+    def fixed(self, ptrs: tuple[int, ...], ints: tuple[int, ...], slots: tuple[int, ...]) -> Callable[..., None]:
+        """start's launch with the pointers at `slots` passed by each call, the rest fixed (DriverKernel.fixed), on
+        the current stream (its device current)."""
+        return self.kernel.fixed(self.grid, self.block, self.shared_bytes,
+                                 torch._C._cuda_getCurrentRawStream(self.device), ptrs, ints, slots)
+
     def start(self, ptrs: tuple[int, ...], ints: tuple[int, ...]) -> None:
         """cuLaunchKernel on the launch's device's current stream."""
         if self.device == torch.cuda.current_device():
@@ -741,7 +747,7 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return None
     if plan is None:
         return None
-    return _group_run(plan, weights, biases, lead, out_dtype, sx_rows and m > 1)
+    return _group_run(plan, weights, biases, lead, out_dtype, sx_rows and m > 1, planned=True)
 
 
 def bulk_group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -782,11 +788,13 @@ def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
     return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype, sx.numel() > 1)(a, sx)
 
 
-def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool
-               ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool,
+               planned: bool = False) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
     """(a, sx) -> [y per layer, each [*lead, N_i]] for activations a [M, K] (M = prod(lead), unit column stride)
     and sx fp32, contiguous ([M, 1] where `sx_row`, else [1, 1]): the group's pointers and sizes, which depend on
-    the weights alone, and its K-split epilogue worked out once."""
+    the weights alone, and its K-split epilogue worked out once. `planned` (a launch plan's, called again and
+    again with contiguous activations [M, K]): after its first call on a thread and stream, calls launch fixed
+    (launch.DriverKernel.fixed) with a, sx and the outputs passed."""
     from .epilogue import reduce_scale_and_bias_launcher
 
     launch, m, pad = plan.launch, math.prod(lead), GROUP_MAX - len(weights)
@@ -806,12 +814,27 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
              *[c.shape[0] for c, _, _ in weights], *[0] * pad)
     biased = [None if b is None else b.data_ptr() for b in biases]
 
+    n_out = len(weights)
+    y_at, a_at = 2 * GROUP_MAX, 5 * GROUP_MAX  # where the outputs' and a's pointers are among the parameters
+    unbiased = tuple(4 * GROUP_MAX + i for i, b in enumerate(biased) if b is None)  # sx's pointer in a bias's place
+    slots = (*range(y_at, y_at + n_out), a_at, a_at + 1, *unbiased)
+    fixed = FixedLaunches(launch.device) if planned else None
+
+    def ptrs(ys: list[torch.Tensor], a: torch.Tensor, sx_ptr: int) -> tuple[int, ...]:
+        return (*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
+                *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr)
+
     def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
         ys = outputs()
         sx_ptr = sx.data_ptr()
-        launch.start((*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
-                      *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr),
-                     (m, a.shape[1], a.stride(0), *sizes))
+        hit = None if fixed is None or torch._C._cuda_getDevice() != launch.device else fixed.get()
+        if hit is not None:
+            hit(*[y.data_ptr() for y in ys], a.data_ptr(), sx_ptr, *[sx_ptr] * len(unbiased))
+        else:
+            ints = (m, a.shape[1], a.stride(0), *sizes)
+            launch.start(ptrs(ys, a, sx_ptr), ints)
+            if fixed is not None and torch._C._cuda_getDevice() == launch.device:
+                fixed.put(launch.fixed(ptrs(ys, a, sx_ptr), ints, slots))
         return ys if epilogue is None else epilogue(ys, sx)  # with a K split: the layers' partials in one launch
 
     return run
@@ -850,11 +873,12 @@ def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torc
 
 
 def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: torch.Tensor,
-                bias: torch.Tensor | None, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool
-                ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                bias: torch.Tensor | None, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool,
+                planned: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(a, sx) -> y [*lead, N] for activations a [M, K] (M = prod(lead), unit column stride) and sx fp32,
     contiguous ([M, 1] where `sx_row`, else [1, 1]): the pointers that depend on the weight alone, and a K split's
-    epilogue, worked out once, so a call allocates y (with a K split, reuses its fp32 partials) and launches."""
+    epilogue, worked out once, so a call allocates y (with a K split, reuses its fp32 partials) and launches.
+    `planned`: as _group_run's."""
     from .epilogue import reduce_scale_and_bias_launcher
 
     n, m = codes.shape[0], math.prod(lead)
@@ -867,11 +891,21 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
         epilogue = reduce_scale_and_bias_launcher(plan.splits, [shape], [sw], [bias], sx_row, out_dtype,
                                                   codes.device)
 
+    slots = (2, 3, 4) if bias_ptr is not None else (2, 3, 4, 6)  # a, y, sx (and sx in the bias's place)
+    fixed = FixedLaunches(plan.device) if planned else None
+
     def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         y = output()
         sx_ptr = sx.data_ptr()
-        plan.start((*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr),
-                   (m, n, a.shape[1], a.stride(0), plan.chunks_per_split))
+        hit = None if fixed is None or torch._C._cuda_getDevice() != plan.device else fixed.get()
+        if hit is not None:
+            hit(a.data_ptr(), y.data_ptr(), sx_ptr, sx_ptr)  # a fourth value past the slots is left unused
+        else:
+            ptrs = (*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr)
+            ints = (m, n, a.shape[1], a.stride(0), plan.chunks_per_split)
+            plan.start(ptrs, ints)
+            if fixed is not None and torch._C._cuda_getDevice() == plan.device:
+                fixed.put(plan.fixed(ptrs, ints, slots))
         return y if epilogue is None else epilogue((y,), sx)[0]
 
     return run
@@ -893,7 +927,7 @@ def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw
                        None if bias is None else bias.dtype, sx_rows and m > 1, tile, placed)
     if plan is None:
         return None
-    return _single_run(plan, codes, scales, sw, bias, lead, out_dtype, sx_rows and m > 1)
+    return _single_run(plan, codes, scales, sw, bias, lead, out_dtype, sx_rows and m > 1, planned=True)
 
 
 def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,

@@ -15,6 +15,9 @@ library and builds ctypes objects for each argument on every call. Here:
 - `DriverKernel` launches a CUDA function (`CUfunction`) through `cuLaunchKernel`, its argument block built once
   per thread and refilled in place. The driver library is loaded with ctypes.PyDLL, which keeps the GIL over the
   few-µs call instead of releasing and re-taking it.
+- `DriverKernel.fixed` is a launch plan's launch once its scratch tensors exist: the argument block filled once per
+  thread and stream, each call writing only the pointers that change (its input, its output) before
+  cuLaunchKernel. `FixedLaunches` keeps them per thread and stream.
 - `plan_buffers` hands a plan the scratch tensors its kernels pass each other (an activation, K-split partials),
   made once per stream instead of allocated every call.
 """
@@ -42,12 +45,13 @@ T = TypeVar("T")
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # None before Triton 3.4: always Triton's path
 
 
-def _hooks_set() -> bool:
+def launch_hooks_set() -> bool:
     """Whether a launch hook is installed (a profiler): a callable, or a non-empty chain of them (newer Triton)."""
     if _RUNTIME is None:
         return True
-    return any(h is not None and getattr(h, "calls", True) for h in (_RUNTIME.launch_enter_hook,
-                                                                     _RUNTIME.launch_exit_hook))
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    return (enter is not None and bool(getattr(enter, "calls", True))
+            or leave is not None and bool(getattr(leave, "calls", True)))
 
 
 class Constexprs(dict):
@@ -102,7 +106,7 @@ def _key(fn, device: int, constexpr_key: tuple, args: Sequence) -> tuple:
 def launch_triton(fn, grid: Sequence[int], args: Sequence, constexprs: Constexprs) -> None:
     """fn[grid](*args, **constexprs) for a @triton.jit fn whose parameters are `args` (tensors, ints, floats,
     bools) followed by the constexprs named in `constexprs`."""
-    if INTERPRETED or _hooks_set():
+    if INTERPRETED or launch_hooks_set():
         fn[tuple(grid)](*args, **constexprs)
         return
     device = torch.cuda.current_device()
@@ -148,15 +152,23 @@ class TritonLaunch:
 
     def __call__(self, args: Sequence) -> None:
         direct = self._direct
-        if direct and self._device == torch.cuda.current_device() and not _hooks_set():
+        if direct and self._device == torch.cuda.current_device() and not launch_hooks_set():
             direct(self._grid3, torch._C._cuda_getCurrentRawStream(self._device), args)
             return
         launch_triton(self.fn, self.grid, args, self.constexprs)
-        if direct is None and not _hooks_set():  # resolved by that call (or an earlier one) where it can be
+        if direct is None and not launch_hooks_set():  # resolved by that call (or an earlier one) where it can be
             self._device = torch.cuda.current_device()
             hit = _compiled.get(_key(self.fn, self._device, self.constexprs.key, args))
             if hit is not None:
                 self._direct = hit[2] or False
+
+
+    def fixed(self, args: Sequence, stream: int, varying: Sequence[int]) -> Callable[..., None] | None:
+        """The launch of `args` on `stream` with all but the pointers args[i], i in `varying`, fixed (each call
+        passes those, in order: DriverKernel.fixed), once a bound call has resolved the kernel to the driver's
+        launch; else None."""
+        direct = self._direct
+        return direct.fixed(self._grid3, stream, args, varying) if direct else None
 
 
 def ptx_entry_params(ptx: str) -> int:
@@ -209,6 +221,16 @@ class _TritonDirect:
                        tuple(ptr_args), tuple(int_args), scratch)
         except Exception:  # noqa: BLE001 - another Triton's objects: its own launcher still works
             return None
+
+    def fixed(self, grid: tuple[int, int, int], stream: int, args: Sequence, varying: Sequence[int]
+              ) -> Callable[..., None] | None:
+        """DriverKernel.fixed for these arguments, args[i] for i in `varying` passed by each call (None where one
+        of them is not a pointer parameter)."""
+        if any(i not in self.ptr_args for i in varying):
+            return None
+        return self.kernel.fixed(grid, self.block, self.shared, stream,
+                                 [*map(_data_ptr, self._pick_ptrs(args)), *self.nulls], self._pick_ints(args),
+                                 [self.ptr_args.index(i) for i in varying])
 
     def __call__(self, grid: tuple[int, int, int], stream: int, args: Sequence) -> None:
         ptrs = list(map(_data_ptr, self._pick_ptrs(args)))
@@ -276,21 +298,49 @@ class DriverKernel:
         self._launch = _driver().cuLaunchKernel
         return self._launch
 
+    def _arrays(self) -> tuple:
+        """(pointer values, int values, the parameter array pointing into them in parameter order)."""
+        ptrs = (ctypes.c_void_p * self.params.count("p"))()
+        ints = (ctypes.c_int * self.params.count("i"))()
+        p0, i0, slots, n = ctypes.addressof(ptrs), ctypes.addressof(ints), [], {"p": 0, "i": 0}
+        for kind in self.params:
+            slots.append(p0 + 8 * n["p"] if kind == "p" else i0 + 4 * n["i"])
+            n[kind] += 1
+        return ptrs, ints, (ctypes.c_void_p * len(slots))(*slots)
+
     def _block(self):
         b = getattr(self._local, "block", None)
         if b is None:
-            ptrs = (ctypes.c_void_p * self.params.count("p"))()
-            ints = (ctypes.c_int * self.params.count("i"))()
-            p0, i0, slots, n = ctypes.addressof(ptrs), ctypes.addressof(ints), [], {"p": 0, "i": 0}
-            for kind in self.params:  # the parameter array points into the two value arrays, in parameter order
-                slots.append(p0 + 8 * n["p"] if kind == "p" else i0 + 4 * n["i"])
-                n[kind] += 1
-            params = (ctypes.c_void_p * len(slots))(*slots)
+            ptrs, ints, params = self._arrays()
             attr = _LaunchAttribute(_PROGRAMMATIC_STREAM_SERIALIZATION)
             attr.value[0] = 1  # programmaticStreamSerializationAllowed
             config = _LaunchConfig(attrs=ctypes.pointer(attr), n_attrs=1)
             b = self._local.block = (ptrs, ints, params, config, attr)
         return b
+
+    def fixed(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int, stream: int,
+              ptrs: Sequence[int], ints: Sequence[int], slots: Sequence[int]) -> Callable[..., None]:
+        """The launch __call__ makes of these arguments, with its argument block filled once: each call passes the
+        pointers ptrs[i], i in `slots`, in that order, and the rest stay. For one thread (the block is its own)
+        and `stream`. A programmatic kernel under a CUDA graph's capture takes __call__'s launch."""
+        ptr_values, int_values, params = self._arrays()
+        ptr_values[:], int_values[:] = ptrs, ints
+        launch = self._launch or self._bind()
+        call = (self.handle, *grid, *block, shared_bytes, stream, params, None)
+        programmatic, capturing = self.programmatic, torch._C._cuda_isCurrentStreamCapturing
+        slots = tuple(slots)
+
+        def run(*values: int) -> None:
+            for slot, value in zip(slots, values):
+                ptr_values[slot] = value
+            if programmatic and PROGRAMMATIC_LAUNCH and capturing():
+                self(grid, block, shared_bytes, stream, list(ptr_values), int_values)
+                return
+            err = launch(*call)
+            if err:
+                _raise(err)
+
+        return run
 
     def __call__(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int, stream: int,
                  ptrs: Sequence[int], ints: Sequence[int]) -> None:
@@ -307,6 +357,28 @@ class DriverKernel:
             err = launch(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_bytes, stream,
                          params, None)
         if err:
-            msg = ctypes.c_char_p()
-            _driver().cuGetErrorString(err, ctypes.byref(msg))
-            raise RuntimeError(f"cuLaunchKernel failed: {msg.value.decode() if msg.value else err}")
+            _raise(err)
+
+
+def _raise(err: int) -> None:
+    msg = ctypes.c_char_p()
+    _driver().cuGetErrorString(err, ctypes.byref(msg))
+    raise RuntimeError(f"cuLaunchKernel failed: {msg.value.decode() if msg.value else err}")
+
+
+class FixedLaunches:
+    """A launch plan's fixed launches (DriverKernel.fixed), one per thread and CUDA stream of its device, each
+    with what its caller keeps beside it (the scratch tensors it points to). `get()` is None until `put` gave the
+    current thread and stream one. Its caller launches them only while their device is current (the kernel is
+    that device's)."""
+
+    def __init__(self, device: int):
+        self.device = device
+        self._by_key: dict[tuple[int, int], object] = {}
+
+    def get(self):
+        return self._by_key.get((threading.get_ident(), torch._C._cuda_getCurrentRawStream(self.device)))
+
+    def put(self, value) -> None:
+        if len(self._by_key) < 64:  # a few threads and streams; a thread pool's churn keeps no more
+            self._by_key[(threading.get_ident(), torch._C._cuda_getCurrentRawStream(self.device))] = value

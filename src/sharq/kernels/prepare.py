@@ -33,7 +33,7 @@ path. Runs on CUDA, and on the CPU under TRITON_INTERPRET=1 (how CI checks it).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,7 +49,7 @@ from .. import masks
 from ..quant import NVFP4_TENSOR_DIVISOR, TENSOR_SCALE_FLOOR, QTensor
 from ..recipes import QActivation, Recipe
 from .common import INTERPRETED, NATIVE, cast_rne, div_ieee, require_cuda, round_bf16
-from .launch import Constexprs, TritonLaunch, plan_buffers
+from .launch import PLAN_BUFFER_BYTES, Constexprs, FixedLaunches, TritonLaunch, launch_hooks_set, plan_buffers
 
 _FMT = {"nvfp4": 0, "mxfp4": 1}
 _MASK = {None: 0, "pair-4:8": 1, "2:4": 2}
@@ -630,13 +630,47 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
                  _device(device), False, tiled)
     bound = _bound(plan)
     device = torch.device(device)
-    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device),
-                           2 * plan.rows * k + 4 * m, device.index or 0)
+    nbytes = 2 * plan.rows * k + 4 * m
+    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device), nbytes,
+                           device.index or 0)
+    # one launch whose every argument but x is the same call after call (kept outputs, no amax pass): fixed after
+    # a thread's first call on a stream, where the bound launch resolved to the driver's (else that call's None
+    # stays: the bound launch). Under a launch hook (a profiler) launches take Triton's path, which calls it.
+    index = device.index or 0
+    fixed = (FixedLaunches(index)
+             if not INTERPRETED and nbytes <= PLAN_BUFFER_BYTES and plan.amax_launch is None else None)
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-        return _run(plan if x.data_ptr() & 15 else bound, x, m, k, k, torch.bfloat16, False, None, outputs())
+        if x.data_ptr() & 15:
+            return _run(plan, x, m, k, k, torch.bfloat16, False, None, outputs())
+        if fixed is None or launch_hooks_set() or torch._C._cuda_getDevice() != index:
+            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs())
+        hit = fixed.get()
+        if hit is None:  # this thread's first call on this stream
+            recording = _Recording(bound.main_launch)
+            out, scale, parts = _run(replace(bound, main_launch=recording), x, m, k, k, torch.bfloat16, False,
+                                     None, outputs())
+            fixed.put((bound.main_launch.fixed(recording.args, torch._C._cuda_getCurrentRawStream(index), (0,)),
+                       out, scale))
+            return out, scale, parts
+        launch, out, scale = hit
+        if launch is None:
+            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs())
+        launch(x.data_ptr())
+        return out, scale, ()
 
     return run
+
+
+class _Recording:
+    """A launch that keeps the arguments of its call (the first call of a fixed launch's thread and stream)."""
+
+    def __init__(self, launch: TritonLaunch):
+        self.launch, self.args = launch, ()
+
+    def __call__(self, args: Sequence) -> None:
+        self.args = args
+        self.launch(args)
 
 
 def prepare_dequantized(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype = torch.float32,
