@@ -891,7 +891,8 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
         epilogue = reduce_scale_and_bias_launcher(plan.splits, [shape], [sw], [bias], sx_row, out_dtype,
                                                   codes.device)
 
-    slots = (2, 3, 4) if bias_ptr is not None else (2, 3, 4, 6)  # a, y, sx (and sx in the bias's place)
+    unbiased = bias_ptr is None
+    slots = (2, 3, 4, 6) if unbiased else (2, 3, 4)  # a, y, sx (and sx again in the bias's place)
     fixed = FixedLaunches(plan.device) if planned else None
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
@@ -899,7 +900,10 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
         sx_ptr = sx.data_ptr()
         hit = None if fixed is None or torch._C._cuda_getDevice() != plan.device else fixed.get()
         if hit is not None:
-            hit(a.data_ptr(), y.data_ptr(), sx_ptr, sx_ptr)  # a fourth value past the slots is left unused
+            if unbiased:
+                hit(a.data_ptr(), y.data_ptr(), sx_ptr, sx_ptr)
+            else:
+                hit(a.data_ptr(), y.data_ptr(), sx_ptr)
         else:
             ptrs = (*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr)
             ints = (m, n, a.shape[1], a.stride(0), plan.chunks_per_split)

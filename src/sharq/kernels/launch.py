@@ -162,7 +162,6 @@ class TritonLaunch:
             if hit is not None:
                 self._direct = hit[2] or False
 
-
     def fixed(self, args: Sequence, stream: int, varying: Sequence[int]) -> Callable[..., None] | None:
         """The launch of `args` on `stream` with all but the pointers args[i], i in `varying`, fixed (each call
         passes those, in order: DriverKernel.fixed), once a bound call has resolved the kernel to the driver's
@@ -376,9 +375,9 @@ class FixedLaunches:
         self.device = device
         self._by_key: dict[tuple[int, int], object] = {}
 
-    def get(self):
+    def get(self) -> object | None:
         return self._by_key.get((threading.get_ident(), torch._C._cuda_getCurrentRawStream(self.device)))
 
-    def put(self, value) -> None:
+    def put(self, value: object) -> None:
         if len(self._by_key) < 64:  # a few threads and streams; a thread pool's churn keeps no more
             self._by_key[(threading.get_ident(), torch._C._cuda_getCurrentRawStream(self.device))] = value
