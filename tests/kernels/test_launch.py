@@ -95,23 +95,29 @@ def test_driver_kernel_parameters_are_pointers_and_ints():
         launch.DriverKernel(0, "ppf")
 
 
-def test_a_direct_launch_hands_the_driver_each_argument_in_its_parameter_slot(monkeypatch):
-    """What cuLaunchKernel receives (read back by a stand-in driver, no GPU needed): the grid, block, shared bytes
-    and stream as given, and a parameter array whose slots point at the call's pointers (a tensor's data_ptr, then
-    the null scratch pointers Triton appends) and 32-bit ints, in the kernel's parameter order, call after call."""
+def _stand_in_driver(monkeypatch) -> list:
+    """A driver whose cuLaunchKernel records (its scalar arguments, the values the parameter array points at) for
+    the kernel DriverKernel(7, "pipp" + "ip") (scratch pointer last), returning success: no GPU needed."""
     seen = []
 
     def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
-        kinds = "pipp" + "ip"  # the parameters of the direct launch below, scratch pointer last
         values = [ctypes.cast(slots[j], ctypes.POINTER(ctypes.c_uint64 if k == "p" else ctypes.c_int32))[0]
-                  for j, k in enumerate(kinds)]
+                  for j, k in enumerate("pipp" + "ip")]
         seen.append(((handle, gx, gy, gz, bx, by, bz, shared, stream, extra), values))
         return 0
 
     proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
     driver = type("Driver", (), {"cuLaunchKernel": proto(fake_launch)})()
     monkeypatch.setattr(launch, "_driver", lambda: driver)
+    return seen
+
+
+def test_a_direct_launch_hands_the_driver_each_argument_in_its_parameter_slot(monkeypatch):
+    """What cuLaunchKernel receives (read back by a stand-in driver, no GPU needed): the grid, block, shared bytes
+    and stream as given, and a parameter array whose slots point at the call's pointers (a tensor's data_ptr, then
+    the null scratch pointers Triton appends) and 32-bit ints, in the kernel's parameter order, call after call."""
+    seen = _stand_in_driver(monkeypatch)
     # args as a kernel's call gives them: two tensors, ints (one the specialization dropped), a third tensor
     direct = launch._TritonDirect(launch.DriverKernel(7, "pipp" + "ip"), (128, 1, 1), 4096, (0, 3, 4), (1, 5), 1)
     for n in (3, 5):
@@ -126,18 +132,7 @@ def test_a_fixed_launch_hands_the_driver_its_arguments_with_the_passed_pointers_
     driver the fixed grid, block, shared bytes, stream and arguments, with the pointers it passes in the slots of
     the arguments named varying, call after call; other slots keep what the first call had. A varying argument
     that is not a pointer parameter has no fixed launch."""
-    seen = []
-
-    def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
-        values = [ctypes.cast(slots[j], ctypes.POINTER(ctypes.c_uint64 if k == "p" else ctypes.c_int32))[0]
-                  for j, k in enumerate("pipp" + "ip")]
-        seen.append(((handle, gx, gy, gz, bx, by, bz, shared, stream, extra), values))
-        return 0
-
-    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
-    driver = type("Driver", (), {"cuLaunchKernel": proto(fake_launch)})()
-    monkeypatch.setattr(launch, "_driver", lambda: driver)
+    seen = _stand_in_driver(monkeypatch)
     direct = launch._TritonDirect(launch.DriverKernel(7, "pipp" + "ip"), (128, 1, 1), 4096, (0, 3, 4), (1, 5), 1)
     a, b, c = torch.empty(3), torch.empty(6), torch.empty(1)
     assert direct.fixed((4, 2, 1), 99, (a, -3, 1, b, c, 1 << 30), (1,)) is None  # args[1] is an int
