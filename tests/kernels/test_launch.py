@@ -95,15 +95,16 @@ def test_driver_kernel_parameters_are_pointers_and_ints():
         launch.DriverKernel(0, "ppf")
 
 
-def _stand_in_driver(monkeypatch) -> list:
+def _stand_in_driver(monkeypatch, params: str = "pipp" + "ip") -> list:
     """A driver whose cuLaunchKernel records (its scalar arguments, the values the parameter array points at) for
-    the kernel DriverKernel(7, "pipp" + "ip") (scratch pointer last), returning success: no GPU needed."""
+    a kernel of these parameters (by default the direct launches' below, scratch pointer last), returning success:
+    no GPU needed."""
     seen = []
 
-    def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        slots = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
+    def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params_array, extra):
+        slots = ctypes.cast(params_array, ctypes.POINTER(ctypes.c_void_p))
         values = [ctypes.cast(slots[j], ctypes.POINTER(ctypes.c_uint64 if k == "p" else ctypes.c_int32))[0]
-                  for j, k in enumerate("pipp" + "ip")]
+                  for j, k in enumerate(params)]
         seen.append(((handle, gx, gy, gz, bx, by, bz, shared, stream, extra), values))
         return 0
 
@@ -143,6 +144,48 @@ def test_a_fixed_launch_hands_the_driver_its_arguments_with_the_passed_pointers_
         assert seen[-1] == ((7, 4, 2, 1, 128, 1, 1, 4096, 99, None),
                             [x.data_ptr(), -3, b.data_ptr(), y.data_ptr(), 1 << 30, 0])
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize("planned", [False, True])
+@pytest.mark.parametrize("biases", [(False, False, False), (True, False), (True, True, True)])
+def test_the_cuda_gemms_runs_hand_the_driver_each_calls_pointers_in_their_slots(planned, biases, monkeypatch):
+    """What the CUDA GEMM's runs (one layer, and a group of two or three) hand cuLaunchKernel, read back by a
+    stand-in driver with the CUDA runtime's queries stubbed (no GPU needed): the weights' pointers, then the
+    call's activation, outputs and scale, sx in place of a missing bias, in the kernels' parameter order, call
+    after call: the general launch, and a plan's launch fixed after its first call."""
+    for name, value in (("_cuda_getCurrentRawStream", lambda device: 0), ("_cuda_getDevice", lambda: 0),
+                        ("_cuda_isCurrentStreamCapturing", lambda: False)):
+        monkeypatch.setattr(torch._C, name, value, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    k, m, ns = 256, 2, (64, 16, 32)[: len(biases)]
+    weights = [(torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 16, dtype=torch.uint8), torch.ones(1))
+               for n in ns]
+    bs = [torch.ones(n) if b else None for n, b in zip(ns, biases)]
+
+    def gemm_launch(params):
+        return cuda_gemm._Launch(launch.DriverKernel(0, params), 0, (4, 1, 1), (128, 1, 1), 0, 1, 32)
+
+    seen = _stand_in_driver(monkeypatch, "p" * 7 + "i" * 5)
+    codes, scales, sw = weights[0]
+    one = cuda_gemm._single_run(gemm_launch("p" * 7 + "i" * 5), codes, scales, sw, bs[0], (m,), torch.bfloat16, True,
+                                planned=planned)
+    for _ in range(3):
+        a, sx = torch.randn(m, k), torch.rand(m, 1)
+        y = one(a, sx)
+        assert seen[-1][1] == [codes.data_ptr(), scales.data_ptr(), a.data_ptr(), y.data_ptr(), sx.data_ptr(),
+                               sw.data_ptr(), (bs[0] if biases[0] else sx).data_ptr(), m, ns[0], k, k, 32]
+    seen = _stand_in_driver(monkeypatch, "p" * 17 + "i" * 9)
+    plan = cuda_gemm._GroupLaunch(gemm_launch("p" * 17 + "i" * 9), tuple(n // 16 for n in ns))
+    group = cuda_gemm._group_run(plan, weights, bs, (m,), torch.bfloat16, True, planned=planned)
+    pad = [0] * (cuda_gemm.GROUP_MAX - len(ns))
+    for _ in range(3):
+        a, sx = torch.randn(m, k), torch.rand(m, 1)
+        ys = group(a, sx)
+        assert seen[-1][1][:17] == ([w[0].data_ptr() for w in weights] + pad + [w[1].data_ptr() for w in weights]
+                                    + pad + [y.data_ptr() for y in ys] + pad + [w[2].data_ptr() for w in weights]
+                                    + pad + [(b if b is not None else sx).data_ptr() for b in bs] + pad
+                                    + [a.data_ptr(), sx.data_ptr()])
+        assert seen[-1][1][17:20] == [m, k, k]
 
 
 def _expected(partials, sx, sw, bias, out_dtype):
