@@ -788,13 +788,36 @@ def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
     return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype, sx.numel() > 1)(a, sx)
 
 
+def _starter(launch: _Launch, template: tuple[int, ...], slots: tuple[int, ...],
+             ints: Callable[[torch.Tensor], tuple[int, ...]], planned: bool
+             ) -> Callable[[tuple[int, ...], torch.Tensor], None]:
+    """(values, a) -> launch.start of the pointers `template` with values[i] at slots[i] (a call's activation,
+    output and scale pointers) and the int arguments ints(a) of its activation a. `planned` (a launch plan's,
+    called again and again with contiguous activations of one shape, so the same ints): after the first call on a
+    thread and stream, calls launch fixed (launch.DriverKernel.fixed), passing the values alone."""
+    fixed = FixedLaunches(launch.device) if planned else None
+
+    def start(values: tuple[int, ...], a: torch.Tensor) -> None:
+        current = fixed is not None and torch._C._cuda_getDevice() == launch.device
+        hit = fixed.get() if current else None
+        if hit is not None:
+            hit(*values)
+            return
+        ptrs = list(template)
+        for slot, value in zip(slots, values):
+            ptrs[slot] = value
+        launch.start(ptrs, ints(a))
+        if current:
+            fixed.put(launch.fixed(ptrs, ints(a), slots))
+
+    return start
+
+
 def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_dtype: torch.dtype, sx_row: bool,
                planned: bool = False) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
     """(a, sx) -> [y per layer, each [*lead, N_i]] for activations a [M, K] (M = prod(lead), unit column stride)
     and sx fp32, contiguous ([M, 1] where `sx_row`, else [1, 1]): the group's pointers and sizes, which depend on
-    the weights alone, and its K-split epilogue worked out once. `planned` (a launch plan's, called again and
-    again with contiguous activations [M, K]): after its first call on a thread and stream, calls launch fixed
-    (launch.DriverKernel.fixed) with a, sx and the outputs passed."""
+    the weights alone, and its K-split epilogue worked out once. `planned`: the launch is a plan's (_starter)."""
     from .epilogue import reduce_scale_and_bias_launcher
 
     launch, m, pad = plan.launch, math.prod(lead), GROUP_MAX - len(weights)
@@ -814,27 +837,16 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
              *[c.shape[0] for c, _, _ in weights], *[0] * pad)
     biased = [None if b is None else b.data_ptr() for b in biases]
 
-    n_out = len(weights)
     y_at, a_at = 2 * GROUP_MAX, 5 * GROUP_MAX  # where the outputs' and a's pointers are among the parameters
     unbiased = tuple(4 * GROUP_MAX + i for i, b in enumerate(biased) if b is None)  # sx's pointer in a bias's place
-    slots = (*range(y_at, y_at + n_out), a_at, a_at + 1, *unbiased)
-    fixed = FixedLaunches(launch.device) if planned else None
-
-    def ptrs(ys: list[torch.Tensor], a: torch.Tensor, sx_ptr: int) -> tuple[int, ...]:
-        return (*codes, *scales, *[y.data_ptr() for y in ys], *[0] * pad, *sws,
-                *[sx_ptr if b is None else b for b in biased], *[0] * pad, a.data_ptr(), sx_ptr)
+    template = (*codes, *scales, *[0] * GROUP_MAX, *sws, *[b or 0 for b in biased], *[0] * pad, 0, 0)
+    start = _starter(launch, template, (*range(y_at, y_at + len(weights)), a_at, a_at + 1, *unbiased),
+                     lambda a: (m, a.shape[1], a.stride(0), *sizes), planned)
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
         ys = outputs()
         sx_ptr = sx.data_ptr()
-        hit = None if fixed is None or torch._C._cuda_getDevice() != launch.device else fixed.get()
-        if hit is not None:
-            hit(*[y.data_ptr() for y in ys], a.data_ptr(), sx_ptr, *[sx_ptr] * len(unbiased))
-        else:
-            ints = (m, a.shape[1], a.stride(0), *sizes)
-            launch.start(ptrs(ys, a, sx_ptr), ints)
-            if fixed is not None and torch._C._cuda_getDevice() == launch.device:
-                fixed.put(launch.fixed(ptrs(ys, a, sx_ptr), ints, slots))
+        start((*[y.data_ptr() for y in ys], a.data_ptr(), sx_ptr, *[sx_ptr] * len(unbiased)), a)
         return ys if epilogue is None else epilogue(ys, sx)  # with a K split: the layers' partials in one launch
 
     return run
@@ -878,7 +890,7 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
     """(a, sx) -> y [*lead, N] for activations a [M, K] (M = prod(lead), unit column stride) and sx fp32,
     contiguous ([M, 1] where `sx_row`, else [1, 1]): the pointers that depend on the weight alone, and a K split's
     epilogue, worked out once, so a call allocates y (with a K split, reuses its fp32 partials) and launches.
-    `planned`: as _group_run's."""
+    `planned`: the launch is a plan's (_starter)."""
     from .epilogue import reduce_scale_and_bias_launcher
 
     n, m = codes.shape[0], math.prod(lead)
@@ -892,24 +904,14 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
                                                   codes.device)
 
     unbiased = bias_ptr is None
-    slots = (2, 3, 4, 6) if unbiased else (2, 3, 4)  # a, y, sx (and sx again in the bias's place)
-    fixed = FixedLaunches(plan.device) if planned else None
+    # a, y, sx (and sx again in the bias's place) are the call's
+    start = _starter(plan, (*weight, 0, 0, 0, sw_ptr, bias_ptr or 0), (2, 3, 4, 6) if unbiased else (2, 3, 4),
+                     lambda a: (m, n, a.shape[1], a.stride(0), plan.chunks_per_split), planned)
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         y = output()
         sx_ptr = sx.data_ptr()
-        hit = None if fixed is None or torch._C._cuda_getDevice() != plan.device else fixed.get()
-        if hit is not None:
-            if unbiased:
-                hit(a.data_ptr(), y.data_ptr(), sx_ptr, sx_ptr)
-            else:
-                hit(a.data_ptr(), y.data_ptr(), sx_ptr)
-        else:
-            ptrs = (*weight, a.data_ptr(), y.data_ptr(), sx_ptr, sw_ptr, sx_ptr if bias_ptr is None else bias_ptr)
-            ints = (m, n, a.shape[1], a.stride(0), plan.chunks_per_split)
-            plan.start(ptrs, ints)
-            if fixed is not None and torch._C._cuda_getDevice() == plan.device:
-                fixed.put(plan.fixed(ptrs, ints, slots))
+        start((a.data_ptr(), y.data_ptr(), sx_ptr, sx_ptr) if unbiased else (a.data_ptr(), y.data_ptr(), sx_ptr), a)
         return y if epilogue is None else epilogue((y,), sx)[0]
 
     return run
