@@ -28,8 +28,7 @@ import torch
 
 import sharq
 from bench_model import llama_8b_shaped  # benchmarks/, beside this script
-from sharq.generate import DecodeSession
-from timing import timed_steps
+from timing import timed_steps, warm_session
 
 MODULES = ("LlamaAttention", "LlamaMLP", "LlamaDecoderLayer", "LlamaRMSNorm", "SharQLinear", "Linear")
 
@@ -37,12 +36,7 @@ MODULES = ("LlamaAttention", "LlamaMLP", "LlamaDecoderLayer", "LlamaRMSNorm", "S
 @torch.no_grad()
 def run(model, label: str, steps: int = 12) -> None:
     """Print the step's diagnostics for `model` (see the module's docstring)."""
-    ids = torch.randint(0, model.config.vocab_size, (1, 16), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(0))
-    session = DecodeSession(model, 1, 16 + 4 * steps + 8, cuda_graph=False)
-    token = session.prefill(ids).argmax(-1)
-    for _ in range(2):  # warm-up: kernels compiled, launch plans made
-        token = session.step(token).argmax(-1)
+    session, token = warm_session(model, 1, 16 + 4 * steps + 8, cuda_graph=False)
     torch.cuda.synchronize()
     for mode in ("gc on", "gc off"):
         if mode == "gc off":
@@ -89,13 +83,7 @@ def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps
     names = list(models)
     sessions, tokens = {}, {}
     for name, model in models.items():
-        ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
-                            generator=torch.Generator(device="cuda").manual_seed(0))
-        sessions[name] = DecodeSession(model, batch, 16 + (rounds + 1) * steps + 4, cuda_graph=False)
-        token = sessions[name].prefill(ids).argmax(-1)
-        for _ in range(2):  # warm-up: kernels compiled, launch plans made
-            token = sessions[name].step(token).argmax(-1)
-        tokens[name] = token
+        sessions[name], tokens[name] = warm_session(model, batch, 16 + (rounds + 1) * steps + 4, cuda_graph=False)
     torch.cuda.synchronize()
     ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
     for r in range(rounds):

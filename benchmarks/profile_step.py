@@ -32,9 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 import sharq
 from bench_gemm import save  # benchmarks/, beside this script
 from bench_model import llama_8b_shaped
-from timing import timed_steps
+from timing import timed_steps, warm_session
 from sharq._format import format_table
-from sharq.generate import DecodeSession
 
 
 def python_functions(profiler: cProfile.Profile, steps: int, top: int) -> list[dict]:
@@ -51,13 +50,8 @@ def profile_steps(model, batch: int, steps: int, top: int, mode: str, python: bo
     operators' host ms, GPU busy ms and launches a step, the `top` kernels by GPU time and the `top` operators by
     self host time (µs a step, calls a step); with `python`, one more run under cProfile: the `top` Python
     functions by own time (µs a step, calls a step)."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device="cuda",
-                        generator=torch.Generator(device="cuda").manual_seed(0))
-    session = DecodeSession(model, batch, 16 + 3 * steps + 4, cuda_graph=mode != "eager",
-                            compile=mode == "compiled")
-    token = session.prefill(ids).argmax(-1)
-    for _ in range(2):  # warm-up: kernels compiled, launch plans made, the graph captured
-        token = session.step(token).argmax(-1)
+    session, token = warm_session(model, batch, 16 + 3 * steps + 4, cuda_graph=mode != "eager",
+                                  compile=mode == "compiled")
     token, times, host_times = timed_steps(session, token, steps)
     torch.cuda.synchronize()
 

@@ -6,6 +6,8 @@ import time
 
 import torch
 
+from sharq.generate import DecodeSession
+
 
 def median_ms(fn, reps: int = 20) -> float:
     """Median of `reps` CUDA-event timings of fn() (after one warm-up call), in ms."""
@@ -20,6 +22,19 @@ def median_ms(fn, reps: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def warm_session(model, batch: int, max_len: int, **options) -> tuple[DecodeSession, torch.Tensor]:
+    """A sharq.generate.DecodeSession of `model` (`options`: cuda_graph, compile) on `batch` rows of a seeded
+    random 16-token prompt, prefilled and stepped twice (kernels compiled, launch plans made, the graph captured):
+    (the session, its next token)."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), device=model.device,
+                        generator=torch.Generator(device=model.device).manual_seed(0))
+    session = DecodeSession(model, batch, max_len, **options)
+    token = session.prefill(ids).argmax(-1)
+    for _ in range(2):
+        token = session.step(token).argmax(-1)
+    return session, token
 
 
 def timed_steps(session, token: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[float], list[float]]:
