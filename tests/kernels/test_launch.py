@@ -295,6 +295,36 @@ def test_plan_buffers_are_made_once_a_stream_and_only_while_small():
     assert big() is not big() and len(made) == 3
 
 
+def test_plan_buffers_keep_nothing_while_make_gives_none():
+    """A `make` giving None (nothing to keep now, as an amax state inside a CUDA-graph capture) is asked again at
+    the next call, and what it then makes is kept."""
+    answers = [None, None, torch.empty(4)]
+    get = launch.plan_buffers(lambda: answers.pop(0), 16, torch.cuda.current_device() if torch.cuda.is_available()
+                              else 0)
+    assert get() is None and get() is None
+    kept = get()
+    assert kept is not None and get() is kept and not answers
+
+
+def test_plan_buffers_keep_up_to_the_devices_budget_while_their_plans_live(monkeypatch):
+    """The plans alive on a device keep at most PLAN_BUFFER_BUDGET bytes in all; beyond it a plan makes its tensors
+    each call, and a plan that is gone gives its share back."""
+    import gc
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    before = launch._kept_bytes.get(device, 0)
+    monkeypatch.setattr(launch, "PLAN_BUFFER_BUDGET", before + 100)
+    first = launch.plan_buffers(lambda: torch.empty(4), 60, device)
+    assert first() is first() and launch._kept_bytes[device] == before + 60
+    second = launch.plan_buffers(lambda: torch.empty(4), 60, device)
+    assert second() is not second()  # over the budget: made anew each call
+    del first
+    gc.collect()
+    assert launch._kept_bytes[device] == before
+    third = launch.plan_buffers(lambda: torch.empty(4), 60, device)
+    assert third() is third() and launch._kept_bytes[device] == before + 60
+
+
 @cuda
 def test_plan_buffers_give_each_stream_its_own_tensors():
     """Calls on another stream are not ordered after this stream's kernels, so they get tensors of their own."""

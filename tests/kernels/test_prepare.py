@@ -126,9 +126,64 @@ def test_the_amax_pass_on_bf16_bits(per_row, rng):
 
     x = bf16_patterns(rng, 14, 600)
     ref = sharq.quant.finite_amax(x, per_row).reshape(-1)
-    got = torch.zeros(len(ref), dtype=torch.int32, device=DEVICE)
+    got = torch.zeros(len(ref) if per_row else 3, dtype=torch.int32, device=DEVICE)  # the tensor's: its state too
     _amax_kernel[(2,) if per_row else (3,)](x.to(DEVICE), got, 14, 600, 600, PER_ROW=per_row, BM=8, BK=512)
-    assert torch.equal(got.cpu().view(torch.float32), ref)
+    assert torch.equal(got[:len(ref)].cpu().view(torch.float32), ref)
+
+
+def test_the_tensor_amax_pass_leaves_its_state_zeroed(rng):
+    """The tensor-wide pass leaves its two state words zero, so the next pass on the same words (a launch plan's,
+    kept from call to call) finds the next X's amax, a smaller one after a larger one too, for any program count."""
+    from sharq.kernels.prepare import _amax_kernel
+
+    words = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    for scale, programs in ((1e3, 3), (1.0, 5), (1e-2, 1), (7.0, 4)):
+        x = (torch.randn(21, 700, generator=rng) * scale).to(torch.bfloat16)
+        _amax_kernel[(programs,)](x.to(DEVICE), words, 21, 700, 700, PER_ROW=False, BM=8, BK=512)
+        assert torch.equal(words[:1].cpu().view(torch.float32), sharq.quant.finite_amax(x, False).reshape(-1))
+        assert words[1:].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_a_launcher_with_an_amax_pass_gives_each_call_its_own_scale(granularity, rng):
+    """Above SELF_AMAX_ELEMENTS a launch plan runs the amax pass, on a state it keeps (tensor-wide) or rows of its
+    own: call after call, a quieter X after a louder one, the reference's values and scale, in kept tensors."""
+    from sharq.kernels.prepare import SELF_AMAX_ELEMENTS
+
+    m, k = 17, 4096
+    assert m * k > SELF_AMAX_ELEMENTS
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    run = dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device(DEVICE))
+    outputs = set()
+    for loudness in (40.0, 0.5, 3.0):
+        x = (outlier_activations(rng, m, k) * loudness).to(torch.bfloat16)
+        values, scale, _ = run(x.to(DEVICE))
+        outputs.add((values.data_ptr(), scale.data_ptr()))
+        ref = recipe.prepare_activation(x)
+        assert torch.equal(scale.cpu(), ref.scale) and torch.equal(values.cpu(), ref.values.to(torch.bfloat16))
+    assert len(outputs) == 1
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_a_launcher_with_an_amax_pass_first_called_inside_a_capture_replays_right(rng):
+    """A launch plan whose first call on a stream is inside a CUDA-graph capture keeps no amax state there (its
+    zeroing would only be recorded): each graph makes its own at each replay. Two graphs captured on one stream,
+    replayed in either order, and eager calls between them give the reference."""
+    from sharq._cuda_graph import capture
+
+    m, k = 32, 4096
+    recipe = sharq.get_recipe("sharq")
+    xs = [(outlier_activations(rng, m, k) * s).to(torch.bfloat16).cuda() for s in (30.0, 0.25)]
+    refs = [recipe.prepare_activation(x.cpu()) for x in xs]
+    prepare_dequantized(xs[0], recipe, torch.bfloat16)  # the kernels compiled before any capture
+    run = dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device("cuda"))
+    graphs = [capture(lambda x=x: tuple(t.clone() for t in run(x)[:2]), torch.device("cuda")) for x in xs]
+    for i in (1, 0, 0, 1):
+        graphs[i][0].replay()
+        values, scale = graphs[i][1]
+        eager_values, eager_scale, _ = run(xs[1 - i])
+        for (v, s), ref in (((values, scale), refs[i]), ((eager_values, eager_scale), refs[1 - i])):
+            assert torch.equal(s.cpu(), ref.scale) and torch.equal(v.cpu(), ref.values.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("self_amax", [True, False])
@@ -179,14 +234,16 @@ def test_the_eager_launcher_takes_the_input_as_it_comes(name, granularity, lead,
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="launches are fixed on a GPU only (the interpreter takes Triton's)")
-@pytest.mark.parametrize("m,k", [(1, 4096), (8, 512)])
-def test_the_eager_launchers_fixed_launch_reads_each_calls_input_on_every_stream_and_thread(m, k, rng):
-    """After a thread's first call on a stream the eager prepare's launch is fixed (launch.DriverKernel.fixed),
-    x's pointer passed by each call: fresh inputs still give prepare_dequantized's bits, on the default stream, a
-    side stream and from another thread (on a stream of its own), each with its own tensors."""
+@pytest.mark.parametrize("m,k,granularity", [(1, 4096, "tensor"), (8, 512, "tensor"), (32, 4096, "tensor"),
+                                             (32, 4096, "token")])
+def test_the_eager_launchers_fixed_launch_reads_each_calls_input_on_every_stream_and_thread(m, k, granularity, rng):
+    """After a thread's first call on a stream the eager prepare's launches (with 32 × 4096, the amax pass too) are
+    fixed (launch.DriverKernel.fixed), x's pointer passed by each call: fresh inputs still give
+    prepare_dequantized's bits, on the default stream, a side stream and from another thread (on a stream of its
+    own), each with its own tensors."""
     import threading
 
-    recipe = sharq.get_recipe("sharq")
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
     run = dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device(DEVICE))
     xs = [outlier_activations(rng, m, k).to(torch.bfloat16).to(DEVICE) * (i + 1) for i in range(4)]
     wants = [prepare_dequantized(x, recipe, torch.bfloat16) for x in xs]

@@ -29,6 +29,7 @@ import functools
 import operator
 import re
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -69,31 +70,46 @@ def stream_key(device: int) -> int:
     return 0 if INTERPRETED else torch._C._cuda_getCurrentRawStream(device)
 
 
-PLAN_BUFFER_BYTES = 1 << 18  # plan_buffers keeps tensors up to this size (a token's activation, its partials)
+PLAN_BUFFER_BYTES = 1 << 20  # plan_buffers keeps a plan's tensors up to this size (32 tokens' activation at K = 14336)
+PLAN_BUFFER_BUDGET = 1 << 28  # and up to this much in all on a device (an 8B model's decode keeps 54 MB at batch 32)
+_kept_bytes: dict[int, int] = {}  # what the live plans keep, by device
 
 
-def plan_buffers(make: Callable[[], T], nbytes: int, device: int) -> Callable[[], T]:
+def plan_buffers(make: Callable[[], T | None], nbytes: int, device: int) -> Callable[[], T | None]:
     """A launch plan's scratch tensors (what its kernels write and read within one call: the activation between
-    the prepare and the GEMM, a K split's fp32 partials), `make`d at its first call on a CUDA stream and given
-    back to its later calls there. A later call's kernels queue behind this call's on that stream, so they
-    overwrite the tensors only once they have been read; a decode step, which calls each layer once a token,
-    spares an allocation (a few µs of host) per tensor per call. Tensors of more than PLAN_BUFFER_BYTES (`nbytes`
-    in all) are made anew each call, so the memory a model's plans keep stays small (prefill-sized plans keep
-    none). Streams are told apart by their handle (PyTorch's streams come from pools and are never destroyed);
-    CUDA graphs captured on one stream share the tensors made there, so such graphs are replayed one after
-    another (on one stream), as a decode loop does, not at once on several."""
+    the prepare and the GEMM, a K split's fp32 partials, the amax pass's words), `make`d at its first call on a
+    CUDA stream and given back to its later calls there. A later call's kernels queue behind this call's on that
+    stream, so they overwrite the tensors only once they have been read; a decode step, which calls each layer
+    once a token, spares an allocation (a few µs of host) per tensor per call. Tensors of more than
+    PLAN_BUFFER_BYTES (`nbytes` in all), or beyond PLAN_BUFFER_BUDGET kept on the device by the plans alive, are
+    made anew each call, so the memory a model's plans keep stays bounded (prefill-sized plans keep none; many
+    small shapes, e.g. an evaluation's batches, keep up to the budget). Streams are told apart by their handle
+    (PyTorch's streams come from pools and are never destroyed); CUDA graphs captured on one stream share the
+    tensors made there, so such graphs are replayed one after another (on one stream), as a decode loop does, not
+    at once on several. A `make` that gives None (nothing to keep on this stream now) is asked again at the next
+    call."""
     if nbytes > PLAN_BUFFER_BYTES:
         return make
     by_stream: dict[int, T] = {}
+    kept = [0]  # bytes this plan keeps, given back to the budget when the plan is gone
 
-    def get() -> T:
+    def get() -> T | None:
         stream = stream_key(device)
         buffers = by_stream.get(stream)
         if buffers is None:
-            buffers = by_stream[stream] = make()
+            buffers = make()
+            if buffers is not None and _kept_bytes.get(device, 0) + nbytes <= PLAN_BUFFER_BUDGET:
+                by_stream[stream] = buffers
+                kept[0] += nbytes
+                _kept_bytes[device] = _kept_bytes.get(device, 0) + nbytes
         return buffers
 
+    weakref.finalize(get, _give_back, device, kept)
     return get
+
+
+def _give_back(device: int, kept: list[int]) -> None:
+    _kept_bytes[device] -= kept[0]
 
 
 def _key(fn, device: int, constexpr_key: tuple, args: Sequence) -> tuple:

@@ -300,8 +300,11 @@ def _stage(x0, x1, x2, x3, x4, x5, x6, x7, amax, codes_ptr, scales_ptr, rows, pi
 
 @triton.jit
 def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """The finite max |x| as int32 bits: per row (one program per BM rows), or over the tensor (programs stride
-    over the tiles, then one atomic max each into a zeroed word)."""
+    """The finite max |x| as int32 bits: per row (one program per BM rows) into amax_ptr[:M], or over the tensor
+    into amax_ptr[0]. Over the tensor, programs stride over the tiles and meet in a state of two words,
+    amax_ptr[1:3], zero when the pass starts: each atomic-maxes its part into amax_ptr[1] and draws a ticket from
+    amax_ptr[2]; the program drawing the last moves the maximum to amax_ptr[0] and zeroes the state again, so a
+    state kept from call to call needs no zeroing launch of its own (one kernel and one allocation fewer a call)."""
     pid, nprog = tl.program_id(0), tl.num_programs(0)
     nk = tl.cdiv(K, BK)
     if PER_ROW:
@@ -318,7 +321,11 @@ def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl
         rows = pid * BM + tl.arange(0, BM)
         tl.store(amax_ptr + rows, _finite_max_bits(acc, 1), mask=rows < M)
     else:
-        tl.atomic_max(amax_ptr, tl.max(_finite_max_bits(acc, 1), axis=0))
+        tl.atomic_max(amax_ptr + 1, tl.max(_finite_max_bits(acc, 1), axis=0))
+        # acq_rel atomics: the last ticket's holder sees every program's maximum above
+        if tl.atomic_add(amax_ptr + 2, 1) == nprog - 1:
+            tl.store(amax_ptr, tl.atomic_xchg(amax_ptr + 1, 0))
+            tl.store(amax_ptr + 2, 0)
 
 
 @triton.jit
@@ -555,7 +562,7 @@ def _launch(x2d: torch.Tensor, recipe: Recipe, out_dtype: torch.dtype, packed: b
             tile: dict | None = None, self_amax: bool | None = None, amax: torch.Tensor | None = None,
             tiled: tuple[int, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """One call of the kernels. `self_amax` (default: X has at most SELF_AMAX_ELEMENTS) has every program of
-    _prepare_kernel find the tensor scale's amax itself, skipping the zeroing and the amax launches: at decode
+    _prepare_kernel find the tensor scale's amax itself, skipping the amax pass and its state: at decode
     sizes a launch costs more than re-reading a few KB of X from L2. A given `amax` (the whole input's, x2d a
     K-slice of it: Recipe.prepare_activation) takes the place of both."""
     require_cuda(x2d, "the triton backend", "use backend='reference' (or TRITON_INTERPRET=1 to run the kernel in "
@@ -584,11 +591,29 @@ def _outputs(plan: _Plan, m: int, k: int, out_dtype: torch.dtype, device: torch.
     return out, torch.ones(1, 1, dtype=torch.float32, device=device)
 
 
+def _amax_words(plan: _Plan, m: int, device: torch.device) -> torch.Tensor:
+    """What the amax pass writes (_amax_kernel): each row's amax, or the tensor's and its state of two words,
+    zeroed."""
+    if plan.per_row:
+        return torch.empty(m, dtype=torch.int32, device=device)
+    return torch.zeros(3, dtype=torch.int32, device=device)
+
+
+def _kept_amax_words(plan: _Plan, m: int, device: torch.device) -> torch.Tensor | None:
+    """_amax_words for a launch plan to keep on the current stream, or None inside a CUDA-graph capture, where a
+    state's zeroing would only be recorded, not done: there each call makes its own (a node of the graph)."""
+    if not plan.per_row and not INTERPRETED and torch.cuda.is_current_stream_capturing():
+        return None
+    return _amax_words(plan, m, device)
+
+
 def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype: torch.dtype, packed: bool,
-         amax: torch.Tensor | None, outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-         ) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
+         amax: torch.Tensor | None, outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+         amax_words: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[QTensor, ...]]:
     """The launches of a plan on x, m rows of k elements `stride_xm` apart (unit column stride), its arguments
-    checked by the caller; into `outputs` (_outputs' tensors, reused by a launch plan) where given."""
+    checked by the caller; into `outputs` (_outputs' tensors, reused by a launch plan) where given. `amax_words`:
+    the amax pass's (_amax_words; a tensor-wide state left zeroed by the pass that last used it), kept by a launch
+    plan; else made for this call."""
     dev = x.device
     out, scale = outputs or _outputs(plan, m, k, out_dtype, dev)
     amax_bits = scale  # a placeholder the kernel does not read (self_amax, or no tensor scale)
@@ -596,8 +621,7 @@ def _run(plan: _Plan, x: torch.Tensor, m: int, k: int, stride_xm: int, out_dtype
         if amax is not None:  # the kernel reads an amax as the bits of a non-negative float
             amax_bits = amax.to(device=dev, dtype=torch.float32).reshape(-1).contiguous().view(torch.int32)
         elif plan.amax_grid is not None:
-            amax_bits = (torch.empty(m, dtype=torch.int32, device=dev) if plan.per_row
-                         else torch.zeros(1, dtype=torch.int32, device=dev))
+            amax_bits = _amax_words(plan, m, dev) if amax_words is None else amax_words
             plan.amax_launch((x, amax_bits, m, k, stride_xm))
     payload = [(torch.empty(m, kpad // 2, dtype=torch.uint8, device=dev),
                 torch.empty(m, kpad // block, dtype=torch.uint8, device=dev)) if packed else (out, out)
@@ -623,40 +647,55 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     are not flattened by a view: the kernel reads rows k apart). Returns x -> (values, scale, ()). Its launches
     are bound (TritonLaunch) for inputs aligned to 16 bytes; others take the general launches. The values and
     scale are written into the same tensors call after call on a stream (launch.plan_buffers; decode sizes): the
-    caller reads them before its next call on that stream. `tiled`: as prepare_dequantized's."""
+    caller reads them before its next call on that stream; so is the amax pass's state, which the pass leaves
+    zeroed (_amax_kernel). `tiled`: as prepare_dequantized's."""
     _check_supported(recipe)
     tile = _default_tile(m, k)
     plan = _plan(recipe, m, k, x_dtype != torch.bfloat16, False, (tile["BM"], tile["H"], tile["num_warps"]), None,
                  _device(device), False, tiled)
     bound = _bound(plan)
     device = torch.device(device)
-    nbytes = 2 * plan.rows * k + 4 * m
-    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device), nbytes,
-                           device.index or 0)
-    # one launch whose every argument but x is the same call after call (kept outputs, no amax pass): fixed after
-    # a thread's first call on a stream, where the bound launch resolved to the driver's (else that call's None
-    # stays: the bound launch). Under a launch hook (a profiler) launches take Triton's path, which calls it.
     index = device.index or 0
-    fixed = (FixedLaunches(index)
-             if not INTERPRETED and nbytes <= PLAN_BUFFER_BYTES and plan.amax_launch is None else None)
+    nbytes = 2 * plan.rows * k + 4 * m
+    outputs = plan_buffers(functools.partial(_outputs, plan, m, k, torch.bfloat16, device), nbytes, index)
+    amax_words = (plan_buffers(functools.partial(_kept_amax_words, plan, m, device), 4 * m + 12, index)
+                  if plan.amax_launch is not None else lambda: None)
+    # launches whose every argument but x is the same call after call (the tensors they write kept by the plan):
+    # fixed after a thread's first call on a stream. Under a launch hook (a profiler) launches take Triton's path,
+    # which calls it.
+    fixed = FixedLaunches(index) if not INTERPRETED and nbytes <= PLAN_BUFFER_BYTES else None
+
+    def first_call(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """This thread's first call on this stream: the bound launches, their arguments recorded, then fixed where
+        they resolved to the driver's and every tensor they write is the plan's to keep (else the bound launches
+        stay, each call). Inside a CUDA-graph capture nothing is decided (the amax state is not kept there)."""
+        buffers, words = outputs(), amax_words()
+        recordings = {name: _Recording(launch) for name, launch in (("amax_launch", bound.amax_launch),
+                                                                     ("main_launch", bound.main_launch)) if launch}
+        out, scale, parts = _run(replace(bound, **recordings), x, m, k, k, torch.bfloat16, False, None, buffers,
+                                 words)
+        if torch.cuda.is_current_stream_capturing():
+            return out, scale, parts
+        kept = buffers is outputs() and (plan.amax_launch is None or words is amax_words())
+        stream = torch._C._cuda_getCurrentRawStream(index)
+        launches = tuple(r.launch.fixed(r.args, stream, (0,)) for r in recordings.values()) if kept else (None,)
+        fixed.put((None, None, None) if None in launches else (launches, out, scale))
+        return out, scale, parts
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         if x.data_ptr() & 15:
-            return _run(plan, x, m, k, k, torch.bfloat16, False, None, outputs())
+            return _run(plan, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
         if fixed is None or launch_hooks_set() or torch._C._cuda_getDevice() != index:
-            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs())
+            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
         hit = fixed.get()
-        if hit is None:  # this thread's first call on this stream
-            recording = _Recording(bound.main_launch)
-            out, scale, parts = _run(replace(bound, main_launch=recording), x, m, k, k, torch.bfloat16, False,
-                                     None, outputs())
-            fixed.put((bound.main_launch.fixed(recording.args, torch._C._cuda_getCurrentRawStream(index), (0,)),
-                       out, scale))
-            return out, scale, parts
-        launch, out, scale = hit
-        if launch is None:
-            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs())
-        launch(x.data_ptr())
+        if hit is None:
+            return first_call(x)
+        launches, out, scale = hit
+        if launches is None:
+            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
+        x_ptr = x.data_ptr()
+        for launch in launches:  # the amax pass, if any, then the main kernel
+            launch(x_ptr)
         return out, scale, ()
 
     return run
