@@ -321,10 +321,11 @@ def _amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, PER_ROW: tl.constexpr, BM: tl
         rows = pid * BM + tl.arange(0, BM)
         tl.store(amax_ptr + rows, _finite_max_bits(acc, 1), mask=rows < M)
     else:
-        tl.atomic_max(amax_ptr + 1, tl.max(_finite_max_bits(acc, 1), axis=0))
-        # acq_rel atomics: the last ticket's holder sees every program's maximum above
+        tl.atomic_max(amax_ptr + 1, tl.max(_finite_max_bits(acc, 1), axis=0), sem="relaxed")
+        # the ticket is acq_rel (releases this program's maximum, acquires every earlier holder's): the last
+        # ticket's holder sees every program's maximum; the other atomics need no fences of their own
         if tl.atomic_add(amax_ptr + 2, 1) == nprog - 1:
-            tl.store(amax_ptr, tl.atomic_xchg(amax_ptr + 1, 0))
+            tl.store(amax_ptr, tl.atomic_xchg(amax_ptr + 1, 0, sem="relaxed"))
             tl.store(amax_ptr + 2, 0)
 
 
