@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,45 @@ def test_a_fixed_launch_hands_the_driver_its_arguments_with_the_passed_pointers_
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("how", ["call", "fixed"])
+def test_a_launch_without_a_current_context_makes_the_devices_primary_one_current_and_launches_again(how,
+                                                                                                     monkeypatch):
+    """A thread whose first CUDA work is a direct launch has no current context (the driver answers 201,
+    CUDA_ERROR_INVALID_CONTEXT): the current device's primary context is made current and the launch made again,
+    once; a launch failing otherwise, or again, raises the driver's message (a stand-in driver, no GPU needed)."""
+    answers, contexts = [], []
+
+    def fake_launch(*args):
+        return answers.pop(0)
+
+    def retain(context, device):
+        ctypes.cast(context, ctypes.POINTER(ctypes.c_void_p))[0] = 0x5A
+        return 0
+
+    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
+    driver = types.SimpleNamespace(
+        cuLaunchKernel=proto(fake_launch), cuDeviceGet=lambda handle, index: contexts.append(("get", index)) or 0,
+        cuDevicePrimaryCtxRetain=lambda context, device: contexts.append("retain") or retain(context, device),
+        cuCtxSetCurrent=lambda context: contexts.append(("current", context.value)) or 0,
+        cuDevicePrimaryCtxRelease_v2=lambda device: contexts.append("release") or 0,
+        cuGetErrorString=lambda err, msg: 0)
+    monkeypatch.setattr(launch, "_driver", lambda: driver)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 3, raising=False)
+    kernel = launch.DriverKernel(7, "pi")
+    start = (kernel.fixed((1, 1, 1), (32, 1, 1), 0, 0, [0], [5], [0]) if how == "fixed"
+             else lambda ptr: kernel((1, 1, 1), (32, 1, 1), 0, 0, [ptr], [5]))
+    answers[:] = [201, 0]
+    start(16)
+    assert not answers and contexts == [("get", 3), "retain", ("current", 0x5A), "release"]
+    answers[:] = [0]
+    start(16)  # now current: one launch
+    assert not answers and len(contexts) == 4
+    for failing in ([201, 201], [700]):  # still no context; another error
+        answers[:] = failing
+        with pytest.raises(RuntimeError, match="cuLaunchKernel failed"):
+            start(16)
+
+
 @pytest.mark.parametrize("planned", [False, True])
 @pytest.mark.parametrize("biases", [(False, False, False), (True, False), (True, True, True)])
 def test_the_cuda_gemms_runs_hand_the_driver_each_calls_pointers_in_their_slots(planned, biases, monkeypatch):
@@ -228,6 +268,32 @@ def test_a_bound_launch_computes_what_triton_computes_and_an_unbound_one_never_b
             run(args)
             torch.testing.assert_close(args[1], want, rtol=2e-6, atol=1e-6)
         assert run._direct is False or (bound and device == "cuda")
+
+
+@cuda
+def test_a_fresh_threads_first_cuda_work_may_be_a_direct_launch():
+    """A thread that has made no CUDA call has no current context; a resolved launch (straight to the driver) as
+    its first CUDA work still runs, and computes what it computes in the main thread."""
+    g = torch.Generator(device="cuda").manual_seed(9)
+    flags = launch.Constexprs(SPLITS=1, SX_PER_ROW=True, SW_PER_COL=False, HAS_BIAS=True, BM=32, BN=256, num_warps=4)
+    run = launch.TritonLaunch(_epilogue_kernel, (1, 2), flags, bound=True)
+    run(_bound_epilogue_args(g, "cuda")[0])  # resolved
+    args, want = _bound_epilogue_args(g, "cuda")
+    torch.cuda.synchronize()
+    failed = []
+
+    def first_work():
+        try:
+            run(args)
+        except Exception as e:  # noqa: BLE001 - reported below
+            failed.append(e)
+
+    worker = threading.Thread(target=first_work)
+    worker.start()
+    worker.join()
+    assert not failed and isinstance(run._direct, launch._TritonDirect)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(args[1], want, rtol=2e-6, atol=1e-6)
 
 
 @cuda

@@ -353,7 +353,7 @@ class DriverKernel:
                 return
             err = launch(*call)
             if err:
-                _raise(err)
+                _check(err, lambda: launch(*call))
 
         return run
 
@@ -367,12 +367,42 @@ class DriverKernel:
             config.grid[:], config.block[:] = grid, block
             config.shared_bytes, config.stream = shared_bytes, stream
             err = _driver().cuLaunchKernelEx(ctypes.byref(config), self.handle, params, None)
+            if err:
+                _check(err, lambda: _driver().cuLaunchKernelEx(ctypes.byref(config), self.handle, params, None))
         else:
             launch = self._launch or self._bind()
             err = launch(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_bytes, stream,
                          params, None)
-        if err:
-            _raise(err)
+            if err:
+                _check(err, lambda: launch(self.handle, *grid, *block, shared_bytes, stream, params, None))
+
+
+_INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT: the calling thread has no current context
+
+
+def _check(err: int, relaunch: Callable[[], int]) -> None:
+    """Raise for a launch that failed, unless it failed only for want of a current context in this thread: the CUDA
+    runtime makes a device's primary context current in a thread at the thread's first runtime call that needs one,
+    and a thread whose first CUDA work is a direct launch has made none. Then the current device's primary context
+    is made current (the one torch's tensors and these kernels live in) and the launch made again."""
+    if err == _INVALID_CONTEXT and _make_primary_context_current(torch._C._cuda_getDevice()):
+        err = relaunch()
+    if err:
+        _raise(err)
+
+
+def _make_primary_context_current(device: int) -> bool:
+    """Whether `device`'s primary context could be made current in this thread (it stays alive: the runtime holds
+    it, so the reference taken to find it is given back at once)."""
+    lib = _driver()
+    release = getattr(lib, "cuDevicePrimaryCtxRelease_v2", None) or lib.cuDevicePrimaryCtxRelease
+    handle, context = ctypes.c_int(), ctypes.c_void_p()
+    if lib.cuDeviceGet(ctypes.byref(handle), device) or lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle):
+        return False
+    try:
+        return lib.cuCtxSetCurrent(context) == 0
+    finally:
+        release(handle)
 
 
 def _raise(err: int) -> None:
