@@ -161,6 +161,30 @@ def test_under_torch_compile_a_layer_with_eager_plans_runs_its_plan_as_one_op(rn
     assert not strict.plannable(x) and layer.plannable(x) and not layer.plannable(x.requires_grad_())
 
 
+def test_an_eager_plan_follows_the_layers_strictness_and_the_calls_gradient(rng, monkeypatch):
+    """What a plan depends on is checked when it is made (strictness, a floating-point input) or at each call (a
+    gradient to carry): a layer made strict after its plan was made checks its input (the general path), and one
+    made lenient again runs the plan; a call carrying a gradient takes the general path in between."""
+    calls = []
+    monkeypatch.setitem(BACKENDS, "planned", recording_plans(calls))
+    layer = SharQLinear.from_linear(nn.Linear(64, 32), "sharq", backend="planned", name="q")
+    x = outlier_activations(rng, 5, 64)
+    bad = x.clone()
+    bad[2, 3] = float("nan")
+    with torch.no_grad():
+        want = layer(x)
+        assert len(calls) == 2 and layer.eager_plan(bad) is not None and layer.eager_plan(x.int()) is None
+        layer.strict = True
+        assert layer.eager_plan(x) is None
+        with pytest.raises(ValueError, match=r"q: input has 1 non-finite"):
+            layer(bad)
+        assert torch.equal(layer(x), want) and len(calls) == 2  # the general path
+        layer.strict = False
+        assert torch.equal(layer(x), want) and len(calls) == 4
+    assert layer.eager_plan(x.clone().requires_grad_()) is None
+    assert torch.equal(layer(x.clone().requires_grad_()).detach(), want) and len(calls) == 4
+
+
 def test_the_weight_forward_multiplies_follows_every_change_of_the_payload(rng):
     """The layer makes its forward weight once; assigning a payload tensor, loading a state dict and casting
     each make it anew, so the output is always that of the layer's current state."""

@@ -26,6 +26,7 @@ from .quant import QTensor, as_rows, dequantize_blocks
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 _MAX_PLANS = 64  # eager launch plans a layer keeps (decode needs one per batch size; prefill one per prompt length)
+_UNPLANNED = object()  # a shape whose eager plan is not made yet (None: the shape has none)
 
 
 class SharedActivation:
@@ -333,7 +334,7 @@ class SharQLinear(nn.Module):
                        micro=self.weight_micro)
 
     def __setattr__(self, name: str, value) -> None:
-        if name in self.PAYLOAD or name in ("_layout", "bias", "backend", "recipe"):
+        if name in self.PAYLOAD or name in ("_layout", "bias", "backend", "recipe", "strict"):
             self._forget_runs()
         super().__setattr__(name, value)
 
@@ -349,7 +350,7 @@ class SharQLinear(nn.Module):
 
     def _forget_runs(self) -> None:
         """The weight forward multiplies and the eager launch plans are made anew (the payload, its layout, the
-        bias or the backend changed)."""
+        bias, the backend or strictness changed)."""
         self.__dict__["_run_weight"] = None
         self.__dict__["_plans"] = {}
         if self.__dict__.get("shared") is not None:
@@ -473,19 +474,24 @@ class SharQLinear(nn.Module):
         and device; None where the call needs the general path: a trace, strict checks, a gradient to carry, an
         input that is not contiguous, not floating-point or not on the layer's device, calibrated channels, or a
         backend without one."""
-        if torch.compiler.is_compiling() or not x.is_contiguous() or not self._may_plan(x):
+        # what depends on the call alone is checked each call; what depends on the layer and x's shape, dtype and
+        # device (strictness, channels, a floating-point x: _may_plan) once, when the plan for them is made (any
+        # change of the layer's forgets its plans, _forget_runs)
+        if torch.compiler.is_compiling() or not x.is_contiguous() or x.requires_grad and torch.is_grad_enabled():
             return None
         key = (x.shape, x.dtype, x.get_device())
         plans = self.__dict__["_plans"]
-        if key not in plans:
+        plan = plans.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:
             if len(plans) >= _MAX_PLANS:  # prefill makes one per prompt length: keep the memory bounded
                 plans.clear()
             make = get_backend(self.backend).eager_plan
             weight = self.forward_weight()
-            plans[key] = None if make is None or x.device != weight.scale.device else make(
+            plan = plans[key] = None if (make is None or x.device != weight.scale.device
+                                         or not self._may_plan(x)) else make(
                 weight, self.bias, self.recipe, x.shape[:-1], x.dtype, x.dtype, self._layout,
                 own_input=self.shared is None)
-        return plans[key]
+        return plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
