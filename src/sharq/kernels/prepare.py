@@ -666,6 +666,10 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
     # which calls it.
     fixed = FixedLaunches(index) if not INTERPRETED and nbytes <= PLAN_BUFFER_BYTES else None
 
+    def general(launches: _Plan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """The plan's launches (bound or not) on x, into the plan's tensors."""
+        return _run(launches, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
+
     def first_call(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """This thread's first call on this stream: the bound launches, their arguments recorded, then fixed where
         they resolved to the driver's and every tensor they write is the plan's to keep (else the bound launches
@@ -685,15 +689,15 @@ def dequantized_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, d
 
     def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         if x.data_ptr() & 15:
-            return _run(plan, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
+            return general(plan, x)
         if fixed is None or launch_hooks_set() or torch._C._cuda_getDevice() != index:
-            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
+            return general(bound, x)
         hit = fixed.get()
         if hit is None:
             return first_call(x)
         launches, out, scale = hit
         if launches is None:
-            return _run(bound, x, m, k, k, torch.bfloat16, False, None, outputs(), amax_words())
+            return general(bound, x)
         x_ptr = x.data_ptr()
         for launch in launches:  # the amax pass, if any, then the main kernel
             launch(x_ptr)
