@@ -803,12 +803,12 @@ def _starter(launch: _Launch, template: tuple[int, ...], slots: tuple[int, ...],
         if hit is not None:
             hit(*values)
             return
-        ptrs = list(template)
+        ptrs, sizes = list(template), ints(a)
         for slot, value in zip(slots, values):
             ptrs[slot] = value
-        launch.start(ptrs, ints(a))
+        launch.start(ptrs, sizes)
         if current:
-            fixed.put(launch.fixed(ptrs, ints(a), slots))
+            fixed.put(launch.fixed(ptrs, sizes, slots))
 
     return start
 
