@@ -96,10 +96,11 @@ def test_driver_kernel_parameters_are_pointers_and_ints():
         launch.DriverKernel(0, "ppf")
 
 
-def _stand_in_driver(monkeypatch, params: str = "pipp" + "ip") -> list:
+def _stand_in_driver(monkeypatch, params: str = "pipp" + "ip", answers: list[int] | None = None,
+                     **functions) -> list:
     """A driver whose cuLaunchKernel records (its scalar arguments, the values the parameter array points at) for
-    a kernel of these parameters (by default the direct launches' below, scratch pointer last), returning success:
-    no GPU needed."""
+    a kernel of these parameters (by default the direct launches' below, scratch pointer last), returning success,
+    or the codes in `answers` one launch at a time; `functions`: the driver's other functions. No GPU needed."""
     seen = []
 
     def fake_launch(handle, gx, gy, gz, bx, by, bz, shared, stream, params_array, extra):
@@ -107,10 +108,10 @@ def _stand_in_driver(monkeypatch, params: str = "pipp" + "ip") -> list:
         values = [ctypes.cast(slots[j], ctypes.POINTER(ctypes.c_uint64 if k == "p" else ctypes.c_int32))[0]
                   for j, k in enumerate(params)]
         seen.append(((handle, gx, gy, gz, bx, by, bz, shared, stream, extra), values))
-        return 0
+        return answers.pop(0) if answers is not None else 0
 
     proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
-    driver = type("Driver", (), {"cuLaunchKernel": proto(fake_launch)})()
+    driver = types.SimpleNamespace(cuLaunchKernel=proto(fake_launch), **functions)
     monkeypatch.setattr(launch, "_driver", lambda: driver)
     return seen
 
@@ -155,21 +156,16 @@ def test_a_launch_without_a_current_context_makes_the_devices_primary_one_curren
     once; a launch failing otherwise, or again, raises the driver's message (a stand-in driver, no GPU needed)."""
     answers, contexts = [], []
 
-    def fake_launch(*args):
-        return answers.pop(0)
-
     def retain(context, device):
         ctypes.cast(context, ctypes.POINTER(ctypes.c_void_p))[0] = 0x5A
         return 0
 
-    proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7, *[ctypes.c_void_p] * 3)
-    driver = types.SimpleNamespace(
-        cuLaunchKernel=proto(fake_launch), cuDeviceGet=lambda handle, index: contexts.append(("get", index)) or 0,
+    _stand_in_driver(
+        monkeypatch, "pi", answers, cuDeviceGet=lambda handle, index: contexts.append(("get", index)) or 0,
         cuDevicePrimaryCtxRetain=lambda context, device: contexts.append("retain") or retain(context, device),
         cuCtxSetCurrent=lambda context: contexts.append(("current", context.value)) or 0,
         cuDevicePrimaryCtxRelease_v2=lambda device: contexts.append("release") or 0,
         cuGetErrorString=lambda err, msg: 0)
-    monkeypatch.setattr(launch, "_driver", lambda: driver)
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 3, raising=False)
     kernel = launch.DriverKernel(7, "pi")
     start = (kernel.fixed((1, 1, 1), (32, 1, 1), 0, 0, [0], [5], [0]) if how == "fixed"
