@@ -340,8 +340,9 @@ class DriverKernel:
         and `stream`. A programmatic kernel under a CUDA graph's capture takes __call__'s launch."""
         ptr_values, int_values, params = self._arrays()
         ptr_values[:], int_values[:] = ptrs, ints
-        launch = self._launch or self._bind()
-        call = (self.handle, *grid, *block, shared_bytes, stream, params, None)
+        launch = _unprototyped(self._launch or self._bind())
+        # cuLaunchKernel's arguments, fixed: pointers as c_void_p, the unsigned sizes as Python ints (a C int each)
+        call = (ctypes.c_void_p(self.handle), *grid, *block, shared_bytes, ctypes.c_void_p(stream), params, None)
         programmatic, capturing = self.programmatic, torch._C._cuda_isCurrentStreamCapturing
         slots = tuple(slots)
 
@@ -375,6 +376,15 @@ class DriverKernel:
                          params, None)
             if err:
                 _check(err, lambda: launch(self.handle, *grid, *block, shared_bytes, stream, params, None))
+
+
+def _unprototyped(function) -> Callable[..., int]:
+    """The C function `function` (a ctypes function pointer) called with no argument types declared, so ctypes
+    converts nothing it is given, and with the GIL held (a launch only queues work): a fixed launch passes arguments
+    already in their C form, and a call costs about 0.3 µs against 0.9 with the prototype's conversions (a C
+    stand-in for the driver on a CPU); on an H100 an eager SharQLinear at one token took 1.4-3.5 µs less host time
+    (`python benchmarks/bench_host.py --m 1,32`, docs/PERF.md)."""
+    return ctypes.PYFUNCTYPE(ctypes.c_int)(ctypes.cast(function, ctypes.c_void_p).value)
 
 
 _INVALID_CONTEXT = 201  # CUDA_ERROR_INVALID_CONTEXT: the calling thread has no current context
