@@ -11,7 +11,10 @@ wall time a step inside each kind of module (timing hooks on them, which add the
 With --alternate ROUNDS, BF16 and a sharq copy of it are both held on the GPU (about 22 GB) and their eager steps
 are timed in turn, ROUNDS rounds at each batch size (which goes first alternating), so the ratio of each round
 compares two models under the same process's host speed: eager steps are host-bound, and a process's host speed
-was seen to vary by as much as the gap between the two (docs/PERF.md).
+was seen to vary by as much as the gap between the two (docs/PERF.md). With --without-prepare a third copy joins
+them whose eager plans replay their first call's activation (the prepare launch skipped from then on; its outputs
+are wrong): the host time of one launch a layer fewer, the most that folding the activation kernel into the GEMM
+can give an eager step.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import warnings
 import torch
 
 import sharq
+from sharq.backends import EagerPlan, GroupPlan
+from sharq.nn import SharQLinear
 from bench_model import llama_8b_shaped  # benchmarks/, beside this script
 from timing import timed_steps, warm_session
 
@@ -76,14 +81,49 @@ def run(model, label: str, steps: int = 12) -> None:
           + ", ".join(f"{k} {v * 1e3 / n:.2f}" for k, v in sorted(inside.items())), flush=True)
 
 
+def _first_result(prepare):
+    """`prepare` run once; later calls return that first activation without launching anything."""
+    first = []
+
+    def replay(x):
+        if not first:
+            first.append(prepare(x))
+        return first[0]
+    return replay
+
+
+def without_prepare(model: torch.nn.Module) -> int:
+    """Make every eager plan of `model`'s quantized layers (and of their groups) skip its prepare launch after its
+    first call (see the module's docstring); the number of plans changed."""
+    changed, groups = 0, set()
+    for m in model.modules():
+        if not isinstance(m, SharQLinear):
+            continue
+        plans = m.__dict__["_plans"]
+        for key, plan in list(plans.items()):
+            if plan is not None:
+                plans[key] = EagerPlan(_first_result(plan.prepare), plan.matmul)
+                changed += 1
+        if m.shared is not None and id(m.shared) not in groups:
+            groups.add(id(m.shared))
+            for key, plan in list(m.shared._group_plans.items()):
+                if plan is not None and plan.prepare is not None:
+                    m.shared._group_plans[key] = GroupPlan(plan.matmul, _first_result(plan.prepare))
+                    changed += 1
+    return changed
+
+
 @torch.no_grad()
 def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps: int = 8) -> None:
     """Eager steps of each model in turn, `rounds` rounds of `steps` steps: each round's median ms a step and host
-    wall ms in step(), and the first model's step time over each other's (its speed-up) in that round."""
+    wall ms in step(), and the first model's step time over each other's (its speed-up) in that round. A model
+    named "no-prepare" has its plans' prepare launches skipped once warm (`without_prepare`)."""
     names = list(models)
     sessions, tokens = {}, {}
     for name, model in models.items():
         sessions[name], tokens[name] = warm_session(model, batch, 16 + (rounds + 1) * steps + 4, cuda_graph=False)
+        if name == "no-prepare":
+            print(f"batch {batch:2d} no-prepare: {without_prepare(model)} plans replay their first activation")
     torch.cuda.synchronize()
     ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
     for r in range(rounds):
@@ -107,6 +147,8 @@ def main() -> int:
     p.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
                    help="time BF16 and sharq in turn, in one process, this many rounds (0: the diagnostics)")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes for --alternate")
+    p.add_argument("--without-prepare", action="store_true",
+                   help="with --alternate, also time a sharq copy whose eager plans skip their prepare launch")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("eager_diagnostics needs a CUDA GPU", file=sys.stderr)
@@ -114,9 +156,11 @@ def main() -> int:
     torch.manual_seed(0)
     model = llama_8b_shaped(32)
     if args.alternate:
-        quantized = sharq.quantize_model(copy.deepcopy(model), "sharq")
+        models = {"bf16": model, "sharq": sharq.quantize_model(copy.deepcopy(model), "sharq")}
+        if args.without_prepare:
+            models["no-prepare"] = copy.deepcopy(models["sharq"])
         for batch in [int(b) for b in args.batches.split(",")]:
-            alternate({"bf16": model, "sharq": quantized}, batch, args.alternate)
+            alternate(models, batch, args.alternate)
         return 0
     run(model, "bf16")
     sharq.quantize_model(model, "sharq")

@@ -1,6 +1,7 @@
-"""benchmarks/refresh.sh, the script behind the README's GPU numbers, checked without a GPU: the commands it runs
-(a stand-in `python` and `nvidia-smi` on PATH record them) and the options it gives each benchmark, which that
-benchmark must declare."""
+"""benchmarks/ checked without a GPU: refresh.sh, the script behind the README's GPU numbers (the commands it runs,
+recorded by a stand-in `python` and `nvidia-smi` on PATH, and the options it gives each benchmark, which that
+benchmark must declare), and the diagnostics' helpers that reach into the library (profile_step's table,
+eager_diagnostics' copy without prepare launches)."""
 
 import os
 import re
@@ -9,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 REFRESH = BENCHMARKS / "refresh.sh"
@@ -85,3 +87,26 @@ def test_profile_step_ranks_python_functions_by_own_time_a_step(monkeypatch):
     assert rows["busy"]["cumulative_us"] > rows["idle"]["cumulative_us"]
     ranked = python_functions(profiler, steps=4, top=3)
     assert len(ranked) == 3 and ranked[0]["own_us"] >= ranked[1]["own_us"] >= ranked[2]["own_us"] > 0
+
+
+def test_without_prepare_replays_each_plans_first_activation(rng, monkeypatch):
+    """eager_diagnostics.py --without-prepare's copy: once a plan has run, its prepare launches nothing and its
+    matmul takes the first call's activation (the upper bound of one launch a layer; outputs knowingly stale)."""
+    from sharq.backends import BACKENDS
+    from sharq.nn import SharQLinear
+
+    from .conftest import outlier_activations, recording_plans
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from eager_diagnostics import without_prepare
+
+    calls = []
+    monkeypatch.setitem(BACKENDS, "planned", recording_plans(calls))
+    model = torch.nn.Sequential(SharQLinear.from_linear(torch.nn.Linear(64, 32), "sharq", backend="planned"))
+    x, other = outlier_activations(rng, 3, 64), outlier_activations(rng, 3, 64)
+    with torch.no_grad():
+        first = model(x)
+        assert without_prepare(model) == 1 and calls == [("prepare", 64), ("matmul", 32)]
+        calls.clear()
+        assert torch.equal(model(x), first) and torch.equal(model(other), first)  # x's activation, replayed
+        assert calls == [("prepare", 64), ("matmul", 32), ("matmul", 32)]
