@@ -382,7 +382,7 @@ def _unprototyped(function) -> Callable[..., int]:
     """The C function `function` (a ctypes function pointer) called with no argument types declared, so ctypes
     converts nothing it is given, and with the GIL held (a launch only queues work): a fixed launch passes arguments
     already in their C form, and a call costs about 0.3 µs against 0.9 with the prototype's conversions (a C
-    stand-in for the driver on a CPU); on an H100 an eager SharQLinear at one token took 1.4-3.5 µs less host time
+    stand-in for the driver on a CPU); on an H100 an eager SharQLinear at one token took 1.4-5.1 µs less host time
     (`python benchmarks/bench_host.py --m 1,32`, docs/PERF.md)."""
     return ctypes.PYFUNCTYPE(ctypes.c_int)(ctypes.cast(function, ctypes.c_void_p).value)
 
