@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from sharq.backends import BACKENDS
+from sharq.nn import SharQLinear
+
+from .conftest import outlier_activations, recording_plans
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 REFRESH = BENCHMARKS / "refresh.sh"
 
@@ -92,11 +97,6 @@ def test_profile_step_ranks_python_functions_by_own_time_a_step(monkeypatch):
 def test_without_prepare_replays_each_plans_first_activation(rng, monkeypatch):
     """eager_diagnostics.py --without-prepare's copy: once a plan has run, its prepare launches nothing and its
     matmul takes the first call's activation (the upper bound of one launch a layer; outputs knowingly stale)."""
-    from sharq.backends import BACKENDS
-    from sharq.nn import SharQLinear
-
-    from .conftest import outlier_activations, recording_plans
-
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     from eager_diagnostics import without_prepare
 
