@@ -26,11 +26,11 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
 import sharq
-from sharq.backends import EagerPlan, GroupPlan
 from sharq.nn import SharQLinear
 from bench_model import llama_8b_shaped  # benchmarks/, beside this script
 from timing import timed_steps, warm_session
@@ -102,13 +102,13 @@ def without_prepare(model: torch.nn.Module) -> int:
         plans = m.__dict__["_plans"]
         for key, plan in list(plans.items()):
             if plan is not None:
-                plans[key] = EagerPlan(_first_result(plan.prepare), plan.matmul)
+                plans[key] = replace(plan, prepare=_first_result(plan.prepare))
                 changed += 1
         if m.shared is not None and id(m.shared) not in groups:
             groups.add(id(m.shared))
             for key, plan in list(m.shared._group_plans.items()):
                 if plan is not None and plan.prepare is not None:
-                    m.shared._group_plans[key] = GroupPlan(plan.matmul, _first_result(plan.prepare))
+                    m.shared._group_plans[key] = replace(plan, prepare=_first_result(plan.prepare))
                     changed += 1
     return changed
 
