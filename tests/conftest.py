@@ -45,9 +45,11 @@ def outlier_activations(g: torch.Generator, m: int, k: int, frac: float = 1 / 64
     return x
 
 
-def recording_plans(calls: list, groups: bool = False):
+def recording_plans(calls: list, groups: bool = False, folds: bool = False):
     """The reference backend given eager plans (with `groups`, group plans too) that record each launch in
-    `calls` as ("prepare", K), ("matmul", N) or ("group", (N, ...)): what the packed backend has on CUDA."""
+    `calls` as ("prepare", K), ("matmul", N) or ("group", (N, ...)): what the packed backend has on CUDA. With
+    `folds`, a layer that prepares its own input and a group plan also get a folded launch (`forward`), recorded as
+    ("fold", N) and ("group-fold", (N, ...)), which computes what prepare + matmul compute."""
     import dataclasses
 
     from sharq.backends import BACKENDS, EagerPlan, GroupPlan
@@ -62,12 +64,22 @@ def recording_plans(calls: list, groups: bool = False):
         def matmul(act):
             calls.append(("matmul", qweight.out_features))
             return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
-        return EagerPlan(prepare, matmul)
+
+        def forward(x):
+            calls.append(("fold", qweight.out_features))
+            act = ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
+            return ref.matmul(act, qweight, bias, out_dtype).reshape(*lead, -1)
+        return EagerPlan(prepare, matmul, forward if folds and own_input else None)
 
     def group_plan(qweights, biases, recipe, lead, out_dtype, layouts, x_dtype=None):
         def run(act):
             calls.append(("group", tuple(w.out_features for w in qweights)))
             return [ref.matmul(act, w, b, out_dtype).reshape(*lead, -1) for w, b in zip(qweights, biases)]
-        return GroupPlan(run)
+
+        def forward(x):
+            calls.append(("group-fold", tuple(w.out_features for w in qweights)))
+            act = ref.prepare(x.reshape(-1, x.shape[-1]), recipe, None, None)
+            return [ref.matmul(act, w, b, out_dtype).reshape(*lead, -1) for w, b in zip(qweights, biases)]
+        return GroupPlan(run, forward=forward if folds else None)
 
     return dataclasses.replace(ref, eager_plan=eager_plan, group_plan=group_plan if groups else ref.group_plan)

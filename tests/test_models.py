@@ -604,6 +604,45 @@ def test_under_torch_compile_layers_and_groups_run_the_launches_of_their_eager_p
 
 
 @pytest.mark.slow
+def test_folded_launches_replace_prepare_and_gemm_eagerly_and_compiled_with_the_same_logits(rng, monkeypatch):
+    """Where a backend's plans fold the prepare into the GEMM (the packed one on CUDA at decode sizes; here the
+    reference backend given folded launches that record themselves), a layer that prepares its own input (o, down)
+    makes its one folded launch and each q/k/v and gate/up group its folded group launch, eagerly and compiled, and
+    the logits are those of the unfolded launches bit for bit; a group whose input was already prepared plainly
+    multiplies that activation (its group launch), never the folded one."""
+    ids = torch.randint(0, 96, (1, 8), generator=rng)
+    logits, launches = {}, {}
+    for folds in (False, True):
+        calls = []
+        monkeypatch.setitem(BACKENDS, "planned", recording_plans(calls, groups=True, folds=folds))
+        torch.manual_seed(0)
+        model = sharq.quantize_model(tiny("llama"), "sharq", backend="planned")
+        torch._dynamo.reset()
+        with torch.no_grad():
+            logits[folds] = model(ids).logits
+            eager, calls[:] = list(calls), []
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+        assert calls == eager and torch.equal(compiled, logits[folds])
+        launches[folds] = [c[0] for c in eager]
+    layers = model.config.num_hidden_layers
+    assert launches[False] == ["prepare", "group", "prepare", "matmul"] * 2 * layers
+    assert launches[True] == ["group-fold", "fold"] * 2 * layers
+    assert torch.equal(logits[True], logits[False])
+    shared = model.model.layers[0].self_attn.q_proj.shared
+    x = torch.randn(8, model.config.hidden_size, generator=rng)
+    members = shared.layers
+    calls.clear()
+    shared.open()
+    try:
+        shared.get(x, lambda: members[0].prepare(x))  # the first member on the general path: prepared plainly
+        ys = [shared.output(m, x, m.eager_plan(x)) for m in members[1:]]
+    finally:
+        shared.close()
+    assert [c[0] for c in calls] == ["group"]
+    assert all(torch.equal(y, m(x)) for y, m in zip(ys, members[1:]))
+
+
+@pytest.mark.slow
 def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(rng, monkeypatch):
     """With a backend that has a group plan (the packed one on CUDA; here the reference backend given one), every
     member of q/k/v and gate/up calls the group's custom op with the same arguments under torch.compile, and the

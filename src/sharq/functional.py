@@ -167,7 +167,7 @@ def _planned_linear_op(x2d: torch.Tensor, weight_values: torch.Tensor | None, we
     if layer is not None and _holds(layer.plan_tensors(), given):
         plan = layer.eager_plan(x2d)
         if plan is not None:
-            return plan.matmul(plan.prepare(x2d))
+            return plan(x2d)
     act = get_backend(backend).prepare(x2d, _recipe(recipe), None, None)
     return _matmul_op(act.values, act.scale, x2d.new_empty(x2d.shape[0], 0), weight_values, weight_codes,
                       weight_scales, weight_scale, None, bias, layout, layout_meta, recipe, backend, n, x2d.dtype)

@@ -109,7 +109,7 @@ class SharedActivation:
         """`layer`'s output [..., N] for x [..., K] by its eager plan: from the group launch where every member
         has an eager plan for x and their backend a group plan for them, else from the shared activation."""
         if not self._open:
-            return plan.matmul(plan.prepare(x))
+            return plan(x)
         if self._same_input(x) and layer.group_position in self._outputs:
             y = self._outputs.pop(layer.group_position)
             self._release_if_done()
@@ -117,17 +117,19 @@ class SharedActivation:
         group = self._group_plan(x) if not self._outputs else None
         if group is not None and group.prepare is not None and self._act is not None:
             group = None  # the input was prepared already (plainly): the members multiply it one by one
-        if self._act is None:
-            self._act = (plan.prepare if group is None or group.prepare is None else group.prepare)(x)
-        act = self._act
-        if group is None:
-            y = plan.matmul(act)
+        if group is not None and group.forward is not None and self._act is None:
+            ys = group.forward(x)  # one launch that prepares the activation itself
         else:
-            ys = group.matmul(act)
-            self._outputs = {i: out for i, out in enumerate(ys) if i != layer.group_position}
-            y = ys[layer.group_position]
+            if self._act is None:
+                self._act = (plan.prepare if group is None or group.prepare is None else group.prepare)(x)
+            if group is None:
+                y = plan.matmul(self._act)
+                self._release_if_done()
+                return y
+            ys = group.matmul(self._act)
+        self._outputs = {i: out for i, out in enumerate(ys) if i != layer.group_position}
         self._release_if_done()
-        return y
+        return ys[layer.group_position]
 
     def _group_plan(self, x: torch.Tensor) -> GroupPlan | None:
         key = (x.shape, x.dtype, x.get_device())
@@ -157,6 +159,8 @@ class SharedActivation:
         if group is None:
             act = plans[0].prepare(x2d)
             return [p.matmul(act) for p in plans]
+        if group.forward is not None:
+            return group.forward(x2d)
         return group.matmul((group.prepare or plans[0].prepare)(x2d))
 
     def compiled_output(self, layer: SharQLinear, x: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor | None:
@@ -498,7 +502,7 @@ class SharQLinear(nn.Module):
             raise ValueError(f"{self.name}: expected input [..., {self.in_features}], got {tuple(x.shape)}")
         plan = self.eager_plan(x)
         if plan is not None:  # a plan reads x as it is and writes y [..., N]: no views to make per call
-            return plan.matmul(plan.prepare(x)) if self.shared is None else self.shared.output(self, x, plan)
+            return plan(x) if self.shared is None else self.shared.output(self, x, plan)
         weight = self.forward_weight()
         if x.device != weight.scale.device:
             raise ValueError(f"{self.name}: input is on {x.device} but the layer is on {weight.scale.device}")

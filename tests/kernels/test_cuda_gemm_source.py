@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, nvrtc
+import sharq
+from sharq.kernels import cuda_activation, cuda_dequantize, cuda_gemm, cuda_wgmma, nvrtc
 
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 needs_nvdisasm = pytest.mark.skipif(nvrtc.nvdisasm() is None, reason="needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
@@ -43,6 +44,40 @@ def test_every_launch_the_backend_makes_compiles(k, n, monkeypatch):
             assert 0 < built.registers <= 255 and built.cubin
             if m <= 8:
                 assert built.spilled == 0, (m, t, block, built.registers, built.spilled)
+
+
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_every_folded_launch_compiles_without_spills(k, n, monkeypatch):
+    """The launches that prepare their activation themselves (kernels/cuda_activation.py), one layer's and a
+    group's, at the decode sizes they take: the sharq recipe on every shape, the other cascades (one stage, no
+    mask, dense-dense) on the first."""
+    monkeypatch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
+    names = ["sharq", "nvfp4", "sparse-only", "dense-dense"] if (k, n) == SHAPES[0] else ["sharq"]
+    done = 0
+    for name in names:
+        for m in (1, 8):
+            t = cuda_gemm.choose_tile(m, n, k, None)
+            fold = cuda_gemm._fold(sharq.get_recipe(name), m, n, k, t)
+            if fold is None:
+                continue
+            for group in (False, True):
+                built = nvrtc.compile_cubin(cuda_gemm.kernel_source(t, cuda_gemm.n8_tiles(m), 16, 0, 0, False, group,
+                                                                    fold), "sm_90")
+                assert 0 < built.registers <= 255 and built.spilled == 0, (name, m, t, fold, built.registers)
+                done += 1
+    assert done > 0
+
+
+def test_fold_for_takes_decode_sizes_of_recipes_with_one_tensor_scale():
+    sharq_recipe = sharq.get_recipe("sharq")
+    fold = cuda_activation.fold_for(sharq_recipe, 8, 4096, 256)
+    assert fold is not None and fold.blocks == 8 * 4096 // 8 // 256 and fold.two_stages and fold.mask == 1
+    assert cuda_activation.fold_for(sharq_recipe, 9, 4096, 256) is None  # above FOLD_ELEMENTS
+    assert cuda_activation.fold_for(sharq_recipe, 1, 4000, 256) is None  # K not whole chunks
+    assert cuda_activation.fold_for(sharq.get_recipe("mxfp4"), 1, 4096, 256) is None  # no tensor scale
+    assert cuda_activation.fold_for(sharq.get_recipe("sharq", scale_granularity="token"), 1, 4096, 256) is None
+    with pytest.raises(ValueError, match="one tensor scale"):
+        cuda_gemm.kernel_source(cuda_gemm.CudaTile(), 1, 16, 0, 0, True, False, fold)
 
 
 @pytest.mark.parametrize("k,n", SHAPES)

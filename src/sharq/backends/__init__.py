@@ -44,6 +44,13 @@ class EagerPlan:
 
     prepare: Callable[[torch.Tensor], QActivation]
     matmul: Callable[[QActivation], torch.Tensor]
+    # x -> y in one launch, where the backend folds the prepare into its GEMM (the same bits): for a layer that
+    # prepares its own input; prepare and matmul stay for callers that share one activation
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y [..., N] for the layer's input x: the folded launch where the plan has one, else matmul(prepare(x))."""
+        return self.matmul(self.prepare(x)) if self.forward is None else self.forward(x)
 
 
 @dataclass(frozen=True)
@@ -51,10 +58,12 @@ class GroupPlan:
     """One launch for layers that read one input (q/k/v, gate/up), worked out once: `matmul(act)` gives their
     outputs [..., N_i]; `prepare(x)`, where the plan has one, is the activation launch its matmul needs (the
     activation in a layout of the launch's own), else None: matmul takes any prepare's activation (a member's eager
-    plan's)."""
+    plan's). `forward(x)`, where the plan has one, gives the outputs from the layers' input in one launch that
+    prepares the activation itself (the same bits as matmul on a prepared one)."""
 
     matmul: Callable[[QActivation], list[torch.Tensor]]
     prepare: Callable[[torch.Tensor], QActivation] | None = None
+    forward: Callable[[torch.Tensor], list[torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)

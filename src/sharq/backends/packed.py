@@ -24,6 +24,9 @@ from ..recipes import QActivation, QWeight, Recipe
 from . import Backend, EagerPlan, GroupPlan, WeightLayout, register, simulator
 
 PLACED = "placed"  # the layout's meta
+# the decode kernel's launches prepare their activation themselves where they can (cuda_gemm.fold_launcher: one
+# launch a layer where there were two); read when a plan is made, so one process can time both ways
+FOLD_PREPARE = True
 
 
 def supports(recipe: Recipe) -> bool:
@@ -85,8 +88,14 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
         gemm = kg.decoded_launcher(codes, scales, fmt, block, qweight.scale, bias, out_dtype, lead, per_row, placed)
     if gemm is None:
         return None
-    return EagerPlan(_prepare_launcher(recipe, m, k, x_dtype, codes.device, tiled),
+    plan = EagerPlan(_prepare_launcher(recipe, m, k, x_dtype, codes.device, tiled),
                      lambda act: gemm(act.values, act.scale))
+    folded = (cuda_gemm.fold_launcher(codes, scales, fmt, block, sw, bias, lead, recipe, out_dtype, placed)
+              if FOLD_PREPARE and own_input and tiled is None and x_dtype == torch.bfloat16 else None)
+    if folded is None:
+        return plan
+    # the folded launch reads x by 16 bytes: an input that is not 16-byte aligned takes the two launches
+    return replace(plan, forward=lambda x: plan.matmul(plan.prepare(x)) if x.data_ptr() & 15 else folded(x))
 
 
 def _prepare_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device,
@@ -127,7 +136,16 @@ def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recip
         prepare = _prepare_launcher(recipe, math.prod(lead), k, x_dtype, weights[0][0].device, (tokens, placed))
         return GroupPlan(lambda act: run(act.values, act.scale), prepare)
     run = cuda_gemm.group_launcher(*args)
-    return None if run is None else GroupPlan(lambda act: run(act.values, act.scale))
+    if run is None:
+        return None
+    plan = GroupPlan(lambda act: run(act.values, act.scale))
+    folded = (cuda_gemm.fold_group_launcher(*args[:5], recipe, out_dtype, placed)
+              if FOLD_PREPARE and x_dtype == torch.bfloat16 else None)
+    if folded is None:
+        return plan
+    prepare = _prepare_launcher(recipe, math.prod(lead), k, x_dtype, weights[0][0].device, None)
+    # as eager_plan's: an input that is not 16-byte aligned takes the prepare launch and the group's
+    return replace(plan, forward=lambda x: plan.matmul(prepare(x)) if x.data_ptr() & 15 else folded(x))
 
 
 def supports_placed(recipe: Recipe) -> bool:

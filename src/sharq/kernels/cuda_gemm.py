@@ -57,11 +57,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import cuda_wgmma
+from . import cuda_activation, cuda_wgmma
+from .cuda_activation import Fold
 from .cuda_source import DEVICE_HELPERS, GROUP_ENTRY
 from .launch import DriverKernel, FixedLaunches, plan_buffers
 
-_SOURCE = DEVICE_HELPERS + r"""
+_SOURCE = DEVICE_HELPERS + cuda_activation.SOURCE + r"""
+#if FOLD  // s_x is written during the launch (fold_prepare): read through L2
+#define SX0 __ldcg(sx)
+#else
+#define SX0 sx[0]
+#endif
 struct Stage {
   U4 w[RT][2];   // codes of rows g and g + 8 of each row tile: this thread's 32 elements of the chunk
   u32 s[RT][2];  // their scale codes (one byte, or two for 16-element blocks)
@@ -103,6 +109,10 @@ __device__ __forceinline__ void gemm_block(
   // activation's loads in L1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
   const int wk = warp % WK, wn = warp / WK;
+#if FOLD  // a is x, the layer's input: the activation is prepared into sx's buffer, after s_x and the ticket
+  const u16* const x_in = a;
+  a = (const u16*)(sx + 4);
+#endif
   __shared__ u32 scale_table[256];  // built once the first chunks are on their way
   const int n0 = (bx * WN + wn) * (16 * RT);
   const int c_begin = by * chunks_per_split;
@@ -134,7 +144,11 @@ __device__ __forceinline__ void gemm_block(
   const int mine = c_end - c_begin > wk ? (c_end - c_begin - wk + WK - 1) / WK : 0;
   auto chunk = [&](int u) { return c_begin + wk + u * WK; };  // this warp's u-th chunk
   auto ld_x = [&](int mt, int c, int v) {  // 16 bytes of token mt * 8 + g's activation at chunk c
+#if FOLD
+    return ld_folded(xrow[mt] + c * 16 + v);
+#else
     return ld_shared_by_blocks(xrow[mt] + c * 16 + v);
+#endif
   };
   auto load_x = [&](Stage& s, int c) {  // the activation at chunk c
 #if !XDIRECT
@@ -250,6 +264,9 @@ __device__ __forceinline__ void gemm_block(
   build_scale_table(scale_table);
   __syncthreads();
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
+#if FOLD
+  fold_prepare(x_in, (float*)sx, M, Kp);
+#endif
   Stage cur;
   if (mine > 0) load_x(cur, chunk(0));
   for (int u0 = 0; u0 < mine; u0 += RING) {  // RING chunks an iteration: every slot index a constant
@@ -297,6 +314,9 @@ __device__ __forceinline__ void gemm_block(
   build_scale_table(scale_table);
   __syncthreads();
   wait_prior_grid();  // the weight's first chunks are on their way; the activation is read from here on
+#if FOLD
+  fold_prepare(x_in, (float*)sx, M, Kp);
+#endif
 #pragma unroll
   for (int u = 0; u < STAGES; ++u)
     if (u < mine) load_x(st[u], chunk(u));
@@ -357,7 +377,7 @@ __device__ __forceinline__ void gemm_block(
 #if SPLIT
         store(y, ((long)by * M + m) * N + n, v);
 #else
-        const float alpha = (SX_ROW ? sx[m] : sx[0]) * sw0;
+        const float alpha = (SX_ROW ? sx[m] : SX0) * sw0;
 #if BIAS
         store(y, (long)m * N + n, fmaf(v, alpha, to_float(bias, n)));
 #else
@@ -471,17 +491,22 @@ def n8_tiles(m: int) -> int:
     return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
 
 
-def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool, group: bool = False) -> str:
+def kernel_source(t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool, group: bool = False,
+                  fold: Fold | None = None) -> str:
     """The CUDA source of tile t's kernel for mt tiles of 8 tokens, block-`block` weights, output and bias dtype
     codes (_OUT, _BIAS) and a scale per token or not, for one layer (sharq_nvfp4_mma) or a group of layers that
-    read one activation (sharq_nvfp4_mma_group): the launch's #defines, then the kernel."""
+    read one activation (sharq_nvfp4_mma_group): the launch's #defines, then the kernel. With `fold` the launch
+    prepares its activation itself (kernels/cuda_activation.py): it takes the layer's input as `a` and, as `sx`,
+    a buffer of cuda_activation.buffer_bytes."""
+    if fold is not None and sx_row:
+        raise ValueError("a folded launch has one tensor scale, not one per token")
     # up to 16 tokens the registers are capped for two blocks a multiprocessor by default (measured 0-15 % faster,
     # same outputs); the 32-token launch needs more than that cap allows without spilling
     min_blocks = t.min_blocks or (2 if mt <= 2 and t.wn == 1 else 1)
     defines = dict(RT=t.rt, MT=mt, WK=t.wk, WN=t.wn, STAGES=t.stages, BLOCK=block, OUT=out, BIAS=bias,
                    SX_ROW=int(sx_row), SPLIT=int(t.splits > 1), RING=t.ring, XDIRECT=int(t.direct),
                    XNEXT=int(mt <= 2 and not t.direct), MIN_BLOCKS=min_blocks, GROUP=int(group),
-                   PLACED=int(t.placed))
+                   PLACED=int(t.placed), **(fold.defines() if fold else {"FOLD": 0}))
     return "".join(f"#define {k} {v}\n" for k, v in defines.items()) + _SOURCE
 
 
@@ -500,10 +525,10 @@ def _compile(device_index: int, source: str, shared_bytes: int, name: str = "sha
 
 
 def _kernel(device_index: int, t: CudaTile, mt: int, block: int, out: int, bias: int, sx_row: bool,
-            group: bool = False):
+            group: bool = False, fold: Fold | None = None):
     """The decode kernel compiled for tile t (kernel_source's arguments), its shared memory allowed."""
-    return _compile(device_index, kernel_source(t, mt, block, out, bias, sx_row, group), _shared_bytes(t, mt, block),
-                    "sharq_nvfp4_mma_group" if group else "sharq_nvfp4_mma")
+    return _compile(device_index, kernel_source(t, mt, block, out, bias, sx_row, group, fold),
+                    _shared_bytes(t, mt, block), "sharq_nvfp4_mma_group" if group else "sharq_nvfp4_mma")
 
 
 def _shared_bytes(t: CudaTile, mt: int, block: int) -> int:
@@ -590,20 +615,23 @@ class _Launch:
 
 
 def _build(device: int, t: CudaTile | cuda_wgmma.WgmmaTile, m: int, n: int, k: int, block: int, out: int,
-           bias: int, sx_row: bool, group: bool = False) -> _Launch:
+           bias: int, sx_row: bool, group: bool = False, fold: Fold | None = None) -> _Launch:
     """Tile t's launch (either kernel; one layer's entry or the group entry) for m tokens of width n, its kernel
-    compiled, programmatic (launch.PROGRAMMATIC_LAUNCH) where _programmatic says."""
+    compiled, programmatic (launch.PROGRAMMATIC_LAUNCH) where _programmatic says. `fold`: the decode kernel's launch
+    that prepares its activation itself (kernel_source)."""
     tiles = cuda_wgmma.token_tiles(m, t) if isinstance(t, cuda_wgmma.WgmmaTile) else 1
     if tiles > 65535:  # the grid's z limit
         raise ValueError(f"{t} takes {m} tokens in {tiles} token tiles, more than a grid's 65535: use wider tiles")
     programmatic = _programmatic(device, m, n, k)
+    if fold is not None and isinstance(t, cuda_wgmma.WgmmaTile):
+        raise ValueError(f"{t}: only the decode kernel's launches fold the prepare")
     if isinstance(t, cuda_wgmma.WgmmaTile):
         shared = cuda_wgmma.shared_bytes(t)
         kernel = _compile(device, cuda_wgmma.kernel_source(t, block, out, bias, sx_row, group), shared,
                           cuda_wgmma.GROUP_NAME if group else cuda_wgmma.NAME, "a")
     else:
         mt = n8_tiles(m)
-        shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group)
+        shared, kernel = _shared_bytes(t, mt, block), _kernel(device, t, mt, block, out, bias, sx_row, group, fold)
     params = "p" * 17 + "i" * 9 if group else "p" * 7 + "i" * 5
     return _Launch(DriverKernel(kernel.func.value, params, programmatic), device, (n // t.rows, t.splits, tiles),
                    (t.threads, 1, 1), shared, t.splits, -(-(k // 128) // t.splits))
@@ -627,11 +655,16 @@ class _NoWgmma(RuntimeError):
 
 @functools.lru_cache(maxsize=4096)
 def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int, sx_row: bool,
-            tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _Launch:
+            tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False, fold: Fold | None = None) -> _Launch:
     """The launch for one layer (_build): choose_tile's, or where cuda_wgmma.choose_tile takes the shape (17-64
     tokens on large layers and its token tiles above, Hopper) or `tile` is a WgmmaTile, the wgmma kernel's, with
     the same arguments. The decode kernel takes at most MAX_M tokens. `placed`: the codes are in
-    kernels/placed.py's layout (the tile's kernel variant that reads it)."""
+    kernels/placed.py's layout (the tile's kernel variant that reads it); `fold` as _build's (a CudaTile's)."""
+    if fold is not None:
+        if not isinstance(tile, CudaTile):
+            raise ValueError("a folded launch is asked for with its CudaTile (the fold depends on its threads)")
+        return _build(device, replace(tile, placed=True) if placed else tile, m, n, k, block, out, bias, sx_row,
+                      fold=fold)
     asked = isinstance(tile, cuda_wgmma.WgmmaTile)
     w = tile if asked else None if tile else _wgmma_tile(m, n, k, torch.device("cuda", device))
     if w is not None and placed:
@@ -704,29 +737,31 @@ def _same_sums(a: CudaTile, b: CudaTile) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _group_launch(device: int, m: int, ns: tuple[int, ...], k: int, block: int, out: int, bias: int, sx_row: bool,
-                  tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _GroupLaunch | None:
+                  tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False, fold: Fold | None = None
+                  ) -> _GroupLaunch | None:
     """One launch for layers of widths `ns` that read one activation, with `tile` or group_tile's, or None where
     group_tile says none or a layer is not a whole number of the tile's blocks. With a K split over blocks each
-    layer gets its own fp32 partials. `placed` as _launch."""
+    layer gets its own fp32 partials. `placed`, `fold` as _launch."""
     t = tile or group_tile(m, ns, k, torch.device("cuda", device))
     if t is None or not 2 <= len(ns) <= GROUP_MAX:
         return None
     if any(w % t.rows for w in ns):
         return None
     t = replace(t, placed=True) if placed else t
-    return _GroupLaunch(_build(device, t, m, sum(ns), k, block, out, bias, sx_row, group=True),
+    return _GroupLaunch(_build(device, t, m, sum(ns), k, block, out, bias, sx_row, group=True, fold=fold),
                         tuple(w // t.rows for w in ns))
 
 
 def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], biases: list[torch.Tensor | None],
                    fmt: str, block: int, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
-                   placed: bool = False, tile: cuda_wgmma.WgmmaTile | None = None
-                   ) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
+                   placed: bool = False, tile: CudaTile | cuda_wgmma.WgmmaTile | None = None,
+                   fold: Fold | None = None) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]] | None:
     """The products of one activation [M, K] (M = prod(lead), contiguous) with several layers' weights ((codes,
     scales, sw) each; the layers that read one input, as q/k/v) in one launch, worked out once: (a, sx) -> [y per
     layer, [*lead, N_i]], each as `launcher`'s would be for its layer with the group's tile. None where one launch
     does not run them (_group_launch; the layers disagree in K, device or bias dtype; a weight the kernel does not
-    take). `placed`: the codes are in kernels/placed.py's layout; `tile`: bulk_group_launcher's launch."""
+    take). `placed`: the codes are in kernels/placed.py's layout; `tile`: bulk_group_launcher's launch, or
+    fold_group_launcher's with its `fold` (then a is the layers' input and sx the fold's buffer)."""
     m = math.prod(lead)
     codes0 = weights[0][0]
     bias_dtypes = {None if b is None else b.dtype for b in biases}
@@ -740,7 +775,7 @@ def group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     device = codes0.get_device()
     try:
         plan = _group_launch(device, m, tuple(c.shape[0] for c, _, _ in weights), codes0.shape[1] * 2, block,
-                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, tile, placed)
+                             _OUT[out_dtype], _BIAS[bias_dtypes.pop()], sx_rows and m > 1, tile, placed, fold)
     except Exception as e:  # noqa: BLE001 - as _try_launch: no NVRTC here, the layers launch one by one
         warnings.warn(f"sharq: the CUDA group GEMM could not be compiled ({type(e).__name__}: {str(e)[:300]})",
                       stacklevel=2)
@@ -866,11 +901,11 @@ def nvfp4_mma(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, block:
 
 
 def _try_launch(device: int, m: int, n: int, k: int, block: int, out_dtype: torch.dtype,
-                bias_dtype: torch.dtype | None, sx_row: bool,
-                tile: CudaTile | cuda_wgmma.WgmmaTile | None, placed: bool = False) -> _Launch | None:
+                bias_dtype: torch.dtype | None, sx_row: bool, tile: CudaTile | cuda_wgmma.WgmmaTile | None,
+                placed: bool = False, fold: Fold | None = None) -> _Launch | None:
     """_launch, or None where the kernel cannot be compiled here (a warning says why, once)."""
     try:
-        return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile, placed)
+        return _launch(device, m, n, k, block, _OUT[out_dtype], _BIAS[bias_dtype], sx_row, tile, placed, fold)
     except ValueError:
         raise
     except _NoWgmma:
@@ -919,18 +954,19 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
 
 def launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
              bias: torch.Tensor | None, lead: tuple[int, ...], sx_rows: bool, out_dtype: torch.dtype,
-             placed: bool = False, tile: cuda_wgmma.WgmmaTile | None = None
+             placed: bool = False, tile: CudaTile | cuda_wgmma.WgmmaTile | None = None, fold: Fold | None = None
              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """The product with this weight for activations [M, K] (M = prod(lead); bf16, contiguous, 16-byte aligned: a
     prepare kernel's output) worked out once: an eager layer's plan. Returns (a, sx) -> y [*lead, N], sx the
     activation scale (fp32 [M, 1] if `sx_rows`, else [1, 1]); None where the kernel does not run this weight.
-    `placed`: the codes are in kernels/placed.py's layout; `tile`: bulk_launcher's launch instead of the plan's."""
+    `placed`: the codes are in kernels/placed.py's layout; `tile`: bulk_launcher's launch instead of the plan's, or
+    fold_launcher's with its `fold` (then a is the layer's input and sx the fold's buffer)."""
     m = math.prod(lead)
     if not (weight_fits(codes, scales, fmt, block, bias, out_dtype, m) and sw.numel() == 1
             and sw.dtype == torch.float32 and sw.is_contiguous()):
         return None
     plan = _try_launch(codes.get_device(), m, codes.shape[0], codes.shape[1] * 2, block, out_dtype,
-                       None if bias is None else bias.dtype, sx_rows and m > 1, tile, placed)
+                       None if bias is None else bias.dtype, sx_rows and m > 1, tile, placed, fold)
     if plan is None:
         return None
     return _single_run(plan, codes, scales, sw, bias, lead, out_dtype, sx_rows and m > 1, planned=True)
@@ -950,3 +986,73 @@ def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: in
     run = None if tile is None else launcher(codes, scales, fmt, block, sw, bias, lead, sx_rows, out_dtype, placed,
                                               tile)
     return None if run is None else (run, tile.tokens)
+
+
+def _fold_buffer(m: int, k: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A folded launch's buffer (cuda_activation.buffer_bytes: s_x, the ticket, the values), zeroed when made, as
+    its s_x [1, 1] fp32 view (what the launch takes as sx, and a K split's epilogue reads): kept per stream by the
+    plan, since the launch leaves its ticket zeroed; inside a CUDA-graph capture each call makes its own, whose
+    zeroing is then a node of the graph (a kept one's would only be recorded)."""
+    nbytes = cuda_activation.buffer_bytes(m, k)
+
+    def make() -> torch.Tensor:
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device)[:4].view(torch.float32).view(1, 1)
+
+    kept = plan_buffers(lambda: None if torch.cuda.is_current_stream_capturing() else make(), nbytes,
+                        device.index or 0)
+
+    def buffer() -> torch.Tensor:
+        b = kept()
+        return make() if b is None else b
+
+    return buffer
+
+
+def _fold(recipe, m: int, n: int, kp: int, tile: CudaTile | cuda_wgmma.WgmmaTile | None) -> Fold | None:
+    """The fold of a decode-kernel launch `tile` for m tokens of width n (cuda_activation.fold_for), None for other
+    launches and where the launch has fewer blocks than the fold's slices."""
+    fold = cuda_activation.fold_for(recipe, m, kp, tile.threads) if isinstance(tile, CudaTile) else None
+    return fold if fold is not None and fold.blocks <= n // tile.rows * tile.splits else None
+
+
+def fold_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
+                  bias: torch.Tensor | None, lead: tuple[int, ...], recipe, out_dtype: torch.dtype,
+                  placed: bool = False) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`launcher`'s product with the activation prepared by the launch itself (kernels/cuda_activation.py): x ->
+    y [*lead, N] for the layer's input x [M, K] (bf16, contiguous, 16-byte aligned) under `recipe`, the same bits
+    as the prepare kernel's launch followed by `launcher`'s; one launch where those are two. None where the
+    launch plan's launch is not the decode kernel's or the recipe's prepare does not fold (fold_for)."""
+    m = math.prod(lead)
+    if not codes.is_cuda or m > MAX_M:
+        return None
+    n, kp = codes.shape[0], codes.shape[1] * 2
+    if _wgmma_tile(m, n, kp, codes.device) is not None:
+        return None
+    tile = choose_tile(m, n, kp, codes.device)
+    fold = _fold(recipe, m, n, kp, tile)
+    run = None if fold is None else launcher(codes, scales, fmt, block, sw, bias, lead, False, out_dtype, placed,
+                                             tile, fold)
+    if run is None:
+        return None
+    buffer = _fold_buffer(m, kp, codes.device)
+    return lambda x: run(x, buffer())
+
+
+def fold_group_launcher(weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                        biases: list[torch.Tensor | None], fmt: str, block: int, lead: tuple[int, ...], recipe,
+                        out_dtype: torch.dtype, placed: bool = False
+                        ) -> Callable[[torch.Tensor], list[torch.Tensor]] | None:
+    """`group_launcher`'s products with the activation prepared by the group's launch itself, as fold_launcher's:
+    x -> [y per layer]; None where the group's launch is not the decode kernel's or does not fold."""
+    m, codes0 = math.prod(lead), weights[0][0]
+    if not codes0.is_cuda or m > MAX_M:
+        return None
+    kp, ns = codes0.shape[1] * 2, tuple(c.shape[0] for c, _, _ in weights)
+    tile = group_tile(m, ns, kp, codes0.device)
+    fold = _fold(recipe, m, sum(ns), kp, tile)
+    run = None if fold is None else group_launcher(weights, biases, fmt, block, lead, False, out_dtype, placed,
+                                                   tile, fold)
+    if run is None:
+        return None
+    buffer = _fold_buffer(m, kp, codes0.device)
+    return lambda x: run(x, buffer())

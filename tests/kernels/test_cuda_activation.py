@@ -1,0 +1,135 @@
+"""The decode GEMM's folded launches (kernels/cuda_activation.py: the launch prepares its own activation) against
+the prepare kernel's launch followed by the GEMM's, bit for bit, on a GPU; their sources compile on the CPU
+(NVRTC) in tests/kernels/test_cuda_gemm_source.py."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sharq
+from sharq.backends import packed
+from sharq.kernels import cuda_gemm
+from sharq.kernels import prepare as kp
+
+from .test_cuda_gemm import _payload
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
+                                reason="needs a CUDA GPU and torch.cuda._compile_kernel")
+FOLD_RECIPES = ["sharq", "nvfp4", "sparse-only", "dense-dense"]
+
+
+def _x(m: int, k: int, seed: int, specials: bool = False) -> torch.Tensor:
+    """Heavy-tailed bf16 rows with outlier channels; `specials`: NaN, ±Inf, ±0 and subnormals sprinkled."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    x[:, torch.randint(0, k, (max(k // 64, 1),), generator=g)] *= 40.0
+    if specials:
+        flat = x.view(-1)
+        idx = torch.randperm(flat.numel(), generator=g)[:8]
+        pool = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 3e38])
+        flat[idx] = pool
+    return x.to(torch.bfloat16).cuda()
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    mismatch = (got.view(torch.int16) != want.view(torch.int16)) & ~nan
+    assert not mismatch.any(), f"{int(mismatch.sum())} of {want.numel()} differ, first at {mismatch.nonzero()[0]}"
+
+
+def _unfolded(recipe, q, sw, bias, m: int, k: int):
+    """x -> y by the prepare kernel's launch plan and the GEMM's: what a folded launch must give."""
+    prepare = kp.dequantized_launcher(recipe, m, k, torch.bfloat16, torch.device("cuda"))
+    gemm = cuda_gemm.launcher(q.codes, q.scales, "nvfp4", q.block_size, sw, bias, (m,), False, torch.bfloat16)
+
+    def run(x):
+        values, scale, _ = prepare(x)
+        return gemm(values, scale).clone()
+    return run
+
+
+@pytest.mark.parametrize("name", FOLD_RECIPES)
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (8, 4096, 4096), (3, 28672, 4096), (2, 4096, 14336),
+                                   (1, 1024, 4096), (5, 256, 2048)])
+def test_a_folded_launch_gives_the_prepare_and_gemms_bits(name, m, n, k):
+    """Every fold recipe on decode shapes (one token to FOLD_ELEMENTS), with and without a bias, non-finite inputs
+    included; three calls in a row (the ticket left zeroed by each launch for the next)."""
+    recipe = sharq.get_recipe(name)
+    q = _payload(n, k, 16, m * n + k)
+    sw = torch.rand(1, device="cuda") + 0.5
+    for bias in (None, torch.randn(n, device="cuda").to(torch.bfloat16)):
+        folded = cuda_gemm.fold_launcher(q.codes, q.scales, "nvfp4", 16, sw, bias, (m,), recipe, torch.bfloat16)
+        assert folded is not None
+        want = _unfolded(recipe, q, sw, bias, m, k)
+        for call in range(3):
+            x = _x(m, k, 10 * m + call, specials=call == 2)
+            _same_bits(folded(x), want(x))
+
+
+@pytest.mark.parametrize("m", [1, 4, 8])
+@pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336)])
+def test_a_folded_group_launch_gives_each_layers_bits(m, ns):
+    """q/k/v- and gate/up-shaped groups (K = 4096): each layer's output is the prepare + GEMM's."""
+    recipe, k = sharq.get_recipe("sharq"), 4096
+    qs = [_payload(n, k, 16, n + i) for i, n in enumerate(ns)]
+    sws = [torch.rand(1, device="cuda") + 0.5 for _ in ns]
+    weights = [(q.codes, q.scales, sw) for q, sw in zip(qs, sws)]
+    folded = cuda_gemm.fold_group_launcher(weights, [None] * len(ns), "nvfp4", 16, (m,), recipe, torch.bfloat16)
+    if folded is None:
+        assert cuda_gemm.group_tile(m, ns, k, torch.device("cuda")) is None  # no group launch at this size
+        return
+    for call in range(2):
+        x = _x(m, k, m + call)
+        for q, sw, y in zip(qs, sws, folded(x)):
+            _same_bits(y, _unfolded(recipe, q, sw, None, m, k)(x))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (8, 4096, 4096)])
+def test_a_folded_launch_replays_in_a_cuda_graph(m, n, k):
+    """Captured once (its buffer zeroed by a node of the graph), replayed on new inputs, between eager calls."""
+    recipe = sharq.get_recipe("sharq")
+    q, sw = _payload(n, k, 16, 5), torch.rand(1, device="cuda") + 0.5
+    folded = cuda_gemm.fold_launcher(q.codes, q.scales, "nvfp4", 16, sw, None, (m,), recipe, torch.bfloat16)
+    want = _unfolded(recipe, q, sw, None, m, k)
+    x = _x(m, k, 0)
+    folded(x)  # compiled and its plan made outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = folded(x)
+    for seed in range(1, 4):
+        x.copy_(_x(m, k, seed))
+        graph.replay()
+        _same_bits(y, want(x))
+        _same_bits(folded(_x(m, k, seed + 10)), want(_x(m, k, seed + 10)))
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_a_quantized_model_folds_its_decode_launches_with_the_same_logits(tokens, monkeypatch):
+    """A Llama-shaped model on the packed backend: its own-input layers' plans and its groups' fold at decode
+    sizes, and the logits (eager, and an input that is not 16-byte aligned) are the unfolded ones bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=2048, intermediate_size=4096, num_hidden_layers=2,
+                      num_attention_heads=16, num_key_value_heads=4)
+    base = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (tokens, 1), device="cuda")
+    models, logits = {}, {}
+    for fold in (False, True):  # plans are made at a layer's first call, which reads the switch
+        monkeypatch.setattr(packed, "FOLD_PREPARE", fold)
+        models[fold] = sharq.quantize_model(copy.deepcopy(base), "sharq", device="cuda")
+        with torch.no_grad():
+            logits[fold] = models[fold](ids).logits
+    o_proj = models[True].model.layers[0].self_attn.o_proj
+    x = torch.randn(tokens, 1, o_proj.in_features, device="cuda").to(torch.bfloat16)
+    assert o_proj.eager_plan(x).forward is not None
+    assert models[False].model.layers[0].self_attn.o_proj.eager_plan(x).forward is None
+    _same_bits(logits[True], logits[False])
+    unaligned = torch.empty(x.numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view_as(x).copy_(x)
+    with torch.no_grad():
+        _same_bits(o_proj(unaligned), models[False].model.layers[0].self_attn.o_proj(x))
