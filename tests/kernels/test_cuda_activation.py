@@ -69,6 +69,10 @@ def test_a_folded_launch_gives_the_prepare_and_gemms_bits(name, m, n, k):
         for call in range(3):
             x = _x(m, k, 10 * m + call, specials=call == 2)
             _same_bits(folded(x), want(x))
+    # a layer's input as a model gives it, [batch, 1, K]: the same launch reads its rows
+    folded = cuda_gemm.fold_launcher(q.codes, q.scales, "nvfp4", 16, sw, None, (m, 1), recipe, torch.bfloat16)
+    x = _x(m, k, 7)
+    _same_bits(folded(x.view(m, 1, k)), _unfolded(recipe, q, sw, None, m, k)(x).view(m, 1, n))
 
 
 @pytest.mark.parametrize("m", [1, 4, 8])

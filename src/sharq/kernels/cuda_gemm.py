@@ -661,8 +661,9 @@ def _launch(device: int, m: int, n: int, k: int, block: int, out: int, bias: int
     the same arguments. The decode kernel takes at most MAX_M tokens. `placed`: the codes are in
     kernels/placed.py's layout (the tile's kernel variant that reads it); `fold` as _build's (a CudaTile's)."""
     if fold is not None:
-        if not isinstance(tile, CudaTile):
-            raise ValueError("a folded launch is asked for with its CudaTile (the fold depends on its threads)")
+        if not isinstance(tile, CudaTile) or n % tile.rows:
+            raise ValueError(f"a folded launch needs its CudaTile (the fold depends on its threads), N a multiple of "
+                             f"its rows: got {tile} for N = {n}")
         return _build(device, replace(tile, placed=True) if placed else tile, m, n, k, block, out, bias, sx_row,
                       fold=fold)
     asked = isinstance(tile, cuda_wgmma.WgmmaTile)
@@ -823,6 +824,11 @@ def nvfp4_mma_group(a: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Ten
     return None if plan is None else _group_run(plan, weights, biases, (m,), out_dtype, sx.numel() > 1)(a, sx)
 
 
+def _row_stride(a: torch.Tensor) -> int:
+    """The elements between a's rows: a [M, K] activation's, or a folded launch's input [..., K] (contiguous)."""
+    return a.stride(0) if a.dim() == 2 else a.shape[-1]
+
+
 def _starter(launch: _Launch, template: tuple[int, ...], slots: tuple[int, ...],
              ints: Callable[[torch.Tensor], tuple[int, ...]], planned: bool
              ) -> Callable[[tuple[int, ...], torch.Tensor], None]:
@@ -876,7 +882,7 @@ def _group_run(plan: _GroupLaunch, weights, biases, lead: tuple[int, ...], out_d
     unbiased = tuple(4 * GROUP_MAX + i for i, b in enumerate(biased) if b is None)  # sx's pointer in a bias's place
     template = (*codes, *scales, *[0] * GROUP_MAX, *sws, *[b or 0 for b in biased], *[0] * pad, 0, 0)
     start = _starter(launch, template, (*range(y_at, y_at + len(weights)), a_at, a_at + 1, *unbiased),
-                     lambda a: (m, a.shape[1], a.stride(0), *sizes), planned)
+                     lambda a: (m, a.shape[-1], _row_stride(a), *sizes), planned)
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> list[torch.Tensor]:
         ys = outputs()
@@ -941,7 +947,7 @@ def _single_run(plan: _Launch, codes: torch.Tensor, scales: torch.Tensor, sw: to
     unbiased = bias_ptr is None
     # a, y, sx (and sx again in the bias's place) are the call's
     start = _starter(plan, (*weight, 0, 0, 0, sw_ptr, bias_ptr or 0), (2, 3, 4, 6) if unbiased else (2, 3, 4),
-                     lambda a: (m, n, a.shape[1], a.stride(0), plan.chunks_per_split), planned)
+                     lambda a: (m, n, a.shape[-1], _row_stride(a), plan.chunks_per_split), planned)
 
     def run(a: torch.Tensor, sx: torch.Tensor) -> torch.Tensor:
         y = output()
