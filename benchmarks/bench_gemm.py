@@ -22,6 +22,7 @@
 --placed times only the CUDA kernels on codes in the placed layout against canonical codes.
 --ring times only the decode kernel's ring launches up to 8 tokens (how choose_tile's were chosen).
 --bulk times only the wgmma kernel fed by bulk copies of a tiled activation against its producer warps.
+--fold times only the decode kernel's launches that prepare their activation themselves against prepare + GEMM.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ import torch.nn.functional as F
 
 import sharq
 from sharq._format import format_table
-from sharq.backends import EagerPlan, WeightLayout, available, get_backend, humming, resolve_backend
-from sharq.kernels import cublaslt, cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
+from sharq.backends import EagerPlan, WeightLayout, available, get_backend, humming, packed, resolve_backend
+from sharq.kernels import cublaslt, cuda_activation, cuda_dequantize, cuda_gemm, cuda_wgmma, gemm, launch
 from sharq.kernels.placed import place_codes
 from sharq.quant import QTensor, dequantize_blocks
 from sharq.recipes import QWeight
@@ -149,7 +150,8 @@ def layer_plans(p: QTensor, sw: torch.Tensor, r, m: int, n_copies: int) -> tuple
         if plan is None:
             return name, None
         held = (q, layout)  # a plan launches on its weight's pointers: the layer it belongs to holds the weight
-        plans.append(EagerPlan(plan.prepare, lambda act, plan=plan, held=held: plan.matmul(act)))
+        plans.append(EagerPlan(plan.prepare, lambda act, plan=plan, held=held: plan.matmul(act),
+                               None if plan.forward is None else lambda x, plan=plan, held=held: plan.forward(x)))
     return name, plans
 
 
@@ -827,6 +829,62 @@ def programmatic(ms: tuple[int, ...] = (1, 4, 8, 12, 16, 32, 64)) -> list[dict]:
     return rows
 
 
+def fold_sweep(ms: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
+    """The decode kernel's launches that prepare their activation themselves (kernels/cuda_activation.py: one
+    launch a layer) against the prepare kernel's launch + the GEMM's, as a model's plans make them (the backend
+    "auto" gives, sharq weights): each 8B and 70B layer alone and each q/k/v and gate/up group, GPU µs over weight
+    copies in one graph, beside BF16 cuBLAS; the folded outputs checked against the unfolded ones bit for bit."""
+    r, rows = sharq.get_recipe("sharq"), []
+
+    def bf16_us(ns: tuple[int, ...], k: int, x: torch.Tensor) -> float:
+        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns]
+        sets = [[t.clone() for t in w] for _ in range(copies(sum(t.numel() for t in w) * 2))]
+        return 1e3 * graph_ms([lambda ws=ws: [F.linear(x, t) for t in ws] for ws in sets])
+
+    def row(what: dict, fold, plain, bf16: float) -> dict:
+        equal = all(torch.equal(a, b) for a, b in zip(fold[0](), plain[0]()))
+        out = {**what, "bf16_us": bf16, "unfolded_us": 1e3 * graph_ms(plain), "folded_us": 1e3 * graph_ms(fold),
+               "equal": equal}
+        print(f"K={out['K']} N={out['N']} M={out['M']}: bf16 {bf16:.2f} us, prepare + GEMM {out['unfolded_us']:.2f},"
+              f" folded {out['folded_us']:.2f} (equal: {equal}); folded x unfolded "
+              f"{out['unfolded_us'] / out['folded_us']:.2f}, x bf16 {bf16 / out['folded_us']:.2f}", flush=True)
+        return out
+
+    for (k, n), m in itertools.product(SHAPES + SHAPES_70B, ms):
+        if m * k > cuda_activation.FOLD_ELEMENTS:
+            continue
+        p, sw, _ = payload("sharq", n, k)
+        x = outlier_x(m, k)
+        _, plans = layer_plans(p, sw, r, m, copies(p.codes.numel() + p.scales.numel()))
+        if plans is None or plans[0].forward is None:
+            continue
+        rows.append(row({"K": k, "N": n, "M": m}, [lambda p=p: [p.forward(x)] for p in plans],
+                        [lambda p=p: [p.matmul(p.prepare(x))] for p in plans], bf16_us((n,), k, x)))
+        del plans
+    for (k, ns), m in itertools.product(GROUPS, ms):
+        if m * k > cuda_activation.FOLD_ELEMENTS:
+            continue
+        x = outlier_x(m, k)
+        layers = [payload("sharq", n, k, seed=i + 1)[:2] for i, n in enumerate(ns)]
+        name = resolve_backend("auto", r, "cuda", (ns[0], k), torch.bfloat16)
+        b, plans = get_backend(name), []
+        for _ in range(copies(sum(q.codes.numel() + q.scales.numel() for q, _ in layers))):
+            qs = [(replace(q, codes=q.codes.clone(), scales=q.scales.clone()), sw) for q, sw in layers]
+            layouts = [b.to_layout(q, sw, None) if b.to_layout is not None else None for q, sw in qs]
+            plan = packed.group_plan([QWeight(None, sw, q) for q, sw in qs], [None] * len(ns), r, (m,),
+                                     torch.bfloat16, layouts, x_dtype=torch.bfloat16)
+            if plan is None or plan.forward is None:
+                break
+            plans.append((plan, (qs, layouts)))
+        if len(plans) < 2:
+            continue
+        prepare = packed._prepare_launcher(r, m, k, torch.bfloat16, x.device, None)
+        rows.append(row({"K": k, "N": list(ns), "M": m}, [lambda p=p: p.forward(x) for p, _ in plans],
+                        [lambda p=p: p.matmul(prepare(x)) for p, _ in plans], bf16_us(ns, k, x)))
+        del plans
+    return rows
+
+
 def kernel_resources(t, m: int, block: int = 32) -> tuple[int, int]:
     """Registers and local-memory bytes per thread of the CUDA kernel launched with tile t at M = m (bf16 out, no
     bias, `block`-element blocks): local memory above 0 means spills."""
@@ -1016,7 +1074,9 @@ ONLY = {"wgmma": ((16, 17, 24, 32, 33, 48, 64), wgmma_vs_decode, "wgmma_vs_decod
         "bulk": ((33, 64, 128, 256, 512, 1024, 2048), bulk_sweep, "bulk_sweep", "the wgmma kernel fed by bulk "
                  "copies of a tiled activation against its producer warps (8B and 70B)"),
         "ring": ((1, 4, 8), ring_sweep, "ring_sweep", "the decode kernel's ring launches up to 8 tokens: depth, row "
-                 "tiles, warps, register cap (8B and 70B)")}
+                 "tiles, warps, register cap (8B and 70B)"),
+        "fold": ((1, 2, 4, 8), fold_sweep, "fold_sweep", "the decode kernel's launches that prepare their activation "
+                 "themselves against prepare + GEMM (8B and 70B layers and groups)")}
 
 
 def save(out: dict | list, path: str | None) -> None:

@@ -14,7 +14,8 @@ compares two models under the same process's host speed: eager steps are host-bo
 was seen to vary by as much as the gap between the two (docs/PERF.md). With --without-prepare a third copy joins
 them whose eager plans replay their first call's activation (the prepare launch skipped from then on; its outputs
 are wrong): the host time of one launch a layer fewer, the most that folding the activation kernel into the GEMM
-can give an eager step.
+can give an eager step. With --unfolded a copy whose plans launch the prepare and the GEMM apart (where the decode
+kernel's launches prepare their activation themselves by default) joins them too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import replace
 import torch
 
 import sharq
+from sharq.backends import packed
 from sharq.nn import SharQLinear
 from bench_model import llama_8b_shaped  # benchmarks/, beside this script
 from timing import timed_steps, warm_session
@@ -94,7 +96,8 @@ def _first_result(prepare):
 
 def without_prepare(model: torch.nn.Module) -> int:
     """Make every eager plan of `model`'s quantized layers (and of their groups) skip its prepare launch after its
-    first call (see the module's docstring); the number of plans changed."""
+    first call (see the module's docstring; a folded launch, which prepares inside it, is dropped); the number of
+    plans changed."""
     changed, groups = 0, set()
     for m in model.modules():
         if not isinstance(m, SharQLinear):
@@ -102,13 +105,13 @@ def without_prepare(model: torch.nn.Module) -> int:
         plans = m.__dict__["_plans"]
         for key, plan in list(plans.items()):
             if plan is not None:
-                plans[key] = replace(plan, prepare=_first_result(plan.prepare))
+                plans[key] = replace(plan, prepare=_first_result(plan.prepare), forward=None)
                 changed += 1
         if m.shared is not None and id(m.shared) not in groups:
             groups.add(id(m.shared))
             for key, plan in list(m.shared._group_plans.items()):
                 if plan is not None and plan.prepare is not None:
-                    m.shared._group_plans[key] = replace(plan, prepare=_first_result(plan.prepare))
+                    m.shared._group_plans[key] = replace(plan, prepare=_first_result(plan.prepare), forward=None)
                     changed += 1
     return changed
 
@@ -117,11 +120,17 @@ def without_prepare(model: torch.nn.Module) -> int:
 def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps: int = 8) -> None:
     """Eager steps of each model in turn, `rounds` rounds of `steps` steps: each round's median ms a step and host
     wall ms in step(), and the first model's step time over each other's (its speed-up) in that round. A model
-    named "no-prepare" has its plans' prepare launches skipped once warm (`without_prepare`)."""
+    named "no-prepare" has its plans' prepare launches skipped once warm (`without_prepare`); one named "unfolded"
+    has its plans made without folded launches (packed.FOLD_PREPARE off while it warms up, when they are made)."""
     names = list(models)
     sessions, tokens = {}, {}
     for name, model in models.items():
-        sessions[name], tokens[name] = warm_session(model, batch, 16 + (rounds + 1) * steps + 4, cuda_graph=False)
+        fold, packed.FOLD_PREPARE = packed.FOLD_PREPARE, name != "unfolded" and packed.FOLD_PREPARE
+        try:
+            sessions[name], tokens[name] = warm_session(model, batch, 16 + (rounds + 1) * steps + 4,
+                                                        cuda_graph=False)
+        finally:
+            packed.FOLD_PREPARE = fold
         if name == "no-prepare":
             print(f"batch {batch:2d} no-prepare: {without_prepare(model)} plans replay their first activation")
     torch.cuda.synchronize()
@@ -149,6 +158,8 @@ def main() -> int:
     p.add_argument("--batches", default="1", help="comma-separated batch sizes for --alternate")
     p.add_argument("--without-prepare", action="store_true",
                    help="with --alternate, also time a sharq copy whose eager plans skip their prepare launch")
+    p.add_argument("--unfolded", action="store_true",
+                   help="with --alternate, also time a sharq copy whose plans launch prepare and GEMM apart")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("eager_diagnostics needs a CUDA GPU", file=sys.stderr)
@@ -159,6 +170,8 @@ def main() -> int:
         models = {"bf16": model, "sharq": sharq.quantize_model(copy.deepcopy(model), "sharq")}
         if args.without_prepare:
             models["no-prepare"] = copy.deepcopy(models["sharq"])
+        if args.unfolded:
+            models["unfolded"] = copy.deepcopy(models["sharq"])
         for batch in [int(b) for b in args.batches.split(",")]:
             alternate(models, batch, args.alternate)
         return 0
