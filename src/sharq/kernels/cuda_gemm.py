@@ -996,20 +996,25 @@ def bulk_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: in
 
 def _fold_buffer(m: int, k: int, device: torch.device) -> Callable[[], torch.Tensor]:
     """A folded launch's buffer (cuda_activation.buffer_bytes: s_x, the ticket, the values), zeroed when made, as
-    its s_x [1, 1] fp32 view (what the launch takes as sx, and a K split's epilogue reads): kept per stream by the
-    plan, since the launch leaves its ticket zeroed; inside a CUDA-graph capture each call makes its own, whose
-    zeroing is then a node of the graph (a kept one's would only be recorded)."""
+    its s_x [1, 1] fp32 view (what the launch takes as sx, and a K split's epilogue reads). The launch leaves its
+    ticket zeroed, so a buffer is zeroed once: eager calls keep one per stream (plan_buffers); CUDA graphs captured
+    from this plan share one made with it, so their launches need no zeroing node (a node per layer would cost the
+    graph what the fold saves), and, as plan_buffers' graphs, are replayed one after another, not at once. A plan
+    first made inside a capture has none: each of its calls makes its own, whose zeroing is a node of the graph."""
     nbytes = cuda_activation.buffer_bytes(m, k)
 
     def make() -> torch.Tensor:
         return torch.zeros(nbytes, dtype=torch.uint8, device=device)[:4].view(torch.float32).view(1, 1)
 
-    kept = plan_buffers(lambda: None if torch.cuda.is_current_stream_capturing() else make(), nbytes,
-                        device.index or 0)
+    capturing = torch.cuda.is_current_stream_capturing
+    for_graphs = None if capturing() else make()
+    kept = plan_buffers(lambda: None if capturing() else make(), nbytes, device.index or 0)
 
     def buffer() -> torch.Tensor:
         b = kept()
-        return make() if b is None else b
+        if b is None:
+            b = make() if for_graphs is None else for_graphs
+        return b
 
     return buffer
 
