@@ -144,3 +144,36 @@ def test_a_quantized_model_folds_its_decode_launches_with_the_same_logits(tokens
     unaligned = torch.empty(x.numel() + 1, dtype=torch.bfloat16, device="cuda")[1:].view_as(x).copy_(x)
     with torch.no_grad():
         _same_bits(o_proj(unaligned), models[False].model.layers[0].self_attn.o_proj(x))
+
+
+@pytest.mark.parametrize("in_graphs", [False, True])
+def test_a_plans_forward_folds_eagerly_and_in_a_graph_only_with_fold_in_graphs(in_graphs, monkeypatch):
+    """packed.eager_plan's forward: the folded launch in eager calls; inside a CUDA-graph capture the prepare's
+    and the GEMM's launches unless FOLD_IN_GRAPHS (then the fold, on the plan's buffer for graphs); the same bits
+    each way, replayed on new inputs."""
+    from sharq.nn import SharQLinear
+
+    monkeypatch.setattr(packed, "FOLD_IN_GRAPHS", in_graphs)
+    folds, real = [], cuda_gemm.fold_launcher
+
+    def counted(*args, **kwargs):
+        run = real(*args, **kwargs)
+        return None if run is None else (lambda x: (folds.append(x.shape), run(x))[1])
+
+    monkeypatch.setattr(cuda_gemm, "fold_launcher", counted)
+    torch.manual_seed(0)
+    base = torch.nn.Linear(4096, 4096, bias=False).to(torch.bfloat16).cuda()
+    layer = SharQLinear.from_linear(base, "sharq")
+    x = _x(1, 4096, 0).view(1, 1, 4096)
+    with torch.no_grad():
+        want = layer(x).clone()
+        assert len(folds) == 1  # the eager call folds
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = layer(x)
+        assert len(folds) == 1 + in_graphs
+        for seed in range(1, 3):
+            x.copy_(_x(1, 4096, seed).view(1, 1, 4096))
+            graph.replay()
+            want = layer(x)
+            _same_bits(y, want)

@@ -45,7 +45,8 @@ class EagerPlan:
     prepare: Callable[[torch.Tensor], QActivation]
     matmul: Callable[[QActivation], torch.Tensor]
     # x -> y in one launch, where the backend folds the prepare into its GEMM (the same bits): for a layer that
-    # prepares its own input; prepare and matmul stay for callers that share one activation
+    # prepares its own input; prepare and matmul stay for callers that share one activation. The backend may
+    # take prepare and matmul inside it where the fold does not pay (packed: inside a CUDA-graph capture)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,11 @@ from . import Backend, EagerPlan, GroupPlan, WeightLayout, register, simulator
 
 PLACED = "placed"  # the layout's meta
 # the decode kernel's launches prepare their activation themselves where they can (cuda_gemm.fold_launcher: one
-# launch a layer where there were two); read when a plan is made, so one process can time both ways
+# launch a layer where there were two) in eager calls, where each launch costs host time; inside a CUDA-graph
+# capture (a graph replays its launches without host work) only with FOLD_IN_GRAPHS. Both read when a plan is
+# made, so one process can time each way.
 FOLD_PREPARE = True
+FOLD_IN_GRAPHS = False
 
 
 def supports(recipe: Recipe) -> bool:
@@ -94,8 +97,19 @@ def eager_plan(qweight: QWeight, bias: torch.Tensor | None, recipe: Recipe, lead
               if FOLD_PREPARE and own_input and tiled is None and x_dtype == torch.bfloat16 else None)
     if folded is None:
         return plan
-    # the folded launch reads x by 16 bytes: an input that is not 16-byte aligned takes the two launches
-    return replace(plan, forward=lambda x: plan.matmul(plan.prepare(x)) if x.data_ptr() & 15 else folded(x))
+    return replace(plan, forward=_folded_forward(folded, lambda x: plan.matmul(plan.prepare(x))))
+
+
+def _folded_forward(folded: Callable, unfolded: Callable) -> Callable:
+    """A plan's forward: the folded launch, but the prepare's launch and the GEMM's (`unfolded`) for an input that
+    is not 16-byte aligned (the fold reads x by 16 bytes) and, unless FOLD_IN_GRAPHS, inside a CUDA-graph capture,
+    where a launch costs no host time and the prepare's already overlaps the GEMM's start: on an H100 the folds
+    made an eager step 3-4 % faster, and the folded launch alone took 1.3-2.3 x the GPU time of the two in a graph
+    (docs/PERF.md, thirty-eighth run)."""
+    if FOLD_IN_GRAPHS:
+        return lambda x: unfolded(x) if x.data_ptr() & 15 else folded(x)
+    capturing = torch.cuda.is_current_stream_capturing
+    return lambda x: unfolded(x) if x.data_ptr() & 15 or capturing() else folded(x)
 
 
 def _prepare_launcher(recipe: Recipe, m: int, k: int, x_dtype: torch.dtype, device: torch.device,
@@ -144,8 +158,7 @@ def group_plan(qweights: list[QWeight], biases: list[torch.Tensor | None], recip
     if folded is None:
         return plan
     prepare = _prepare_launcher(recipe, math.prod(lead), k, x_dtype, weights[0][0].device, None)
-    # as eager_plan's: an input that is not 16-byte aligned takes the prepare launch and the group's
-    return replace(plan, forward=lambda x: plan.matmul(prepare(x)) if x.data_ptr() & 15 else folded(x))
+    return replace(plan, forward=_folded_forward(folded, lambda x: plan.matmul(prepare(x))))
 
 
 def supports_placed(recipe: Recipe) -> bool:
