@@ -833,7 +833,16 @@ def fold_sweep(ms: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
     """The decode kernel's launches that prepare their activation themselves (kernels/cuda_activation.py: one
     launch a layer) against the prepare kernel's launch + the GEMM's, as a model's plans make them (the backend
     "auto" gives, sharq weights): each 8B and 70B layer alone and each q/k/v and gate/up group, GPU µs over weight
-    copies in one graph, beside BF16 cuBLAS; the folded outputs checked against the unfolded ones bit for bit."""
+    copies in one graph, beside BF16 cuBLAS; the folded outputs checked against the unfolded ones bit for bit.
+    The plans fold inside the graphs too (packed.FOLD_IN_GRAPHS, on while they are made)."""
+    in_graphs, packed.FOLD_IN_GRAPHS = packed.FOLD_IN_GRAPHS, True
+    try:
+        return _fold_rows(ms)
+    finally:
+        packed.FOLD_IN_GRAPHS = in_graphs
+
+
+def _fold_rows(ms: tuple[int, ...]) -> list[dict]:
     r, rows = sharq.get_recipe("sharq"), []
 
     def bf16_us(ns: tuple[int, ...], k: int, x: torch.Tensor) -> float:
