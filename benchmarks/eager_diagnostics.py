@@ -1,6 +1,6 @@
 """Why an eager decode step is slower than BF16's: the checks behind docs/PERF.md's eager bullet (thirty-fourth run).
 
-    python benchmarks/eager_diagnostics.py [--alternate ROUNDS] [--batches 1,8,32]
+    python benchmarks/eager_diagnostics.py [--alternate ROUNDS] [--batches 1,8,32] [--unfolded] [--graphs [--folded-in-graphs]]
 
 On the Llama-3.1-8B-shaped model (random weights, batch 1, a 16-token prompt, DecodeSession(cuda_graph=False)),
 BF16 and then the same model quantized by sharq, each: the step's time by CUDA events (each step from an idle GPU)
@@ -15,7 +15,9 @@ was seen to vary by as much as the gap between the two (docs/PERF.md). With --wi
 them whose eager plans replay their first call's activation (the prepare launch skipped from then on; its outputs
 are wrong): the host time of one launch a layer fewer, the most that folding the activation kernel into the GEMM
 can give an eager step. With --unfolded a copy whose plans launch the prepare and the GEMM apart (where the decode
-kernel's launches prepare their activation themselves by default) joins them too.
+kernel's launches prepare their activation themselves in eager calls by default) joins them too. With --graphs the
+steps are CUDA-graph replays (DecodeSession(cuda_graph=True)), and --folded-in-graphs adds a copy whose plans fold
+inside the graphs too (packed.FOLD_IN_GRAPHS on while they are made).
 """
 
 from __future__ import annotations
@@ -117,20 +119,24 @@ def without_prepare(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps: int = 8) -> None:
+def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps: int = 8,
+              cuda_graph: bool = False) -> None:
     """Eager steps of each model in turn, `rounds` rounds of `steps` steps: each round's median ms a step and host
     wall ms in step(), and the first model's step time over each other's (its speed-up) in that round. A model
     named "no-prepare" has its plans' prepare launches skipped once warm (`without_prepare`); one named "unfolded"
-    has its plans made without folded launches (packed.FOLD_PREPARE off while it warms up, when they are made)."""
+    has its plans made without folded launches (packed.FOLD_PREPARE off while it warms up, when they are made), one
+    named "folded-in-graphs" with packed.FOLD_IN_GRAPHS on. `cuda_graph`: the steps are graph replays."""
     names = list(models)
     sessions, tokens = {}, {}
     for name, model in models.items():
-        fold, packed.FOLD_PREPARE = packed.FOLD_PREPARE, name != "unfolded" and packed.FOLD_PREPARE
+        switches = packed.FOLD_PREPARE, packed.FOLD_IN_GRAPHS
+        packed.FOLD_PREPARE = name != "unfolded" and packed.FOLD_PREPARE
+        packed.FOLD_IN_GRAPHS = name == "folded-in-graphs" or packed.FOLD_IN_GRAPHS
         try:
             sessions[name], tokens[name] = warm_session(model, batch, 16 + (rounds + 1) * steps + 4,
-                                                        cuda_graph=False)
+                                                        cuda_graph=cuda_graph)
         finally:
-            packed.FOLD_PREPARE = fold
+            packed.FOLD_PREPARE, packed.FOLD_IN_GRAPHS = switches
         if name == "no-prepare":
             print(f"batch {batch:2d} no-prepare: {without_prepare(model)} plans replay their first activation")
     torch.cuda.synchronize()
@@ -160,6 +166,9 @@ def main() -> int:
                    help="with --alternate, also time a sharq copy whose eager plans skip their prepare launch")
     p.add_argument("--unfolded", action="store_true",
                    help="with --alternate, also time a sharq copy whose plans launch prepare and GEMM apart")
+    p.add_argument("--graphs", action="store_true", help="with --alternate, time CUDA-graph steps instead of eager")
+    p.add_argument("--folded-in-graphs", action="store_true",
+                   help="with --alternate, also time a sharq copy whose plans fold inside CUDA graphs too")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("eager_diagnostics needs a CUDA GPU", file=sys.stderr)
@@ -172,8 +181,10 @@ def main() -> int:
             models["no-prepare"] = copy.deepcopy(models["sharq"])
         if args.unfolded:
             models["unfolded"] = copy.deepcopy(models["sharq"])
+        if args.folded_in_graphs:
+            models["folded-in-graphs"] = copy.deepcopy(models["sharq"])
         for batch in [int(b) for b in args.batches.split(",")]:
-            alternate(models, batch, args.alternate)
+            alternate(models, batch, args.alternate, cuda_graph=args.graphs)
         return 0
     run(model, "bf16")
     sharq.quantize_model(model, "sharq")
