@@ -104,8 +104,8 @@ def _folded_forward(folded: Callable, unfolded: Callable) -> Callable:
     """A plan's forward: the folded launch, but the prepare's launch and the GEMM's (`unfolded`) for an input that
     is not 16-byte aligned (the fold reads x by 16 bytes) and, unless FOLD_IN_GRAPHS, inside a CUDA-graph capture,
     where a launch costs no host time and the prepare's already overlaps the GEMM's start: on an H100 the folds
-    made an eager step 3-4 % faster, and the folded launch alone took 1.3-2.3 x the GPU time of the two in a graph
-    (docs/PERF.md, thirty-eighth run)."""
+    made an eager step 1-4 % faster, and in a graph the folded launch took 1.4-2.2 x the two launches' GPU time and
+    a decode step 1.25 x as long (docs/PERF.md, thirty-eighth run)."""
     if FOLD_IN_GRAPHS:
         return lambda x: unfolded(x) if x.data_ptr() & 15 else folded(x)
     capturing = torch.cuda.is_current_stream_capturing
