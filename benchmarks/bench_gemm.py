@@ -700,6 +700,14 @@ class GroupCase:
         return 1e3 * graph_ms([lambda ws=ws: launch(ws, tile) for ws in self.sets], reps=10)
 
 
+def bf16_layers_us(ns: tuple[int, ...], k: int, x: torch.Tensor) -> float:
+    """GPU µs of BF16 cuBLAS's products of x with layers [n, k] for each n in ns, one by one, over weight copies in
+    one graph (the weights streamed from memory)."""
+    w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns]
+    sets = [[t.clone() for t in w] for _ in range(copies(sum(t.numel() for t in w) * 2))]
+    return 1e3 * graph_ms([lambda ws=ws: [F.linear(x, t) for t in ws] for ws in sets])
+
+
 def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32, 48, 64), recipe: str = "sharq") -> list[dict]:
     """Layers that read one activation (q/k/v, gate/up) launched one by one against one group launch
     (cuda_gemm.nvfp4_mma_group), GPU µs of all the layers' products, beside BF16 cuBLAS one by one and on the
@@ -708,12 +716,10 @@ def groups(ms: tuple[int, ...] = (1, 4, 8, 16, 24, 32, 48, 64), recipe: str = "s
     rows = []
     for (k, ns), m in itertools.product(GROUPS, ms):
         x = outlier_x(m, k)
-        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns]
-        n_copies = copies(sum(t.numel() for t in w) * 2)
-        ws = [[t.clone() for t in w] for _ in range(n_copies)]
-        bf16_alone = 1e3 * graph_ms([lambda ws=ws: [F.linear(x, t) for t in ws] for ws in ws])
-        cat = [torch.cat(ws) for ws in ws]
-        del ws, w
+        bf16_alone = bf16_layers_us(ns, k, x)
+        w = torch.randn(sum(ns), k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        cat = [w.clone() for _ in range(copies(w.numel() * 2))]
+        del w
         bf16_fused = 1e3 * graph_ms([lambda t=t: F.linear(x, t) for t in cat])
         del cat
         case = GroupCase.make(recipe, k, ns, m, x)
@@ -845,11 +851,6 @@ def fold_sweep(ms: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict]:
 def _fold_rows(ms: tuple[int, ...]) -> list[dict]:
     r, rows = sharq.get_recipe("sharq"), []
 
-    def bf16_us(ns: tuple[int, ...], k: int, x: torch.Tensor) -> float:
-        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for n in ns]
-        sets = [[t.clone() for t in w] for _ in range(copies(sum(t.numel() for t in w) * 2))]
-        return 1e3 * graph_ms([lambda ws=ws: [F.linear(x, t) for t in ws] for ws in sets])
-
     def row(what: dict, fold, plain, bf16: float) -> dict:
         equal = all(torch.equal(a, b) for a, b in zip(fold[0](), plain[0]()))
         out = {**what, "bf16_us": bf16, "unfolded_us": 1e3 * graph_ms(plain), "folded_us": 1e3 * graph_ms(fold),
@@ -868,7 +869,7 @@ def _fold_rows(ms: tuple[int, ...]) -> list[dict]:
         if plans is None or plans[0].forward is None:
             continue
         rows.append(row({"K": k, "N": n, "M": m}, [lambda p=p: [p.forward(x)] for p in plans],
-                        [lambda p=p: [p.matmul(p.prepare(x))] for p in plans], bf16_us((n,), k, x)))
+                        [lambda p=p: [p.matmul(p.prepare(x))] for p in plans], bf16_layers_us((n,), k, x)))
         del plans
     for (k, ns), m in itertools.product(GROUPS, ms):
         if m * k > cuda_activation.FOLD_ELEMENTS:
@@ -889,7 +890,7 @@ def _fold_rows(ms: tuple[int, ...]) -> list[dict]:
             continue
         prepare = packed._prepare_launcher(r, m, k, torch.bfloat16, x.device, None)
         rows.append(row({"K": k, "N": list(ns), "M": m}, [lambda p=p: p.forward(x) for p, _ in plans],
-                        [lambda p=p: p.matmul(prepare(x)) for p, _ in plans], bf16_us(ns, k, x)))
+                        [lambda p=p: p.matmul(prepare(x)) for p, _ in plans], bf16_layers_us(ns, k, x)))
         del plans
     return rows
 
