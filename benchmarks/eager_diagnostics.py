@@ -112,8 +112,10 @@ def without_prepare(model: torch.nn.Module) -> int:
         if m.shared is not None and id(m.shared) not in groups:
             groups.add(id(m.shared))
             for key, plan in list(m.shared._group_plans.items()):
-                if plan is not None and plan.prepare is not None:
-                    m.shared._group_plans[key] = replace(plan, prepare=_first_result(plan.prepare), forward=None)
+                if plan is not None and (plan.prepare is not None or plan.forward is not None):
+                    # without its folded launch a group multiplies its members' (replayed) activation
+                    prepare = None if plan.prepare is None else _first_result(plan.prepare)
+                    m.shared._group_plans[key] = replace(plan, prepare=prepare, forward=None)
                     changed += 1
     return changed
 
@@ -121,11 +123,11 @@ def without_prepare(model: torch.nn.Module) -> int:
 @torch.no_grad()
 def alternate(models: dict[str, torch.nn.Module], batch: int, rounds: int, steps: int = 8,
               cuda_graph: bool = False) -> None:
-    """Eager steps of each model in turn, `rounds` rounds of `steps` steps: each round's median ms a step and host
-    wall ms in step(), and the first model's step time over each other's (its speed-up) in that round. A model
-    named "no-prepare" has its plans' prepare launches skipped once warm (`without_prepare`); one named "unfolded"
-    has its plans made without folded launches (packed.FOLD_PREPARE off while it warms up, when they are made), one
-    named "folded-in-graphs" with packed.FOLD_IN_GRAPHS on. `cuda_graph`: the steps are graph replays."""
+    """Decode steps of each model in turn (eager, or graph replays with `cuda_graph`), `rounds` rounds of `steps`
+    steps: each round's median ms a step and host wall ms in step(), and the first model's step time over each
+    other's (its speed-up) in that round. A model named "no-prepare" has its plans' prepare launches skipped once
+    warm (`without_prepare`); one named "unfolded" has its plans made without folded launches (packed.FOLD_PREPARE
+    off while it warms up, when they are made), one named "folded-in-graphs" with packed.FOLD_IN_GRAPHS on."""
     names = list(models)
     sessions, tokens = {}, {}
     for name, model in models.items():

@@ -110,3 +110,29 @@ def test_without_prepare_replays_each_plans_first_activation(rng, monkeypatch):
         calls.clear()
         assert torch.equal(model(x), first) and torch.equal(model(other), first)  # x's activation, replayed
         assert calls == [("prepare", 64), ("matmul", 32), ("matmul", 32)]
+
+
+def test_without_prepare_drops_folded_launches_so_no_group_prepares(rng, monkeypatch):
+    """With folded launches (a layer's and a q/k/v or gate/up group's, as the packed backend's at decode sizes),
+    the --without-prepare copy drops them: once warm a step launches only GEMMs (the groups multiply their members'
+    replayed activation), no fold that prepares inside it."""
+    import sharq
+
+    from .test_models import tiny
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from eager_diagnostics import without_prepare
+
+    calls = []
+    monkeypatch.setitem(BACKENDS, "planned", recording_plans(calls, groups=True, folds=True))
+    model = sharq.quantize_model(tiny("llama"), "sharq", backend="planned")
+    ids = torch.randint(0, 96, (1, 8), generator=rng)
+    with torch.no_grad():
+        model(ids)
+        assert {c[0] for c in calls} == {"fold", "group-fold"}
+        assert without_prepare(model) == 9 * model.config.num_hidden_layers  # 7 layers, the 2 groups
+        calls.clear()
+        model(ids)  # each member's first call makes its plan's first activation, replayed from then on
+        calls.clear()
+        model(ids)
+    assert {c[0] for c in calls} == {"group", "matmul"}
