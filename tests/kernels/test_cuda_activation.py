@@ -1,6 +1,6 @@
 """The decode GEMM's folded launches (kernels/cuda_activation.py: the launch prepares its own activation) against
-the prepare kernel's launch followed by the GEMM's, bit for bit, on a GPU; their sources compile on the CPU
-(NVRTC) in tests/kernels/test_cuda_gemm_source.py."""
+the prepare kernel's launch followed by the GEMM's, bit for bit, on a GPU, and which launches fold (on any machine);
+their sources compile on the CPU (NVRTC) in tests/kernels/test_cuda_gemm_source.py."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import torch
 
 import sharq
 from sharq.backends import packed
-from sharq.kernels import cuda_gemm
+from sharq.kernels import cuda_activation, cuda_gemm
 from sharq.kernels import prepare as kp
 
 from .test_cuda_gemm import _payload
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
-                                reason="needs a CUDA GPU and torch.cuda._compile_kernel")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or not cuda_gemm.available(),
+                               reason="needs a CUDA GPU and torch.cuda._compile_kernel")
 FOLD_RECIPES = ["sharq", "nvfp4", "sparse-only", "dense-dense"]
 
 
@@ -53,6 +53,21 @@ def _unfolded(recipe, q, sw, bias, m: int, k: int):
     return run
 
 
+def test_fold_for_takes_decode_sizes_of_recipes_with_one_tensor_scale():
+    """Which launches fold (no GPU needed): up to FOLD_ELEMENTS bf16 elements in whole chunks of K, recipes with
+    one tensor scale; a kernel source asked to fold another recipe's launch refuses."""
+    sharq_recipe = sharq.get_recipe("sharq")
+    fold = cuda_activation.fold_for(sharq_recipe, 8, 4096, 256)
+    assert fold is not None and fold.blocks == 8 * 4096 // 8 // 256 and fold.two_stages and fold.mask == 1
+    assert cuda_activation.fold_for(sharq_recipe, 9, 4096, 256) is None  # above FOLD_ELEMENTS
+    assert cuda_activation.fold_for(sharq_recipe, 1, 4000, 256) is None  # K not whole chunks
+    assert cuda_activation.fold_for(sharq.get_recipe("mxfp4"), 1, 4096, 256) is None  # no tensor scale
+    assert cuda_activation.fold_for(sharq.get_recipe("sharq", scale_granularity="token"), 1, 4096, 256) is None
+    with pytest.raises(ValueError, match="one tensor scale"):
+        cuda_gemm.kernel_source(cuda_gemm.CudaTile(), 1, 16, 0, 0, True, False, fold)
+
+
+@needs_gpu
 @pytest.mark.parametrize("name", FOLD_RECIPES)
 @pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (8, 4096, 4096), (3, 28672, 4096), (2, 4096, 14336),
                                    (1, 1024, 4096), (5, 256, 2048)])
@@ -75,6 +90,7 @@ def test_a_folded_launch_gives_the_prepare_and_gemms_bits(name, m, n, k):
     _same_bits(folded(x.view(m, 1, k)), _unfolded(recipe, q, sw, None, m, k)(x).view(m, 1, n))
 
 
+@needs_gpu
 @pytest.mark.parametrize("m", [1, 4, 8])
 @pytest.mark.parametrize("ns", [(4096, 1024, 1024), (14336, 14336)])
 def test_a_folded_group_launch_gives_each_layers_bits(m, ns):
@@ -97,6 +113,7 @@ def test_a_folded_group_launch_gives_each_layers_bits(m, ns):
             _same_bits(y, want)
 
 
+@needs_gpu
 @pytest.mark.parametrize("m,n,k", [(1, 6144, 4096), (8, 4096, 4096)])
 def test_a_folded_launch_replays_in_a_cuda_graph(m, n, k):
     """Captured into two graphs (sharing the plan's buffer for graphs, no zeroing node), replayed in turn on new
@@ -119,6 +136,7 @@ def test_a_folded_launch_replays_in_a_cuda_graph(m, n, k):
         _same_bits(folded(_x(m, k, seed + 10)), want(_x(m, k, seed + 10)))
 
 
+@needs_gpu
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_a_quantized_model_folds_its_decode_launches_with_the_same_logits(tokens, monkeypatch):
     """A Llama-shaped model on the packed backend: its own-input layers' plans and its groups' fold at decode
@@ -146,6 +164,7 @@ def test_a_quantized_model_folds_its_decode_launches_with_the_same_logits(tokens
         _same_bits(o_proj(unaligned), models[False].model.layers[0].self_attn.o_proj(x))
 
 
+@needs_gpu
 @pytest.mark.parametrize("in_graphs", [False, True])
 def test_a_plans_forward_folds_eagerly_and_in_a_graph_only_with_fold_in_graphs(in_graphs, monkeypatch):
     """packed.eager_plan's forward: the folded launch in eager calls; inside a CUDA-graph capture the prepare's

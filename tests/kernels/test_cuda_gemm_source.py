@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import sharq
-from sharq.kernels import cuda_activation, cuda_dequantize, cuda_gemm, cuda_wgmma, nvrtc
+from sharq.kernels import cuda_dequantize, cuda_gemm, cuda_wgmma, nvrtc
 
 pytestmark = pytest.mark.skipif(not nvrtc.available(), reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
 needs_nvdisasm = pytest.mark.skipif(nvrtc.nvdisasm() is None, reason="needs nvdisasm (pip install nvidia-cuda-nvdisasm)")
@@ -66,18 +66,6 @@ def test_every_folded_launch_compiles_without_spills(k, n, monkeypatch):
                 assert 0 < built.registers <= 255 and built.spilled == 0, (name, m, t, fold, built.registers)
                 done += 1
     assert done > 0
-
-
-def test_fold_for_takes_decode_sizes_of_recipes_with_one_tensor_scale():
-    sharq_recipe = sharq.get_recipe("sharq")
-    fold = cuda_activation.fold_for(sharq_recipe, 8, 4096, 256)
-    assert fold is not None and fold.blocks == 8 * 4096 // 8 // 256 and fold.two_stages and fold.mask == 1
-    assert cuda_activation.fold_for(sharq_recipe, 9, 4096, 256) is None  # above FOLD_ELEMENTS
-    assert cuda_activation.fold_for(sharq_recipe, 1, 4000, 256) is None  # K not whole chunks
-    assert cuda_activation.fold_for(sharq.get_recipe("mxfp4"), 1, 4096, 256) is None  # no tensor scale
-    assert cuda_activation.fold_for(sharq.get_recipe("sharq", scale_granularity="token"), 1, 4096, 256) is None
-    with pytest.raises(ValueError, match="one tensor scale"):
-        cuda_gemm.kernel_source(cuda_gemm.CudaTile(), 1, 16, 0, 0, True, False, fold)
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
