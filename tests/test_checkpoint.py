@@ -17,7 +17,7 @@ pytest.importorskip("safetensors")
 import sharq  # noqa: E402
 from sharq import checkpoint  # noqa: E402
 
-from .test_models import tiny  # noqa: E402
+from .test_models import SMALL, tiny  # noqa: E402
 
 CASES = [("llama", "sharq"), ("qwen3_moe", "sharq"), ("gemma3_text", "hif4"), ("qwen2", "fp8"), ("llama", "bf16"),
          ("mistral", "sharq-hif4"), ("llama", "outlier-channels"), ("llama", "sharq-plus")]
@@ -106,13 +106,13 @@ def _tensors(d):
     return load_file(str(d / "model.safetensors"))
 
 
-def _rewrite_tensors(d, change):
+def _rewrite_tensors(d, change, redigest=True):
     from safetensors.torch import save_file
 
     tensors = _tensors(d)
     change(tensors)
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    _write_config(d, _config(d), redigest=True)
+    _write_config(d, _config(d), redigest=redigest)
 
 
 def _from_pretrained(d, **kw):
@@ -134,11 +134,13 @@ UP_CODES = "model.layers.1.mlp.up_proj.weight_codes"
     (lambda t: t.update({CODES: t[CODES][:, :-1].contiguous()}), "expected torch.uint8"),
     (lambda t: t.update({SCALE: t[SCALE].to(torch.bfloat16)}), "weight_scale is torch.bfloat16"),  # never cast
 ])
-def test_loaders_reject_tensors_that_do_not_fit(saved, tmp_path, loader, damage, message):
+@pytest.mark.parametrize("redigest", [True, False], ids=["forged", "digest-stale"])
+def test_loaders_reject_tensors_that_do_not_fit(saved, tmp_path, loader, damage, message, redigest):
     """Even with a matching digest (a consistent forgery), both loaders check every tensor's name, dtype and shape
-    before loading: transformers alone would warn and randomly initialize a missing tensor, or cast a payload."""
+    before loading: transformers alone would warn and randomly initialize a missing tensor, or cast a payload. With
+    the digest left as it was, the error still names the tensor (the structure is checked before the digest)."""
     d = _copy(saved, tmp_path / "c")
-    _rewrite_tensors(d, damage)
+    _rewrite_tensors(d, damage, redigest)
     with pytest.raises(checkpoint.IntegrityError, match=message):
         LOADERS[loader](d)
 
@@ -209,6 +211,7 @@ def test_loaders_reject_bad_configs_before_building_anything(saved, tmp_path, mo
         (lambda c: c["quantization_config"].update(modules="model.layers.0"), "modules must be a list"),
         (lambda c: c["quantization_config"].update(share_inputs="yes"), "share_inputs"),
         (lambda c: c["quantization_config"].update(strict="yes"), "strict must be true or false"),
+        (lambda c: c["quantization_config"].update(kv_scheme="fp8"), r"does not know \(kv_scheme\).*upgrade"),
     ]:
         broken = json.loads(json.dumps(cfg))
         change(broken)
@@ -530,3 +533,141 @@ def test_a_killed_save_is_cleaned_up_by_the_next_save(tmp_path, writer, rng):
     with torch.no_grad():
         want = sharq.interop.load(tmp_path / "undisturbed")(ids).logits
         assert torch.equal(sharq.interop.load(target)(ids).logits, want)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("writer", ["sharq.save", "save_pretrained"])
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_family_transformers_saves_under_older_names_round_trips(tmp_path, rng, writer, loader):
+    """transformers writes some families under their older checkpoint names (Mixtral's experts as
+    `block_sparse_moe`); a sharq checkpoint keeps the model's own names, which its digest and both loaders use
+    (a Mixtral checkpoint loaded by neither, as 'corrupt')."""
+    model = _quantized("mixtral", "sharq")
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    want = _logits(model, ids)
+    if writer == "sharq.save":
+        sharq.save(model, tmp_path / "c")
+    else:
+        model.save_pretrained(tmp_path / "c")
+    names = list(_tensors(tmp_path / "c"))
+    assert any(".mlp.experts." in n for n in names) and not any("block_sparse_moe" in n for n in names)
+    assert torch.equal(_logits(LOADERS[loader](tmp_path / "c"), ids), want)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_an_lm_head_untied_from_the_embeddings_loads_untied(tmp_path, rng, loader):
+    """A model whose config ties lm_head to the embeddings but whose lm_head holds its own weight (trained apart)
+    saves both; both loaders keep both, as from_pretrained does (sharq.load tied them again, a different model)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)).eval()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + torch.randn(96, 64, generator=rng))
+    sharq.quantize_model(model, "nvfp4")
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    want = _logits(model, ids)
+    sharq.save(model, tmp_path / "c")
+    assert "lm_head.weight" in _tensors(tmp_path / "c")
+    loaded = LOADERS[loader](tmp_path / "c")
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
+    assert torch.equal(_logits(loaded, ids), want)
+
+
+def test_a_tied_lm_head_loads_tied(saved):
+    torch.manual_seed(0)
+    model = sharq.quantize_model(transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)), "nvfp4")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    d = sharq.save(model, saved.parent / "tied")
+    assert "lm_head.weight" not in _tensors(d)
+    for loader in LOADERS.values():
+        loaded = loader(d)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_the_generation_config_survives_a_checkpoint_and_an_export(tmp_path):
+    """Stop tokens and sampling defaults come back as saved, from a checkpoint and from its export (sharq.load kept
+    only config.json's, and an export of a loaded checkpoint then wrote those: Llama-3's second stop token lost)."""
+    model = _quantized("llama", "nvfp4")
+    g = model.generation_config
+    g.eos_token_id, g.max_new_tokens, g.do_sample, g.temperature, g.top_p = [2, 7], 17, True, 0.6, 0.9
+    sharq.save(model, tmp_path / "c")
+    sharq.export(sharq.load(tmp_path / "c"), tmp_path / "ct")
+    for loaded in (sharq.load(tmp_path / "c"), _from_pretrained(tmp_path / "c"), sharq.load(tmp_path / "ct")):
+        h = loaded.generation_config
+        assert (h.eos_token_id, h.max_new_tokens, h.do_sample, h.temperature, h.top_p) == ([2, 7], 17, True, 0.6, 0.9)
+
+
+def test_a_checkpoint_loads_in_the_dtype_it_was_saved_in(tmp_path, rng):
+    """sharq.load's default dtype is the checkpoint's own, so a bf16 model comes back bit for bit (it came back in
+    fp32, with other logits); dtype= still casts."""
+    torch.manual_seed(0)
+    model = sharq.quantize_model(transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SMALL), dtype=torch.bfloat16).eval(), "sharq")
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    sharq.save(model, tmp_path / "c")
+    sharq.export(model, tmp_path / "ct", shared_global_scales=False)  # each layer's own s_w: the same model
+    for d in ("c", "ct"):
+        loaded = sharq.load(tmp_path / d)
+        assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+        assert sharq.load(tmp_path / d, dtype=torch.float32).model.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_searched_weight_tensor_scale_loads(tmp_path, rng, loader):
+    """weight_tensor_scale_rule="search" (SPEC §11.2) compares errors, which a loader's placeholder model on the
+    meta device has none of: its checkpoints failed to load (Tensor.item() on a meta tensor)."""
+    model = sharq.quantize_model(tiny("llama"), "sharq-plus", weight_tensor_scale_rule="search")
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    sharq.save(model, tmp_path / "c")
+    assert torch.equal(_logits(LOADERS[loader](tmp_path / "c"), ids), _logits(model, ids))
+
+
+def test_an_overwrite_interrupted_between_its_renames_keeps_the_previous_checkpoint(saved, tmp_path, monkeypatch,
+                                                                                       rng):
+    """The old checkpoint is moved aside, then the new one put in place: interrupted in between (Ctrl-C), the old
+    one goes back (it was deleted with the temporary directory); a writer killed there leaves it in its temporary
+    directory, and the next write into the target puts it back first, so a failing write leaves it in place."""
+    d = _copy(saved, tmp_path / "c")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    model = _quantized("llama", "nvfp4")
+    replace = os.replace
+
+    def interrupted(src, dst):
+        if str(src).endswith(os.path.join("", "c")) and ".tmp-" in str(src):  # the new checkpoint into place
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sharq.save(model, d, overwrite=True)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before and _names(tmp_path) == ["c"]
+
+    orphan = tmp_path / ".c.tmp-abcd1234"  # what a writer killed between the renames leaves
+    orphan.mkdir()
+    d.rename(orphan / "previous")
+
+    class Failing:
+        def save_pretrained(self, _):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        sharq.save(model, d, Failing())
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before and _names(tmp_path) == ["c"]
+    assert torch.equal(_logits(sharq.load(d), torch.randint(0, 96, (1, 5), generator=rng)).isnan(),
+                       torch.zeros(1, 5, 96, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("target", [".", "..", "sub/.."])
+def test_save_refuses_the_working_directory(tmp_path, monkeypatch, target):
+    """"." named no directory of its own (a cryptic FileExistsError on '..tmp-*', a stray '..lock' left)."""
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(ValueError, match="working directory"):
+        sharq.save(_quantized("llama", "nvfp4"), target)
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["sub"]

@@ -673,3 +673,20 @@ def test_under_torch_compile_a_group_of_layers_that_read_one_input_is_one_call(r
     layers = model.config.num_hidden_layers
     assert sorted(calls) == sorted([3, 2] * layers)
     assert torch.equal(got, want)
+
+
+def test_quantize_onto_a_device_keeps_ties_as_they_are(rng):
+    """Materializing a meta model keeps a tied lm_head tied (one tensor made for the two), and a model whose lm_head
+    was untied from its embeddings (trained apart) stays untied: ties are never re-derived from the config."""
+    cfg = transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
+    with torch.device("meta"):
+        meta = transformers.AutoModelForCausalLM.from_config(cfg)
+    sharq.quantize_model(meta, "nvfp4", device="cpu")
+    assert meta.lm_head.weight is meta.model.embed_tokens.weight and not meta.lm_head.weight.is_meta
+    torch.manual_seed(0)
+    untied = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach() + torch.randn(96, 64, generator=rng))
+    head = untied.lm_head.weight.detach().clone()
+    sharq.quantize_model(untied, "nvfp4", device="cpu")
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert torch.equal(untied.lm_head.weight, head)

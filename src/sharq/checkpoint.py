@@ -6,9 +6,9 @@
                         quantized linears, and the unquantized tensors (embeddings, norms, lm_head), no pickle
     tokenizer files     when a tokenizer is given
 
-`checkpoint_sha256` covers everything that changes the computed function: the quantization config and every
-tensor's name, dtype, shape and bytes. Every reader (`load` here, and `from_pretrained` through the transformers
-integration) checks it, then checks each tensor's name, dtype and shape against the structure the config builds,
+`checkpoint_sha256` covers the quantization config and every tensor's name, dtype, shape and bytes (the rest of
+config.json, the architecture's hyperparameters, is trusted as in any Hugging Face checkpoint). Every reader (`load` here, and `from_pretrained` through the transformers
+integration) checks each tensor's name, dtype and shape against the structure the config builds, then the digest,
 before any payload reaches the model: a checkpoint loads bit-identical to what was saved, or not at all.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .hf import temp_dir_beside, transformers_progress
+from .hf import PREVIOUS, temp_dir_beside, transformers_progress
 from .models import materialize, model_state, quantize_model, target_linears
 from .nn import SharQLinear
 from .recipes import Recipe
@@ -109,6 +109,10 @@ def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: boo
     behind, empty): the temporary directories of writers killed outright are deleted by the next write into `out`
     (hf.temp_dir_beside). Every file written gets 0666 & ~umask and every directory 0777 & ~umask, as open() and
     mkdir() make them (safetensors writes through a private 0600 temporary file)."""
+    out = Path(os.path.abspath(out))  # "." and "..": the directory they name
+    cwd = Path.cwd()
+    if not out.name or out == cwd or out in cwd.parents:
+        raise ValueError(f"{out} is the working directory or holds it: give the {kind} a directory of its own")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, not a {kind} directory")
     if out.is_dir() and any(out.iterdir()):
@@ -119,16 +123,21 @@ def write_atomically(out: Path, write: Callable[[Path], None], *, overwrite: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     umask = os.umask(0)
     os.umask(umask)
-    with temp_dir_beside(out.parent / f".{out.name}.lock", out.parent / f".{out.name}.tmp-") as work:
-        new = work / out.name
+    with temp_dir_beside(out.parent / f".{out.name}.lock", out.parent / f".{out.name}.tmp-", out) as work:
+        new, previous = work / out.name, work / PREVIOUS
         new.mkdir()  # 0777 & ~umask: a directory to share, not the temporary directory's private 0700
         write(new)
         for path in new.rglob("*"):
             if not path.is_symlink():
                 path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        if out.exists():  # moved aside, and deleted with `work` only once `new` is in place
-            os.replace(out, work / "previous")
-        os.replace(new, out)
+        try:
+            if out.exists():  # moved aside, and deleted with `work` only once `new` is in place
+                os.replace(out, previous)
+            os.replace(new, out)
+        except BaseException:  # put back (a writer killed here outright: the next write into `out` puts it back)
+            if previous.is_dir() and not out.exists():
+                os.replace(previous, out)
+            raise
     return out
 
 
@@ -167,6 +176,10 @@ def validate_quantization_config(q: Mapping, where: str) -> Recipe:
     if q.get("format_version") not in READS:
         raise ValueError(f"{where}: sharq checkpoint format version {q.get('format_version')!r} is not supported by "
                          f"this sharq (reads versions {', '.join(map(str, READS))}); upgrade sharq")
+    unknown = sorted(set(q) - {*DEFINING_KEYS, DIGEST})
+    if unknown:  # a key a later sharq defines the model by: this one would compute another model
+        raise ValueError(f"{where}: quantization_config has keys this sharq does not know ({', '.join(unknown)}): "
+                         "written by a later sharq? upgrade sharq")
     for key in ("recipe", "modules"):
         if q.get(key) is None:
             raise ValueError(f"{where}: quantization_config lacks {key!r}")
@@ -291,12 +304,13 @@ def quantize_like(model: nn.Module, q: Mapping, backend: str = "auto", strict: b
     return model
 
 
-def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
          backend: str = "auto", *, verify: bool = True, strict: bool | None = None, progress: bool = False
          ) -> nn.Module:
     """A model saved by `save` (or by save_pretrained of a sharq model), with outputs bit-identical to the saved
-    model's. The digest is checked first (verify=False skips it, for checkpoints that record none), then every
-    tensor's name, dtype and shape against the structure the config describes: any mismatch is an error. The
+    model's (in the dtype it was saved in; `dtype` casts its unquantized tensors to another). Every tensor's name,
+    dtype and shape is checked against the structure the config describes, then the digest (verify=False skips
+    it, for checkpoints that record none): any mismatch is an error, before any tensor reaches the model. The
     model is as strict (quantize_model's strict=) as the one saved; strict=True or False overrides that.
 
     The model is built on the meta device and takes the checkpoint's tensors as they are read, so nothing is
@@ -311,33 +325,44 @@ def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str 
         bar.set_postfix_str("read")
         # read once, into the model's own memory (a tensor read is a view of the file): the digest covers what loads
         state = {name: t.clone() for name, t in tensors.items()}
-        if verify:
-            verify_digest(q, state, str(directory))
         bar.update()
         bar.set_postfix_str("build")
         model = build_on_meta(directory, q, dtype, backend, strict)
         expected, payload = model.state_dict(), payload_names(model)
+        # the structure first, so a missing, extra or reshaped tensor is named; then the digest over every byte
         check_tensors(expected, tensors.info, payload, tied_on_load(model), str(directory))
+        if verify:
+            verify_digest(q, state, str(directory))
         bar.update()
         bar.set_postfix_str("fill")
         model.load_state_dict({n: t if n in payload else t.to(expected[n].dtype) for n, t in state.items()},
                               strict=False, assign=True)
-        finish_loading(model, str(directory))
+        finish_loading(model, directory, state)
         bar.update()
     return model.to(device).eval()
 
 
-def build_on_meta(directory: Path, q: Mapping, dtype: torch.dtype, backend: str = "auto",
+def build_on_meta(directory: Path, q: Mapping, dtype: torch.dtype | None, backend: str = "auto",
                   strict: bool | None = None) -> nn.Module:
     """The model a checkpoint's config.json and quantization_config describe, on the meta device: sharq's layers
-    with placeholder payloads, nothing allocated or initialized."""
+    with placeholder payloads, nothing allocated or initialized (dtype None: the one it was saved in)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
-        return quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype), q, backend, strict)
+        return quantize_like(AutoModelForCausalLM.from_config(config, dtype=dtype or saved_dtype(config)), q,
+                             backend, strict)
+
+
+def saved_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config records (transformers writes the model's there), float32 where it records
+    none or no floating-point one."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def check_checkpoint(directory: str | Path) -> dict:
@@ -347,22 +372,29 @@ def check_checkpoint(directory: str | Path) -> dict:
     directory = Path(directory)
     q = read_quantization_config(directory)
     tensors = CheckpointTensors(weight_files(directory))
-    verify_digest(q, tensors, str(directory))
     model = build_on_meta(directory, q, torch.float32)
     check_tensors(model.state_dict(), tensors.info, payload_names(model), tied_on_load(model), str(directory))
+    verify_digest(q, tensors, str(directory))
     return q
 
 
-def finish_loading(model: nn.Module, where: str) -> None:
-    """Complete a model built on the meta device once it holds a checkpoint's tensors (load_state_dict with
-    assign=True): tie its weights, refuse a state tensor still unloaded (it would be initialized at random), then
-    make on the CPU what no checkpoint holds: non-persistent buffers such as RoPE's inv_freq (SharQLinear's bf16 Ŵ
-    comes from its load hook)."""
-    model.tie_weights()
+def finish_loading(model: nn.Module, directory: Path, loaded: Iterable[str]) -> None:
+    """Complete a model built on the meta device once it holds a checkpoint's tensors (`loaded`, by
+    load_state_dict with assign=True), as from_pretrained does: tie the weights the checkpoint lacks to those it
+    holds (a checkpoint holding both of a tied pair, e.g. an lm_head trained apart from the embeddings, keeps
+    both), refuse a state tensor still unloaded (it would be initialized at random), make on the CPU what no
+    checkpoint holds (non-persistent buffers such as RoPE's inv_freq; SharQLinear's bf16 Ŵ comes from its load
+    hook), and take the checkpoint's generation config (its stop tokens and sampling defaults)."""
+    from transformers import GenerationConfig
+
+    model.tie_weights(missing_keys=set(model.state_dict()) - set(loaded))
     unloaded = [n for n, t in model.state_dict().items() if t.is_meta]
     if unloaded:
-        raise IntegrityError(f"{where}: {len(unloaded)} tensor(s) of the model were not loaded, e.g. {unloaded[0]}")
+        raise IntegrityError(f"{directory}: {len(unloaded)} tensor(s) of the model were not loaded, e.g. "
+                             f"{unloaded[0]}")
     materialize(model, model, torch.device("cpu"))
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
 
 
 def tied_names(model: nn.Module) -> set[str]:

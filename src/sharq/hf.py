@@ -118,18 +118,24 @@ def _gguf_cache(path: Path) -> Path:
     return cache_dir() / "models" / f"gguf-sha256-{content_sha256(path)[:32]}"
 
 
+PREVIOUS = "previous"  # where a writer replacing a directory keeps the old one until the new one is in place
+
+
 @contextmanager
-def temp_dir_beside(lock: Path, prefix: Path) -> Iterator[Path]:
+def temp_dir_beside(lock: Path, prefix: Path, put_back: Path | None = None) -> Iterator[Path]:
     """A new directory named `prefix` plus a random suffix, for a writer that holds `lock` while the directory
     exists, as every writer using this prefix does. It is removed on exit (Ctrl-C included; a no-op once renamed
     into place). A writer killed outright (SIGKILL) leaves its directory behind; holding the lock proves no live
     writer owns one, so such orphans are deleted first: the directories `prefix`* whose suffix has no dot (so a
-    name that merely extends this one, another target's, is not taken for one)."""
+    name that merely extends this one, another target's, is not taken for one). An orphan's `previous` (what a
+    writer replacing `put_back` had moved aside when it was killed) goes back to `put_back` where that is missing."""
     from filelock import FileLock  # the eval extra's: `import sharq` needs only torch
 
     with FileLock(lock):
         for orphan in prefix.parent.glob(glob.escape(prefix.name) + "*"):
             if "." not in orphan.name[len(prefix.name):] and orphan.is_dir() and not orphan.is_symlink():
+                if put_back is not None and (orphan / PREVIOUS).is_dir() and not put_back.exists():
+                    os.replace(orphan / PREVIOUS, put_back)
                 shutil.rmtree(orphan, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=prefix.parent, prefix=prefix.name))
         try:

@@ -37,6 +37,7 @@ from .checkpoint import (
     checkpoint_digest,
     finish_loading,
     payload_names,
+    saved_dtype,
     tied_names,
     unique_state,
     verify_digest,
@@ -64,7 +65,7 @@ _COMPRESSED = ("weight_packed", "weight_scale", "weight_global_scale", "input_gl
 
 
 # --- loading anything ----------------------------------------------------------------------------------------------
-def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def load(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
          backend: str = "auto", *, recipe: str | Recipe | None = None, verify: bool = True,
          strict: bool | None = None, progress: bool = False, **options) -> nn.Module:
     """A quantized model from a sharq checkpoint (bit-identical to what was saved; it runs the recipe it was saved
@@ -86,14 +87,15 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return checkpoint.is_checkpoint(path) or is_compressed_tensors(path)
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+def load_model(spec: str | None = None, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", *,
                backend: str = "auto", progress: bool = False):
     """(model, tokenizer) for any model argument: the embedded default model (None), a Hugging Face directory, a
     .gguf file, a sharq checkpoint or a compressed-tensors NVFP4 checkpoint (the quantized ones through `load`, the
-    recipe they hold). The model is in eval mode on `device`."""
+    recipe they hold). The model is in eval mode on `device`, in `dtype`: by default float32 for an unquantized
+    model, the dtype it was saved in for a quantized checkpoint."""
     source = model_source(spec)
     if not is_quantized_checkpoint(source):
-        return load_pretrained(spec, dtype, device, progress=progress)
+        return load_pretrained(spec, dtype or torch.float32, device, progress=progress)
     tokenizer = load_tokenizer(source)
     return load(source, dtype, device, backend, progress=progress), tokenizer
 
@@ -396,7 +398,7 @@ def _describe(fmt: str | None, w: Mapping) -> str:
 
 
 def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None = None, *,
-                            dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                            dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                             backend: str = "auto", verify: bool = True, strict: bool | None = None,
                             **options) -> nn.Module:
     """A sharq model from a compressed-tensors NVFP4 checkpoint, holding its 4-bit weights exactly: the codes and
@@ -410,10 +412,11 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     `recipe` (with `options`) is any sharq recipe with NVFP4 weights; its weight_block becomes 16, the checkpoint's
     group size, unless `options` sets one (a block of 32 or more needs equal scales within it). None: the recipe a
     sharq export recorded, else "sharq". The checkpoint's activation scheme (input_global_scale) is not used: the
-    recipe quantizes activations. strict=None: strict as a sharq export recorded, else False. The model is built on
+    recipe quantizes activations. strict=None: strict as a sharq export recorded, else False. dtype=None: the dtype
+    its config records (the one a sharq export was made in), else float32. The model is built on
     the meta device (nothing is initialized randomly) and is a normal sharq model: sharq.save writes it as a sharq
     checkpoint."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     q = read_compressed_tensors_config(directory)
@@ -427,6 +430,7 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     quantized = sorted(n.removesuffix(".weight_packed") for n in tensors if n.endswith(".weight_packed"))
     config = AutoConfig.from_pretrained(directory)
     del config.quantization_config
+    dtype = dtype or saved_dtype(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     target_modules = meta["target_modules"] if meta else _target_modules(model, quantized)
@@ -450,9 +454,7 @@ def load_compressed_tensors(directory: str | Path, recipe: str | Recipe | None =
     check_tensors(model.state_dict(), {n: (t.dtype, tuple(t.shape)) for n, t in state.items()}, payload_names(model),
                   tied_names(model), str(directory))
     model.load_state_dict(state, strict=False, assign=True)
-    finish_loading(model, str(directory))  # ties, refuses what is unloaded, makes RoPE's inv_freq and the bf16 Ŵ
-    if (directory / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
+    finish_loading(model, directory, state)  # ties, refuses what is unloaded, makes inv_freq, the generation config
     return model.to(device).eval()
 
 

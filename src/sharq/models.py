@@ -339,7 +339,10 @@ def materialize(model: nn.Module, module: nn.Module, device: torch.device) -> No
     """`module` on `device`: moved, and each tensor still on the meta device allocated there and filled by the
     model's own initializer (transformers' `_init_weights`), module by module. A module's other tensors are kept:
     they are flagged as initialized, which transformers' initializers respect (as in its from_pretrained), so a
-    module that holds loaded weights beside a meta buffer (Gemma-3's scaled embedding) gets only the buffer made."""
+    module that holds loaded weights beside a meta buffer (Gemma-3's scaled embedding) gets only the buffer made.
+    A meta tensor that several modules share (tied weights) becomes one tensor they share: ties are kept as they
+    are, never re-derived from the config (a model whose lm_head was untied stays untied)."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id of a meta tensor -> (it, what replaced it)
     for m in module.modules():
         meta = [(store, n) for store in (m._parameters, m._buffers) for n, t in store.items()
                 if t is not None and t.is_meta]
@@ -354,14 +357,18 @@ def materialize(model: nn.Module, module: nn.Module, device: torch.device) -> No
         for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)):
             if not t.is_meta:
                 t._is_hf_initialized = True
+        fresh = False
         for store, n in meta:
-            t = torch.empty_like(store[n], device=device)
-            store[n] = nn.Parameter(t, requires_grad=store[n].requires_grad) if store is m._parameters else t
-        with torch.no_grad(), guard_torch_init_functions():
-            init(m)
+            old = store[n]
+            if id(old) not in made:
+                t = torch.empty_like(old, device=device)
+                made[id(old)] = old, nn.Parameter(t, requires_grad=old.requires_grad) if store is m._parameters else t
+                fresh = True
+            store[n] = made[id(old)][1]
+        if fresh:
+            with torch.no_grad(), guard_torch_init_functions():
+                init(m)
     module.to(device)
-    if module is model and hasattr(model, "tie_weights"):
-        model.tie_weights()
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -409,6 +409,8 @@ def search_tensor_scale(x2d: torch.Tensor, fmt: str = "nvfp4", block_size: int |
     if format_info(fmt).folds_tensor_scale or not format_info(fmt).tensor_scale:
         raise ValueError(f"the tensor scale search is defined on SPEC §3's NVFP4, not {fmt}")
     s0 = nvfp4_tensor_scale(x2d, fmt=fmt)
+    if x2d.is_meta:  # a loader's placeholder (checkpoint.build_on_meta): a scale's shape, no values to compare
+        return s0
     x = x2d.float()
     best, best_err = s0, None
     for c in TENSOR_SCALE_MULTIPLES:

@@ -54,7 +54,7 @@ class SharQConfig(QuantizationConfigMixin):
         self.share_inputs = share_inputs
         self.strict = strict
         self.checkpoint_sha256 = checkpoint_sha256
-        validate_quantization_config(self.to_dict(), "sharq quantization_config")
+        validate_quantization_config({**kwargs, **self.to_dict()}, "sharq quantization_config")
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in (*DEFINING_KEYS, DIGEST)}
@@ -68,9 +68,9 @@ class SharQHfQuantizer(HfQuantizer):
         files = [Path(f) for f in kwargs.get("checkpoint_files") or []]
         where = str(files[0].parent) if files else "the checkpoint"
         tensors = CheckpointTensors(files)
-        verify_digest(q, tensors, where)
         quantize_like(model, q)
         check_tensors(model.state_dict(), tensors.info, payload_names(model), tied_on_load(model), where)
+        verify_digest(q, tensors, where)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -81,10 +81,17 @@ class SharQHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """What save_pretrained writes: the state with tied tensors once, and the digest, recorded in the config
-        before transformers writes config.json."""
+        before transformers writes config.json. The names stay the model's own (no conversion mapping to revert:
+        save_pretrained would otherwise write some families' original checkpoint names, e.g. Mixtral's
+        `block_sparse_moe`, which neither the digest nor the loaders know)."""
+        model._weight_conversions = []
         state = unique_state(model)
         self.quantization_config.checkpoint_sha256 = checkpoint_digest(quantization_config(model), state)
         return state, {"quant_method": "sharq"}
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """A sharq checkpoint holds the quantized model's own state names (docs/FORMAT.md): nothing to convert."""
+        return []
 
     def is_serializable(self):
         return True
