@@ -690,3 +690,31 @@ def test_quantize_onto_a_device_keeps_ties_as_they_are(rng):
     sharq.quantize_model(untied, "nvfp4", device="cpu")
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
     assert torch.equal(untied.lm_head.weight, head)
+
+
+def _gemma3_multimodal() -> nn.Module:
+    """What AutoModelForCausalLM builds for Gemma-3 4B-27B (model_type "gemma3"): the language model beside a SigLIP
+    vision tower whose encoder has `layers.N.self_attn.q_proj` of its own."""
+    cfg = transformers.Gemma3Config(
+        text_config={**SMALL, "head_dim": 16, "sliding_window": 16},
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        mm_tokens_per_image=4, image_token_index=95, boi_token_index=93, eoi_token_index=94)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("target_modules", [None, ["self_attn.q_proj", "mlp.down_proj"]])
+def test_a_multimodal_gemma3_quantizes_its_language_model_alone(target_modules, rng, tmp_path):
+    """The decoder layers are the language model's (SPEC §7); the vision tower's layers stay as they were (it was
+    refused as unknown, and target_modules quantized the vision tower too). Its checkpoint round-trips."""
+    model = _gemma3_multimodal()
+    sharq.quantize_model(model, "sharq", target_modules=target_modules)
+    names = [n for n, m in model.named_modules() if isinstance(m, snn.SharQLinear)]
+    assert names and all(n.startswith("model.language_model.layers.") for n in names)
+    assert len(names) == (14 if target_modules is None else 4)
+    ids = torch.randint(0, 90, (2, 9), generator=rng)
+    with torch.no_grad():
+        want = model(ids).logits
+        sharq.save(model, tmp_path / "c")
+        assert torch.isfinite(want).all() and torch.equal(sharq.load(tmp_path / "c")(ids).logits, want)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -41,8 +41,8 @@ DENSE = Family()
 MOE = Family(experts="mlp.experts")  # dense layers of a MoE model (if any) still match the linears
 
 FAMILIES: dict[str, Family] = {
-    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE, "qwen3": DENSE, "gemma3_text": DENSE, "gemma2": DENSE,
-    "gemma": DENSE, "qwen3_moe": MOE, "mixtral": MOE,
+    "llama": DENSE, "mistral": DENSE, "qwen2": DENSE, "qwen3": DENSE, "gemma3_text": DENSE, "gemma3": DENSE,
+    "gemma2": DENSE, "gemma": DENSE, "qwen3_moe": MOE, "mixtral": MOE,
 }
 
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(.+)$")
@@ -81,15 +81,22 @@ def _family(model: nn.Module, target_modules: Sequence[str] | None) -> Family:
     return FAMILIES[model_type]
 
 
+def decoder_layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, re.Match]]:
+    """(full name, module, match of _LAYER) of the modules inside the language model's decoder layers: a
+    multimodal model's vision tower has `layers.N` of its own, which SPEC §7 leaves unquantized."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    prefix = next((n + "." for n, m in model.named_modules() if m is decoder and n), "")
+    for name, module in model.named_modules():
+        if name.startswith(prefix) and (m := _LAYER.match(name)):
+            yield name, module, m
+
+
 def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> dict[str, nn.Linear]:
     """The decoder-layer linears that quantize_model replaces, by full module name."""
     family = _family(model, target_modules)
-    found = {}
-    for name, module in model.named_modules():
-        m = _LAYER.match(name)
-        if m and m[2] in family.linears and isinstance(module, nn.Linear):
-            found[name] = module
-    return found
+    return {name: module for name, module, m in decoder_layer_modules(model)
+            if m[2] in family.linears and isinstance(module, nn.Linear)}
 
 
 def shared_input_groups(family: Family, names: Iterable[str]) -> list[list[str]]:
@@ -189,8 +196,7 @@ def quantize_model(
                          f"[{target_modules!r}], not a string")
     family = _family(model, target_modules)
     linears = target_linears(model, target_modules)
-    experts = [(n, m) for n, m in model.named_modules()
-               if family.experts and (g := _LAYER.match(n)) and g[2] == family.experts]
+    experts = [(n, m) for n, m, g in decoder_layer_modules(model) if family.experts and g[2] == family.experts]
     if not linears and not experts:
         raise ValueError(f"no module of {type(model).__name__} matches {list(family.linears)}")
     unmatched = sorted(set(family.linears) - {_LAYER.match(n)[2] for n in linears})
