@@ -89,6 +89,20 @@ def test_shapes_dtypes_and_layouts(name, rng):
     assert torch.equal(_run(x, w, name), y)  # deterministic run to run
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "token"])
+def test_sharq_decompose_keeps_the_leading_shape(granularity, rng):
+    """Both payloads dequantize to x's shape [..., K] and s_x broadcasts against them: the activation of x, the
+    2-D input's row for row."""
+    recipe = sharq.get_recipe("sharq", scale_granularity=granularity)
+    x = outlier_activations(rng, 6, 80).reshape(2, 3, 80)
+    sparse, residual, s_x = sharq.sharq_decompose(x, recipe)
+    assert sparse.shape == residual.shape == (2, 3, 80)
+    assert s_x.shape == ((2, 3, 1) if granularity == "token" else (1, 1, 1))
+    act = (sharq.dequantize(sparse) + sharq.dequantize(residual)) * s_x
+    want = recipe.prepare_activation(x.reshape(6, 80))
+    assert torch.equal(act.reshape(6, 80), want.values * want.scale)
+
+
 def test_mismatched_inputs_are_clear_errors(rng):
     w = torch.randn(6, 32, generator=rng)
     with pytest.raises(ValueError, match="disagree"):

@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +137,8 @@ def test_streamer_gets_the_prompt_then_each_token(rng):
     (dict(input_ids=torch.tensor([[-1, 2]])), "input_ids holds -1, outside the vocabulary"),
     (dict(input_ids=torch.ones(1, 60, dtype=torch.long)),
      "a prompt of 60 tokens plus max_new_tokens 8 exceeds the model's max_position_embeddings 64"),
+    (dict(max_new_tokens=64), ("max_new_tokens 64 alone is too many: the model's max_position_embeddings 64 leaves "
+                               "room for at most 63 new tokens after a one-token prompt")),
     (dict(eos_token_id=VOCAB), "eos_token_id must be a token id in [0, 96)"),
     (dict(eos_token_id=[]), "eos_token_id must be a token id in [0, 96) or a non-empty list"),
     (dict(eos_token_id=[1, "2"]), "eos_token_id must be a token id"),
@@ -149,6 +152,17 @@ def test_bad_arguments_raise_a_clear_value_error(change, message):
     with pytest.raises(ValueError) as e:
         sharq.generate(model, **kwargs)
     assert message in str(e.value)
+
+
+def test_numpy_integers_count_as_integers(rng):
+    """max_new_tokens and eos_token_id from numpy (a config, an array's element) are the ints they hold."""
+    model, ids = model_for("llama", False), prompts(rng, batch=1)
+    out = sharq.generate(model, ids, NEW)
+    eos = int(out[0, PROMPT + 2])
+    assert torch.equal(sharq.generate(model, ids, np.int64(NEW)), out)
+    stopped = sharq.generate(model, ids, np.int32(NEW), eos_token_id=np.int64(eos))
+    assert torch.equal(stopped, sharq.generate(model, ids, NEW, eos_token_id=eos))
+    assert torch.equal(sharq.generate(model, ids, NEW, eos_token_id=[np.int16(eos)]), stopped)
 
 
 def test_decode_session_steps_match_a_full_forward_and_reset_replays_them(rng):

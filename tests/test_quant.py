@@ -81,6 +81,22 @@ def test_bad_arguments():
         sharq.quantize(torch.ones(4, 16), "nvfp4", block_size=7)
     with pytest.raises(TypeError):
         sharq.quantize(torch.ones(4, 16, dtype=torch.int32), "nvfp4")
+    with pytest.raises(ValueError, match=r"unknown format \['nvfp4'\]"):
+        sharq.fake_quantize(torch.ones(4, 16), ["nvfp4"])
+    with pytest.raises(TypeError, match="expected a torch.Tensor .*, got numpy.ndarray"):
+        sharq.fake_quantize(np.ones((4, 16), dtype=np.float32), "nvfp4")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "nvfp4-torchao", "nvfp4-compressed-tensors", "mxfp4", "hif4"])
+def test_fake_quantize_passes_the_gradient_straight_through(fmt, rng):
+    """Every format's gradient is the identity (the straight-through estimator), not the scales' derivative
+    (all of it on each block's largest element) nor none; the forward values are the no-grad ones."""
+    x = outlier_activations(rng, 3, 64).requires_grad_()
+    dy = torch.randn(3, 64, generator=rng)
+    y = sharq.fake_quantize(x, fmt)
+    y.backward(dy)
+    assert torch.equal(x.grad, dy)
+    assert torch.equal(y.detach(), sharq.fake_quantize(x.detach(), fmt))
 
 
 values = st.one_of(

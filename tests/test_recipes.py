@@ -187,9 +187,12 @@ def test_a_k_slice_given_the_whole_amax_is_its_part_of_the_whole(name, granulari
     """A row-parallel shard (tensor parallel) holds a K-slice of X cut at a multiple of 64; given the whole
     input's amax (one all-reduce(max)), it prepares exactly its columns of the whole activation and the same s_x.
     The loud channels lie in the first half only, so the second half's own amax would give another scale."""
-    recipe = sharq.get_recipe(name, scale_granularity=granularity)
+    recipe = sharq.get_recipe(name)
     if recipe.needs_calibration or any(s.block is None for s in recipe.stages):
         pytest.skip("calibrated channels index the whole K; fp8 is the next test")
+    if granularity == "token" and not recipe.uses_tensor_scale:
+        pytest.skip("the token granularity is the tensor scale's, which this recipe does not have")
+    recipe = recipe.with_options(scale_granularity=granularity)
     x = torch.randn(5, 256, generator=rng)
     x[:, :128] = outlier_activations(rng, 5, 128) * 20
     x[1, 3] = float("nan")
@@ -309,3 +312,54 @@ def test_prepare_weight_with_a_given_tensor_scale(name, rng):
 def test_prepare_weight_refuses_a_tensor_scale_its_format_lacks(name):
     with pytest.raises(ValueError, match=f"{name} weights have no tensor scale to give"):
         sharq.get_recipe(name).prepare_weight(torch.ones(4, 64), tensor_scale=torch.tensor(0.5))
+
+
+def test_numpy_integer_block_sizes_become_ints(rng):
+    """Block sizes from numpy (a config, an array's element) are stored as the ints they hold, so the recipe
+    serialises as JSON (a checkpoint's config) and equals the one written with ints."""
+    block = int(torch.randint(1, 3, (), generator=rng)) * 16
+    r = sharq.Recipe("np", "nvfp4", np.int64(block), (Stage("nvfp4", np.int32(block), "2:4"), Stage("nvfp4", 16)))
+    assert type(r.weight_block) is int and type(r.stages[0].block_size) is int
+    assert r == sharq.Recipe("np", "nvfp4", block, (Stage("nvfp4", block, "2:4"), Stage("nvfp4", 16)))
+    assert sharq.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    with pytest.raises(ValueError, match="block_size must be an int"):
+        Stage("nvfp4", np.float32(16))
+
+
+@pytest.mark.parametrize("first,residual", [("mxfp4", "nvfp4"), ("hif4", "nvfp4"), ("mxfp4", "nvfp4-torchao")])
+def test_an_nvfp4_stage_after_a_first_stage_without_a_tensor_scale_is_refused(first, residual):
+    """A recipe takes its tensor scale from its first stage; an NVFP4 residual after MXFP4/HiF4 would quantize X's
+    own magnitudes with UE4M3 block scales (saturating above 2688), which SPEC does not define."""
+    block = 64 if first == "hif4" else 32
+    with pytest.raises(ValueError, match=f"{residual} stage needs the tensor scale .* the first stage, {first}, has "
+                                         "none|only stage"):
+        sharq.Recipe("mixed", "nvfp4", 16, (Stage(first, block), Stage(residual, 16)))
+    ok = sharq.Recipe("mixed", "nvfp4", 16, (Stage("nvfp4", 16), Stage(first, block)))  # SPEC §11: defined
+    assert ok.uses_tensor_scale
+
+
+@pytest.mark.parametrize("name", ["bf16", "mxfp4", "hif4", "sharq-hif4", "sharq-mxfp4", "fp8"])
+def test_token_granularity_needs_a_tensor_scale(name):
+    with pytest.raises(ValueError, match=f"recipe '{name}': scale_granularity='token' chooses how NVFP4's "
+                                         "activation tensor scale is taken"):
+        sharq.get_recipe(name, scale_granularity="token")
+    assert sharq.get_recipe(name, scale_granularity="tensor") == sharq.get_recipe(name)
+    # a checkpoint an earlier sharq wrote with it (where it changed nothing) still loads, as the same recipe
+    stored = {**sharq.get_recipe(name).to_dict(), "scale_granularity": "token"}
+    assert sharq.Recipe.from_dict(stored) == sharq.get_recipe(name)
+
+
+def test_a_row_scaled_stage_takes_no_mask():
+    with pytest.raises(ValueError, match="fp8 stages take no mask"):
+        Stage("fp8", None, "2:4")
+
+
+@pytest.mark.parametrize("name", [["sharq"], None, 3, ("nvfp4",)])
+def test_get_recipe_names_what_it_was_given(name):
+    with pytest.raises(ValueError, match=f"a recipe is a name \\(str\\) or a Recipe, got {type(name).__name__}"):
+        sharq.get_recipe(name)
+
+
+def test_get_recipe_takes_name_as_an_option():
+    mine = sharq.get_recipe("nvfp4", name="mine")
+    assert mine.name == "mine" and mine == sharq.get_recipe("nvfp4").with_options(name="mine")

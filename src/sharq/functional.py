@@ -3,6 +3,7 @@ straight-through gradient, and `simulate_linear`. The backends themselves are in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -332,10 +333,12 @@ def simulate_linear(
 def sharq_decompose(x: torch.Tensor, recipe: str | Recipe = "sharq") -> tuple[QTensor, QTensor, torch.Tensor]:
     """The two SharQ paths of x [..., K]: (Q(S) sparse backbone, Q(R) dense residual, activation scale s_x).
 
-    deq(Q(S)) + deq(Q(R)), times s_x, is the activation the layer sees."""
+    deq(Q(S)) + deq(Q(R)), times s_x, is the activation the layer sees: both payloads dequantize to x's shape, and
+    s_x ([..., 1] per token, else one value) broadcasts against it."""
     r = get_recipe(recipe)
     if len(r.stages) != 2 or r.stages[0].mask is None:
         raise ValueError(f"recipe {r.name!r} is not a sparse + residual recipe")
     act = r.prepare_activation(as_rows(x))
-    sparse, residual = act.parts
-    return sparse, residual, act.scale
+    sparse, residual = (dataclasses.replace(q, shape=tuple(x.shape)) for q in act.parts)
+    lead = x.shape[:-1] if r.tensor_scale_per_row else (1,) * (x.dim() - 1)
+    return sparse, residual, act.scale.reshape(*lead, 1)

@@ -215,7 +215,7 @@ FORMATS: dict[str, FormatInfo] = {
 def format_info(fmt: str) -> FormatInfo:
     try:
         return FORMATS[fmt]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: an unhashable fmt, such as a list of names
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}") from None
 
 
@@ -327,6 +327,9 @@ def resolve_block(fmt: str, block_size: int | None) -> int | None:
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """[..., K] -> contiguous [M, K] (M = product of the leading dims; 1-D input is one row; empty tensors stay
     empty). Contiguous, so a strided input takes the same GEMM path, and gives the same bits, as its copy."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor [..., K], got {type(x).__module__}.{type(x).__name__} (for a "
+                        "numpy array: torch.from_numpy)")
     if x.dim() == 0:
         raise ValueError("expected a tensor [..., K], got a 0-d tensor")
     if not x.is_floating_point():
@@ -462,5 +465,22 @@ def dequantize(q: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def fake_quantize(x: torch.Tensor, fmt: str, block_size: int | None = None) -> torch.Tensor:
-    """Quantize and dequantize in one step; the result has x's shape and dtype."""
-    return dequantize(quantize(x, fmt, block_size), dtype=x.dtype)
+    """Quantize and dequantize in one step; the result has x's shape and dtype. Its gradient is the
+    straight-through estimator's, the identity, in every format (as a quantized layer's input gets): rounding has a
+    zero derivative almost everywhere, and the scales' derivative would send the whole gradient to each block's
+    largest element."""
+    with torch.no_grad():
+        y = dequantize(quantize(x, fmt, block_size), dtype=x.dtype)
+    return _StraightThrough.apply(x, y) if torch.is_grad_enabled() and x.requires_grad else y
+
+
+class _StraightThrough(torch.autograd.Function):
+    """y in the forward pass, the incoming gradient passed to x unchanged in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return dy, None

@@ -58,8 +58,13 @@ class Stage:
     def __post_init__(self) -> None:
         if not isinstance(self.fmt, str) or not (self.mask is None or isinstance(self.mask, str)):
             raise ValueError(f"a stage's fmt and mask are strings, got fmt={self.fmt!r}, mask={self.mask!r}")
-        resolve_block(self.fmt, self.block_size)  # also checks the format
+        block = resolve_block(self.fmt, self.block_size)  # also checks the format
+        if self.block_size is not None:  # a numpy integer as an int: the recipe goes into JSON configs
+            object.__setattr__(self, "block_size", block)
         if self.mask is not None:
+            if block is None:
+                raise ValueError(f"{self.fmt} stages take no mask: they have one scale per row and no blocks for a "
+                                 f"masked backbone (SPEC §6), got mask={self.mask!r}")
             masks.parse_mask(self.mask)
         check_scale_rule(self.fmt, self.scale_rule)
 
@@ -144,8 +149,12 @@ class Recipe:
         if folding and len(self.stages) > 1:
             raise ValueError(f"recipe {self.name!r}: {folding[0]} folds the tensor scale into its block scales, as "
                              "its tool does, and defines no residual cascade (SPEC §3.1): it must be the only stage")
+        _check_residual_scales(self.name, self.stages)
         if self.scale_granularity not in SCALE_GRANULARITIES:
             raise ValueError(f"scale_granularity must be one of {SCALE_GRANULARITIES}, got {self.scale_granularity!r}")
+        if self.scale_granularity != "tensor" and not self.uses_tensor_scale:
+            raise ValueError(f"recipe {self.name!r}: scale_granularity={self.scale_granularity!r} chooses how NVFP4's "
+                             "activation tensor scale is taken (SPEC §3), and this recipe's activations have none")
         if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
                 or not 0.0 <= self.outlier_fraction < 1.0:
             raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
@@ -162,7 +171,9 @@ class Recipe:
         elif not isinstance(self.weight_fmt, str):
             raise ValueError(f"recipe {self.name!r}: weight_fmt must be a string, got {self.weight_fmt!r}")
         else:
-            resolve_block(self.weight_fmt, self.weight_block)
+            block = resolve_block(self.weight_fmt, self.weight_block)
+            if self.weight_block is not None:  # a numpy integer as an int: the recipe goes into JSON configs
+                object.__setattr__(self, "weight_block", block)
             check_scale_rule(self.weight_fmt, self.weight_scale_rule)
             info = format_info(self.weight_fmt)
             if self.weight_tensor_scale_rule != "amax" and (not info.tensor_scale or info.folds_tensor_scale):
@@ -320,6 +331,9 @@ class Recipe:
     def from_dict(cls, d: dict) -> Recipe:
         try:
             fields = {**d, "stages": tuple(Stage(**s) for s in d["stages"])}
+            if fields.get("scale_granularity") == "token" and not (
+                    fields["stages"] and format_info(fields["stages"][0].fmt).tensor_scale):
+                fields["scale_granularity"] = "tensor"  # stored by an earlier sharq, where it changed nothing
             return cls(**fields)
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a sharq recipe description: {e}") from None
@@ -329,6 +343,19 @@ class Recipe:
         if unknown:
             raise TypeError(f"unknown option(s) for recipe {self.name!r}: {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **options)
+
+
+def _check_residual_scales(name: str, stages: tuple[Stage, ...]) -> None:
+    """A recipe takes its activation tensor scale from its first stage (SPEC §3), and a later stage quantizes the
+    residual in those units with no tensor scale of its own (SPEC §11). SPEC defines an NVFP4 stage only on
+    tensor-scaled input: after a first stage without one (MXFP4, HiF4) its UE4M3 block scales would see X's own
+    magnitudes, saturating above 2688 and flushing small values to zero."""
+    if stages and not format_info(stages[0].fmt).tensor_scale:
+        later = [s.fmt for s in stages[1:] if format_info(s.fmt).tensor_scale]
+        if later:
+            raise ValueError(f"recipe {name!r}: its {later[0]} stage needs the tensor scale a recipe takes from its "
+                             f"first stage (SPEC §3), and the first stage, {stages[0].fmt}, has none; put the "
+                             f"{later[0]} stage first")
 
 
 def quantize_stage(r: torch.Tensor, stage: Stage, tensor_scale: torch.Tensor | None = None) -> QTensor:
@@ -403,12 +430,15 @@ def list_recipes(compat: bool = False) -> list[str]:
     return list(_RECIPES) + (list(_COMPAT_RECIPES) if compat else [])
 
 
-def get_recipe(name: str | Recipe, **options) -> Recipe:
+def get_recipe(name: str | Recipe, /, **options) -> Recipe:
     """A registered recipe by name (``sharq-nvfp4`` is ``sharq``; ``nvfp4-torchao`` and
     ``nvfp4-compressed-tensors`` reproduce those tools, SPEC §3.1), with options such as
-    ``scale_granularity="token"`` applied. A Recipe passes through (options still apply)."""
+    ``scale_granularity="token"`` applied (``name="mine"`` renames it). A Recipe passes through (options still
+    apply)."""
     if isinstance(name, Recipe):
         recipe = name
+    elif not isinstance(name, str):
+        raise ValueError(f"a recipe is a name (str) or a Recipe, got {type(name).__name__} {name!r}")
     else:
         recipe = _RECIPES.get(_ALIASES.get(name, name)) or _COMPAT_RECIPES.get(name)
         if recipe is None:

@@ -38,7 +38,7 @@ def _check(y, a, packed, sx, sw, bias, out_dtype):
       cuBLAS rounds acc to bf16 before α: a further 2⁻⁸·(|S| + γ·A);
     - α rounded to fp32, α̂ = α·(1 + δ), |δ| ≤ 2⁻²⁴: E = |α̂·acc − α·S| ≤ |α|·((1 + 2⁻²⁴)·(those) + 2⁻²⁴·|S|);
     - v = α̂·acc + bias, one fp32 FMA, rounded to the output dtype: |y − v| ≤ u·|v| ≤ u·(|exact| + E), u = 2⁻²⁴
-      (fp32) or 2⁻⁸ (bf16: rounding to nearest errs by at most u/(1 + u)·|v|, whose slack holds the FMA's own
+      (fp32), 2⁻¹¹ (fp16) or 2⁻⁸ (bf16: rounding to nearest errs by at most u/(1 + u)·|v|, whose slack holds the FMA's own
       fp32 rounding).
     So |y − exact| ≤ E + u·(|exact| + E). An output halfway between the two bf16 values just above a power of two
     attains the rounding term up to a factor 1/(1 + u): random inputs reach 0.98 of this bound."""
@@ -54,7 +54,7 @@ def _check(y, a, packed, sx, sw, bias, out_dtype):
     if out_dtype == torch.bfloat16 and a.shape[0] > gemm.SMALL_M:  # decoded_matmul: cuBLAS's bf16 output
         sum_error = sum_error + 2.0**-8 * (s.abs() + gamma * total)
     e = alpha.abs() * ((1 + 2.0**-24) * sum_error + 2.0**-24 * s.abs())
-    u = 2.0**-8 if out_dtype == torch.bfloat16 else 2.0**-24
+    u = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[out_dtype]
     bound = e + u * (exact.abs() + e)
     assert y.dtype == out_dtype and y.shape == exact.shape
     err = (y.double().cpu() - exact).abs()
@@ -73,7 +73,7 @@ def test_packed_matmul_is_the_exact_product_up_to_accumulation(recipe, m, k, n, 
     per_row = bool(torch.randint(0, 2, (), generator=rng))
     sx = torch.rand(m if per_row else 1, 1, generator=rng) + 0.01
     bias = torch.randn(n, generator=rng).to(torch.bfloat16) if m % 2 else None
-    for out_dtype in (torch.bfloat16, torch.float32):
+    for out_dtype in (torch.bfloat16, torch.float16, torch.float32):  # fp16: its products before α overflowed
         y = gemm.packed_matmul(a.to(DEVICE), packed.codes.to(DEVICE), packed.scales.to(DEVICE), r.weight_fmt,
                                r.weight_block, sx.to(DEVICE), sw.to(DEVICE),
                                None if bias is None else bias.to(DEVICE), out_dtype)

@@ -1,6 +1,13 @@
-"""The "triton" backend, the exact simulator `sharq eval` uses on CUDA: the fused activation kernel
-(kernels/prepare.py) where the recipe allows (the reference preparation elsewhere), one cuBLAS GEMM on the exact
-bf16 Ŵ, and α and the bias in one Triton pass (kernels/epilogue.py). As large as the bf16 model."""
+"""The "triton" backend, the simulator `sharq eval` uses on CUDA: the fused activation kernel (kernels/prepare.py)
+where the recipe allows (the reference preparation elsewhere), one cuBLAS GEMM on the exact bf16 Ŵ, and α and the
+bias in one Triton pass (kernels/epilogue.py). As large as the bf16 model.
+
+What is exact: the activation payloads (every stage's codes, block scales and mask, and s_x) and Ŵ are the
+reference's bit for bit. What is bounded: the GEMM reads the payloads' dequantized sum rounded once to bf16 (exact
+for one stage; a two-stage sum such as sharq's or dense-dense's may need more than bf16's 8 significant bits), it
+accumulates in its own order, and a bf16 layer's GEMM rounds its output before α. So the output is not the
+reference's bit for bit: an fp32 layer's is within (2⁻⁸ + 2K·2⁻²⁴)·|α|·Σₖ|x̂ₖŵₖ| of it (docs/PERF.md, "The layer",
+**Numerics**; tests/kernels/test_prepare.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +19,8 @@ from . import Backend, reference, register
 
 def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None,
             amax: torch.Tensor | None = None) -> QActivation:
-    """The fused kernel's bf16 activation (exact: SPEC §5) and s_x; the reference preparation where the kernel
-    does not implement the recipe."""
+    """The fused kernel's activation, the stages' dequantized sum rounded once to bf16 (exact for one stage), and
+    s_x (exact); the reference preparation where the kernel does not implement the recipe."""
     from ..kernels.prepare import prepare_dequantized, supports
 
     if channels is not None or not supports(recipe):
@@ -24,20 +31,26 @@ def prepare(x2d: torch.Tensor, recipe: Recipe, channels: torch.Tensor | None,
 
 def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dtype: torch.dtype,
            layout=None) -> torch.Tensor:
-    """The fused kernel's bf16 activation times the exact bf16 Ŵ: one cuBLAS GEMM (fp32 accumulation, output in
-    out_dtype), then α and the bias in one Triton pass over the output, in place."""
+    """The fused kernel's bf16 activation times the exact bf16 Ŵ: one cuBLAS GEMM with fp32 accumulation, then α
+    and the bias in one Triton pass over the output, in place. A bf16 layer's GEMM rounds its output to bf16; any
+    other layer's stays fp32 until α is applied, as the reference's does, and is then rounded to out_dtype: the
+    unscaled product (codes times block scales) can exceed fp16's range where the scaled output does not."""
     if act.values.dtype != torch.bfloat16:  # a recipe the kernel does not implement: the reference preparation
         return reference.matmul(act, qweight, bias, out_dtype)
     from ..kernels.epilogue import scale_and_bias_
 
-    if out_dtype == torch.float32 and act.values.is_cuda:
-        y = torch.mm(act.values, qweight.values.T, out_dtype=torch.float32)
-    elif out_dtype == torch.float32:  # the CPU (Triton's interpreter) has no bf16 GEMM with an fp32 output: the
-        # same in fp32 (bf16 products are exact there), not a bf16 output cast afterwards
-        y = act.values.float() @ qweight.values.float().T
-    else:
-        y = (act.values @ qweight.values.T).to(out_dtype)
-    return scale_and_bias_(y, act.scale, qweight.scale, bias)
+    if out_dtype == torch.bfloat16:
+        return scale_and_bias_(act.values @ qweight.values.T, act.scale, qweight.scale, bias)
+    y = scale_and_bias_(_product_f32(act.values, qweight.values), act.scale, qweight.scale, bias)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def _product_f32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a · wᵀ (both bf16) accumulated and returned in fp32. The CPU (Triton's interpreter) has no bf16 GEMM with an
+    fp32 output: the same in fp32 there (bf16 products are exact in fp32), not a bf16 output cast afterwards."""
+    if a.is_cuda:
+        return torch.mm(a, w.T, out_dtype=torch.float32)
+    return a.float() @ w.float().T
 
 
 register("triton", Backend(prepare, matmul, lambda r: True, keeps_values=True, runs_on=("cuda",), needs="triton",

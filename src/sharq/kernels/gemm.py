@@ -418,11 +418,11 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
 
 
 def _product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a · wt by cuBLAS, in out_dtype: fp32 straight from the fp32 accumulator, else rounded to bf16 first."""
-    if out_dtype == torch.float32:
-        return torch.mm(a, wt, out_dtype=torch.float32) if not INTERPRETED else a.float() @ wt.float()
-    y = torch.mm(a, wt)
-    return y if out_dtype == torch.bfloat16 else y.to(out_dtype)
+    """a · wt by cuBLAS: a bf16 layer's rounded to bf16, any other's fp32 straight from the fp32 accumulator (an
+    fp16 layer's is rounded only after α: the unscaled product can exceed fp16's range where the output does not)."""
+    if out_dtype == torch.bfloat16:
+        return torch.mm(a, wt)
+    return torch.mm(a, wt, out_dtype=torch.float32) if not INTERPRETED else a.float() @ wt.float()
 
 
 class _DecodedLaunch:
@@ -452,8 +452,8 @@ class _DecodedLaunch:
             if self.fused is not None:
                 y = torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
                 return self.fused(a, w, sx, self.sw, self.bias, y)
-            y = _product(a, wt, self.out_dtype)
-        return self.epilogue(y, sx).view(self.shape)
+            y = self.epilogue(_product(a, wt, self.out_dtype), sx)
+        return y.to(self.out_dtype).view(self.shape)
 
 
 def decoded_launcher(codes: torch.Tensor, scales: torch.Tensor, fmt: str, block: int, sw: torch.Tensor,
