@@ -40,7 +40,7 @@ class ModelLoaded(Exception):
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> dict[str, str]:
     """Paths the table's arguments name: a model directory (only its config.json is read before loading), a sharq
-    checkpoint, a file, a non-empty and a read-only directory. Loading a model raises ModelLoaded; the GGUF cache
+    checkpoint, a file, a Latin-1 and a blank text file, a non-empty and a read-only directory. Loading a model raises ModelLoaded; the GGUF cache
     and the Triton interpreter switch (set by the kernel tests) are kept out of the way."""
     work = tmp_path / "work"
     (work / "model").mkdir(parents=True)
@@ -49,6 +49,8 @@ def workspace(tmp_path, monkeypatch) -> dict[str, str]:
     (work / "checkpoint").mkdir()
     (work / "checkpoint" / "config.json").write_text('{"quantization_config": {"quant_method": "sharq"}}')
     (work / "notes.txt").write_text("not a model\n" * 50)
+    (work / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    (work / "blank.txt").write_text(" \n\n ")
     (work / "full").mkdir()
     (work / "full" / "keep.txt").write_text("keep me")
     (work / "empty").mkdir()
@@ -156,6 +158,26 @@ MODEL = ["--model", "{model}"]
     (["report", *MODEL, "--out", "{empty}", "--tokens", "1"], "argument --tokens: must be at least 2"),
     (["report", *MODEL, "--out", "{empty}", "--recipes", ","], "no recipe given"),
     (["report", *MODEL, "--out", "{empty}", "--recipes", "sharq,outlier-channels"], "sharq report does not calibrate"),
+    # text arguments: named with their flag; not UTF-8, or no text at all
+    (["eval", *MODEL, "--text", "{latin1}"], "--text: text file {latin1} is not UTF-8 (invalid continuation byte at "
+                                             "byte 3)"),
+    (["eval", *MODEL, "--recipes", "outlier-channels", "--calib-text", "{blank}"], "--calib-text: {blank} holds no"),
+    (["eval", *MODEL, "--text", "/no/such.txt"], "--text: text '/no/such.txt' is neither a named corpus"),
+    (["quantize", *MODEL, "--out", "{empty}", "--recipe", "outlier-channels", "--calib-text", "{latin1}"],
+     "--calib-text: text file {latin1} is not UTF-8"),
+    (["quantize", *MODEL, "--out", "{empty}", "--recipe", "outlier-channels", "--calib-text", "{blank}"],
+     "--calib-text: {blank} holds no text"),  # it gave API advice: pass calibration=sharq.calibrate(...)
+    (["report", *MODEL, "--out", "{empty}", "--text", "{latin1}"], "--text: text file {latin1} is not UTF-8"),
+    (["export", *MODEL, "--out", "{empty}", "--activations", "nvfp4", "--calib-text", "{blank}"],
+     "--calib-text: {blank} holds no text"),
+    # export replaces only an export, and writes only what the format holds
+    (["export", *MODEL, "--out", "{full}", "--overwrite"], "--out {full} is a non-empty directory but not a "
+                                                           "compressed-tensors export: --overwrite replaces only those"),
+    (["export", *MODEL, "--out", "{empty}", "--recipe", "sharq-mxfp4"], "recipe 'sharq-mxfp4' has mxfp4 weights; "
+                                                                      "export one of nvfp4, sharq, sparse-only, "
+                                                                      "dense-dense, sharq-plus"),
+    # an argument no option takes: the command's error
+    (["eval", "extra"], "sharq eval: error: unrecognized arguments: extra (see sharq eval --help)"),
 ])
 def test_bad_arguments_fail_up_front_in_one_line(argv, message, workspace, capsys):
     """Exit code 2 and one line, before any model is loaded (the fixture's load raises) and with nothing written."""
@@ -294,6 +316,19 @@ def test_every_command_runs_the_recipe_the_rule_gives(command, model, recipe, ra
     assert ran_recipes(argv, tmp_path, capsys) == (default if ran is None else ran)
 
 
+def test_a_checkpoint_runs_as_saved_with_its_options_and_no_flag(quantized, tmp_path, capsys):
+    """A checkpoint quantized with --scale-granularity token runs as saved in every command, with no flag: its
+    recipe comes from the checkpoint, options and all (it was rebuilt from its name alone, and refused)."""
+    ckpt = tmp_path / "token"
+    assert main(["quantize", "--model", quantized["model"], "--out", str(ckpt), "--scale-granularity", "token",
+                 "--quiet"]) == 0
+    [recipe] = sharq.eval.run.recipes_for(ckpt, None)
+    assert recipe.name == "sharq" and recipe.scale_granularity == "token"
+    for command in ("generate", "export", "eval"):
+        text = ["--text", quantized["text.txt"]] if command == "eval" else []
+        assert ran_recipes([command, "--model", str(ckpt), *text], tmp_path, capsys) == ["sharq"]
+
+
 def test_one_token_is_counted_in_the_singular(quantized, capsys):
     assert main(["generate", "--model", quantized["ckpt"], "--max-new-tokens", "1", "--raw", "--quiet", "w1"]) == 0
     assert "[nvfp4: 1 token in " in capsys.readouterr().err
@@ -375,3 +410,78 @@ def test_ctrl_c_is_one_line_and_exit_code_130():
     finally:
         child.kill()
     assert child.returncode == 130 and err == "sharq: interrupted\n" and out == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--recipes", "nvfp4,sharq,nvfp4"], "recipe 'nvfp4' is given twice"),
+    (["demo", "--recipes", "sharq,sharq-nvfp4"], "recipe 'sharq' is given twice"),  # an alias of it
+    (["eval", *MODEL, "--recipes", "bf16,bf16"], "recipe 'bf16' is given twice"),
+    (["report", *MODEL, "--out", "{empty}", "--recipes", "sharq,sharq"], "recipe 'sharq' is given twice"),
+    (["eval", *MODEL, "--no-ppl", "--tasks", "piqa,piqa"], "--tasks names 'piqa' twice: each task counts once"),
+    (["eval", *MODEL, "--no-ppl", "--tasks", "paper,piqa"], "--tasks names 'piqa' twice ('paper' includes it)"),
+    (["eval", *MODEL, "--no-ppl", "--tasks", "piqa,nope"], "--tasks: unknown task 'nope'; available: piqa, "),
+])
+def test_a_recipe_or_task_given_twice_is_refused(argv, message, workspace, capsys):
+    """A recipe named twice ran twice; a task named twice also counted twice in the average and its standard
+    error, as if independent."""
+    assert run([a.format(**workspace) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_paper_combines_with_other_tasks(workspace, monkeypatch):
+    """--tasks paper,boolq is the paper's five and boolq (it said "unknown task 'paper' ... (or 'paper')")."""
+    pytest.importorskip("lm_eval")
+    seen = []
+
+    def stop(cfg):
+        seen.append(cfg.tasks)
+        raise ModelLoaded
+
+    monkeypatch.setattr(sharq.eval.run, "evaluate", stop)
+    with pytest.raises(ModelLoaded):
+        main(["eval", "--model", workspace["model"], "--no-ppl", "--tasks", "paper,boolq"])
+    assert seen == [("arc_challenge", "hellaswag", "lambada", "piqa", "winogrande", "boolq")]
+
+
+def test_export_refuses_an_outlier_channels_checkpoint_before_loading(quantized, tmp_path, monkeypatch, capsys):
+    """Its bf16 outlier channels have no place in compressed-tensors NVFP4: refused before the checkpoint is read
+    (it was refused after loading, naming four recipes of the five that export)."""
+    ckpt = tmp_path / "oc"
+    assert main(["quantize", "--model", quantized["model"], "--out", str(ckpt), "--recipe", "outlier-channels",
+                 "--calib-text", quantized["text.txt"], "--calib-tokens", "64", "--quiet"]) == 0
+    monkeypatch.setattr(sharq.interop, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["export", "--model", str(ckpt), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "sharq: error: compressed-tensors holds NVFP4 weights in 16-element groups and nothing else: recipe "
+        "'outlier-channels' keeps bf16 outlier channels; export one of nvfp4, sharq, sparse-only, dense-dense, "
+        "sharq-plus\n")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_eval_json_that_cannot_be_written_names_the_file(quantized, capsys):
+    """A full disk: the error names --json and its path, not only "[Errno 28] No space left on device"."""
+    code = main(["eval", "--model", quantized["model"], "--text", quantized["text.txt"], "--seqlen", "16",
+                 "--max-tokens", "16", "--recipes", "bf16", "--quiet", "--json", "/dev/full"])
+    err = capsys.readouterr().err
+    assert code == 2 and "/dev/full" in err and err.count("\n") == 1, err
+
+
+def test_help_lists_every_recipe_and_backend_a_command_takes(monkeypatch):
+    """The recipe lists left out nvfp4-torchao and nvfp4-compressed-tensors, which every command takes; export's
+    listed recipes it refuses; eval's --backend left out packed-placed."""
+    monkeypatch.setenv("COLUMNS", "100000")
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    helps = {name: " ".join(command.format_help().split()) for name, command in commands.items()}
+    for name in ("demo", "eval", "quantize", "generate", "report"):
+        assert "nvfp4-torchao, nvfp4-compressed-tensors" in helps[name], name
+    assert "holds: nvfp4, sharq, sparse-only, dense-dense, sharq-plus (default: sharq;" in helps["export"]
+    assert "packed-placed (" in helps["eval"]
+
+
+def test_a_quiet_eval_prints_nothing_on_stderr(quantized):
+    """transformers imports torchao whenever it loads a model; a torchao built for another torch or Python then
+    printed a line per C extension it could not load, and torch one per enum it registered, through --quiet."""
+    child = sharq_cli("eval", "--model", quantized["model"], "--text", quantized["text.txt"], "--seqlen", "16",
+                      "--max-tokens", "16", "--recipes", "bf16", "--quiet")
+    assert child.returncode == 0 and child.stderr == "", child.stderr

@@ -72,6 +72,19 @@ def test_a_checkpoint_is_evaluated_as_saved_in_one_row(tiny_model, recipes):
     assert "a sharq checkpoint, evaluated as saved" in format_results(saved)
 
 
+def test_token_granularity_applies_to_the_recipes_with_a_tensor_scale(tmp_path):
+    """`sharq eval --scale-granularity token` with bf16 in the list (the default's) runs bf16 and mxfp4 as they
+    are, the NVFP4 recipes per token; a list where no recipe has the scale is the recipe's own error."""
+    from sharq.eval.run import recipes_for
+
+    token = {"scale_granularity": "token"}
+    got = recipes_for(tmp_path, ["bf16", "nvfp4", "mxfp4", "sharq"], token)
+    assert [r.scale_granularity for r in got] == ["tensor", "token", "tensor", "token"]
+    assert [r.name for r in recipes_for(tmp_path, None, token)] == ["bf16", "nvfp4", "sharq"]
+    with pytest.raises(ValueError, match="recipe 'hif4': scale_granularity='token'"):
+        recipes_for(tmp_path, ["hif4", "bf16"], token)
+
+
 @pytest.mark.parametrize("options", [
     ["--recipes", "nvfp4"], ["--recipes", "sharq,bf16"], ["--recipes", ","], ["--recipes", "bf16,nvfp4,sharq"],
     ["--recipes", "sharq", "--scale-granularity", "token"], ["--scale-granularity", "token"],
@@ -132,8 +145,24 @@ def test_windows_cut_and_bos():
     ids = torch.arange(10)
     assert windows(ids, 4, None, None).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert windows(ids, 4, 8, 99).tolist() == [[99, 0, 1, 2], [99, 3, 4, 5]]
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="the text has 10 tokens: too short for one window of 16"):
         windows(ids, 16, None, None)
+    with pytest.raises(ValueError, match=r"max_tokens 3 is too small for one window of 4 \(4 text tokens\)"):
+        windows(ids, 4, 3, None)  # the budget is short, not the text
+
+
+def test_a_budget_one_token_short_of_a_window_is_refused_up_front(tiny_model, monkeypatch, capsys):
+    """Without BOS a window is seqlen text tokens: --max-tokens seqlen - 1 passed the up-front check (which
+    counted a BOS) and failed after loading, blaming the text."""
+    import sharq.eval.run as run
+
+    setup = ["eval", "--model", tiny_model["model"], "--text", tiny_model["text.txt"], "--seqlen", "16", "--quiet"]
+    assert main([*setup, "--max-tokens", "16", "--recipes", "bf16"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main([*setup, "--max-tokens", "15"]) == 2
+    assert capsys.readouterr().err == ("sharq: error: --max-tokens 15 cannot fill one window of --seqlen 16 (16 text "
+                                       "tokens): raise --max-tokens or lower --seqlen\n")
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -155,7 +184,9 @@ def test_eval_bad_arguments_are_one_line_errors(argv, message, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["eval", "--seqlen", "1"], "argument --seqlen: must be at least 2"),
-    (["eval", "--limit", "0"], "argument --limit: must be at least 1"),
+    (["eval", "--limit", "0"], "argument --limit: must be at least 2"),
+    (["eval", "--limit", "1", "--tasks", "piqa"], "argument --limit: must be at least 2 (a standard error needs 2 "
+                                                  "questions), got 1"),
     (["eval", "--max-tokens", "-5"], "argument --max-tokens"),
     (["eval", "--batch-size", "0"], "argument --batch-size"),
     (["eval", "--dtype", "float8"], "argument --dtype: invalid choice"),
@@ -224,7 +255,8 @@ def test_out_of_memory_is_a_one_line_error(monkeypatch, capsys):
     monkeypatch.setattr(run, "evaluate", boom)
     assert main(["eval", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sharq: error: out of memory") and err.count("\n") == 1
+    assert err.startswith("sharq: error: out of memory (OutOfMemoryError): lower --batch-size (which changes the "
+                          "perplexity") and err.count("\n") == 1
 
 
 def test_merge_results_recomputes_gaps():
@@ -687,3 +719,140 @@ def test_lm_eval_adapter_joins_the_process_group(tiny_model, monkeypatch):
     lm = zeroshot.as_lm_eval(tiny("llama"), tokenizer)
     assert (lm.rank, lm.world_size) == (1, 2)
     assert lm.all_gather is zeroshot._all_gather and lm.barrier is zeroshot._barrier
+
+
+@pytest.fixture(scope="module")
+def broken_model(tmp_path_factory, tiny_model) -> dict[str, str]:
+    """The tiny Llama with a NaN weight in its first MLP ("nan"), and with its output layer scaled up 10⁴ times
+    ("huge": finite logits, a perplexity past float64's range)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    root = tmp_path_factory.mktemp("broken")
+    for name, change in (("nan", lambda m: m.model.layers[0].mlp.down_proj.weight[0, :4].fill_(math.nan)),
+                         ("huge", lambda m: m.lm_head.weight.mul_(1e4))):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model["model"])
+        with torch.no_grad():
+            change(model)
+        model.save_pretrained(root / name)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(f"{tiny_model['model']}/{f}", root / name / f)
+    return {name: str(root / name) for name in ("nan", "huge")}
+
+
+@pytest.mark.parametrize("dtype,cause", [
+    ("float32", "the model is broken (its weights or activations are not finite)"),
+    ("float16", "its activations overflow float16, or the model is broken: give --dtype float32"),
+])
+def test_eval_refuses_non_finite_logits(broken_model, tiny_model, dtype, cause, tmp_path, capsys):
+    """A model whose logits are NaN (a NaN weight, or float16 overflow) is an error naming the recipe, with nothing
+    written: it printed a perplexity of nan, and --json wrote NaN, which is not JSON."""
+    out = tmp_path / "res.json"
+    argv = ["eval", "--model", broken_model["nan"], "--text", tiny_model["text.txt"], "--seqlen", "16",
+            "--max-tokens", "32", "--recipes", "bf16,sharq", "--dtype", dtype, "--quiet", "--json", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"sharq: error: recipe 'bf16': the model's logits are not finite (NaN or inf): {cause}\n"
+    assert captured.out == "" and not out.exists()
+
+
+def test_eval_refuses_a_perplexity_past_floats_range(broken_model, tiny_model):
+    with pytest.raises(ValueError, match="recipe 'bf16': the perplexity overflows"):
+        evaluate(EvalConfig(model=broken_model["huge"], recipes=("bf16",), text=tiny_model["text.txt"], seqlen=16,
+                            max_tokens=32, progress=False))
+
+
+def test_generate_and_report_refuse_non_finite_models(broken_model, tiny_model, tmp_path, capsys):
+    """generate printed nothing (greedy on NaN logits picks id 0, a special token) and claimed success; report
+    wrote nan into every row. Each is now an error, with no report written."""
+    assert main(["generate", "--model", broken_model["nan"], "--max-new-tokens", "2", "--quiet", "w1 w2"]) == 2
+    err = capsys.readouterr().err
+    assert "sharq: error: recipe 'sharq': the model's logits are not finite (NaN or inf)" in err
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "report"
+    assert main(["report", "--model", broken_model["nan"], "--text", tiny_model["text.txt"], "--tokens", "32",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("sharq: error: layer model.layers.0.mlp.down_proj: its weight is not finite (NaN or inf): the "
+                   "model is broken\n") and not out.exists()
+
+
+def test_the_table_shows_no_nan_and_no_share_of_a_gap_that_is_not_there():
+    """A standard error of 0 (every question right) printed "± nan", two rows with the same answers "(nan se)";
+    nvfp4 at or better than bf16 gave perplexity shares such as -1279 %."""
+    from sharq.eval.run import add_gaps
+
+    def row(name, ppl, correct):
+        acc = correct.count("1") / len(correct)
+        se = math.sqrt(acc * (1 - acc) / (len(correct) - 1))
+        return {"recipe": name, "activation_bits": 4.5, "weight_bits": 4.5, "weight_bytes": 0, "ppl": ppl,
+                "tokens_per_s": 1.0, "tasks": {"piqa": {"acc": acc, "acc_stderr": se, "n": len(correct),
+                                                         "correct": correct}},
+                "ppl_gap_recovered": None, "task_avg": acc, "task_avg_stderr": se, "task_gap_recovered": None}
+
+    res = add_gaps({"model": "m", "model_class": "C", "dtype": "float32", "device": "cpu", "backend": "reference",
+                    "text": "t", "seqlen": 8, "windows": 1, "ppl_tokens": 8, "tasks": ["piqa"], "limit": 4,
+                    "results": [row("bf16", 10.0, "1111"), row("nvfp4", 9.0, "1111"), row("sharq", 9.5, "1110"),
+                                row("other", 11.0, "0000")]})
+    assert [r["ppl_gap_recovered"] for r in res["results"]] == [None] * 4
+    text = format_results(res)
+    assert "nan" not in text.lower(), text
+    assert "100.00 ± 0.00" in text
+    lines = {line.split()[0]: line for line in text.splitlines()[-4:]}
+    assert "+0.00 (0.0 se)" in lines["bf16"] and "-100.00 (every answer differs) *" in lines["other"]
+    assert lines["sharq"].split()[3] == "n/r" and "nvfp4's perplexity is not above bf16's" in text
+
+
+def test_a_limit_of_one_question_is_refused_before_the_work(tiny_model, monkeypatch):
+    """limit=1 gave a standard error of NaN, and with two recipes failed after all the zero-shot work (the rows
+    are paired question by question, which needs 2 questions)."""
+    pytest.importorskip("lm_eval")
+    import sharq.eval.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ValueError, match="limit 1: a standard error needs at least 2 questions per task"):
+        evaluate(EvalConfig(model=tiny_model["model"], recipes=("bf16", "sharq"), max_tokens=0, tasks=("piqa",),
+                            limit=1, progress=False))
+
+
+def test_eval_json_records_the_batch_size(tiny_model, tmp_path):
+    """The batch size changes the perplexity of a per-call activation scale, so the results record it."""
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", tiny_model["model"], "--text", tiny_model["text.txt"], "--seqlen", "16",
+                 "--max-tokens", "32", "--recipes", "nvfp4", "--batch-size", "2", "--quiet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["batch_size"] == 2
+
+
+def test_report_refuses_tokens_past_the_models_positions_or_the_text(tiny_model, tmp_path, monkeypatch, capsys):
+    """The tiny model has 64 positions: report --tokens 65 is refused before loading (it ran past them without a
+    word, as eval refuses), and a text shorter than --tokens is an error, not a report on fewer tokens."""
+    pytest.importorskip("matplotlib")
+    import sharq.hf
+
+    (tmp_path / "short.txt").write_text("w1 w2 w3 w4 w5")
+    setup = ["report", "--model", tiny_model["model"], "--out", str(tmp_path / "r"), "--quiet"]
+    load = sharq.hf.load_pretrained
+    monkeypatch.setattr(sharq.hf, "load_pretrained", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main([*setup, "--text", tiny_model["text.txt"], "--tokens", "65"]) == 2
+    assert capsys.readouterr().err == ("sharq: error: --tokens 65 exceeds the model's max_position_embeddings 64: "
+                                       "give --tokens 64 or less\n")
+    monkeypatch.setattr(sharq.hf, "load_pretrained", load)
+    assert main([*setup, "--text", str(tmp_path / "short.txt"), "--tokens", "32"]) == 2
+    assert capsys.readouterr().err == ("sharq: error: the report text has 5 tokens, fewer than the 32 asked: ask for "
+                                       "fewer or give more text\n")
+    assert not (tmp_path / "r").exists()
+    assert main([*setup, "--text", tiny_model["text.txt"], "--tokens", "64"]) == 0
+    assert "64 tokens;" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_recipe_or_task_given_twice_is_a_library_error(tmp_path):
+    """evaluate ran a recipe named twice twice, and counted a task named twice as two independent tasks."""
+    from sharq.eval.run import recipes_for
+    from sharq.eval.zeroshot import check_tasks
+
+    with pytest.raises(ValueError, match="recipe 'sharq' is given twice"):
+        recipes_for(tmp_path, ["sharq", "bf16", "sharq-nvfp4"])
+    with pytest.raises(ValueError, match="task 'piqa' is given twice"):
+        check_tasks(["piqa", "boolq", "piqa"])

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 from ._format import format_table, plural
@@ -109,27 +109,50 @@ def _leave_process_group() -> None:
 
 
 def _quiet_transformers() -> None:
-    """transformers' warnings off (its progress bars follow each library call's `progress`)."""
-    from transformers.utils import logging
+    """transformers' warnings off (its progress bars follow each library call's `progress`), and those of importing
+    torchao: transformers imports it with its quantizers whenever it loads a model (sharq never uses it), and a
+    torchao built for another torch or Python warns of each C extension it cannot load, and torch of each enum
+    it registers."""
+    import logging
 
-    logging.set_verbosity_error()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _uncalibrated_recipes(names: tuple[str, ...] | None, command: str) -> list[Recipe]:
     """The --recipes of a command that does not calibrate (demo, report; None: every recipe that needs no
     calibration): an empty list or a calibrated recipe is an error now, not an empty report or a failure after the
     model work."""
+    from .eval.run import check_distinct
     from .recipes import get_recipe, list_recipes
 
     if names is None:
         return [r for r in map(get_recipe, list_recipes()) if not r.needs_calibration]
     if not names:
         raise ValueError("no recipe given: give --recipes, e.g. nvfp4,sharq")
-    recipes = [get_recipe(name) for name in names]
+    recipes = check_distinct([get_recipe(name) for name in names])
     for recipe in recipes:
         if recipe.needs_calibration:
             raise ValueError(f"sharq {command} does not calibrate: leave {recipe.name!r} out of --recipes")
     return recipes
+
+
+def _check_text(spec: str, flag: str) -> None:
+    """A text argument, refused before any model work unless it is a named corpus or a UTF-8 file holding some
+    text, in one line naming the flag."""
+    from .eval.data import CORPORA, load_text
+
+    if spec in CORPORA:
+        return
+    try:
+        text = load_text(spec)[0]
+    except (ValueError, OSError) as e:  # no such file, not UTF-8, unreadable
+        raise ValueError(f"{flag}: {e}") from None
+    if not text.strip():
+        raise ValueError(f"{flag}: {spec} holds no text")
 
 
 def _unquantized_model(spec: str | None, command: str) -> Path:
@@ -171,19 +194,19 @@ def _can_create_in(directory: Path) -> bool:
     return True
 
 
-def _check_out_dir(args: argparse.Namespace, model: Path, replaces_checkpoint: bool = False) -> None:
-    """--out of quantize and report: a directory, created with its parents; a non-empty one needs --overwrite, and
-    quantize replaces only a sharq checkpoint that way (never, say, a home directory)."""
-    from .checkpoint import is_checkpoint
-
+def _check_out_dir(args: argparse.Namespace, model: Path, replaces: tuple[Callable[[Path], bool], str] | None = None
+                   ) -> None:
+    """--out of quantize, export and report: a directory, created with its parents; a non-empty one needs
+    --overwrite, and quantize and export replace that way only what they write (`replaces`: a test and its name),
+    never, say, a home directory."""
     out = _check_output(args.out, "--out", model, makes_parents=True)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise ValueError(f"--out {args.out} is a non-empty directory: give --overwrite to write over it")
-        if replaces_checkpoint and not is_checkpoint(out):
-            raise ValueError(f"--out {args.out} is a non-empty directory but not a sharq checkpoint: --overwrite "
+        if replaces is not None and not replaces[0](out):
+            raise ValueError(f"--out {args.out} is a non-empty directory but not {replaces[1]}: --overwrite "
                              "replaces only those")
 
 
@@ -198,8 +221,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calibrated_weights = is_compressed_tensors(path)
     if not calibrated_weights:
         path = _unquantized_model(args.model, "quantize")
-    _check_out_dir(args, path, replaces_checkpoint=True)
+    from .checkpoint import is_checkpoint
+
+    _check_out_dir(args, path, (is_checkpoint, "a sharq checkpoint"))
     recipe = _one_recipe(args, path, calibrates=not calibrated_weights)
+    if recipe.needs_calibration and not calibrated_weights:
+        _check_text(args.calib_text, "--calib-text")
     _offline()
     _quiet_transformers()
     from .checkpoint import save
@@ -224,9 +251,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # calibration runs the whole model on the device; otherwise the model moves there one layer at a time as it is
     # quantized, so a model whose weights do not fit the device still quantizes on it
     progress = not args.quiet
-    model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], device if calib else "cpu", progress=progress)
+    model, tokenizer = load_pretrained(args.model, DTYPES[args.dtype], device if calib is not None else "cpu",
+                                       progress=progress)
     calibration = None
-    if calib:
+    if calib is not None:
         calibration = calibrate(model, [calib], tokenizer, max_tokens=args.calib_tokens, progress=progress)
     quantize_model(model, recipe, calibration=calibration, strict=args.strict, device=device, progress=progress)
     out = save(model, args.out, tokenizer, overwrite=args.overwrite, progress=progress)
@@ -250,6 +278,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from transformers import TextStreamer
 
+    from .eval.run import watch_logits
     from .generate import generate
     from .models import weight_bytes
 
@@ -265,9 +294,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     eos = model.generation_config.eos_token_id  # as model.generate stops; the tokenizer's where the model has none
     t0 = time.perf_counter()
-    out = generate(model, ids["input_ids"], args.max_new_tokens, temperature=args.temperature,
-                   eos_token_id=tokenizer.eos_token_id if eos is None else eos, streamer=streamer,
-                   compile=args.compile).cpu()
+    with watch_logits(model, device) as finite:
+        out = generate(model, ids["input_ids"], args.max_new_tokens, temperature=args.temperature,
+                       eos_token_id=tokenizer.eos_token_id if eos is None else eos, streamer=streamer,
+                       compile=args.compile).cpu()
+        if not finite():  # the tokens chosen from NaN logits are noise (greedy: always id 0)
+            raise ValueError(_non_finite(name, model.dtype))
     seconds = time.perf_counter() - t0
     new = out.shape[-1] - ids["input_ids"].shape[-1]
     size = weight_bytes(model)
@@ -282,6 +314,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = _unquantized_model(args.model, "report")
     _check_out_dir(args, path)
     _uncalibrated_recipes(args.recipes, "report")
+    _check_text(args.text, "--text")
+    from .eval.run import position_limit
+    from .hf import model_source
+
+    limit = position_limit(model_source(args.model))
+    if limit is not None and args.tokens > limit:
+        raise ValueError(f"--tokens {args.tokens} exceeds the model's max_position_embeddings {limit}: give --tokens "
+                         f"{limit} or less")
     if importlib.util.find_spec("matplotlib") is None:
         raise RuntimeError("sharq report draws its plots with matplotlib: pip install 'sharq[plot]'")
     _offline()
@@ -304,12 +344,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Write a quantized model in a serving format (docs/FORMAT.md): a sharq checkpoint as saved, or a model
     quantized here with --recipe."""
     from .hf import resolve_model
+    from .interop import GROUP, exportable, exportable_recipes, is_compressed_tensors
 
     source = resolve_model(args.model)
-    _check_out_dir(args, source)
+    _check_out_dir(args, source, (is_compressed_tensors, "a compressed-tensors export"))
     recipe = _one_recipe(args, source)
-    if recipe.weight_fmt != "nvfp4":  # checked before any loading
-        raise ValueError(f"{args.format} holds NVFP4 weights: recipe {recipe.name!r} has {recipe.weight_fmt} weights")
+    if not exportable(recipe):  # checked before any loading
+        why = (f"has {recipe.weight_fmt} weights" if recipe.weight_fmt != "nvfp4" else "keeps bf16 outlier channels"
+               if recipe.needs_calibration else f"has weight blocks of {recipe.weight_block}")
+        raise ValueError(f"{args.format} holds NVFP4 weights in {GROUP}-element groups and nothing else: recipe "
+                         f"{recipe.name!r} {why}; export one of {', '.join(exportable_recipes())}")
+    if args.activations == "nvfp4":
+        _check_text(args.calib_text, "--calib-text")
     _offline()
     _quiet_transformers()
     from .interop import export, measure_input_amax
@@ -330,6 +376,37 @@ def cmd_export(args: argparse.Namespace) -> int:
                  original_weights=original_weights or None, overwrite=args.overwrite)
     print(f"exported {source} ({model.sharq_quantization['recipe']['name']}) as {args.format} -> {out}")
     return 0
+
+
+def _tasks(names: tuple[str, ...]) -> tuple[str, ...]:
+    """--tasks, with 'paper' standing for the paper's five (so paper,boolq is six), each task once."""
+    from .eval.zeroshot import PAPER_TASKS, TASKS, check_tasks
+
+    tasks = tuple(t for name in names for t in (PAPER_TASKS if name == "paper" else (name,)))
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task {unknown[0]!r}; available: {', '.join(TASKS)}, or paper (the "
+                         f"paper's {', '.join(PAPER_TASKS)})")
+    twice = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+    if twice is not None:
+        also = " ('paper' includes it)" if "paper" in names and twice in PAPER_TASKS else ""
+        raise ValueError(f"--tasks names {twice!r} twice{also}: each task counts once in the average")
+    if tasks:
+        check_tasks(tasks)  # lm-eval installed
+    return tasks
+
+
+def _export_recipes() -> list[str]:
+    from .interop import exportable_recipes
+
+    return exportable_recipes()
+
+
+def _all_recipes() -> list[str]:
+    """Every recipe a command takes by name: those of SPEC §6 and sharq-plus, and those reproducing other tools."""
+    from .recipes import list_recipes
+
+    return list_recipes(compat=True)
 
 
 def _recipe_options(args: argparse.Namespace) -> dict:
@@ -381,18 +458,18 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
     from .checkpoint import is_checkpoint
     from .eval.run import position_limit, recipes_for
     from .hf import model_source, resolve_model
-    from .interop import is_compressed_tensors
+    from .interop import is_compressed_tensors, is_quantized_checkpoint
     from .models import check_device
-
-    from .eval.data import check_text
 
     check_device(args.device)  # before any model is read
     if args.backend != "auto":
         get_backend(args.backend)  # an unknown name, before the model's config is read (a GGUF is converted for it)
     model = resolve_model(args.model)
-    recipes_for(model, args.recipes, _recipe_options(args))  # the rule every command shares, before reading more
-    for text in ([] if args.no_ppl else [args.text]) + ([args.calib_text] if args.calib_text else []):
-        check_text(text)
+    recipes = recipes_for(model, args.recipes, _recipe_options(args))  # the rule every command shares
+    if not args.no_ppl:
+        _check_text(args.text, "--text")
+    if any(r.needs_calibration for r in recipes) and not is_quantized_checkpoint(model):
+        _check_text(args.calib_text, "--calib-text")
     if args.json is not None:
         if _check_output(args.json, "--json", model, makes_parents=False).is_dir():
             raise ValueError(f"--json {args.json} is a directory: give a file path")
@@ -400,9 +477,17 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--device-map places an unquantized model; a quantized checkpoint loads on one --device")
     if args.no_ppl and not args.tasks:
         raise ValueError("nothing to evaluate: --no-ppl skips perplexity, so give --tasks")
-    if not args.no_ppl and args.max_tokens is not None and args.max_tokens < args.seqlen - 1:
-        raise ValueError(f"--max-tokens {args.max_tokens} cannot fill one window of --seqlen {args.seqlen}: raise "
-                         "--max-tokens or lower --seqlen")
+    if not args.no_ppl and args.max_tokens is not None and args.max_tokens < args.seqlen:
+        # a window holds seqlen text tokens, or BOS and seqlen - 1 where the tokenizer adds BOS: read only here
+        body = args.seqlen - 1
+        if args.max_tokens == body:
+            from .eval.perplexity import bos_token
+            from .hf import load_tokenizer
+
+            body += bos_token(load_tokenizer(model_source(args.model))) is None
+        if args.max_tokens < body:
+            raise ValueError(f"--max-tokens {args.max_tokens} cannot fill one window of --seqlen {args.seqlen} "
+                             f"({plural(body, 'text token')}): raise --max-tokens or lower --seqlen")
     limit = None if args.no_ppl else position_limit(model_source(args.model))
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings {limit}: give --seqlen "
@@ -412,14 +497,13 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    tasks = _tasks(args.tasks)
     _check_eval_arguments(args)
     _offline()
-    from .eval.run import EvalConfig, evaluate, format_results
-    from .eval.zeroshot import PAPER_TASKS
+    from .eval.run import EvalConfig, NonFiniteLogits, evaluate, format_results
 
     _quiet_transformers()
 
-    tasks = PAPER_TASKS if args.tasks == ("paper",) else args.tasks
     options = _recipe_options(args)
     cfg = EvalConfig(model=args.model, recipes=args.recipes, text=args.text, seqlen=args.seqlen,
                      max_tokens=0 if args.no_ppl else args.max_tokens, tasks=tasks, limit=args.limit,
@@ -431,16 +515,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rank = _join_process_group(args.device)
     try:
         res = evaluate(cfg)
+    except NonFiniteLogits as e:
+        raise ValueError(_non_finite(e.recipe, e.dtype)) from None
     finally:
         _leave_process_group()
     if rank:  # a torch.distributed run: the first process reports
         return 0
     print(format_results(res))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=2)
+        text = json.dumps(res, indent=2, allow_nan=False)  # strict JSON: a NaN here is a bug, not a result
+        try:
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        except OSError as e:
+            raise OSError(f"cannot write --json {args.json}: {e.strerror or e}") from None
         print(f"wrote {args.json}")
     return 0
+
+
+def _non_finite(recipe: str, dtype: torch.dtype) -> str:
+    """The error for a model whose logits are NaN or inf (eval.run.NonFiniteLogits), in the flags' words."""
+    import torch
+
+    cause = ("its activations overflow float16, or the model is broken: give --dtype float32" if dtype == torch.float16
+             else "the model is broken (its weights or activations are not finite)")
+    return f"recipe {recipe!r}: the model's logits are not finite (NaN or inf): {cause}"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -454,8 +552,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (and exit code 2), not a usage block; help shows every
-    default, and lists the recipes ("{recipes}" in an option's help) only when printed: listing them imports torch."""
+    """argparse, but a bad argument is one line on stderr (and exit code 2), not a usage block, from the command it
+    belongs to; help shows every default, and lists the recipes ("{recipes}", or "{export_recipes}" for those
+    export writes, in an option's help) only when printed: listing them imports torch."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
@@ -464,12 +563,21 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    def format_help(self) -> str:
-        if any("{recipes}" in (action.help or "") for action in self._actions):
-            from .recipes import list_recipes
+    def parse_args(self, args=None, namespace=None):
+        """An argument that no option takes is an error of the command it follows (argparse makes it the top
+        parser's, which points to `sharq --help`)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
-            for action in self._actions:
-                action.help = action.help and action.help.replace("{recipes}", ", ".join(list_recipes()))
+    def format_help(self) -> str:
+        lists = {"{recipes}": _all_recipes, "{export_recipes}": _export_recipes}
+        for key, names in lists.items():
+            if any(key in (action.help or "") for action in self._actions):
+                for action in self._actions:
+                    action.help = action.help and action.help.replace(key, ", ".join(names()))
         return super().format_help()
 
 
@@ -477,8 +585,8 @@ MODEL_HELP = "a Hugging Face model directory or a .gguf file (default: the embed
 QUANTIZED_MODEL_HELP = ("a Hugging Face model directory, a .gguf file, a sharq checkpoint (run as saved) or a "
                         "compressed-tensors NVFP4 checkpoint (any recipe with NVFP4 weights runs on its 4-bit weights) "
                         "(default: the embedded SmolLM2-135M)")
-ONE_RECIPE_HELP = ("one of: {recipes} (default: sharq; a sharq checkpoint's own recipe; a compressed-tensors "
-                   "checkpoint's as its export recorded it, else sharq)")
+ONE_RECIPE_DEFAULT = ("(default: sharq; a sharq checkpoint's own recipe; a compressed-tensors checkpoint's as its "
+                      "export recorded it, else sharq)")
 TEXT_HELP = "a named corpus (wikipedia, lambada) or a text file"
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -530,9 +638,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perplexity token budget, or 'all'")
     e.add_argument("--no-ppl", action="store_true", help="skip perplexity (zero-shot only)")
     e.add_argument("--tasks", type=_csv, default=(),
-                   help="zero-shot tasks: piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada,boolq, or "
-                        "'paper' for the paper's 5-task average (default: none)")
-    e.add_argument("--limit", type=_positive_int, default=None, help="samples per task (default: all)")
+                   help="zero-shot tasks, each once: piqa,arc_easy,arc_challenge,hellaswag,winogrande,lambada,boolq; "
+                        "'paper' stands for the paper's five (arc_challenge,hellaswag,lambada,piqa,winogrande), "
+                        "alone or with others (default: none)")
+    e.add_argument("--limit", type=_at_least(2, " (a standard error needs 2 questions)"), default=None,
+                   help="questions per task, at least 2 (default: all)")
     _add_device(e)
     e.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"], default=None,
                    help="spread the model over the visible GPUs (and CPU memory, then disk) with accelerate, instead "
@@ -541,9 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     e.add_argument("--backend", default="auto",
                    help="SharQLinear backend: reference (pure torch), triton (fused kernel, exact bf16 Ŵ), packed "
-                        "(4-bit weights in memory), humming (humming-kernels' 4-bit GEMM; its outputs vary from "
+                        "(4-bit weights in memory), packed-placed (packed, its NVFP4 codes in the layout its CUDA "
+                        "kernels decode in fewer instructions), humming (humming-kernels' 4-bit GEMM; its outputs vary from "
                         "run to run) or auto (triton on CUDA, reference elsewhere)")
-    e.add_argument("--batch-size", type=_positive_int, default=1, help="perplexity windows per forward pass")
+    e.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="perplexity windows per forward pass: with a per-call activation scale (--scale-granularity "
+                        "tensor, the paper's) the windows of a batch share one, so this changes the perplexity")
     e.add_argument("--task-batch-size", type=_positive_int, default=8,
                    help="zero-shot requests per forward pass (a per-tensor activation scale couples the requests "
                         "of a batch, as in the paper's setup)")
@@ -572,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "from a CUDA graph on CUDA)")
     g.add_argument("prompt", help="the text to continue (wrapped in the model's chat template unless --raw)")
     g.add_argument("--model", default=None, help=QUANTIZED_MODEL_HELP)
-    g.add_argument("--recipe", default=None, help=ONE_RECIPE_HELP)
+    g.add_argument("--recipe", default=None, help="one of: {recipes} " + ONE_RECIPE_DEFAULT)
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, help="tokens to generate at most")
     g.add_argument("--temperature", type=_at_least(0.0, kind=float), default=0.0,
                    help="sampling temperature; 0 is greedy")
@@ -591,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "serves). Engines run its 4-bit weights with their own activations, not SharQ's "
                                    "(docs/FORMAT.md); sharq reads it back exactly.")
     x.add_argument("--model", default=None, help=QUANTIZED_MODEL_HELP)
-    x.add_argument("--recipe", default=None, help="a recipe with NVFP4 weights, " + ONE_RECIPE_HELP)
+    x.add_argument("--recipe", default=None, help="one of the recipes whose weights the format holds: {export_recipes} "
+                   + ONE_RECIPE_DEFAULT)
     x.add_argument("--format", choices=["compressed-tensors"], default="compressed-tensors",
                    help="the serving format")
     x.add_argument("--activations", choices=["none", "nvfp4"], default="none",
@@ -629,16 +743,26 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError))
 
 
+OUT_OF_MEMORY_ADVICE = {
+    "eval": ": lower --batch-size (which changes the perplexity: the windows of a batch share the per-call activation "
+            "scale) or --seqlen",
+    "generate": ": lower --max-new-tokens or shorten the prompt",
+    "report": ": lower --tokens",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
         print("sharq: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError, MemoryError) as e:  # OSError: a full disk, an unreadable model
         if _out_of_memory(e):
-            message = f"out of memory ({e.__class__.__name__}): lower --batch-size, --seqlen or --max-tokens"
+            message = f"out of memory ({e.__class__.__name__}){OUT_OF_MEMORY_ADVICE.get(command, '')}"
         else:
             message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         print(f"sharq: error: {message}", file=sys.stderr)

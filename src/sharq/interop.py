@@ -48,7 +48,7 @@ from .hf import load_pretrained, load_tokenizer, model_source
 from .models import _LAYER, DENSE, FAMILIES, quantize_model, shared_input_groups, target_linears
 from .nn import SharQExperts, SharQLinear
 from .quant import NVFP4_TENSOR_DIVISOR, as_rows, finite_amax
-from .recipes import QWeight, Recipe, get_recipe
+from .recipes import QWeight, Recipe, get_recipe, list_recipes
 
 QUANT_METHOD = "compressed-tensors"
 FORMAT = "nvfp4-pack-quantized"
@@ -233,16 +233,27 @@ def _original_weight(name: str, layer: SharQLinear, original_weights: Mapping[st
     return w
 
 
+def exportable(recipe: Recipe) -> bool:
+    """Whether compressed-tensors NVFP4 holds the recipe's weights: NVFP4 in blocks of a multiple of its group size,
+    and nothing else (no bf16 outlier channels)."""
+    return recipe.weight_fmt == "nvfp4" and not recipe.needs_calibration and recipe.weight_block % GROUP == 0
+
+
+def exportable_recipes() -> list[str]:
+    """The named recipes whose models export to compressed-tensors NVFP4."""
+    return [name for name in list_recipes(compat=True) if exportable(get_recipe(name))]
+
+
 def _exportable_recipe(model: nn.Module) -> Recipe:
     q = getattr(model, "sharq_quantization", None)
     if q is None:
         raise ValueError("this model was not quantized by sharq.quantize_model: nothing to export")
     r = Recipe.from_dict(q["recipe"])
-    if r.weight_fmt != "nvfp4" or r.needs_calibration or r.weight_block % GROUP:
+    if not exportable(r):
         extra = ", bf16 outlier channels" if r.needs_calibration else ""
         raise ValueError(f"recipe {r.name!r} (weights {r.weight_fmt}, block {r.weight_block}{extra}) cannot be "
                          "written as compressed-tensors NVFP4, which holds NVFP4 weights in 16-element groups and "
-                         "nothing else: export a model quantized with sharq, nvfp4, sparse-only or dense-dense")
+                         f"nothing else: export a model quantized with {', '.join(exportable_recipes())}")
     if any(isinstance(m, SharQExperts) for m in model.modules()):
         raise ValueError("exporting fused MoE experts to compressed-tensors is not supported yet")
     return r

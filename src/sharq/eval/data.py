@@ -67,4 +67,7 @@ def load_text(spec: str) -> tuple[str, str]:
     if spec in CORPORA:
         return corpus_text(spec), spec
     path = Path(spec).expanduser()
-    return path.read_text(encoding="utf-8"), path.name
+    try:
+        return path.read_text(encoding="utf-8"), path.name
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {spec} is not UTF-8 ({e.reason} at byte {e.start})") from None

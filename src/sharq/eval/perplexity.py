@@ -54,8 +54,11 @@ def windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int 
     budget = ids.numel() if max_tokens is None else min(ids.numel(), max_tokens)
     n = budget // body
     if n == 0:
-        raise ValueError(f"the text has {plural(ids.numel(), 'token')} (budget {budget}): too short for one window of "
-                         f"{seqlen}; lower seqlen or give more text")
+        window = f"one window of {seqlen} ({plural(body, 'text token')})"
+        if budget < ids.numel():
+            raise ValueError(f"max_tokens {max_tokens} is too small for {window}: raise it or lower seqlen")
+        raise ValueError(f"the text has {plural(ids.numel(), 'token')}: too short for {window}; lower seqlen or give "
+                         "more text")
     w = ids[: n * body].reshape(n, body)
     if bos_id is not None:
         w = torch.cat([torch.full((n, 1), bos_id, dtype=w.dtype), w], dim=1)

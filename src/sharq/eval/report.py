@@ -47,8 +47,13 @@ def capture_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def layer_stats(name: str, x: torch.Tensor, linear, recipes: list[str]) -> LayerStats:
+    """A layer's statistics on its input `x`; a NaN or inf in the input or the weights is a ValueError naming the
+    layer (every number of the report would be NaN)."""
     w = linear.weight.detach().float().cpu()
     b = None if linear.bias is None else linear.bias.detach().float().cpu()
+    for what, t in (("input", x), ("weight", w), ("bias", b)):
+        if t is not None and not torch.isfinite(t).all():
+            raise ValueError(f"layer {name}: its {what} is not finite (NaN or inf): the model is broken")
     exact = x @ w.T + (0 if b is None else b)
     channel_max = x.abs().amax(0)
     centered = x - x.mean()
@@ -151,19 +156,25 @@ def plots(stats: list[LayerStats], inputs_max: dict[str, torch.Tensor], recipes:
 def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, out: str | Path, setup: str,
                  progress: bool = False) -> Path:
     """Run the diagnostics on the first `tokens` tokens of `text` and write report.md, report.json and the PNGs
-    (progress=True: a bar per layer on stderr; each runs every recipe)."""
+    (progress=True: a bar per layer on stderr; each runs every recipe). One forward pass, so `tokens` is at most
+    the model's max_position_embeddings (positions past it run without a word), and the text must hold them."""
     from .perplexity import tokenize
 
-    ids = tokenize(text, tokenizer)[:tokens].unsqueeze(0)
-    if ids.shape[1] < 2:
-        raise ValueError("the report text has fewer than 2 tokens")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and tokens > limit:
+        raise ValueError(f"tokens {tokens} exceeds the model's max_position_embeddings {limit}")
+    ids = tokenize(text, tokenizer)
+    if ids.numel() < tokens:
+        raise ValueError(f"the report text has {plural(ids.numel(), 'token')}, fewer than the {tokens} asked: ask for "
+                         "fewer or give more text")
+    ids = ids[:tokens].unsqueeze(0)
     inputs = capture_inputs(model, ids)
     linears = target_linears(model)
     names = [n for n in linears if n in inputs]
     stats = [layer_stats(n, inputs[n], linears[n], recipes)
              for n in with_progress(names, progress, desc="report", unit="layer")]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     inputs_max = {n: x.abs().amax(0) for n, x in inputs.items()}
     plots(stats, inputs_max, recipes, out)
     setup = f"{setup}; {plural(ids.shape[1], 'token')}; recipes {', '.join(recipes)}"

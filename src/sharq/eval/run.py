@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,43 @@ class EvalConfig:
     progress: bool = True
 
 
+class NonFiniteLogits(ValueError):
+    """A forward of a recipe's model returned NaN or inf logits, so its perplexity and its answers mean nothing: a
+    broken model (a NaN weight), or activations past the range of its dtype (float16 overflows at 65,504)."""
+
+    def __init__(self, recipe: str, dtype: torch.dtype):
+        self.recipe, self.dtype = recipe, dtype
+        cause = ("its activations overflow float16, or the model is broken: evaluate it in float32"
+                 if dtype == torch.float16 else "the model is broken (its weights or activations are not finite)")
+        super().__init__(f"recipe {recipe!r}: the model's logits are not finite (NaN or inf): {cause}")
+
+
+@contextlib.contextmanager
+def watch_logits(model, device: str | torch.device) -> Iterator[Callable[[], bool]]:
+    """Within the block, every forward of `model` records on `device` whether its logits were all finite; the
+    function yielded says whether they all were, in every process of a torch.distributed run (so that all of them
+    stop, not one). The check is queued with each forward (a CUDA graph replays it with the forward) and read once,
+    when asked, so no forward waits for it."""
+    bad = torch.zeros((), dtype=torch.int32, device=device)
+
+    def check(module, args, output) -> None:  # a NaN or inf logit makes its row's fp32 sum non-finite: one cheap
+        # pass (isfinite over every logit took 0.5 s a 2048-token window of SmolLM2 on 2 CPU cores, the sum 0.02 s);
+        # a finite row would need logits near 10^34 to overflow it
+        sums = output.logits.sum(-1, dtype=torch.float32)
+        bad.bitwise_or_((~torch.isfinite(sums).all()).to(bad))
+
+    def finite() -> bool:
+        if process_rank()[1] > 1:
+            torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
+        return not bad.item()
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield finite
+    finally:
+        handle.remove()
+
+
 def task_average(tasks: dict[str, dict]) -> tuple[float, float]:
     """(mean of the tasks' scores, its standard error √(Σ stderr²) / tasks: the tasks' samples are independent)."""
     return (sum(task_score(m) for m in tasks.values()) / len(tasks),
@@ -76,8 +114,9 @@ def task_average(tasks: dict[str, dict]) -> tuple[float, float]:
 
 def gap_recovered(value: float, low: float, high: float) -> float | None:
     """(low − value) / (low − high): 0 at the nvfp4 level, 1 at the bf16 level (SPEC §9). For perplexity low is
-    nvfp4 and high bf16; for accuracy pass the negated scores."""
-    if any(v is None or not math.isfinite(v) for v in (value, low, high)) or low == high:
+    nvfp4 and high bf16; for accuracy pass the negated scores. None where there is no gap (nvfp4 at or better than
+    bf16): a share of it would be a meaningless number, e.g. -1279 %."""
+    if any(v is None or not math.isfinite(v) for v in (value, low, high)) or low <= high:
         return None
     return (low - value) / (low - high)
 
@@ -96,7 +135,8 @@ def recipes_for(path: Path, names: Sequence[str] | None, options: dict | None = 
     options = options or {}
     if is_checkpoint(path):
         saved = Recipe.from_dict(read_quantization_config(path)["recipe"])
-        asked = [get_recipe(r, **options) for r in ((saved.name,) if names is None else names)]
+        asked = [get_recipe(saved if r is None else r, **o)
+                 for r, o in _with_options((None,) if names is None else names, options)]
         if asked != [saved]:
             raise ValueError(f"{path} is a sharq checkpoint, already quantized with {saved.name!r}: it runs as "
                              "saved, so the only recipe it runs is its own (with its own options); to run or compare "
@@ -105,8 +145,33 @@ def recipes_for(path: Path, names: Sequence[str] | None, options: dict | None = 
     if names is not None and not names:
         raise ValueError("no recipe to run: name one or more, e.g. bf16, nvfp4, sharq")
     if is_compressed_tensors(path):
-        return [compressed_tensors_recipe(path, r, **options) for r in ((None,) if names is None else names)]
-    return [get_recipe(r, **options) for r in (default if names is None else names)]
+        pairs = _with_options((None,) if names is None else names, options)
+        return check_distinct([compressed_tensors_recipe(path, r, **o) for r, o in pairs])
+    return check_distinct([get_recipe(r, **o) for r, o in _with_options(default if names is None else names, options)])
+
+
+def check_distinct(recipes: list[Recipe]) -> list[Recipe]:
+    """`recipes`, refused if one is named twice (an alias counts as its recipe's name): it would run twice, for a
+    second row of the same numbers."""
+    names = [r.name for r in recipes]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise ValueError(f"recipe {twice!r} is given twice: each recipe runs once")
+    return recipes
+
+
+def _with_options(names: Sequence[str | None], options: dict) -> list[tuple[str | None, dict]]:
+    """Each recipe name with the options it takes. scale_granularity="token" chooses NVFP4's activation tensor
+    scale (SPEC §3), so a list such as bf16,nvfp4,sharq applies it where there is one and runs the others as they
+    are; a list where no recipe has one keeps it, and the recipe's own error names the problem. None (the
+    checkpoint's own recipe) takes the options."""
+    if options.get("scale_granularity", "tensor") == "tensor":
+        return [(name, options) for name in names]
+    scaled = [name is None or get_recipe(name).uses_tensor_scale for name in names]
+    if not any(scaled):
+        return [(name, options) for name in names]
+    rest = {key: value for key, value in options.items() if key != "scale_granularity"}
+    return [(name, options if s else rest) for name, s in zip(names, scaled)]
 
 
 def position_limit(source: Path) -> int | None:
@@ -143,6 +208,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     dtype = DTYPES[cfg.dtype or ("bfloat16" if on_gpu else "float32")]
     if cfg.tasks:
         check_tasks(cfg.tasks)
+        if cfg.limit is not None and cfg.limit < 2:  # else it fails after the work, pairing rows of 1 question
+            raise ValueError(f"limit {cfg.limit}: a standard error needs at least 2 questions per task")
     text = load_text(cfg.text) if cfg.max_tokens != 0 else None
     needs_calibration = not quantized and not imported and any(r.needs_calibration for r in recipes)
     calib_text = load_text(cfg.calib_text)[0] if needs_calibration else None
@@ -188,12 +255,18 @@ def evaluate(cfg: EvalConfig) -> dict:
             model = quantize_model(unquantized(), recipe, backend=backend, calibration=calibration)
         model_class = type(model).__name__
         row = RecipeResult(recipe.name, recipe.activation_bits, recipe.weight_bits, weight_bytes(model))
-        if ppl_windows is not None:
-            p = distributed_perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
-            row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
-        if cfg.tasks:  # in a torch.distributed run the requests are split; the first process gets the scores
-            row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size,
-                                       cfg.progress)
+        with watch_logits(model, device if cfg.device_map is None else "cpu") as finite:
+            if ppl_windows is not None:
+                p = distributed_perplexity(model, ppl_windows, cfg.batch_size, cfg.progress, desc=recipe.name)
+                row.ppl, row.tokens_per_s = p.ppl, p.tokens_per_s
+            if cfg.tasks:  # in a torch.distributed run the requests are split; the first process gets the scores
+                row.tasks = evaluate_tasks(model, tokenizer, list(cfg.tasks), cfg.limit, cfg.task_batch_size,
+                                           cfg.progress)
+            if not finite():
+                raise NonFiniteLogits(recipe.name, dtype)
+        if row.ppl is not None and not math.isfinite(row.ppl):
+            raise ValueError(f"recipe {recipe.name!r}: the perplexity overflows (mean NLL "
+                             f"{p.nll_sum / p.predicted_tokens:.0f} nats per token): the model is broken")
         if row.tasks:
             row.task_avg, row.task_avg_stderr = task_average(row.tasks)
         rows.append(row)
@@ -211,6 +284,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "windows": 0 if ppl_windows is None else len(ppl_windows),
         "ppl_tokens": 0 if ppl_windows is None else ppl_windows.numel(),
         "tasks": list(cfg.tasks),
+        "batch_size": cfg.batch_size,  # changes the perplexity of a per-call activation scale
         "limit": cfg.limit,
         "task_batch_size": cfg.task_batch_size,
         "paper_task_average": set(cfg.tasks) == set(PAPER_TASKS),
@@ -306,7 +380,8 @@ def _paired(r: dict, low: dict) -> bool:
 def _z(r: dict, low: dict | None) -> float | None:
     """r's task average minus low's in standard errors of the difference: paired, question by question, where both
     rows logged their answers (_paired); otherwise √(se_r² + se_low²), conservative, since the rows answer the same
-    questions and their errors are correlated. None without a low row or its standard errors (older results)."""
+    questions and their errors are correlated. None without a low row or its standard errors (older results). A
+    standard error of 0 (the same answers throughout, or every one different) gives 0 for no difference, else ±inf."""
     if low is None or r.get("task_avg_stderr") is None or low.get("task_avg_stderr") is None:
         return None
     if _paired(r, low):
@@ -315,14 +390,18 @@ def _z(r: dict, low: dict | None) -> float | None:
                            for t, m in tasks.items())) / len(tasks)
     else:
         se = math.sqrt(r["task_avg_stderr"] ** 2 + low["task_avg_stderr"] ** 2)
-    return (r["task_avg"] - low["task_avg"]) / se if se > 0 else math.nan
+    diff = r["task_avg"] - low["task_avg"]
+    if se > 0:
+        return diff / se
+    return math.copysign(math.inf, diff) if diff else 0.0
 
 
 def _difference(r: dict, low: dict | None) -> str:
     """r's task average minus nvfp4's, in points, with its size in standard errors and * where that exceeds 2."""
     if r is low or (z := _z(r, low)) is None:
         return ""
-    return f"{100 * (r['task_avg'] - low['task_avg']):+.2f} ({z:.1f} se){' *' if abs(z) > 2 else ''}"
+    size = "every answer differs" if math.isinf(z) else f"{z:.1f} se"
+    return f"{100 * (r['task_avg'] - low['task_avg']):+.2f} ({size}){' *' if abs(z) > 2 else ''}"
 
 
 def _gap_resolved(ref: dict | None, low: dict | None) -> bool:
@@ -344,16 +423,18 @@ def format_results(res: dict) -> str:
     ref = next((r for r in res["results"] if r["recipe"] == "bf16"), None)
     low = next((r for r in res["results"] if r["recipe"] == "nvfp4"), None)
     pct = lambda v: "" if v is None else f"{100 * v:.0f}%"
+    ppl_gap = bool(res["windows"]) and (ref is None or low is None or low["ppl"] > ref["ppl"])
     task_gap_resolved = bool(tasks) and _gap_resolved(ref, low)
     rows = []
     for r in res["results"]:
         row = [r["recipe"]]
         if res["windows"]:
             delta = "" if ref is None else f"{r['ppl'] - ref['ppl']:+.3f}"
-            row += [f"{r['ppl']:.3f}", delta, pct(r["ppl_gap_recovered"])]
+            row += [f"{r['ppl']:.3f}", delta, pct(r["ppl_gap_recovered"]) if ppl_gap else "n/r"]
         row += [f"{100 * task_score(r['tasks'][t]):.1f}" for t in tasks]
         if tasks:
-            row += [f"{100 * r['task_avg']:.2f} ± {100 * (r.get('task_avg_stderr') or math.nan):.2f}",
+            se = r.get("task_avg_stderr")  # None in older results
+            row += [f"{100 * r['task_avg']:.2f}" + ("" if se is None else f" ± {100 * se:.2f}"),
                     _difference(r, low), pct(r["task_gap_recovered"]) if task_gap_resolved else "n/r"]
         row += [f"{r['activation_bits']:g}", f"{r['weight_bits']:g}", f"{r.get('weight_bytes', 0) / 1e6:.0f}"]
         if res["windows"]:
@@ -373,6 +454,8 @@ def format_results(res: dict) -> str:
                      "se = standard error; a difference is resolved (*) beyond 2 standard errors of the difference"
                      + (" (paired: question by question)" if paired else ""))
     lines.append("gap rec. = share of the nvfp4 -> bf16 gap that a recipe recovers (SPEC §9)")
+    if res["windows"] and not ppl_gap:
+        lines.append("gap rec. n/r: nvfp4's perplexity is not above bf16's, so there is no gap to recover")
     if tasks and not task_gap_resolved:
         lines.append("avg gap rec. n/r: bf16's average is not above nvfp4's by 2 standard errors, so the zero-shot "
                      "gap is within the noise and a share of it means nothing")

@@ -78,10 +78,14 @@ _ROWS = {
 
 
 def check_tasks(tasks) -> None:
-    """Known task names and an importable lm-eval, checked before any model is loaded."""
+    """Known task names, each once (a copy would count as an independent task in the average and its standard
+    error), and an importable lm-eval, checked before any model is loaded."""
     unknown = [t for t in tasks if t not in _CONFIGS]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)} (or 'paper')")
+        raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)}")
+    twice = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+    if twice is not None:
+        raise ValueError(f"task {twice!r} is given twice: each task counts once in the average")
     if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("datasets") is None:
         raise RuntimeError(f"zero-shot tasks need lm-evaluation-harness: {LM_EVAL_HINT}")
 
