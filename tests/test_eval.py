@@ -597,14 +597,16 @@ def test_eval_device_map_with_a_checkpoint_is_a_one_line_error(tiny_model, capsy
 
 
 @pytest.mark.slow
-def test_eval_split_over_processes_equals_one_process(tiny_model, tmp_path):
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_eval_split_over_processes_equals_one_process(tiny_model, tmp_path, batch_size):
     """torchrun --nproc_per_node 2 sharq eval (gloo on the CPU): the two processes take alternate forwards of
     two windows each and the perplexities are the one-process ones bit for bit (the same batches, their NLL sums
-    added in the same order); only the first process writes the report."""
+    added in the same order); only the first process writes the report. With one forward, the second process has
+    none and still joins (it divided by its zero tokens, and the run died)."""
     one, two = one_and_two_processes(["eval", "--model", tiny_model["model"], "--recipes", "bf16,sharq", "--text",
                                       tiny_model["text.txt"], "--seqlen", "16", "--max-tokens", "144",
-                                      "--batch-size", "2", "--quiet"], tmp_path)
-    assert one["windows"] == two["windows"] == 9  # 5 forwards: 3 on the first process, 2 on the second
+                                      "--batch-size", str(batch_size), "--quiet"], tmp_path)
+    assert one["windows"] == two["windows"] == 9  # 5 forwards (3 on the first process, 2 on the second), or 1
     assert [r["ppl"] for r in two["results"]] == [r["ppl"] for r in one["results"]]
 
 
@@ -856,3 +858,22 @@ def test_a_recipe_or_task_given_twice_is_a_library_error(tmp_path):
         recipes_for(tmp_path, ["sharq", "bf16", "sharq-nvfp4"])
     with pytest.raises(ValueError, match="task 'piqa' is given twice"):
         check_tasks(["piqa", "boolq", "piqa"])
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, "auto", True])
+def test_lm_eval_adapter_checks_its_batch_size(batch_size):
+    """lm-eval took any value on and failed inside (or, "auto", would batch by memory: scores that move with it)."""
+    from sharq.eval.zeroshot import as_lm_eval
+
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        as_lm_eval(None, None, batch_size=batch_size)
+
+
+@pytest.mark.parametrize("batch_size,windows", [(0, 4), (2.5, 4), (1, 0)])
+def test_perplexity_checks_its_batch_size_and_windows(batch_size, windows):
+    import torch
+
+    from sharq.eval.perplexity import perplexity
+
+    with pytest.raises(ValueError, match="batch_size must be an integer|no windows"):
+        perplexity(None, torch.zeros(windows, 8, dtype=torch.long), batch_size, progress=False)

@@ -166,6 +166,27 @@ def test_the_content_hash_is_memoized_per_file_version(gguf, monkeypatch):
     assert [p.suffix for p in (hf.cache_dir() / "sha256").iterdir()] == [".json"]  # one memo per path, no temp
 
 
+def test_a_read_only_cache_is_read_without_its_memo(gguf, monkeypatch):
+    """A pre-built cache mounted read-only (a container image, a shared cluster cache): the hash that finds its
+    entry is computed and not memoized (writing the memo raised: Read-only file system)."""
+    monkeypatch.setattr(hf, "SETTLE_NS", 0)
+    entry = hf._gguf_cache(gguf)
+    for memo in (hf.cache_dir() / "sha256").iterdir():
+        memo.unlink()
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(hf.tempfile, "mkstemp", read_only)
+    assert hf._gguf_cache(gguf) == entry
+    assert not list((hf.cache_dir() / "sha256").iterdir())
+
+
+def test_the_cache_dir_expands_a_home_tilde(monkeypatch):
+    monkeypatch.setenv("SHARQ_CACHE", "~/sharq-cache")
+    assert hf.cache_dir() == Path.home() / "sharq-cache"
+
+
 def test_a_file_written_within_the_settle_time_is_never_memoized(gguf):
     hf._gguf_cache(gguf)
     assert not (hf.cache_dir() / "sha256").exists()

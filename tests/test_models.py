@@ -557,7 +557,8 @@ def test_a_failure_midway_leaves_the_model_as_it_was(failure, on_meta, device, m
     (lambda k: torch.rand(k).index_fill_(0, torch.tensor([3]), float("nan")), r"1 non-finite value\(s\)"),
     (lambda k: torch.rand(k).index_fill_(0, torch.tensor([3, 9]), float("inf")), r"2 non-finite value\(s\)"),
     (lambda k: torch.rand(k).index_fill_(0, torch.tensor([0]), -1.0), r"1 negative value\(s\)"),
-], ids=["short", "long", "2-d", "0-d", "list", "missing", "nan", "inf", "negative"])
+    (lambda k: torch.rand(k, device="meta"), r"on the meta device: they hold no values"),  # channels at random
+], ids=["short", "long", "2-d", "0-d", "list", "missing", "nan", "inf", "negative", "meta"])
 def test_bad_calibration_statistics_are_refused_up_front(bad, message, rng):
     """Statistics of the wrong shape or kind for one layer were accepted (wrong channels) or crashed later in a
     layer (IndexError, RuntimeError, AttributeError): now a ValueError naming the layer, before any layer is
@@ -718,3 +719,25 @@ def test_a_multimodal_gemma3_quantizes_its_language_model_alone(target_modules, 
         want = model(ids).logits
         sharq.save(model, tmp_path / "c")
         assert torch.isfinite(want).all() and torch.equal(sharq.load(tmp_path / "c")(ids).logits, want)
+
+
+def test_calibrate_takes_one_string_as_one_text_and_checks_its_arguments():
+    """A string is one text (joining its characters calibrated on other tokens); windows stop at the model's
+    positions (SMALL has 64: seqlen 512 ran past them); bad sizes, and a model already quantized (nothing left to
+    calibrate: it returned {}), are clear errors; no autograd graph is kept."""
+    model = tiny("llama")
+    text = "some calibration text, " * 5
+    assert all(torch.equal(a, b) for a, b in zip(sharq.calibrate(model, text, _Tokens()).values(),
+                                                  sharq.calibrate(model, [text], _Tokens()).values()))
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, args: seen.append((args[0].shape[1], args[0].requires_grad)))
+    sharq.calibrate(model, [text * 2], _Tokens(), seqlen=512)  # 230 tokens
+    assert seen == [(64, False), (64, False), (64, False), (38, False)]
+    for kwargs, message in [(dict(seqlen=0), "seqlen must be an integer >= 1"),
+                            (dict(max_tokens=-5), "max_tokens must be an integer >= 2")]:
+        with pytest.raises(ValueError, match=message):
+            sharq.calibrate(model, [text], _Tokens(), **kwargs)
+    sharq.quantize_model(model, "nvfp4")
+    with pytest.raises(ValueError, match="no unquantized linear to calibrate"):
+        sharq.calibrate(model, [text], _Tokens())

@@ -39,7 +39,7 @@ def package_dir(module: str, install_hint: str) -> Path:
 
 def cache_dir() -> Path:
     root = os.environ.get("SHARQ_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sharq"
-    return Path(root)
+    return Path(root).expanduser()  # "~/x" from a config file or a quoted variable is the home's, not ./~
 
 
 def resolve_model(spec: str | None) -> Path:
@@ -101,8 +101,11 @@ def content_sha256(path: Path) -> str:
     digest = _sha256_file(resolved)
     if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) < SETTLE_NS:
         return digest
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name + ".tmp-")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name + ".tmp-")
+    except OSError:  # a read-only cache (a shared, pre-built one): the memo only saves the next read
+        return digest
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"version": version, "sha256": digest}, f)

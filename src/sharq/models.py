@@ -281,7 +281,7 @@ def _check_calibration(calibration: Mapping[str, torch.Tensor] | None, linears: 
     if missing:
         raise ValueError(f"calibration has no statistics for {len(missing)} layer(s), e.g. {missing[0]}")
     for name, linear in linears.items():
-        check_channel_stats(calibration[name], linear.in_features, name)
+        check_channel_stats(calibration[name], linear.in_features, name, linear.weight.is_meta)
 
 
 def _restorer(model: nn.Module) -> Callable[[], None]:
@@ -430,7 +430,7 @@ def weight_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
-    texts: Iterable[str],
+    texts: Iterable[str] | str,
     tokenizer,
     *,
     seqlen: int = 512,
@@ -438,9 +438,20 @@ def calibrate(
     target_modules: Sequence[str] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Mean |x| per input channel of every targeted linear, over up to `max_tokens` tokens of `texts` run in
-    windows of `seqlen`. Calibrate the unquantized model. progress=True shows a bar per window on stderr."""
+    """Mean |x| per input channel of every targeted linear, over up to `max_tokens` tokens of `texts` (one string is
+    one text) run in windows of `seqlen` (at most the model's max_position_embeddings: positions past it were never
+    trained). Calibrate the unquantized model. progress=True shows a bar per window on stderr."""
+    for name, value, least in (("seqlen", seqlen, 1), ("max_tokens", max_tokens, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     linears = target_linears(model, target_modules)
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no unquantized linear to calibrate: calibrate the model "
+                         "before sharq.quantize_model")
+    config = getattr(model, "config", None)
+    limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                    "max_position_embeddings", None)
+    seqlen = min(seqlen, limit) if isinstance(limit, int) else seqlen
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
@@ -451,14 +462,16 @@ def calibrate(
             counts[name] = counts.get(name, 0) + x.shape[0]
         return record
 
-    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids[0][:max_tokens]
+    text = texts if isinstance(texts, str) else "\n\n".join(texts)  # a string's characters are no texts
+    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
     if ids.numel() < 2:
         raise ValueError("calibration text is empty")
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     device = input_device(model)
     try:
         for start in with_progress(range(0, ids.numel(), seqlen), progress, desc="calibrate", unit="window"):
-            model(ids[start: start + seqlen].unsqueeze(0).to(device))
+            with torch.no_grad():  # statistics only: no graph kept for a backward
+                model(ids[start: start + seqlen].unsqueeze(0).to(device))
     finally:
         for h in handles:
             h.remove()

@@ -215,15 +215,18 @@ class SharedBlockForward:
             shared.close()
 
 
-def check_channel_stats(stats: torch.Tensor, in_features: int, name: str) -> None:
+def check_channel_stats(stats: torch.Tensor, in_features: int, name: str, weight_is_meta: bool = False) -> None:
     """A ValueError naming the layer unless `stats` are one layer's calibration statistics: a tensor of
     `in_features` finite, non-negative values (mean |x| per input channel, sharq.calibrate). Statistics on the meta
-    device (placeholders for the structure a checkpoint fills) have only their shape to check."""
+    device are placeholders for the structure a checkpoint fills, so only for a weight on the meta device too, and
+    have only their shape to check (for a real weight they chose channels at random)."""
     if not isinstance(stats, torch.Tensor) or tuple(stats.shape) != (in_features,):
         got = f"shape {tuple(stats.shape)}" if isinstance(stats, torch.Tensor) else f"a {type(stats).__name__}"
         raise ValueError(f"{name}: calibration statistics: expected a tensor of {in_features} values (mean |x| per "
                          f"input channel, from sharq.calibrate), got {got}")
     if stats.is_meta:
+        if not weight_is_meta:
+            raise ValueError(f"{name}: calibration statistics are on the meta device: they hold no values")
         return
     check_finite(stats, name, "calibration statistics (mean |x| per channel)")
     negative = int((stats < 0).sum())
@@ -316,7 +319,7 @@ class SharQLinear(nn.Module):
             check_finite(linear.weight, name or "SharQLinear", "weight")
         channels = None
         if r.needs_calibration and channel_stats is not None:
-            check_channel_stats(channel_stats, linear.in_features, name or "SharQLinear")
+            check_channel_stats(channel_stats, linear.in_features, name or "SharQLinear", linear.weight.is_meta)
             channels = r.select_channels(channel_stats)
         with torch.no_grad():
             qweight = r.prepare_weight(linear.weight.detach(), channels)

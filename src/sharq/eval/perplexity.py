@@ -110,6 +110,10 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool
     CUDA graph (GraphedForward) unless cuda_graphs=False."""
     from tqdm.auto import tqdm
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if len(batches) == 0:
+        raise ValueError("no windows to evaluate")
     device = input_device(model)
     # a model accelerate spread over devices moves tensors between them in hooks: no graph captures that
     forward = GraphedForward(model, use_graphs=cuda_graphs and device.type == "cuda" and not is_dispatched(model))
@@ -149,9 +153,10 @@ def distributed_perplexity(model, batches: torch.Tensor, batch_size: int = 1, pr
     forwards = -(-len(batches) // batch_size)
     mine = [w for f in range(rank, forwards, world) for w in range(f * batch_size, min((f + 1) * batch_size,
                                                                                         len(batches)))]
-    p = perplexity(model, batches[mine], batch_size, progress, desc, cuda_graphs)
+    # a process with no forward (fewer forwards than processes) still joins the gather, with nothing to add
+    p = perplexity(model, batches[mine], batch_size, progress, desc, cuda_graphs) if mine else None
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, (p.batch_nll, p.seconds))
+    dist.all_gather_object(gathered, ((), 0.0) if p is None else (p.batch_nll, p.seconds))
     parts = [gathered[f % world][0][f // world] for f in range(forwards)]
     return _result(parts, len(batches) * (batches.shape[1] - 1), len(batches), batches.shape[1],
                    max(seconds for _, seconds in gathered))

@@ -106,7 +106,10 @@ def task_config(task: str) -> dict:
 
 def as_lm_eval(model, tokenizer, batch_size: int = 8):
     """A (sharq-quantized) transformers model as an lm-evaluation-harness model, for any lm-eval task:
-    ``lm_eval.simple_evaluate(model=sharq.eval.as_lm_eval(model, tok), tasks=["hellaswag"])``."""
+    ``lm_eval.simple_evaluate(model=sharq.eval.as_lm_eval(model, tok), tasks=["hellaswag"])``. batch_size: requests
+    a forward (lm-eval's "auto" is not taken: under a per-call activation scale it would change the scores)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
