@@ -29,6 +29,7 @@ from .nn import SharQLinear
 from .recipes import Recipe
 
 FORMAT_VERSION = 2  # 1: the hash covered only model.safetensors (sharq 0.1)
+FORMAT_1_KEYS = ("weights_sha256",)  # that hash's key
 READS = (1, 2)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -176,7 +177,7 @@ def validate_quantization_config(q: Mapping, where: str) -> Recipe:
     if q.get("format_version") not in READS:
         raise ValueError(f"{where}: sharq checkpoint format version {q.get('format_version')!r} is not supported by "
                          f"this sharq (reads versions {', '.join(map(str, READS))}); upgrade sharq")
-    unknown = sorted(set(q) - {*DEFINING_KEYS, DIGEST})
+    unknown = sorted(set(q) - {*DEFINING_KEYS, DIGEST, *(FORMAT_1_KEYS if q["format_version"] == 1 else ())})
     if unknown:  # a key a later sharq defines the model by: this one would compute another model
         raise ValueError(f"{where}: quantization_config has keys this sharq does not know ({', '.join(unknown)}): "
                          "written by a later sharq? upgrade sharq")
