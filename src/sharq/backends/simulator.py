@@ -38,19 +38,10 @@ def matmul(act: QActivation, qweight: QWeight, bias: torch.Tensor | None, out_dt
     if act.values.dtype != torch.bfloat16:  # a recipe the kernel does not implement: the reference preparation
         return reference.matmul(act, qweight, bias, out_dtype)
     from ..kernels.epilogue import scale_and_bias_
+    from ..kernels.gemm import product
 
-    if out_dtype == torch.bfloat16:
-        return scale_and_bias_(act.values @ qweight.values.T, act.scale, qweight.scale, bias)
-    y = scale_and_bias_(_product_f32(act.values, qweight.values), act.scale, qweight.scale, bias)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
-
-
-def _product_f32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a · wᵀ (both bf16) accumulated and returned in fp32. The CPU (Triton's interpreter) has no bf16 GEMM with an
-    fp32 output: the same in fp32 there (bf16 products are exact in fp32), not a bf16 output cast afterwards."""
-    if a.is_cuda:
-        return torch.mm(a, w.T, out_dtype=torch.float32)
-    return a.float() @ w.float().T
+    y = scale_and_bias_(product(act.values, qweight.values.T, out_dtype), act.scale, qweight.scale, bias)
+    return y.to(out_dtype)
 
 
 register("triton", Backend(prepare, matmul, lambda r: True, keeps_values=True, runs_on=("cuda",), needs="triton",

@@ -417,9 +417,10 @@ def decoded_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, f
                           fused=aligned, bound=False)(a, sx)
 
 
-def _product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """a · wt by cuBLAS: a bf16 layer's rounded to bf16, any other's fp32 straight from the fp32 accumulator (an
-    fp16 layer's is rounded only after α: the unscaled product can exceed fp16's range where the output does not)."""
+def product(a: torch.Tensor, wt: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """a · wt (bf16) by cuBLAS for a layer of out_dtype, before α (also the triton backend's GEMM): a bf16 layer's
+    rounded to bf16, any other's fp32 straight from the fp32 accumulator (an fp16 layer's is rounded only after α:
+    the unscaled product can exceed fp16's range where the output does not)."""
     if out_dtype == torch.bfloat16:
         return torch.mm(a, wt)
     return torch.mm(a, wt, out_dtype=torch.float32) if not INTERPRETED else a.float() @ wt.float()
@@ -452,7 +453,7 @@ class _DecodedLaunch:
             if self.fused is not None:
                 y = torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
                 return self.fused(a, w, sx, self.sw, self.bias, y)
-            y = self.epilogue(_product(a, wt, self.out_dtype), sx)
+            y = self.epilogue(product(a, wt, self.out_dtype), sx)
         return y.to(self.out_dtype).view(self.shape)
 
 
