@@ -7,9 +7,10 @@
     tokenizer files     when a tokenizer is given
 
 `checkpoint_sha256` covers the quantization config and every tensor's name, dtype, shape and bytes (the rest of
-config.json, the architecture's hyperparameters, is trusted as in any Hugging Face checkpoint). Every reader (`load` here, and `from_pretrained` through the transformers
-integration) checks each tensor's name, dtype and shape against the structure the config builds, then the digest,
-before any payload reaches the model: a checkpoint loads bit-identical to what was saved, or not at all.
+config.json, the architecture's hyperparameters, is trusted as in any Hugging Face checkpoint). Every reader
+(`load` here, and `from_pretrained` through the transformers integration) checks each tensor's name, dtype and shape
+against the structure the config builds, then the digest, before any payload reaches the model: a checkpoint loads
+bit-identical to what was saved, or not at all.
 """
 
 from __future__ import annotations

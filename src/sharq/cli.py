@@ -652,8 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backend", default="auto",
                    help="SharQLinear backend: reference (pure torch), triton (fused kernel, exact bf16 Ŵ), packed "
                         "(4-bit weights in memory), packed-placed (packed, its NVFP4 codes in the layout its CUDA "
-                        "kernels decode in fewer instructions), humming (humming-kernels' 4-bit GEMM; its outputs vary from "
-                        "run to run) or auto (triton on CUDA, reference elsewhere)")
+                        "kernels decode in fewer instructions), humming (humming-kernels' 4-bit GEMM; its outputs "
+                        "vary from run to run) or auto (triton on CUDA, reference elsewhere)")
     e.add_argument("--batch-size", type=_positive_int, default=1,
                    help="perplexity windows per forward pass: with a per-call activation scale (--scale-granularity "
                         "tensor, the paper's) the windows of a batch share one, so this changes the perplexity")
