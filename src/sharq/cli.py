@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import __version__
+from ._checks import repeated
 from ._format import format_table, plural
 
 if TYPE_CHECKING:
@@ -315,10 +316,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     _check_out_dir(args, path)
     _uncalibrated_recipes(args.recipes, "report")
     _check_text(args.text, "--text")
-    from .eval.run import position_limit
+    from .eval.run import source_position_limit
     from .hf import model_source
 
-    limit = position_limit(model_source(args.model))
+    limit = source_position_limit(model_source(args.model))
     if limit is not None and args.tokens > limit:
         raise ValueError(f"--tokens {args.tokens} exceeds the model's max_position_embeddings {limit}: give --tokens "
                          f"{limit} or less")
@@ -387,7 +388,7 @@ def _tasks(names: tuple[str, ...]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"--tasks: unknown task {unknown[0]!r}; available: {', '.join(TASKS)}, or paper (the "
                          f"paper's {', '.join(PAPER_TASKS)})")
-    twice = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+    twice = repeated(tasks)
     if twice is not None:
         also = " ('paper' includes it)" if "paper" in names and twice in PAPER_TASKS else ""
         raise ValueError(f"--tasks names {twice!r} twice{also}: each task counts once in the average")
@@ -456,7 +457,7 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
     about a flag, in the flag's words."""
     from .backends import get_backend
     from .checkpoint import is_checkpoint
-    from .eval.run import position_limit, recipes_for
+    from .eval.run import recipes_for, source_position_limit
     from .hf import model_source, resolve_model
     from .interop import is_compressed_tensors, is_quantized_checkpoint
     from .models import check_device
@@ -488,7 +489,7 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
         if args.max_tokens < body:
             raise ValueError(f"--max-tokens {args.max_tokens} cannot fill one window of --seqlen {args.seqlen} "
                              f"({plural(body, 'text token')}): raise --max-tokens or lower --seqlen")
-    limit = None if args.no_ppl else position_limit(model_source(args.model))
+    limit = None if args.no_ppl else source_position_limit(model_source(args.model))
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings {limit}: give --seqlen "
                          f"{limit} or less")

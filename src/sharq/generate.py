@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import inspect
 import math
-import operator
 import warnings
 
 import torch
 
+from ._checks import as_count, check_count, position_limit
 from ._cuda_graph import capture, warm_up
 from ._format import plural
 
@@ -135,8 +135,7 @@ def _select(logits: torch.Tensor, temperature: float, generator: torch.Generator
 def _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id, streamer, generator
                      ) -> torch.Tensor | None:
     """One clear ValueError per bad argument, before any model work; the EOS ids as a tensor (None: no EOS)."""
-    if _as_int(max_new_tokens) is None or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_count("max_new_tokens", max_new_tokens)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
             or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
@@ -152,7 +151,7 @@ def _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab:
         raise ValueError(f"input_ids holds {low if low < 0 else high}, outside the vocabulary [0, {vocab})")
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = position_limit(model.config)
     if limit is not None and max_new_tokens >= limit:
         raise ValueError(f"max_new_tokens {max_new_tokens} alone is too many: the model's max_position_embeddings "
                          f"{limit} leaves room for at most {plural(limit - 1, 'new token')} after a one-token prompt")
@@ -167,22 +166,12 @@ def _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id
                          "of the model's device")
     if eos_token_id is None:
         return None
-    eos = [eos_token_id] if _as_int(eos_token_id) is not None else eos_token_id
+    eos = [eos_token_id] if as_count(eos_token_id) is not None else eos_token_id
     if not isinstance(eos, (list, tuple)) or not eos \
-            or not all(_as_int(e) is not None and 0 <= e < vocab for e in eos):
+            or not all(as_count(e) is not None and 0 <= e < vocab for e in eos):
         raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) or a non-empty list of them, got "
                          f"{eos_token_id!r}")
-    return torch.tensor([_as_int(e) for e in eos])
-
-
-def _as_int(value) -> int | None:
-    """value as an int if it is an integer (a numpy one too: operator.index), else None; bool is no count."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    return torch.tensor([as_count(e) for e in eos])
 
 
 class _Readback:
@@ -225,7 +214,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     only for a streamer or an EOS check, one step behind the GPU, so the replays queue back to back.
     """
     eos = _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id, streamer, generator)
-    max_new_tokens = operator.index(max_new_tokens)
+    max_new_tokens = as_count(max_new_tokens)
     device = model.device
     ids = input_ids.to(device=device, dtype=torch.long)
     batch, length = ids.shape

@@ -16,6 +16,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ._checks import check_count, position_limit
 from ._format import plural
 from .functional import check_backend, resolve_backend
 from .nn import SharedActivation, SharedBlockForward, SharQExperts, SharQLinear, check_channel_stats
@@ -441,16 +442,12 @@ def calibrate(
     """Mean |x| per input channel of every targeted linear, over up to `max_tokens` tokens of `texts` (one string is
     one text) run in windows of `seqlen` (at most the model's max_position_embeddings: positions past it were never
     trained). Calibrate the unquantized model. progress=True shows a bar per window on stderr."""
-    for name, value, least in (("seqlen", seqlen, 1), ("max_tokens", max_tokens, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    seqlen, max_tokens = check_count("seqlen", seqlen), check_count("max_tokens", max_tokens, least=2)
     linears = target_linears(model, target_modules)
     if not linears:
         raise ValueError(f"{type(model).__name__} has no unquantized linear to calibrate: calibrate the model "
                          "before sharq.quantize_model")
-    config = getattr(model, "config", None)
-    limit = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
-                    "max_position_embeddings", None)
+    limit = position_limit(getattr(model, "config", None))
     seqlen = min(seqlen, limit) if isinstance(limit, int) else seqlen
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

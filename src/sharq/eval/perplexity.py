@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_count
 from .._cuda_graph import capture, warm_up
 from .._format import plural
 from ..models import input_device, is_dispatched
@@ -110,8 +111,7 @@ def perplexity(model, batches: torch.Tensor, batch_size: int = 1, progress: bool
     CUDA graph (GraphedForward) unless cuda_graphs=False."""
     from tqdm.auto import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = check_count("batch_size", batch_size)
     if len(batches) == 0:
         raise ValueError("no windows to evaluate")
     device = input_device(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import position_limit
 from .._format import format_table, plural
 from ..functional import simulate_linear
 from ..models import target_linears, with_progress
@@ -160,7 +161,7 @@ def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, o
     the model's max_position_embeddings (positions past it run without a word), and the text must hold them."""
     from .perplexity import tokenize
 
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = position_limit(model.config)
     if limit is not None and tokens > limit:
         raise ValueError(f"tokens {tokens} exceeds the model's max_position_embeddings {limit}")
     ids = tokenize(text, tokenizer)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import position_limit, repeated
 from .._format import format_table, plural
 from ..checkpoint import is_checkpoint, read_quantization_config
 from ..functional import check_backend
@@ -153,8 +154,7 @@ def recipes_for(path: Path, names: Sequence[str] | None, options: dict | None = 
 def check_distinct(recipes: list[Recipe]) -> list[Recipe]:
     """`recipes`, refused if one is named twice (an alias counts as its recipe's name): it would run twice, for a
     second row of the same numbers."""
-    names = [r.name for r in recipes]
-    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    twice = repeated([r.name for r in recipes])
     if twice is not None:
         raise ValueError(f"recipe {twice!r} is given twice: each recipe runs once")
     return recipes
@@ -174,12 +174,12 @@ def _with_options(names: Sequence[str | None], options: dict) -> list[tuple[str 
     return [(name, options if s else rest) for name, s in zip(names, scaled)]
 
 
-def position_limit(source: Path) -> int | None:
-    """The model's max_position_embeddings (its text model's), read from the config of the Hugging Face directory
-    `source` (hf.model_source); None where the config sets none."""
+def source_position_limit(source: Path) -> int | None:
+    """The model's max_position_embeddings, read from the config of the Hugging Face directory `source`
+    (hf.model_source); None where the config sets none."""
     from transformers import AutoConfig
 
-    return getattr(AutoConfig.from_pretrained(source).get_text_config(), "max_position_embeddings", None)
+    return position_limit(AutoConfig.from_pretrained(source))
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -195,7 +195,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     quantized = is_checkpoint(path)
     imported = is_compressed_tensors(path)  # one model per recipe, each built from the checkpoint's payload
     recipes = recipes_for(path, cfg.recipes, cfg.options)
-    limit = position_limit(model_source(cfg.model)) if cfg.max_tokens != 0 else None
+    limit = source_position_limit(model_source(cfg.model)) if cfg.max_tokens != 0 else None
     if limit is not None and cfg.seqlen > limit:  # positions past it were run without a word
         raise ValueError(f"seqlen {cfg.seqlen} exceeds the model's max_position_embeddings {limit}: evaluate windows "
                          f"of at most {limit} tokens")

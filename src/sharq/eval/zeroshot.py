@@ -12,6 +12,7 @@ import logging
 import math
 import re
 
+from .._checks import check_count, repeated
 from ..models import input_device
 from .data import read_rows
 from .distributed import process_rank
@@ -83,7 +84,7 @@ def check_tasks(tasks) -> None:
     unknown = [t for t in tasks if t not in _CONFIGS]
     if unknown:
         raise ValueError(f"unknown task {unknown[0]!r}; available: {', '.join(TASKS)}")
-    twice = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+    twice = repeated(list(tasks))
     if twice is not None:
         raise ValueError(f"task {twice!r} is given twice: each task counts once in the average")
     if importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("datasets") is None:
@@ -108,8 +109,7 @@ def as_lm_eval(model, tokenizer, batch_size: int = 8):
     """A (sharq-quantized) transformers model as an lm-evaluation-harness model, for any lm-eval task:
     ``lm_eval.simple_evaluate(model=sharq.eval.as_lm_eval(model, tok), tasks=["hellaswag"])``. batch_size: requests
     a forward (lm-eval's "auto" is not taken: under a per-call activation scale it would change the scores)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    batch_size = check_count("batch_size", batch_size)
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
