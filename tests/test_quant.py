@@ -85,6 +85,9 @@ def test_bad_arguments():
         sharq.fake_quantize(torch.ones(4, 16), ["nvfp4"])
     with pytest.raises(TypeError, match="expected a torch.Tensor .*, got numpy.ndarray"):
         sharq.fake_quantize(np.ones((4, 16), dtype=np.float32), "nvfp4")
+    for fmt in ("mxfp4", "hif4", "fp8"):  # no tensor scale to take per row: not silently ignored
+        with pytest.raises(ValueError, match=f"{fmt} has no tensor scale"):
+            sharq.quantize(torch.ones(4, 64), fmt, scale_granularity="token")
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "fp8", "nvfp4-torchao", "nvfp4-compressed-tensors", "mxfp4", "hif4"])

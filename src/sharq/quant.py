@@ -443,6 +443,8 @@ def quantize(
         raise ValueError(f"quantize: input has {bad} non-finite value(s) (NaN/Inf) out of {x2d.numel()}")
     if scale_granularity not in ("tensor", "token"):
         raise ValueError(f"scale_granularity must be 'tensor' or 'token', got {scale_granularity!r}")
+    if scale_granularity == "token" and not format_info(fmt).tensor_scale:  # would be ignored, the input unchanged
+        raise ValueError(f"scale_granularity='token' chooses NVFP4's tensor scale per row; {fmt} has no tensor scale")
     if format_info(fmt).tensor_scale:
         t = nvfp4_tensor_scale(x2d, scale_granularity == "token", fmt)
         v, folded = tensor_scaled_input(x2d, t, fmt)
