@@ -120,6 +120,42 @@ def test_streamer_gets_the_prompt_then_each_token(rng):
     assert streamer.ends == 1
 
 
+def break_from(model, forward: int):
+    """From the `forward`-th forward on (the prefill is the first), one logit of each row is NaN."""
+    calls = []
+
+    def hook(module, args, output):
+        calls.append(1)
+        if len(calls) >= forward:
+            output.logits[..., 3] = math.nan
+    return model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("broken_at", [1, 4])
+def test_non_finite_logits_raise_and_no_token_of_theirs_is_streamed(broken_at, streamed, rng):
+    """Tokens drawn from NaN logits are noise (greedy picks id 0 on CUDA): generate raised nothing and returned them.
+    A streamer (read back each step) gets only the tokens of finite logits; without one the check is read at the
+    end."""
+    model, ids = model_for("llama", False), prompts(rng, batch=1)
+    expected = sharq.generate(model, ids, NEW)
+    handle = break_from(model, broken_at)
+    streamer = Recorder() if streamed else None
+    with pytest.raises(sharq.NonFiniteLogits, match="^the model's logits are not finite .NaN or inf.: the model is "
+                                                    "broken"):
+        sharq.generate(model, ids, NEW, streamer=streamer)
+    handle.remove()
+    if streamed:
+        assert streamer.ends == 1 and torch.equal(streamer.puts[0], ids)
+        good = streamer.puts[1:]  # the tokens of forwards 1 .. broken_at - 1
+        assert len(good) == broken_at - 1
+        assert [t.tolist() for t in good] == [[t] for t in expected[0, PROMPT:PROMPT + broken_at - 1].tolist()]
+    quantized = model_for("llama", True)
+    break_from(quantized, 2)
+    with pytest.raises(sharq.NonFiniteLogits, match="^recipe 'sharq': the model's logits are not finite"):
+        sharq.generate(quantized, ids, NEW, eos_token_id=VOCAB - 1)
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
     (dict(max_new_tokens=2.0), "max_new_tokens must be an integer >= 1"),

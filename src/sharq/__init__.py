@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
+    "NonFiniteLogits": "_checks",
     "QTensor": "quant",
     "Recipe": "recipes",
     "SharQLinear": "nn",
@@ -40,6 +41,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from ._checks import NonFiniteLogits  # noqa: F401
     from .checkpoint import save  # noqa: F401
     from .functional import sharq_decompose, simulate_linear  # noqa: F401
     from .generate import generate  # noqa: F401

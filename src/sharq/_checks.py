@@ -1,9 +1,13 @@
-"""Argument checks the library's entry points share, so each problem is worded once."""
+"""Checks the library's entry points share, so each problem is worded once. Importing it imports no torch (the
+CLI's help stays quick)."""
 from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -36,3 +40,23 @@ def position_limit(config) -> int | None:
     None where it sets none: positions past it were never trained."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text, "max_position_embeddings", None)
+
+
+class NonFiniteLogits(ValueError):
+    """A forward returned NaN or inf logits, so the tokens, perplexity or answers drawn from them mean nothing: a
+    broken model (a NaN weight), or activations past the range of its dtype (float16 overflows at 65,504)."""
+
+    def __init__(self, recipe: str | None, dtype: torch.dtype):
+        self.recipe, self.dtype = recipe, dtype
+        cause = ("its activations overflow float16, or the model is broken: run it in float32"
+                 if str(dtype) == "torch.float16" else "the model is broken (its weights or activations are not finite)")
+        whose = f"recipe {recipe!r}: the model's" if recipe else "the model's"
+        super().__init__(f"{whose} logits are not finite (NaN or inf): {cause}")
+
+
+def flag_non_finite(flag: torch.Tensor, logits: torch.Tensor) -> None:
+    """Make `flag` (an fp32 scalar on the logits' device) NaN if any logit is NaN or inf, without waiting for the
+    device: a NaN or inf logit makes the fp32 sum of all of them non-finite (finite logits would need to be near
+    10^34 to overflow it), and adding that sum times zero keeps a finite flag 0 and turns it NaN otherwise. One pass,
+    where isfinite over every logit took 25 times as long (a 2048-token window of SmolLM2 on 2 CPU cores)."""
+    flag.add_(logits.sum(dtype=flag.dtype), alpha=0)

@@ -279,7 +279,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from transformers import TextStreamer
 
-    from .eval.run import watch_logits
+    from ._checks import NonFiniteLogits
     from .generate import generate
     from .models import weight_bytes
 
@@ -295,12 +295,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     eos = model.generation_config.eos_token_id  # as model.generate stops; the tokenizer's where the model has none
     t0 = time.perf_counter()
-    with watch_logits(model, device) as finite:
+    try:
         out = generate(model, ids["input_ids"], args.max_new_tokens, temperature=args.temperature,
                        eos_token_id=tokenizer.eos_token_id if eos is None else eos, streamer=streamer,
                        compile=args.compile).cpu()
-        if not finite():  # the tokens chosen from NaN logits are noise (greedy: always id 0)
-            raise ValueError(_non_finite(name, model.dtype))
+    except NonFiniteLogits as e:  # the tokens chosen from NaN logits are noise (greedy: always id 0)
+        raise ValueError(_non_finite(name, e.dtype)) from None
     seconds = time.perf_counter() - t0
     new = out.shape[-1] - ids["input_ids"].shape[-1]
     size = weight_bytes(model)
@@ -501,7 +501,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks)
     _check_eval_arguments(args)
     _offline()
-    from .eval.run import EvalConfig, NonFiniteLogits, evaluate, format_results
+    from ._checks import NonFiniteLogits
+    from .eval.run import EvalConfig, evaluate, format_results
 
     _quiet_transformers()
 
@@ -534,7 +535,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _non_finite(recipe: str, dtype: torch.dtype) -> str:
-    """The error for a model whose logits are NaN or inf (eval.run.NonFiniteLogits), in the flags' words."""
+    """The error for a model whose logits are NaN or inf (NonFiniteLogits), in the flags' words."""
     import torch
 
     cause = ("its activations overflow float16, or the model is broken: give --dtype float32" if dtype == torch.float16

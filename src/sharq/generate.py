@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ._checks import as_count, check_count, position_limit
+from ._checks import NonFiniteLogits, as_count, check_count, flag_non_finite, position_limit
 from ._cuda_graph import capture, warm_up
 from ._format import plural
 
@@ -175,23 +175,27 @@ def _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id
 
 
 class _Readback:
-    """New tokens on the host, one step behind the GPU: each copy is queued before the next step's replay and the
-    host waits for that copy alone, so the GPU never idles while the host streams text or checks for EOS."""
+    """New tokens on the host, one step behind the GPU, with the non-finite flag of the logits they came from: each
+    copy is queued before the next step's replay and the host waits for that copy alone, so the GPU never idles
+    while the host streams text or checks for EOS."""
 
     def __init__(self, steps: int, batch: int, device: torch.device):
         cuda = device.type == "cuda"
         self.host = torch.empty(steps, batch, dtype=torch.long, pin_memory=cuda)
+        self.flags = torch.empty(steps, dtype=torch.float32, pin_memory=cuda)
         self.ready = torch.cuda.Event() if cuda else None
 
-    def queue(self, i: int, tokens: torch.Tensor) -> None:
+    def queue(self, i: int, tokens: torch.Tensor, flag: torch.Tensor) -> None:
         self.host[i].copy_(tokens, non_blocking=True)
+        self.flags[i].copy_(flag, non_blocking=True)
         if self.ready is not None:
             self.ready.record()
 
-    def wait(self, i: int) -> torch.Tensor:
+    def wait(self, i: int) -> tuple[torch.Tensor, bool]:
+        """Step i's tokens, and whether every logit so far was finite."""
         if self.ready is not None:
             self.ready.synchronize()
-        return self.host[i]
+        return self.host[i], bool(torch.isfinite(self.flags[i]))
 
 
 @torch.no_grad()
@@ -212,6 +216,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     against 6.3 ms, docs/PERF.md), but the compilation, at the first step, costs what thousands of tokens save:
     it is for long generations. The host reads tokens back
     only for a streamer or an EOS check, one step behind the GPU, so the replays queue back to back.
+
+    NaN or inf logits (a broken model, or float16 activations past its range) raise NonFiniteLogits, a ValueError:
+    tokens drawn from them are noise. The check is queued with each step and read with the tokens (a streamer never
+    gets such a token), or once at the end.
     """
     eos = _check_arguments(model, input_ids, max_new_tokens, temperature, eos_token_id, streamer, generator)
     max_new_tokens = as_count(max_new_tokens)
@@ -227,18 +235,22 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     if streamer is not None:
         streamer.put(ids.cpu())
     logits, end = session.prefill(ids), length + max_new_tokens
+    flag, finite = torch.zeros((), dtype=torch.float32, device=device), True  # flag: NaN once a logit was not finite
     for i in range(max_new_tokens):
+        flag_non_finite(flag, logits)
         token = _select(logits, temperature, generator)
         if eos is not None:
             token = torch.where(finished, eos_device[0], token)
             finished |= torch.isin(token, eos_device)
         out[:, length + i] = token
         if readback is not None:
-            readback.queue(i, token)
+            readback.queue(i, token, flag)
         if i + 1 < max_new_tokens:
             logits = session.step(token)
         if readback is not None:
-            tokens = readback.wait(i)
+            tokens, finite = readback.wait(i)
+            if not finite:
+                break
             if streamer is not None:
                 streamer.put(tokens.clone())
             if eos is not None and bool(torch.isin(tokens, eos).all()):  # finished rows emit EOS: all done
@@ -246,4 +258,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
                 break
     if streamer is not None:
         streamer.end()
+    if not finite or (readback is None and not bool(torch.isfinite(flag))):
+        recipe = getattr(model, "sharq_quantization", {}).get("recipe", {}).get("name")
+        raise NonFiniteLogits(recipe, model.dtype)
     return out[:, :end]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import position_limit, repeated
+from .._checks import NonFiniteLogits, flag_non_finite, position_limit, repeated
 from .._format import format_table, plural
 from ..checkpoint import is_checkpoint, read_quantization_config
 from ..functional import check_backend
@@ -70,35 +70,21 @@ class EvalConfig:
     progress: bool = True
 
 
-class NonFiniteLogits(ValueError):
-    """A forward of a recipe's model returned NaN or inf logits, so its perplexity and its answers mean nothing: a
-    broken model (a NaN weight), or activations past the range of its dtype (float16 overflows at 65,504)."""
-
-    def __init__(self, recipe: str, dtype: torch.dtype):
-        self.recipe, self.dtype = recipe, dtype
-        cause = ("its activations overflow float16, or the model is broken: evaluate it in float32"
-                 if dtype == torch.float16 else "the model is broken (its weights or activations are not finite)")
-        super().__init__(f"recipe {recipe!r}: the model's logits are not finite (NaN or inf): {cause}")
-
-
 @contextlib.contextmanager
 def watch_logits(model, device: str | torch.device) -> Iterator[Callable[[], bool]]:
     """Within the block, every forward of `model` records on `device` whether its logits were all finite; the
     function yielded says whether they all were, in every process of a torch.distributed run (so that all of them
     stop, not one). The check is queued with each forward (a CUDA graph replays it with the forward) and read once,
     when asked, so no forward waits for it."""
-    bad = torch.zeros((), dtype=torch.int32, device=device)
+    flag = torch.zeros((), dtype=torch.float32, device=device)
 
-    def check(module, args, output) -> None:  # a NaN or inf logit makes its row's fp32 sum non-finite: one cheap
-        # pass (isfinite over every logit took 0.5 s a 2048-token window of SmolLM2 on 2 CPU cores, the sum 0.02 s);
-        # a finite row would need logits near 10^34 to overflow it
-        sums = output.logits.sum(-1, dtype=torch.float32)
-        bad.bitwise_or_((~torch.isfinite(sums).all()).to(bad))
+    def check(module, args, output) -> None:
+        flag_non_finite(flag, output.logits)
 
     def finite() -> bool:
-        if process_rank()[1] > 1:
-            torch.distributed.all_reduce(bad, torch.distributed.ReduceOp.MAX)
-        return not bad.item()
+        if process_rank()[1] > 1:  # a NaN flag's sum is NaN everywhere
+            torch.distributed.all_reduce(flag)
+        return bool(torch.isfinite(flag))
 
     handle = model.register_forward_hook(check)
     try:
