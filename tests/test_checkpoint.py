@@ -671,3 +671,21 @@ def test_save_refuses_the_working_directory(tmp_path, monkeypatch, target):
     with pytest.raises(ValueError, match="working directory"):
         sharq.save(_quantized("llama", "nvfp4"), target)
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["sub"]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_sharded_checkpoint_loads_and_a_stray_index_beside_one_file_is_ignored(saved, tmp_path, rng, loader):
+    """save_pretrained(max_shard_size=) writes shards and an index, which both loaders read; a directory holding
+    model.safetensors and an index (a stray or stale one, even an invalid one) loads model.safetensors, as
+    transformers does (sharq.load read the index and refused the checkpoint, or read other tensors)."""
+    model = sharq.load(saved)
+    ids = torch.randint(0, 96, (2, 7), generator=rng)
+    want = _logits(model, ids)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / checkpoint.WEIGHTS_INDEX).is_file()
+    assert len(checkpoint.weight_files(tmp_path / "sharded")) > 1
+    assert torch.equal(_logits(LOADERS[loader](tmp_path / "sharded"), ids), want)
+    stray = _copy(saved, tmp_path / "stray")
+    (stray / checkpoint.WEIGHTS_INDEX).write_text("{not json")
+    assert checkpoint.weight_files(stray) == [stray / checkpoint.WEIGHTS]
+    assert torch.equal(_logits(LOADERS[loader](stray), ids), want)

@@ -216,9 +216,10 @@ def verify_digest(q: Mapping, tensors: Mapping[str, torch.Tensor], where: str,
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: model.safetensors, or the shards its index lists."""
+    """The safetensors files of a checkpoint: model.safetensors, else the shards its index lists (transformers'
+    order, so that sharq.load and from_pretrained read the same files where a directory holds both)."""
     index = directory / WEIGHTS_INDEX
-    if index.is_file():
+    if index.is_file() and not (directory / WEIGHTS).is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
