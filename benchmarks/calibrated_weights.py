@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from sharq.eval.data import load_text
-    from sharq.eval.perplexity import bos_token, tokenize, windows
+    from sharq.eval.perplexity import windows
+    from sharq.hf import bos_token, tokenize
     from sharq.hf import cache_dir, load_tokenizer, model_source
 
     out = Path(args.out).expanduser().resolve()

@@ -20,8 +20,8 @@ import time
 import torch
 
 from sharq.eval.data import load_text
-from sharq.eval.perplexity import bos_token, perplexity, tokenize, windows
-from sharq.hf import load_pretrained
+from sharq.eval.perplexity import perplexity, windows
+from sharq.hf import bos_token, load_pretrained, tokenize
 from sharq.models import quantize_model, target_linears
 from sharq.nn import SharQLinear
 from sharq.recipes import Recipe

@@ -437,7 +437,7 @@ def test_report_with_its_defaults_writes_markdown_json_and_plots(tmp_path, monke
 
 
 def test_bos_is_read_from_what_the_tokenizer_does():
-    from sharq.eval.perplexity import bos_token
+    from sharq.hf import bos_token
 
     class Tok:
         bos_token_id = 2

@@ -267,11 +267,14 @@ def test_unknown_architecture_and_override():
 
 
 class _Tokens:
-    """A tokenizer stand-in: one token per byte."""
+    """A tokenizer stand-in: one token per byte (ids 2..95), after BOS (id 1) where bos=True, as Gemma's does."""
 
-    def __call__(self, text, return_tensors="pt"):
+    def __init__(self, bos: bool = False):
+        self.bos_token_id = 1 if bos else None
+
+    def __call__(self, text, add_special_tokens=True):
         class Out:
-            input_ids = torch.tensor([[b % 96 for b in text.encode()]])
+            input_ids = [1] * (self.bos_token_id is not None and add_special_tokens) + [2 + b % 94 for b in text.encode()]
         return Out()
 
 
@@ -734,6 +737,12 @@ def test_calibrate_takes_one_string_as_one_text_and_checks_its_arguments():
         lambda m, args: seen.append((args[0].shape[1], args[0].requires_grad)))
     sharq.calibrate(model, [text * 2], _Tokens(), seqlen=512)  # 230 tokens
     assert seen == [(64, False), (64, False), (64, False), (38, False)]
+    windows = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: windows.append((args or [kwargs["input_ids"]])[0][0]),
+                                    with_kwargs=True)
+    sharq.calibrate(model, [text * 2], _Tokens(bos=True), seqlen=512)  # a tokenizer that starts texts with BOS
+    assert [w.numel() for w in windows] == [64, 64, 64, 42]  # each window BOS + up to 63 of the 230 text tokens
+    assert all(w[0] == 1 and (w[1:] > 1).all() for w in windows)  # BOS opens every window (it opened the first)
     for kwargs, message in [(dict(seqlen=0), "seqlen must be an integer >= 1"),
                             (dict(max_tokens=-5), "max_tokens must be an integer >= 2")]:
         with pytest.raises(ValueError, match=message):

@@ -369,7 +369,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     input_amax = None
     if args.activations == "nvfp4":  # calibrated per-tensor input scales, what vLLM's W4A4 NVFP4 scheme needs
         from .eval.data import load_text
-        from .eval.perplexity import bos_token, tokenize, windows
+        from .eval.perplexity import windows
+        from .hf import bos_token, tokenize
 
         ids = windows(tokenize(load_text(args.calib_text)[0], tokenizer), 512, args.calib_tokens, bos_token(tokenizer))
         input_amax = measure_input_amax(model, ids.split(1))
@@ -482,7 +483,7 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
         # a window holds seqlen text tokens, or BOS and seqlen - 1 where the tokenizer adds BOS: read only here
         body = args.seqlen - 1
         if args.max_tokens == body:
-            from .eval.perplexity import bos_token
+            from .hf import bos_token
             from .hf import load_tokenizer
 
             body += bos_token(load_tokenizer(model_source(args.model))) is None

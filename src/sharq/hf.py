@@ -227,3 +227,17 @@ def load_tokenizer(source: Path):
         raise ValueError(f"{source} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}): save one beside the model "
                          "(sharq.save(model, directory, tokenizer) does)")
     return AutoTokenizer.from_pretrained(source)
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """Tokenize the whole text once, without special tokens (BOS is added per window where the model needs it)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+
+def bos_token(tokenizer) -> int | None:
+    """The BOS id when the tokenizer itself starts every text with it (Gemma), else None (SmolLM2). Read from what
+    the tokenizer does, not from `add_bos_token`, which some tokenizers leave False while their post-processor
+    adds BOS."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a").input_ids
+    return bos if bos is not None and ids and ids[0] == bos else None

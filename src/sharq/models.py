@@ -18,6 +18,7 @@ from torch import nn
 
 from ._checks import check_count, position_limit
 from ._format import plural
+from .hf import bos_token, tokenize
 from .functional import check_backend, resolve_backend
 from .nn import SharedActivation, SharedBlockForward, SharQExperts, SharQLinear, check_channel_stats
 from .quant import as_rows
@@ -460,15 +461,19 @@ def calibrate(
         return record
 
     text = texts if isinstance(texts, str) else "\n\n".join(texts)  # a string's characters are no texts
-    ids = tokenizer(text, return_tensors="pt").input_ids[0][:max_tokens]
-    if ids.numel() < 2:
+    ids = tokenize(text, tokenizer)[:max_tokens]
+    if ids.numel() == 0:
         raise ValueError("calibration text is empty")
+    bos = bos_token(tokenizer)  # every window starts as the model saw its texts start (as perplexity's windows do)
+    body = max(seqlen - (bos is not None), 1)
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     device = input_device(model)
     try:
-        for start in with_progress(range(0, ids.numel(), seqlen), progress, desc="calibrate", unit="window"):
+        for start in with_progress(range(0, ids.numel(), body), progress, desc="calibrate", unit="window"):
+            window = ids[start: start + body]
+            window = window if bos is None else torch.cat([window.new_tensor([bos]), window])
             with torch.no_grad():  # statistics only: no graph kept for a backward
-                model(ids[start: start + seqlen].unsqueeze(0).to(device))
+                model(window.unsqueeze(0).to(device))
     finally:
         for h in handles:
             h.remove()

@@ -159,7 +159,7 @@ def write_report(model, tokenizer, text: str, recipes: list[str], tokens: int, o
     """Run the diagnostics on the first `tokens` tokens of `text` and write report.md, report.json and the PNGs
     (progress=True: a bar per layer on stderr; each runs every recipe). One forward pass, so `tokens` is at most
     the model's max_position_embeddings (positions past it run without a word), and the text must hold them."""
-    from .perplexity import tokenize
+    from ..hf import tokenize
 
     limit = position_limit(model.config)
     if limit is not None and tokens > limit:

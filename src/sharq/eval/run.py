@@ -18,13 +18,13 @@ from .._checks import NonFiniteLogits, flag_non_finite, position_limit, repeated
 from .._format import format_table, plural
 from ..checkpoint import is_checkpoint, read_quantization_config
 from ..functional import check_backend
-from ..hf import load_pretrained, load_tokenizer, model_source, resolve_model
+from ..hf import bos_token, load_pretrained, load_tokenizer, model_source, resolve_model, tokenize
 from ..interop import compressed_tensors_recipe, is_compressed_tensors, load, load_model
 from ..models import calibrate, check_device, quantize_model, weight_bytes
 from ..recipes import Recipe, get_recipe
 from .data import load_text
 from .distributed import process_rank
-from .perplexity import bos_token, distributed_perplexity, tokenize, windows
+from .perplexity import distributed_perplexity, windows
 from .zeroshot import PAPER_TASKS, check_tasks, evaluate_tasks, task_score, task_stderr
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
