@@ -2,6 +2,7 @@
 one build per entry across processes, no half-written entry, no temp dir outliving its build."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -212,3 +213,17 @@ def test_resolve_model_refuses_what_is_no_model(spec, error, message, tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(error, match=message):
         hf.resolve_model(spec.format(tmp=tmp_path))
+
+
+def test_a_damaged_cache_entry_says_to_delete_it(gguf, monkeypatch):
+    """An entry appears complete (by a rename), so one that does not load was damaged later (a full disk, a hand
+    edit): the error names the entry and says to delete it, instead of transformers' error about a model
+    directory the user never made."""
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(hf, "_dequantize_gguf", fake_build)  # an entry with an empty config and no tokenizer
+    entry = hf.dequantized_gguf(gguf)
+    with pytest.raises(RuntimeError, match=f"the cached model {entry} cannot be read .*delete that directory"):
+        hf.load_pretrained(str(gguf))
+    mine = shutil.copytree(entry, gguf.parent / "mine")
+    with pytest.raises(ValueError, match="holds no tokenizer"):  # a directory of the user's: the plain error
+        hf.load_pretrained(str(mine))

@@ -202,15 +202,30 @@ def load_pretrained(spec: str | None = None, dtype: torch.dtype = torch.float32,
     from transformers import AutoModelForCausalLM
 
     source = model_source(spec)
-    tokenizer = load_tokenizer(source)
     offload = None if device_map is None else tempfile.TemporaryDirectory(prefix="sharq-offload-")
     placement = {} if offload is None else {"device_map": device_map, "offload_folder": offload.name}
-    with transformers_progress(progress):
+    with transformers_progress(progress), _cache_entry_read(source):
+        tokenizer = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
     if offload is None:
         return model.to(device).eval(), tokenizer
     model._sharq_offload_folder = offload  # removed with the model
     return model.eval(), tokenizer
+
+
+@contextmanager
+def _cache_entry_read(source: Path) -> Iterator[None]:
+    """Reading `source`: where it is a cache entry (a GGUF file's dequantization) that fails to load, it was
+    damaged after it was written (entries appear complete, by a rename), and the error says to delete it."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as e:
+        if source.parent != cache_dir() / "models":
+            raise
+        raise RuntimeError(f"the cached model {source} cannot be read ({type(e).__name__}: {str(e)[:200]}): it was "
+                           "damaged after it was written; delete that directory and run again to rebuild it") from e
 
 
 def model_source(spec: str | None) -> Path:
