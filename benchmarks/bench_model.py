@@ -66,10 +66,10 @@ def main() -> int:
         print("bench_model needs a CUDA GPU", file=sys.stderr)
         return 2
     if args.model:
-        from sharq.hf import load_model
+        from sharq.hf import load_pretrained
 
         def build():
-            return load_model(args.model, dtype=torch.bfloat16, device="cuda")[0]
+            return load_pretrained(args.model, dtype=torch.bfloat16, device="cuda")[0]
 
         name = args.model
     else:

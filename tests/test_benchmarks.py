@@ -136,3 +136,19 @@ def test_without_prepare_drops_folded_launches_so_no_group_prepares(rng, monkeyp
         calls.clear()
         model(ids)
     assert {c[0] for c in calls} == {"group", "matmul"}
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_every_name_a_benchmark_imports_from_sharq_exists(script):
+    """The benchmarks need a GPU, so CI never runs most of their paths; a name they import from sharq that is gone
+    (bench_model --model imported sharq.hf.load_model, which never existed) fails here instead of on the GPU."""
+    import ast
+    import importlib
+
+    tree = ast.parse((BENCHMARKS / script).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "sharq":
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}"), \
+                    f"{script}: from {node.module} import {alias.name}"
