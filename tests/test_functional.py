@@ -212,12 +212,14 @@ def test_the_custom_ops_fakes_give_what_the_ops_return(backend, rng):
     """What torch.compile sees of a layer (functional's custom ops) must describe what they return, dtype, shape
     and strides alike (torch.library.opcheck): the prepare's fake once gave the packed backend's bf16 values as
     fp32, and inductor put a buffer of twice their size on their storage (a heap overflow, on the GPU a write
-    past the allocation). In Triton's interpreter for the kernels' backends."""
+    past the allocation). On the GPU where there is one, else in Triton's interpreter for the kernels' backends."""
     from sharq import functional
     from sharq.nn import SharQLinear
 
-    layers = [SharQLinear.from_linear(torch.nn.Linear(64, n), "sharq", backend=backend) for n in (64, 32, 32)]
-    x = outlier_activations(rng, 5, 64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels' backends take CUDA tensors on a GPU machine
+    layers = [SharQLinear.from_linear(torch.nn.Linear(64, n), "sharq", backend=backend).to(device)
+              for n in (64, 32, 32)]
+    x = outlier_activations(rng, 5, 64).to(device)
     r = layers[0].recipe
     with torch.no_grad():
         torch.library.opcheck(torch.ops.sharq.prepare_activation, (x, r.key, backend, None, None))
