@@ -750,3 +750,23 @@ def test_calibrate_takes_one_string_as_one_text_and_checks_its_arguments():
     sharq.quantize_model(model, "nvfp4")
     with pytest.raises(ValueError, match="no unquantized linear to calibrate"):
         sharq.calibrate(model, [text], _Tokens())
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_a_quantized_model_pickles(model_type, rng):
+    """torch.save(model) and torch.load(weights_only=False) give the model back: the same logits, and a state dict
+    still loads into it (its layers' load hook was a lambda, and pickling failed)."""
+    import io
+
+    model = sharq.quantize_model(tiny(model_type), "sharq")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    twin = torch.load(buffer, weights_only=False)
+    ids = torch.randint(0, 96, (2, 5), generator=rng)
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model(ids).logits)
+        other = sharq.quantize_model(tiny(model_type).apply(lambda m: torch.nn.init.normal_(m.weight)
+                                                            if isinstance(m, nn.Linear) else None), "sharq")
+        twin.load_state_dict(other.state_dict())
+        assert torch.equal(twin(ids).logits, other(ids).logits)

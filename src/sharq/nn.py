@@ -235,6 +235,12 @@ def check_channel_stats(stats: torch.Tensor, in_features: int, name: str, weight
                          "negative")
 
 
+def _refresh_after_load(layer: SharQLinear, _keys) -> None:
+    """SharQLinear's load hook: a function of the module, not a lambda, so a quantized model pickles
+    (torch.save(model))."""
+    layer.refresh_values()
+
+
 class SharQLinear(nn.Module):
     """A drop-in nn.Linear whose weight is quantized once and whose input is quantized on every call.
 
@@ -295,7 +301,7 @@ class SharQLinear(nn.Module):
         self.register_buffer("channels", qweight.channels)
         self.register_buffer("dense_weight", qweight.dense)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_values())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self.plan_handle = plan_handle(self)  # what the compiled op finds it by (functional.planned_linear)
         self._configure()
 
