@@ -201,6 +201,26 @@ def test_the_weight_forward_multiplies_follows_every_change_of_the_payload(rng):
         assert torch.equal(layer(x.double()), other(x.double()))
 
 
+
+@pytest.mark.parametrize("saved,target", [("sharq", "mxfp4"), ("mxfp4", "sharq"), ("sharq-mxfp4", "sharq")])
+def test_a_state_dict_of_another_weight_format_is_refused(saved, target, rng):
+    """NVFP4 and MXFP4 payloads in blocks of 32 have the same shapes and dtypes: a state dict of one loaded into
+    the other without a word and computed other numbers. The state dict's metadata names its weight format, and a
+    load into another is an error naming the layer and both, the layer untouched; the same format loads, also
+    under other activation options."""
+    x = outlier_activations(rng, 3, 64)
+    source = SharQLinear.from_linear(nn.Linear(64, 32), saved, name="q_proj")
+    layer = SharQLinear.from_linear(nn.Linear(64, 32), target, name="q_proj")
+    want = layer(x)
+    with pytest.raises(RuntimeError, match=f"q_proj: the state dict holds .*recipe '{saved}'.*recipe '{target}'"):
+        layer.load_state_dict(source.state_dict())
+    assert torch.equal(layer(x), want)
+    options = {"scale_granularity": "token"} if saved == "sharq" else {}
+    twin = SharQLinear.from_linear(nn.Linear(64, 32), saved, **options)
+    twin.load_state_dict(source.state_dict())
+    assert torch.equal(twin.weight_codes, source.weight_codes) and torch.equal(twin.weight_scales, source.weight_scales)
+
+
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

@@ -22,7 +22,7 @@ from .functional import (
     resolve_backend,
     straight_through,
 )
-from .quant import QTensor, as_rows, dequantize_blocks
+from .quant import QTensor, as_rows, dequantize_blocks, resolve_block
 from .recipes import QActivation, QWeight, Recipe, get_recipe
 
 _MAX_PLANS = 64  # eager launch plans a layer keeps (decode needs one per batch size; prefill one per prompt length)
@@ -235,6 +235,11 @@ def check_channel_stats(stats: torch.Tensor, in_features: int, name: str, weight
                          "negative")
 
 
+def _describe(fmt: str, block: int | None, recipe: str) -> str:
+    """A weight format in words, for errors."""
+    return f"{fmt} weights{f' in blocks of {block}' if block else ''} (recipe {recipe!r})"
+
+
 def _refresh_after_load(layer: SharQLinear, _keys) -> None:
     """SharQLinear's load hook: a function of the module, not a lambda, so a quantized model pickles
     (torch.save(model))."""
@@ -443,16 +448,35 @@ class SharQLinear(nn.Module):
         self._configure()
         return self
 
+    def _weight_format(self) -> tuple[str, int | None, str]:
+        """What the payload's codes and scales mean (the weight format and its block size), and the recipe's name."""
+        r = self.recipe
+        return r.weight_fmt, None if r.weight_fmt == "bf16" else resolve_block(r.weight_fmt, r.weight_block), r.name
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """The state with the canonical payload, also while the layer holds a backend's layout (docs/FORMAT.md)."""
+        """The state with the canonical payload, also while the layer holds a backend's layout (docs/FORMAT.md).
+        The state dict's metadata records the weight format, which a load checks: payloads of two formats can have
+        the same shapes and dtypes (NVFP4 and MXFP4 in blocks of 32), and would load as the wrong numbers."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._layout is not None:
             p = self.packed
             destination[prefix + "weight_codes"], destination[prefix + "weight_scales"] = p.codes, p.scales
+        metadata = getattr(destination, "_metadata", {}).get(prefix[:-1])
+        if metadata is not None:
+            metadata["sharq_weight_format"] = self._weight_format()
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Refuses a state dict whose metadata records another weight format (one without metadata, as read from a
+        file, is checked by its shapes and dtypes alone: checkpoints carry their recipe in their config)."""
+        saved, own = local_metadata.get("sharq_weight_format"), self._weight_format()
+        if saved is not None and tuple(saved[:2]) != own[:2]:
+            error_msgs.append(f"{self.name}: the state dict holds {_describe(*saved)}, this layer {_describe(*own)}: "
+                              "quantize with the state dict's recipe to load it")
+            return
         self._to_canonical()  # the payload's buffers take the loaded tensors; the load hook configures again
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def prepare(self, x2d: torch.Tensor, amax: torch.Tensor | None = None) -> QActivation:
         """The activation of x [M, K] (`amax`: the whole input's, when x2d is a K-slice of it; Recipe)."""
