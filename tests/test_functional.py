@@ -113,6 +113,9 @@ def test_mismatched_inputs_are_clear_errors(rng):
         sharq.simulate_linear(torch.randn(2, 32), w, torch.zeros(5))
     with pytest.raises(TypeError, match="floating-point"):
         sharq.simulate_linear(torch.ones(2, 32, dtype=torch.int64), w)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # the output follows x: it saturated at 448, silently
+        with pytest.raises(TypeError, match="16 bits or more"):
+            sharq.simulate_linear(torch.ones(2, 32).to(dtype), w, recipe="mxfp4")
 
 
 def test_token_scale_is_batch_invariant_and_tensor_scale_is_not(rng):

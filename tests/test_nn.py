@@ -79,6 +79,19 @@ def test_zero_dim_input_is_a_clear_error():
         layer(torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("backend", ["reference", "planned"])
+def test_an_8_bit_float_input_is_a_clear_error(backend, monkeypatch):
+    """The output takes the input's dtype, so an fp8 input gave an fp8 output, saturated at 448 (2892 came out as
+    448) and rounded to 3 bits; NVFP4 recipes failed inside torch.isfinite. A TypeError now, by the eager plan's
+    path too (a backend with plans, as the packed one on CUDA)."""
+    monkeypatch.setitem(BACKENDS, "planned", recording_plans([]))
+    for recipe in ("mxfp4", "sharq"):
+        layer = SharQLinear.from_linear(nn.Linear(32, 6), recipe, backend=backend)
+        for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            with torch.no_grad(), pytest.raises(TypeError, match="16 bits or more, got torch.float8"):
+                layer(torch.ones(2, 32).to(dtype))
+
+
 @pytest.mark.parametrize("name", sharq.list_recipes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_is_the_straight_through_gradient(name, dtype, rng):

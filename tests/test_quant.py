@@ -81,6 +81,10 @@ def test_bad_arguments():
         sharq.quantize(torch.ones(4, 16), "nvfp4", block_size=7)
     with pytest.raises(TypeError):
         sharq.quantize(torch.ones(4, 16, dtype=torch.int32), "nvfp4")
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # nvfp4 failed in isfinite, the others ran on
+        for fmt in ("nvfp4", "mxfp4"):
+            with pytest.raises(TypeError, match="16 bits or more, got torch.float8"):
+                sharq.fake_quantize(torch.ones(4, 16).to(dtype), fmt)
     with pytest.raises(ValueError, match=r"unknown format \['nvfp4'\]"):
         sharq.fake_quantize(torch.ones(4, 16), ["nvfp4"])
     with pytest.raises(TypeError, match="expected a torch.Tensor .*, got numpy.ndarray"):

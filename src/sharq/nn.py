@@ -495,8 +495,8 @@ class SharQLinear(nn.Module):
 
     def _may_plan(self, x: torch.Tensor) -> bool:
         """Whether the layer and a call on x allow an eager plan at all: no strict checks, no calibrated channels, a
-        floating-point input and no gradient to carry."""
-        return (not self.strict and self.channels is None and x.is_floating_point()
+        floating-point input of 16 bits or more (as_rows refuses the others) and no gradient to carry."""
+        return (not self.strict and self.channels is None and x.is_floating_point() and x.element_size() >= 2
                 and not (x.requires_grad and torch.is_grad_enabled()))
 
     def plannable(self, x: torch.Tensor) -> bool:

@@ -334,6 +334,8 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
         raise ValueError("expected a tensor [..., K], got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point tensor, got {x.dtype}")
+    if x.element_size() < 2:  # an 8-bit float output (it follows x) would saturate at 448 or round to 3 bits
+        raise TypeError(f"expected a floating-point tensor of 16 bits or more, got {x.dtype}: cast it (x.float())")
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
