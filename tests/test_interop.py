@@ -204,6 +204,19 @@ def test_round_trip_keeps_biases_and_tied_embeddings(config, recipe, tmp_path):
     assert (back.lm_head.weight is back.model.embed_tokens.weight) == config.tie_word_embeddings
 
 
+def test_an_export_loads_in_the_dtype_the_model_holds(tmp_path):
+    """A model cast after it was built (its config records no dtype) is exported with the dtype it holds, so
+    load_compressed_tensors with no dtype gives it back in that dtype: the model sharq.load gives of its checkpoint
+    (both compute RoPE's inv_freq afresh, which the cast model holds rounded to bf16)."""
+    model = sharq.quantize_model(_tiny().to(torch.bfloat16), "sharq")
+    assert model.config.dtype != torch.bfloat16
+    interop.export_compressed_tensors(model, tmp_path / "ct", shared_global_scales=False)
+    back = interop.load_compressed_tensors(tmp_path / "ct")
+    assert back.dtype == torch.bfloat16
+    sharq.save(model, tmp_path / "sharq")
+    assert torch.equal(_logits(back), _logits(sharq.load(tmp_path / "sharq")))
+
+
 def test_import_with_a_recipe_reads_16_element_blocks(sharq_model, exported):
     w16 = interop.load_compressed_tensors(exported, "sharq")
     assert w16.sharq_quantization["recipe"]["weight_block"] == 16

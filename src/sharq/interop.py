@@ -149,6 +149,7 @@ def export_compressed_tensors(model: nn.Module, directory: str | Path, tokenizer
         tensors, exact_scales = _tensors(model, recipe, input_amax, shared_global_scales, original_weights)
         config = copy.deepcopy(model.config)
         config.architectures = [type(model).__name__]
+        config.dtype = str(model.dtype).removeprefix("torch.")  # the dtype it holds, as save_pretrained records it
         q = _export_config(model, input_amax is not None, {**model.sharq_quantization, "weight_scale": exact_scales})
         signed, keys = _signed(q)
         q[SHARQ_KEY][DIGEST] = checkpoint_digest(signed, tensors, keys)
