@@ -620,7 +620,8 @@ def test_import_refuses_bad_directories_recipes_and_structures(ct_made, tmp_path
     with pytest.raises(ValueError, match="sharq checkpoint, load it with sharq.load"):
         interop.load_compressed_tensors(tmp_path / "sharq")
     for recipe in ("mxfp4", "outlier-channels"):
-        with pytest.raises(ValueError, match=f"recipe '{recipe}'.*cannot run on a compressed-tensors NVFP4"):
+        with pytest.raises(ValueError, match=f"recipe '{recipe}'.*cannot run on a compressed-tensors NVFP4.*"
+                                             r"\(nvfp4, sharq, sparse-only, dense-dense, sharq-plus\)"):
             interop.compressed_tensors_recipe(ct_made, recipe)
         with pytest.raises(ValueError, match=f"recipe '{recipe}'.*cannot run on a compressed-tensors NVFP4"):
             interop.load_compressed_tensors(ct_made, recipe)

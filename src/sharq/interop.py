@@ -518,7 +518,7 @@ def _import_recipe(recipe: str | Recipe | None, meta: dict | None, options: dict
         raise ValueError(f"recipe {r.name!r} (weights {r.weight_fmt}, block {r.weight_block}"
                          f"{', calibrated outlier channels' if r.needs_calibration else ''}) cannot run on a "
                          "compressed-tensors NVFP4 checkpoint: choose a recipe with NVFP4 weights and a block that "
-                         "is a multiple of 16 (sharq, nvfp4, sparse-only, dense-dense)")
+                         f"is a multiple of 16 ({', '.join(exportable_recipes())})")
     return r
 
 
