@@ -92,6 +92,21 @@ def test_an_8_bit_float_input_is_a_clear_error(backend, monkeypatch):
                 layer(torch.ones(2, 32).to(dtype))
 
 
+@pytest.mark.parametrize("name", ["sharq", "nvfp4", "mxfp4", "bf16"])
+def test_an_fp8_weight_quantizes_as_its_exact_fp32_values(name, rng):
+    """An fp8 checkpoint's linear (its weight in float8_e4m3fn) quantizes as the same weight in fp32, which holds it
+    exactly; NVFP4 recipes failed inside torch.isfinite (not implemented for fp8)."""
+    linear = nn.Linear(64, 16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(16, 64, generator=rng).to(torch.float8_e4m3fn).float())
+    fp8 = nn.Linear(64, 16)
+    fp8.weight = nn.Parameter(linear.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    fp8.bias = linear.bias
+    x = outlier_activations(rng, 3, 64)
+    with torch.no_grad():
+        assert torch.equal(SharQLinear.from_linear(fp8, name)(x), SharQLinear.from_linear(linear, name)(x))
+
+
 @pytest.mark.parametrize("name", sharq.list_recipes())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_is_the_straight_through_gradient(name, dtype, rng):

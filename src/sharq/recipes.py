@@ -251,6 +251,8 @@ class Recipe:
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
         self._check_channels(channels)
+        if weight.is_floating_point() and weight.element_size() < 2:  # fp8: exact in fp32, which every format reads
+            weight = weight.float()
         if tensor_scale is not None and (self.weight_fmt == "bf16" or not format_info(self.weight_fmt).tensor_scale):
             raise ValueError(f"recipe {self.name!r}: {self.weight_fmt} weights have no tensor scale to give")
         if self.weight_fmt == "bf16":
