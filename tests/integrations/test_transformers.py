@@ -64,3 +64,13 @@ def test_save_pretrained_writes_a_sharq_checkpoint_in_a_fresh_process(tmp_path):
     q = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "sharq" and q["recipe"]["name"] == "nvfp4" and len(q["checkpoint_sha256"]) == 64
     assert sharq.load(tmp_path / "c").sharq_quantization["recipe"]["name"] == "nvfp4"
+
+
+def test_the_quantizer_keeps_the_checkpoint_names_in_both_calling_conventions():
+    """transformers 5.25 passes the model to update_weight_conversions, earlier 5.x releases (the GPU image's) the
+    conversions alone: a required `model` made every from_pretrained of a sharq checkpoint a TypeError there."""
+    from sharq.integrations.transformers import SharQHfQuantizer
+
+    quantizer = SharQHfQuantizer.__new__(SharQHfQuantizer)  # the method reads no state
+    assert quantizer.update_weight_conversions(["a conversion"]) == []
+    assert quantizer.update_weight_conversions(["a conversion"], None) == []

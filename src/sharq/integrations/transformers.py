@@ -89,7 +89,7 @@ class SharQHfQuantizer(HfQuantizer):
         self.quantization_config.checkpoint_sha256 = checkpoint_digest(quantization_config(model), state)
         return state, {"quant_method": "sharq"}
 
-    def update_weight_conversions(self, weight_conversions, model=None):  # transformers passes model from 5.25
+    def update_weight_conversions(self, weight_conversions, model=None):  # earlier 5.x pass no model
         """A sharq checkpoint holds the quantized model's own state names (docs/FORMAT.md): nothing to convert."""
         return []
 
