@@ -161,6 +161,21 @@ def test_finite_inputs_beyond_bf16_follow_the_overflow_rule(name, rng):
         _run(x, w, name, strict=True)
 
 
+@pytest.mark.parametrize("name", sharq.list_recipes())
+def test_a_float64_value_beyond_fp32_is_an_inf_in_its_row_alone(name, rng):
+    """sharq computes in fp32, where a float64 value beyond its range (1e39) is Inf: its row comes out non-finite
+    and every other row is what it is with that value at 0 (recipes with a tensor scale took the amax over float64
+    values, an fp32 scale of Inf, and made every row NaN)."""
+    w = (torch.randn(8, 64, generator=rng) * 1e-3).double()
+    x = torch.randn(4, 64, generator=rng, dtype=torch.float64)
+    x[1, 9] = 0.0
+    clean = _run(x, w, name)
+    x[1, 9] = 1e39
+    y = _run(x, w, name)
+    assert not torch.isfinite(y[1]).any()
+    assert torch.equal(y[[0, 2, 3]], clean[[0, 2, 3]])
+
+
 def test_strict_catches_a_result_that_overflows(rng):
     w = torch.full((4, 32), 1e3)
     x = torch.full((2, 32), 1e37)

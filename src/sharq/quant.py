@@ -250,8 +250,11 @@ class QTensor:
 
 # --- per-tensor scale ------------------------------------------------------------------------------------------
 def finite_amax(x2d: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """max |x| over finite values (SPEC §8), as fp32 [1, 1] or [M, 1]; 0 where there is none."""
-    a = torch.where(torch.isfinite(x2d), x2d.abs().float(), torch.zeros((), device=x2d.device))
+    """max |x| over finite values (SPEC §8), as fp32 [1, 1] or [M, 1]; 0 where there is none. Finite in fp32, where
+    the scales are computed: a float64 value beyond fp32's range is Inf there, and counts as one (its amax made every
+    row's scale Inf)."""
+    a = x2d.abs().float()
+    a = torch.where(torch.isfinite(a), a, torch.zeros((), device=x2d.device))
     if per_row:
         return a.amax(-1, keepdim=True) if a.shape[-1] else torch.zeros(a.shape[0], 1, device=a.device)
     return a.amax().reshape(1, 1) if a.numel() else torch.zeros(1, 1, device=a.device)
