@@ -1,3 +1,4 @@
+import ml_dtypes as md
 import numpy as np
 import pytest
 import torch
@@ -61,6 +62,21 @@ def test_nvfp4_tensor_scale_and_shapes(rng):
     np.testing.assert_array_equal(out.numpy(), (deq * s).reshape(2, 3, 4, 80))
     per_token = sharq.quantize(x, "nvfp4", scale_granularity="token")
     assert per_token.tensor_scale.shape == (24, 1)
+
+
+def test_nvfp4_token_granularity_is_the_tensor_scale_of_each_row(rng):
+    """scale_granularity="token": each row gets SPEC §3's s of that row alone (finite values), Xs = bf16(X / s_row),
+    then §2's blocks; rows at very different magnitudes and an all-zero row (s = 10⁻⁹)."""
+    x = outlier_activations(rng, 6, 72) * torch.exp2(torch.randint(-30, 30, (6, 1), generator=rng)).float()
+    x[2] = 0
+    x = x.to(torch.bfloat16).float()
+    q = sharq.quantize(x, "nvfp4", scale_granularity="token")
+    s = np.array([[ref.tensor_scale(row[None])] for row in x.numpy()], np.float32)
+    np.testing.assert_array_equal(q.tensor_scale.numpy(), s)
+    codes, scales, deq = ref.nvfp4_blocks((x.numpy() / s).astype(md.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(_codes(q), codes)
+    np.testing.assert_array_equal(q.scales.numpy(), scales)
+    np.testing.assert_array_equal(sharq.dequantize(q).numpy(), deq * s)
 
 
 def test_fake_quantize_keeps_dtype_and_shape(rng):
