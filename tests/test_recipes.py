@@ -133,6 +133,24 @@ def test_every_cascade_matches_the_reference(name, rng):
     np.testing.assert_array_equal(act.values.numpy(), total)
 
 
+@pytest.mark.parametrize("name", ["nvfp4", "mxfp4", "hif4", "sharq", "sharq-mxfp4", "sharq-hif4", "sparse-only",
+                                  "dense-dense"])
+def test_every_weight_payload_matches_the_reference(name, rng):
+    """Ŵ and s_w of each recipe's weights (SPEC §5–§6): NVFP4 blocks of bf16(W / s_w), MXFP4 and HiF4 blocks of W
+    with no tensor scale, at the recipe's weight block; K not a multiple of the block."""
+    recipe = sharq.get_recipe(name)
+    w = torch.randn(12, 136, generator=rng) * torch.exp2(torch.randint(-8, 8, (12, 1), generator=rng)).float()
+    qw = recipe.prepare_weight(w)
+    blocks = {"nvfp4": lambda v, b: ref.nvfp4_blocks(v, b)[2], "mxfp4": lambda v, b: ref.mxfp4_blocks(v, b)[2],
+              "hif4": lambda v, b: ref.hif4_blocks(v)}
+    s, v = f32(1), w.numpy()
+    if recipe.weight_fmt == "nvfp4":
+        s = f32(ref.tensor_scale(v))
+        v = (v / s).astype(md.bfloat16).astype(f32)
+    assert qw.scale.item() == s and qw.packed.block_size == recipe.weight_block
+    np.testing.assert_array_equal(qw.values.float().numpy(), blocks[recipe.weight_fmt](v, recipe.weight_block))
+
+
 def test_fp8_recipe_matches_ml_dtypes(rng):
     x = outlier_activations(rng, 6, 50)
     w = torch.randn(7, 50, generator=rng)
