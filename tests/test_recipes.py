@@ -151,6 +151,22 @@ def test_every_weight_payload_matches_the_reference(name, rng):
     np.testing.assert_array_equal(qw.values.float().numpy(), blocks[recipe.weight_fmt](v, recipe.weight_block))
 
 
+def test_token_granularity_operands_are_each_rows_own(rng):
+    """sharq with scale_granularity="token": every row's operands (s_x, mask, both payloads) are SPEC §5's of that
+    row alone, an all-zero row included."""
+    x = (outlier_activations(rng, 5, 72) * torch.exp2(torch.randint(-20, 20, (5, 1), generator=rng))).to(torch.bfloat16)
+    x[3] = 0
+    sparse, residual, s_x = sharq.sharq_decompose(x, sharq.get_recipe("sharq", scale_granularity="token"))
+    from sharq.formats import unpack_nibbles
+    for i in range(5):
+        want = ref.sharq_operands(x[i:i + 1].float().numpy())
+        assert s_x[i, 0].item() == want["s_x"]
+        np.testing.assert_array_equal(unpack_nibbles(sparse.codes[i:i + 1]).numpy(), want["s_codes"])
+        np.testing.assert_array_equal(sparse.scales[i:i + 1].numpy(), want["s_scales"])
+        np.testing.assert_array_equal(unpack_nibbles(residual.codes[i:i + 1]).numpy(), want["r_codes"])
+        np.testing.assert_array_equal(residual.scales[i:i + 1].numpy(), want["r_scales"])
+
+
 def test_fp8_recipe_matches_ml_dtypes(rng):
     x = outlier_activations(rng, 6, 50)
     w = torch.randn(7, 50, generator=rng)
