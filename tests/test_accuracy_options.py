@@ -70,7 +70,8 @@ def rule_blocks(x: np.ndarray, b: int, rule: str):
 
 
 def l2_mask(x: np.ndarray, n: int, m: int, group: int) -> np.ndarray:
-    """SPEC §11.3: units scored by Σ x² (fp32, element order), the n best kept, ties to the lower unit."""
+    """SPEC §11.3: units scored by Σ x² (fp32, element order), the n best kept, ties to the lower unit; a NaN score
+    ranks above every other (+Inf included)."""
     rows, k = x.shape
     chunk = m * group
     xp = np.pad(np.asarray(x, f32), ((0, 0), (0, -k % chunk)))
@@ -79,7 +80,7 @@ def l2_mask(x: np.ndarray, n: int, m: int, group: int) -> np.ndarray:
         for c in range(0, xp.shape[1], chunk):
             units = xp[r, c: c + chunk].reshape(m, group)
             score = [f32(sum((u * u).astype(f32)[1:], start=(u * u).astype(f32)[0])) for u in units]
-            for i in sorted(range(m), key=lambda i: (-score[i], i))[:n]:
+            for i in sorted(range(m), key=lambda i: (not np.isnan(score[i]), -np.nan_to_num(score[i], nan=0), i))[:n]:
                 mask[r, c + i * group: c + (i + 1) * group] = True
     return mask[:, :k]
 
@@ -229,6 +230,19 @@ def test_l2_mask_bit_exact_against_reference(name, n, m, group, x):
     assert (spec.n, spec.m, spec.group, spec.score) == (n, m, group, "l2") and str(spec) == name
     mask = masks.units_to_mask(masks.kept_units(torch.from_numpy(x), spec), spec, x.shape[1])
     np.testing.assert_array_equal(mask.numpy(), l2_mask(x, n, m, group))
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 24)),
+                    elements=st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
+                                       st.sampled_from([np.nan, np.inf, -np.inf, 2e19, -2e19, 1.0, 0.0]))))
+def test_l2_mask_ranks_nan_then_infinite_scores_first(x):
+    """SPEC §11.3 (as §4): a NaN score ranks above +Inf, so a NaN stays visible; squares beyond ~1.8·10¹⁹ are +Inf
+    and tie, broken towards the lower pair."""
+    spec = masks.parse_mask("pair-l2-4:8")
+    mask = masks.units_to_mask(masks.kept_units(torch.from_numpy(x), spec), spec, x.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(mask.numpy(), l2_mask(x, 2, 4, 2))
 
 
 def test_l2_mask_keeps_the_most_energy(rng):
