@@ -203,13 +203,13 @@ def test_malformed_arguments_are_one_line_errors(argv, message, capsys):
 @needs_model
 def test_eval_on_the_default_model(tmp_path, capsys):
     out = tmp_path / "res.json"
-    argv = ["eval", "--recipes", "bf16,nvfp4,sharq", "--seqlen", "512", "--max-tokens", "1024", "--quiet",
+    argv = ["eval", "--recipes", "bf16,nvfp4,sharq", "--seqlen", "512", "--max-tokens", "512", "--quiet",
             "--json", str(out)]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "sharq" in table and "gap rec." in table
     res = json.loads(out.read_text())
-    assert res["ppl_tokens"] == 1024 and res["windows"] == 2 and res["model_class"] == "LlamaForCausalLM"
+    assert res["ppl_tokens"] == 512 and res["windows"] == 1 and res["model_class"] == "LlamaForCausalLM"
     ppl = {r["recipe"]: r["ppl"] for r in res["results"]}
     assert all(math.isfinite(v) and v > 1 for v in ppl.values())
     assert ppl["bf16"] < ppl["sharq"] < ppl["nvfp4"], ppl  # SharQ sits between bf16 and NVFP4
@@ -381,12 +381,12 @@ def test_quantize_then_generate_from_the_checkpoint(default_checkpoint, capsys):
 def test_eval_of_the_default_checkpoint_equals_its_recipe_on_the_model(default_checkpoint, tmp_path):
     """`sharq quantize` then `sharq eval --model CHECKPOINT`: the perplexity of `sharq eval --recipes sharq` on the
     unquantized model, bit for bit (both run the reference backend on the CPU)."""
-    window = ["--max-tokens", "1024", "--seqlen", "512", "--quiet"]
+    window = ["--max-tokens", "512", "--seqlen", "256", "--quiet"]
     assert main(["eval", "--model", str(default_checkpoint), *window, "--json", str(tmp_path / "saved.json")]) == 0
     assert main(["eval", "--recipes", "sharq", *window, "--json", str(tmp_path / "direct.json")]) == 0
     saved, direct = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("saved", "direct"))
     assert [r["recipe"] for r in saved["results"]] == ["sharq"] and saved["checkpoint"]
-    assert saved["results"][0]["ppl"] == direct["results"][0]["ppl"] and saved["ppl_tokens"] == 1024
+    assert saved["results"][0]["ppl"] == direct["results"][0]["ppl"] and saved["ppl_tokens"] == 512
 
 
 @pytest.mark.slow
@@ -420,13 +420,21 @@ def test_lm_eval_adapter_runs_an_lm_eval_task():
 @needs_model
 def test_report_with_its_defaults_writes_markdown_json_and_plots(tmp_path, monkeypatch):
     """`sharq report` with no argument: the embedded model, 512 Wikipedia tokens, four recipes, into
-    ./sharq-report."""
+    ./sharq-report (what write_report is given); the report itself is written from 64 of those tokens (512 cost two
+    minutes of CI)."""
     pytest.importorskip("matplotlib")
+    import sharq.eval.report
+
     monkeypatch.chdir(tmp_path)
-    assert main(["report"]) == 0
+    given = []
+    with monkeypatch.context() as m:
+        m.setattr(sharq.eval.report, "write_report", lambda *args, **kwargs: given.append(args[3:6]) or tmp_path)
+        assert main(["report"]) == 0
+    assert given == [(["nvfp4", "sharq", "dense-dense", "sparse-only"], 512, "sharq-report")]
+    assert main(["report", "--tokens", "64"]) == 0
     out = tmp_path / "sharq-report"
     md = (out / "report.md").read_text()
-    assert "512 tokens; recipes nvfp4, sharq, dense-dense, sparse-only" in md
+    assert "64 tokens; recipes nvfp4, sharq, dense-dense, sparse-only" in md
     assert "Where SharQ helps most" in md and "29.down_proj" in md.split("## Every layer")[1]
     rows = json.loads((out / "report.json").read_text())
     assert len(rows) == 30 * 7

@@ -154,10 +154,11 @@ def test_every_weight_payload_matches_the_reference(name, rng):
 def test_token_granularity_operands_are_each_rows_own(rng):
     """sharq with scale_granularity="token": every row's operands (s_x, mask, both payloads) are SPEC §5's of that
     row alone, an all-zero row included."""
+    from sharq.formats import unpack_nibbles
+
     x = (outlier_activations(rng, 5, 72) * torch.exp2(torch.randint(-20, 20, (5, 1), generator=rng))).to(torch.bfloat16)
     x[3] = 0
     sparse, residual, s_x = sharq.sharq_decompose(x, sharq.get_recipe("sharq", scale_granularity="token"))
-    from sharq.formats import unpack_nibbles
     for i in range(5):
         want = ref.sharq_operands(x[i:i + 1].float().numpy())
         assert s_x[i, 0].item() == want["s_x"]
