@@ -44,11 +44,12 @@ def position_limit(config) -> int | None:
 
 class NonFiniteLogits(ValueError):
     """A forward returned NaN or inf logits, so the tokens, perplexity or answers drawn from them mean nothing: a
-    broken model (a NaN weight), or activations past the range of its dtype (float16 overflows at 65,504)."""
+    broken model (a NaN weight), or activations past the range of its dtype (float16 overflows at 65,504).
+    `in_float32` says how to run the model in float32 (the CLI names its flag)."""
 
-    def __init__(self, recipe: str | None, dtype: torch.dtype):
+    def __init__(self, recipe: str | None, dtype: torch.dtype, in_float32: str = "run it in float32"):
         self.recipe, self.dtype = recipe, dtype
-        cause = ("its activations overflow float16, or the model is broken: run it in float32"
+        cause = (f"its activations overflow float16, or the model is broken: {in_float32}"
                  if str(dtype) == "torch.float16" else "the model is broken (its weights or activations are not finite)")
         whose = f"recipe {recipe!r}: the model's" if recipe else "the model's"
         super().__init__(f"{whose} logits are not finite (NaN or inf): {cause}")

@@ -537,11 +537,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _non_finite(recipe: str, dtype: torch.dtype) -> str:
     """The error for a model whose logits are NaN or inf (NonFiniteLogits), in the flags' words."""
-    import torch
+    from ._checks import NonFiniteLogits
 
-    cause = ("its activations overflow float16, or the model is broken: give --dtype float32" if dtype == torch.float16
-             else "the model is broken (its weights or activations are not finite)")
-    return f"recipe {recipe!r}: the model's logits are not finite (NaN or inf): {cause}"
+    return str(NonFiniteLogits(recipe, dtype, in_float32="give --dtype float32"))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
