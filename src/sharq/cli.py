@@ -483,8 +483,7 @@ def _check_eval_arguments(args: argparse.Namespace) -> None:
         # a window holds seqlen text tokens, or BOS and seqlen - 1 where the tokenizer adds BOS: read only here
         body = args.seqlen - 1
         if args.max_tokens == body:
-            from .hf import bos_token
-            from .hf import load_tokenizer
+            from .hf import bos_token, load_tokenizer
 
             body += bos_token(load_tokenizer(model_source(args.model))) is None
         if args.max_tokens < body:

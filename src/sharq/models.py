@@ -18,8 +18,8 @@ from torch import nn
 
 from ._checks import check_count, position_limit
 from ._format import plural
-from .hf import bos_token, tokenize
 from .functional import check_backend, resolve_backend
+from .hf import bos_token, tokenize
 from .nn import SharedActivation, SharedBlockForward, SharQExperts, SharQLinear, check_channel_stats
 from .quant import as_rows
 from .recipes import Recipe, get_recipe
