@@ -274,7 +274,8 @@ class _Tokens:
 
     def __call__(self, text, add_special_tokens=True):
         class Out:
-            input_ids = [1] * (self.bos_token_id is not None and add_special_tokens) + [2 + b % 94 for b in text.encode()]
+            bos = [1] if self.bos_token_id is not None and add_special_tokens else []
+            input_ids = bos + [2 + b % 94 for b in text.encode()]
         return Out()
 
 

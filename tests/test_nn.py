@@ -229,7 +229,6 @@ def test_the_weight_forward_multiplies_follows_every_change_of_the_payload(rng):
         assert torch.equal(layer(x.double()), other(x.double()))
 
 
-
 @pytest.mark.parametrize("saved,target", [("sharq", "mxfp4"), ("mxfp4", "sharq"), ("sharq-mxfp4", "sharq")])
 def test_a_state_dict_of_another_weight_format_is_refused(saved, target, rng):
     """NVFP4 and MXFP4 payloads in blocks of 32 have the same shapes and dtypes: a state dict of one loaded into

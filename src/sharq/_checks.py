@@ -49,8 +49,9 @@ class NonFiniteLogits(ValueError):
 
     def __init__(self, recipe: str | None, dtype: torch.dtype, in_float32: str = "run it in float32"):
         self.recipe, self.dtype = recipe, dtype
-        cause = (f"its activations overflow float16, or the model is broken: {in_float32}"
-                 if str(dtype) == "torch.float16" else "the model is broken (its weights or activations are not finite)")
+        overflow = str(dtype) == "torch.float16"  # no torch import here: the CLI's help stays quick
+        cause = (f"its activations overflow float16, or the model is broken: {in_float32}" if overflow
+                 else "the model is broken (its weights or activations are not finite)")
         whose = f"recipe {recipe!r}: the model's" if recipe else "the model's"
         super().__init__(f"{whose} logits are not finite (NaN or inf): {cause}")
 
